@@ -1,0 +1,29 @@
+"""Hugging Face qwen2_moe safetensors folder -> self-contained Orbax checkpoint folder.
+
+python convert/hf_to_orbax.py HF_DIR OUT_DIR [--dtype bfloat16|float32|float16] [--force]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen_moe_jax.convert import import_hf  # noqa: E402
+from qwen_moe_jax.errors import cli_main  # noqa: E402
+
+
+@cli_main
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("hf_dir", help="folder with config.json and model.safetensors (or an index and shards)")
+  ap.add_argument("out_dir", help="checkpoint folder to write (params/, config.json, tokenizer files)")
+  ap.add_argument("--dtype", help="parameter dtype to store (default: the checkpoint's own)")
+  ap.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT_DIR")
+  args = ap.parse_args()
+  cfg = import_hf(args.hf_dir, args.out_dir, args.dtype, args.force, progress=sys.stderr.isatty())
+  print(f"wrote {args.out_dir} ({cfg.num_hidden_layers} layers, {cfg.num_experts} experts)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,244 @@
+"""Hugging Face qwen2_moe safetensors <-> our parameters, through one table.
+
+Each row maps an HF tensor name template to a parameter path, the part of that parameter it fills, and a
+layout transform (PyTorch Linear weights are [out, in]; ours are [in, ...out]). Import is strict: every HF
+tensor is consumed exactly once and every parameter is filled exactly once, with shapes checked on both
+sides. It streams one group (the embeddings / norm / head, then one decoder layer at a time) through host
+memory. Export writes the hub's per-expert layout, one safetensors shard per group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import ml_dtypes  # noqa: F401  (gives numpy the bfloat16 dtype)
+import numpy as np
+from tqdm import tqdm
+
+from qwen_moe_jax import checkpoint, hf_io
+from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.errors import UserError
+
+ALL = slice(None)
+
+# Layout transforms: (HF tensor -> our part, our part -> HF tensor); `n` is the head count for head splits.
+Transform = tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]
+COPY: Transform = (lambda x, n: x, lambda x, n: x)
+T: Transform = (lambda x, n: x.T, lambda x, n: x.T)  # [out, in] <-> [in, out]
+IN_HEADS: Transform = (  # [N*H, D] <-> [D, N, H]
+  lambda x, n: x.T.reshape(x.shape[1], n, -1), lambda x, n: x.reshape(x.shape[0], -1).T)
+HEADS: Transform = (lambda x, n: x.reshape(n, -1), lambda x, n: x.reshape(-1))  # [N*H] <-> [N, H]
+OUT_HEADS: Transform = (  # [D, N*H] <-> [N, H, D]
+  lambda x, n: x.T.reshape(n, -1, x.shape[0]), lambda x, n: x.reshape(-1, x.shape[-1]).T)
+ROW: Transform = (lambda x, n: x[0], lambda x, n: x[None])  # [1, D] <-> [D]
+FUSED_GATE_UP: Transform = (  # [E, 2F, D] (gate rows first) <-> [E, D, 2, F]
+  lambda x, n: x.reshape(x.shape[0], 2, -1, x.shape[2]).transpose(0, 3, 1, 2),
+  lambda x, n: x.transpose(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1]))
+BATCHED_T: Transform = (lambda x, n: x.transpose(0, 2, 1), lambda x, n: x.transpose(0, 2, 1))  # [E, D, F] <-> [E, F, D]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  hf: str  # HF name template with {i} (layer) and {e} (expert)
+  path: str  # our parameter path template
+  part: tuple  # index into our parameter; "e" stands for the expert number
+  transform: Transform
+  heads: str = ""  # config field with the head count the transform splits by
+  hub: bool = True  # part of the layout we export (False: transformers v5's fused experts)
+
+
+L = "model.layers.{i}."
+P = "layers.{i}."
+TABLE: tuple[Row, ...] = (
+  Row("model.embed_tokens.weight", "embed", (), COPY),
+  Row("lm_head.weight", "lm_head", (), T),
+  Row("model.norm.weight", "norm.scale", (), COPY),
+  Row(L + "input_layernorm.weight", P + "input_norm.scale", (), COPY),
+  Row(L + "post_attention_layernorm.weight", P + "post_attn_norm.scale", (), COPY),
+  Row(L + "self_attn.q_proj.weight", P + "attn.q_proj", (), IN_HEADS, "num_attention_heads"),
+  Row(L + "self_attn.k_proj.weight", P + "attn.k_proj", (), IN_HEADS, "num_key_value_heads"),
+  Row(L + "self_attn.v_proj.weight", P + "attn.v_proj", (), IN_HEADS, "num_key_value_heads"),
+  Row(L + "self_attn.q_proj.bias", P + "attn.q_bias", (), HEADS, "num_attention_heads"),
+  Row(L + "self_attn.k_proj.bias", P + "attn.k_bias", (), HEADS, "num_key_value_heads"),
+  Row(L + "self_attn.v_proj.bias", P + "attn.v_bias", (), HEADS, "num_key_value_heads"),
+  Row(L + "self_attn.o_proj.weight", P + "attn.o_proj", (), OUT_HEADS, "num_attention_heads"),
+  # dense MLP layers
+  Row(L + "mlp.gate_proj.weight", P + "mlp.wi", (ALL, 0, ALL), T),
+  Row(L + "mlp.up_proj.weight", P + "mlp.wi", (ALL, 1, ALL), T),
+  Row(L + "mlp.down_proj.weight", P + "mlp.wo", (), T),
+  # sparse MoE layers
+  Row(L + "mlp.gate.weight", P + "mlp.router", (), T),
+  Row(L + "mlp.shared_expert.gate_proj.weight", P + "mlp.shared_expert.wi", (ALL, 0, ALL), T),
+  Row(L + "mlp.shared_expert.up_proj.weight", P + "mlp.shared_expert.wi", (ALL, 1, ALL), T),
+  Row(L + "mlp.shared_expert.down_proj.weight", P + "mlp.shared_expert.wo", (), T),
+  Row(L + "mlp.shared_expert_gate.weight", P + "mlp.shared_gate", (), ROW),
+  Row(L + "mlp.experts.{e}.gate_proj.weight", P + "mlp.experts_wi", ("e", ALL, 0, ALL), T),
+  Row(L + "mlp.experts.{e}.up_proj.weight", P + "mlp.experts_wi", ("e", ALL, 1, ALL), T),
+  Row(L + "mlp.experts.{e}.down_proj.weight", P + "mlp.experts_wo", ("e",), T),
+  Row(L + "mlp.experts.gate_up_proj", P + "mlp.experts_wi", (), FUSED_GATE_UP, hub=False),
+  Row(L + "mlp.experts.down_proj", P + "mlp.experts_wo", (), BATCHED_T, hub=False),
+)
+_PATTERNS = [(re.compile("^" + re.escape(r.hf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$"), r)
+             for r in TABLE]
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+  """One HF tensor bound to one part of one of our parameters."""
+  hf: str
+  path: str
+  part: tuple
+  row: Row
+
+  def heads(self, cfg: QwenMoeConfig) -> int:
+    return getattr(cfg, self.row.heads) if self.row.heads else 0
+
+  def part_shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    return jax.eval_shape(lambda a: a[self.part], jax.ShapeDtypeStruct(shapes[self.path], np.float32)).shape
+
+  def hf_shape(self, cfg: QwenMoeConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    ours = jax.ShapeDtypeStruct(self.part_shape(shapes), np.float32)
+    return jax.eval_shape(lambda a: self.row.transform[1](a, self.heads(cfg)), ours).shape
+
+
+def bind(name: str, shapes: dict[str, tuple[int, ...]]) -> Binding:
+  """HF tensor name -> the parameter part it fills; unknown names are errors."""
+  for pattern, row in _PATTERNS:
+    m = pattern.match(name)
+    if m:
+      path = row.path.format(i=m.groupdict().get("i"))
+      part = tuple(int(m["e"]) if p == "e" else p for p in row.part)
+      if path not in shapes:
+        raise UserError(f"tensor '{name}': the config has no parameter {path} for it "
+                        f"(layer outside num_hidden_layers, or a dense tensor in a sparse layer / the reverse)")
+      if "e" in row.part and not 0 <= part[0] < shapes[path][0]:
+        raise UserError(f"tensor '{name}': expert {part[0]} is outside num_experts={shapes[path][0]}")
+      return Binding(name, path, part, row)
+  raise UserError(f"tensor '{name}' is not a qwen2_moe parameter (unknown name)")
+
+
+def hub_bindings(cfg: QwenMoeConfig, shapes: dict[str, tuple[int, ...]]) -> Iterator[Binding]:
+  """Every tensor of the hub (per-expert) layout for this config, in table order per group."""
+  for group in dict.fromkeys(checkpoint.group_of(k) for k in shapes):
+    i = group.split(".")[1] if group != "top" else None
+    for row in TABLE:
+      if not row.hub or ("{i}" in row.hf) != (i is not None):
+        continue
+      path = row.path.format(i=i)
+      if path not in shapes:
+        continue
+      experts = range(shapes[path][0]) if "e" in row.part else [None]
+      for e in experts:
+        yield Binding(row.hf.format(i=i, e=e), path, tuple(e if p == "e" else p for p in row.part), row)
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
+              progress: bool = True) -> QwenMoeConfig:
+  """HF folder -> checkpoint folder (config.json, tokenizer files, params/). Returns the config."""
+  hf_dir = Path(hf_dir)
+  config_dict = hf_io.read_config(hf_dir)
+  cfg = QwenMoeConfig.from_hf_dict(config_dict, source=str(hf_dir / "config.json"))
+  reader = hf_io.SafetensorsReader(hf_dir)
+  shapes = checkpoint.param_shapes(cfg)
+  bindings = [bind(name, shapes) for name in reader.names()]
+  target = np.dtype(_dtype(dtype or cfg.torch_dtype))
+
+  by_group: dict[str, list[Binding]] = {}
+  for b in bindings:
+    by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
+  missing = sorted({checkpoint.group_of(k) for k in shapes} - set(by_group))
+  if missing:
+    first = next(b.hf for b in hub_bindings(cfg, shapes) if checkpoint.group_of(b.path) == missing[0])
+    raise UserError(f"{hf_dir}: tensor '{first}' is missing")
+
+  with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging:
+    writer = checkpoint.StreamingWriter(staging / checkpoint.PARAMS_DIR)
+    groups = sorted(by_group, key=lambda g: -1 if g == "top" else int(g.split(".")[1]))
+    for group in tqdm(groups, desc="converting", unit="group", disable=not progress):
+      writer.write(_fill_group(cfg, reader, by_group[group], shapes, target))
+    writer.finish()
+    config_dict = dict(config_dict)
+    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
+    (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    hf_io.copy_side_files(hf_dir, staging)
+  return cfg
+
+
+def _fill_group(cfg, reader: hf_io.SafetensorsReader, bindings: list[Binding], shapes, target) -> dict[str, np.ndarray]:
+  """Reads one group's HF tensors into freshly allocated parameters; every element filled exactly once."""
+  params = {path: np.empty(shapes[path], target) for path in dict.fromkeys(b.path for b in bindings)}
+  filled: dict[str, list[Binding]] = {path: [] for path in params}
+  for b in bindings:
+    expected = b.hf_shape(cfg, shapes)
+    got = reader.shape(b.hf)
+    if got != expected:
+      raise UserError(f"tensor '{b.hf}' has shape {got}, expected {expected} for this config")
+    for other in filled[b.path]:
+      if _overlaps(other.part, b.part):
+        raise UserError(f"tensors '{other.hf}' and '{b.hf}' both fill parameter {b.path}")
+    params[b.path][b.part] = b.row.transform[0](reader.read(b.hf), b.heads(cfg)).astype(target)
+    filled[b.path].append(b)
+  for path, parts in filled.items():
+    covered = sum(int(np.prod(b.part_shape(shapes))) for b in parts)
+    if covered != int(np.prod(shapes[path])):
+      first = _first_missing(cfg, shapes, path, {b.hf for b in parts})
+      raise UserError(f"tensor '{first}' is missing (parameter {path} is incomplete)")
+  group = checkpoint.group_of(next(iter(params)))
+  for path in shapes:
+    if checkpoint.group_of(path) == group and path not in params:
+      raise UserError(f"tensor '{_first_missing(cfg, shapes, path, set())}' is missing")
+  return params
+
+
+def _first_missing(cfg, shapes, path: str, have: set[str]) -> str:
+  return next(b.hf for b in hub_bindings(cfg, shapes) if b.path == path and b.hf not in have)
+
+
+def _overlaps(a: tuple, b: tuple) -> bool:
+  """Parts are () (whole parameter) or tuples of ints and full slices; they overlap unless some int differs."""
+  return not any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, b))
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
+              progress: bool = True) -> QwenMoeConfig:
+  """Checkpoint or run folder -> HF folder in the hub layout (sharded safetensors + index, config, tokenizer)."""
+  ckpt_dir = Path(ckpt_dir)
+  cfg = checkpoint.load_config(ckpt_dir)
+  loc = checkpoint.locate(ckpt_dir)
+  stored = checkpoint.stored_shapes(loc)
+  shapes = checkpoint.param_shapes(cfg)
+  checkpoint.check_shapes(stored, shapes, str(loc.path))
+  by_group: dict[str, list[Binding]] = {}
+  for b in hub_bindings(cfg, shapes):
+    by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
+
+  with hf_io.staged_output(out_dir, force, protect=(ckpt_dir,)) as staging:
+    weight_map, total = {}, 0
+    for n, (group, bindings) in enumerate(tqdm(by_group.items(), desc="exporting", unit="group", disable=not progress)):
+      params = checkpoint.read_group(loc, stored, group)
+      target = np.dtype(_dtype(dtype)) if dtype else next(iter(params.values())).dtype
+      tensors = {b.hf: np.ascontiguousarray(b.row.transform[1](params[b.path][b.part], b.heads(cfg)).astype(target))
+                 for b in bindings}
+      shard = f"model-{n + 1:05d}-of-{len(by_group):05d}.safetensors"
+      hf_io.write_shard(staging / shard, tensors)
+      weight_map.update(dict.fromkeys(tensors, shard))
+      total += sum(t.nbytes for t in tensors.values())
+    hf_io.copy_side_files(ckpt_dir, staging)
+    config_dict = hf_io.read_config(ckpt_dir)
+    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = np.dtype(target).name
+    hf_io.write_index(staging, weight_map, total)
+    (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+  return cfg
+
+
+def _dtype(name: str) -> str:
+  names = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
+           "float16": "float16", "fp16": "float16"}
+  if name not in names:
+    raise UserError(f"--dtype must be one of bfloat16, float32, float16, got '{name}'")
+  return names[name]

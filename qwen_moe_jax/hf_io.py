@@ -1,0 +1,180 @@
+"""Safe reading and writing of Hugging Face model folders (config, safetensors shards, tokenizer files).
+
+Reading refuses pickle checkpoints, shard paths that leave the folder (`../`, absolute paths, symlinks out),
+tensors listed in the index but missing from their shard (or the reverse), and truncated or corrupt files.
+Writing goes to a staging folder inside the output folder, moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from qwen_moe_jax.errors import UserError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Copied beside the weights so a checkpoint folder is self-contained.
+SIDE_FILES = (
+  "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+  "special_tokens_map.json", "added_tokens.json",
+)
+
+
+def inside(folder: Path, name: str, what: str) -> Path:
+  """folder / name, refusing absolute names, `..` and symlinks that resolve outside `folder`."""
+  if not name or os.path.isabs(name) or ".." in Path(name).parts:
+    raise UserError(f"{what}: path '{name}' must be a plain relative path inside {folder}")
+  path = folder / name
+  if not path.resolve().is_relative_to(folder.resolve()):
+    raise UserError(f"{what}: '{name}' resolves to {path.resolve()}, outside {folder}")
+  return path
+
+
+class SafetensorsReader:
+  """Every tensor of an HF folder, read one at a time. `names()` lists them; `read(name)` loads one."""
+
+  def __init__(self, folder: str | Path):
+    self.folder = Path(folder)
+    if not self.folder.is_dir():
+      raise UserError(f"{self.folder}: not a directory (expected a Hugging Face model folder)")
+    self.where: dict[str, Path] = {}  # tensor name -> shard file
+    index = self.folder / INDEX_FILE
+    if index.exists():
+      self._read_index(index)
+    elif (self.folder / SINGLE_FILE).exists():
+      shard = inside(self.folder, SINGLE_FILE, str(self.folder))
+      for name in self._keys(shard):
+        self.where[name] = shard
+    else:
+      pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+      if pickles:
+        raise UserError(
+          f"{self.folder}: only pickle checkpoints found ({', '.join(pickles)}); pickle files can run code "
+          f"when loaded and are refused. Save the model as safetensors "
+          f"(model.save_pretrained(dir, safe_serialization=True)) and convert that")
+      raise UserError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+    if not self.where:
+      raise UserError(f"{self.folder}: the checkpoint holds no tensors")
+
+  def _read_index(self, index: Path) -> None:
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+      assert isinstance(weight_map, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+      raise UserError(f"{index}: expected JSON with a 'weight_map' object of tensor name -> shard file") from None
+    shards: dict[str, Path] = {}
+    for name, shard_name in weight_map.items():
+      if not isinstance(shard_name, str):
+        raise UserError(f"{index}: shard for '{name}' must be a file name, got {shard_name!r}")
+      if shard_name not in shards:
+        shards[shard_name] = inside(self.folder, shard_name, str(index))
+      self.where[name] = shards[shard_name]
+    for shard_name, shard in shards.items():
+      listed = {n for n, s in self.where.items() if s == shard}
+      present = set(self._keys(shard))
+      if present - listed:
+        raise UserError(f"{shard}: tensor '{sorted(present - listed)[0]}' is not in {index.name} for this shard")
+      if listed - present:
+        raise UserError(f"{index.name}: tensor '{sorted(listed - present)[0]}' is listed in {shard_name} but missing there")
+
+  @staticmethod
+  def _keys(shard: Path) -> list[str]:
+    if not shard.is_file():
+      raise UserError(f"{shard}: shard file not found")
+    try:
+      with safe_open(shard, framework="flax") as f:
+        return list(f.keys())
+    except (SafetensorError, OSError) as e:
+      raise UserError(f"{shard}: not a readable safetensors file ({e})") from None
+
+  def names(self) -> list[str]:
+    return list(self.where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    with safe_open(self.where[name], framework="flax") as f:
+      return tuple(f.get_slice(name).get_shape())
+
+  def read(self, name: str) -> np.ndarray:
+    """One tensor as a host numpy array (bfloat16 via ml_dtypes)."""
+    try:
+      with jax.default_device(jax.devices("cpu")[0]), safe_open(self.where[name], framework="flax") as f:
+        return np.asarray(f.get_tensor(name))
+    except (SafetensorError, OSError, ValueError) as e:
+      raise UserError(f"{self.where[name]}: cannot read tensor '{name}' ({e})") from None
+
+
+def read_config(folder: str | Path) -> dict:
+  path = Path(folder) / "config.json"
+  try:
+    d = json.loads(inside(Path(folder), "config.json", str(folder)).read_text())
+  except FileNotFoundError:
+    raise UserError(f"{path}: not found (a Hugging Face model folder needs config.json)") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise UserError(f"{path}: expected a JSON object")
+  return d
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+  """Copies tokenizer / generation files that exist in src (regular files inside src only)."""
+  copied = []
+  for name in SIDE_FILES:
+    path = src / name
+    if path.is_file():
+      shutil.copyfile(inside(src, name, str(src)), dst / name)
+      copied.append(name)
+  return copied
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path, force: bool, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+  """Yields an empty staging folder inside out_dir; on success its contents replace out_dir's.
+
+  A non-empty out_dir needs `force`. If the body fails, out_dir keeps what it had and staging is removed.
+  `protect`: input folders that out_dir must not be or contain (replacing it would delete them).
+  """
+  out = Path(out_dir)
+  for p in protect:
+    if out.resolve() == p.resolve() or p.resolve().is_relative_to(out.resolve()):
+      raise UserError(f"{out}: output folder must not be (or contain) the input folder {p}")
+  if out.exists() and not out.is_dir():
+    raise UserError(f"{out}: exists and is not a directory")
+  if out.is_dir() and any(out.iterdir()) and not force:
+    raise UserError(f"{out}: exists and is not empty (pass --force to replace its contents)")
+  out.mkdir(parents=True, exist_ok=True)
+  staging = out / f".staging-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir()
+  try:
+    yield staging
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  for old in out.iterdir():
+    if old != staging:
+      shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+  for new in staging.iterdir():
+    new.rename(out / new.name)
+  staging.rmdir()
+
+
+def write_shard(path: Path, tensors: dict[str, np.ndarray]) -> None:
+  """One safetensors shard with the metadata transformers expects of PyTorch checkpoints."""
+  save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+  index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+  (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

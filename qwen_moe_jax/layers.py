@@ -1,0 +1,140 @@
+"""RMSNorm, rotary embedding, attention (GQA with q/k/v bias) and the dense SwiGLU MLP.
+
+Shape letters: B batch, T query positions, S key positions, D model width, N query heads, K kv heads,
+G query heads per kv head (N = K * G), H head dim, F MLP hidden, C gate/up pair (2).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_moe_jax.config import QwenMoeConfig
+
+F32 = jnp.float32
+INIT_STD = 0.02  # transformers' initializer_range for qwen2_moe
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype: jnp.dtype,
+          init: str = "normal") -> nnx.Param:
+  """A parameter with logical axis names (see sharding.RULES)."""
+  if init == "normal":
+    value = (INIT_STD * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  return nnx.Param(value, axes=tuple(axes))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """transformers' Qwen2MoeRMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+  xf = x.astype(F32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return scale * y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.scale = param(rngs, (dim,), (None,), dtype, init="ones")
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, H] for integer positions [B, T] (NeoX half-split layout), computed in fp32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))  # [H/2]
+  freqs = positions.astype(F32)[..., None] * inv_freq  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, heads, H] rotated by cos/sin [B, T, H]: x * cos + rotate_half(x) * sin."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask(q_pos: jax.Array, q_seg: jax.Array, kv_pos: jax.Array, kv_seg: jax.Array) -> jax.Array:
+  """[B, T, S] bool: causal within a segment. Padding is its own segment (id 0), so no row is empty."""
+  causal = kv_pos[:, None, :] <= q_pos[:, :, None]
+  same = kv_seg[:, None, :] == q_seg[:, :, None]
+  return causal & same
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention, softmax in fp32.
+
+  q [B, T, N, H], k / v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=F32) * (h ** -0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(F32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+  """Self-attention with q/k/v bias, no o bias; optional KV cache (see kv_cache.py)."""
+
+  def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+    self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", None), dtype)  # [D, N, H]
+    self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", None), dtype)  # [D, K, H]
+    self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", None), dtype)  # [D, K, H]
+    self.o_proj = param(rngs, (n, h, d), ("q_heads", None, "embed"), dtype)  # [N, H, D]
+    if cfg.qkv_bias:
+      self.q_bias = param(rngs, (n, h), ("q_heads", None), dtype, init="zeros")  # [N, H]
+      self.k_bias = param(rngs, (k, h), ("kv_heads", None), dtype, init="zeros")  # [K, H]
+      self.v_bias = param(rngs, (k, h), ("kv_heads", None), dtype, init="zeros")  # [K, H]
+    self.qkv_bias = cfg.qkv_bias
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               cache: tuple[jax.Array, jax.Array] | None = None, slots: jax.Array | None = None,
+               attend_cache: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """x [B, T, D] -> [B, T, D].
+
+    With a cache (k, v [B, S, K, H]) this step's keys and values are written at `slots` [B, T]. Attention
+    runs over x's own keys (mask [B, T, T]; prefill, training) or, with `attend_cache`, over the whole
+    cache (mask [B, T, S]; decoding).
+    """
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...])
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...])
+    if self.qkv_bias:
+      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+      rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
+      cache = (cache[0].at[rows, slots].set(k.astype(cache[0].dtype)),
+               cache[1].at[rows, slots].set(v.astype(cache[1].dtype)))
+      if attend_cache:
+        k, v = cache
+    out = attend(q, k, v, mask)
+    return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), cache
+
+
+def swiglu(h: jax.Array) -> jax.Array:
+  """[..., C=2, F] gate/up pair -> silu(gate) * up [..., F]."""
+  return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+
+
+class Mlp(nnx.Module):
+  """down(silu(gate(x)) * up(x)); gate and up are stored side by side as wi [D, 2, F]."""
+
+  def __init__(self, hidden: int, width: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.wi = param(rngs, (hidden, 2, width), ("embed", None, "mlp"), dtype)  # [D, C, F]
+    self.wo = param(rngs, (width, hidden), ("mlp", "embed"), dtype)  # [F, D]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.einsum("...D,DCF->...CF", x, self.wi[...])
+    return jnp.einsum("...F,FD->...D", swiglu(h), self.wo[...])

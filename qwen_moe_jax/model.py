@@ -1,0 +1,129 @@
+"""Qwen2-MoE causal language model (transformers' Qwen2MoeForCausalLM) in Flax NNX.
+
+Shape letters: B batch, T positions, S cache slots, D model width, V vocabulary, L sparse (MoE) layers,
+N tokens (B x T), E experts. Projections are einsums over these letters; see layers.py and moe.py.
+
+    tokens -> embed -> [DecoderLayer] x num_hidden_layers -> RMSNorm -> lm_head -> logits
+    DecoderLayer: x + attn(norm(x)), then h + mlp(norm(h)), where mlp is a MoeBlock or a dense Mlp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_moe_jax import sharding
+from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.kv_cache import KVCache
+from qwen_moe_jax.layers import F32, Attention, Mlp, RMSNorm, attention_mask, param, rope_tables
+from qwen_moe_jax.moe import MoeBlock
+
+ACTIVATION_AXES = ("batch", None, None)  # [B, T, D]
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+  "none": None,  # no rematerialisation
+  "full": jax.checkpoint_policies.nothing_saveable,  # recompute each layer in the backward pass
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: QwenMoeConfig, index: int, dtype: jnp.dtype, rngs: nnx.Rngs, expert_shards: int,
+               expert_backend: str):
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+    self.attn = Attention(cfg, dtype, rngs)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+    self.is_moe = cfg.is_moe_layer(index)
+    if self.is_moe:
+      self.mlp = MoeBlock(cfg, dtype, rngs, expert_shards, expert_backend)
+    else:
+      self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+
+  def __call__(self, x, cos, sin, mask, cache=None, slots=None, attend_cache=False):
+    """x [B, T, D] -> (x [B, T, D], router logits [N, E] or None, this layer's (k, v) cache or None)."""
+    with jax.named_scope("attention"):
+      h, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, slots, attend_cache)
+      x = sharding.constrain(x + h, ACTIVATION_AXES)
+    with jax.named_scope("moe" if self.is_moe else "mlp"):
+      h = self.post_attn_norm(x)
+      router_logits = None
+      if self.is_moe:
+        h, router_logits = self.mlp(h)
+      else:
+        h = self.mlp(h)
+      x = sharding.constrain(x + h, ACTIVATION_AXES)
+    return x, router_logits, cache
+
+
+@dataclasses.dataclass
+class Output:
+  hidden: jax.Array  # [B, T, D] after the final norm
+  router_logits: jax.Array | None  # [L, N, E] for the sparse layers (None if there are none)
+  cache: KVCache | None
+  layer_outputs: list[jax.Array] | None = None  # [B, T, D] per layer, before the final norm
+
+
+class QwenMoeForCausalLM(nnx.Module):
+  def __init__(self, cfg: QwenMoeConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.bfloat16,
+               expert_shards: int = 1, expert_backend: str = "ragged"):
+    """`expert_shards`: the expert axis size; experts are padded to a multiple of it (never routed to)."""
+    self.config = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)  # [V, D]
+    self.layers = nnx.List([
+      DecoderLayer(cfg, i, dtype, rngs, expert_shards, expert_backend) for i in range(cfg.num_hidden_layers)
+    ])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+    self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)  # [D, V]
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+               cache: KVCache | None = None, attend_cache: bool = False, remat: str = "none",
+               return_layer_outputs: bool = False) -> Output:
+    """tokens, positions [B, T] int32 -> final hidden states [B, T, D] (call `logits` on what you need).
+
+    segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding. With a cache,
+    keys and values are written at slot = position; `attend_cache` attends over the cache (decoding).
+    """
+    cfg = self.config
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    x = sharding.constrain(jnp.take(self.embed[...], tokens, axis=0), ACTIVATION_AXES)
+    cos, sin = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, x.dtype)
+    if attend_cache:
+      slots = jnp.arange(cache.length, dtype=positions.dtype)
+      mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: every slot up to this position
+    else:
+      mask = attention_mask(positions, segment_ids, positions, segment_ids)  # [B, T, T]
+
+    def run(layer, x, cos, sin, mask, kv):
+      return layer(x, cos, sin, mask, kv, positions, attend_cache)
+
+    if REMAT_POLICIES[remat] is not None:
+      run = nnx.remat(run, policy=REMAT_POLICIES[remat])
+    router_logits, layer_outputs, new_k, new_v = [], [], [], []
+    for i, layer in enumerate(self.layers):
+      x, logits, kv = run(layer, x, cos, sin, mask, None if cache is None else cache.layer(i))
+      if logits is not None:
+        router_logits.append(logits)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+      if return_layer_outputs:
+        layer_outputs.append(x)
+    return Output(
+      hidden=self.norm(x),
+      router_logits=jnp.stack(router_logits) if router_logits else None,
+      cache=None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)),
+      layer_outputs=layer_outputs if return_layer_outputs else None,
+    )
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> fp32 logits [..., V]."""
+    return jnp.einsum("...D,DV->...V", hidden, self.lm_head[...], preferred_element_type=F32)
+
+
+def param_count(state: nnx.State) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(state))

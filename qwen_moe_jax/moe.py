@@ -1,0 +1,183 @@
+"""The sparse MoE block: router, routed experts, shared expert, and the load-balancing loss.
+
+Shape letters: N tokens (batch x time, flattened), D model width, E experts, F expert hidden, C gate/up (2),
+K experts per token (top-k), R routed rows (N x K).
+
+The routed experts sit behind one function, `routed_experts`, with interchangeable backends:
+  dense   every expert on every token (the reference: simple, exact, O(N E) work)
+  ragged  rows sorted by expert, two `jax.lax.ragged_dot`s (dropless; the CPU / TPU path)
+  tokamax the same sorted rows through tokamax's Mosaic GPU grouped GEMM (optional `[gpu]` extra)
+Under a mesh with an expert axis the block runs inside `jax.shard_map`: each device computes the experts it
+owns for every token routed to them and the partial outputs are summed across the expert axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from qwen_moe_jax import sharding
+from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.layers import F32, Mlp, param, swiglu
+
+EXPERT_BACKENDS = ("dense", "ragged", "tokamax")
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x [N, D], router [D, E] -> logits [N, E] (x.dtype), weights [N, K] (x.dtype), expert ids [N, K].
+
+  Softmax over all experts in fp32, then top-k, renormalised only if `normalize` (norm_topk_prob).
+  """
+  logits = jnp.einsum("ND,DE->NE", x, router)
+  probs = jax.nn.softmax(logits.astype(F32), axis=-1)
+  weights, ids = jax.lax.top_k(probs, top_k)
+  if normalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return logits, weights.astype(x.dtype), ids
+
+
+def experts_dense(x, ids, weights, wi, wo, first_expert, ragged_dot=None):
+  """Reference: run every local expert on every token, keep the routed ones.
+
+  x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D] -> [N, D]. Experts are numbered from
+  `first_expert` (ids outside [first_expert, first_expert + E) belong to other devices).
+  """
+  del ragged_dot
+  e = wi.shape[0]
+  combine = jnp.sum(jax.nn.one_hot(ids - first_expert, e, dtype=weights.dtype) * weights[..., None], axis=1)  # [N, E]
+  h = jnp.einsum("ND,EDCF->NECF", x, wi)
+  y = jnp.einsum("NEF,EFD->NED", swiglu(h), wo)
+  return jnp.einsum("NED,NE->ND", y, combine)
+
+
+def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.ragged_dot):
+  """Dropless grouped GEMM: sort the N x K routed rows by expert, two ragged_dots, unsort, weight, sum.
+
+  Same contract as `experts_dense`. Rows routed to experts on other devices sort last, outside every group.
+  """
+  n, k = ids.shape
+  e, d, _, f = wi.shape
+  local = ids.reshape(-1) - first_expert  # [R]
+  local = jnp.where((local >= 0) & (local < e), local, e)  # e: not on this device
+  order = jnp.argsort(local, stable=True)  # [R] sorted by expert
+  sizes = jnp.bincount(local, length=e + 1)[:e].astype(jnp.int32)  # [E]
+  rows = x[order // k]  # [R, D]
+  h = ragged_dot(rows, wi.reshape(e, d, 2 * f), sizes).reshape(-1, 2, f)  # [R, C, F]
+  y = ragged_dot(swiglu(h), wo, sizes)  # [R, D]
+  y = jnp.where((local[order] < e)[:, None], y, 0)
+  unsorted = jnp.zeros_like(y).at[order].set(y).reshape(n, k, d)  # [N, K, D]
+  return jnp.einsum("NKD,NK->ND", unsorted, weights)
+
+
+def _tokamax_ragged_dot() -> Callable:
+  try:
+    import tokamax  # optional [gpu] extra
+  except ImportError as e:
+    raise RuntimeError("expert backend 'tokamax' needs the [gpu] extra (pip install 'qwen-moe-jax[gpu]')") from e
+  return tokamax.ragged_dot
+
+
+def routed_experts(x, ids, weights, wi, wo, first_expert: int | jax.Array, backend: str) -> jax.Array:
+  """Dispatch to a backend; all take x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D]."""
+  if backend == "dense":
+    return experts_dense(x, ids, weights, wi, wo, first_expert)
+  if backend == "ragged":
+    return experts_sorted(x, ids, weights, wi, wo, first_expert)
+  if backend == "tokamax":
+    return experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=_tokamax_ragged_dot())
+  raise ValueError(f"expert backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
+
+
+def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
+  """routed_experts under shard_map: experts split over the expert axis, their hidden over tensor.
+
+  Tokens arrive split over the batch axes. If the expert axis splits tokens too, each device first gathers
+  the tokens of its expert group, computes its own experts' share, and a reduce-scatter returns every token
+  its summed output; otherwise the shares are summed with a psum. FSDP-split weights are gathered first.
+  """
+  tok_spec = sharding.spec_for(("batch", None), x.shape, mesh, "moe tokens")
+  wi_spec = sharding.spec_for(("expert", "embed", None, "moe_mlp"), wi.shape, mesh, "experts.wi")
+  wo_spec = sharding.spec_for(("expert", "moe_mlp", "embed"), wo.shape, mesh, "experts.wo")
+  tok_axes = sharding.axes_of(tok_spec[0])
+  expert_axes = sharding.axes_of(wi_spec[0])
+  fsdp_axes = sharding.axes_of(wi_spec[1])
+  gather_tokens = tuple(a for a in expert_axes if a in tok_axes)
+  sum_axes = tuple(a for a in expert_axes if a not in tok_axes) + sharding.axes_of(wi_spec[3])
+  local_experts = wi.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
+
+  def local(x, ids, weights, wi, wo):
+    for a in fsdp_axes:
+      wi = jax.lax.all_gather(wi, a, axis=1, tiled=True)
+      wo = jax.lax.all_gather(wo, a, axis=2, tiled=True)
+    if gather_tokens:
+      x, ids, weights = (jax.lax.all_gather(t, gather_tokens, axis=0, tiled=True) for t in (x, ids, weights))
+    shard = 0
+    for a in expert_axes:  # row-major index of this device among the expert shards
+      shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+    y = routed_experts(x, ids, weights, wi, wo, shard * local_experts, backend)
+    if sum_axes:
+      y = jax.lax.psum(y, sum_axes)
+    if gather_tokens:
+      y = jax.lax.psum_scatter(y, gather_tokens, scatter_dimension=0, tiled=True)
+    return y
+
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, wi_spec, wo_spec), out_specs=tok_spec,
+  )(x, ids, weights, wi, wo)
+
+
+class MoeBlock(nnx.Module):
+  """Routed experts plus a shared expert scaled by sigmoid(shared_expert_gate(x))."""
+
+  def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs, expert_shards: int = 1,
+               backend: str = "ragged"):
+    d, f = cfg.hidden_size, cfg.moe_intermediate_size
+    padded = -(-cfg.num_experts // expert_shards) * expert_shards  # never routed to: ids < num_experts
+    self.router = param(rngs, (d, cfg.num_experts), ("embed", None), dtype)  # [D, E]
+    self.experts_wi = param(rngs, (padded, d, 2, f), ("expert", "embed", None, "moe_mlp"), dtype)  # [E, D, C, F]
+    self.experts_wo = param(rngs, (padded, f, d), ("expert", "moe_mlp", "embed"), dtype)  # [E, F, D]
+    self.shared_expert = Mlp(d, cfg.shared_expert_intermediate_size, dtype, rngs)
+    self.shared_gate = param(rngs, (d,), ("embed",), dtype)  # [D]
+    self.top_k = cfg.num_experts_per_tok
+    self.normalize = cfg.norm_topk_prob
+    self.backend = backend
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, D] -> (out [B, T, D], router logits [B*T, E])."""
+    b, t, d = x.shape
+    x2 = x.reshape(b * t, d)  # [N, D]
+    with jax.named_scope("router"):
+      logits, weights, ids = route(x2, self.router[...], self.top_k, self.normalize)
+    with jax.named_scope("routed_experts"):
+      mesh = sharding.current_mesh()
+      wi, wo = self.experts_wi[...], self.experts_wo[...]
+      if mesh is None:
+        routed = routed_experts(x2, ids, weights, wi, wo, 0, self.backend)
+      else:
+        routed = _expert_parallel(x2, ids, weights, wi, wo, self.backend, mesh)
+    with jax.named_scope("shared_expert"):
+      gate = jax.nn.sigmoid(jnp.einsum("ND,D->N", x2, self.shared_gate[...]))[:, None]
+      shared = gate * self.shared_expert(x2)
+    return (routed + shared).reshape(b, t, d), logits
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+  """transformers' load_balancing_loss_func (without the coefficient) on raw router logits.
+
+  router_logits [L, N, E] for the L sparse layers, mask [N] (1 = real token, 0 = padding). One softmax per
+  layer; counts and probabilities are summed over layers and normalised by L x (real tokens).
+  """
+  num_experts = router_logits.shape[-1]
+  probs = jax.nn.softmax(router_logits.astype(F32), axis=-1)  # [L, N, E]
+  _, chosen = jax.lax.top_k(probs, top_k)  # [L, N, K]
+  counts = jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=F32), axis=-2)  # [L, N, E]
+  m = jnp.ones(router_logits.shape[1], F32) if mask is None else mask.astype(F32)
+  rows = router_logits.shape[0] * jnp.sum(m)
+  tokens_per_expert = jnp.einsum("LNE,N->E", counts, m) / rows
+  prob_per_expert = jnp.einsum("LNE,N->E", probs, m) / rows
+  return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)

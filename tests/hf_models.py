@@ -1,0 +1,55 @@
+"""Random tiny transformers Qwen2MoeForCausalLM checkpoints, built and saved in the tests (no downloads).
+
+Weights are drawn wider than transformers' init (std 0.08) so routing is decisive and logits are peaked:
+a wrong router, a swapped gate/up or a mis-ordered head split then changes the outputs visibly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+TINY = dict(
+  vocab_size=101, hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+  num_key_value_heads=2, moe_intermediate_size=20, shared_expert_intermediate_size=28, num_experts=7,
+  num_experts_per_tok=3, max_position_embeddings=256, rope_theta=10000.0,
+)
+
+
+def make_model(seed: int = 0, std: float = 0.08, **overrides) -> Qwen2MoeForCausalLM:
+  kwargs = dict(TINY, **overrides)
+  theta = kwargs.pop("rope_theta")
+  cfg = Qwen2MoeConfig(**kwargs, rope_parameters={"rope_type": "default", "rope_theta": theta})
+  torch.manual_seed(seed)
+  model = Qwen2MoeForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, std)
+    for name, p in model.named_parameters():
+      if "layernorm" in name or name.endswith("norm.weight"):
+        p.add_(1.0)  # norms near 1, as in trained models
+  return model
+
+
+def save(model: Qwen2MoeForCausalLM, folder: str | Path, layout: str = "hub", style: str = "v5",
+         shard: bool = False) -> Path:
+  """layout: 'hub' (per-expert tensors) or 'fused' (transformers v5 gate_up_proj / down_proj);
+  style: 'v5' (rope_parameters, dtype) or 'v4' (rope_theta, torch_dtype, no layer_types)."""
+  folder = Path(folder)
+  kwargs = {"save_original_format": layout == "hub"}
+  if shard:
+    kwargs["max_shard_size"] = "40KB"
+  model.save_pretrained(folder, **kwargs)
+  if style == "v4":
+    path = folder / "config.json"
+    d = json.loads(path.read_text())
+    d["rope_theta"] = d.pop("rope_parameters")["rope_theta"]
+    d["rope_scaling"] = None
+    d["torch_dtype"] = d.pop("dtype")
+    d.pop("layer_types", None)
+    d.pop("qkv_bias", None)
+    path.write_text(json.dumps(d, indent=2))
+  return folder
