@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import jax
 import ml_dtypes  # noqa: F401  (gives numpy the bfloat16 dtype)
 import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
 from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, hf_io
@@ -156,7 +157,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     first = next(b.hf for b in hub_bindings(cfg, shapes) if checkpoint.group_of(b.path) == missing[0])
     raise UserError(f"{hf_dir}: tensor '{first}' is missing")
 
-  with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging:
+  ctx = ocp.Context()
+  ctx.memory.deepcopy_host_arrays = False  # saves are synchronous: no copy of each group needed
+  with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging, ctx:
     writer = checkpoint.StreamingWriter(staging / checkpoint.PARAMS_DIR)
     groups = sorted(by_group, key=lambda g: -1 if g == "top" else int(g.split(".")[1]))
     for group in tqdm(groups, desc="converting", unit="group", disable=not progress):
@@ -181,7 +184,7 @@ def _fill_group(cfg, reader: hf_io.SafetensorsReader, bindings: list[Binding], s
     for other in filled[b.path]:
       if _overlaps(other.part, b.part):
         raise UserError(f"tensors '{other.hf}' and '{b.hf}' both fill parameter {b.path}")
-    params[b.path][b.part] = b.row.transform[0](reader.read(b.hf), b.heads(cfg)).astype(target)
+    params[b.path][b.part] = b.row.transform[0](reader.read(b.hf), b.heads(cfg))  # casts to target
     filled[b.path].append(b)
   for path, parts in filled.items():
     covered = sum(int(np.prod(b.part_shape(shapes))) for b in parts)

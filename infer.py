@@ -1,0 +1,206 @@
+"""Generate text from a qwen2_moe checkpoint folder (from convert/hf_to_orbax.py, or a train.py run folder).
+
+  python infer.py --demo
+  python infer.py --checkpoint DIR --chat "Why is the sky blue?" [--system TEXT]
+  python infer.py --checkpoint DIR --prompt "def fib(n):" --prompt "Once upon a time" --max-new-tokens 64
+  python infer.py --checkpoint DIR --input-ids 1,2,3 --temperature 0 --json --dump-logits logits.npy
+
+Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
+--prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line) may be repeated and run
+as one batch. One prompt streams its tokens to stdout as they are generated; --json prints one object per
+prompt. Sampling defaults come from the checkpoint's generation_config.json, else greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from qwen_moe_jax import checkpoint, runtime
+from qwen_moe_jax.errors import UserError, cli_main
+from qwen_moe_jax.generate import Generator, Sampling, prompt_logits
+from qwen_moe_jax.tokenizer import load_tokenizer
+
+DEMO_CHAT = "Tell me about mixture-of-experts language models."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--checkpoint", help="checkpoint folder or train.py run folder")
+  ap.add_argument("--demo", action="store_true",
+                  help="build a small RANDOM-weight qwen2_moe checkpoint (HF layout + tokenizer), convert it, "
+                       "and generate from it: shows the whole pipeline and its speed, no files needed")
+  ap.add_argument("--prompt", action="append", default=[], help="raw text prompt (repeatable)")
+  ap.add_argument("--chat", action="append", default=[], help="a user message, rendered with the chat template (repeatable)")
+  ap.add_argument("--system", help="system prompt for --chat")
+  ap.add_argument("--input-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+  ap.add_argument("--prompts-file", help="JSONL: one {prompt|chat|messages|input_ids} object per line")
+  ap.add_argument("--max-new-tokens", type=int, default=128)
+  ap.add_argument("--temperature", type=float, help="0 is greedy")
+  ap.add_argument("--top-k", type=int)
+  ap.add_argument("--top-p", type=float)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--json", action="store_true", help='one {"input_ids", "output_ids", "text"} object per prompt')
+  ap.add_argument("--dump-logits", help="save fp32 logits over the prompt positions [T, V] (one prompt) with numpy")
+  runtime.add_args(ap)
+  args = ap.parse_args(argv)
+  if bool(args.checkpoint) == bool(args.demo):
+    ap.error("give exactly one of --checkpoint DIR or --demo")
+  return args
+
+
+def read_prompts(args: argparse.Namespace, tok) -> list[list[int]]:
+  """Token ids of every prompt, in the order given (flags first, then the prompts file)."""
+  specs: list[tuple[str, object, str]] = []  # (kind, value, where)
+  specs += [("prompt", p, "--prompt") for p in args.prompt]
+  specs += [("chat", c, "--chat") for c in args.chat]
+  specs += [("input_ids", s, "--input-ids") for s in args.input_ids]
+  if args.prompts_file:
+    specs += _prompts_file(Path(args.prompts_file))
+  if args.demo and not specs:
+    specs.append(("chat", DEMO_CHAT, "--demo"))
+  if not specs:
+    raise UserError("no prompt: give --prompt, --chat, --input-ids or --prompts-file")
+  prompts = []
+  for kind, value, where in specs:
+    if kind == "input_ids":
+      prompts.append(_ids(value, where))
+      continue
+    if tok is None:
+      raise UserError(f"{where}: text prompts need tokenizer.json in the checkpoint folder (or use --input-ids)")
+    if kind == "prompt":
+      prompts.append(tok.encode(value))
+    else:
+      messages = value if kind == "messages" else (
+        ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": value}])
+      prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True))
+  return prompts
+
+
+def _ids(value, where: str) -> list[int]:
+  try:
+    ids = [int(x) for x in value.split(",") if x.strip()] if isinstance(value, str) else [int(x) for x in value]
+  except (ValueError, TypeError):
+    raise UserError(f"{where}: input ids must be integers separated by commas, got {value!r}") from None
+  return ids
+
+
+def _prompts_file(path: Path) -> list[tuple[str, object, str]]:
+  try:
+    lines = path.read_text().splitlines()
+  except (FileNotFoundError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: cannot read ({e})") from None
+  specs = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{n}"
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    kinds = [k for k in ("prompt", "chat", "messages", "input_ids") if isinstance(obj, dict) and k in obj]
+    if len(kinds) != 1:
+      raise UserError(f"{where}: expected an object with exactly one of prompt, chat, messages, input_ids")
+    specs.append((kinds[0], obj[kinds[0]], where))
+  return specs
+
+
+def sampling_from(args: argparse.Namespace, folder: Path) -> Sampling:
+  """Flags win; else generation_config.json's sampling if it samples; else greedy."""
+  gen = {}
+  path = folder / "generation_config.json"
+  if path.is_file():
+    try:
+      gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}: not valid JSON ({e})") from None
+  sampled = bool(gen.get("do_sample"))
+  defaults = Sampling(
+    temperature=float(gen.get("temperature", 1.0)) if sampled else 0.0,
+    top_k=int(gen.get("top_k") or 0) if sampled else 0,
+    top_p=float(gen.get("top_p") or 1.0) if sampled else 1.0)
+  return Sampling(
+    temperature=defaults.temperature if args.temperature is None else args.temperature,
+    top_k=defaults.top_k if args.top_k is None else args.top_k,
+    top_p=defaults.top_p if args.top_p is None else args.top_p).validate()
+
+
+def stop_ids(cfg, folder: Path, tok) -> list[int]:
+  """The config's EOS ids, generation_config.json's, and the tokenizer's EOS token."""
+  ids = list(cfg.stop_ids())
+  path = folder / "generation_config.json"
+  if path.is_file():
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+  if tok is not None and tok.eos_token_id is not None:
+    ids.append(tok.eos_token_id)
+  return sorted({i for i in ids if 0 <= i < cfg.vocab_size})
+
+
+def prepare_demo(workdir: Path) -> Path:
+  """Random HF checkpoint -> converter -> checkpoint folder, the path a real model takes."""
+  from qwen_moe_jax.convert import import_hf
+  from qwen_moe_jax.demo import write_hf_demo
+
+  print("demo: building a small qwen2_moe checkpoint with RANDOM weights (the text will be gibberish)",
+        file=sys.stderr)
+  cfg = write_hf_demo(workdir / "hf")
+  import_hf(workdir / "hf", workdir / "checkpoint", progress=False)
+  print(f"demo: converted {workdir / 'hf'} -> {workdir / 'checkpoint'} ({cfg.num_hidden_layers} layers, "
+        f"{cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, hidden {cfg.hidden_size})", file=sys.stderr)
+  return workdir / "checkpoint"
+
+
+@cli_main
+def main() -> None:
+  args = parse_args()
+  mesh, dtype, backend = runtime.setup(args)
+  with tempfile.TemporaryDirectory(prefix="qwen-moe-demo-") as tmp:
+    folder = prepare_demo(Path(tmp)) if args.demo else Path(args.checkpoint)
+    run(args, folder, mesh, dtype, backend)
+
+
+def run(args, folder: Path, mesh, dtype, backend) -> None:
+  cfg = checkpoint.load_config(folder)
+  tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+  prompts = read_prompts(args, tok)
+  sampling = sampling_from(args, folder)
+  if args.dump_logits and len(prompts) != 1:
+    raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
+  model = checkpoint.restore(folder, mesh, dtype, backend, cfg)
+  generator = Generator(model, mesh)
+
+  stream = None
+  if len(prompts) == 1 and not args.json and tok is not None:
+    stream = tok.stream_decoder(skip_special_tokens=True)
+
+  def on_tokens(row: int, ids: list[int]) -> None:
+    sys.stdout.write(stream.push(ids))
+    sys.stdout.flush()
+
+  result = generator.generate(prompts, args.max_new_tokens, sampling, args.seed, stop_ids(cfg, folder, tok),
+                              on_tokens if stream else None)
+  if stream:
+    print(stream.flush())
+  for i, (p, out) in enumerate(zip(prompts, result.output_ids)):
+    text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
+    if args.json:
+      print(json.dumps({"input_ids": p, "output_ids": out, "text": text}, ensure_ascii=False))
+    elif not stream:
+      print(f"--- [{i + 1}] ---")
+      print(text if text is not None else ",".join(map(str, out)))
+  if args.dump_logits:
+    np.save(args.dump_logits, prompt_logits(model, prompts[0], mesh))
+  print(f"prompt tokens: {result.prompt_tokens}, generated tokens: {result.generated_tokens}, "
+        f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
+        f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,245 @@
+"""Generation: one prefill over the prompts, then a decode loop that stays on the device.
+
+Prompts of different lengths share a batch: each row is right-padded, its cache slot s holds its position
+s, and padding is its own attention segment, so a row's tokens equal what the prompt gives alone. Shapes
+are bucketed (prompt length, cache length, batch) so new prompts rarely recompile. The decode loop is a
+`lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so the cache is updated
+in place; the host only wakes between chunks to stream the new tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.kv_cache import KVCache
+from qwen_moe_jax.model import QwenMoeForCausalLM
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  temperature: float = 0.0  # 0: greedy
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1: off
+
+  def validate(self) -> "Sampling":
+    if not self.temperature >= 0:
+      raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+    return self
+
+
+def sample(logits: jax.Array, keys: jax.Array, s: Sampling) -> jax.Array:
+  """logits [B, V] fp32, keys [B] -> token ids [B]: temperature, then top-k, then top-p (as transformers)."""
+  if s.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / s.temperature
+  if s.top_k:
+    kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if s.top_p < 1:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    cutoff = jnp.min(jnp.where(before < s.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  cache: KVCache
+  tokens: jax.Array  # [B, max_new] generated ids
+  last: jax.Array  # [B] the newest token
+  positions: jax.Array  # [B] position of `last`
+  done: jax.Array  # [B] bool
+  step: jax.Array  # [] tokens generated so far
+  keys: jax.Array  # [B] per-row PRNG keys
+
+
+def _row_keys(seed: int, rows: int) -> jax.Array:
+  """Row b's key depends only on (seed, b): a prompt samples the same alone or in a batch at row b."""
+  base = jax.random.key(seed)
+  return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(rows))
+
+
+def _step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "max_new", "sampling", "stop_ids"))
+def prefill(graphdef, params, tokens, lengths, keys, *, cache_len, max_new, sampling, stop_ids) -> DecodeState:
+  """tokens [B, T] right-padded, lengths [B] -> state holding the first generated token of each row."""
+  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
+  cache = KVCache.zeros(model.config, b, cache_len, model.embed[...].dtype)
+  out = model(tokens, positions, segments, cache=cache)
+  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)
+  done = jnp.isin(first, jnp.asarray(stop_ids, jnp.int32)) | (max_new <= 1) | (lengths == 0)
+  return DecodeState(
+    cache=out.cache, tokens=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first), last=first,
+    positions=lengths, done=done, step=jnp.int32(1), keys=keys)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "stop_ids"), donate_argnames=("state",))
+def decode(graphdef, params, state: DecodeState, *, steps, sampling, stop_ids) -> DecodeState:
+  """Up to `steps` more tokens per row, stopping early once every row is done."""
+  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
+  max_new = state.tokens.shape[1]
+  end = jnp.minimum(state.step + steps, max_new)
+
+  def cond(s: DecodeState):
+    return (s.step < end) & ~jnp.all(s.done)
+
+  def body(s: DecodeState) -> DecodeState:
+    out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
+    token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.step), sampling)
+    token = jnp.where(s.done, 0, token)
+    done = s.done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)) | (s.step + 1 >= max_new)
+    return DecodeState(
+      cache=out.cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
+      positions=jnp.where(s.done, s.positions, s.positions + 1), done=done, step=s.step + 1, keys=s.keys)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+  """Next power of two >= n (at least `minimum`)."""
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+@dataclasses.dataclass
+class Result:
+  output_ids: list[list[int]]  # per prompt, generated ids (a stop id included, as transformers does)
+  prompt_tokens: int
+  generated_tokens: int
+  compile_seconds: float  # compiling prefill and decode for these shapes (0 when already compiled)
+  prefill_seconds: float  # prompt processing up to the first token of every row
+  decode_seconds: float  # the remaining tokens
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    rest = self.generated_tokens - len(self.output_ids)
+    return rest / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class Generator:
+  """Holds a model split into (graphdef, params); `generate` runs prompts through prefill + decode."""
+
+  def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16):
+    self.graphdef, self.params = nnx.split(model)
+    self.config = model.config
+    self.mesh = mesh
+    self.chunk = chunk
+    self._executables: dict = {}
+
+  def _compiled(self, fn, args: tuple, **statics):
+    """Ahead-of-time compiled `fn` for these argument shapes (cached), so timings exclude compilation."""
+    shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
+    key = (fn.__name__, shapes, tuple(sorted(statics.items())))
+    if key not in self._executables:
+      self._executables[key] = fn.lower(self.graphdef, *args, **statics).compile()
+    return self._executables[key]
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               seed: int = 0, stop_ids: Sequence[int] = (),
+               on_tokens: Callable[[int, list[int]], None] | None = None) -> Result:
+    """Generates for every prompt; `on_tokens(row, new_ids)` is called as tokens arrive (streaming)."""
+    cfg = self.config
+    if not prompts:
+      raise UserError("no prompts given")
+    longest = max(len(p) for p in prompts)
+    for i, p in enumerate(prompts):
+      if not p:
+        raise UserError(f"prompt {i + 1} is empty")
+      bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+      if bad:
+        raise UserError(f"prompt {i + 1}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    if longest >= cfg.max_position_embeddings:
+      raise UserError(f"prompt of {longest} tokens does not fit the model's context "
+                      f"(max_position_embeddings={cfg.max_position_embeddings}, and 1 token must be generated)")
+    if max_new_tokens < 1:
+      raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    max_new = min(max_new_tokens, cfg.max_position_embeddings - longest)
+    rows = bucket(len(prompts), minimum=1)
+    t = bucket(longest)
+    cache_len = min(bucket(longest + max_new), max(cfg.max_position_embeddings, t))
+    tokens = np.zeros((rows, t), np.int32)
+    lengths = np.zeros((rows,), np.int32)  # padding rows: length 0, done from the start
+    for i, p in enumerate(prompts):
+      tokens[i, : len(p)] = p
+      lengths[i] = len(p)
+    statics = dict(sampling=sampling, stop_ids=tuple(int(i) for i in stop_ids))
+    with _mesh_context(self.mesh):
+      start = time.perf_counter()
+      prefill_args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), _row_keys(seed, rows))
+      run_prefill = self._compiled(prefill, prefill_args, cache_len=cache_len, max_new=max_new, **statics)
+      state = jax.eval_shape(lambda *a: prefill(self.graphdef, *a, cache_len=cache_len, max_new=max_new, **statics),
+                             *prefill_args)
+      run_decode = self._compiled(decode, (self.params, state), steps=self.chunk, **statics)
+      compiled = time.perf_counter()
+      state = run_prefill(*prefill_args)
+      outputs: list[list[int]] = [[] for _ in prompts]
+      shown, prefilled = 0, None
+      while True:
+        step, done, new = jax.device_get((state.step, state.done, state.tokens[:, shown:]))
+        prefilled = prefilled or time.perf_counter()
+        self._collect(outputs, new[:, : int(step) - shown], stop_ids, on_tokens)
+        shown = int(step)
+        if shown >= max_new or done[: len(prompts)].all():
+          break
+        state = run_decode(self.params, state)
+      end = time.perf_counter()
+    return Result(outputs, int(lengths.sum()), sum(len(o) for o in outputs),
+                  compiled - start, prefilled - compiled, end - prefilled)
+
+  @staticmethod
+  def _collect(outputs, new, stop_ids, on_tokens) -> None:
+    stops = set(int(i) for i in stop_ids)
+    for row, out in enumerate(outputs):
+      if out and out[-1] in stops:
+        continue
+      fresh = []
+      for tok in new[row].tolist():
+        fresh.append(tok)
+        if tok in stops:
+          break
+      out.extend(fresh)
+      if fresh and on_tokens:
+        on_tokens(row, fresh)
+
+
+def _mesh_context(mesh):
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prompt_logits(graphdef, params, tokens):
+  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return model.logits(model(tokens, positions).hidden)
+
+
+def prompt_logits(model: QwenMoeForCausalLM, ids: Sequence[int], mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """fp32 logits [T, V] at every prompt position (what --dump-logits saves)."""
+  graphdef, params = nnx.split(model)
+  with _mesh_context(mesh):
+    return np.asarray(_prompt_logits(graphdef, params, jnp.asarray([list(ids)], jnp.int32))[0])

@@ -1,0 +1,69 @@
+"""Training loss: next-token cross-entropy (chunked over tokens) plus the router load-balancing loss.
+
+The cross-entropy never materialises fp32 logits for all tokens at once: tokens go through the LM head in
+chunks under `jax.checkpoint`, so the backward pass recomputes one chunk's [C, V] logits at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qwen_moe_jax.layers import F32
+from qwen_moe_jax.model import QwenMoeForCausalLM
+from qwen_moe_jax.moe import load_balancing_loss
+
+LOSS_CHUNK = 1024  # tokens per LM-head chunk
+
+
+def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
+                          chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """hidden [N, D], lm_head [D, V], targets / mask [N] -> (sum of masked NLL, number of masked tokens)."""
+  n = hidden.shape[0]
+  chunk = min(chunk, n)
+  pad = -n % chunk
+  hidden, targets, mask = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (hidden, targets, mask))
+
+  @jax.checkpoint
+  def nll(args):
+    h, t, m = args  # [C, D], [C], [C]
+    logits = jnp.einsum("CD,DV->CV", h, lm_head, preferred_element_type=F32)
+    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
+
+  chunks = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk), mask.reshape(-1, chunk).astype(F32))
+  return jnp.sum(jax.lax.map(nll, chunks)), jnp.sum(mask.astype(F32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LossParts:
+  total: jax.Array  # ce + router_aux_loss_coef * aux
+  ce: jax.Array  # mean next-token NLL over loss tokens
+  aux: jax.Array  # load-balancing loss (0 without sparse layers)
+  tokens: jax.Array  # number of loss tokens
+  expert_load: jax.Array | None  # [L, E] fraction of routed slots per expert and sparse layer
+
+
+def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                   positions: jax.Array, segment_ids: jax.Array, remat: str = "none") -> LossParts:
+  """tokens / targets / loss_mask / positions / segment_ids [B, T]; segment 0 is padding.
+
+  The aux loss covers every non-padding token (transformers masks padding the same way).
+  """
+  cfg = model.config
+  out = model(tokens, positions, segment_ids, remat=remat)
+  b, t, d = out.hidden.shape
+  nll_sum, count = chunked_cross_entropy(out.hidden.reshape(b * t, d), model.lm_head[...],
+                                         targets.reshape(-1), loss_mask.reshape(-1))
+  ce = nll_sum / jnp.maximum(count, 1.0)
+  aux, load = jnp.zeros((), F32), None
+  if out.router_logits is not None:
+    real = (segment_ids.reshape(-1) > 0).astype(F32)
+    aux = load_balancing_loss(out.router_logits, cfg.num_experts_per_tok, real)
+    chosen = jax.lax.top_k(out.router_logits.astype(F32), cfg.num_experts_per_tok)[1]  # [L, N, K]
+    hits = jnp.einsum("LNKE,N->LE", jax.nn.one_hot(chosen, cfg.num_experts, dtype=F32), real)
+    load = hits / jnp.maximum(jnp.sum(hits, axis=-1, keepdims=True), 1.0)
+  return LossParts(ce + cfg.router_aux_loss_coef * aux, ce, aux, count, load)

@@ -1,0 +1,57 @@
+"""Command-line runtime options shared by infer.py and train.py: dtype, mesh, expert backend, multi-host."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+
+from qwen_moe_jax import sharding
+from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.moe import EXPERT_BACKENDS
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> None:
+  ap.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES),
+                  help=f"compute and parameter dtype (default {default_dtype}; float32 is the parity setting)")
+  ap.add_argument("--mesh", help="axis=size pairs over data, fsdp, expert, tensor, e.g. data=2,expert=4 "
+                                 "(default: every device on the expert axis)")
+  ap.add_argument("--expert-backend", default=None, choices=EXPERT_BACKENDS,
+                  help="routed-expert kernel (default: tokamax on GPU when installed, else ragged)")
+  multi = ap.add_argument_group("multi-host (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables)")
+  multi.add_argument("--coordinator", help="host:port of process 0")
+  multi.add_argument("--num-processes", type=int)
+  multi.add_argument("--process-id", type=int)
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """jax.distributed.initialize when a coordinator is given by flag or environment (before any device use)."""
+  coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not coordinator:
+    return
+  num = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+  pid = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+  if num < 1 or not 0 <= pid < num:
+    raise UserError("multi-host: --coordinator needs --num-processes N and --process-id in [0, N)")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+
+
+def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, str]:
+  """Initialises multi-host if asked, then returns (mesh over all devices, dtype, expert backend)."""
+  init_distributed(args)
+  mesh = sharding.make_mesh(args.mesh)
+  return mesh, DTYPES[args.dtype], args.expert_backend or default_backend()
+
+
+def default_backend() -> str:
+  if jax.default_backend() == "gpu":
+    try:
+      import tokamax  # noqa: F401
+      return "tokamax"
+    except ImportError:
+      pass
+  return "ragged"

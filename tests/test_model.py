@@ -1,0 +1,188 @@
+"""Numerical parity with transformers' Qwen2MoeForCausalLM (fp32 and bf16), built in the test."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
+
+from hf_models import make_model, save
+from qwen_moe_jax import checkpoint, convert
+from qwen_moe_jax.config import PRESETS
+from qwen_moe_jax.losses import causal_lm_loss
+from qwen_moe_jax.model import QwenMoeForCausalLM, param_count
+from qwen_moe_jax.moe import load_balancing_loss, route
+
+CONFIGS = {
+  "gqa": dict(),
+  "mha_norm_topk": dict(num_key_value_heads=6, norm_topk_prob=True),
+  "sparse_step2": dict(num_hidden_layers=4, decoder_sparse_step=2),
+  "mlp_only_layers": dict(num_hidden_layers=4, mlp_only_layers=[0, 2]),
+  "many_experts": dict(num_experts=24, num_experts_per_tok=6, norm_topk_prob=True),
+  "top1_no_bias": dict(num_experts_per_tok=1, qkv_bias=False),
+}
+
+
+def convert_and_restore(hf_model, tmp_path, dtype=jnp.float32, backend="ragged", **save_kwargs):
+  save(hf_model, tmp_path / "hf", **save_kwargs)
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  return checkpoint.restore(tmp_path / "ckpt", dtype=dtype, expert_backend=backend)
+
+
+def hf_router_outputs(hf_model):
+  """Forward hooks on every router: (top-k weights, top-k indices) per sparse layer."""
+  captured = []
+  hooks = [m.register_forward_hook(lambda mod, inp, out: captured.append((out[1], out[2])))
+           for name, m in hf_model.named_modules() if name.endswith("mlp.gate")]
+  return captured, hooks
+
+
+def run_both(hf_model, model, ids):
+  captured, hooks = hf_router_outputs(hf_model)
+  with torch.no_grad():
+    ref = hf_model(torch.tensor(ids), output_hidden_states=True, output_router_logits=True)
+  for h in hooks:
+    h.remove()
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  out = model(jnp.asarray(ids), positions, return_layer_outputs=True)
+  return ref, captured, out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fp32_parity(name, tmp_path):
+  hf_model = make_model(seed=hash(name) % 1000, **CONFIGS[name])
+  model = convert_and_restore(hf_model, tmp_path)
+  ids = np.random.default_rng(1).integers(0, hf_model.config.vocab_size, (3, 17))
+  ref, captured, out = run_both(hf_model, model, ids)
+
+  logits = np.asarray(model.logits(out.hidden))
+  ref_logits = ref.logits.numpy()
+  scale = np.abs(ref_logits).max()
+  assert scale > 1.0, "test weights too small to tell routers apart"
+  np.testing.assert_allclose(logits, ref_logits, atol=2e-5 * scale, rtol=0)
+  assert (logits.argmax(-1) == ref_logits.argmax(-1)).all()
+
+  # per-layer hidden states: transformers gives the embeddings, then each layer's output (the last normed)
+  ours = [np.asarray(h) for h in out.layer_outputs[:-1]] + [np.asarray(out.hidden)]
+  for i, (a, b) in enumerate(zip(ours, ref.hidden_states[1:])):
+    np.testing.assert_allclose(a, b.numpy(), atol=2e-5 * np.abs(b.numpy()).max(), err_msg=f"layer {i}")
+
+  # router: logits, top-k experts and weights of every sparse layer
+  assert out.router_logits.shape[0] == len(captured) == len(ref.router_logits)
+  for layer, ((w_ref, i_ref), logits_ref) in enumerate(zip(captured, ref.router_logits)):
+    np.testing.assert_allclose(np.asarray(out.router_logits[layer]), logits_ref.numpy(), atol=1e-5)
+    cfg = model.config
+    _, w, idx = route_from_logits(out.router_logits[layer], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    np.testing.assert_array_equal(np.asarray(idx), i_ref.numpy())
+    np.testing.assert_allclose(np.asarray(w), w_ref.numpy(), atol=1e-6)
+
+  aux = load_balancing_loss(out.router_logits, model.config.num_experts_per_tok)
+  np.testing.assert_allclose(float(aux), float(ref.aux_loss), rtol=1e-6)
+
+
+def route_from_logits(logits, k, normalize):
+  """route() applied to given logits: identity router on a one-hot basis."""
+  e = logits.shape[-1]
+  return route(logits, jnp.eye(e, dtype=logits.dtype), k, normalize)
+
+
+def test_aux_loss_with_padding_mask_matches_transformers():
+  rng = np.random.default_rng(0)
+  layers, n, e, k = 3, 40, 9, 3
+  logits = rng.normal(size=(layers, n, e)).astype(np.float32) * 2
+  mask = (rng.random((4, 10)) > 0.3).astype(np.float32)
+  ref = load_balancing_loss_func(tuple(torch.tensor(l) for l in logits), e, k, torch.tensor(mask))
+  ours = load_balancing_loss(jnp.asarray(logits), k, jnp.asarray(mask.reshape(-1)))
+  np.testing.assert_allclose(float(ours), float(ref), rtol=1e-6)
+  unmasked = load_balancing_loss_func(tuple(torch.tensor(l) for l in logits), e, k)
+  np.testing.assert_allclose(float(load_balancing_loss(jnp.asarray(logits), k)), float(unmasked), rtol=1e-6)
+  assert abs(float(ours) - float(unmasked)) > 1e-4  # the mask matters
+
+
+def test_gradients_match_torch_autograd(tmp_path):
+  hf_model = make_model(seed=5, num_hidden_layers=4, decoder_sparse_step=2, router_aux_loss_coef=0.3)
+  model = convert_and_restore(hf_model, tmp_path)
+  ids = np.random.default_rng(2).integers(0, hf_model.config.vocab_size, (2, 12))
+
+  hf_model.train()
+  out = hf_model(torch.tensor(ids), labels=torch.tensor(ids), output_router_logits=True)
+  out.loss.backward()
+  torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
+
+  tokens = jnp.asarray(ids)
+  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+  mask = jnp.ones_like(tokens).at[:, -1].set(0)
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  graphdef, params = nnx.split(model)
+
+  def loss_fn(params):
+    parts = causal_lm_loss(nnx.merge(graphdef, params), tokens, targets, mask, positions, jnp.ones_like(tokens))
+    return parts.total, parts
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-5)
+  np.testing.assert_allclose(float(parts.aux), float(out.aux_loss.detach()), rtol=1e-5)
+
+  flat = checkpoint.flatten(grads)
+  shapes = checkpoint.param_shapes(model.config)
+  checked = 0
+  for b in convert.hub_bindings(model.config, shapes):
+    if b.hf not in torch_grads or not any(s in b.hf for s in (
+        "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "shared_expert_gate",
+        "layers.0.mlp.up_proj", "lm_head", "layers.3.input_layernorm", "self_attn.k_proj.bias")):
+      continue
+    ours = np.asarray(b.row.transform[1](np.asarray(flat[b.path])[b.part], b.heads(model.config)))
+    ref = torch_grads[b.hf]
+    np.testing.assert_allclose(ours, ref, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=b.hf)
+    checked += 1
+  assert checked >= 12
+
+
+def test_bf16_stays_close_to_fp32(tmp_path):
+  hf_model = make_model(seed=7)
+  ids = np.random.default_rng(3).integers(0, hf_model.config.vocab_size, (2, 16))
+  with torch.no_grad():
+    ref = hf_model(torch.tensor(ids)).logits.float()
+  save(hf_model, tmp_path / "hf")
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16", progress=False)
+  model = checkpoint.restore(tmp_path / "ckpt", dtype=jnp.bfloat16)
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  logits = torch.tensor(np.asarray(model.logits(model(jnp.asarray(ids), positions).hidden)))
+  kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="none").sum(-1)
+  print(f"bf16 vs fp32 reference: mean KL {kl.mean():.2e}, max KL {kl.max():.2e}")
+  assert kl.mean() < 5e-3 and kl.max() < 5e-2
+  agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean()
+  assert agree > 0.9
+
+
+def test_expert_backends_agree(tmp_path):
+  hf_model = make_model(seed=11, num_experts=16, num_experts_per_tok=4)
+  ids = np.random.default_rng(4).integers(0, 101, (2, 9))
+  positions = jnp.broadcast_to(jnp.arange(9), ids.shape)
+  outs = {}
+  for backend in ("dense", "ragged"):
+    model = convert_and_restore(hf_model, tmp_path / backend, backend=backend)
+    outs[backend] = np.asarray(model.logits(model(jnp.asarray(ids), positions).hidden))
+  np.testing.assert_allclose(outs["dense"], outs["ragged"], atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,total,active", [
+  ("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9),
+  ("qwen2-57b-a14b", 57.4e9, 14.2e9),
+])
+def test_full_size_models_build_abstractly(preset, total, active):
+  cfg = PRESETS[preset]
+  model = nnx.eval_shape(lambda: QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(model, nnx.Param)
+  count = param_count(state)
+  per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+  inactive = cfg.num_hidden_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+  print(f"{preset}: {count / 1e9:.2f}B parameters, {(count - inactive) / 1e9:.2f}B active per token")
+  assert abs(count - total) / total < 0.01
+  assert abs((count - inactive) - active) / active < 0.03
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
