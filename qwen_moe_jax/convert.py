@@ -10,6 +10,7 @@ memory. Export writes the hub's per-expert layout, one safetensors shard per gro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -100,11 +101,17 @@ class Binding:
     return getattr(cfg, self.row.heads) if self.row.heads else 0
 
   def part_shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-    return jax.eval_shape(lambda a: a[self.part], jax.ShapeDtypeStruct(shapes[self.path], np.float32)).shape
+    """Parts index with ints (dropping that axis) and full slices (keeping it)."""
+    shape = shapes[self.path]
+    return tuple(n for i, n in enumerate(shape) if i >= len(self.part) or not isinstance(self.part[i], int))
 
   def hf_shape(self, cfg: QwenMoeConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
-    ours = jax.ShapeDtypeStruct(self.part_shape(shapes), np.float32)
-    return jax.eval_shape(lambda a: self.row.transform[1](a, self.heads(cfg)), ours).shape
+    return _exported_shape(self.row.transform, self.part_shape(shapes), self.heads(cfg))
+
+
+@functools.cache
+def _exported_shape(transform: Transform, shape: tuple[int, ...], heads: int) -> tuple[int, ...]:
+  return jax.eval_shape(lambda a: transform[1](a, heads), jax.ShapeDtypeStruct(shape, np.float32)).shape
 
 
 def bind(name: str, shapes: dict[str, tuple[int, ...]]) -> Binding:
@@ -140,28 +147,32 @@ def hub_bindings(cfg: QwenMoeConfig, shapes: dict[str, tuple[int, ...]]) -> Iter
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
               progress: bool = True) -> QwenMoeConfig:
-  """HF folder -> checkpoint folder (config.json, tokenizer files, params/). Returns the config."""
+  """HF folder -> checkpoint folder (config.json, tokenizer files, params/). Returns the config.
+
+  Every check that the headers allow (names, shapes, each parameter filled exactly once) runs before
+  anything is written, so a bad checkpoint fails at once rather than after most of the copying.
+  """
   hf_dir = Path(hf_dir)
   config_dict = hf_io.read_config(hf_dir)
   cfg = QwenMoeConfig.from_hf_dict(config_dict, source=str(hf_dir / "config.json"))
+  target = np.dtype(_dtype(dtype or cfg.torch_dtype))
   reader = hf_io.SafetensorsReader(hf_dir)
   shapes = checkpoint.param_shapes(cfg)
-  bindings = [bind(name, shapes) for name in reader.names()]
-  target = np.dtype(_dtype(dtype or cfg.torch_dtype))
-
   by_group: dict[str, list[Binding]] = {}
-  for b in bindings:
+  for name in reader.names():
+    b = bind(name, shapes)
     by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
-  missing = sorted({checkpoint.group_of(k) for k in shapes} - set(by_group))
-  if missing:
-    first = next(b.hf for b in hub_bindings(cfg, shapes) if checkpoint.group_of(b.path) == missing[0])
-    raise UserError(f"{hf_dir}: tensor '{first}' is missing")
+  groups = list(dict.fromkeys(checkpoint.group_of(k) for k in shapes))  # top, then layers in order
+  for group in groups:
+    _check_group(cfg, reader, group, by_group.get(group, []), shapes)
 
+  # Host memory stays at about one group: saves are synchronous, so Orbax need not copy the arrays, and
+  # uncompressed writes need no buffers (zstd would hold a compressed copy of the whole group until commit).
   ctx = ocp.Context()
-  ctx.memory.deepcopy_host_arrays = False  # saves are synchronous: no copy of each group needed
+  ctx.memory.deepcopy_host_arrays = False
+  ctx.array.saving.use_compression = False
   with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging, ctx:
     writer = checkpoint.StreamingWriter(staging / checkpoint.PARAMS_DIR)
-    groups = sorted(by_group, key=lambda g: -1 if g == "top" else int(g.split(".")[1]))
     for group in tqdm(groups, desc="converting", unit="group", disable=not progress):
       writer.write(_fill_group(cfg, reader, by_group[group], shapes, target))
     writer.finish()
@@ -172,34 +183,36 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   return cfg
 
 
-def _fill_group(cfg, reader: hf_io.SafetensorsReader, bindings: list[Binding], shapes, target) -> dict[str, np.ndarray]:
-  """Reads one group's HF tensors into freshly allocated parameters; every element filled exactly once."""
-  params = {path: np.empty(shapes[path], target) for path in dict.fromkeys(b.path for b in bindings)}
-  filled: dict[str, list[Binding]] = {path: [] for path in params}
+def _check_group(cfg, reader: hf_io.SafetensorsReader, group: str, bindings: list[Binding], shapes) -> None:
+  """From the headers alone: every tensor has its expected shape and fills each parameter element once."""
+  filled: dict[str, list[Binding]] = {path: [] for path in shapes if checkpoint.group_of(path) == group}
   for b in bindings:
-    expected = b.hf_shape(cfg, shapes)
-    got = reader.shape(b.hf)
+    expected, got = b.hf_shape(cfg, shapes), reader.shape(b.hf)
     if got != expected:
       raise UserError(f"tensor '{b.hf}' has shape {got}, expected {expected} for this config")
     for other in filled[b.path]:
       if _overlaps(other.part, b.part):
         raise UserError(f"tensors '{other.hf}' and '{b.hf}' both fill parameter {b.path}")
-    params[b.path][b.part] = b.row.transform[0](reader.read(b.hf), b.heads(cfg))  # casts to target
     filled[b.path].append(b)
   for path, parts in filled.items():
-    covered = sum(int(np.prod(b.part_shape(shapes))) for b in parts)
-    if covered != int(np.prod(shapes[path])):
-      first = _first_missing(cfg, shapes, path, {b.hf for b in parts})
+    if sum(int(np.prod(b.part_shape(shapes))) for b in parts) != int(np.prod(shapes[path])):
+      have = {b.hf for b in parts}
+      first = next(b.hf for b in hub_bindings(cfg, shapes) if b.path == path and b.hf not in have)
       raise UserError(f"tensor '{first}' is missing (parameter {path} is incomplete)")
-  group = checkpoint.group_of(next(iter(params)))
-  for path in shapes:
-    if checkpoint.group_of(path) == group and path not in params:
-      raise UserError(f"tensor '{_first_missing(cfg, shapes, path, set())}' is missing")
+
+
+def _fill_group(cfg, reader: hf_io.SafetensorsReader, bindings: list[Binding], shapes, target) -> dict[str, np.ndarray]:
+  """Reads one (checked) group's HF tensors into freshly allocated parameters of dtype `target`."""
+  params = {path: np.empty(shapes[path], target) for path in dict.fromkeys(b.path for b in bindings)}
+  for b in bindings:
+    _copy(params[b.path][b.part], b.row.transform[0](reader.read(b.hf), b.heads(cfg)))
   return params
 
 
-def _first_missing(cfg, shapes, path: str, have: set[str]) -> str:
-  return next(b.hf for b in hub_bindings(cfg, shapes) if b.path == path and b.hf not in have)
+def _copy(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:
+  """dst[...] = src (casting to dst's dtype) in blocks of dst's last axis, so transposed copies stay in cache."""
+  for i in range(0, dst.shape[-1], block):
+    dst[..., i:i + block] = src[..., i:i + block]
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:
@@ -211,11 +224,13 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
               progress: bool = True) -> QwenMoeConfig:
   """Checkpoint or run folder -> HF folder in the hub layout (sharded safetensors + index, config, tokenizer)."""
   ckpt_dir = Path(ckpt_dir)
+  target = np.dtype(_dtype(dtype)) if dtype else None
   cfg = checkpoint.load_config(ckpt_dir)
   loc = checkpoint.locate(ckpt_dir)
   stored = checkpoint.stored_shapes(loc)
   shapes = checkpoint.param_shapes(cfg)
   checkpoint.check_shapes(stored, shapes, str(loc.path))
+  target = target or stored["embed"][1]
   by_group: dict[str, list[Binding]] = {}
   for b in hub_bindings(cfg, shapes):
     by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
@@ -224,8 +239,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
     weight_map, total = {}, 0
     for n, (group, bindings) in enumerate(tqdm(by_group.items(), desc="exporting", unit="group", disable=not progress)):
       params = checkpoint.read_group(loc, stored, group)
-      target = np.dtype(_dtype(dtype)) if dtype else next(iter(params.values())).dtype
-      tensors = {b.hf: np.ascontiguousarray(b.row.transform[1](params[b.path][b.part], b.heads(cfg)).astype(target))
+      tensors = {b.hf: np.ascontiguousarray(b.row.transform[1](params[b.path][b.part], b.heads(cfg)), dtype=target)
                  for b in bindings}
       shard = f"model-{n + 1:05d}-of-{len(by_group):05d}.safetensors"
       hf_io.write_shard(staging / shard, tensors)
@@ -233,7 +247,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
       total += sum(t.nbytes for t in tensors.values())
     hf_io.copy_side_files(ckpt_dir, staging)
     config_dict = hf_io.read_config(ckpt_dir)
-    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = np.dtype(target).name
+    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
     hf_io.write_index(staging, weight_map, total)
     (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
   return cfg

@@ -70,6 +70,7 @@ class DecodeState:
   done: jax.Array  # [B] bool
   step: jax.Array  # [] tokens generated so far
   keys: jax.Array  # [B] per-row PRNG keys
+  stop_ids: jax.Array  # [M] ids that end a row (-1: unused slot)
 
 
 def _row_keys(seed: int, rows: int) -> jax.Array:
@@ -82,9 +83,9 @@ def _step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "max_new", "sampling", "stop_ids"))
-def prefill(graphdef, params, tokens, lengths, keys, *, cache_len, max_new, sampling, stop_ids) -> DecodeState:
-  """tokens [B, T] right-padded, lengths [B] -> state holding the first generated token of each row."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "max_new", "sampling"))
+def prefill(graphdef, params, tokens, lengths, keys, stop_ids, *, cache_len, max_new, sampling) -> DecodeState:
+  """tokens [B, T] right-padded, lengths [B], stop_ids [M] (-1 padded) -> state with each row's first token."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -93,14 +94,14 @@ def prefill(graphdef, params, tokens, lengths, keys, *, cache_len, max_new, samp
   out = model(tokens, positions, segments, cache=cache)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
   first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)
-  done = jnp.isin(first, jnp.asarray(stop_ids, jnp.int32)) | (max_new <= 1) | (lengths == 0)
+  done = jnp.isin(first, stop_ids) | (max_new <= 1) | (lengths == 0)
   return DecodeState(
     cache=out.cache, tokens=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first), last=first,
-    positions=lengths, done=done, step=jnp.int32(1), keys=keys)
+    positions=lengths, done=done, step=jnp.int32(1), keys=keys, stop_ids=stop_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "stop_ids"), donate_argnames=("state",))
-def decode(graphdef, params, state: DecodeState, *, steps, sampling, stop_ids) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
+def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeState:
   """Up to `steps` more tokens per row, stopping early once every row is done."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   max_new = state.tokens.shape[1]
@@ -113,10 +114,11 @@ def decode(graphdef, params, state: DecodeState, *, steps, sampling, stop_ids) -
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
     token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.step), sampling)
     token = jnp.where(s.done, 0, token)
-    done = s.done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)) | (s.step + 1 >= max_new)
+    done = s.done | jnp.isin(token, s.stop_ids) | (s.step + 1 >= max_new)
     return DecodeState(
       cache=out.cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
-      positions=jnp.where(s.done, s.positions, s.positions + 1), done=done, step=s.step + 1, keys=s.keys)
+      positions=jnp.where(s.done, s.positions, s.positions + 1), done=done, step=s.step + 1, keys=s.keys,
+      stop_ids=s.stop_ids)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -187,22 +189,23 @@ class Generator:
     for i, p in enumerate(prompts):
       tokens[i, : len(p)] = p
       lengths[i] = len(p)
-    statics = dict(sampling=sampling, stop_ids=tuple(int(i) for i in stop_ids))
+    stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
+    stops[: len(stop_ids)] = stop_ids
     with _mesh_context(self.mesh):
       start = time.perf_counter()
-      prefill_args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), _row_keys(seed, rows))
-      run_prefill = self._compiled(prefill, prefill_args, cache_len=cache_len, max_new=max_new, **statics)
-      state = jax.eval_shape(lambda *a: prefill(self.graphdef, *a, cache_len=cache_len, max_new=max_new, **statics),
-                             *prefill_args)
-      run_decode = self._compiled(decode, (self.params, state), steps=self.chunk, **statics)
+      prefill_args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), _row_keys(seed, rows), jnp.asarray(stops))
+      run_prefill = self._compiled(prefill, prefill_args, cache_len=cache_len, max_new=max_new, sampling=sampling)
+      state = jax.eval_shape(
+        lambda *a: prefill(self.graphdef, *a, cache_len=cache_len, max_new=max_new, sampling=sampling), *prefill_args)
+      run_decode = self._compiled(decode, (self.params, state), steps=self.chunk, sampling=sampling)
       compiled = time.perf_counter()
       state = run_prefill(*prefill_args)
       outputs: list[list[int]] = [[] for _ in prompts]
       shown, prefilled = 0, None
       while True:
-        step, done, new = jax.device_get((state.step, state.done, state.tokens[:, shown:]))
+        step, done, tokens = jax.device_get((state.step, state.done, state.tokens))  # [B, max_new]: small
         prefilled = prefilled or time.perf_counter()
-        self._collect(outputs, new[:, : int(step) - shown], stop_ids, on_tokens)
+        self._collect(outputs, tokens[:, shown:int(step)], stop_ids, on_tokens)
         shown = int(step)
         if shown >= max_new or done[: len(prompts)].all():
           break

@@ -134,10 +134,12 @@ def read_config(folder: str | Path) -> dict:
   path = Path(folder) / "config.json"
   try:
     d = json.loads(inside(Path(folder), "config.json", str(folder)).read_text())
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     raise UserError(f"{path}: not found (a Hugging Face model folder needs config.json)") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path}: not valid JSON ({e})") from None
+  except OSError as e:
+    raise UserError(f"{path}: cannot read ({e.strerror})") from None
   if not isinstance(d, dict):
     raise UserError(f"{path}: expected a JSON object")
   return d
@@ -158,8 +160,9 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
 def staged_output(out_dir: str | Path, force: bool, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
   """Yields an empty staging folder inside out_dir; on success its contents replace out_dir's.
 
-  A non-empty out_dir needs `force`. If the body fails, out_dir keeps what it had and staging is removed.
-  `protect`: input folders that out_dir must not be or contain (replacing it would delete them).
+  A non-empty out_dir needs `force`. If the body fails, out_dir keeps what it had (or is removed again if this
+  call created it) and staging is removed. `protect`: input folders that out_dir must not be or contain
+  (replacing it would delete them).
   """
   out = Path(out_dir)
   for p in protect:
@@ -169,6 +172,7 @@ def staged_output(out_dir: str | Path, force: bool, protect: tuple[Path, ...] = 
     raise UserError(f"{out}: exists and is not a directory")
   if out.is_dir() and any(out.iterdir()) and not force:
     raise UserError(f"{out}: exists and is not empty (pass --force to replace its contents)")
+  created = not out.exists()
   out.mkdir(parents=True, exist_ok=True)
   staging = out / f".staging-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
@@ -177,6 +181,8 @@ def staged_output(out_dir: str | Path, force: bool, protect: tuple[Path, ...] = 
     yield staging
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
+    if created:
+      out.rmdir()
     raise
   for old in out.iterdir():
     if old != staging:

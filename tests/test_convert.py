@@ -1,0 +1,556 @@
+"""The converters (convert/hf_to_orbax.py, convert/orbax_to_hf.py) and the mapping under them.
+
+Round trips are bit-exact in the source dtype; bad inputs end in one `error:` line and exit 2 with nothing
+written outside OUT_DIR and no checkpoint left half-made. Command-line behaviour runs the real scripts: most
+cases in this process (runpy, same argv / exit code / stderr), the ones where a fresh process matters with
+subprocess. The HF checkpoints are built once per module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import Qwen2MoeForCausalLM
+
+from hf_models import make_model, save
+from qwen_moe_jax import checkpoint, hf_io
+from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.convert import export_hf, import_hf
+from qwen_moe_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+HF_TO_ORBAX = "convert/hf_to_orbax.py"
+ORBAX_TO_HF = "convert/orbax_to_hf.py"
+SEED = 7
+SIDE_FILES = {  # dummy tokenizer / generation files: copied byte for byte
+  "tokenizer.json": '{"version": "1.0", "model": {"type": "BPE"}}\n',
+  "tokenizer_config.json": '{"model_max_length": 256}\n',
+  "generation_config.json": '{"eos_token_id": [100, 99]}\n',
+}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+  """Every tensor of every safetensors file in folder."""
+  out = {}
+  for path in sorted(folder.glob("*.safetensors")):
+    with safe_open(path, framework="pt") as f:
+      out |= {k: f.get_tensor(k) for k in f.keys()}
+  return out
+
+
+def per_expert(fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+  """transformers v5 fused experts -> the hub's per-expert tensors (gate rows first in gate_up_proj)."""
+  out = {}
+  for name, t in fused.items():
+    prefix = name.rsplit("experts.", 1)[0] + "experts."
+    if name.endswith("experts.gate_up_proj"):
+      gate, up = t.chunk(2, dim=1)
+      for e in range(t.shape[0]):
+        out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate[e], up[e]
+    elif name.endswith("experts.down_proj"):
+      out |= {f"{prefix}{e}.down_proj.weight": t[e] for e in range(t.shape[0])}
+    else:
+      out[name] = t
+  return out
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+  assert sorted(got) == sorted(want)
+  for name, t in want.items():
+    assert got[name].dtype == t.dtype, name
+    assert torch.equal(got[name], t), name
+
+
+def snapshot(folder: Path, skip: Path | None = None) -> dict[str, tuple]:
+  """Every entry under folder (symlinks not followed) with its size and mtime, except under `skip`."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(folder):
+    for name in dirnames + filenames:
+      path = Path(dirpath) / name
+      if skip is not None and (path == skip or skip in path.parents):
+        continue
+      st = path.lstat()
+      out[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns, path.is_symlink())
+  return out
+
+
+@dataclasses.dataclass
+class Run:
+  """A real command started in a fresh process; `result()` waits for it."""
+  proc: subprocess.Popen
+
+  def result(self) -> subprocess.CompletedProcess:
+    out, err = self.proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+
+def start(script: str, *args) -> Run:
+  return Run(subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True))
+
+
+def cli_here(capfd, monkeypatch, script: str, *args: str) -> tuple[int, str]:
+  """The same script run as __main__ in this process (no interpreter start-up): (exit code, stderr)."""
+  monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.chdir(ROOT)
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    runpy.run_path(script, run_name="__main__")
+  return exit_.value.code, capfd.readouterr().err
+
+
+def assert_one_error(code: int, stderr: str, *fragments: str) -> str:
+  assert "Traceback" not in stderr, stderr
+  lines = stderr.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, stderr)
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+  return lines[0]
+
+
+def restores_to(ckpt: Path, hf_dir: Path) -> None:
+  """The checkpoint restores onto the model and holds hf_dir's weights (embedding and a router)."""
+  model = checkpoint.restore(ckpt, dtype=np.float32)
+  want = tensors(hf_dir)
+  np.testing.assert_array_equal(np.asarray(model.embed[...]), want["model.embed_tokens.weight"].float().numpy())
+  np.testing.assert_array_equal(np.asarray(model.layers[2].mlp.router[...]),
+                                want["model.layers.2.mlp.gate.weight"].float().numpy().T)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def model() -> Qwen2MoeForCausalLM:
+  return make_model(seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory, model) -> dict[str, Path]:
+  """The same random model saved in every supported way (plus a bfloat16 copy)."""
+  root = tmp_path_factory.mktemp("hf")
+  dirs = {
+    "hub": save(model, root / "hub"),
+    "fused": save(model, root / "fused", layout="fused"),
+    "sharded": save(model, root / "sharded", shard=True),
+    "v4": save(model, root / "v4", style="v4"),
+    "bf16": save(make_model(seed=SEED).to(torch.bfloat16), root / "bf16"),
+  }
+  for name, text in SIDE_FILES.items():
+    (dirs["hub"] / name).write_text(text)
+  assert len(list(dirs["sharded"].glob("*.safetensors"))) > 3
+  return dirs
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, hf) -> dict[str, Path]:
+  """Each HF folder converted once in this process, in its own dtype."""
+  root = tmp_path_factory.mktemp("ckpt")
+  for name, folder in hf.items():
+    import_hf(folder, root / name, progress=False)
+  return {name: root / name for name in hf}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def repo_untouched():
+  """No test leaves anything in the repository (the CLIs run there)."""
+  before = set(os.listdir(ROOT))
+  yield
+  assert set(os.listdir(ROOT)) - {".pytest_cache"} == before - {".pytest_cache"}
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("source", ["fused", "sharded", "bf16", "v4"])
+def test_round_trip_is_bit_exact(source, hf, ckpts, tmp_path):
+  """Exports are always the hub layout with the source's dtype; fused experts compare after splitting."""
+  export_hf(ckpts[source], tmp_path / "back", progress=False)
+  got = tensors(tmp_path / "back")
+  want = tensors(hf[source])
+  assert_same_tensors(got, per_expert(want) if source == "fused" else want)
+  assert sorted(got) == sorted(tensors(hf["hub"]))
+  index = json.loads((tmp_path / "back" / hf_io.INDEX_FILE).read_text())
+  assert sorted(index["weight_map"]) == sorted(got)
+
+
+@pytest.mark.parametrize("source,import_dtype,export_dtype,want_dtype", [
+  ("bf16", "float32", None, torch.float32),
+  ("hub", "bfloat16", None, torch.bfloat16),
+  ("hub", None, "bfloat16", torch.bfloat16),
+  ("bf16", None, "float16", torch.float16),
+])
+def test_dtype_conversion_matches_torch(source, import_dtype, export_dtype, want_dtype, hf, ckpts, tmp_path):
+  """--dtype on either side gives exactly torch's .to(dtype) of the source tensors (round to nearest even)."""
+  ckpt = ckpts[source]
+  if import_dtype:
+    ckpt = tmp_path / "ckpt"
+    import_hf(hf[source], ckpt, dtype=import_dtype, progress=False)
+    assert json.loads((ckpt / "config.json").read_text())["dtype"] == import_dtype
+  export_hf(ckpt, tmp_path / "back", dtype=export_dtype, progress=False)
+  want = {k: t.to(want_dtype) for k, t in tensors(hf[source]).items()}
+  assert_same_tensors(tensors(tmp_path / "back"), want)
+  assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == str(want_dtype).split(".")[1]
+
+
+def test_checkpoint_folder_is_self_contained(hf, ckpts):
+  ckpt = ckpts["hub"]
+  assert sorted(p.name for p in ckpt.iterdir()) == sorted(["config.json", checkpoint.PARAMS_DIR, *SIDE_FILES])
+  for name, text in SIDE_FILES.items():
+    assert (ckpt / name).read_text() == text
+  assert ocp.is_orbax_checkpoint(ckpt / checkpoint.PARAMS_DIR)
+  assert QwenMoeConfig.from_file(ckpt / "config.json") == QwenMoeConfig.from_file(hf["hub"] / "config.json")
+  restores_to(ckpt, hf["hub"])
+
+
+# ---------------------------------------------------------------------------------------------- config parsing
+
+def test_v4_and_v5_configs_parse_the_same(hf):
+  v4 = json.loads((hf["v4"] / "config.json").read_text())
+  v5 = json.loads((hf["hub"] / "config.json").read_text())
+  assert "rope_theta" in v4 and "rope_parameters" not in v4 and "torch_dtype" in v4
+  assert "rope_parameters" in v5 and "rope_theta" not in v5 and "dtype" in v5
+  assert QwenMoeConfig.from_hf_dict(v4) == QwenMoeConfig.from_hf_dict(v5)
+
+
+def test_config_head_dim_and_eos(hf):
+  base = json.loads((hf["hub"] / "config.json").read_text())
+  assert QwenMoeConfig.from_hf_dict(base).dim_per_head == 8
+  assert QwenMoeConfig.from_hf_dict(dict(base, head_dim=16)).dim_per_head == 16
+  assert QwenMoeConfig.from_hf_dict(dict(base, eos_token_id=[151643, 151645])).eos_token_ids == (151643, 151645)
+  assert QwenMoeConfig.from_hf_dict(dict(base, eos_token_id=151643)).eos_token_ids == (151643,)
+  assert QwenMoeConfig.from_hf_dict(dict(base, eos_token_id=None)).eos_token_ids == ()
+
+
+def test_explicit_head_dim_converts(tmp_path):
+  """head_dim != hidden_size / heads: the head splits follow head_dim."""
+  model = make_model(seed=3, head_dim=12)
+  assert model.model.layers[0].self_attn.q_proj.weight.shape == (6 * 12, 48)
+  save(model, tmp_path / "hf")
+  import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  export_hf(tmp_path / "ckpt", tmp_path / "back", progress=False)
+  assert_same_tensors(tensors(tmp_path / "back"), tensors(tmp_path / "hf"))
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+# Each case builds a broken HF folder under `case` from the good hub checkpoint and returns (HF_DIR, OUT_DIR,
+# extra args); the error line must contain every fragment ({case} stands for the case folder).
+
+def _hub(case: Path, hf: dict[str, Path], edit=None) -> Path:
+  """A copy of the hub checkpoint, its tensors passed through edit(dict) and saved with save_file."""
+  folder = case / "hf"
+  shutil.copytree(hf["hub"], folder)
+  if edit:
+    state = tensors(folder)
+    edit(state)
+    save_file(state, folder / hf_io.SINGLE_FILE, metadata={"format": "pt"})
+  return folder
+
+
+def _sharded(case: Path, hf: dict[str, Path], edit_index=None, outside: str | None = None) -> Path:
+  """A copy of the sharded checkpoint, its index passed through edit_index(weight_map, first shard)."""
+  folder = case / "hf"
+  shutil.copytree(hf["sharded"], folder)
+  first = sorted(folder.glob("*.safetensors"))[0].name
+  if outside:
+    shutil.copyfile(folder / first, case / outside)
+  if edit_index:
+    index = json.loads((folder / hf_io.INDEX_FILE).read_text())
+    edit_index(index["weight_map"], first)
+    (folder / hf_io.INDEX_FILE).write_text(json.dumps(index))
+  return folder
+
+
+def _config(case: Path, hf: dict[str, Path], source: str = "hub", **changes) -> Path:
+  folder = _hub(case, {"hub": hf[source]})
+  config = json.loads((folder / "config.json").read_text())
+  for key, value in changes.items():
+    parent = config
+    *parents, last = key.split(".")
+    for p in parents:
+      parent = parent[p]
+    parent[last] = value
+  (folder / "config.json").write_text(json.dumps(config))
+  return folder
+
+
+def _pickle_only(case, hf):
+  folder = case / "hf"
+  folder.mkdir()
+  shutil.copyfile(hf["hub"] / "config.json", folder / "config.json")
+  torch.save(tensors(hf["hub"]), folder / "pytorch_model.bin")
+  return folder
+
+
+def _redirect_first_shard(target_of):
+  def edit(weight_map, first):
+    target = target_of(first)
+    for name, shard in weight_map.items():
+      if shard == first:
+        weight_map[name] = target
+  return edit
+
+
+def _symlink_out(case, hf):
+  folder = _sharded(case, hf, outside="outside.safetensors")
+  first = sorted(folder.glob("*.safetensors"))[0]
+  first.unlink()
+  first.symlink_to(case / "outside.safetensors")
+  return folder
+
+
+def _cut(case, hf, keep: float = 0.5):
+  folder = _hub(case, hf)
+  path = folder / hf_io.SINGLE_FILE
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * keep)])
+  return folder
+
+
+def _garbage(case, hf):
+  folder = _hub(case, hf)
+  (folder / hf_io.SINGLE_FILE).write_bytes(np.random.default_rng(0).bytes(4096))
+  return folder
+
+
+def _without_config(case, hf):
+  folder = _hub(case, hf)
+  (folder / "config.json").unlink()
+  return folder
+
+
+def _bad_json(case, hf):
+  folder = _hub(case, hf)
+  (folder / "config.json").write_text('{"model_type": "qwen2_moe",')
+  return folder
+
+
+def _not_empty(case, hf):
+  (case / "out").mkdir()
+  (case / "out" / "keep.txt").write_text("mine")
+  return _hub(case, hf)
+
+
+MISSING = "model.layers.1.mlp.experts.3.up_proj.weight"
+MISSHAPEN = "model.layers.2.self_attn.q_proj.weight"
+BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments, OUT_DIR relative to case)
+  "pickle_only": (_pickle_only, (), ["pytorch_model.bin", "safetensors"]),
+  "index_parent_path": (lambda c, h: _sharded(c, h, _redirect_first_shard(lambda s: "../outside.safetensors"),
+                                               outside="outside.safetensors"), (), ["../outside.safetensors"]),
+  "index_absolute_path": (lambda c, h: _sharded(c, h, _redirect_first_shard(lambda s: str(c / "outside.safetensors")),
+                                                 outside="outside.safetensors"), (), ["{case}/outside.safetensors"]),
+  "symlink_out": (_symlink_out, (), ["model-00001-of-", "outside"]),
+  "truncated_shard": (_cut, (), [hf_io.SINGLE_FILE]),
+  "truncated_header": (lambda c, h: _cut(c, h, 0.001), (), [hf_io.SINGLE_FILE]),
+  "garbage_shard": (_garbage, (), [hf_io.SINGLE_FILE]),
+  "missing_tensor": (lambda c, h: _hub(c, h, lambda s: s.pop(MISSING)), (), [MISSING, "missing"]),
+  "unknown_tensor": (lambda c, h: _hub(c, h, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.ones(3)})),
+                     (), ["model.layers.0.mlp.extra.weight"]),
+  "misshapen_tensor": (lambda c, h: _hub(c, h, lambda s: s.update({MISSHAPEN: torch.ones(48, 47)})), (),
+                       [MISSHAPEN, "(48, 47)", "(48, 48)"]),
+  "expert_out_of_range": (lambda c, h: _hub(c, h, lambda s: s.update(
+    {"model.layers.0.mlp.experts.7.gate_proj.weight": torch.ones(20, 48)})), (),
+    ["model.layers.0.mlp.experts.7.gate_proj.weight", "num_experts=7"]),
+  "layer_out_of_range": (lambda c, h: _hub(c, h, lambda s: s.update(
+    {"model.layers.3.input_layernorm.weight": torch.ones(48)})), (), ["model.layers.3.input_layernorm.weight"]),
+  "fused_and_per_expert": (lambda c, h: _hub(c, h, lambda s: s.update(
+    {"model.layers.1.mlp.experts.gate_up_proj": torch.ones(7, 40, 48)})), (),
+    ["model.layers.1.mlp.experts.gate_up_proj", "both fill"]),
+  "index_lists_absent_tensor": (lambda c, h: _sharded(c, h, lambda m, first: m.update(
+    {"model.layers.0.mlp.phantom.weight": first})), (), ["model.layers.0.mlp.phantom.weight", "missing"]),
+  "shard_holds_unindexed_tensor": (lambda c, h: _sharded(c, h, lambda m, first: m.pop("lm_head.weight")), (),
+                                   ["lm_head.weight", hf_io.INDEX_FILE]),
+  "model_type": (lambda c, h: _config(c, h, model_type="qwen2"), (), ["model_type", "qwen2"]),
+  "rope_scaling_v4": (lambda c, h: _config(c, h, "v4", rope_scaling={"type": "linear", "factor": 2}), (),
+                      ["rope_scaling"]),
+  "rope_type_v5": (lambda c, h: _config(c, h, **{"rope_parameters.rope_type": "linear", "rope_parameters.factor": 2}),
+                   (), ["rope_parameters.rope_type", "linear"]),
+  "sliding_window": (lambda c, h: _config(c, h, use_sliding_window=True), (), ["use_sliding_window"]),
+  "experts_per_token": (lambda c, h: _config(c, h, num_experts_per_tok=8), (), ["num_experts_per_tok", "8"]),
+  "invalid_json": (_bad_json, (), ["config.json", "JSON"]),
+  "missing_config": (_without_config, (), ["config.json", "not found"]),
+  "out_not_empty": (_not_empty, (), ["not empty", "--force"]),
+  "bogus_dtype": (_hub, ("--dtype", "bogus"), ["--dtype", "bogus"]),
+}
+OUT_IS_INPUT = {"out_is_hf_dir": "hf", "out_contains_hf_dir": "."}
+
+
+@dataclasses.dataclass
+class Case:
+  """A broken input under `root`, with the state of everything around it before the command ran."""
+  root: Path
+  folder: Path  # HF_DIR
+  out: Path  # OUT_DIR
+  args: tuple = ()
+  fragments: tuple = ()
+  run: Run | None = None
+
+  def __post_init__(self):
+    self.before, self.out_before = snapshot(self.root, skip=self.out), self.out_state()
+
+  def out_state(self) -> dict:
+    return snapshot(self.out) if self.out.exists() else {}
+
+  def check_failed(self, code: int, stderr: str) -> None:
+    assert_one_error(code, stderr, *[f.replace("{case}", str(self.root)) for f in self.fragments])
+    assert snapshot(self.root, skip=self.out) == self.before  # nothing written (or changed) outside OUT_DIR
+    assert self.out_state() == self.out_before  # OUT_DIR as it was: absent, empty, or the old checkpoint
+    assert not list(self.out.glob(".staging-*"))
+
+
+def bad_case(name: str, root: Path, hf: dict[str, Path]) -> Case:
+  root.mkdir(parents=True)
+  if name in OUT_IS_INPUT:
+    return Case(root, _hub(root, hf), root / OUT_IS_INPUT[name], fragments=("input folder",))
+  build, args, fragments = BAD_CASES[name]
+  return Case(root, build(root, hf), root / "out", args, tuple(fragments))
+
+
+def last_layer_case(root: Path, hf: dict[str, Path], ckpts: dict[str, Path]) -> Case:
+  """--force over a good checkpoint, with a misshapen tensor in the last layer."""
+  name = "model.layers.2.mlp.experts.6.down_proj.weight"
+  folder = _hub(root, hf, lambda s: s.update({name: torch.ones(48, 21)}))
+  shutil.copytree(ckpts["hub"], root / "out")
+  return Case(root, folder, root / "out", ("--force",), (name, "(48, 21)", "(48, 20)"))
+
+
+FRESH_BAD = ("pickle_only", "symlink_out", "out_not_empty")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh(tmp_path_factory, hf, ckpts) -> dict[str, Case]:
+  """The cases that run the CLIs in fresh processes, all started at module set-up so that they run beside
+  the in-process tests; each test waits for its own."""
+  root = tmp_path_factory.mktemp("fresh")
+  cases = {name: bad_case(name, root / name, hf) for name in FRESH_BAD}
+  cases["last_layer"] = last_layer_case(root / "last_layer", hf, ckpts)
+  (root / "round_trip").mkdir()
+  cases["round_trip"] = Case(root / "round_trip", hf["hub"], root / "round_trip" / "ckpt")
+  (root / "export").mkdir()
+  cases["export"] = Case(root / "export", hf["hub"], root / "export" / "out", fragments=(str(hf["hub"]), "checkpoint"))
+  for name, case in cases.items():
+    script, src = (ORBAX_TO_HF, hf["hub"]) if name == "export" else (HF_TO_ORBAX, case.folder)
+    case.run = start(script, src, case.out, *case.args)
+  return cases
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CASES) + sorted(OUT_IS_INPUT))
+def test_bad_input(name, hf, tmp_path, capfd, monkeypatch):
+  case = bad_case(name, tmp_path / "case", hf)
+  case.check_failed(*cli_here(capfd, monkeypatch, HF_TO_ORBAX, case.folder, case.out, *case.args))
+
+
+@pytest.fixture
+def old_checkpoint(hf, ckpts, tmp_path) -> Path:
+  """OUT_DIR already holding a good checkpoint (the hub conversion)."""
+  out = tmp_path / "out"
+  shutil.copytree(ckpts["hub"], out)
+  return out
+
+
+def test_force_replaces_old_checkpoint(hf, old_checkpoint):
+  (old_checkpoint / "stale.txt").write_text("old")
+  import_hf(hf["bf16"], old_checkpoint, force=True, progress=False)
+  assert not (old_checkpoint / "stale.txt").exists()
+  assert not list(old_checkpoint.glob(".staging-*"))
+  assert json.loads((old_checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
+  restores_to(old_checkpoint, hf["bf16"])
+
+
+def test_failure_mid_conversion_keeps_old_checkpoint(hf, old_checkpoint, tmp_path, capfd, monkeypatch):
+  """A read failing in the last layer, after earlier groups were written: the old checkpoint is untouched."""
+  case = Case(tmp_path, hf["hub"], old_checkpoint, ("--force",), ("model.layers.2.", "simulated"))
+  read = hf_io.SafetensorsReader.read
+  staged = []
+
+  def failing_read(self, name):
+    if name.startswith("model.layers.2."):
+      staged.extend(old_checkpoint.glob(".staging-*/params*"))
+      raise UserError(f"{self.where[name]}: cannot read tensor '{name}' (simulated I/O error)")
+    return read(self, name)
+
+  monkeypatch.setattr(hf_io.SafetensorsReader, "read", failing_read)
+  case.check_failed(*cli_here(capfd, monkeypatch, HF_TO_ORBAX, case.folder, case.out, *case.args))
+  assert staged, "the failure should come after the first groups were written to staging"
+  restores_to(old_checkpoint, hf["hub"])
+
+
+def test_interrupt_mid_conversion_keeps_old_checkpoint(hf, old_checkpoint, capfd, monkeypatch):
+  def interrupted(self, name):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(hf_io.SafetensorsReader, "read", interrupted)
+  before = snapshot(old_checkpoint)
+  code, err = cli_here(capfd, monkeypatch, HF_TO_ORBAX, hf["bf16"], old_checkpoint, "--force")
+  assert code == 130 and err.strip() == "error: interrupted"
+  assert snapshot(old_checkpoint) == before and not list(old_checkpoint.glob(".staging-*"))
+
+
+def test_export_refuses_bad_dtype_and_own_folder(ckpts, tmp_path, capfd, monkeypatch):
+  code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, ckpts["hub"], tmp_path / "out", "--dtype", "int8")
+  assert_one_error(code, err, "--dtype", "int8")
+  before = snapshot(ckpts["hub"])
+  code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, ckpts["hub"], ckpts["hub"], "--force")
+  assert_one_error(code, err, "input folder")
+  assert snapshot(ckpts["hub"]) == before and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- fresh processes
+# Last in the file: their processes, started at module set-up, have run beside the tests above.
+
+def test_cli_round_trip_loads_in_transformers(hf, model, fresh, tmp_path):
+  """hub layout -> Orbax -> hub layout with the real CLIs; transformers loads it and gives the same logits."""
+  r = fresh["round_trip"].run.result()
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  r = start(ORBAX_TO_HF, fresh["round_trip"].out, tmp_path / "back").result()
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  assert_same_tensors(tensors(tmp_path / "back"), tensors(hf["hub"]))
+  for name, text in SIDE_FILES.items():
+    assert (tmp_path / "back" / name).read_text() == text
+  assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "float32"
+
+  # Loaded the same way (transformers picks its grouped expert kernel on load), the logits are identical.
+  ids = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 1, 77, 23, 50]])
+  with torch.no_grad():
+    logits = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "back").eval()(ids).logits
+    assert torch.equal(logits, Qwen2MoeForCausalLM.from_pretrained(hf["hub"]).eval()(ids).logits)
+    torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FRESH_BAD)
+def test_bad_input_fresh_process(name, fresh):
+  """The same contract from a fresh interpreter: one line, exit 2, nothing else on stderr."""
+  r = fresh[name].run.result()
+  fresh[name].check_failed(r.returncode, r.stderr)
+
+
+def test_bad_last_layer_with_force_keeps_old_checkpoint(hf, fresh):
+  """Fresh process, --force over a good checkpoint: refused before anything is written."""
+  r = fresh["last_layer"].run.result()
+  fresh["last_layer"].check_failed(r.returncode, r.stderr)
+  restores_to(fresh["last_layer"].out, hf["hub"])
+
+
+def test_export_refuses_non_checkpoint(fresh, tmp_path, capfd, monkeypatch):
+  r = fresh["export"].run.result()  # an HF folder: config.json but no params/
+  fresh["export"].check_failed(r.returncode, r.stderr)
+  (tmp_path / "empty").mkdir()
+  code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, tmp_path / "empty", tmp_path / "out")
+  assert_one_error(code, err, "config.json")
+  code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, tmp_path / "absent", tmp_path / "out")
+  assert_one_error(code, err, "absent")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]

@@ -1,0 +1,161 @@
+"""infer.py and the generation engine against transformers' generate (fp32, greedy), end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_models import make_model, save
+from qwen_moe_jax import checkpoint, convert
+from qwen_moe_jax.generate import Generator, Sampling, prompt_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_config(seed: int) -> dict:
+  """A qwen2_moe config drawn at random: sizes and options the code was not written against."""
+  rng = np.random.default_rng(seed)
+  kv = int(rng.choice([1, 2, 3]))
+  heads = kv * int(rng.choice([1, 2, 3]))
+  head_dim = int(rng.choice([4, 6, 8]))
+  layers = int(rng.integers(2, 5))
+  experts = int(rng.integers(3, 13))
+  return dict(
+    vocab_size=int(rng.integers(64, 200)), hidden_size=heads * head_dim, num_attention_heads=heads,
+    num_key_value_heads=kv, num_hidden_layers=layers, intermediate_size=int(rng.integers(8, 40)),
+    moe_intermediate_size=int(rng.integers(4, 24)), shared_expert_intermediate_size=int(rng.integers(4, 40)),
+    num_experts=experts, num_experts_per_tok=int(rng.integers(1, min(experts, 5) + 1)),
+    norm_topk_prob=bool(rng.integers(2)), decoder_sparse_step=int(rng.choice([1, 1, 2])),
+    mlp_only_layers=[int(i) for i in rng.choice(layers, int(rng.integers(0, 2)), replace=False)],
+    qkv_bias=bool(rng.integers(2)), rope_theta=float(rng.choice([1e4, 1e6])),
+  )
+
+
+def infer(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+  with torch.no_grad():
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("seed,layout,style", [(101, "hub", "v4"), (202, "fused", "v5")])
+def test_cli_matches_transformers(seed, layout, style, tmp_path):
+  hf_model = make_model(seed=seed, **random_config(seed))
+  save(hf_model, tmp_path / "hf", layout=layout, style=style, shard=seed % 2 == 0)
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  prompt = np.random.default_rng(seed).integers(0, hf_model.config.vocab_size, 9).tolist()
+  res = infer("--checkpoint", str(tmp_path / "ckpt"), "--input-ids", ",".join(map(str, prompt)),
+              "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "40", "--json",
+              "--dump-logits", str(tmp_path / "logits.npy"))
+  assert res.returncode == 0, res.stderr
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out["input_ids"] == prompt
+  assert out["output_ids"] == hf_greedy(hf_model, prompt, 40)
+  with torch.no_grad():
+    ref = hf_model(torch.tensor([prompt])).logits[0].numpy()
+  logits = np.load(tmp_path / "logits.npy")
+  assert logits.shape == ref.shape and logits.dtype == np.float32
+  np.testing.assert_allclose(logits, ref, atol=2e-5 * np.abs(ref).max())
+  assert "generated tokens: 40" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("tiny")
+  hf_model = make_model(seed=9, num_experts=11, num_experts_per_tok=3)
+  save(hf_model, tmp / "hf")
+  convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
+  model = checkpoint.restore(tmp / "ckpt", dtype=jnp.float32)
+  return hf_model, model, Generator(model), tmp / "ckpt"
+
+
+PROMPTS = [[5, 7, 9, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8], [42]]
+
+
+def test_batch_rows_equal_alone_and_transformers(tiny):
+  hf_model, _, gen, _ = tiny
+  batch = gen.generate(PROMPTS, 36).output_ids
+  for prompt, row in zip(PROMPTS, batch):
+    assert row == gen.generate([prompt], 36).output_ids[0]
+    assert row == hf_greedy(hf_model, prompt, 36)
+
+
+def test_kv_cache_decoding_equals_recompute(tiny):
+  _, model, gen, _ = tiny
+  prompt = PROMPTS[1]
+  out = gen.generate([prompt], 33).output_ids[0]
+  seq = list(prompt)
+  for _ in range(33):  # no cache: the full sequence every step (zero-padded to one length: causal)
+    padded = seq + [0] * (len(prompt) + 33 - len(seq))
+    seq.append(int(prompt_logits(model, padded)[len(seq) - 1].argmax()))
+  assert seq[len(prompt):] == out
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny):
+  hf_model, model, gen, _ = tiny
+  s = Sampling(temperature=1.5, top_k=3)
+  a = gen.generate(PROMPTS, 24, s, seed=1).output_ids
+  assert a == gen.generate(PROMPTS, 24, s, seed=1).output_ids
+  assert a != gen.generate(PROMPTS, 24, s, seed=2).output_ids
+  # every sampled token is among the 3 most likely given its prefix
+  prompt, row = PROMPTS[0], a[0]
+  logits = prompt_logits(model, prompt + row + [0] * (24 - len(row)))
+  for i, tok in enumerate(row):
+    top3 = np.argsort(logits[len(prompt) - 1 + i])[-3:]
+    assert tok in top3
+  # a tiny top-p keeps only the most likely token: greedy
+  assert gen.generate(PROMPTS, 12, Sampling(temperature=1.0, top_p=1e-6), seed=3).output_ids == \
+      gen.generate(PROMPTS, 12).output_ids
+
+
+def test_stops_on_eos(tiny):
+  _, _, gen, _ = tiny
+  free = gen.generate([PROMPTS[0]], 20).output_ids[0]
+  stop = free[5]
+  out = gen.generate([PROMPTS[0]], 20, stop_ids=[stop]).output_ids[0]
+  assert out == free[: free.index(stop) + 1]
+
+
+@pytest.mark.parametrize("flags,message", [
+  (["--temperature", "-1"], "--temperature"),
+  (["--top-p", "0"], "--top-p"),
+  (["--top-k", "-2"], "--top-k"),
+  (["--input-ids", "1,x"], "--input-ids"),
+  (["--input-ids", "100000"], "outside the vocabulary"),
+  (["--prompt", "hello"], "tokenizer.json"),
+  (["--input-ids", ",".join(["1"] * 300)], "context"),
+  (["--max-new-tokens", "0", "--input-ids", "1"], "--max-new-tokens"),
+])
+def test_cli_bad_values(tiny, flags, message):
+  ckpt = tiny[3]
+  args = ["--checkpoint", str(ckpt), *flags]
+  if not any(f in flags for f in ("--input-ids", "--prompt")):
+    args += ["--input-ids", "1,2"]
+  res = infer(*args)
+  assert res.returncode == 2, res.stderr
+  assert message in res.stderr and "Traceback" not in res.stderr
+  assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_checkpoint(tmp_path):
+  res = infer("--checkpoint", str(tmp_path / "nope"), "--input-ids", "1")
+  assert res.returncode == 2 and "nope" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_demo_runs_end_to_end():
+  res = infer("--demo", "--max-new-tokens", "12", "--json")
+  assert res.returncode == 0, res.stderr
+  assert "RANDOM weights" in res.stderr and "tokens/s" in res.stderr
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert len(out["output_ids"]) >= 1 and isinstance(out["text"], str)
