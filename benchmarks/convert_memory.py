@@ -1,10 +1,12 @@
-"""Peak memory of convert/hf_to_orbax.py on a multi-GB checkpoint: about one group, not the whole model.
+"""Peak memory of convert/hf_to_orbax.py on a multi-GB checkpoint: one group at a time, not the whole model.
 
 Builds a synthetic Hugging Face folder with Qwen1.5-MoE-A2.7B widths (random bfloat16 values, one
 safetensors shard per decoder layer plus one for the embeddings / norm / head) but only --layers layers,
 converts it in a child process and prints one JSON object: the child's peak RSS and wall time, the
-checkpoint size on disk, and the size of the largest layer and of the largest group the converter holds
-in memory at once (the embeddings + lm_head group is larger than a layer at this vocabulary size).
+checkpoint size on disk, the sizes of the largest layer, group and tensor, and the peak RSS of a child that
+only imports the converter. The converter holds one group (a decoder layer, or the embeddings + norm +
+lm_head) plus the tensor being copied into it, so expect peak ~ baseline + largest group + largest tensor,
+whatever --layers is.
 
 python benchmarks/convert_memory.py [--layers 4] [--workdir DIR] [--seed 0]
 """
@@ -14,14 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import ml_dtypes
@@ -87,8 +90,8 @@ def nbytes(shapes: dict[str, tuple[int, ...]]) -> int:
   return sum(int(np.prod(s)) * BF16.itemsize for s in shapes.values())
 
 
-def build(folder: Path, layers: int, seed: int) -> tuple[int, int]:
-  """Writes the synthetic HF folder; returns (largest layer bytes, largest group bytes)."""
+def build(folder: Path, layers: int, seed: int) -> dict[str, int]:
+  """Writes the synthetic HF folder; returns the sizes of its largest layer, group and tensor."""
   folder.mkdir(parents=True)
   config = dict(CONFIG, num_hidden_layers=layers)
   (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -103,26 +106,35 @@ def build(folder: Path, layers: int, seed: int) -> tuple[int, int]:
   index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   sizes = [nbytes(s) for s in groups]
-  return max(sizes[1:]), max(sizes)
+  return {"largest_layer_bytes": max(sizes[1:]), "largest_group_bytes": max(sizes),
+          "largest_tensor_bytes": max(nbytes({k: s}) for g in groups for k, s in g.items())}
+
+
+def measured(cmd: list[str]) -> tuple[float, int]:
+  """Runs cmd in the repository; returns its wall seconds and its own peak RSS in bytes.
+
+  os.wait4 gives this child's rusage alone: getrusage(RUSAGE_CHILDREN) would be the maximum over every child
+  waited for, the process that built the input included. The parent stays small, because a child's peak
+  counts the memory of the parent it was forked from.
+  """
+  start = time.perf_counter()
+  child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+  _, status, usage = os.wait4(child.pid, 0)
+  seconds = time.perf_counter() - start
+  child.returncode = os.waitstatus_to_exitcode(status)
+  if child.returncode:
+    raise subprocess.CalledProcessError(child.returncode, cmd)
+  return seconds, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
 def disk_bytes(folder: Path) -> int:
   return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def baseline_rss() -> int:
-  """Peak RSS of a child that only imports the converter and starts JAX's CPU backend."""
-  child = subprocess.Popen([sys.executable, "-c", "import jax, qwen_moe_jax.convert; jax.devices('cpu')"], cwd=REPO)
-  _, status, usage = os.wait4(child.pid, 0)
-  child.returncode = os.waitstatus_to_exitcode(status)
-  if child.returncode:
-    raise subprocess.CalledProcessError(child.returncode, child.args)
-  return usage.ru_maxrss * 1024
-
-
 def machine() -> dict:
   return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-          "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+          "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+          **{name: metadata.version(name) for name in ("jax", "orbax-checkpoint", "numpy", "safetensors")}}
 
 
 def main() -> None:
@@ -136,17 +148,14 @@ def main() -> None:
   work = Path(tempfile.mkdtemp(prefix="convert_memory-", dir=args.workdir))
   try:
     hf_dir, out_dir = work / "hf", work / "ckpt"
-    largest_layer, largest_group = build(hf_dir, args.layers, args.seed)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "convert/hf_to_orbax.py", str(hf_dir), str(out_dir)], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
-    baseline = baseline_rss()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # keeps the generator's memory out of this process
+      sizes = pool.apply(build, (hf_dir, args.layers, args.seed))
+    seconds, peak = measured([sys.executable, "convert/hf_to_orbax.py", str(hf_dir), str(out_dir)])
+    _, baseline = measured([sys.executable, "-c", "import jax, qwen_moe_jax.convert; jax.devices('cpu')"])
     print(json.dumps({
       "benchmark": "convert_memory", "layers": args.layers, "checkpoint_bytes": disk_bytes(out_dir),
-      "hf_bytes": disk_bytes(hf_dir), "largest_layer_bytes": largest_layer, "largest_group_bytes": largest_group,
-      "peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "seconds": round(seconds, 2), "machine": machine(),
+      "hf_bytes": disk_bytes(hf_dir), **sizes, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
+      "seconds": round(seconds, 2), "machine": machine(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }))
   finally:

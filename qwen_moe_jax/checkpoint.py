@@ -11,19 +11,21 @@ padded on restore and sliced back on save, so checkpoints never show the padding
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.model import QwenMoeForCausalLM
+from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
 
 PARAMS_DIR = "params"
 RUN_CHECKPOINTS_DIR = "checkpoints"
@@ -57,13 +59,6 @@ def group_of(path: str) -> str:
   """Parameters are written and read one group at a time: 'top' or 'layers.<i>'."""
   parts = path.split(".")
   return ".".join(parts[:2]) if parts[0] == "layers" else "top"
-
-
-def abstract_model(cfg: QwenMoeConfig, dtype: jnp.dtype = jnp.float32, expert_shards: int = 1,
-                   expert_backend: str = "ragged") -> tuple[nnx.GraphDef, nnx.State]:
-  model = nnx.eval_shape(lambda: QwenMoeForCausalLM(
-    cfg, rngs=nnx.Rngs(0), dtype=dtype, expert_shards=expert_shards, expert_backend=expert_backend))
-  return nnx.split(model)
 
 
 def param_shapes(cfg: QwenMoeConfig) -> dict[str, tuple[int, ...]]:
@@ -134,43 +129,66 @@ def read_group(loc: Location, shapes: dict[str, tuple[tuple[int, ...], np.dtype]
 
 def restore(folder: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
             expert_backend: str = "ragged", cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
-  """Builds the model from a checkpoint or run folder, every parameter created directly in its sharding.
-
-  Parameters load group by group (top-level, then each layer), so a padded expert leaf is replicated on the
-  expert axis for at most one layer at a time before it is padded and laid out.
-  """
+  """Builds the model from a checkpoint or run folder, every parameter created directly in its sharding."""
   cfg = cfg or load_config(folder)
   loc = locate(folder)
-  stored = stored_shapes(loc)
-  check_shapes(stored, param_shapes(cfg), str(loc.path))
+  check_shapes(stored_shapes(loc), param_shapes(cfg), str(loc.path))
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), expert_backend)
   target = flatten(sharding.param_shardings(abstract, mesh))
-  shapes = {k: v.shape for k, v in flatten(abstract).items()}
-  loaded: dict[str, jax.Array] = {}
-  for group in dict.fromkeys(group_of(k) for k in target):
-    keys = [k for k in target if group_of(k) == group]
-    request = {}
-    for k in keys:
-      spec = sharding.spec_for(_names(abstract, k), stored[k][0], mesh, k)
-      request[k] = jax.ShapeDtypeStruct(stored[k][0], dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
-    values = _load(loc, request)
-    for k in keys:
-      loaded[k] = _pad_to(values[k], shapes[k], target[k])
-  state = nnx.State(unflatten_state(abstract, loaded))
-  return nnx.merge(graphdef, state)
+  wanted = unflatten({k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=target[k]) for k, v in flatten(abstract).items()})
+  item = {"checkpointable_name": loc.item} if loc.item else {}
+  values = load_padded(lambda request: ocp.load(loc.path, request, **item), wanted, cfg.num_experts)
+  return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, flatten(values))))
 
 
-def _names(abstract: nnx.State, key: str) -> tuple[str | None, ...]:
-  var = dict((path_str(p), v) for p, v in nnx.to_flat_state(abstract))[key]
-  return var.get_metadata().get("axes") or (None,) * len(var.shape)
+def _key_names(path) -> list:
+  return [getattr(k, "key", getattr(k, "name", None)) for k in path]
 
 
-def _pad_to(x: jax.Array, shape: tuple[int, ...], out_sharding) -> jax.Array:
-  if x.shape == tuple(shape):
-    return jax.device_put(x, out_sharding)
-  pad = [(0, t - s) for s, t in zip(x.shape, shape)]
-  return jax.jit(lambda a: jnp.pad(a, pad), out_shardings=out_sharding)(x)
+def _leaf_group(path) -> str:
+  keys = _key_names(path)
+  return f"layers.{keys[keys.index('layers') + 1]}" if "layers" in keys else "top"
+
+
+def _is_expert_leaf(path, leaf) -> bool:
+  return bool(path) and _key_names(path)[-1] in EXPERT_LEAVES and getattr(leaf, "ndim", 0) >= 1
+
+
+def load_padded(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> Any:
+  """Loads a tree saved with unpadded experts into `wanted` (ShapeDtypeStructs with shardings).
+
+  Routed-expert leaves (named in EXPERT_LEAVES, experts first) whose wanted length exceeds `num_experts` are
+  read unpadded, then padded and laid out. Reading goes one group (top-level, then each layer) at a time, so
+  an unpadded leaf that the expert axis cannot split is replicated for at most one layer at a time.
+  """
+  def request(path, x):
+    if not _is_expert_leaf(path, x) or x.shape[0] == num_experts:
+      return x
+    spec = list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
+    axes = sharding.axes_of(spec[0])
+    if num_experts % math.prod(x.sharding.mesh.shape[a] for a in axes):
+      spec[0] = None
+    return jax.ShapeDtypeStruct((num_experts, *x.shape[1:]), x.dtype,
+                                sharding=jax.sharding.NamedSharding(x.sharding.mesh, P(*spec)))
+
+  full = jax.tree_util.tree_map_with_path(request, wanted)
+  groups = dict.fromkeys(_leaf_group(p) for p, _ in jax.tree_util.tree_flatten_with_path(wanted)[0])
+  out: dict[str, Any] = {}
+  for group in groups:
+    part = load(jax.tree_util.tree_map_with_path(
+      lambda p, x: x if _leaf_group(p) == group else ocp.PLACEHOLDER, full))
+    for p, x in jax.tree_util.tree_flatten_with_path(part, is_leaf=lambda x: x is ocp.PLACEHOLDER)[0]:
+      if x is not ocp.PLACEHOLDER:
+        out[jax.tree_util.keystr(p)] = x
+  return jax.tree_util.tree_map_with_path(lambda p, w: _pad_to(out[jax.tree_util.keystr(p)], w), wanted)
+
+
+def _pad_to(x: jax.Array, want: jax.ShapeDtypeStruct) -> jax.Array:
+  if x.shape == want.shape:
+    return jax.device_put(x, want.sharding)
+  pad = [(0, t - s) for s, t in zip(x.shape, want.shape)]
+  return jax.jit(lambda a: jnp.pad(a, pad), out_shardings=want.sharding)(x)
 
 
 def unflatten_state(abstract: nnx.State, values: dict[str, jax.Array]) -> nnx.State:

@@ -3,8 +3,9 @@
 Each row maps an HF tensor name template to a parameter path, the part of that parameter it fills, and a
 layout transform (PyTorch Linear weights are [out, in]; ours are [in, ...out]). Import is strict: every HF
 tensor is consumed exactly once and every parameter is filled exactly once, with shapes checked on both
-sides. It streams one group (the embeddings / norm / head, then one decoder layer at a time) through host
-memory. Export writes the hub's per-expert layout, one safetensors shard per group.
+sides, all before anything is written. It streams one group (the embeddings / norm / head, then one
+decoder layer at a time) through host memory. Export writes the hub's per-expert layout, one safetensors
+shard per group.
 """
 
 from __future__ import annotations
@@ -224,13 +225,13 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
               progress: bool = True) -> QwenMoeConfig:
   """Checkpoint or run folder -> HF folder in the hub layout (sharded safetensors + index, config, tokenizer)."""
   ckpt_dir = Path(ckpt_dir)
-  target = np.dtype(_dtype(dtype)) if dtype else None
+  dtype = _dtype(dtype) if dtype else None  # a bad --dtype fails before anything is read
   cfg = checkpoint.load_config(ckpt_dir)
   loc = checkpoint.locate(ckpt_dir)
   stored = checkpoint.stored_shapes(loc)
   shapes = checkpoint.param_shapes(cfg)
   checkpoint.check_shapes(stored, shapes, str(loc.path))
-  target = target or stored["embed"][1]
+  target = np.dtype(dtype) if dtype else stored["embed"][1]
   by_group: dict[str, list[Binding]] = {}
   for b in hub_bindings(cfg, shapes):
     by_group.setdefault(checkpoint.group_of(b.path), []).append(b)

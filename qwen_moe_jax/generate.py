@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_moe_jax import sharding
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
@@ -72,6 +73,12 @@ class DecodeState:
   keys: jax.Array  # [B] per-row PRNG keys
   stop_ids: jax.Array  # [M] ids that end a row (-1: unused slot)
 
+  def laid_out(self) -> "DecodeState":
+    """Fixed shardings under a mesh (cache by the rules, the rest replicated), the same in and out of decode."""
+    small = {f.name: sharding.constrain(getattr(self, f.name), (None,) * getattr(self, f.name).ndim)
+             for f in dataclasses.fields(self) if f.name != "cache"}
+    return DecodeState(cache=self.cache.laid_out(), **small)
+
 
 def _row_keys(seed: int, rows: int) -> jax.Array:
   """Row b's key depends only on (seed, b): a prompt samples the same alone or in a batch at row b."""
@@ -97,7 +104,7 @@ def prefill(graphdef, params, tokens, lengths, keys, stop_ids, *, cache_len, max
   done = jnp.isin(first, stop_ids) | (max_new <= 1) | (lengths == 0)
   return DecodeState(
     cache=out.cache, tokens=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first), last=first,
-    positions=lengths, done=done, step=jnp.int32(1), keys=keys, stop_ids=stop_ids)
+    positions=lengths, done=done, step=jnp.int32(1), keys=keys, stop_ids=stop_ids).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
@@ -118,9 +125,9 @@ def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeSt
     return DecodeState(
       cache=out.cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
       positions=jnp.where(s.done, s.positions, s.positions + 1), done=done, step=s.step + 1, keys=s.keys,
-      stop_ids=s.stop_ids)
+      stop_ids=s.stop_ids).laid_out()
 
-  return jax.lax.while_loop(cond, body, state)
+  return jax.lax.while_loop(cond, body, state.laid_out()).laid_out()
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -192,27 +199,29 @@ class Generator:
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     with _mesh_context(self.mesh):
-      start = time.perf_counter()
+      clock = [time.perf_counter()]  # start, prefill compiled, first tokens out, decode compiled, end
       prefill_args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), _row_keys(seed, rows), jnp.asarray(stops))
       run_prefill = self._compiled(prefill, prefill_args, cache_len=cache_len, max_new=max_new, sampling=sampling)
-      state = jax.eval_shape(
-        lambda *a: prefill(self.graphdef, *a, cache_len=cache_len, max_new=max_new, sampling=sampling), *prefill_args)
-      run_decode = self._compiled(decode, (self.params, state), steps=self.chunk, sampling=sampling)
-      compiled = time.perf_counter()
+      clock.append(time.perf_counter())
       state = run_prefill(*prefill_args)
       outputs: list[list[int]] = [[] for _ in prompts]
-      shown, prefilled = 0, None
+      shown, run_decode = 0, None
       while True:
-        step, done, tokens = jax.device_get((state.step, state.done, state.tokens))  # [B, max_new]: small
-        prefilled = prefilled or time.perf_counter()
-        self._collect(outputs, tokens[:, shown:int(step)], stop_ids, on_tokens)
+        step, done, new = jax.device_get((state.step, state.done, state.tokens))  # [B, max_new]: small
+        self._collect(outputs, new[:, shown:int(step)], stop_ids, on_tokens)
         shown = int(step)
         if shown >= max_new or done[: len(prompts)].all():
           break
+        if run_decode is None:  # compiled for the state's actual shardings
+          clock.append(time.perf_counter())
+          run_decode = self._compiled(decode, (self.params, state), steps=self.chunk, sampling=sampling)
+          clock.append(time.perf_counter())
         state = run_decode(self.params, state)
-      end = time.perf_counter()
+      clock += [time.perf_counter()] * (5 - len(clock))
+    start, compiled, prefilled, decode_compiled, end = clock
     return Result(outputs, int(lengths.sum()), sum(len(o) for o in outputs),
-                  compiled - start, prefilled - compiled, end - prefilled)
+                  compile_seconds=(compiled - start) + (decode_compiled - prefilled),
+                  prefill_seconds=prefilled - compiled, decode_seconds=end - decode_compiled)
 
   @staticmethod
   def _collect(outputs, new, stop_ids, on_tokens) -> None:

@@ -28,12 +28,13 @@ class KVCache:
   def zeros(cls, cfg: QwenMoeConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
     """An empty cache, laid out by the sharding rules when a mesh is set."""
     shape = cls.shape(cfg, batch, length)
-
-    def buf():
-      return sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
-
     layers = range(cfg.num_hidden_layers)
-    return cls(k=tuple(buf() for _ in layers), v=tuple(buf() for _ in layers))
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers)).laid_out()
+
+  def laid_out(self) -> "KVCache":
+    """Buffers constrained to the sharding rules' layout when a mesh is set."""
+    return KVCache(k=tuple(sharding.constrain(x, CACHE_AXES) for x in self.k),
+                   v=tuple(sharding.constrain(x, CACHE_AXES) for x in self.v))
 
   @classmethod
   def nbytes(cls, cfg: QwenMoeConfig, batch: int, length: int, dtype: jnp.dtype) -> int:

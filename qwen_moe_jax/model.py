@@ -10,6 +10,7 @@ N tokens (B x T), E experts. Projections are einsums over these letters; see lay
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -123,6 +124,28 @@ class QwenMoeForCausalLM(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> fp32 logits [..., V]."""
     return jnp.einsum("...D,DV->...V", hidden, self.lm_head[...], preferred_element_type=F32)
+
+
+def abstract_model(cfg: QwenMoeConfig, dtype: jnp.dtype = jnp.float32, expert_shards: int = 1,
+                   expert_backend: str = "ragged") -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, state of ShapeDtypeStructs): the model's structure without allocating it."""
+  model = nnx.eval_shape(lambda: QwenMoeForCausalLM(
+    cfg, rngs=nnx.Rngs(0), dtype=dtype, expert_shards=expert_shards, expert_backend=expert_backend))
+  return nnx.split(model)
+
+
+def create_model(cfg: QwenMoeConfig, mesh: jax.sharding.Mesh, dtype: jnp.dtype = jnp.bfloat16,
+                 expert_backend: str = "ragged", seed: int = 0) -> QwenMoeForCausalLM:
+  """A randomly initialised model whose parameters are created directly in their shardings on `mesh`."""
+  shards = sharding.expert_shards(mesh)
+  graphdef, abstract = abstract_model(cfg, dtype, shards, expert_backend)
+
+  @functools.partial(jax.jit, out_shardings=sharding.param_shardings(abstract, mesh))
+  def init():
+    return nnx.state(QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, expert_shards=shards,
+                                        expert_backend=expert_backend))
+
+  return nnx.merge(graphdef, init())
 
 
 def param_count(state: nnx.State) -> int:

@@ -37,6 +37,7 @@ def init_distributed(args: argparse.Namespace) -> None:
   pid = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "-1"))
   if num < 1 or not 0 <= pid < num:
     raise UserError("multi-host: --coordinator needs --num-processes N and --process-id in [0, N)")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU devices
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 

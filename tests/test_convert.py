@@ -89,19 +89,10 @@ def snapshot(folder: Path, skip: Path | None = None) -> dict[str, tuple]:
   return out
 
 
-@dataclasses.dataclass
-class Run:
-  """A real command started in a fresh process; `result()` waits for it."""
-  proc: subprocess.Popen
-
-  def result(self) -> subprocess.CompletedProcess:
-    out, err = self.proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
-
-
-def start(script: str, *args) -> Run:
-  return Run(subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True))
+def cli(script: str, *args) -> subprocess.CompletedProcess:
+  """The real command in a fresh process."""
+  return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
 
 
 def cli_here(capfd, monkeypatch, script: str, *args: str) -> tuple[int, str]:
@@ -115,13 +106,12 @@ def cli_here(capfd, monkeypatch, script: str, *args: str) -> tuple[int, str]:
   return exit_.value.code, capfd.readouterr().err
 
 
-def assert_one_error(code: int, stderr: str, *fragments: str) -> str:
+def assert_one_error(code: int, stderr: str, *fragments: str) -> None:
   assert "Traceback" not in stderr, stderr
   lines = stderr.strip().splitlines()
   assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, stderr)
   for fragment in fragments:
     assert fragment in lines[0], (fragment, lines[0])
-  return lines[0]
 
 
 def restores_to(ckpt: Path, hf_dir: Path) -> None:
@@ -247,8 +237,8 @@ def test_explicit_head_dim_converts(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-# Each case builds a broken HF folder under `case` from the good hub checkpoint and returns (HF_DIR, OUT_DIR,
-# extra args); the error line must contain every fragment ({case} stands for the case folder).
+# Each case builds a broken HF folder under its case folder from the good checkpoints and returns HF_DIR;
+# OUT_DIR is case/out unless said otherwise. The one error line must contain every fragment ({case}: the folder).
 
 def _hub(case: Path, hf: dict[str, Path], edit=None) -> Path:
   """A copy of the hub checkpoint, its tensors passed through edit(dict) and saved with save_file."""
@@ -296,9 +286,8 @@ def _pickle_only(case, hf):
   return folder
 
 
-def _redirect_first_shard(target_of):
+def _redirect_first_shard(target: str):
   def edit(weight_map, first):
-    target = target_of(first)
     for name, shard in weight_map.items():
       if shard == first:
         weight_map[name] = target
@@ -347,11 +336,11 @@ def _not_empty(case, hf):
 
 MISSING = "model.layers.1.mlp.experts.3.up_proj.weight"
 MISSHAPEN = "model.layers.2.self_attn.q_proj.weight"
-BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments, OUT_DIR relative to case)
+BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments)
   "pickle_only": (_pickle_only, (), ["pytorch_model.bin", "safetensors"]),
-  "index_parent_path": (lambda c, h: _sharded(c, h, _redirect_first_shard(lambda s: "../outside.safetensors"),
+  "index_parent_path": (lambda c, h: _sharded(c, h, _redirect_first_shard("../outside.safetensors"),
                                                outside="outside.safetensors"), (), ["../outside.safetensors"]),
-  "index_absolute_path": (lambda c, h: _sharded(c, h, _redirect_first_shard(lambda s: str(c / "outside.safetensors")),
+  "index_absolute_path": (lambda c, h: _sharded(c, h, _redirect_first_shard(str(c / "outside.safetensors")),
                                                  outside="outside.safetensors"), (), ["{case}/outside.safetensors"]),
   "symlink_out": (_symlink_out, (), ["model-00001-of-", "outside"]),
   "truncated_shard": (_cut, (), [hf_io.SINGLE_FILE]),
@@ -360,6 +349,8 @@ BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments, OUT_DI
   "missing_tensor": (lambda c, h: _hub(c, h, lambda s: s.pop(MISSING)), (), [MISSING, "missing"]),
   "unknown_tensor": (lambda c, h: _hub(c, h, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.ones(3)})),
                      (), ["model.layers.0.mlp.extra.weight"]),
+  "integer_tensor": (lambda c, h: _hub(c, h, lambda s: s.update({MISSHAPEN: s[MISSHAPEN].to(torch.int32)})), (),
+                     [MISSHAPEN, "I32"]),
   "misshapen_tensor": (lambda c, h: _hub(c, h, lambda s: s.update({MISSHAPEN: torch.ones(48, 47)})), (),
                        [MISSHAPEN, "(48, 47)", "(48, 48)"]),
   "expert_out_of_range": (lambda c, h: _hub(c, h, lambda s: s.update(
@@ -386,7 +377,7 @@ BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments, OUT_DI
   "out_not_empty": (_not_empty, (), ["not empty", "--force"]),
   "bogus_dtype": (_hub, ("--dtype", "bogus"), ["--dtype", "bogus"]),
 }
-OUT_IS_INPUT = {"out_is_hf_dir": "hf", "out_contains_hf_dir": "."}
+OUT_IS_INPUT = {"out_is_hf_dir": "hf", "out_contains_hf_dir": "."}  # id -> OUT_DIR relative to the case
 
 
 @dataclasses.dataclass
@@ -397,7 +388,6 @@ class Case:
   out: Path  # OUT_DIR
   args: tuple = ()
   fragments: tuple = ()
-  run: Run | None = None
 
   def __post_init__(self):
     self.before, self.out_before = snapshot(self.root, skip=self.out), self.out_state()
@@ -426,26 +416,6 @@ def last_layer_case(root: Path, hf: dict[str, Path], ckpts: dict[str, Path]) -> 
   folder = _hub(root, hf, lambda s: s.update({name: torch.ones(48, 21)}))
   shutil.copytree(ckpts["hub"], root / "out")
   return Case(root, folder, root / "out", ("--force",), (name, "(48, 21)", "(48, 20)"))
-
-
-FRESH_BAD = ("pickle_only", "symlink_out", "out_not_empty")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh(tmp_path_factory, hf, ckpts) -> dict[str, Case]:
-  """The cases that run the CLIs in fresh processes, all started at module set-up so that they run beside
-  the in-process tests; each test waits for its own."""
-  root = tmp_path_factory.mktemp("fresh")
-  cases = {name: bad_case(name, root / name, hf) for name in FRESH_BAD}
-  cases["last_layer"] = last_layer_case(root / "last_layer", hf, ckpts)
-  (root / "round_trip").mkdir()
-  cases["round_trip"] = Case(root / "round_trip", hf["hub"], root / "round_trip" / "ckpt")
-  (root / "export").mkdir()
-  cases["export"] = Case(root / "export", hf["hub"], root / "export" / "out", fragments=(str(hf["hub"]), "checkpoint"))
-  for name, case in cases.items():
-    script, src = (ORBAX_TO_HF, hf["hub"]) if name == "export" else (HF_TO_ORBAX, case.folder)
-    case.run = start(script, src, case.out, *case.args)
-  return cases
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CASES) + sorted(OUT_IS_INPUT))
@@ -510,14 +480,14 @@ def test_export_refuses_bad_dtype_and_own_folder(ckpts, tmp_path, capfd, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------- fresh processes
-# Last in the file: their processes, started at module set-up, have run beside the tests above.
+# The real CLIs in fresh interpreters (about three seconds each, so only where a fresh process adds something:
+# the success path, and stderr holding nothing but the error line).
 
-def test_cli_round_trip_loads_in_transformers(hf, model, fresh, tmp_path):
+def test_cli_round_trip_loads_in_transformers(hf, model, tmp_path):
   """hub layout -> Orbax -> hub layout with the real CLIs; transformers loads it and gives the same logits."""
-  r = fresh["round_trip"].run.result()
-  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-  r = start(ORBAX_TO_HF, fresh["round_trip"].out, tmp_path / "back").result()
-  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  for script, src, dst in [(HF_TO_ORBAX, hf["hub"], tmp_path / "ckpt"), (ORBAX_TO_HF, tmp_path / "ckpt", tmp_path / "back")]:
+    r = cli(script, src, dst)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
   assert_same_tensors(tensors(tmp_path / "back"), tensors(hf["hub"]))
   for name, text in SIDE_FILES.items():
     assert (tmp_path / "back" / name).read_text() == text
@@ -531,23 +501,23 @@ def test_cli_round_trip_loads_in_transformers(hf, model, fresh, tmp_path):
     torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FRESH_BAD)
-def test_bad_input_fresh_process(name, fresh):
-  """The same contract from a fresh interpreter: one line, exit 2, nothing else on stderr."""
-  r = fresh[name].run.result()
-  fresh[name].check_failed(r.returncode, r.stderr)
+def test_pickle_only_fresh_process(hf, tmp_path):
+  case = bad_case("pickle_only", tmp_path / "case", hf)
+  r = cli(HF_TO_ORBAX, case.folder, case.out)
+  case.check_failed(r.returncode, r.stderr)
 
 
-def test_bad_last_layer_with_force_keeps_old_checkpoint(hf, fresh):
-  """Fresh process, --force over a good checkpoint: refused before anything is written."""
-  r = fresh["last_layer"].run.result()
-  fresh["last_layer"].check_failed(r.returncode, r.stderr)
-  restores_to(fresh["last_layer"].out, hf["hub"])
+def test_bad_last_layer_with_force_keeps_old_checkpoint(hf, ckpts, tmp_path):
+  """--force over a good checkpoint: the misshapen last layer is refused before anything is written."""
+  case = last_layer_case(tmp_path / "case", hf, ckpts)
+  r = cli(HF_TO_ORBAX, case.folder, case.out, *case.args)
+  case.check_failed(r.returncode, r.stderr)
+  restores_to(case.out, hf["hub"])
 
 
-def test_export_refuses_non_checkpoint(fresh, tmp_path, capfd, monkeypatch):
-  r = fresh["export"].run.result()  # an HF folder: config.json but no params/
-  fresh["export"].check_failed(r.returncode, r.stderr)
+def test_export_refuses_non_checkpoint(hf, tmp_path, capfd, monkeypatch):
+  r = cli(ORBAX_TO_HF, hf["hub"], tmp_path / "out")  # an HF folder: config.json but no params/
+  assert_one_error(r.returncode, r.stderr, str(hf["hub"]), "checkpoint")
   (tmp_path / "empty").mkdir()
   code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, tmp_path / "empty", tmp_path / "out")
   assert_one_error(code, err, "config.json")

@@ -1,0 +1,246 @@
+"""Training data: a JSONL file -> documents -> a deterministic, resumable stream of packed batches (numpy only).
+
+Each non-blank line is a JSON object with exactly one key:
+  {"messages": [{"role": ..., "content": "..."}, ...]}  rendered with the tokenizer's chat template. Loss only on
+      the tokens each assistant message adds: its content and the end-of-turn tokens after it (`<|im_end|>\\n` in
+      ChatML, so the model learns to stop), never on system / user turns or the `<|im_start|>assistant\\n` header.
+      Roles are system / user / assistant; tool roles and tool calls are refused (the contract has no keys for
+      them). Messages after the last assistant message carry no loss and are dropped.
+  {"text": "..."}          encoded, then eos appended (when an eos id is given); loss on every token.
+  {"input_ids": [...]}     token ids as they are; loss on every token.
+A document of n tokens gives n - 1 next-token targets and must fit in one row: n <= seq_len.
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import dataclasses
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.tokenizer import Tokenizer
+
+KINDS = ("messages", "text", "input_ids")
+ROLES = ("system", "user", "assistant")
+FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+INT32_LIMIT = 2**31  # batches are int32
+CACHED_EPOCHS = 4  # packings kept by a BatchStream; a training run only moves forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One training document; a batch row holds one (pack=False) or several."""
+
+  tokens: tuple[int, ...]  # [n] token ids
+  loss_mask: tuple[int, ...]  # [n] 1 where that token is a prediction target (the first token never is)
+
+
+def fingerprint(path: str | Path) -> str:
+  """First 16 hex digits of the sha256 of the file's bytes: tells a resumed run that its data file changed."""
+  digest = hashlib.sha256()
+  try:
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+  except OSError as e:
+    raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
+  return digest.hexdigest()[:16]
+
+
+def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None) -> list[Document]:
+  """Every line parsed and checked; the first bad one is a UserError naming `path:line`.
+
+  tokenizer may be None when the file has only input_ids lines; eos_id (or None) ends each text document.
+  """
+  try:
+    data = Path(path).read_bytes()
+  except OSError as e:
+    raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
+  documents = []
+  for line_no, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
+    if not raw.strip():
+      continue
+    where = f"{path}:{line_no}"
+    doc = _document(_parse(raw, where), tokenizer, eos_id, where)
+    if len(doc.tokens) > seq_len:
+      raise UserError(f"{where}: the document has {len(doc.tokens)} tokens, more than seq_len={seq_len}; "
+                      "shorten it or raise the sequence length")
+    if not any(doc.loss_mask):
+      raise UserError(f"{where}: the document has no token to learn ({len(doc.tokens)} tokens, none a loss target)")
+    documents.append(doc)
+  if not documents:
+    raise UserError(f"{path}: no documents (empty or blank file); expected JSON lines with one of {_keys(KINDS)}")
+  return documents
+
+
+def _keys(keys) -> str:
+  return ", ".join(repr(k) for k in keys) or "none"
+
+
+def _parse(raw: bytes, where: str) -> dict[str, Any]:
+  try:
+    record = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError:
+    raise UserError(f"{where}: not valid UTF-8") from None
+  except json.JSONDecodeError as e:
+    raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(record, dict):
+    raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  if len(record) != 1 or next(iter(record)) not in KINDS:
+    raise UserError(f"{where}: expected exactly one of the keys {_keys(KINDS)}; got {_keys(record)}")
+  return record
+
+
+def _document(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | None, where: str) -> Document:
+  ((kind, value),) = record.items()
+  if kind == "input_ids":
+    return _from_ids(value, tokenizer, where)
+  if tokenizer is None:
+    raise UserError(f"{where}: a {kind!r} line needs a tokenizer, and none was given")
+  if kind == "text":
+    if not isinstance(value, str):
+      raise UserError(f"{where}: 'text' must be a string, got {type(value).__name__}")
+    return _all_targets(tokenizer.encode(value) + ([] if eos_id is None else [eos_id]))
+  return _from_messages(value, tokenizer, where)
+
+
+def _all_targets(ids: list[int]) -> Document:
+  return Document(tuple(ids), tuple(int(j > 0) for j in range(len(ids))))
+
+
+def _from_ids(ids: Any, tokenizer: Tokenizer | None, where: str) -> Document:
+  if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+    raise UserError(f"{where}: 'input_ids' must be a list of integers")
+  limit = INT32_LIMIT if tokenizer is None else tokenizer.vocab_size
+  for j, i in enumerate(ids):
+    if not 0 <= i < limit:
+      raise UserError(f"{where}: input_ids[{j}] = {i} is outside the vocabulary [0, {limit})")
+  return _all_targets(ids)
+
+
+def _from_messages(messages: Any, tokenizer: Tokenizer, where: str) -> Document:
+  """Assistant message i's tokens: those ids(messages[:i+1]) adds to the generation prompt ids(messages[:i])."""
+  if not isinstance(messages, list) or not messages:
+    raise UserError(f"{where}: 'messages' must be a non-empty list (an empty conversation has nothing to learn)")
+  for k, m in enumerate(messages, 1):
+    if not isinstance(m, dict) or sorted(m) != ["content", "role"]:
+      raise UserError(f"{where}: message {k} must be an object with exactly the keys 'role' and 'content'")
+    if m["role"] not in ROLES:
+      raise UserError(f"{where}: message {k} has role {m['role']!r}; expected one of {_keys(ROLES)}")
+    if not isinstance(m["content"], str):
+      raise UserError(f"{where}: message {k} content must be a string, got {type(m['content']).__name__}")
+  turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+  if not turns:
+    raise UserError(f"{where}: no assistant message, so nothing to learn")
+  if turns[0] == 0:
+    raise UserError(f"{where}: message 1 is an assistant message; a conversation must open with a system or user one")
+  messages = messages[:turns[-1] + 1]
+  tokens = _render(tokenizer, messages, False, where)
+  mask = [0] * len(tokens)
+  for i in turns:
+    prompt, turn = _render(tokenizer, messages[:i], True, where), _render(tokenizer, messages[:i + 1], False, where)
+    if turn[:len(prompt)] != prompt or tokens[:len(turn)] != turn:
+      raise UserError(f"{where}: the chat template is not prefix-stable at assistant message {i + 1} (rendering "
+                      "the conversation up to it does not extend the earlier turns' tokens), so its tokens cannot "
+                      "be located; use a template that renders each turn the same way whatever follows")
+    for j in range(max(len(prompt), 1), len(turn)):
+      mask[j] = 1
+  return Document(tuple(tokens), tuple(mask))
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict[str, str]], prompt: bool, where: str) -> list[int]:
+  try:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)
+  except UserError as e:  # the template's own complaint, e.g. roles that must alternate
+    raise UserError(f"{where}: {e}") from None
+
+
+def _pack(lengths: np.ndarray, seq_len: int) -> np.ndarray:
+  """Greedy packing, in order, of documents of these lengths [n] -> row bounds [rows + 1]."""
+  bounds, fill = [0], 0
+  for i, n in enumerate(lengths.tolist()):
+    if fill + n > seq_len:
+      bounds.append(i)
+      fill = 0
+    fill += n
+  bounds.append(len(lengths))
+  return np.array(bounds)
+
+
+class BatchStream:
+  """Deterministic, resumable stream of packed batches.
+
+  Epoch e visits the documents in the order `default_rng([seed, e]).permutation(n)` and packs them greedily, in that
+  order, into rows of seq_len tokens (a new row when the next document does not fit; one document per row when
+  pack=False). The rows of consecutive epochs form one endless stream and batch s is rows [s*B, (s+1)*B): a pure
+  function of the arguments and s, so a resumed run sees exactly the batches of an uninterrupted one.
+  """
+
+  def __init__(self, documents: list[Document], seq_len: int, batch_size: int, seed: int, pack: bool = True):
+    if not documents or batch_size < 1 or seed < 0:
+      raise ValueError("BatchStream needs documents, batch_size >= 1 and seed >= 0")
+    self._lengths = np.array([len(d.tokens) for d in documents])  # [n]
+    if self._lengths.max() > seq_len:
+      raise ValueError(f"a document has {self._lengths.max()} tokens, more than seq_len={seq_len}")
+    self.seq_len, self.batch_size, self.seed, self.pack = seq_len, batch_size, seed, pack
+    self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])  # [n + 1] into the flat arrays
+    total = self._offsets[-1]
+    self._tokens = np.fromiter(itertools.chain.from_iterable(d.tokens for d in documents), np.int32, total)
+    self._mask = np.fromiter(itertools.chain.from_iterable(d.loss_mask for d in documents), np.int32, total)
+    self._first_row = [0]  # _first_row[e]: stream index of epoch e's first row, for the epochs counted so far
+    self._packed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a few recent epochs' packings
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """Batch `step`: int32 [batch_size, seq_len] arrays tokens, targets, loss_mask, positions, segment_ids.
+
+    targets[t] is the next token of the same document (0 where none); loss_mask[t] is 1 where targets[t] is a loss
+    token; positions restart at 0 for each document; segment_ids number a row's documents 1, 2, ... (0: padding).
+    """
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    out = {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in FIELDS}
+    for b in range(self.batch_size):
+      epoch, r = self._locate(step * self.batch_size + b)
+      order, bounds = self._epoch(epoch)
+      self._fill_row(out, b, order[bounds[r]:bounds[r + 1]])
+    return out
+
+  def epoch_of(self, step: int) -> int:
+    """The epoch of batch `step`'s first row (for logging)."""
+    return self._locate(step * self.batch_size)[0]
+
+  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order [n], bounds [rows + 1]): row r of the epoch holds documents order[bounds[r]:bounds[r + 1]]."""
+    if epoch not in self._packed:
+      order = np.random.default_rng([self.seed, epoch]).permutation(len(self._lengths))
+      bounds = _pack(self._lengths[order], self.seq_len) if self.pack else np.arange(len(order) + 1)
+      if len(self._packed) >= CACHED_EPOCHS:
+        del self._packed[next(iter(self._packed))]  # the oldest entry
+      self._packed[epoch] = order, bounds
+    return self._packed[epoch]
+
+  def _locate(self, row: int) -> tuple[int, int]:
+    """Stream row -> (epoch, row within the epoch); counts the rows of epochs not yet seen."""
+    while self._first_row[-1] <= row:
+      self._first_row.append(self._first_row[-1] + len(self._epoch(len(self._first_row) - 1)[1]) - 1)
+    epoch = bisect.bisect_right(self._first_row, row) - 1
+    return epoch, row - self._first_row[epoch]
+
+  def _fill_row(self, out: dict[str, np.ndarray], b: int, docs: np.ndarray):
+    t = 0
+    for segment, d in enumerate(docs.tolist(), 1):
+      start, n = self._offsets[d], self._lengths[d]
+      tokens = self._tokens[start:start + n]
+      out["tokens"][b, t:t + n] = tokens
+      out["targets"][b, t:t + n - 1] = tokens[1:]
+      out["loss_mask"][b, t:t + n - 1] = self._mask[start + 1:start + n]
+      out["positions"][b, t:t + n] = np.arange(n)
+      out["segment_ids"][b, t:t + n] = segment
+      t += n

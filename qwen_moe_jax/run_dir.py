@@ -1,0 +1,116 @@
+"""A training run folder: side files, Orbax step checkpoints, metrics.jsonl and the loss plot.
+
+RUN_DIR/
+  config.json, tokenizer files     copied from the source checkpoint (so infer.py / export take RUN_DIR)
+  train_config.json                the hyper-parameters and data the run started with
+  checkpoints/<step>/              params (unpadded, param dtype), opt_state, progress; Orbax renames a step
+                                   into place only when complete, so a killed save is never the latest
+  metrics.jsonl                    one object per logged step
+  loss.png                         the loss curve, written at the end
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+
+from qwen_moe_jax import checkpoint, hf_io
+from qwen_moe_jax.errors import UserError
+
+TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+
+
+class RunDir:
+  def __init__(self, folder: str | Path, keep: int = 3):
+    self.folder = Path(folder)
+    if self.folder.exists() and not self.folder.is_dir():
+      raise UserError(f"{self.folder}: exists and is not a directory")
+    self.folder.mkdir(parents=True, exist_ok=True)
+    policy = ocp.training.preservation_policies.LatestN(keep)
+    self._ckpt = ocp.training.Checkpointer(self.folder / checkpoint.RUN_CHECKPOINTS_DIR, preservation_policy=policy,
+                                           cleanup_tmp_directories=True)
+    self._pending = None
+
+  @property
+  def latest_step(self) -> int | None:
+    latest = self._ckpt.latest
+    return None if latest is None else int(latest.step)
+
+  def start(self, source: Path, train_config: dict[str, Any]) -> None:
+    """A new run: copy config.json and tokenizer files from the source checkpoint; record the settings."""
+    leftovers = [p.name for p in self.folder.iterdir() if p.name != checkpoint.RUN_CHECKPOINTS_DIR]
+    if leftovers:
+      raise UserError(f"{self.folder}: not a run folder of train.py and not empty ({leftovers[0]}); "
+                      f"choose a new --out")
+    if jax.process_index() == 0:
+      shutil.copyfile(hf_io.inside(source, "config.json", str(source)), self.folder / "config.json")
+      hf_io.copy_side_files(source, self.folder)
+      (self.folder / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
+
+  def recorded_config(self) -> dict[str, Any]:
+    return json.loads((self.folder / TRAIN_CONFIG).read_text())
+
+  def save(self, step: int, params: dict, opt_state: Any, progress: dict[str, Any]) -> None:
+    """Starts an async save of step `step`; an error of the previous save surfaces here (or in wait())."""
+    self.wait()
+    self._pending = self._ckpt.save_checkpointables_async(
+      step, {checkpoint.PARAMS_ITEM: params, "opt_state": opt_state, "progress": progress})
+
+  def wait(self) -> None:
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      pending.result()
+
+  def load_opt_state(self, step: int, wanted: Any, num_experts: int) -> Any:
+    """The optimizer state of a saved step into `wanted` (ShapeDtypeStructs with shardings; experts padded)."""
+    return checkpoint.load_padded(
+      lambda request: self._ckpt.load_checkpointables(step, {"opt_state": request})["opt_state"], wanted, num_experts)
+
+  def close(self) -> None:
+    self.wait()
+    self._ckpt.close()
+
+  # metrics
+  def truncate_metrics(self, step: int) -> None:
+    """Drops metrics logged after `step` (they belong to work a resume redoes)."""
+    path = self.folder / METRICS
+    if path.exists() and jax.process_index() == 0:
+      kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+      path.write_text("".join(line + "\n" for line in kept))
+
+  def log(self, record: dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+      with open(self.folder / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def plot(self) -> Path | None:
+    path = self.folder / METRICS
+    if jax.process_index() != 0 or not path.exists():
+      return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    steps = np.array([r["step"] for r in records])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in records], label="loss (ce + coef x aux)")
+    ax.plot(steps, [r["ce"] for r in records], label="cross-entropy", alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(self.folder.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(self.folder / PLOT, dpi=100)
+    plt.close(fig)
+    return self.folder / PLOT

@@ -1,0 +1,212 @@
+"""Fine-tuning: parameter groups to train or freeze, the optax optimizer, the jitted train step, run state.
+
+The train step is one `jax.jit` with explicit shardings (pjit style): parameters and optimizer state keep
+the layout the sharding rules give them, the batch [K, B, T] is split over the batch axes, and K
+micro-batches accumulate gradients in a `lax.scan` before one optimizer update. Frozen parameters are
+passed in but never differentiated, so they cost no gradient or optimizer memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qwen_moe_jax import checkpoint, sharding
+from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.layers import F32
+from qwen_moe_jax.losses import causal_lm_loss
+
+PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
+  "embed": lambda p: p == "embed",
+  "lm_head": lambda p: p == "lm_head",
+  "norms": lambda p: p.endswith("norm.scale"),
+  "attention": lambda p: ".attn." in p,
+  "router": lambda p: p.endswith(".mlp.router"),
+  "shared_expert": lambda p: ".mlp.shared_expert." in p or p.endswith(".mlp.shared_gate"),
+  "experts": lambda p: ".mlp.experts_" in p,
+  "mlp": lambda p: p.endswith((".mlp.wi", ".mlp.wo")),  # dense-MLP layers
+}
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def param_group(path: str) -> str:
+  return next(g for g, match in PARAM_GROUPS.items() if match(path))
+
+
+def parse_groups(value: str | None, flag: str) -> set[str] | None:
+  if not value:
+    return None
+  groups = {g.strip() for g in value.split(",") if g.strip()}
+  unknown = sorted(groups - set(PARAM_GROUPS))
+  if unknown:
+    raise UserError(f"{flag}: unknown group '{unknown[0]}' (groups: {', '.join(PARAM_GROUPS)})")
+  return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 8
+  seq_len: int = 512
+  grad_accum: int = 1
+  lr: float = 1e-5
+  warmup_steps: int = -1  # -1: 10% of steps (at most 100)
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  optimizer: str = "adamw"
+  moments_dtype: str = "float32"  # adamw first moment; "bfloat16" halves its memory
+  compute_dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  remat: str = "full"
+  train_only: frozenset[str] | None = None
+  freeze: frozenset[str] | None = None
+  seed: int = 0
+  pack: bool = True
+
+  @property
+  def warmup(self) -> int:
+    return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.steps // 10)
+
+  def validate(self) -> "TrainConfig":
+    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+      if getattr(self, name) < 1:
+        raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+    if not self.lr > 0:
+      raise UserError(f"--lr must be > 0, got {self.lr}")
+    if self.train_only and self.freeze:
+      raise UserError("give --train-only or --freeze, not both")
+    if self.optimizer not in OPTIMIZERS:
+      raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+    return self
+
+  def trainable(self, path: str) -> bool:
+    group = param_group(path)
+    if self.train_only is not None:
+      return group in self.train_only
+    return self.freeze is None or group not in self.freeze
+
+
+def schedule(tc: TrainConfig) -> optax.Schedule:
+  """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+  return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
+                                            tc.lr * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  """Clipped AdamW (or Adafactor); weight decay on matrices only; non-finite updates skipped and counted."""
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+  if tc.optimizer == "adamw":
+    inner = optax.adamw(schedule(tc), b1=0.9, b2=0.95, eps=1e-8, weight_decay=tc.weight_decay, mask=decay_mask,
+                        mu_dtype=jnp.dtype(tc.moments_dtype))
+  else:
+    inner = optax.adafactor(schedule(tc), weight_decay_rate=tc.weight_decay or None, weight_decay_mask=decay_mask)
+  return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(tc.clip_norm), inner),
+                               max_consecutive_errors=1_000_000)
+
+
+def split_params(model: nnx.Module, tc: TrainConfig) -> tuple[dict, dict]:
+  """(trainable, frozen) nested dicts of the model's parameters, by TrainConfig.train_only / freeze."""
+  flat = checkpoint.flatten(nnx.state(model, nnx.Param))
+  trainable = {k: v for k, v in flat.items() if tc.trainable(k)}
+  if not trainable:
+    raise UserError("--train-only / --freeze leave no parameter to train")
+  frozen = {k: v for k, v in flat.items() if k not in trainable}
+  return checkpoint.unflatten(trainable), checkpoint.unflatten(frozen)
+
+
+def expert_map(tree: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
+  """Applies fn to every leaf stored under a routed-expert parameter name (leading axis = experts)."""
+  def one(path, leaf):
+    name = getattr(path[-1], "key", None) if path else None
+    return fn(leaf) if name in checkpoint.EXPERT_LEAVES and getattr(leaf, "ndim", 0) >= 1 else leaf
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepMetrics:
+  loss: jax.Array
+  ce: jax.Array
+  aux_loss: jax.Array
+  grad_norm: jax.Array
+  tokens: jax.Array  # non-padding tokens in the step
+  loss_tokens: jax.Array
+  skipped: jax.Array  # steps skipped so far for a non-finite loss or gradient
+  expert_load: jax.Array  # [L, E] fraction of routed slots per expert (zeros without sparse layers)
+
+
+def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig,
+                    tx: optax.GradientTransformation, aux_coef: float):
+  """step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, StepMetrics); batch arrays [K, B, T]."""
+  compute = jnp.dtype(tc.compute_dtype)
+
+  def micro_loss(trainable, frozen, micro, total_tokens):
+    flat = checkpoint.flatten(trainable) | checkpoint.flatten(frozen)
+    flat = {k: v.astype(compute) for k, v in flat.items()}
+    model = nnx.merge(graphdef, checkpoint.unflatten_state(abstract, flat))
+    parts = causal_lm_loss(model, micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"],
+                           micro["segment_ids"], tc.remat)
+    # CE summed over tokens / all tokens of the step (exact over micro-batches); aux averaged per micro-batch
+    objective = parts.ce * parts.tokens / jnp.maximum(total_tokens, 1.0) + aux_coef * parts.aux / tc.grad_accum
+    return objective, parts
+
+  def step(trainable, frozen, opt_state, batch):
+    total_tokens = jnp.sum(batch["loss_mask"].astype(F32))
+
+    def accumulate(carry, micro):
+      grads, sums = carry
+      (_, parts), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, frozen, micro, total_tokens)
+      load = parts.expert_load if parts.expert_load is not None else jnp.zeros((1, 1), F32)
+      sums = jax.tree.map(jnp.add, sums, (parts.ce * parts.tokens, parts.aux, load,
+                                          jnp.sum((micro["segment_ids"] > 0).astype(F32))))
+      return (jax.tree.map(jnp.add, grads, g), sums), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    init_sums = (jnp.zeros((), F32), jnp.zeros((), F32), _zero_load(abstract), jnp.zeros((), F32))
+    (grads, (nll, aux, load, tokens)), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
+    ce, aux, load = nll / jnp.maximum(total_tokens, 1.0), aux / tc.grad_accum, load / tc.grad_accum
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = StepMetrics(loss=ce + aux_coef * aux, ce=ce, aux_loss=aux, grad_norm=optax.global_norm(grads),
+                          tokens=tokens, loss_tokens=total_tokens, skipped=opt_state.total_notfinite,
+                          expert_load=load)
+    return trainable, opt_state, metrics
+
+  return step
+
+
+def _zero_load(abstract: nnx.State) -> jax.Array:
+  """[L, E] zeros: one row per sparse layer (a [1, 1] placeholder without any)."""
+  flat = checkpoint.flatten(abstract)
+  routers = [v for k, v in flat.items() if k.endswith(".mlp.router")]
+  return jnp.zeros((len(routers), routers[0].shape[-1]) if routers else (1, 1), F32)
+
+
+def compile_step(step_fn, trainable, frozen, opt_state, batch_shape: dict[str, jax.ShapeDtypeStruct]):
+  """jit with the inputs' shardings as the outputs' too, donating params and optimizer state."""
+  def shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+  jitted = jax.jit(step_fn, donate_argnums=(0, 2),
+                   out_shardings=(shardings(trainable), shardings(opt_state), None))
+  return jitted.lower(trainable, frozen, opt_state, batch_shape).compile()
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, int, int]) -> jax.sharding.NamedSharding:
+  """[K, B, T]: rows over the batch axes."""
+  return jax.sharding.NamedSharding(mesh, sharding.spec_for((None, "batch", None), shape, mesh, "batch"))
+
+
+def device_batch(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Host arrays [K, B, T] (the same on every process) -> global arrays split over the batch axes."""
+  out = {}
+  for name, a in arrays.items():
+    s = batch_sharding(mesh, a.shape)
+    out[name] = jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx])
+  return out

@@ -1,0 +1,169 @@
+"""Fine-tune a qwen2_moe checkpoint on JSONL data, sharded over a mesh, checkpointed with Orbax.
+
+  python train.py --checkpoint CKPT_DIR --data train.jsonl --out runs/sft [--steps 100] [--batch-size 8]
+                  [--seq-len 512] [--lr 1e-5] [--save-every 50] [--seed 0] [--mesh data=2,expert=4]
+
+Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}.
+Running the same command on the same --out resumes from the latest complete checkpoint and continues exactly
+as if never stopped. RUN_DIR/metrics.jsonl gets one object per step; RUN_DIR/loss.png at the end.
+`infer.py --checkpoint RUN_DIR` and `convert/orbax_to_hf.py RUN_DIR OUT` use the latest weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from qwen_moe_jax import checkpoint, data, runtime, sharding, training
+from qwen_moe_jax.errors import UserError, cli_main
+from qwen_moe_jax.model import REMAT_POLICIES, abstract_model
+from qwen_moe_jax.run_dir import RunDir
+from qwen_moe_jax.tokenizer import load_tokenizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--checkpoint", required=True, help="checkpoint folder to start from (ignored when resuming)")
+  ap.add_argument("--data", required=True, help="training data, JSONL")
+  ap.add_argument("--out", required=True, help="run folder (created, or resumed if it holds checkpoints)")
+  d = training.TrainConfig()
+  ap.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total")
+  ap.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per micro-batch")
+  ap.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per row (documents are packed)")
+  ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+  ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+  ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="default: 10%% of steps, at most 100")
+  ap.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
+  ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+  ap.add_argument("--clip-norm", type=float, default=d.clip_norm, help="global gradient-norm clip")
+  ap.add_argument("--optimizer", default=d.optimizer, choices=training.OPTIMIZERS)
+  ap.add_argument("--moments-dtype", default=d.moments_dtype, choices=["float32", "bfloat16"],
+                  help="AdamW first-moment dtype (bfloat16: leaner)")
+  ap.add_argument("--param-dtype", default=d.param_dtype, choices=sorted(runtime.DTYPES),
+                  help="master weights (and AdamW second moment) dtype")
+  ap.add_argument("--remat", default=d.remat, choices=sorted(REMAT_POLICIES), help="decoder-layer rematerialisation")
+  groups = ", ".join(training.PARAM_GROUPS)
+  ap.add_argument("--train-only", help=f"comma-separated groups to train, the rest frozen ({groups})")
+  ap.add_argument("--freeze", help="comma-separated groups to freeze, the rest trained")
+  ap.add_argument("--no-pack", action="store_true", help="one document per row instead of packing")
+  ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
+  ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+  ap.add_argument("--expert-load-every", type=int, default=10, help="log per-expert load fractions every K steps")
+  ap.add_argument("--seed", type=int, default=d.seed, help="data order")
+  runtime.add_args(ap)
+  return ap.parse_args(argv)
+
+
+def train_config(args: argparse.Namespace) -> training.TrainConfig:
+  train_only = training.parse_groups(args.train_only, "--train-only")
+  freeze = training.parse_groups(args.freeze, "--freeze")
+  return training.TrainConfig(
+    steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+    warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+    clip_norm=args.clip_norm, optimizer=args.optimizer, moments_dtype=args.moments_dtype,
+    compute_dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+    train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
+    seed=args.seed, pack=not args.no_pack).validate()
+
+
+def recordable(tc: training.TrainConfig, data_path: str) -> dict:
+  d = dataclasses.asdict(tc)
+  d["train_only"] = sorted(tc.train_only) if tc.train_only else None
+  d["freeze"] = sorted(tc.freeze) if tc.freeze else None
+  return {**d, "data": str(data_path), "data_fingerprint": data.fingerprint(data_path)}
+
+
+@cli_main
+def main() -> None:
+  args = parse_args()
+  tc = train_config(args)
+  if args.save_every < 1:
+    raise UserError(f"--save-every must be >= 1, got {args.save_every}")
+  mesh, _, backend = runtime.setup(args)
+  run = RunDir(args.out, keep=args.keep)
+  try:
+    train(args, tc, mesh, backend, run)
+  finally:
+    run.close()
+
+
+def train(args, tc: training.TrainConfig, mesh, backend: str, run: RunDir) -> None:
+  settings = recordable(tc, args.data)
+  start = run.latest_step
+  if start is None:
+    source = Path(args.checkpoint)
+    checkpoint.locate(source)  # fail early on a bad checkpoint folder
+    run.start(source, settings)
+  else:
+    source = run.folder
+    changed = [k for k, v in run.recorded_config().items() if settings.get(k) != v and k != "data"]
+    if changed:
+      raise UserError(f"{run.folder}: resuming with different settings ({', '.join(changed)}); "
+                      f"use the original flags or a new --out")
+    print(f"resuming {run.folder} from step {start}", file=sys.stderr)
+  cfg = checkpoint.load_config(run.folder)
+  tok = load_tokenizer(run.folder) if (run.folder / "tokenizer.json").is_file() else None
+  eos = tok.token_to_id("<|endoftext|>") if tok is not None else None
+  documents = data.read_jsonl(args.data, tok, tc.seq_len, eos)
+  stream = data.BatchStream(documents, tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack)
+
+  param_dtype = runtime.DTYPES[tc.param_dtype]
+  model = checkpoint.restore(source, mesh, param_dtype, backend, cfg)
+  trainable, frozen = training.split_params(model, tc)
+  del model
+  graphdef, abstract = abstract_model(cfg, param_dtype, sharding.expert_shards(mesh), backend)
+  tx = training.make_optimizer(tc)
+  with jax.set_mesh(mesh):
+    init = jax.jit(tx.init).lower(trainable).compile()
+    if start is None:
+      opt_state = init(trainable)
+    else:
+      wanted = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(tx.init, trainable), init.output_shardings)
+      opt_state = run.load_opt_state(start, wanted, cfg.num_experts)
+    step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
+    shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
+    batch_spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=training.batch_sharding(mesh, shape))
+                  for k in data.FIELDS}
+    compiled = training.compile_step(step_fn, trainable, frozen, opt_state, batch_spec)
+    first = start or 0
+    run.truncate_metrics(first)
+    lr = training.schedule(tc)
+    bar = tqdm(range(first, tc.steps), initial=first, total=tc.steps, desc="training", unit="step",
+               disable=jax.process_index() != 0 or None)
+    for step in bar:
+      tick = time.perf_counter()
+      rows = stream.batch(step)
+      host = {k: rows[k].reshape(shape) for k in data.FIELDS}
+      trainable, opt_state, m = compiled(trainable, frozen, opt_state, training.device_batch(host, mesh))
+      m = jax.device_get(m)
+      seconds = time.perf_counter() - tick
+      done = step + 1
+      record = {"step": done, "loss": float(m.loss), "ce": float(m.ce), "aux_loss": float(m.aux_loss),
+                "lr": float(lr(step)), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
+                "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
+      if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
+        record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
+      run.log(record)
+      bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+      if done % args.save_every == 0 or done == tc.steps:
+        params = checkpoint.unflatten(checkpoint.unpadded(cfg, checkpoint.flatten(trainable) | checkpoint.flatten(frozen)))
+        opt_unpadded = training.expert_map(opt_state, lambda x: x[: cfg.num_experts])
+        run.save(done, params, opt_unpadded, {"step": done, "data_fingerprint": settings["data_fingerprint"]})
+  run.wait()
+  plot = run.plot()
+  print(f"trained to step {tc.steps}; run folder {run.folder}" + (f", loss curve {plot}" if plot else ""),
+        file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
