@@ -156,7 +156,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   hf_dir = Path(hf_dir)
   config_dict = hf_io.read_config(hf_dir)
   cfg = QwenMoeConfig.from_hf_dict(config_dict, source=str(hf_dir / "config.json"))
-  target = np.dtype(_dtype(dtype or cfg.torch_dtype))
+  target = np.dtype(_dtype(dtype) if dtype else _dtype(cfg.torch_dtype, f"{hf_dir / 'config.json'}: dtype"))
   reader = hf_io.SafetensorsReader(hf_dir)
   shapes = checkpoint.param_shapes(cfg)
   by_group: dict[str, list[Binding]] = {}
@@ -173,14 +173,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   ctx.memory.deepcopy_host_arrays = False
   ctx.array.saving.use_compression = False
   with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging, ctx:
+    hf_io.copy_side_files(hf_dir, staging)  # first: a bad side file fails before the long part
+    config_dict = dict(config_dict)
+    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
+    (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     writer = checkpoint.StreamingWriter(staging / checkpoint.PARAMS_DIR)
     for group in tqdm(groups, desc="converting", unit="group", disable=not progress):
       writer.write(_fill_group(cfg, reader, by_group[group], shapes, target))
     writer.finish()
-    config_dict = dict(config_dict)
-    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
-    (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-    hf_io.copy_side_files(hf_dir, staging)
   return cfg
 
 
@@ -237,6 +237,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
     by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
 
   with hf_io.staged_output(out_dir, force, protect=(ckpt_dir,)) as staging:
+    hf_io.copy_side_files(ckpt_dir, staging)
+    config_dict = hf_io.read_config(ckpt_dir)
+    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
+    (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     weight_map, total = {}, 0
     for n, (group, bindings) in enumerate(tqdm(by_group.items(), desc="exporting", unit="group", disable=not progress)):
       params = checkpoint.read_group(loc, stored, group)
@@ -246,17 +250,13 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
       hf_io.write_shard(staging / shard, tensors)
       weight_map.update(dict.fromkeys(tensors, shard))
       total += sum(t.nbytes for t in tensors.values())
-    hf_io.copy_side_files(ckpt_dir, staging)
-    config_dict = hf_io.read_config(ckpt_dir)
-    config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
     hf_io.write_index(staging, weight_map, total)
-    (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
   return cfg
 
 
-def _dtype(name: str) -> str:
+def _dtype(name: str, what: str = "--dtype") -> str:
   names = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
            "float16": "float16", "fp16": "float16"}
   if name not in names:
-    raise UserError(f"--dtype must be one of bfloat16, float32, float16, got '{name}'")
+    raise UserError(f"{what} must be one of bfloat16, float32, float16, got '{name}'")
   return names[name]

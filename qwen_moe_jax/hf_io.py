@@ -66,7 +66,7 @@ class SafetensorsReader:
         raise UserError(
           f"{self.folder}: only pickle checkpoints found ({', '.join(pickles)}); pickle files can run code "
           f"when loaded and are refused. Save the model as safetensors "
-          f"(model.save_pretrained(dir, safe_serialization=True)) and convert that")
+          f"(transformers' model.save_pretrained(dir) writes it) and convert that")
       raise UserError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}")
     if not self.where:
       raise UserError(f"{self.folder}: the checkpoint holds no tensors")

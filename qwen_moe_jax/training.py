@@ -174,7 +174,7 @@ def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig
     ce, aux, load = nll / jnp.maximum(total_tokens, 1.0), aux / tc.grad_accum, load / tc.grad_accum
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = StepMetrics(loss=ce + aux_coef * aux, ce=ce, aux_loss=aux, grad_norm=optax.global_norm(grads),
+    metrics = StepMetrics(loss=ce + aux_coef * aux, ce=ce, aux_loss=aux, grad_norm=optax.tree.norm(grads),
                           tokens=tokens, loss_tokens=total_tokens, skipped=opt_state.total_notfinite,
                           expert_load=load)
     return trainable, opt_state, metrics

@@ -302,6 +302,14 @@ def _symlink_out(case, hf):
   return folder
 
 
+def _side_file_out(case, hf):
+  folder = _hub(case, hf)
+  (case / "outside.json").write_text("{}")
+  (folder / "tokenizer.json").unlink()
+  (folder / "tokenizer.json").symlink_to(case / "outside.json")
+  return folder
+
+
 def _cut(case, hf, keep: float = 0.5):
   folder = _hub(case, hf)
   path = folder / hf_io.SINGLE_FILE
@@ -343,6 +351,7 @@ BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments)
   "index_absolute_path": (lambda c, h: _sharded(c, h, _redirect_first_shard(str(c / "outside.safetensors")),
                                                  outside="outside.safetensors"), (), ["{case}/outside.safetensors"]),
   "symlink_out": (_symlink_out, (), ["model-00001-of-", "outside"]),
+  "side_file_symlink_out": (_side_file_out, (), ["tokenizer.json", "outside"]),
   "truncated_shard": (_cut, (), [hf_io.SINGLE_FILE]),
   "truncated_header": (lambda c, h: _cut(c, h, 0.001), (), [hf_io.SINGLE_FILE]),
   "garbage_shard": (_garbage, (), [hf_io.SINGLE_FILE]),
@@ -372,6 +381,7 @@ BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments)
                    (), ["rope_parameters.rope_type", "linear"]),
   "sliding_window": (lambda c, h: _config(c, h, use_sliding_window=True), (), ["use_sliding_window"]),
   "experts_per_token": (lambda c, h: _config(c, h, num_experts_per_tok=8), (), ["num_experts_per_tok", "8"]),
+  "config_dtype": (lambda c, h: _config(c, h, dtype="int8"), (), ["config.json: dtype", "int8"]),
   "invalid_json": (_bad_json, (), ["config.json", "JSON"]),
   "missing_config": (_without_config, (), ["config.json", "not found"]),
   "out_not_empty": (_not_empty, (), ["not empty", "--force"]),
@@ -485,8 +495,7 @@ def test_export_refuses_bad_dtype_and_own_folder(ckpts, tmp_path, capfd, monkeyp
 
 def test_cli_round_trip_loads_in_transformers(hf, model, tmp_path):
   """hub layout -> Orbax -> hub layout with the real CLIs; transformers loads it and gives the same logits."""
-  for script, src, dst in [(HF_TO_ORBAX, hf["hub"], tmp_path / "ckpt"), (ORBAX_TO_HF, tmp_path / "ckpt", tmp_path / "back")]:
-    r = cli(script, src, dst)
+  for r in [cli(HF_TO_ORBAX, hf["hub"], tmp_path / "ckpt"), cli(ORBAX_TO_HF, tmp_path / "ckpt", tmp_path / "back")]:
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
   assert_same_tensors(tensors(tmp_path / "back"), tensors(hf["hub"]))
   for name, text in SIDE_FILES.items():

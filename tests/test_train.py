@@ -1,0 +1,218 @@
+"""train.py: learning, exact resume (also after SIGKILL), frozen groups, export, gradient equivalences."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import Qwen2MoeForCausalLM
+
+from hf_models import make_model, save
+from qwen_moe_jax import checkpoint, convert, sharding, training
+from qwen_moe_jax.demo import build_tokenizer
+from qwen_moe_jax.generate import prompt_logits
+from qwen_moe_jax.model import abstract_model
+from qwen_moe_jax.tokenizer import CHATML_TEMPLATE
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["--steps", "16", "--batch-size", "4", "--seq-len", "128", "--lr", "1e-2", "--save-every", "4",
+         "--warmup-steps", "2", "--dtype", "float32"]
+
+
+def train(*args: str, wait: bool = True):
+  cmd = [sys.executable, "train.py", *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def metrics(run: Path) -> list[dict]:
+  return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  """A converted tiny model with a byte-level BPE tokenizer and a ChatML template, and learnable data."""
+  tmp = tmp_path_factory.mktemp("train")
+  tok = build_tokenizer(vocab_size=300)
+  hf_model = make_model(seed=4, vocab_size=320, std=0.05)
+  save(hf_model, tmp / "hf")
+  tok.save(str(tmp / "hf" / "tokenizer.json"))
+  (tmp / "hf" / "tokenizer_config.json").write_text(json.dumps(
+    {"chat_template": CHATML_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+  convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
+  lines = []
+  for i in range(40):
+    a, b = i % 7, (i * 3) % 5
+    lines.append({"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                               {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    lines.append({"text": "the quick brown fox jumps over the lazy dog. " * 2})
+  (tmp / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  return tmp
+
+
+@pytest.fixture(scope="module")
+def straight(base):
+  """One uninterrupted run, shared by the tests below."""
+  run = base / "straight"
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(run), *TRAIN)
+  assert res.returncode == 0, res.stderr
+  return run
+
+
+def test_fine_tuning_lowers_loss_and_exports(base, straight, tmp_path):
+  run = straight
+  m = metrics(run)
+  assert [r["step"] for r in m] == list(range(1, 17))
+  for key in ("loss", "aux_loss", "lr", "tokens_per_s", "grad_norm"):
+    assert all(np.isfinite(r[key]) for r in m), key
+  first, last = np.mean([r["ce"] for r in m[:3]]), np.mean([r["ce"] for r in m[-3:]])
+  print(f"cross-entropy {first:.3f} -> {last:.3f}")
+  assert last < 0.6 * first
+  assert "expert_load" in m[9] and np.allclose(np.sum(m[9]["expert_load"], axis=-1), 1.0, atol=1e-3)
+  assert (run / "loss.png").stat().st_size > 1000
+
+  # the fine-tuned run folder exports to HF; transformers' logits equal ours
+  exported = tmp_path / "hf"
+  convert.export_hf(run, exported, progress=False)
+  hf_model = Qwen2MoeForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+  model = checkpoint.restore(run, dtype=jnp.float32)
+  ids = [3, 14, 15, 92, 65, 35, 89, 79]
+  with torch.no_grad():
+    ref = hf_model(torch.tensor([ids])).logits[0].numpy()
+  np.testing.assert_allclose(prompt_logits(model, ids), ref, atol=2e-5 * np.abs(ref).max())
+  before = checkpoint.restore(base / "ckpt", dtype=jnp.float32)
+  assert not np.allclose(np.asarray(before.embed[...]), np.asarray(model.embed[...]))
+
+
+def test_resume_after_sigkill_matches_uninterrupted(base, straight, tmp_path):
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), *TRAIN]
+  killed = tmp_path / "killed"
+  proc = train(*args, "--out", str(killed), wait=False)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if (killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 7:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.stderr.read()
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert len(metrics(killed)) < 16
+  res = train(*args, "--out", str(killed))
+  assert res.returncode == 0, res.stderr
+  assert "resuming" in res.stderr
+  a, b = metrics(straight), metrics(killed)
+  assert [r["step"] for r in b] == list(range(1, 17))
+  for x, y in zip(a, b):
+    assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"]), x["step"]
+
+  # the same flags are required to resume
+  res = train(*args[:-len(TRAIN)], *TRAIN[:-2], "--dtype", "bfloat16", "--out", str(killed))
+  assert res.returncode == 2 and "different settings" in res.stderr
+
+
+def test_train_only_keeps_frozen_groups_fixed(base, tmp_path):
+  run = tmp_path / "run"
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(run),
+              *TRAIN[:1], "4", *TRAIN[2:], "--train-only", "attention,router,shared_expert")
+  assert res.returncode == 0, res.stderr
+  before = checkpoint.flatten(nnx.state(checkpoint.restore(base / "ckpt", dtype=jnp.float32)))
+  after = checkpoint.flatten(nnx.state(checkpoint.restore(run, dtype=jnp.float32)))
+  changed = {training.param_group(k) for k in before if not np.array_equal(before[k], after[k])}
+  assert changed == {"attention", "router", "shared_expert"}
+
+
+@pytest.mark.parametrize("line,message", [
+  ("{not json", ":3: "),
+  ('{"messages": []}', ":3: "),
+  ('{"messages": [{"role": "user", "content": "hi"}]}', "assistant"),
+  ('{"wrong": 1}', ":3: "),
+  ('{"input_ids": [1, 2, "x"]}', ":3: "),
+  ('{"text": "' + "word " * 400 + '"}', "seq"),
+])
+def test_bad_data_lines(base, tmp_path, line, message):
+  data = tmp_path / "bad.jsonl"
+  data.write_text('{"text": "fine"}\n\n' + line + "\n")
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(data), "--out", str(tmp_path / "run"), *TRAIN)
+  assert res.returncode == 2, res.stderr
+  assert message in res.stderr and "bad.jsonl" in res.stderr and "Traceback" not in res.stderr
+
+
+def _step_outputs(model, mesh, tc, batch):
+  """One train step on `mesh`: (metrics, updated trainable params) as host values."""
+  graphdef, abstract = abstract_model(model.config, jnp.float32, sharding.expert_shards(mesh))
+  tx = training.make_optimizer(tc)
+  with jax.set_mesh(mesh):
+    trainable, frozen = training.split_params(model, tc)
+    opt_state = jax.jit(tx.init)(trainable)
+    step = training.make_train_step(graphdef, abstract, tc, tx, model.config.router_aux_loss_coef)
+    shape = batch["tokens"].shape
+    spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=training.batch_sharding(mesh, shape)) for k in batch}
+    compiled = training.compile_step(step, trainable, frozen, opt_state, spec)
+    trainable, _, m = compiled(trainable, frozen, opt_state, training.device_batch(batch, mesh))
+  flat = checkpoint.unpadded(model.config, checkpoint.flatten(trainable))
+  return jax.device_get(m), {k: np.asarray(v) for k, v in flat.items()}
+
+
+@pytest.fixture(scope="module")
+def step_case(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("step")
+  save(make_model(seed=8, num_experts=6, num_experts_per_tok=2), tmp / "hf")
+  convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 101, (2, 4, 16)).astype(np.int32)  # [K, B, T]
+  batch = {
+    "tokens": tokens, "targets": np.roll(tokens, -1, axis=-1),
+    "loss_mask": (rng.random(tokens.shape) > 0.2).astype(np.int32),
+    "positions": np.broadcast_to(np.arange(16, dtype=np.int32), tokens.shape).copy(),
+    "segment_ids": np.ones_like(tokens),
+  }
+  tc = training.TrainConfig(steps=10, batch_size=4, seq_len=16, grad_accum=2, lr=1e-2, warmup_steps=0,
+                            compute_dtype="float32", remat="none")
+  return tmp / "ckpt", batch, tc
+
+
+@pytest.fixture(scope="module")
+def one_device_step(step_case):
+  ckpt, batch, tc = step_case
+  one = sharding.make_mesh({}, jax.devices()[:1])
+  return _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc, batch)
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"])
+def test_train_step_same_on_every_mesh(step_case, one_device_step, spec):
+  ckpt, batch, tc = step_case
+  ref_m, ref_p = one_device_step
+  mesh = sharding.make_mesh(spec)
+  m, p = _step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch)
+  np.testing.assert_allclose(m.loss, ref_m.loss, rtol=1e-5)
+  np.testing.assert_allclose(m.grad_norm, ref_m.grad_norm, rtol=1e-4)
+  # Adam's first step moves each weight by about lr * sign(gradient): gradients within rounding noise of zero
+  # may move differently, so allow 5% of lr (a wrong or missing gradient moves a weight by ~lr)
+  for k in ref_p:
+    np.testing.assert_allclose(p[k], ref_p[k], atol=0.05 * tc.lr, err_msg=k)
+
+
+def test_grad_accumulation_equals_one_big_batch(step_case, one_device_step):
+  ckpt, batch, tc = step_case
+  one = sharding.make_mesh({}, jax.devices()[:1])
+  m1, _ = one_device_step
+  big = {k: v.reshape(1, 8, 16) for k, v in batch.items()}
+  tc2 = dataclasses.replace(tc, grad_accum=1, batch_size=8)
+  m2, _ = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc2, big)
+  np.testing.assert_allclose(m1.ce, m2.ce, rtol=1e-6)
+  np.testing.assert_allclose(m1.tokens, m2.tokens)
+  # aux is averaged per micro-batch (a nonlinear statistic), so the gradients differ only through its 0.001 share
+  np.testing.assert_allclose(m1.grad_norm, m2.grad_norm, rtol=1e-3)
