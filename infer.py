@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from qwen_moe_jax import checkpoint, runtime
@@ -176,8 +177,9 @@ def run(args, folder: Path, mesh, dtype, backend) -> None:
   model = checkpoint.restore(folder, mesh, dtype, backend, cfg)
   generator = Generator(model, mesh)
 
+  lead = jax.process_index() == 0  # with several processes, the first one reports
   stream = None
-  if len(prompts) == 1 and not args.json and tok is not None:
+  if lead and len(prompts) == 1 and not args.json and tok is not None:
     stream = tok.stream_decoder(skip_special_tokens=True)
 
   def on_tokens(row: int, ids: list[int]) -> None:
@@ -188,6 +190,8 @@ def run(args, folder: Path, mesh, dtype, backend) -> None:
                               on_tokens if stream else None)
   if stream:
     print(stream.flush())
+  if not lead:
+    return
   for i, (p, out) in enumerate(zip(prompts, result.output_ids)):
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if args.json:
@@ -196,7 +200,9 @@ def run(args, folder: Path, mesh, dtype, backend) -> None:
       print(f"--- [{i + 1}] ---")
       print(text if text is not None else ",".join(map(str, out)))
   if args.dump_logits:
-    np.save(args.dump_logits, prompt_logits(model, prompts[0], mesh))
+    logits = prompt_logits(model, prompts[0], mesh)
+    if lead:
+      np.save(args.dump_logits, logits)
   print(f"prompt tokens: {result.prompt_tokens}, generated tokens: {result.generated_tokens}, "
         f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)

@@ -247,7 +247,7 @@ def _mesh_context(mesh):
 def _prompt_logits(graphdef, params, tokens):
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  return model.logits(model(tokens, positions).hidden)
+  return sharding.constrain(model.logits(model(tokens, positions).hidden), (None, None, None))  # every process reads it
 
 
 def prompt_logits(model: QwenMoeForCausalLM, ids: Sequence[int], mesh: jax.sharding.Mesh | None = None) -> np.ndarray:

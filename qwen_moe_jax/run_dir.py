@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+from jax.experimental import multihost_utils
 
 from qwen_moe_jax import checkpoint, hf_io
 from qwen_moe_jax.errors import UserError
@@ -50,10 +51,12 @@ class RunDir:
     if leftovers:
       raise UserError(f"{self.folder}: not a run folder of train.py and not empty ({leftovers[0]}); "
                       f"choose a new --out")
+    multihost_utils.sync_global_devices("run folder checked")  # every process looked before process 0 writes
     if jax.process_index() == 0:
       shutil.copyfile(hf_io.inside(source, "config.json", str(source)), self.folder / "config.json")
       hf_io.copy_side_files(source, self.folder)
       (self.folder / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
+    multihost_utils.sync_global_devices("run folder written")
 
   def recorded_config(self) -> dict[str, Any]:
     return json.loads((self.folder / TRAIN_CONFIG).read_text())

@@ -1,0 +1,163 @@
+"""Expert parallelism and sharding on 8 host CPU devices: same numbers as one device, any-mesh restores,
+the rules table, and two processes forming one 8-device mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_models import make_model, save
+from qwen_moe_jax import checkpoint, convert, sharding
+from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.generate import Generator
+from qwen_moe_jax.model import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+
+
+def mesh_of(spec: str | None) -> jax.sharding.Mesh:
+  if spec is None:
+    return sharding.make_mesh({}, jax.devices()[:1])
+  n = int(np.prod([int(p.split("=")[1]) for p in spec.split(",")]))
+  return sharding.make_mesh(spec, jax.devices()[:n])
+
+
+def logits_on(model, mesh, ids):
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def fn(params, x):
+    m = nnx.merge(graphdef, params)
+    return m.logits(m(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)).hidden)
+
+  with jax.set_mesh(mesh):
+    return np.asarray(fn(params, jnp.asarray(ids)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("shard")
+  save(make_model(seed=9, num_experts=12, num_experts_per_tok=3), tmp / "hf")  # 12 experts: expert=8 pads to 16
+  convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
+  ids = np.random.default_rng(0).integers(0, 101, (8, 10))
+  model = checkpoint.restore(tmp / "ckpt", dtype=jnp.float32)
+  reference = (logits_on(model, mesh_of(None), ids), Generator(model).generate(PROMPTS, 16).output_ids)
+  return tmp / "ckpt", ids, reference
+
+
+@pytest.mark.parametrize("spec", ["expert=2", "expert=4", "expert=8", "data=2,expert=4", "expert=4,tensor=2",
+                                  "fsdp=2,expert=2,tensor=2"])
+def test_same_logits_and_tokens_on_every_mesh(ckpt, spec):
+  folder, ids, (ref_logits, ref_tokens) = ckpt
+  mesh = mesh_of(spec)
+  model = checkpoint.restore(folder, mesh, jnp.float32)
+  wi = model.layers[0].mlp.experts_wi[...]
+  assert wi.shape[0] % mesh.shape["expert"] == 0 and wi.sharding.spec[0] == "expert"
+  np.testing.assert_allclose(logits_on(model, mesh, ids), ref_logits, atol=1e-5)
+  assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
+
+
+def test_save_on_one_mesh_restore_on_others(tmp_path):
+  cfg = QwenMoeConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, decoder_sparse_step=1)
+  (tmp_path / "ckpt").mkdir()
+  (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+  model = create_model(cfg, mesh_of("fsdp=2,expert=4"), jnp.float32, seed=3)  # 6 experts padded to 8
+  assert model.layers[0].mlp.experts_wi[...].shape[0] == 8
+  checkpoint.save_params(tmp_path / "ckpt" / checkpoint.PARAMS_DIR, model)
+  saved = checkpoint.unpadded(cfg, checkpoint.flatten(nnx.state(model)))
+  assert checkpoint.stored_shapes(checkpoint.locate(tmp_path / "ckpt"))["layers.0.mlp.experts_wi"][0][0] == 6
+  for spec in (None, "expert=2", "expert=8", "data=2,tensor=4"):
+    restored = checkpoint.restore(tmp_path / "ckpt", mesh_of(spec), jnp.float32)
+    flat = checkpoint.unpadded(cfg, checkpoint.flatten(nnx.state(restored)))
+    for k, v in saved.items():
+      np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v), err_msg=f"{spec}: {k}")
+
+
+def test_restore_into_other_config_names_the_parameter(ckpt):
+  folder = ckpt[0]
+  other = dataclasses.replace(checkpoint.load_config(folder), moe_intermediate_size=24)
+  with pytest.raises(UserError, match=r"layers\.0\.mlp\.experts_wi.* shape \(12, 48, 2, 20\).*\(12, 48, 2, 24\)"):
+    checkpoint.restore(folder, cfg=other)
+
+
+def test_rules_and_mesh_errors():
+  mesh = mesh_of("expert=4,tensor=2")
+  assert sharding.spec_for(("expert", "embed", None, "moe_mlp"), (8, 16, 2, 6), mesh) == \
+      jax.sharding.PartitionSpec("expert", None, None, "tensor")
+  assert sharding.spec_for(("kv_heads", None), (3, 8), mesh) == jax.sharding.PartitionSpec(None, None)  # 3 % 2
+  with pytest.raises(ValueError, match="both map to mesh axis 'tensor'"):
+    sharding.spec_for(("q_heads", "mlp"), (4, 4), mesh)
+  for bad, msg in [("expert=3", "uses 3 devices, but 8"), ("model=8", "axis one of"), ("expert=x", "integer"),
+                   ("expert=8,expert=1", "twice"), ("expert=0", ">= 1")]:
+    with pytest.raises(UserError, match=msg):
+      sharding.make_mesh(bad)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(script: str, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+  port = _free_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [subprocess.Popen([sys.executable, script, *args, "--coordinator", f"localhost:{port}",
+                             "--num-processes", "2", "--process-id", str(i)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+def test_two_processes_form_one_mesh(ckpt, tmp_path):
+  """2 processes x 4 CPU devices, experts split across both: infer.py gives the single-process numbers."""
+  folder = ckpt[0]
+  args = ["--checkpoint", str(folder), "--input-ids", "1,2,3,4,5", "--max-new-tokens", "12", "--dtype", "float32",
+          "--json", "--mesh", "data=2,expert=4", "--dump-logits", str(tmp_path / "multi.npy")]
+  results = _two_processes("infer.py", args)
+  for r in results:
+    assert r.returncode == 0, r.stderr[-2000:]
+  single = subprocess.run([sys.executable, "infer.py", *args[:-1], str(tmp_path / "single.npy")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr
+  json_lines = lambda out: [x for x in out.splitlines() if x.startswith("{")]  # noqa: E731 (gloo logs to stdout)
+  assert json_lines(results[0].stdout) == json_lines(single.stdout) and json_lines(results[1].stdout) == []
+  np.testing.assert_allclose(np.load(tmp_path / "multi.npy"), np.load(tmp_path / "single.npy"), atol=1e-5)
+
+
+def test_two_processes_train_like_one(ckpt, tmp_path):
+  folder = ckpt[0]
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps({"input_ids": [(i * 7 + j) % 101 for j in range(12)]}) + "\n" for i in range(16)))
+  args = ["--checkpoint", str(folder), "--data", str(data), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+          "--dtype", "float32", "--mesh", "data=2,expert=4", "--save-every", "3"]
+  results = _two_processes("train.py", args + ["--out", str(tmp_path / "multi")])
+  for r in results:
+    assert r.returncode == 0, r.stderr[-2000:]
+  single = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "single")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr
+  read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+  for a, b in zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
