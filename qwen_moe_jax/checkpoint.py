@@ -211,14 +211,21 @@ def save_params(path: str | Path, model: QwenMoeForCausalLM) -> None:
 class StreamingWriter:
   """Writes a parameter checkpoint one group at a time (Orbax partial saves), finalised at the end.
 
-  Until `finish()` the data lives in `<path>.partial_save`, which no reader takes for a checkpoint.
+  Until `finish()` the data lives in `<path>.partial_save`, which no reader takes for a checkpoint. Host
+  memory stays at about one group: saves are synchronous, so Orbax need not copy the arrays, and writes are
+  uncompressed (zstd would hold a compressed copy of the whole group until the save commits).
   """
 
   def __init__(self, path: str | Path):
     self.path = Path(path)
+    self.context = ocp.Context()
+    self.context.memory.deepcopy_host_arrays = False
+    self.context.array.saving.use_compression = False
 
   def write(self, flat: dict[str, np.ndarray]) -> None:
-    ocp.partial.save(self.path, unflatten(flat))
+    with self.context:
+      ocp.partial.save(self.path, unflatten(flat))
 
   def finish(self) -> None:
-    ocp.partial.finalize(self.path)
+    with self.context:
+      ocp.partial.finalize(self.path)

@@ -67,10 +67,10 @@ class QwenMoeConfig:
     ids = self.eos_token_ids or (BASE_EOS_ID, CHAT_EOS_ID)
     return tuple(i for i in ids if 0 <= i < self.vocab_size)
 
-  def validate(self) -> "QwenMoeConfig":
+  def validate(self, source: str = "config") -> "QwenMoeConfig":
     def need(ok: bool, key: str, what: str) -> None:
       if not ok:
-        raise UserError(f"config: {key} {what}")
+        raise UserError(f"{source}: {key} {what}")
 
     for key in (
       "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -122,8 +122,8 @@ class QwenMoeConfig:
       raise fail("use_sliding_window", "is true; sliding-window attention is not implemented")
     if any(t != "full_attention" for t in d.get("layer_types") or []):
       raise fail("layer_types", "contains a layer type other than 'full_attention' (not implemented)")
-    if float(d.get("attention_dropout") or 0.0) != 0.0:
-      raise fail("attention_dropout", f"must be 0 (dropout is not implemented), got {d['attention_dropout']}")
+    if d.get("attention_dropout") not in (None, 0, 0.0):
+      raise fail("attention_dropout", f"must be 0 (dropout is not implemented), got {d['attention_dropout']!r}")
 
     rope = d.get("rope_parameters")
     if rope is not None:
@@ -131,14 +131,21 @@ class QwenMoeConfig:
         raise fail("rope_parameters", f"must be an object, got {rope!r}")
       if rope.get("rope_type", "default") != "default":
         raise fail("rope_parameters.rope_type", f"must be 'default' (rope scaling is not implemented), got {rope['rope_type']!r}")
-      theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+      theta, theta_key = rope.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_parameters.rope_theta"
     else:
       if d.get("rope_scaling"):
         raise fail("rope_scaling", f"must be null (rope scaling is not implemented), got {d['rope_scaling']!r}")
-      theta = d.get("rope_theta", 10000.0)
+      theta, theta_key = d.get("rope_theta", 10000.0), "rope_theta"
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+      raise fail(theta_key, f"must be a number, got {theta!r}")
 
     eos = d.get("eos_token_id")
     eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in eos_ids):
+      raise fail("eos_token_id", f"must be an integer or a list of integers, got {eos!r}")
+    layers = d.get("mlp_only_layers") or []
+    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+      raise fail("mlp_only_layers", f"must be a list of layer indices, got {layers!r}")
 
     def read(key: str, typ: type, default: Any) -> Any:
       value = d.get(key, default)
@@ -166,7 +173,7 @@ class QwenMoeConfig:
       rope_theta=float(theta),
       qkv_bias=read("qkv_bias", bool, True),
       decoder_sparse_step=read("decoder_sparse_step", int, base.decoder_sparse_step),
-      mlp_only_layers=tuple(read("mlp_only_layers", list, [])),
+      mlp_only_layers=tuple(layers),
       num_experts=read("num_experts", int, base.num_experts),
       num_experts_per_tok=read("num_experts_per_tok", int, base.num_experts_per_tok),
       moe_intermediate_size=read("moe_intermediate_size", int, base.moe_intermediate_size),
@@ -179,7 +186,7 @@ class QwenMoeConfig:
       pad_token_id=read("pad_token_id", int, None),
       torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"),
     )
-    return cfg.validate()
+    return cfg.validate(source)
 
   @classmethod
   def from_file(cls, path: str | Path) -> "QwenMoeConfig":

@@ -20,7 +20,6 @@ from typing import Callable, Iterator
 import jax
 import ml_dtypes  # noqa: F401  (gives numpy the bfloat16 dtype)
 import numpy as np
-import orbax.checkpoint.experimental.v1 as ocp
 from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, hf_io
@@ -167,12 +166,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   for group in groups:
     _check_group(cfg, reader, group, by_group.get(group, []), shapes)
 
-  # Host memory stays at about one group: saves are synchronous, so Orbax need not copy the arrays, and
-  # uncompressed writes need no buffers (zstd would hold a compressed copy of the whole group until commit).
-  ctx = ocp.Context()
-  ctx.memory.deepcopy_host_arrays = False
-  ctx.array.saving.use_compression = False
-  with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging, ctx:
+  with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging:
     hf_io.copy_side_files(hf_dir, staging)  # first: a bad side file fails before the long part
     config_dict = dict(config_dict)
     config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
@@ -232,26 +226,35 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
   shapes = checkpoint.param_shapes(cfg)
   checkpoint.check_shapes(stored, shapes, str(loc.path))
   target = np.dtype(dtype) if dtype else stored["embed"][1]
-  by_group: dict[str, list[Binding]] = {}
-  for b in hub_bindings(cfg, shapes):
-    by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
+
+  def tensors(group: str, bindings: list[Binding]) -> dict[str, np.ndarray]:
+    params = checkpoint.read_group(loc, stored, group)
+    return {b.hf: np.ascontiguousarray(b.row.transform[1](params[b.path][b.part], b.heads(cfg)), dtype=target)
+            for b in bindings}
 
   with hf_io.staged_output(out_dir, force, protect=(ckpt_dir,)) as staging:
     hf_io.copy_side_files(ckpt_dir, staging)
     config_dict = hf_io.read_config(ckpt_dir)
     config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
     (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-    weight_map, total = {}, 0
-    for n, (group, bindings) in enumerate(tqdm(by_group.items(), desc="exporting", unit="group", disable=not progress)):
-      params = checkpoint.read_group(loc, stored, group)
-      tensors = {b.hf: np.ascontiguousarray(b.row.transform[1](params[b.path][b.part], b.heads(cfg)), dtype=target)
-                 for b in bindings}
-      shard = f"model-{n + 1:05d}-of-{len(by_group):05d}.safetensors"
-      hf_io.write_shard(staging / shard, tensors)
-      weight_map.update(dict.fromkeys(tensors, shard))
-      total += sum(t.nbytes for t in tensors.values())
-    hf_io.write_index(staging, weight_map, total)
+    write_hub_shards(staging, cfg, tensors, progress)
   return cfg
+
+
+def write_hub_shards(folder: Path, cfg: QwenMoeConfig,
+                     tensors: Callable[[str, list[Binding]], dict[str, np.ndarray]], progress: bool = False) -> None:
+  """The hub layout in one safetensors shard per group plus the index; `tensors(group, bindings)` makes a group."""
+  by_group: dict[str, list[Binding]] = {}
+  for b in hub_bindings(cfg, checkpoint.param_shapes(cfg)):
+    by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
+  weight_map, total = {}, 0
+  for n, (group, bindings) in enumerate(tqdm(by_group.items(), desc="writing", unit="group", disable=not progress)):
+    made = tensors(group, bindings)
+    shard = f"model-{n + 1:05d}-of-{len(by_group):05d}.safetensors"
+    hf_io.write_shard(folder / shard, made)
+    weight_map.update(dict.fromkeys(made, shard))
+    total += sum(t.nbytes for t in made.values())
+  hf_io.write_index(folder, weight_map, total)
 
 
 def _dtype(name: str, what: str = "--dtype") -> str:

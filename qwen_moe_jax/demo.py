@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qwen_moe_jax import checkpoint, convert, hf_io
+from qwen_moe_jax import checkpoint, convert
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE
 
@@ -64,19 +64,14 @@ def write_hf_demo(folder: str | Path, seed: int = 0) -> QwenMoeConfig:
   }, indent=2) + "\n")
   rng = np.random.default_rng(seed)
   shapes = checkpoint.param_shapes(cfg)
-  by_group: dict[str, list[convert.Binding]] = {}
-  for b in convert.hub_bindings(cfg, shapes):
-    by_group.setdefault(checkpoint.group_of(b.path), []).append(b)
-  weight_map, total = {}, 0
-  for n, bindings in enumerate(by_group.values()):
-    tensors = {}
+
+  def tensors(group: str, bindings: list[convert.Binding]) -> dict[str, np.ndarray]:
+    made = {}
     for b in bindings:
       shape = b.hf_shape(cfg, shapes)
       norm = b.hf.endswith("norm.weight")
-      tensors[b.hf] = np.ones(shape, np.float32) if norm else rng.normal(0, 0.02, shape).astype(np.float32)
-    shard = f"model-{n + 1:05d}-of-{len(by_group):05d}.safetensors"
-    hf_io.write_shard(folder / shard, tensors)
-    weight_map.update(dict.fromkeys(tensors, shard))
-    total += sum(t.nbytes for t in tensors.values())
-  hf_io.write_index(folder, weight_map, total)
+      made[b.hf] = np.ones(shape, np.float32) if norm else rng.normal(0, 0.02, shape).astype(np.float32)
+    return made
+
+  convert.write_hub_shards(folder, cfg, tensors)
   return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -224,6 +225,22 @@ def test_config_head_dim_and_eos(hf):
   assert QwenMoeConfig.from_hf_dict(dict(base, eos_token_id=[151643, 151645])).eos_token_ids == (151643, 151645)
   assert QwenMoeConfig.from_hf_dict(dict(base, eos_token_id=151643)).eos_token_ids == (151643,)
   assert QwenMoeConfig.from_hf_dict(dict(base, eos_token_id=None)).eos_token_ids == ()
+
+
+@pytest.mark.parametrize("edit,key", [
+  (dict(rope_parameters={"rope_type": "default", "rope_theta": "big"}), "rope_parameters.rope_theta"),
+  (dict(attention_dropout="0.1"), "attention_dropout"),
+  (dict(mlp_only_layers=["a"]), "mlp_only_layers"),
+  (dict(mlp_only_layers=[7]), "mlp_only_layers"),
+  (dict(eos_token_id="x"), "eos_token_id"),
+  (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+  (dict(num_key_value_heads=4), "num_key_value_heads"),
+  (dict(hidden_size=True), "hidden_size"),
+])
+def test_bad_config_values_name_file_and_key(hf, edit, key):
+  base = json.loads((hf["hub"] / "config.json").read_text())
+  with pytest.raises(UserError, match=rf"^my/config\.json: {re.escape(key)} "):
+    QwenMoeConfig.from_hf_dict(dict(base, **edit), source="my/config.json")
 
 
 def test_explicit_head_dim_converts(tmp_path):
