@@ -14,6 +14,7 @@ python benchmarks/convert_memory.py [--layers 4] [--workdir DIR] [--seed 0]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -29,49 +30,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CHUNK = 1 << 24  # values generated at a time (64 MiB of float32)
-CONFIG = {  # Qwen/Qwen1.5-MoE-A2.7B, transformers v4 style
-  "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_act": "silu",
-  "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16,
-  "num_key_value_heads": 16, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-  "rope_scaling": None, "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
-  "shared_expert_intermediate_size": 5632, "decoder_sparse_step": 1, "mlp_only_layers": [],
-  "norm_topk_prob": False, "tie_word_embeddings": False, "use_sliding_window": False, "attention_dropout": 0.0,
-  "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
-}
-
-
-def top_shapes(c: dict) -> dict[str, tuple[int, ...]]:
-  return {
-    "model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"]),
-    "model.norm.weight": (c["hidden_size"],),
-    "lm_head.weight": (c["vocab_size"], c["hidden_size"]),
-  }
-
-
-def layer_shapes(c: dict, i: int) -> dict[str, tuple[int, ...]]:
-  """Hub-layout tensor shapes of one sparse decoder layer (PyTorch Linear weights are [out, in])."""
-  d, f, s, e = c["hidden_size"], c["moe_intermediate_size"], c["shared_expert_intermediate_size"], c["num_experts"]
-  kv = c["num_key_value_heads"] * d // c["num_attention_heads"]
-  p = f"model.layers.{i}."
-  shapes = {
-    p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-    p + "self_attn.q_proj.weight": (d, d), p + "self_attn.q_proj.bias": (d,),
-    p + "self_attn.k_proj.weight": (kv, d), p + "self_attn.k_proj.bias": (kv,),
-    p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.v_proj.bias": (kv,),
-    p + "self_attn.o_proj.weight": (d, d),
-    p + "mlp.gate.weight": (e, d), p + "mlp.shared_expert_gate.weight": (1, d),
-    p + "mlp.shared_expert.gate_proj.weight": (s, d), p + "mlp.shared_expert.up_proj.weight": (s, d),
-    p + "mlp.shared_expert.down_proj.weight": (d, s),
-  }
-  for x in range(e):
-    shapes |= {p + f"mlp.experts.{x}.gate_proj.weight": (f, d), p + f"mlp.experts.{x}.up_proj.weight": (f, d),
-               p + f"mlp.experts.{x}.down_proj.weight": (d, f)}
-  return shapes
 
 
 def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -86,28 +48,27 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -
   return out
 
 
-def nbytes(shapes: dict[str, tuple[int, ...]]) -> int:
-  return sum(int(np.prod(s)) * BF16.itemsize for s in shapes.values())
-
-
 def build(folder: Path, layers: int, seed: int) -> dict[str, int]:
-  """Writes the synthetic HF folder; returns the sizes of its largest layer, group and tensor."""
+  """Writes the synthetic HF folder through the converter's own table; returns its largest layer, group, tensor."""
+  from qwen_moe_jax import checkpoint, convert
+  from qwen_moe_jax.config import PRESETS
+
   folder.mkdir(parents=True)
-  config = dict(CONFIG, num_hidden_layers=layers)
-  (folder / "config.json").write_text(json.dumps(config, indent=2))
+  cfg = dataclasses.replace(PRESETS["qwen1.5-moe-a2.7b"], num_hidden_layers=layers)
+  (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
   rng = np.random.default_rng(seed)
-  groups = [top_shapes(config)] + [layer_shapes(config, i) for i in range(layers)]
-  weight_map, total = {}, 0
-  for n, shapes in enumerate(groups):
-    shard = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
-    save_file({k: random_tensor(rng, k, s) for k, s in shapes.items()}, str(folder / shard), metadata={"format": "pt"})
-    weight_map |= dict.fromkeys(shapes, shard)
-    total += nbytes(shapes)
-  index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-  (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-  sizes = [nbytes(s) for s in groups]
-  return {"largest_layer_bytes": max(sizes[1:]), "largest_group_bytes": max(sizes),
-          "largest_tensor_bytes": max(nbytes({k: s}) for g in groups for k, s in g.items())}
+  shapes = checkpoint.param_shapes(cfg)
+  sizes: dict[str, list[int]] = {}  # group -> tensor sizes in bytes
+
+  def tensors(group: str, bindings: list) -> dict[str, np.ndarray]:
+    made = {b.hf: random_tensor(rng, b.hf, b.hf_shape(cfg, shapes)) for b in bindings}
+    sizes[group] = [t.nbytes for t in made.values()]
+    return made
+
+  convert.write_hub_shards(folder, cfg, tensors)
+  layer_sizes = [sum(v) for g, v in sizes.items() if g != "top"]
+  return {"largest_layer_bytes": max(layer_sizes), "largest_group_bytes": max(sum(v) for v in sizes.values()),
+          "largest_tensor_bytes": max(max(v) for v in sizes.values())}
 
 
 def measured(cmd: list[str]) -> tuple[float, int]:

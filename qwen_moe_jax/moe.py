@@ -7,6 +7,8 @@ The routed experts sit behind one function, `routed_experts`, with interchangeab
   dense   every expert on every token (the reference: simple, exact, O(N E) work)
   ragged  rows sorted by expert, two `jax.lax.ragged_dot`s (dropless; the CPU / TPU path)
   tokamax the same sorted rows through tokamax's Mosaic GPU grouped GEMM (optional `[gpu]` extra)
+Both grouped-GEMM backends run few-row batches (decoding) through `experts_gathered`, which reads only the
+weights of the experts in use.
 Under a mesh with an expert axis the block runs inside `jax.shard_map`: each device computes the experts it
 owns for every token routed to them and the partial outputs are summed across the expert axis.
 """
@@ -74,6 +76,25 @@ def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.rag
   return jnp.einsum("NKD,NK->ND", unsorted, weights)
 
 
+def experts_gathered(x, ids, weights, wi, wo, first_expert, ragged_dot=None):
+  """Few routed rows (decoding): gather just the K experts each token uses and run them as batched matmuls.
+
+  Reads N x K experts' weights instead of all E, which wins while N x K is small next to E. Same contract as
+  `experts_dense`.
+  """
+  del ragged_dot
+  e = wi.shape[0]
+  local = ids - first_expert  # [N, K]
+  mine = (local >= 0) & (local < e)
+  local = jnp.where(mine, local, 0)
+  h = jnp.einsum("ND,NKDCF->NKCF", x, wi[local])
+  y = jnp.einsum("NKF,NKFD->NKD", swiglu(h), wo[local])
+  return jnp.einsum("NKD,NK->ND", y, jnp.where(mine, weights, 0))
+
+
+GATHER_MAX_ROWS_PER_EXPERT = 0.5  # routed rows / local experts below which the gathered path is used
+
+
 def _tokamax_ragged_dot() -> Callable:
   try:
     import tokamax  # optional [gpu] extra
@@ -83,14 +104,19 @@ def _tokamax_ragged_dot() -> Callable:
 
 
 def routed_experts(x, ids, weights, wi, wo, first_expert: int | jax.Array, backend: str) -> jax.Array:
-  """Dispatch to a backend; all take x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D]."""
+  """Dispatch to a backend; all take x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D].
+
+  The grouped-GEMM backends hand small batches (fewer routed rows than half the local experts: decoding) to
+  `experts_gathered`, which reads only the experts in use.
+  """
   if backend == "dense":
     return experts_dense(x, ids, weights, wi, wo, first_expert)
-  if backend == "ragged":
-    return experts_sorted(x, ids, weights, wi, wo, first_expert)
-  if backend == "tokamax":
-    return experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=_tokamax_ragged_dot())
-  raise ValueError(f"expert backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
+  if backend not in ("ragged", "tokamax"):
+    raise ValueError(f"expert backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
+  if ids.size < GATHER_MAX_ROWS_PER_EXPERT * wi.shape[0]:
+    return experts_gathered(x, ids, weights, wi, wo, first_expert)
+  ragged_dot = _tokamax_ragged_dot() if backend == "tokamax" else jax.lax.ragged_dot
+  return experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=ragged_dot)
 
 
 def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
