@@ -9,6 +9,7 @@ passed in but never differentiated, so they cost no gradient or optimizer memory
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -112,13 +113,23 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def split_params(model: nnx.Module, tc: TrainConfig) -> tuple[dict, dict]:
-  """(trainable, frozen) nested dicts of the model's parameters, by TrainConfig.train_only / freeze."""
+  """(trainable, frozen) nested dicts of the model's parameters, by TrainConfig.train_only / freeze.
+
+  Frozen parameters are only ever read in the compute dtype, so they are held in it (half the memory of
+  float32 master weights for bfloat16 compute: frozen experts of A2.7B take 26 GB instead of 52).
+  """
   flat = checkpoint.flatten(nnx.state(model, nnx.Param))
   trainable = {k: v for k, v in flat.items() if tc.trainable(k)}
   if not trainable:
     raise UserError("--train-only / --freeze leave no parameter to train")
-  frozen = {k: v for k, v in flat.items() if k not in trainable}
+  compute = jnp.dtype(tc.compute_dtype)
+  frozen = {k: cast(v, compute) for k, v in flat.items() if k not in trainable}
   return checkpoint.unflatten(trainable), checkpoint.unflatten(frozen)
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  return x.astype(dtype)
 
 
 def expert_map(tree: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:

@@ -1,0 +1,164 @@
+"""Capacity planning: will this config fit on this mesh? Nothing is allocated; every array is abstract.
+
+For a preset (or a config.json) and a mesh over N devices, prints one JSON object with, per device:
+parameter bytes and KV-cache bytes for a batch and context (exact), and XLA's memory analysis of the
+compiled programs (`jax.jit(...).lower(...).compile().memory_analysis()`): a prefill of the prompt, one
+decode step, and with --train one optimizer step.
+
+The programs are compiled for N stand-in CPU devices (set below, before jax is imported). XLA's CPU backend
+computes bfloat16 matmuls in float32 and counts float32 copies of every weight as temporaries, which a GPU
+program does not make; so the temporaries reported are those of the same program in float32 throughout (no
+such copies; activations at 4 bytes, an upper bound for a bfloat16 program), and `peak_estimate_gb` adds
+them to the exact parameter, cache and optimizer bytes of the requested dtypes.
+
+python benchmarks/capacity.py --preset qwen2-57b-a14b --devices 8 --mesh expert=8 --batch 16 --context 4096
+python benchmarks/capacity.py --preset qwen1.5-moe-a2.7b --devices 1 --train --seq-len 4096 --batch 1 \\
+    --train-only attention,router,shared_expert
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+
+def parse_args() -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--preset", help="qwen1.5-moe-a2.7b or qwen2-57b-a14b")
+  src.add_argument("--config", help="a Hugging Face config.json")
+  ap.add_argument("--devices", type=int, default=8, help="devices in the mesh")
+  ap.add_argument("--mesh", help="axis=size pairs (default: all devices on the expert axis)")
+  ap.add_argument("--dtype", default="bfloat16", help="parameter / compute dtype for inference")
+  ap.add_argument("--batch", type=int, default=16, help="sequences at once")
+  ap.add_argument("--context", type=int, default=4096, help="KV-cache length (prompt + new tokens)")
+  ap.add_argument("--prompt-len", type=int, default=1024, help="prefill length")
+  ap.add_argument("--train", action="store_true", help="also analyse one train step")
+  ap.add_argument("--seq-len", type=int, default=4096, help="train: tokens per row")
+  ap.add_argument("--param-dtype", default="float32", help="train: master-weight dtype")
+  ap.add_argument("--optimizer", default="adamw", help="train: adamw or adafactor")
+  ap.add_argument("--remat", default="full", help="train: none, full or dots")
+  ap.add_argument("--train-only", help="train: comma-separated parameter groups to train")
+  ap.add_argument("--expert-backend", default="ragged")
+  return ap.parse_args()
+
+
+ARGS = parse_args()
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from flax import nnx  # noqa: E402
+
+from qwen_moe_jax import checkpoint, data, generate, sharding, training  # noqa: E402
+from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
+from qwen_moe_jax.errors import UserError  # noqa: E402
+from qwen_moe_jax.kv_cache import CACHE_AXES, KVCache  # noqa: E402
+from qwen_moe_jax.model import abstract_model  # noqa: E402
+
+GB = 1e9
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def abstract_params(cfg: QwenMoeConfig, mesh, dtype) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, {path: ShapeDtypeStruct with its sharding}) of the model on `mesh`."""
+  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), ARGS.expert_backend)
+  shardings = checkpoint.flatten(sharding.param_shardings(abstract, mesh))
+  flat = checkpoint.flatten(abstract)
+  return graphdef, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat.items()}
+
+
+def temp_gb(compiled) -> float:
+  return round(compiled.memory_analysis().temp_size_in_bytes / GB, 3)
+
+
+def with_shardings(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def main() -> None:
+  cfg = PRESETS[ARGS.preset] if ARGS.preset else QwenMoeConfig.from_file(ARGS.config)
+  mesh = sharding.make_mesh(ARGS.mesh or {"expert": ARGS.devices})
+  dtype = jnp.dtype(ARGS.dtype)
+  params_gb = per_device_bytes(abstract_params(cfg, mesh, dtype)[1]) / GB
+  cache_shape = KVCache.shape(cfg, ARGS.batch, ARGS.context)
+  cache_spec = sharding.spec_for(CACHE_AXES, cache_shape, mesh)
+  one_buffer = jax.ShapeDtypeStruct(cache_shape, dtype, sharding=jax.sharding.NamedSharding(mesh, cache_spec))
+  kv_gb = 2 * cfg.num_hidden_layers * per_device_bytes(one_buffer) / GB
+  report = {
+    "benchmark": "capacity", "config": ARGS.preset or ARGS.config, "devices": ARGS.devices,
+    "mesh": dict(mesh.shape), "dtype": ARGS.dtype,
+    "parameters": sum(math.prod(s) for s in checkpoint.param_shapes(cfg).values()),
+    "param_gb_per_device": round(params_gb, 3),
+    "kv_cache": {"batch": ARGS.batch, "context": ARGS.context, "gb_per_device": round(kv_gb, 3),
+                 "gb_total": round(KVCache.nbytes(cfg, ARGS.batch, ARGS.context, dtype) / GB, 3)},
+  }
+  graphdef, flat = abstract_params(cfg, mesh, jnp.float32)  # the float32 program: see the module docstring
+  params = nnx.State(checkpoint.unflatten_state(abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1], flat))
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  statics = dict(cache_len=ARGS.context, max_new=ARGS.context - ARGS.prompt_len, sampling=generate.Sampling())
+  with jax.set_mesh(mesh):
+    keys = jax.eval_shape(lambda: generate._row_keys(0, ARGS.batch))
+    prefill_args = (params, i32(ARGS.batch, ARGS.prompt_len), i32(ARGS.batch), keys, i32(4))
+    prefill = generate.prefill.lower(graphdef, *prefill_args, **statics).compile()
+    state = with_shardings(jax.eval_shape(lambda *a: generate.prefill(graphdef, *a, **statics), *prefill_args),
+                           prefill.output_shardings)
+    decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=statics["sampling"]).compile()
+    report["prefill"] = {"prompt_len": ARGS.prompt_len, "temp_gb": temp_gb(prefill),
+                         "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
+    report["decode_step"] = {"temp_gb": temp_gb(decode), "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(decode), 3)}
+    if ARGS.train:
+      report["train_step"] = train_analysis(cfg, mesh)
+  report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  print(json.dumps(report))
+
+
+def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
+  groups = training.parse_groups(ARGS.train_only, "--train-only")
+  tc = training.TrainConfig(batch_size=ARGS.batch, seq_len=ARGS.seq_len, param_dtype=ARGS.param_dtype,
+                            optimizer=ARGS.optimizer, remat=ARGS.remat, compute_dtype="float32",
+                            train_only=frozenset(groups) if groups else None)
+  pdtype = jnp.dtype(tc.param_dtype)
+
+  def split(flat):
+    return (checkpoint.unflatten({k: v for k, v in flat.items() if tc.trainable(k)}),
+            checkpoint.unflatten({k: v for k, v in flat.items() if not tc.trainable(k)}))
+
+  def program(dtype):
+    graphdef, flat = abstract_params(cfg, mesh, dtype)
+    trainable, frozen = split(flat)
+    tx = training.make_optimizer(tc)
+    opt_state = with_shardings(jax.eval_shape(tx.init, trainable), jax.jit(tx.init).lower(trainable).compile().output_shardings)
+    return graphdef, trainable, frozen, tx, opt_state
+
+  _, trainable, frozen, _, opt_state = program(pdtype)
+  frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(ARGS.dtype), sharding=x.sharding),
+                        frozen)  # frozen parameters are held in the compute dtype (training.split_params)
+  graphdef, trainable32, frozen32, tx, opt32 = program(jnp.float32)
+  shape = (1, tc.batch_size, tc.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=training.batch_sharding(mesh, shape))
+           for k in data.FIELDS}
+  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), ARGS.expert_backend)[1]
+  step = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
+  temp = temp_gb(training.compile_step(step, trainable32, frozen32, opt32, batch))
+  held = {"trainable_gb_per_device": per_device_bytes(trainable) / GB, "frozen_gb_per_device": per_device_bytes(frozen) / GB,
+          "optimizer_state_gb_per_device": per_device_bytes(opt_state) / GB}
+  return {"batch": tc.batch_size, "seq_len": tc.seq_len, "param_dtype": tc.param_dtype, "optimizer": tc.optimizer,
+          "remat": tc.remat, "train_only": ARGS.train_only, **{k: round(v, 3) for k, v in held.items()},
+          "temp_gb": temp, "peak_estimate_gb": round(sum(held.values()) + temp, 3)}
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
