@@ -177,7 +177,7 @@ def load_padded(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> An
   out: dict[str, Any] = {}
   for group in groups:
     part = load(jax.tree_util.tree_map_with_path(
-      lambda p, x: x if _leaf_group(p) == group else ocp.PLACEHOLDER, full))
+      lambda p, x, group=group: x if _leaf_group(p) == group else ocp.PLACEHOLDER, full))
     for p, x in jax.tree_util.tree_flatten_with_path(part, is_leaf=lambda x: x is ocp.PLACEHOLDER)[0]:
       if x is not ocp.PLACEHOLDER:
         out[jax.tree_util.keystr(p)] = x

@@ -21,7 +21,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig

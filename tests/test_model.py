@@ -69,7 +69,7 @@ def test_fp32_parity(name, tmp_path):
 
   # per-layer hidden states: transformers gives the embeddings, then each layer's output (the last normed)
   ours = [np.asarray(h) for h in out.layer_outputs[:-1]] + [np.asarray(out.hidden)]
-  for i, (a, b) in enumerate(zip(ours, ref.hidden_states[1:])):
+  for i, (a, b) in enumerate(zip(ours, ref.hidden_states[1:], strict=True)):
     np.testing.assert_allclose(a, b.numpy(), atol=2e-5 * np.abs(b.numpy()).max(), err_msg=f"layer {i}")
 
   # router: logits, top-k experts and weights of every sparse layer

@@ -115,7 +115,7 @@ def test_resume_after_sigkill_matches_uninterrupted(base, straight, tmp_path):
   assert "resuming" in res.stderr
   a, b = metrics(straight), metrics(killed)
   assert [r["step"] for r in b] == list(range(1, 17))
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"]), x["step"]
 
   # the same flags are required to resume
