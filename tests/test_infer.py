@@ -153,9 +153,24 @@ def test_cli_missing_checkpoint(tmp_path):
   assert res.returncode == 2 and "nope" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_demo_runs_end_to_end():
-  res = infer("--demo", "--max-new-tokens", "12", "--json")
+def test_prompts_file_is_one_batch(tiny, tmp_path):
+  _, _, gen, ckpt = tiny
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"input_ids": PROMPTS[0]}) + "\n\n" + json.dumps({"input_ids": PROMPTS[2]}) + "\n")
+  res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--input-ids", "3,1,4", "--dtype",
+              "float32", "--temperature", "0", "--max-new-tokens", "20", "--json")
   assert res.returncode == 0, res.stderr
-  assert "RANDOM weights" in res.stderr and "tokens/s" in res.stderr
-  out = json.loads(res.stdout.strip().splitlines()[-1])
-  assert len(out["output_ids"]) >= 1 and isinstance(out["text"], str)
+  rows = [json.loads(x) for x in res.stdout.splitlines()]
+  assert [r["input_ids"] for r in rows] == [[3, 1, 4], PROMPTS[0], PROMPTS[2]]  # flags first, then the file
+  assert [r["output_ids"] for r in rows] == gen.generate([[3, 1, 4], PROMPTS[0], PROMPTS[2]], 20).output_ids
+  prompts.write_text('{"input_ids": [1]}\n{"prompt": "a", "chat": "b"}\n')
+  res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
+  assert res.returncode == 2 and "prompts.jsonl:2" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_demo_runs_end_to_end():
+  """The README's main job: random HF checkpoint -> converter -> chat template -> streamed generation."""
+  res = infer("--demo", "--max-new-tokens", "12")
+  assert res.returncode == 0, res.stderr
+  assert "RANDOM weights" in res.stderr and "generated tokens: " in res.stderr and "tokens/s" in res.stderr
+  assert res.stdout.endswith("\n")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +19,8 @@ from qwen_moe_jax import checkpoint, convert
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.losses import causal_lm_loss
 from qwen_moe_jax.model import QwenMoeForCausalLM, param_count
-from qwen_moe_jax.moe import experts_dense, experts_gathered, experts_sorted, load_balancing_loss, route
+from qwen_moe_jax.moe import (experts_dense, experts_gathered, experts_sorted, load_balancing_loss, route,
+                              routed_experts)
 
 CONFIGS = {
   "gqa": dict(),
@@ -192,6 +196,26 @@ def test_expert_kernels_agree_on_a_shard_of_experts(first_expert):
   ref = sum(float(w[t, j]) * (jax.nn.silu(x[t] @ wi[i, :, 0]) * (x[t] @ wi[i, :, 1])) @ wo[i]
             for j, i in ((j, int(ids[t, j]) - first_expert) for j in range(k)) if 0 <= i < e_local)
   np.testing.assert_allclose(dense[t], ref if not isinstance(ref, int) else np.zeros(d), rtol=1e-5, atol=1e-5)
+
+
+def test_tokamax_backend_dispatch(monkeypatch):
+  """The tokamax backend hands tokamax.ragged_dot the same arguments as jax.lax.ragged_dot (imitated on CPU)."""
+  calls = []
+
+  def fake_ragged_dot(lhs, rhs, group_sizes):
+    calls.append((lhs.shape, rhs.shape, group_sizes.shape))
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+  monkeypatch.setitem(sys.modules, "tokamax", types.SimpleNamespace(ragged_dot=fake_ragged_dot))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
+  ids = jnp.asarray(np.stack([rng.choice(6, 2, replace=False) for _ in range(20)]), jnp.int32)
+  w = jnp.asarray(rng.random((20, 2)), jnp.float32)
+  wi = jnp.asarray(rng.normal(size=(6, 8, 2, 5)), jnp.float32)
+  wo = jnp.asarray(rng.normal(size=(6, 5, 8)), jnp.float32)
+  out = routed_experts(x, ids, w, wi, wo, 0, "tokamax")
+  assert calls == [((40, 8), (6, 8, 10), (6,)), ((40, 5), (6, 5, 8), (6,))]
+  np.testing.assert_allclose(out, experts_dense(x, ids, w, wi, wo, 0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset,total,active", [

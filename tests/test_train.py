@@ -216,3 +216,28 @@ def test_grad_accumulation_equals_one_big_batch(step_case, one_device_step):
   np.testing.assert_allclose(m1.tokens, m2.tokens)
   # aux is averaged per micro-batch (a nonlinear statistic), so the gradients differ only through its 0.001 share
   np.testing.assert_allclose(m1.grad_norm, m2.grad_norm, rtol=1e-3)
+
+
+def test_non_finite_step_is_skipped_and_counted(step_case):
+  ckpt, batch, tc = step_case
+  one = sharding.make_mesh({}, jax.devices()[:1])
+  model = checkpoint.restore(ckpt, one, jnp.float32)
+  model.layers[0].attn.q_bias[...] = model.layers[0].attn.q_bias[...].at[0, 0].set(jnp.nan)
+  before = {k: np.asarray(v) for k, v in checkpoint.flatten(nnx.state(model)).items()}
+  m, after = _step_outputs(model, one, tc, batch)
+  assert not np.isfinite(m.loss) and int(m.skipped) == 1
+  for k in after:
+    np.testing.assert_array_equal(after[k], before[k], err_msg=k)  # no update applied
+
+
+def test_lean_optimizers_step(step_case):
+  """Adafactor, and AdamW with bfloat16 weights and first moments: one step, finite, parameters move."""
+  ckpt, batch, tc = step_case
+  one = sharding.make_mesh({}, jax.devices()[:1])
+  for lean in (dataclasses.replace(tc, optimizer="adafactor"),
+               dataclasses.replace(tc, param_dtype="bfloat16", moments_dtype="bfloat16", compute_dtype="bfloat16")):
+    model = checkpoint.restore(ckpt, one, jnp.dtype(lean.param_dtype))
+    before = {k: np.asarray(v, np.float32) for k, v in checkpoint.flatten(nnx.state(model)).items()}
+    m, after = _step_outputs(model, one, lean, batch)
+    assert np.isfinite(m.loss) and int(m.skipped) == 0
+    assert not np.allclose(after["layers.0.mlp.experts_wi"].astype(np.float32), before["layers.0.mlp.experts_wi"])
