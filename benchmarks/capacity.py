@@ -104,10 +104,11 @@ def main() -> None:
   graphdef, flat = abstract_params(cfg, mesh, jnp.float32)  # the float32 program: see the module docstring
   params = nnx.State(checkpoint.unflatten_state(abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1], flat))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  statics = dict(cache_len=ARGS.context, max_new=ARGS.context - ARGS.prompt_len, sampling=generate.Sampling())
+  statics = dict(cache_len=ARGS.context, max_new=generate.bucket(ARGS.context - ARGS.prompt_len),
+                 sampling=generate.Sampling())
   with jax.set_mesh(mesh):
     keys = jax.eval_shape(lambda: generate._row_keys(0, ARGS.batch))
-    prefill_args = (params, i32(ARGS.batch, ARGS.prompt_len), i32(ARGS.batch), keys, i32(4))
+    prefill_args = (params, i32(ARGS.batch, ARGS.prompt_len), i32(ARGS.batch), keys, i32(4), i32())
     prefill = generate.prefill.lower(graphdef, *prefill_args, **statics).compile()
     state = with_shardings(jax.eval_shape(lambda *a: generate.prefill(graphdef, *a, **statics), *prefill_args),
                            prefill.output_shardings)

@@ -2,9 +2,9 @@
 
 Prompts of different lengths share a batch: each row is right-padded, its cache slot s holds its position
 s, and padding is its own attention segment, so a row's tokens equal what the prompt gives alone. Shapes
-are bucketed (prompt length, cache length, batch) so new prompts rarely recompile. The decode loop is a
-`lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so the cache is updated
-in place; the host only wakes between chunks to stream the new tokens.
+are bucketed to powers of two (prompt length, cache length, batch, max new tokens), so new requests rarely
+recompile. The decode loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included)
+donated, so the cache is updated in place; the host only wakes between chunks to stream the new tokens.
 """
 
 from __future__ import annotations
@@ -65,13 +65,14 @@ def sample(logits: jax.Array, keys: jax.Array, s: Sampling) -> jax.Array:
 @dataclasses.dataclass
 class DecodeState:
   cache: KVCache
-  tokens: jax.Array  # [B, max_new] generated ids
+  tokens: jax.Array  # [B, M] generated ids (M: the bucketed max_new)
   last: jax.Array  # [B] the newest token
   positions: jax.Array  # [B] position of `last`
   done: jax.Array  # [B] bool
   step: jax.Array  # [] tokens generated so far
   keys: jax.Array  # [B] per-row PRNG keys
-  stop_ids: jax.Array  # [M] ids that end a row (-1: unused slot)
+  stop_ids: jax.Array  # [S] ids that end a row (-1: unused slot)
+  limit: jax.Array  # [] max_new_tokens: rows end after this many tokens
 
   def laid_out(self) -> "DecodeState":
     """Fixed shardings under a mesh (cache by the rules, the rest replicated), the same in and out of decode."""
@@ -91,8 +92,9 @@ def _step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "max_new", "sampling"))
-def prefill(graphdef, params, tokens, lengths, keys, stop_ids, *, cache_len, max_new, sampling) -> DecodeState:
-  """tokens [B, T] right-padded, lengths [B], stop_ids [M] (-1 padded) -> state with each row's first token."""
+def prefill(graphdef, params, tokens, lengths, keys, stop_ids, limit, *, cache_len, max_new, sampling) -> DecodeState:
+  """tokens [B, T] right-padded, lengths [B], stop_ids [S] (-1 padded), limit [] (<= max_new, the buffer
+  length) -> state with each row's first token."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -101,18 +103,17 @@ def prefill(graphdef, params, tokens, lengths, keys, stop_ids, *, cache_len, max
   out = model(tokens, positions, segments, cache=cache)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
   first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)
-  done = jnp.isin(first, stop_ids) | (max_new <= 1) | (lengths == 0)
+  done = jnp.isin(first, stop_ids) | (limit <= 1) | (lengths == 0)
   return DecodeState(
     cache=out.cache, tokens=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first), last=first,
-    positions=lengths, done=done, step=jnp.int32(1), keys=keys, stop_ids=stop_ids).laid_out()
+    positions=lengths, done=done, step=jnp.int32(1), keys=keys, stop_ids=stop_ids, limit=limit).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
 def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeState:
   """Up to `steps` more tokens per row, stopping early once every row is done."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
-  max_new = state.tokens.shape[1]
-  end = jnp.minimum(state.step + steps, max_new)
+  end = jnp.minimum(state.step + steps, state.limit)
 
   def cond(s: DecodeState):
     return (s.step < end) & ~jnp.all(s.done)
@@ -121,11 +122,11 @@ def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeSt
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
     token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.step), sampling)
     token = jnp.where(s.done, 0, token)
-    done = s.done | jnp.isin(token, s.stop_ids) | (s.step + 1 >= max_new)
+    done = s.done | jnp.isin(token, s.stop_ids) | (s.step + 1 >= s.limit)
     return DecodeState(
       cache=out.cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
       positions=jnp.where(s.done, s.positions, s.positions + 1), done=done, step=s.step + 1, keys=s.keys,
-      stop_ids=s.stop_ids).laid_out()
+      stop_ids=s.stop_ids, limit=s.limit).laid_out()
 
   return jax.lax.while_loop(cond, body, state.laid_out()).laid_out()
 
@@ -200,14 +201,16 @@ class Generator:
     stops[: len(stop_ids)] = stop_ids
     with _mesh_context(self.mesh):
       clock = [time.perf_counter()]  # start, prefill compiled, first tokens out, decode compiled, end
-      prefill_args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), _row_keys(seed, rows), jnp.asarray(stops))
-      run_prefill = self._compiled(prefill, prefill_args, cache_len=cache_len, max_new=max_new, sampling=sampling)
+      prefill_args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), _row_keys(seed, rows), jnp.asarray(stops),
+                      jnp.int32(max_new))
+      run_prefill = self._compiled(prefill, prefill_args, cache_len=cache_len, max_new=bucket(max_new),
+                                   sampling=sampling)
       clock.append(time.perf_counter())
       state = run_prefill(*prefill_args)
       outputs: list[list[int]] = [[] for _ in prompts]
       shown, run_decode = 0, None
       while True:
-        step, done, new = jax.device_get((state.step, state.done, state.tokens))  # [B, max_new]: small
+        step, done, new = jax.device_get((state.step, state.done, state.tokens))  # [B, M]: small
         self._collect(outputs, new[:, shown:int(step)], stop_ids, on_tokens)
         shown = int(step)
         if shown >= max_new or done[: len(prompts)].all():
