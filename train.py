@@ -147,7 +147,7 @@ def train(args, tc: training.TrainConfig, mesh, backend: str, run: RunDir) -> No
       m = jax.device_get(m)
       seconds = time.perf_counter() - tick
       done = step + 1
-      record = {"step": done, "loss": float(m.loss), "ce": float(m.ce), "aux_loss": float(m.aux_loss),
+      record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss), "ce": float(m.ce), "aux_loss": float(m.aux_loss),
                 "lr": float(lr(step)), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
                 "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
