@@ -112,15 +112,22 @@ def _prompts_file(path: Path) -> list[tuple[str, object, str]]:
   return specs
 
 
-def sampling_from(args: argparse.Namespace, folder: Path) -> Sampling:
-  """Flags win; else generation_config.json's sampling if it samples; else greedy."""
-  gen = {}
+def generation_config(folder: Path) -> dict:
+  """The checkpoint's generation_config.json ({} when absent), read once for sampling and stop ids."""
   path = folder / "generation_config.json"
-  if path.is_file():
-    try:
-      gen = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}: not valid JSON ({e})") from None
+  if not path.is_file():
+    return {}
+  try:
+    gen = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(gen, dict):
+    raise UserError(f"{path}: expected a JSON object")
+  return gen
+
+
+def sampling_from(args: argparse.Namespace, gen: dict) -> Sampling:
+  """Flags win; else generation_config.json's sampling if it samples; else greedy."""
   sampled = bool(gen.get("do_sample"))
   defaults = Sampling(
     temperature=float(gen.get("temperature", 1.0)) if sampled else 0.0,
@@ -132,16 +139,14 @@ def sampling_from(args: argparse.Namespace, folder: Path) -> Sampling:
     top_p=defaults.top_p if args.top_p is None else args.top_p).validate()
 
 
-def stop_ids(cfg, folder: Path, tok) -> list[int]:
+def stop_ids(cfg, gen: dict, tok) -> list[int]:
   """The config's EOS ids, generation_config.json's, and the tokenizer's EOS token."""
   ids = list(cfg.stop_ids())
-  path = folder / "generation_config.json"
-  if path.is_file():
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+  eos = gen.get("eos_token_id")
+  ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
   if tok is not None and tok.eos_token_id is not None:
     ids.append(tok.eos_token_id)
-  return sorted({i for i in ids if 0 <= i < cfg.vocab_size})
+  return sorted({i for i in ids if isinstance(i, int) and 0 <= i < cfg.vocab_size})
 
 
 def prepare_demo(workdir: Path) -> Path:
@@ -171,7 +176,8 @@ def run(args, folder: Path, mesh, dtype, backend) -> None:
   cfg = checkpoint.load_config(folder)
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
   prompts = read_prompts(args, tok)
-  sampling = sampling_from(args, folder)
+  gen = generation_config(folder)
+  sampling = sampling_from(args, gen)
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
   model = checkpoint.restore(folder, mesh, dtype, backend, cfg)
@@ -186,7 +192,7 @@ def run(args, folder: Path, mesh, dtype, backend) -> None:
     sys.stdout.write(stream.push(ids))
     sys.stdout.flush()
 
-  result = generator.generate(prompts, args.max_new_tokens, sampling, args.seed, stop_ids(cfg, folder, tok),
+  result = generator.generate(prompts, args.max_new_tokens, sampling, args.seed, stop_ids(cfg, gen, tok),
                               on_tokens if stream else None)
   if stream:
     print(stream.flush())

@@ -126,8 +126,7 @@ def train(args, tc: training.TrainConfig, mesh, backend: str, run: RunDir) -> No
     if start is None:
       opt_state = init(trainable)
     else:
-      wanted = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(tx.init, trainable), init.output_shardings)
+      wanted = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
       opt_state = run.load_opt_state(start, wanted, cfg.num_experts)
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
@@ -147,17 +146,16 @@ def train(args, tc: training.TrainConfig, mesh, backend: str, run: RunDir) -> No
       m = jax.device_get(m)
       seconds = time.perf_counter() - tick
       done = step + 1
-      record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss), "ce": float(m.ce), "aux_loss": float(m.aux_loss),
-                "lr": float(lr(step)), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
+      record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss), "ce": float(m.ce),
+                "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
                 "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
       run.log(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
       if done % args.save_every == 0 or done == tc.steps:
-        params = checkpoint.unflatten(checkpoint.unpadded(cfg, checkpoint.flatten(trainable) | checkpoint.flatten(frozen)))
-        opt_unpadded = training.expert_map(opt_state, lambda x: x[: cfg.num_experts])
-        run.save(done, params, opt_unpadded, {"step": done, "data_fingerprint": settings["data_fingerprint"]})
+        params = checkpoint.unflatten(checkpoint.flatten(trainable) | checkpoint.flatten(frozen))
+        run.save(done, checkpoint.unpadded(cfg, params), checkpoint.unpadded(cfg, opt_state))
   run.wait()
   plot = run.plot()
   print(f"trained to step {tc.steps}; run folder {run.folder}" + (f", loss curve {plot}" if plot else ""),

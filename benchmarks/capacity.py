@@ -80,10 +80,6 @@ def temp_gb(compiled) -> float:
   return round(compiled.memory_analysis().temp_size_in_bytes / GB, 3)
 
 
-def with_shardings(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def main() -> None:
   cfg = PRESETS[ARGS.preset] if ARGS.preset else QwenMoeConfig.from_file(ARGS.config)
   mesh = sharding.make_mesh(ARGS.mesh or {"expert": ARGS.devices})
@@ -110,8 +106,8 @@ def main() -> None:
     keys = jax.eval_shape(lambda: generate._row_keys(0, ARGS.batch))
     prefill_args = (params, i32(ARGS.batch, ARGS.prompt_len), i32(ARGS.batch), keys, i32(4), i32())
     prefill = generate.prefill.lower(graphdef, *prefill_args, **statics).compile()
-    state = with_shardings(jax.eval_shape(lambda *a: generate.prefill(graphdef, *a, **statics), *prefill_args),
-                           prefill.output_shardings)
+    state = sharding.with_shardings(
+      jax.eval_shape(lambda *a: generate.prefill(graphdef, *a, **statics), *prefill_args), prefill.output_shardings)
     decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=statics["sampling"]).compile()
     report["prefill"] = {"prompt_len": ARGS.prompt_len, "temp_gb": temp_gb(prefill),
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
@@ -137,7 +133,8 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
     graphdef, flat = abstract_params(cfg, mesh, dtype)
     trainable, frozen = split(flat)
     tx = training.make_optimizer(tc)
-    opt_state = with_shardings(jax.eval_shape(tx.init, trainable), jax.jit(tx.init).lower(trainable).compile().output_shardings)
+    init = jax.jit(tx.init).lower(trainable).compile()
+    opt_state = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
     return graphdef, trainable, frozen, tx, opt_state
 
   _, trainable, frozen, _, opt_state = program(pdtype)

@@ -151,8 +151,12 @@ def _leaf_group(path) -> str:
   return f"layers.{keys[keys.index('layers') + 1]}" if "layers" in keys else "top"
 
 
-def _is_expert_leaf(path, leaf) -> bool:
-  return bool(path) and _key_names(path)[-1] in EXPERT_LEAVES and getattr(leaf, "ndim", 0) >= 1
+def is_expert_leaf(path, leaf) -> bool:
+  """A routed-expert parameter (or optimizer state mirroring one): its leading axis is the experts.
+
+  Works on nested trees ({"layers": {"0": {"mlp": {"experts_wi": ...}}}}) and on flat dotted keys alike.
+  """
+  return bool(path) and str(_key_names(path)[-1]).rsplit(".", 1)[-1] in EXPERT_LEAVES and getattr(leaf, "ndim", 0) >= 1
 
 
 def load_padded(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> Any:
@@ -163,7 +167,7 @@ def load_padded(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> An
   an unpadded leaf that the expert axis cannot split is replicated for at most one layer at a time.
   """
   def request(path, x):
-    if not _is_expert_leaf(path, x) or x.shape[0] == num_experts:
+    if not is_expert_leaf(path, x) or x.shape[0] == num_experts:
       return x
     spec = list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
     axes = sharding.axes_of(spec[0])
@@ -197,9 +201,10 @@ def unflatten_state(abstract: nnx.State, values: dict[str, jax.Array]) -> nnx.St
   return nnx.from_flat_state([(p, v.replace(values[path_str(p)])) for p, v in flat])
 
 
-def unpadded(cfg: QwenMoeConfig, flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Drops padded experts: leaves named in EXPERT_LEAVES keep their first num_experts rows."""
-  return {k: v[: cfg.num_experts] if k.rsplit(".", 1)[-1] in EXPERT_LEAVES else v for k, v in flat.items()}
+def unpadded(cfg: QwenMoeConfig, tree: Any) -> Any:
+  """Drops padded experts: expert leaves (see is_expert_leaf) keep their first num_experts rows."""
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: x[: cfg.num_experts] if is_expert_leaf(p, x) else x, tree)
 
 
 def save_params(path: str | Path, model: QwenMoeForCausalLM) -> None:

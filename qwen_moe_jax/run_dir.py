@@ -3,7 +3,7 @@
 RUN_DIR/
   config.json, tokenizer files     copied from the source checkpoint (so infer.py / export take RUN_DIR)
   train_config.json                the hyper-parameters and data the run started with
-  checkpoints/<step>/              params (unpadded, param dtype), opt_state, progress; Orbax renames a step
+  checkpoints/<step>/              params (unpadded), opt_state (unpadded); Orbax renames a step
                                    into place only when complete, so a killed save is never the latest
   metrics.jsonl                    one object per logged step
   loss.png                         the loss curve, written at the end
@@ -61,11 +61,11 @@ class RunDir:
   def recorded_config(self) -> dict[str, Any]:
     return json.loads((self.folder / TRAIN_CONFIG).read_text())
 
-  def save(self, step: int, params: dict, opt_state: Any, progress: dict[str, Any]) -> None:
+  def save(self, step: int, params: dict, opt_state: Any) -> None:
     """Starts an async save of step `step`; an error of the previous save surfaces here (or in wait())."""
     self.wait()
     self._pending = self._ckpt.save_checkpointables_async(
-      step, {checkpoint.PARAMS_ITEM: params, "opt_state": opt_state, "progress": progress})
+      step, {checkpoint.PARAMS_ITEM: params, "opt_state": opt_state})
 
   def wait(self) -> None:
     if self._pending is not None:

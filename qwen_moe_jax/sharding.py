@@ -107,6 +107,11 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
   return nnx.map_state(one, abstract_state)
 
 
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """Abstract arrays (anything with shape and dtype) paired with shardings -> ShapeDtypeStructs carrying them."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def current_mesh() -> jax.sharding.AbstractMesh | None:
   """The mesh set by `jax.set_mesh`, or None when running unsharded."""
   mesh = jax.sharding.get_abstract_mesh()

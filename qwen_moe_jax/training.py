@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -130,14 +130,6 @@ def split_params(model: nnx.Module, tc: TrainConfig) -> tuple[dict, dict]:
 @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
 def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
   return x.astype(dtype)
-
-
-def expert_map(tree: Any, fn: Callable[[jax.Array], jax.Array]) -> Any:
-  """Applies fn to every leaf stored under a routed-expert parameter name (leading axis = experts)."""
-  def one(path, leaf):
-    name = getattr(path[-1], "key", None) if path else None
-    return fn(leaf) if name in checkpoint.EXPERT_LEAVES and getattr(leaf, "ndim", 0) >= 1 else leaf
-  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 @jax.tree_util.register_dataclass
