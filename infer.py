@@ -25,6 +25,7 @@ import numpy as np
 from qwen_moe_jax import checkpoint, runtime
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, Sampling, prompt_logits
+from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 DEMO_CHAT = "Tell me about mixture-of-experts language models."
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="build a small RANDOM-weight qwen2_moe checkpoint (HF layout + tokenizer), convert it, "
                        "and generate from it: shows the whole pipeline and its speed, no files needed")
   ap.add_argument("--prompt", action="append", default=[], help="raw text prompt (repeatable)")
-  ap.add_argument("--chat", action="append", default=[], help="a user message, rendered with the chat template (repeatable)")
+  ap.add_argument("--chat", action="append", default=[],
+                  help="a user message, rendered with the chat template (repeatable)")
   ap.add_argument("--system", help="system prompt for --chat")
   ap.add_argument("--input-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
   ap.add_argument("--prompts-file", help="JSONL: one {prompt|chat|messages|input_ids} object per line")
@@ -48,10 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", action="store_true", help='one {"input_ids", "output_ids", "text"} object per prompt')
   ap.add_argument("--dump-logits", help="save fp32 logits over the prompt positions [T, V] (one prompt) with numpy")
+  ap.add_argument("--prefill-rows", type=int,
+                  help="prompts per prefill call (default: all); fewer bound the prefill's memory for large batches")
   runtime.add_args(ap)
   args = ap.parse_args(argv)
   if bool(args.checkpoint) == bool(args.demo):
     ap.error("give exactly one of --checkpoint DIR or --demo")
+  if args.prefill_rows is not None and args.prefill_rows < 1:
+    raise UserError(f"--prefill-rows must be >= 1, got {args.prefill_rows}")
   return args
 
 
@@ -166,13 +172,13 @@ def prepare_demo(workdir: Path) -> Path:
 @cli_main
 def main() -> None:
   args = parse_args()
-  mesh, dtype, backend = runtime.setup(args)
+  mesh, dtype, kernels = runtime.setup(args)
   with tempfile.TemporaryDirectory(prefix="qwen-moe-demo-") as tmp:
     folder = prepare_demo(Path(tmp)) if args.demo else Path(args.checkpoint)
-    run(args, folder, mesh, dtype, backend)
+    run(args, folder, mesh, dtype, kernels)
 
 
-def run(args, folder: Path, mesh, dtype, backend) -> None:
+def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   cfg = checkpoint.load_config(folder)
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
   prompts = read_prompts(args, tok)
@@ -180,8 +186,8 @@ def run(args, folder: Path, mesh, dtype, backend) -> None:
   sampling = sampling_from(args, gen)
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
-  model = checkpoint.restore(folder, mesh, dtype, backend, cfg)
-  generator = Generator(model, mesh)
+  model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
+  generator = Generator(model, mesh, prefill_rows=args.prefill_rows)
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
   stream = None

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, data, runtime, sharding, training
 from qwen_moe_jax.errors import UserError, cli_main
+from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import REMAT_POLICIES, abstract_model
 from qwen_moe_jax.run_dir import RunDir
 from qwen_moe_jax.tokenizer import load_tokenizer
@@ -87,15 +88,15 @@ def main() -> None:
   tc = train_config(args)
   if args.save_every < 1:
     raise UserError(f"--save-every must be >= 1, got {args.save_every}")
-  mesh, _, backend = runtime.setup(args)
+  mesh, _, kernels = runtime.setup(args)
   run = RunDir(args.out, keep=args.keep)
   try:
-    train(args, tc, mesh, backend, run)
+    train(args, tc, mesh, kernels, run)
   finally:
     run.close()
 
 
-def train(args, tc: training.TrainConfig, mesh, backend: str, run: RunDir) -> None:
+def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -> None:
   settings = recordable(tc, args.data)
   start = run.latest_step
   if start is None:
@@ -116,10 +117,10 @@ def train(args, tc: training.TrainConfig, mesh, backend: str, run: RunDir) -> No
   stream = data.BatchStream(documents, tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack)
 
   param_dtype = runtime.DTYPES[tc.param_dtype]
-  model = checkpoint.restore(source, mesh, param_dtype, backend, cfg)
+  model = checkpoint.restore(source, mesh, param_dtype, kernels, cfg)
   trainable, frozen = training.split_params(model, tc)
   del model
-  graphdef, abstract = abstract_model(cfg, param_dtype, sharding.expert_shards(mesh), backend)
+  graphdef, abstract = abstract_model(cfg, param_dtype, sharding.expert_shards(mesh), kernels)
   tx = training.make_optimizer(tc)
   with jax.set_mesh(mesh):
     init = jax.jit(tx.init).lower(trainable).compile()
@@ -147,7 +148,8 @@ def train(args, tc: training.TrainConfig, mesh, backend: str, run: RunDir) -> No
       seconds = time.perf_counter() - tick
       done = step + 1
       record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss), "ce": float(m.ce),
-                "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm), "tokens": int(m.tokens),
+                "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm),
+                "tokens": int(m.tokens),
                 "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()

@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--optimizer", default="adamw", help="train: adamw or adafactor")
   ap.add_argument("--remat", default="full", help="train: none, full or dots")
   ap.add_argument("--train-only", help="train: comma-separated parameter groups to train")
-  ap.add_argument("--expert-backend", default="ragged")
+  ap.add_argument("--expert-backend", default="ragged", help="dense, ragged or tokamax")
   return ap.parse_args()
 
 
@@ -51,12 +51,12 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 from flax import nnx  # noqa: E402
 
 from qwen_moe_jax import checkpoint, data, generate, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.errors import UserError  # noqa: E402
+from qwen_moe_jax.kernels import Kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import CACHE_AXES, KVCache  # noqa: E402
 from qwen_moe_jax.model import abstract_model  # noqa: E402
 
@@ -70,7 +70,7 @@ def per_device_bytes(tree) -> int:
 
 def abstract_params(cfg: QwenMoeConfig, mesh, dtype) -> tuple[nnx.GraphDef, dict]:
   """(graphdef, {path: ShapeDtypeStruct with its sharding}) of the model on `mesh`."""
-  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), ARGS.expert_backend)
+  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), Kernels(experts=ARGS.expert_backend))
   shardings = checkpoint.flatten(sharding.param_shardings(abstract, mesh))
   flat = checkpoint.flatten(abstract)
   return graphdef, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat.items()}
@@ -98,7 +98,8 @@ def main() -> None:
                  "gb_total": round(KVCache.nbytes(cfg, ARGS.batch, ARGS.context, dtype) / GB, 3)},
   }
   graphdef, flat = abstract_params(cfg, mesh, jnp.float32)  # the float32 program: see the module docstring
-  params = nnx.State(checkpoint.unflatten_state(abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1], flat))
+  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1]
+  params = nnx.State(checkpoint.unflatten_state(abstract, flat))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
   statics = dict(cache_len=ARGS.context, max_new=generate.bucket(ARGS.context - ARGS.prompt_len),
                  sampling=generate.Sampling())
@@ -111,7 +112,8 @@ def main() -> None:
     decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=statics["sampling"]).compile()
     report["prefill"] = {"prompt_len": ARGS.prompt_len, "temp_gb": temp_gb(prefill),
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
-    report["decode_step"] = {"temp_gb": temp_gb(decode), "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(decode), 3)}
+    report["decode_step"] = {"temp_gb": temp_gb(decode),
+                             "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(decode), 3)}
     if ARGS.train:
       report["train_step"] = train_analysis(cfg, mesh)
   report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -144,10 +146,11 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
   shape = (1, tc.batch_size, tc.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=training.batch_sharding(mesh, shape))
            for k in data.FIELDS}
-  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), ARGS.expert_backend)[1]
+  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), Kernels(experts=ARGS.expert_backend))[1]
   step = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
   temp = temp_gb(training.compile_step(step, trainable32, frozen32, opt32, batch))
-  held = {"trainable_gb_per_device": per_device_bytes(trainable) / GB, "frozen_gb_per_device": per_device_bytes(frozen) / GB,
+  held = {"trainable_gb_per_device": per_device_bytes(trainable) / GB,
+          "frozen_gb_per_device": per_device_bytes(frozen) / GB,
           "optimizer_state_gb_per_device": per_device_bytes(opt_state) / GB}
   return {"batch": tc.batch_size, "seq_len": tc.seq_len, "param_dtype": tc.param_dtype, "optimizer": tc.optimizer,
           "remat": tc.remat, "train_only": ARGS.train_only, **{k: round(v, 3) for k, v in held.items()},

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
 
 PARAMS_DIR = "params"
@@ -128,15 +129,16 @@ def read_group(loc: Location, shapes: dict[str, tuple[tuple[int, ...], np.dtype]
 
 
 def restore(folder: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
-            expert_backend: str = "ragged", cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
+            kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
   """Builds the model from a checkpoint or run folder, every parameter created directly in its sharding."""
   cfg = cfg or load_config(folder)
   loc = locate(folder)
   check_shapes(stored_shapes(loc), param_shapes(cfg), str(loc.path))
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
-  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), expert_backend)
+  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels)
   target = flatten(sharding.param_shardings(abstract, mesh))
-  wanted = unflatten({k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=target[k]) for k, v in flatten(abstract).items()})
+  wanted = unflatten({k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=target[k])
+                      for k, v in flatten(abstract).items()})
   item = {"checkpointable_name": loc.item} if loc.item else {}
   values = load_padded(lambda request: ocp.load(loc.path, request, **item), wanted, cfg.num_experts)
   return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, flatten(values))))

@@ -130,7 +130,8 @@ class QwenMoeConfig:
       if not isinstance(rope, dict):
         raise fail("rope_parameters", f"must be an object, got {rope!r}")
       if rope.get("rope_type", "default") != "default":
-        raise fail("rope_parameters.rope_type", f"must be 'default' (rope scaling is not implemented), got {rope['rope_type']!r}")
+        raise fail("rope_parameters.rope_type",
+                   f"must be 'default' (rope scaling is not implemented), got {rope['rope_type']!r}")
       theta, theta_key = rope.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_parameters.rope_theta"
     else:
       if d.get("rope_scaling"):

@@ -85,8 +85,9 @@ TABLE: tuple[Row, ...] = (
   Row(L + "mlp.experts.gate_up_proj", P + "mlp.experts_wi", (), FUSED_GATE_UP, hub=False),
   Row(L + "mlp.experts.down_proj", P + "mlp.experts_wo", (), BATCHED_T, hub=False),
 )
-_PATTERNS = [(re.compile("^" + re.escape(r.hf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$"), r)
-             for r in TABLE]
+_PATTERNS = [
+  (re.compile("^" + re.escape(r.hf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$"), r)
+  for r in TABLE]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   return cfg
 
 
+def hf_tensor(cfg: QwenMoeConfig, b: Binding, param: np.ndarray) -> np.ndarray:
+  """The HF tensor `b` names, made from our (whole) parameter it binds to."""
+  return b.row.transform[1](param[b.part], b.heads(cfg))
+
+
 def _check_group(cfg, reader: hf_io.SafetensorsReader, group: str, bindings: list[Binding], shapes) -> None:
   """From the headers alone: every tensor has its expected shape and fills each parameter element once."""
   filled: dict[str, list[Binding]] = {path: [] for path in shapes if checkpoint.group_of(path) == group}
@@ -229,8 +235,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
 
   def tensors(group: str, bindings: list[Binding]) -> dict[str, np.ndarray]:
     params = checkpoint.read_group(loc, stored, group)
-    return {b.hf: np.ascontiguousarray(b.row.transform[1](params[b.path][b.part], b.heads(cfg)), dtype=target)
-            for b in bindings}
+    return {b.hf: np.ascontiguousarray(hf_tensor(cfg, b, params[b.path]), dtype=target) for b in bindings}
 
   with hf_io.staged_output(out_dir, force, protect=(ckpt_dir,)) as staging:
     hf_io.copy_side_files(ckpt_dir, staging)

@@ -26,6 +26,7 @@ from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
 
 MIN_BUCKET = 16
+CACHE_STEP = 256  # cache lengths above this are multiples of it (see cache_bucket)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,22 +92,41 @@ def _step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "max_new", "sampling"))
-def prefill(graphdef, params, tokens, lengths, keys, stop_ids, limit, *, cache_len, max_new, sampling) -> DecodeState:
-  """tokens [B, T] right-padded, lengths [B], stop_ids [S] (-1 padded), limit [] (<= max_new, the buffer
-  length) -> state with each row's first token."""
-  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
-  b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
-  cache = KVCache.zeros(model.config, b, cache_len, model.embed[...].dtype)
-  out = model(tokens, positions, segments, cache=cache)
-  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)
-  done = jnp.isin(first, stop_ids) | (limit <= 1) | (lengths == 0)
+@functools.partial(jax.jit, static_argnames=("cfg", "rows", "cache_len", "max_new", "dtype"))
+def empty_state(keys, stop_ids, limit, *, cfg, rows, cache_len, max_new, dtype) -> DecodeState:
+  """A state with an empty [rows, cache_len] cache and every row done until `prefill` fills it."""
+  zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
-    cache=out.cache, tokens=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first), last=first,
-    positions=lengths, done=done, step=jnp.int32(1), keys=keys, stop_ids=stop_ids, limit=limit).laid_out()
+    cache=KVCache.zeros(cfg, rows, cache_len, dtype), tokens=jnp.zeros((rows, max_new), jnp.int32), last=zeros,
+    positions=zeros, done=jnp.ones((rows,), bool), step=jnp.int32(1), keys=keys, stop_ids=stop_ids,
+    limit=limit).laid_out()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
+def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampling) -> DecodeState:
+  """Runs G prompts and puts them in rows [row, row + G) of the state: their keys and values in the cache
+  (slots [0, T)) and their first token.
+
+  tokens [G, T] right-padded, lengths [G] (0: an unused row, done from the start), row [].
+  """
+  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
+  g, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (g, t))
+  segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
+  out = model(tokens, positions, segments, cache=KVCache.zeros(model.config, g, t, state.cache.k[0].dtype))
+  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
+  start = row if g < state.last.shape[0] else 0  # one group for all rows: a static offset, which shards cleanly
+  keys = jax.lax.dynamic_slice_in_dim(state.keys, start, g)
+  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)
+  done = jnp.isin(first, state.stop_ids) | (state.limit <= 1) | (lengths == 0)
+
+  def put(whole, part):  # part [G, ...] -> rows [start, start + G) of whole [B, ...], from index 0 of the rest
+    return jax.lax.dynamic_update_slice(whole, part.astype(whole.dtype), (start,) + (0,) * (whole.ndim - 1))
+
+  cache = KVCache(k=tuple(map(put, state.cache.k, out.cache.k)), v=tuple(map(put, state.cache.v, out.cache.v)))
+  return dataclasses.replace(
+    state, cache=cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
+    last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done)).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
@@ -136,6 +156,15 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
   return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
+def cache_bucket(n: int) -> int:
+  """Cache slots for n positions: a power of two up to CACHE_STEP, then the next multiple of CACHE_STEP.
+
+  Every decode step reads the whole cache, so a long context rounded to a power of two could read up to 2x the
+  bytes it needs (at batch 64 and 1k context the cache is about as big as the weights).
+  """
+  return bucket(n) if n <= CACHE_STEP else -(-n // CACHE_STEP) * CACHE_STEP
+
+
 @dataclasses.dataclass
 class Result:
   output_ids: list[list[int]]  # per prompt, generated ids (a stop id included, as transformers does)
@@ -154,11 +183,16 @@ class Result:
 class Generator:
   """Holds a model split into (graphdef, params); `generate` runs prompts through prefill + decode."""
 
-  def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16):
+  def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16,
+               prefill_rows: int | None = None):
+    """`chunk`: decode steps per device call (the host streams tokens between calls). `prefill_rows`: prompts
+    per prefill call (default: all at once); fewer bound the prefill's activations when the batch is large."""
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
     self.chunk = chunk
+    self.prefill_rows = prefill_rows
+    self.cache_dtype = model.embed[...].dtype
     self._executables: dict = {}
 
   def _compiled(self, fn, args: tuple, **statics):
@@ -189,9 +223,10 @@ class Generator:
     if max_new_tokens < 1:
       raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     max_new = min(max_new_tokens, cfg.max_position_embeddings - longest)
-    rows = bucket(len(prompts), minimum=1)
+    group = bucket(min(self.prefill_rows or len(prompts), len(prompts)), minimum=1)  # rows per prefill call
+    rows = -(-len(prompts) // group) * group  # a power of two, or a multiple of the prefill group
     t = bucket(longest)
-    cache_len = min(bucket(longest + max_new), max(cfg.max_position_embeddings, t))
+    cache_len = min(cache_bucket(longest + max_new), max(cfg.max_position_embeddings, t))
     tokens = np.zeros((rows, t), np.int32)
     lengths = np.zeros((rows,), np.int32)  # padding rows: length 0, done from the start
     for i, p in enumerate(prompts):
@@ -201,12 +236,13 @@ class Generator:
     stops[: len(stop_ids)] = stop_ids
     with _mesh_context(self.mesh):
       clock = [time.perf_counter()]  # start, prefill compiled, first tokens out, decode compiled, end
-      prefill_args = (self.params, jnp.asarray(tokens), jnp.asarray(lengths), _row_keys(seed, rows), jnp.asarray(stops),
-                      jnp.int32(max_new))
-      run_prefill = self._compiled(prefill, prefill_args, cache_len=cache_len, max_new=bucket(max_new),
+      state = empty_state(_row_keys(seed, rows), jnp.asarray(stops), jnp.int32(max_new), cfg=cfg, rows=rows,
+                          cache_len=cache_len, max_new=bucket(max_new), dtype=self.cache_dtype)
+      run_prefill = self._compiled(prefill, (self.params, state, tokens[:group], lengths[:group], np.int32(0)),
                                    sampling=sampling)
       clock.append(time.perf_counter())
-      state = run_prefill(*prefill_args)
+      for row in range(0, len(prompts), group):
+        state = run_prefill(self.params, state, tokens[row:row + group], lengths[row:row + group], np.int32(row))
       outputs: list[list[int]] = [[] for _ in prompts]
       shown, run_decode = 0, None
       while True:

@@ -90,7 +90,8 @@ class SafetensorsReader:
       if present - listed:
         raise UserError(f"{shard}: tensor '{sorted(present - listed)[0]}' is not in {index.name} for this shard")
       if listed - present:
-        raise UserError(f"{index.name}: tensor '{sorted(listed - present)[0]}' is listed in {shard_name} but missing there")
+        missing = sorted(listed - present)[0]
+        raise UserError(f"{index.name}: tensor '{missing}' is listed in {shard_name} but missing there")
 
   def _keys(self, shard: Path) -> list[str]:
     """Validates a shard with the safetensors library, then records where each tensor's bytes are."""

@@ -29,7 +29,8 @@ class KVCache:
     """An empty cache, laid out by the sharding rules when a mesh is set."""
     shape = cls.shape(cfg, batch, length)
     layers = range(cfg.num_hidden_layers)
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers)).laid_out()
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+               v=tuple(jnp.zeros(shape, dtype) for _ in layers)).laid_out()
 
   def laid_out(self) -> "KVCache":
     """Buffers constrained to the sharding rules' layout when a mesh is set."""

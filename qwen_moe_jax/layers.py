@@ -15,6 +15,8 @@ from flax import nnx
 from qwen_moe_jax.config import QwenMoeConfig
 
 F32 = jnp.float32
+FUSED_IMPLEMENTATION = "cudnn"  # jax.nn.dot_product_attention's backend for Kernels.attention == "cudnn"
+FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN flash attention takes
 INIT_STD = 0.02  # transformers' initializer_range for qwen2_moe
 
 
@@ -83,10 +85,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   return out.reshape(b, t, n, h)
 
 
+def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`attend` through jax.nn.dot_product_attention (cuDNN flash attention on GPU), for self-attention.
+
+  The mask [B, T, T] must be causal (it adds segments); `is_causal` lets the kernel skip the upper triangle.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
+                                      implementation=FUSED_IMPLEMENTATION)
+
+
 class Attention(nnx.Module):
   """Self-attention with q/k/v bias, no o bias; optional KV cache (see kv_cache.py)."""
 
-  def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs, backend: str = "xla"):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
     self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", None), dtype)  # [D, N, H]
     self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", None), dtype)  # [D, K, H]
@@ -97,6 +108,7 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (k, h), ("kv_heads", None), dtype, init="zeros")  # [K, H]
       self.v_bias = param(rngs, (k, h), ("kv_heads", None), dtype, init="zeros")  # [K, H]
     self.qkv_bias = cfg.qkv_bias
+    self.backend = backend  # Kernels.attention
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                cache: tuple[jax.Array, jax.Array] | None = None, slots: jax.Array | None = None,
@@ -119,7 +131,10 @@ class Attention(nnx.Module):
                cache[1].at[rows, slots].set(v.astype(cache[1].dtype)))
       if attend_cache:
         k, v = cache
-    out = attend(q, k, v, mask)
+    if self.backend == "cudnn" and not attend_cache and q.dtype in FUSED_DTYPES:
+      out = attend_fused(q, k, v, mask)
+    else:
+      out = attend(q, k, v, mask)
     return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), cache
 
 

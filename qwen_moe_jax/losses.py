@@ -33,7 +33,8 @@ def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Ar
     picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
 
-  chunks = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk), mask.reshape(-1, chunk).astype(F32))
+  chunks = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk),
+            mask.reshape(-1, chunk).astype(F32))
   return jnp.sum(jax.lax.map(nll, chunks)), jnp.sum(mask.astype(F32))
 
 

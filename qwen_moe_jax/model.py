@@ -19,6 +19,7 @@ from flax import nnx
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.layers import F32, Attention, Mlp, RMSNorm, attention_mask, param, rope_tables
 from qwen_moe_jax.moe import MoeBlock
@@ -34,13 +35,13 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: QwenMoeConfig, index: int, dtype: jnp.dtype, rngs: nnx.Rngs, expert_shards: int,
-               expert_backend: str):
+               kernels: Kernels):
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-    self.attn = Attention(cfg, dtype, rngs)
+    self.attn = Attention(cfg, dtype, rngs, kernels.attention)
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
     self.is_moe = cfg.is_moe_layer(index)
     if self.is_moe:
-      self.mlp = MoeBlock(cfg, dtype, rngs, expert_shards, expert_backend)
+      self.mlp = MoeBlock(cfg, dtype, rngs, expert_shards, kernels.experts)
     else:
       self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
@@ -70,12 +71,13 @@ class Output:
 
 class QwenMoeForCausalLM(nnx.Module):
   def __init__(self, cfg: QwenMoeConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.bfloat16,
-               expert_shards: int = 1, expert_backend: str = "ragged"):
-    """`expert_shards`: the expert axis size; experts are padded to a multiple of it (never routed to)."""
+               expert_shards: int = 1, kernels: Kernels = Kernels()):
+    """`expert_shards`: the expert axis size; experts are padded to a multiple of it (never routed to).
+    `kernels`: which implementations run the routed experts and attention (see kernels.py)."""
     self.config = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)  # [V, D]
     self.layers = nnx.List([
-      DecoderLayer(cfg, i, dtype, rngs, expert_shards, expert_backend) for i in range(cfg.num_hidden_layers)
+      DecoderLayer(cfg, i, dtype, rngs, expert_shards, kernels) for i in range(cfg.num_hidden_layers)
     ])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
     self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)  # [D, V]
@@ -127,23 +129,23 @@ class QwenMoeForCausalLM(nnx.Module):
 
 
 def abstract_model(cfg: QwenMoeConfig, dtype: jnp.dtype = jnp.float32, expert_shards: int = 1,
-                   expert_backend: str = "ragged") -> tuple[nnx.GraphDef, nnx.State]:
+                   kernels: Kernels = Kernels()) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, state of ShapeDtypeStructs): the model's structure without allocating it."""
   model = nnx.eval_shape(lambda: QwenMoeForCausalLM(
-    cfg, rngs=nnx.Rngs(0), dtype=dtype, expert_shards=expert_shards, expert_backend=expert_backend))
+    cfg, rngs=nnx.Rngs(0), dtype=dtype, expert_shards=expert_shards, kernels=kernels))
   return nnx.split(model)
 
 
 def create_model(cfg: QwenMoeConfig, mesh: jax.sharding.Mesh, dtype: jnp.dtype = jnp.bfloat16,
-                 expert_backend: str = "ragged", seed: int = 0) -> QwenMoeForCausalLM:
+                 kernels: Kernels = Kernels(), seed: int = 0) -> QwenMoeForCausalLM:
   """A randomly initialised model whose parameters are created directly in their shardings on `mesh`."""
   shards = sharding.expert_shards(mesh)
-  graphdef, abstract = abstract_model(cfg, dtype, shards, expert_backend)
+  graphdef, abstract = abstract_model(cfg, dtype, shards, kernels)
 
   @functools.partial(jax.jit, out_shardings=sharding.param_shardings(abstract, mesh))
   def init():
     return nnx.state(QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, expert_shards=shards,
-                                        expert_backend=expert_backend))
+                                        kernels=kernels))
 
   return nnx.merge(graphdef, init())
 

@@ -24,9 +24,8 @@ from flax import nnx
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.kernels import EXPERT_BACKENDS
 from qwen_moe_jax.layers import F32, Mlp, param, swiglu
-
-EXPERT_BACKENDS = ("dense", "ragged", "tokamax")
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -94,7 +93,7 @@ def experts_gathered(x, ids, weights, wi, wo, first_expert, ragged_dot=None):
 GATHER_MAX_ROWS_PER_EXPERT = 0.5  # routed rows / local experts below which the gathered path is used
 
 
-def _tokamax_ragged_dot() -> Callable:
+def tokamax_ragged_dot() -> Callable:
   try:
     import tokamax  # optional [gpu] extra
   except ImportError as e:
@@ -114,7 +113,7 @@ def routed_experts(x, ids, weights, wi, wo, first_expert: int | jax.Array, backe
     raise ValueError(f"expert backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
   if ids.size < GATHER_MAX_ROWS_PER_EXPERT * wi.shape[0]:
     return experts_gathered(x, ids, weights, wi, wo, first_expert)
-  ragged_dot = _tokamax_ragged_dot() if backend == "tokamax" else jax.lax.ragged_dot
+  ragged_dot = tokamax_ragged_dot() if backend == "tokamax" else jax.lax.ragged_dot
   return experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=ragged_dot)
 
 

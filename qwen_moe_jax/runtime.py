@@ -1,4 +1,4 @@
-"""Command-line runtime options shared by infer.py and train.py: dtype, mesh, expert backend, multi-host."""
+"""Command-line runtime options shared by infer.py and train.py: dtype, mesh, kernels, multi-host."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.moe import EXPERT_BACKENDS
+from qwen_moe_jax.kernels import ATTENTION_BACKENDS, EXPERT_BACKENDS, Kernels, default_kernels
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -22,7 +22,10 @@ def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> No
                                  "(default: every device on the expert axis)")
   ap.add_argument("--expert-backend", default=None, choices=EXPERT_BACKENDS,
                   help="routed-expert kernel (default: tokamax on GPU when installed, else ragged)")
-  multi = ap.add_argument_group("multi-host (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables)")
+  ap.add_argument("--attention", default=None, choices=ATTENTION_BACKENDS,
+                  help="self-attention kernel for prefill and training (default: cudnn on GPU, else xla)")
+  multi = ap.add_argument_group(
+    "multi-host (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables)")
   multi.add_argument("--coordinator", help="host:port of process 0")
   multi.add_argument("--num-processes", type=int)
   multi.add_argument("--process-id", type=int)
@@ -41,18 +44,8 @@ def init_distributed(args: argparse.Namespace) -> None:
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 
-def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, str]:
-  """Initialises multi-host if asked, then returns (mesh over all devices, dtype, expert backend)."""
+def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kernels]:
+  """Initialises multi-host if asked, then returns (mesh over all devices, dtype, kernels)."""
   init_distributed(args)
   mesh = sharding.make_mesh(args.mesh)
-  return mesh, DTYPES[args.dtype], args.expert_backend or default_backend()
-
-
-def default_backend() -> str:
-  if jax.default_backend() == "gpu":
-    try:
-      import tokamax  # noqa: F401
-      return "tokamax"
-    except ImportError:
-      pass
-  return "ragged"
+  return mesh, DTYPES[args.dtype], default_kernels(args.expert_backend, args.attention)

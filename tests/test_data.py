@@ -88,7 +88,8 @@ def test_template_that_rewrites_earlier_turns_is_refused(qwen3_tok, tmp_path):
   (doc,) = read_jsonl(_write(tmp_path, {"messages": CHAT[:3]}), qwen3_tok, 128, None)
   assert _loss_runs(qwen3_tok, doc) == ["<think>\n\n</think>\n\nHello!<|im_end|>\n"]
   path = _write(tmp_path, {"messages": CHAT})
-  with pytest.raises(UserError, match=f"^{re.escape(str(path))}:1: the chat template is not prefix-stable at assistant message 3"):
+  expected = f"^{re.escape(str(path))}:1: the chat template is not prefix-stable at assistant message 3"
+  with pytest.raises(UserError, match=expected):
     read_jsonl(path, qwen3_tok, 128, None)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert
-from qwen_moe_jax.generate import Generator, Sampling, prompt_logits
+from qwen_moe_jax.generate import Generator, Sampling, cache_bucket, prompt_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +91,21 @@ def test_batch_rows_equal_alone_and_transformers(tiny):
     assert row == hf_greedy(hf_model, prompt, 36)
 
 
+def test_prefill_in_row_groups_equals_one_prefill(tiny):
+  """Prompts prefilled a few rows at a time into one shared cache give what a single prefill gives."""
+  _, model, gen, _ = tiny
+  prompts = PROMPTS + [[8, 8, 2], [1, 2, 3, 4, 5, 6, 7]]  # 5 prompts: 6 rows, the last group half padding
+  grouped = Generator(model, prefill_rows=2)
+  assert grouped.generate(prompts, 20).output_ids == gen.generate(prompts, 20).output_ids
+  s = Sampling(temperature=1.0, top_k=5)
+  assert grouped.generate(prompts, 20, s, seed=4).output_ids == gen.generate(prompts, 20, s, seed=4).output_ids
+
+
+def test_cache_lengths():
+  lengths = (1, 17, 256, 257, 513, 1040, 2000, 2049)
+  assert [cache_bucket(n) for n in lengths] == [16, 32, 256, 512, 768, 1280, 2048, 2304]
+
+
 def test_kv_cache_decoding_equals_recompute(tiny):
   _, model, gen, _ = tiny
   prompt = PROMPTS[1]
@@ -136,6 +151,7 @@ def test_stops_on_eos(tiny):
   (["--prompt", "hello"], "tokenizer.json"),
   (["--input-ids", ",".join(["1"] * 300)], "context"),
   (["--max-new-tokens", "0", "--input-ids", "1"], "--max-new-tokens"),
+  (["--prefill-rows", "0"], "--prefill-rows"),
 ])
 def test_cli_bad_values(tiny, flags, message):
   ckpt = tiny[3]

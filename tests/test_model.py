@@ -15,12 +15,12 @@ from flax import nnx
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert
+from qwen_moe_jax import checkpoint, convert, layers
 from qwen_moe_jax.config import PRESETS
+from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.losses import causal_lm_loss
 from qwen_moe_jax.model import QwenMoeForCausalLM, param_count
-from qwen_moe_jax.moe import (experts_dense, experts_gathered, experts_sorted, load_balancing_loss, route,
-                              routed_experts)
+from qwen_moe_jax.moe import experts_dense, experts_gathered, experts_sorted, load_balancing_loss, route, routed_experts
 
 CONFIGS = {
   "gqa": dict(),
@@ -32,10 +32,10 @@ CONFIGS = {
 }
 
 
-def convert_and_restore(hf_model, tmp_path, dtype=jnp.float32, backend="ragged", **save_kwargs):
+def convert_and_restore(hf_model, tmp_path, dtype=jnp.float32, kernels=Kernels(), **save_kwargs):
   save(hf_model, tmp_path / "hf", **save_kwargs)
   convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
-  return checkpoint.restore(tmp_path / "ckpt", dtype=dtype, expert_backend=backend)
+  return checkpoint.restore(tmp_path / "ckpt", dtype=dtype, kernels=kernels)
 
 
 def hf_router_outputs(hf_model):
@@ -100,10 +100,10 @@ def test_aux_loss_with_padding_mask_matches_transformers():
   layers, n, e, k = 3, 40, 9, 3
   logits = rng.normal(size=(layers, n, e)).astype(np.float32) * 2
   mask = (rng.random((4, 10)) > 0.3).astype(np.float32)
-  ref = load_balancing_loss_func(tuple(torch.tensor(l) for l in logits), e, k, torch.tensor(mask))
+  ref = load_balancing_loss_func(tuple(torch.tensor(x) for x in logits), e, k, torch.tensor(mask))
   ours = load_balancing_loss(jnp.asarray(logits), k, jnp.asarray(mask.reshape(-1)))
   np.testing.assert_allclose(float(ours), float(ref), rtol=1e-6)
-  unmasked = load_balancing_loss_func(tuple(torch.tensor(l) for l in logits), e, k)
+  unmasked = load_balancing_loss_func(tuple(torch.tensor(x) for x in logits), e, k)
   np.testing.assert_allclose(float(load_balancing_loss(jnp.asarray(logits), k)), float(unmasked), rtol=1e-6)
   assert abs(float(ours) - float(unmasked)) > 1e-4  # the mask matters
 
@@ -170,9 +170,43 @@ def test_expert_backends_agree(tmp_path):
   positions = jnp.broadcast_to(jnp.arange(9), ids.shape)
   outs = {}
   for backend in ("dense", "ragged"):
-    model = convert_and_restore(hf_model, tmp_path / backend, backend=backend)
+    model = convert_and_restore(hf_model, tmp_path / backend, kernels=Kernels(experts=backend))
     outs[backend] = np.asarray(model.logits(model(jnp.asarray(ids), positions).hidden))
   np.testing.assert_allclose(outs["dense"], outs["ragged"], atol=1e-5)
+
+
+def test_fused_attention_matches_the_einsum(monkeypatch):
+  """attend_fused hands jax.nn.dot_product_attention a mask equal to ours (GQA, packed segments, padding).
+
+  On CPU the cuDNN call is imitated by the same function's XLA implementation.
+  """
+  monkeypatch.setattr(layers, "FUSED_IMPLEMENTATION", "xla")
+  rng = np.random.default_rng(5)
+  b, t, n, kv, h = 2, 11, 6, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0], [1] * 7 + [0] * 4], jnp.int32)
+  positions = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1], list(range(t))], jnp.int32)
+  mask = layers.attention_mask(positions, segments, positions, segments)
+  np.testing.assert_allclose(layers.attend_fused(q, k, v, mask), layers.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_backend_in_the_model(tmp_path, monkeypatch):
+  """Kernels(attention="cudnn") runs bf16 self-attention through attend_fused and agrees with the einsum path."""
+  calls = []
+  fused = layers.attend_fused
+  monkeypatch.setattr(layers, "FUSED_IMPLEMENTATION", "xla")
+  monkeypatch.setattr(layers, "attend_fused", lambda *a: calls.append(a[0].shape) or fused(*a))
+  hf_model = make_model(seed=12)
+  ids = np.random.default_rng(6).integers(0, 101, (2, 10))
+  positions = jnp.broadcast_to(jnp.arange(10), ids.shape)
+  logits = {}
+  for attention in ("xla", "cudnn"):
+    model = convert_and_restore(hf_model, tmp_path / attention, jnp.bfloat16, Kernels(attention=attention))
+    logits[attention] = np.asarray(model.logits(model(jnp.asarray(ids), positions).hidden))
+  assert len(calls) == hf_model.config.num_hidden_layers
+  scale = np.abs(logits["xla"]).max()
+  assert np.abs(logits["cudnn"] - logits["xla"]).max() < 0.02 * scale
+  assert (logits["cudnn"].argmax(-1) == logits["xla"].argmax(-1)).mean() > 0.95
 
 
 @pytest.mark.parametrize("first_expert", [0, 3, 8])

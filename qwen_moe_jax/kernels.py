@@ -1,0 +1,42 @@
+"""Kernel choices for the two hot spots, routed experts and self-attention.
+
+A choice changes speed and memory, never the result beyond rounding; tests hold every choice to the reference.
+`Kernels` is a frozen dataclass, so it sits in the model's static graph and keys compiled programs.
+
+  experts    dense    every expert on every token (the reference)
+             ragged   rows sorted by expert + jax.lax.ragged_dot (CPU / TPU; on GPU XLA computes it densely)
+             tokamax  the same rows through tokamax's Mosaic GPU grouped GEMM (the `[gpu]` extra)
+  attention  xla      einsum with an fp32 softmax over a materialised [B, N, T, S] score tensor
+             cudnn    jax.nn.dot_product_attention's cuDNN flash attention for prefill and training (bf16 / fp16;
+                      decoding over the cache and float32 runs keep the einsum)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import jax
+
+EXPERT_BACKENDS = ("dense", "ragged", "tokamax")
+ATTENTION_BACKENDS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  experts: str = "ragged"
+  attention: str = "xla"
+
+  def __post_init__(self):
+    if self.experts not in EXPERT_BACKENDS:
+      raise ValueError(f"expert backend must be one of {EXPERT_BACKENDS}, got {self.experts!r}")
+    if self.attention not in ATTENTION_BACKENDS:
+      raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+
+
+def default_kernels(experts: str | None = None, attention: str | None = None) -> Kernels:
+  """The fastest choices for the default jax backend, where not given: tokamax and cuDNN on GPU, XLA elsewhere."""
+  on_gpu = jax.default_backend() == "gpu"
+  has_tokamax = importlib.util.find_spec("tokamax") is not None
+  return Kernels(experts=experts or ("tokamax" if on_gpu and has_tokamax else "ragged"),
+                 attention=attention or ("cudnn" if on_gpu else "xla"))

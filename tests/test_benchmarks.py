@@ -1,0 +1,55 @@
+"""The GPU table's script, run end to end on CPU with a tiny config (float32), so the lent GPU's few minutes
+go to measuring, not debugging. Timings here mean nothing; the rows, parity and memory figures are checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill", "hf_throughput", "decode",
+          "throughput", "prefill", "profile", "train", "fit", "kernels", "done"}
+
+
+def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
+  """Asked for the GPU kernels on CPU, the probe finds both failing and the run goes on with the XLA paths."""
+  out = tmp_path / "table.jsonl"
+  res = subprocess.run([sys.executable, "benchmarks/gpu_table.py", "--preset", "tiny", "--out", str(out),
+                        "--trace", str(tmp_path / "trace"), "--experts", "tokamax", "--attention", "cudnn"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert res.stdout.splitlines() == out.read_text().splitlines()
+  probes = [r for r in records if r["stage"] == "probe"]
+  assert [(r["kernel"], r["ok"]) for r in probes[:-1]] == [("tokamax", False), ("cudnn", False)]
+  assert probes[-1]["using"] == {"experts": "ragged", "attention": "xla"}
+  assert [r for r in records if ("error" in r and r["stage"] != "probe") or "skipped" in r] == []
+  assert {r["stage"] for r in records} == STAGES
+  parity = [r for r in records if r["stage"] == "parity"]
+  assert len(parity) == 2  # reference kernels, and transformers on the same weights
+  assert all(r["max_abs_diff_over_scale"] < 1e-5 and r["argmax_agreement"] == 1.0 for r in parity)
+  rows = {(r["stage"], r.get("batch")): r for r in records}
+  assert rows[("decode", 1)]["ms_per_step"] > 0 and rows[("decode", 4)]["ms_per_step"] > 0
+  assert rows[("throughput", 8)]["new_tokens"] == 24 and rows[("throughput", 8)]["tokens_per_s"] > 0
+  fit = rows[("fit", 1)]
+  assert fit["freeze"] == ["experts"] and fit["held_gb"] > 0 and fit["step_temp_gb"] > 0
+  assert all(r["top_ops_ms"] for r in records if r["stage"] == "profile")
+
+
+def test_probe_accepts_kernels_that_agree(monkeypatch):
+  """The probe's own comparison (forward and backward): tokamax and cuDNN imitated by their XLA equivalents pass."""
+  monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+  import gpu_table
+  import jax
+
+  from qwen_moe_jax import layers
+  from qwen_moe_jax.kernels import Kernels
+  monkeypatch.setitem(sys.modules, "tokamax", types.SimpleNamespace(ragged_dot=jax.lax.ragged_dot))
+  monkeypatch.setattr(layers, "FUSED_IMPLEMENTATION", "xla")
+  run = gpu_table.Run(None, 100, None)
+  assert gpu_table.probe(run, gpu_table.PLANS["tiny"], Kernels("tokamax", "cudnn")) == Kernels("tokamax", "cudnn")
+  monkeypatch.setattr(layers, "attend_fused", lambda q, k, v, mask: layers.attend(q, k, v, mask) * 1.1)  # wrong
+  assert gpu_table.probe(run, gpu_table.PLANS["tiny"], Kernels("tokamax", "cudnn")) == Kernels("tokamax", "xla")
