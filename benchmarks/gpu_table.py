@@ -6,13 +6,14 @@ Stages, in order (A2.7B config, random bf16 weights):
                against the references; one that fails or disagrees is replaced by the XLA path for the run
   hf_train     transformers' fine-tuning step, A2.7B widths with 8 layers (its own random weights; run first,
                before JAX holds the memory)
-  parity       our default kernels vs the XLA reference kernels, and ours vs transformers: logits on 2 prompts
   hf_*         transformers decode ms/step (batch 1 / ctx 128, batch 64 / ctx 1000), prefill 16 x 1024, and a
                throughput estimate from those (a full 1000 + 1000 run of it takes minutes)
   decode       ours, the same decode rows
   throughput   ours: 1000-token prompts, exactly 1000 new tokens each, as many at once as the memory holds
                (prompt + generated tokens per second; prefill in groups of 16 rows)
   prefill      ours, 16 x 1024 tokens
+  parity       our kernels vs the reference kernels, and ours vs transformers: logits on 2 prompts (after the
+               timed rows, as it compiles two more programs)
   train        ours, the same fine-tuning shape as hf_train (bf16 parameters and moments, no remat)
   fit          full 24-layer fine-tuning on one device with frozen experts: memory held and step temporaries
   kernels      each routed-expert path at 1 to 16384 tokens, and attention at the training shape, timed alone
@@ -90,7 +91,8 @@ class Run:
     self.out, self.budget_s, self.only, self.start = out, budget_s, only, time.perf_counter()
 
   def wants(self, name: str) -> bool:
-    return self.only is None or name in self.only
+    """Stages outside STAGES (loading transformers' model) run whenever a stage that needs them does."""
+    return self.only is None or name in self.only or name not in STAGES
 
   def emit(self, **record) -> None:
     record["t_s"] = round(time.perf_counter() - self.start, 1)
@@ -206,6 +208,11 @@ def flops_per_token(cfg: QwenMoeConfig, seq: int) -> float:
   return 6 * active + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * seq / 2
 
 
+def mfu(tokens_per_s: float, cfg: QwenMoeConfig, seq: int, peak: float | None) -> float | None:
+  """Model FLOPs utilisation against the matmul rate measured in this run (None without it)."""
+  return round(tokens_per_s * flops_per_token(cfg, seq) / peak, 4) if peak else None
+
+
 # ---------------------------------------------------------------------------------------------------- transformers
 
 def torch_device():
@@ -213,11 +220,12 @@ def torch_device():
   return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def hf_model(cfg: QwenMoeConfig, dtype: str, flat: dict[str, jax.Array] | None = None):
-  """transformers' Qwen2MoeForCausalLM on the torch device; with `flat` (our parameters), the same weights."""
+def hf_model(cfg: QwenMoeConfig, dtype: str, flat: dict[str, jax.Array] | None = None, router_logits: bool = False):
+  """transformers' Qwen2MoeForCausalLM on the torch device; with `flat` (our parameters), the same weights.
+  `router_logits`: its forward returns them and adds the aux loss to the loss, as our training step does."""
   import torch
   import transformers
-  hf_cfg = transformers.Qwen2MoeConfig(**cfg.to_hf_dict())
+  hf_cfg = transformers.Qwen2MoeConfig(**cfg.to_hf_dict(), output_router_logits=router_logits)
   torch_dtype = getattr(torch, dtype)
   default = torch.get_default_dtype()
   torch.set_default_dtype(torch_dtype)
@@ -255,11 +263,11 @@ def hf_free():
     torch.cuda.empty_cache()
 
 
-def hf_train(run: Run, plan: Plan, peak: float) -> None:
+def hf_train(run: Run, plan: Plan, peak: float | None) -> None:
   import torch
   layers, batch, seq = plan.train
   cfg = dataclasses.replace(plan.cfg, num_hidden_layers=layers)
-  model = hf_model(cfg, plan.dtype).train()
+  model = hf_model(cfg, plan.dtype, router_logits=True).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=torch.cuda.is_available())
   ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=torch_device())
   for i in range(5):
@@ -274,7 +282,8 @@ def hf_train(run: Run, plan: Plan, peak: float) -> None:
   tps = batch * seq * 3 / (time.perf_counter() - t)
   memory = torch.cuda.max_memory_allocated() / GB if torch.cuda.is_available() else None
   run.emit(stage="hf_train", impl="transformers", layers=layers, batch=batch, seq=seq, remat=False,
-           tokens_per_s=round(tps, 1), mfu=round(tps * flops_per_token(cfg, seq) / peak, 4), peak_memory_gb=memory,
+           tokens_per_s=round(tps, 1), mfu=mfu(tps, cfg, seq, peak), peak_memory_gb=memory,
+           aux_loss=float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else None,
            experts_implementation=getattr(model.config, "_experts_implementation", None))
   del model, opt, out
   hf_free()
@@ -320,8 +329,15 @@ def hf_inference(run: Run, plan: Plan, model, prompts: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- this project
 
-def parity(run: Run, plan: Plan, kernels: Kernels, model, hf, prompts: list[list[int]]) -> None:
-  """Logits of our kernels vs the reference kernels, and vs transformers, on the same prompts."""
+def hf_logits(hf, prompts: list[list[int]]) -> np.ndarray:
+  """transformers' fp32 logits [P, T, V] at every position of each prompt."""
+  import torch
+  with torch.no_grad():
+    return np.stack([hf(torch.tensor([p], device=torch_device())).logits[0].float().cpu().numpy() for p in prompts])
+
+
+def parity(run: Run, plan: Plan, kernels: Kernels, model, theirs: np.ndarray | None, prompts: list[list[int]]) -> None:
+  """Logits of our kernels vs the reference kernels, and vs transformers' (`theirs`), on the same prompts."""
   ours = np.stack([prompt_logits(model, p) for p in prompts])
   reference_kernels = Kernels(experts="dense" if jax.default_backend() == "cpu" else "ragged", attention="xla")
   graphdef, _ = abstract_model(plan.cfg, jnp.dtype(plan.dtype), 1, reference_kernels)
@@ -334,10 +350,7 @@ def parity(run: Run, plan: Plan, kernels: Kernels, model, hf, prompts: list[list
 
   run.emit(stage="parity", what="our kernels vs reference kernels", kernels=dataclasses.asdict(kernels),
            reference=dataclasses.asdict(reference_kernels), **compare(ours, ref))
-  if hf is not None:
-    import torch
-    with torch.no_grad():
-      theirs = np.stack([hf(torch.tensor([p], device=torch_device())).logits[0].float().cpu().numpy() for p in prompts])
+  if theirs is not None:
     run.emit(stage="parity", what="ours vs transformers, same weights", dtype=plan.dtype, **compare(ours, theirs))
 
 
@@ -407,7 +420,7 @@ def synthetic_batch(cfg: QwenMoeConfig, batch: int, seq: int, rng) -> dict[str, 
   return {k: rows[k][None] for k in data.FIELDS}
 
 
-def our_train(run: Run, plan: Plan, kernels: Kernels, peak: float, stage: str, layers: int, batch: int, seq: int,
+def our_train(run: Run, plan: Plan, kernels: Kernels, peak: float | None, stage: str, layers: int, batch: int, seq: int,
               tc: training.TrainConfig, rng, trace: str | None = None) -> None:
   """Fine-tuning steps on a random model: tokens/s, MFU, memory held and the step's temporaries."""
   cfg = dataclasses.replace(plan.cfg, num_hidden_layers=layers)
@@ -443,7 +456,7 @@ def our_train(run: Run, plan: Plan, kernels: Kernels, peak: float, stage: str, l
   run.emit(stage=stage, impl="ours", layers=layers, batch=batch, seq=seq, param_dtype=tc.param_dtype,
            optimizer=tc.optimizer, remat=tc.remat, train_only=sorted(tc.train_only) if tc.train_only else None,
            freeze=sorted(tc.freeze) if tc.freeze else None, tokens_per_s=round(tps, 1),
-           mfu=round(tps * flops_per_token(cfg, seq) / peak, 4), loss=round(float(m.loss), 4),
+           mfu=mfu(tps, cfg, seq, peak), loss=round(float(m.loss), 4),
            held_gb=round(held / GB, 2), step_temp_gb=round(step.memory_analysis().temp_size_in_bytes / GB, 2),
            compile_s=round(compile_s, 1), kernels=dataclasses.asdict(kernels))
 
@@ -529,7 +542,7 @@ def main() -> None:
   plan = PLANS[args.preset]
   run = Run(args.out, args.budget_s, only)
   rng = np.random.default_rng(0)
-  peak = run.stage("machine", machine, run, plan) or 1.0
+  peak = run.stage("machine", machine, run, plan)  # None when not run: no MFU
   kernels = probe(run, plan, default_kernels(args.experts, args.attention))
   run.stage("hf_train", hf_train, run, plan, peak)
 
@@ -539,11 +552,12 @@ def main() -> None:
     flat = checkpoint.flatten(nnx.state(model, nnx.Param))
     prompts = {(b, p): rng.integers(0, plan.cfg.vocab_size, (b, p)).tolist()
                for b, p in [d[:2] for d in plan.decode] + [plan.prefill]}
-    hf = None
+    parity_prompts = [p[:64] for p in prompts[plan.decode[-1][:2]][:2]]
+    hf, theirs = None, None
     if run.wants("parity") or run.wants("hf_inference"):
       hf = run.stage("hf_load", hf_model, plan.cfg, plan.dtype, flat)
-    run.stage("parity", parity, run, plan, kernels, model, hf, [p[:64] for p in prompts[plan.decode[-1][:2]][:2]])
     if hf is not None:
+      theirs = run.stage("parity", hf_logits, hf, parity_prompts)
       run.stage("hf_inference", hf_inference, run, plan, hf, prompts)
       del hf
       hf_free()
@@ -551,6 +565,7 @@ def main() -> None:
     run.stage("decode", our_decode, run, plan, gen, prompts)
     run.stage("throughput", our_throughput, run, plan, model, flat, rng)
     run.stage("prefill", our_prefill, run, plan, gen, prompts)
+    run.stage("parity", parity, run, plan, kernels, model, theirs, parity_prompts)  # two more compiles: after the rows
     if args.trace:
       run.stage("profile", trace_decode, run, gen, prompts[plan.decode[0][:2]], args.trace)
     del gen, model, flat

@@ -39,6 +39,17 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   assert all(r["top_ops_ms"] for r in records if r["stage"] == "profile")
 
 
+def test_gpu_table_runs_only_the_stages_asked_for(tmp_path):
+  out = tmp_path / "table.jsonl"
+  res = subprocess.run([sys.executable, "benchmarks/gpu_table.py", "--preset", "tiny", "--out", str(out),
+                        "--only", "parity,hf_inference"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert {r["stage"] for r in records} == {"probe", "parity", "hf_decode", "hf_prefill", "hf_throughput", "done"}
+  assert [r["what"] for r in records if r["stage"] == "parity"] == ["our kernels vs reference kernels",
+                                                                    "ours vs transformers, same weights"]
+
+
 def test_probe_accepts_kernels_that_agree(monkeypatch):
   """The probe's own comparison (forward and backward): tokamax and cuDNN imitated by their XLA equivalents pass."""
   monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
