@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import warnings
 
 import jax
 
@@ -37,6 +38,10 @@ class Kernels:
 def default_kernels(experts: str | None = None, attention: str | None = None) -> Kernels:
   """The fastest choices for the default jax backend, where not given: tokamax and cuDNN on GPU, XLA elsewhere."""
   on_gpu = jax.default_backend() == "gpu"
-  has_tokamax = importlib.util.find_spec("tokamax") is not None
-  return Kernels(experts=experts or ("tokamax" if on_gpu and has_tokamax else "ragged"),
-                 attention=attention or ("cudnn" if on_gpu else "xla"))
+  if experts is None:
+    has_tokamax = importlib.util.find_spec("tokamax") is not None
+    if on_gpu and not has_tokamax:
+      warnings.warn("tokamax is not installed, so the routed experts run through XLA's ragged_dot, which on GPU "
+                    "computes every expert densely (~15x the work); pip install 'qwen-moe-jax[gpu]' (Python >= 3.12)")
+    experts = "tokamax" if on_gpu and has_tokamax else "ragged"
+  return Kernels(experts=experts, attention=attention or ("cudnn" if on_gpu else "xla"))
