@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
@@ -61,6 +62,32 @@ class DecoderLayer(nnx.Module):
     return x, router_logits, cache
 
 
+def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """table [V, D], tokens [B, T] -> [B, T, D].
+
+  Under a mesh this is an explicit shard_map (XLA's own partitioning of the gather replicates the table): each
+  device gathers its table's model-dim shards, looks up the tokens in its vocabulary shard (zeros for ids
+  outside it) and a psum over the vocabulary axes completes every row.
+  """
+  mesh = sharding.current_mesh()
+  if mesh is None:
+    return jnp.take(table, tokens, axis=0)
+  table_spec = sharding.spec_for(("vocab", "embed"), table.shape, mesh, "embed")
+  token_spec = sharding.spec_for(("batch", None), tokens.shape, mesh, "tokens")
+  vocab_axes, embed_axes = sharding.axes_of(table_spec[0]), sharding.axes_of(table_spec[1])
+
+  def local(table, tokens):  # table [V/v, D/e], tokens [B/b, T]
+    for a in embed_axes:
+      table = jax.lax.all_gather(table, a, axis=1, tiled=True)
+    ids = tokens - sharding.shard_index(vocab_axes, mesh) * table.shape[0]
+    mine = (ids >= 0) & (ids < table.shape[0])
+    x = jnp.where(mine[..., None], jnp.take(table, jnp.where(mine, ids, 0), axis=0), 0)
+    return jax.lax.psum(x, vocab_axes) if vocab_axes else x
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, token_spec),
+                       out_specs=P(*token_spec, None))(table, tokens)
+
+
 @dataclasses.dataclass
 class Output:
   hidden: jax.Array  # [B, T, D] after the final norm
@@ -93,7 +120,7 @@ class QwenMoeForCausalLM(nnx.Module):
     cfg = self.config
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    x = sharding.constrain(jnp.take(self.embed[...], tokens, axis=0), ACTIVATION_AXES)
+    x = sharding.constrain(embed_lookup(self.embed[...], tokens), ACTIVATION_AXES)
     cos, sin = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta, x.dtype)
     if attend_cache:
       slots = jnp.arange(cache.length, dtype=positions.dtype)

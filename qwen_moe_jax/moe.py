@@ -140,10 +140,8 @@ def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
       wo = jax.lax.all_gather(wo, a, axis=2, tiled=True)
     if gather_tokens:
       x, ids, weights = (jax.lax.all_gather(t, gather_tokens, axis=0, tiled=True) for t in (x, ids, weights))
-    shard = 0
-    for a in expert_axes:  # row-major index of this device among the expert shards
-      shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
-    y = routed_experts(x, ids, weights, wi, wo, shard * local_experts, backend)
+    first = sharding.shard_index(expert_axes, mesh) * local_experts
+    y = routed_experts(x, ids, weights, wi, wo, first, backend)
     if sum_axes:
       y = jax.lax.psum(y, sum_axes)
     if gather_tokens:

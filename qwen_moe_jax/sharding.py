@@ -113,6 +113,14 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
+def shard_index(axes: Sequence[str], mesh) -> jax.Array | int:
+  """Inside shard_map: this device's row-major index among the shards of a dimension split over `axes`."""
+  index = 0
+  for a in axes:
+    index = index * mesh.shape[a] + jax.lax.axis_index(a)
+  return index
+
+
 def current_mesh() -> jax.sharding.AbstractMesh | None:
   """The mesh set by `jax.set_mesh`, or None when running unsharded."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -22,7 +22,7 @@ from qwen_moe_jax import checkpoint, convert, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator
-from qwen_moe_jax.model import create_model
+from qwen_moe_jax.model import create_model, embed_lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -161,3 +161,25 @@ def test_two_processes_train_like_one(ckpt, tmp_path):
   for a, b in zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2", "expert=2,tensor=2,fsdp=2"])
+def test_embedding_lookup_and_its_gradient_on_split_tables(spec):
+  """The shard_map lookup (vocabulary over tensor, model dim over fsdp) equals jnp.take, ids at every shard edge."""
+  rng = np.random.default_rng(3)
+  table = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)  # [V, D]
+  tokens = jnp.asarray(np.concatenate([[0, 7, 8, 15, 16, 31, 32, 63], rng.integers(0, 64, 24)]).reshape(4, 8))
+  weights = jnp.asarray(rng.normal(size=(4, 8, 12)), jnp.float32)
+  mesh = mesh_of(spec)
+
+  def loss(lookup, table):
+    return jnp.sum(lookup(table, tokens) * weights)
+
+  with jax.set_mesh(mesh):
+    table_sharded = jax.device_put(table, jax.sharding.NamedSharding(
+      mesh, sharding.spec_for(("vocab", "embed"), table.shape, mesh)))
+    got = jax.jit(embed_lookup)(table_sharded, tokens)
+    grad = jax.jit(jax.grad(lambda t: loss(embed_lookup, t)))(table_sharded)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.take(table, tokens, axis=0)))
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda t: loss(
+    lambda a, b: jnp.take(a, b, axis=0), t))(table)), rtol=1e-6, atol=1e-6)
