@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 
 import jax
@@ -48,4 +49,9 @@ def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kerne
   """Initialises multi-host if asked, then returns (mesh over all devices, dtype, kernels)."""
   init_distributed(args)
   mesh = sharding.make_mesh(args.mesh)
-  return mesh, DTYPES[args.dtype], default_kernels(args.expert_backend, args.attention)
+  kernels = default_kernels(args.expert_backend, args.attention)
+  if kernels.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise UserError(f"--attention cudnn needs a GPU (jax's backend here is {jax.default_backend()}); use xla")
+  if kernels.experts == "tokamax" and importlib.util.find_spec("tokamax") is None:
+    raise UserError("--expert-backend tokamax needs tokamax: pip install 'qwen-moe-jax[gpu]' (Python >= 3.12)")
+  return mesh, DTYPES[args.dtype], kernels

@@ -152,6 +152,8 @@ def test_stops_on_eos(tiny):
   (["--input-ids", ",".join(["1"] * 300)], "context"),
   (["--max-new-tokens", "0", "--input-ids", "1"], "--max-new-tokens"),
   (["--prefill-rows", "0"], "--prefill-rows"),
+  (["--attention", "cudnn"], "needs a GPU"),
+  (["--expert-backend", "tokamax"], "needs tokamax"),
 ])
 def test_cli_bad_values(tiny, flags, message):
   ckpt = tiny[3]

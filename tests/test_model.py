@@ -267,3 +267,14 @@ def test_full_size_models_build_abstractly(preset, total, active):
   assert abs(count - total) / total < 0.01
   assert abs((count - inactive) - active) / active < 0.03
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+
+
+def test_default_kernels_warn_without_tokamax_on_gpu(monkeypatch):
+  """On a GPU without tokamax the experts fall back to XLA's ragged_dot, with a warning (it is dense there)."""
+  from qwen_moe_jax import kernels
+  assert kernels.default_kernels() == Kernels("ragged", "xla")  # this CPU
+  monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+  with pytest.warns(UserWarning, match="tokamax is not installed"):
+    assert kernels.default_kernels() == Kernels("ragged", "cudnn")
+  assert kernels.default_kernels("dense", "xla") == Kernels("dense", "xla")  # asked for: no warning needed
