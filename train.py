@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -131,9 +130,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       opt_state = run.load_opt_state(start, wanted, cfg.num_experts)
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
-    batch_spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=training.batch_sharding(mesh, shape))
-                  for k in data.FIELDS}
-    compiled = training.compile_step(step_fn, trainable, frozen, opt_state, batch_spec)
+    compiled = training.compile_step(step_fn, trainable, frozen, opt_state, training.batch_spec(mesh, shape))
     first = start or 0
     run.truncate_metrics(first)
     lr = training.schedule(tc)
@@ -149,8 +146,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       done = step + 1
       record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss), "ce": float(m.ce),
                 "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm),
-                "tokens": int(m.tokens),
-                "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
+                "tokens": int(m.tokens), "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
       run.log(record)

@@ -433,11 +433,9 @@ def our_train(run: Run, plan: Plan, kernels: Kernels, peak: float | None, stage:
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init)(trainable)
     host = synthetic_batch(cfg, batch, seq, rng)
-    spec = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32, sharding=training.batch_sharding(mesh, v.shape))
-            for k, v in host.items()}
     t = time.perf_counter()
     step = training.compile_step(training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef),
-                                 trainable, frozen, opt_state, spec)
+                                 trainable, frozen, opt_state, training.batch_spec(mesh, host["tokens"].shape))
     compile_s = time.perf_counter() - t
     device_batch = training.device_batch(host, mesh)
     held = sum(x.nbytes for x in jax.tree.leaves((trainable, frozen, opt_state)))

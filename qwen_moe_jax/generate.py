@@ -2,9 +2,10 @@
 
 Prompts of different lengths share a batch: each row is right-padded, its cache slot s holds its position
 s, and padding is its own attention segment, so a row's tokens equal what the prompt gives alone. Shapes
-are bucketed to powers of two (prompt length, cache length, batch, max new tokens), so new requests rarely
-recompile. The decode loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included)
-donated, so the cache is updated in place; the host only wakes between chunks to stream the new tokens.
+are bucketed (prompt length, batch and max new tokens to powers of two, the cache by `cache_bucket`), so new
+requests rarely recompile; `prefill_rows` prompts at a time are prefilled into one shared cache. The decode
+loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so the cache is
+updated in place; the host only wakes between chunks to stream the new tokens.
 """
 
 from __future__ import annotations

@@ -35,13 +35,17 @@ class Kernels:
       raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
 
 
+def has_tokamax() -> bool:
+  return importlib.util.find_spec("tokamax") is not None
+
+
 def default_kernels(experts: str | None = None, attention: str | None = None) -> Kernels:
   """The fastest choices for the default jax backend, where not given: tokamax and cuDNN on GPU, XLA elsewhere."""
   on_gpu = jax.default_backend() == "gpu"
   if experts is None:
-    has_tokamax = importlib.util.find_spec("tokamax") is not None
-    if on_gpu and not has_tokamax:
+    installed = has_tokamax()
+    if on_gpu and not installed:
       warnings.warn("tokamax is not installed, so the routed experts run through XLA's ragged_dot, which on GPU "
                     "computes every expert densely (~15x the work); pip install 'qwen-moe-jax[gpu]' (Python >= 3.12)")
-    experts = "tokamax" if on_gpu and has_tokamax else "ragged"
+    experts = "tokamax" if on_gpu and installed else "ragged"
   return Kernels(experts=experts, attention=attention or ("cudnn" if on_gpu else "xla"))

@@ -41,13 +41,12 @@ def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple
   return logits, weights.astype(x.dtype), ids
 
 
-def experts_dense(x, ids, weights, wi, wo, first_expert, ragged_dot=None):
+def experts_dense(x, ids, weights, wi, wo, first_expert):
   """Reference: run every local expert on every token, keep the routed ones.
 
   x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D] -> [N, D]. Experts are numbered from
   `first_expert` (ids outside [first_expert, first_expert + E) belong to other devices).
   """
-  del ragged_dot
   e = wi.shape[0]
   combine = jnp.sum(jax.nn.one_hot(ids - first_expert, e, dtype=weights.dtype) * weights[..., None], axis=1)  # [N, E]
   h = jnp.einsum("ND,EDCF->NECF", x, wi)
@@ -74,13 +73,12 @@ def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.rag
   return jnp.einsum("NKD,NK->ND", unsorted, weights)
 
 
-def experts_gathered(x, ids, weights, wi, wo, first_expert, ragged_dot=None):
+def experts_gathered(x, ids, weights, wi, wo, first_expert):
   """Few routed rows (decoding): gather just the K experts each token uses and run them as batched matmuls.
 
   Reads N x K experts' weights instead of all E, which wins while N x K is small next to E. Same contract as
   `experts_dense`.
   """
-  del ragged_dot
   e = wi.shape[0]
   local = ids - first_expert  # [N, K]
   mine = (local >= 0) & (local < e)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.kernels import ATTENTION_BACKENDS, EXPERT_BACKENDS, Kernels, default_kernels
+from qwen_moe_jax.kernels import ATTENTION_BACKENDS, EXPERT_BACKENDS, Kernels, default_kernels, has_tokamax
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -52,6 +51,6 @@ def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kerne
   kernels = default_kernels(args.expert_backend, args.attention)
   if kernels.attention == "cudnn" and jax.default_backend() != "gpu":
     raise UserError(f"--attention cudnn needs a GPU (jax's backend here is {jax.default_backend()}); use xla")
-  if kernels.experts == "tokamax" and importlib.util.find_spec("tokamax") is None:
+  if kernels.experts == "tokamax" and not has_tokamax():
     raise UserError("--expert-backend tokamax needs tokamax: pip install 'qwen-moe-jax[gpu]' (Python >= 3.12)")
   return mesh, DTYPES[args.dtype], kernels

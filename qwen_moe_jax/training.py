@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qwen_moe_jax import checkpoint, sharding
+from qwen_moe_jax import checkpoint, data, sharding
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.layers import F32
 from qwen_moe_jax.losses import causal_lm_loss
@@ -204,6 +204,11 @@ def compile_step(step_fn, trainable, frozen, opt_state, batch_shape: dict[str, j
 def batch_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, int, int]) -> jax.sharding.NamedSharding:
   """[K, B, T]: rows over the batch axes."""
   return jax.sharding.NamedSharding(mesh, sharding.spec_for((None, "batch", None), shape, mesh, "batch"))
+
+
+def batch_spec(mesh: jax.sharding.Mesh, shape: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
+  """The abstract batch (every data.FIELDS array int32 [K, B, T], rows over the batch axes) to compile a step for."""
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape)) for k in data.FIELDS}
 
 
 def device_batch(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

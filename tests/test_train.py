@@ -158,8 +158,7 @@ def _step_outputs(model, mesh, tc, batch):
     trainable, frozen = training.split_params(model, tc)
     opt_state = jax.jit(tx.init)(trainable)
     step = training.make_train_step(graphdef, abstract, tc, tx, model.config.router_aux_loss_coef)
-    shape = batch["tokens"].shape
-    spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=training.batch_sharding(mesh, shape)) for k in batch}
+    spec = training.batch_spec(mesh, batch["tokens"].shape)
     compiled = training.compile_step(step, trainable, frozen, opt_state, spec)
     trainable, _, m = compiled(trainable, frozen, opt_state, training.device_batch(batch, mesh))
   flat = checkpoint.unpadded(model.config, checkpoint.flatten(trainable))
