@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qwen_moe_jax import checkpoint, data, generate, sharding, training  # noqa: E402
+from qwen_moe_jax import checkpoint, generate, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.errors import UserError  # noqa: E402
 from qwen_moe_jax.kernels import Kernels  # noqa: E402
@@ -101,15 +101,17 @@ def main() -> None:
   abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1]
   params = nnx.State(checkpoint.unflatten_state(abstract, flat))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  statics = dict(cache_len=ARGS.context, max_new=generate.bucket(ARGS.context - ARGS.prompt_len),
-                 sampling=generate.Sampling())
+  sampling = generate.Sampling()
   with jax.set_mesh(mesh):
     keys = jax.eval_shape(lambda: generate._row_keys(0, ARGS.batch))
-    prefill_args = (params, i32(ARGS.batch, ARGS.prompt_len), i32(ARGS.batch), keys, i32(4), i32())
-    prefill = generate.prefill.lower(graphdef, *prefill_args, **statics).compile()
-    state = sharding.with_shardings(
-      jax.eval_shape(lambda *a: generate.prefill(graphdef, *a, **statics), *prefill_args), prefill.output_shardings)
-    decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=statics["sampling"]).compile()
+    empty = generate.empty_state.lower(
+      keys, i32(4), i32(), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
+      max_new=generate.bucket(ARGS.context - ARGS.prompt_len), dtype=jnp.dtype(jnp.float32)).compile()
+    state = sharding.with_shardings(empty.out_info, empty.output_shardings)
+    prefill = generate.prefill.lower(graphdef, params, state, i32(ARGS.batch, ARGS.prompt_len), i32(ARGS.batch),
+                                     i32(), sampling=sampling).compile()
+    state = sharding.with_shardings(state, prefill.output_shardings)
+    decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=sampling).compile()
     report["prefill"] = {"prompt_len": ARGS.prompt_len, "temp_gb": temp_gb(prefill),
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
     report["decode_step"] = {"temp_gb": temp_gb(decode),
@@ -144,8 +146,7 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
                         frozen)  # frozen parameters are held in the compute dtype (training.split_params)
   graphdef, trainable32, frozen32, tx, opt32 = program(jnp.float32)
   shape = (1, tc.batch_size, tc.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=training.batch_sharding(mesh, shape))
-           for k in data.FIELDS}
+  batch = training.batch_spec(mesh, shape)
   abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), Kernels(experts=ARGS.expert_backend))[1]
   step = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
   temp = temp_gb(training.compile_step(step, trainable32, frozen32, opt32, batch))

@@ -64,3 +64,22 @@ def test_probe_accepts_kernels_that_agree(monkeypatch):
   assert gpu_table.probe(run, gpu_table.PLANS["tiny"], Kernels("tokamax", "cudnn")) == Kernels("tokamax", "cudnn")
   monkeypatch.setattr(layers, "attend_fused", lambda q, k, v, mask: layers.attend(q, k, v, mask) * 1.1)  # wrong
   assert gpu_table.probe(run, gpu_table.PLANS["tiny"], Kernels("tokamax", "cudnn")) == Kernels("tokamax", "xla")
+
+
+def test_capacity_planner_compiles_every_program(tmp_path):
+  """benchmarks/capacity.py on a small config: prefill, decode and train programs compile; the byte counts add up."""
+  from qwen_moe_jax.demo import demo_config
+  config = tmp_path / "config.json"
+  config.write_text(json.dumps(demo_config(512).to_hf_dict()))
+  res = subprocess.run([sys.executable, "benchmarks/capacity.py", "--config", str(config), "--devices", "2",
+                        "--batch", "2", "--context", "64", "--prompt-len", "32", "--train", "--seq-len", "64"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr
+  report = json.loads(res.stdout.splitlines()[-1])
+  assert report["mesh"]["expert"] == 2 and report["kv_cache"]["batch"] == 2
+  for program in ("prefill", "decode_step"):
+    p = report[program]
+    assert p["temp_gb"] > 0
+    assert abs(p["peak_estimate_gb"] - (report["param_gb_per_device"] + report["kv_cache"]["gb_per_device"]
+                                        + p["temp_gb"])) < 2e-3
+  assert report["train_step"]["temp_gb"] > 0
