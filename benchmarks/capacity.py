@@ -35,6 +35,7 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--batch", type=int, default=16, help="sequences at once")
   ap.add_argument("--context", type=int, default=4096, help="KV-cache length (prompt + new tokens)")
   ap.add_argument("--prompt-len", type=int, default=1024, help="prefill length")
+  ap.add_argument("--prefill-rows", type=int, help="prompts per prefill call (default: the whole batch at once)")
   ap.add_argument("--train", action="store_true", help="also analyse one train step")
   ap.add_argument("--seq-len", type=int, default=4096, help="train: tokens per row")
   ap.add_argument("--param-dtype", default="float32", help="train: master-weight dtype")
@@ -42,7 +43,10 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--remat", default="full", help="train: none, full or dots")
   ap.add_argument("--train-only", help="train: comma-separated parameter groups to train")
   ap.add_argument("--expert-backend", default="ragged", help="dense, ragged or tokamax")
-  return ap.parse_args()
+  args = ap.parse_args()
+  if args.prefill_rows is not None and not (0 < args.prefill_rows and args.batch % args.prefill_rows == 0):
+    ap.error(f"--prefill-rows must divide --batch {args.batch}, got {args.prefill_rows}")
+  return args
 
 
 ARGS = parse_args()
@@ -108,11 +112,12 @@ def main() -> None:
       keys, i32(4), i32(), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
       max_new=generate.bucket(ARGS.context - ARGS.prompt_len), dtype=jnp.dtype(jnp.float32)).compile()
     state = sharding.with_shardings(empty.out_info, empty.output_shardings)
-    prefill = generate.prefill.lower(graphdef, params, state, i32(ARGS.batch, ARGS.prompt_len), i32(ARGS.batch),
-                                     i32(), sampling=sampling).compile()
+    rows = ARGS.prefill_rows or ARGS.batch
+    prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(),
+                                     sampling=sampling).compile()
     state = sharding.with_shardings(state, prefill.output_shardings)
     decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=sampling).compile()
-    report["prefill"] = {"prompt_len": ARGS.prompt_len, "temp_gb": temp_gb(prefill),
+    report["prefill"] = {"prompt_len": ARGS.prompt_len, "rows": rows, "temp_gb": temp_gb(prefill),
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
     report["decode_step"] = {"temp_gb": temp_gb(decode),
                              "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(decode), 3)}

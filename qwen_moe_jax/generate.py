@@ -2,8 +2,8 @@
 
 Prompts of different lengths share a batch: each row is right-padded, its cache slot s holds its position
 s, and padding is its own attention segment, so a row's tokens equal what the prompt gives alone. Shapes
-are bucketed (prompt length, batch and max new tokens to powers of two, the cache by `cache_bucket`), so new
-requests rarely recompile; `prefill_rows` prompts at a time are prefilled into one shared cache. The decode
+are bucketed (batch and max new tokens to powers of two, prompt and cache lengths by `cache_bucket`), so new
+requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into one shared cache. The decode
 loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so the cache is
 updated in place; the host only wakes between chunks to stream the new tokens.
 """
@@ -106,7 +106,7 @@ def empty_state(keys, stop_ids, limit, *, cfg, rows, cache_len, max_new, dtype) 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
 def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampling) -> DecodeState:
   """Runs G prompts and puts them in rows [row, row + G) of the state: their keys and values in the cache
-  (slots [0, T)) and their first token.
+  (slots [0, T), written in place) and their first token.
 
   tokens [G, T] right-padded, lengths [G] (0: an unused row, done from the start), row [].
   """
@@ -114,19 +114,18 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampl
   g, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (g, t))
   segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
-  out = model(tokens, positions, segments, cache=KVCache.zeros(model.config, g, t, state.cache.k[0].dtype))
-  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   start = row if g < state.last.shape[0] else 0  # one group for all rows: a static offset, which shards cleanly
+  out = model(tokens, positions, segments, cache=state.cache, cache_row=start)
+  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   keys = jax.lax.dynamic_slice_in_dim(state.keys, start, g)
   first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)
   done = jnp.isin(first, state.stop_ids) | (state.limit <= 1) | (lengths == 0)
 
-  def put(whole, part):  # part [G, ...] -> rows [start, start + G) of whole [B, ...], from index 0 of the rest
+  def put(whole, part):  # part [G] -> rows [start, start + G) of whole [B, ...], from index 0 of the rest
     return jax.lax.dynamic_update_slice(whole, part.astype(whole.dtype), (start,) + (0,) * (whole.ndim - 1))
 
-  cache = KVCache(k=tuple(map(put, state.cache.k, out.cache.k)), v=tuple(map(put, state.cache.v, out.cache.v)))
   return dataclasses.replace(
-    state, cache=cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
+    state, cache=out.cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
     last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done)).laid_out()
 
 
@@ -226,7 +225,7 @@ class Generator:
     max_new = min(max_new_tokens, cfg.max_position_embeddings - longest)
     group = bucket(min(self.prefill_rows or len(prompts), len(prompts)), minimum=1)  # rows per prefill call
     rows = -(-len(prompts) // group) * group  # a power of two, or a multiple of the prefill group
-    t = bucket(longest)
+    t = cache_bucket(longest)  # never longer than the cache
     cache_len = min(cache_bucket(longest + max_new), max(cfg.max_position_embeddings, t))
     tokens = np.zeros((rows, t), np.int32)
     lengths = np.zeros((rows,), np.int32)  # padding rows: length 0, done from the start

@@ -112,12 +112,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                cache: tuple[jax.Array, jax.Array] | None = None, slots: jax.Array | None = None,
+               cache_row: jax.Array | int = 0,
                attend_cache: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """x [B, T, D] -> [B, T, D].
 
-    With a cache (k, v [B, S, K, H]) this step's keys and values are written at `slots` [B, T]. Attention
-    runs over x's own keys (mask [B, T, T]; prefill, training) or, with `attend_cache`, over the whole
-    cache (mask [B, T, S]; decoding).
+    Without `attend_cache`, attention runs over x's own keys (mask [B, T, T]; prefill, training), and a cache
+    (k, v [R, S, K, H], R >= B rows, S >= T slots) gets this call's keys and values in rows
+    [cache_row, cache_row + B), slots [0, T) (prefill). With `attend_cache` (decoding), each row's keys and
+    values go to its slots [B, T] and attention runs over the whole cache (mask [B, T, S]).
     """
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])
     k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...])
@@ -125,12 +127,15 @@ class Attention(nnx.Module):
     if self.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None:
+    if cache is not None and attend_cache:
       rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
-      cache = (cache[0].at[rows, slots].set(k.astype(cache[0].dtype)),
-               cache[1].at[rows, slots].set(v.astype(cache[1].dtype)))
-      if attend_cache:
-        k, v = cache
+      cache = tuple(c.at[rows, slots].set(new.astype(c.dtype)) for c, new in zip(cache, (k, v)))
+      k, v = cache
+    elif cache is not None:
+      # rows [cache_row, cache_row + B) as a scatter, in place when the caller donates the cache (XLA partitions a
+      # dynamic_update_slice at a traced row by gathering the whole split cache onto every device)
+      rows = cache_row + jnp.arange(x.shape[0])  # [B]
+      cache = tuple(c.at[rows, :x.shape[1]].set(new.astype(c.dtype)) for c, new in zip(cache, (k, v)))
     if self.backend == "cudnn" and not attend_cache and q.dtype in FUSED_DTYPES:
       out = attend_fused(q, k, v, mask)
     else:

@@ -46,10 +46,10 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None, slots=None, attend_cache=False):
+  def __call__(self, x, cos, sin, mask, cache=None, slots=None, cache_row=0, attend_cache=False):
     """x [B, T, D] -> (x [B, T, D], router logits [N, E] or None, this layer's (k, v) cache or None)."""
     with jax.named_scope("attention"):
-      h, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, slots, attend_cache)
+      h, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, slots, cache_row, attend_cache)
       x = sharding.constrain(x + h, ACTIVATION_AXES)
     with jax.named_scope("moe" if self.is_moe else "mlp"):
       h = self.post_attn_norm(x)
@@ -66,8 +66,8 @@ def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
   """table [V, D], tokens [B, T] -> [B, T, D].
 
   Under a mesh this is an explicit shard_map (XLA's own partitioning of the gather replicates the table): each
-  device gathers its table's model-dim shards, looks up the tokens in its vocabulary shard (zeros for ids
-  outside it) and a psum over the vocabulary axes completes every row.
+  device gathers the table's model-dim shards, looks up the tokens in its vocabulary shard (zeros for ids
+  outside it), and a psum over the vocabulary axes completes every row.
   """
   mesh = sharding.current_mesh()
   if mesh is None:
@@ -75,6 +75,7 @@ def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
   table_spec = sharding.spec_for(("vocab", "embed"), table.shape, mesh, "embed")
   token_spec = sharding.spec_for(("batch", None), tokens.shape, mesh, "tokens")
   vocab_axes, embed_axes = sharding.axes_of(table_spec[0]), sharding.axes_of(table_spec[1])
+  unsplit = tuple(a for a in embed_axes if a not in sharding.axes_of(token_spec[0]))  # e.g. one prompt on fsdp=2
 
   def local(table, tokens):  # table [V/v, D/e], tokens [B/b, T]
     for a in embed_axes:
@@ -82,7 +83,8 @@ def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     ids = tokens - sharding.shard_index(vocab_axes, mesh) * table.shape[0]
     mine = (ids >= 0) & (ids < table.shape[0])
     x = jnp.where(mine[..., None], jnp.take(table, jnp.where(mine, ids, 0), axis=0), 0)
-    return jax.lax.psum(x, vocab_axes) if vocab_axes else x
+    x = jax.lax.psum(x, vocab_axes) if vocab_axes else x
+    return sharding.replicated(x, unsplit, mesh)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, token_spec),
                        out_specs=P(*token_spec, None))(table, tokens)
@@ -110,12 +112,15 @@ class QwenMoeForCausalLM(nnx.Module):
     self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)  # [D, V]
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-               cache: KVCache | None = None, attend_cache: bool = False, remat: str = "none",
+               cache: KVCache | None = None, cache_row: jax.Array | int = 0, attend_cache: bool = False,
+               remat: str = "none",
                return_layer_outputs: bool = False) -> Output:
     """tokens, positions [B, T] int32 -> final hidden states [B, T, D] (call `logits` on what you need).
 
-    segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding. With a cache,
-    keys and values are written at slot = position; `attend_cache` attends over the cache (decoding).
+    segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding. With a cache
+    [R, S] and no `attend_cache` (prefill, positions 0..T-1), keys and values fill rows [cache_row,
+    cache_row + B), slots [0, T); with `attend_cache` (decoding), each token's go to slot = its position and
+    attention runs over the whole cache.
     """
     cfg = self.config
     if segment_ids is None:
@@ -129,7 +134,7 @@ class QwenMoeForCausalLM(nnx.Module):
       mask = attention_mask(positions, segment_ids, positions, segment_ids)  # [B, T, T]
 
     def run(layer, x, cos, sin, mask, kv):
-      return layer(x, cos, sin, mask, kv, positions, attend_cache)
+      return layer(x, cos, sin, mask, kv, positions, cache_row, attend_cache)
 
     if REMAT_POLICIES[remat] is not None:
       run = nnx.remat(run, policy=REMAT_POLICIES[remat])

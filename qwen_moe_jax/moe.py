@@ -120,7 +120,8 @@ def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
 
   Tokens arrive split over the batch axes. If the expert axis splits tokens too, each device first gathers
   the tokens of its expert group, computes its own experts' share, and a reduce-scatter returns every token
-  its summed output; otherwise the shares are summed with a psum. FSDP-split weights are gathered first.
+  its summed output; otherwise the shares are summed with a psum. FSDP-split weights are gathered first (over
+  an FSDP axis that does not split the tokens, e.g. one prompt, the output is then marked replicated).
   """
   tok_spec = sharding.spec_for(("batch", None), x.shape, mesh, "moe tokens")
   wi_spec = sharding.spec_for(("expert", "embed", None, "moe_mlp"), wi.shape, mesh, "experts.wi")
@@ -130,6 +131,7 @@ def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
   fsdp_axes = sharding.axes_of(wi_spec[1])
   gather_tokens = tuple(a for a in expert_axes if a in tok_axes)
   sum_axes = tuple(a for a in expert_axes if a not in tok_axes) + sharding.axes_of(wi_spec[3])
+  unsplit = tuple(a for a in fsdp_axes if a not in tok_axes)
   local_experts = wi.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
 
   def local(x, ids, weights, wi, wo):
@@ -144,7 +146,7 @@ def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
       y = jax.lax.psum(y, sum_axes)
     if gather_tokens:
       y = jax.lax.psum_scatter(y, gather_tokens, scatter_dimension=0, tiled=True)
-    return y
+    return sharding.replicated(y, unsplit, mesh)
 
   return jax.shard_map(
     local, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, wi_spec, wo_spec), out_specs=tok_spec,

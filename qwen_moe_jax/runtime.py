@@ -1,9 +1,11 @@
-"""Command-line runtime options shared by infer.py and train.py: dtype, mesh, kernels, multi-host."""
+"""Command-line runtime options shared by infer.py and train.py: dtype, mesh, kernels, compile cache, multi-host."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import ATTENTION_BACKENDS, EXPERT_BACKENDS, Kernels, default_kernels, has_tokamax
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+CACHE_MAX_BYTES = 4 << 30  # the compile cache drops its least recently used programs past this size
 
 
 def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> None:
@@ -24,6 +27,10 @@ def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> No
                   help="routed-expert kernel (default: tokamax on GPU when installed, else ragged)")
   ap.add_argument("--attention", default=None, choices=ATTENTION_BACKENDS,
                   help="self-attention kernel for prefill and training (default: cudnn on GPU, else xla)")
+  ap.add_argument("--compile-cache", metavar="DIR|off",
+                  help="persistent XLA compilation cache: a later run with the same shapes loads its programs "
+                       "instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR, else "
+                       "~/.cache/qwen-moe-jax/xla, which is capped at 4 GiB)")
   multi = ap.add_argument_group(
     "multi-host (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables)")
   multi.add_argument("--coordinator", help="host:port of process 0")
@@ -44,8 +51,34 @@ def init_distributed(args: argparse.Namespace) -> None:
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 
+def enable_compile_cache(folder: str | None) -> None:
+  """Points jax's persistent compilation cache at `folder` (None: the default; "off": no cache).
+
+  Call before the first compilation. Only our own default folder is capped (least recently used entries go):
+  jax's capped cache needs every entry to have been written capped, which a folder shared with other programs
+  does not promise. An explicit folder that cannot be created is an error; the default one is skipped with a
+  note, so a read-only home does not stop a run.
+  """
+  if folder == "off":
+    return
+  own = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-moe-jax" / "xla"
+  chosen = Path(folder or os.environ.get("JAX_COMPILATION_CACHE_DIR") or own)
+  try:
+    chosen.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    if folder:
+      raise UserError(f"--compile-cache {folder}: cannot create the folder ({e.strerror})") from None
+    print(f"note: no compilation cache ({chosen}: {e.strerror})", file=sys.stderr)
+    return
+  jax.config.update("jax_compilation_cache_dir", str(chosen))
+  if chosen.resolve() == own.resolve():
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+
+
 def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kernels]:
-  """Initialises multi-host if asked, then returns (mesh over all devices, dtype, kernels)."""
+  """Initialises multi-host if asked and the compile cache, then returns (mesh over all devices, dtype,
+  kernels)."""
+  enable_compile_cache(args.compile_cache)
   init_distributed(args)
   mesh = sharding.make_mesh(args.mesh)
   kernels = default_kernels(args.expert_backend, args.attention)

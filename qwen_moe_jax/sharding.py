@@ -12,6 +12,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -119,6 +120,14 @@ def shard_index(axes: Sequence[str], mesh) -> jax.Array | int:
   for a in axes:
     index = index * mesh.shape[a] + jax.lax.axis_index(a)
   return index
+
+
+def replicated(x: jax.Array, axes: Sequence[str], mesh) -> jax.Array:
+  """Inside shard_map: x, equal on every shard of `axes` but typed as varying over them (it was computed from
+  all-gathered weights), as a value shard_map can return replicated: shard 0's copy, summed with zeros."""
+  if not axes:
+    return x
+  return jax.lax.psum(jnp.where(shard_index(axes, mesh) == 0, x, jnp.zeros_like(x)), tuple(axes))
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | None:

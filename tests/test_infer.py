@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,9 @@ def random_config(seed: int) -> dict:
   )
 
 
-def infer(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def infer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=env)
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
@@ -99,6 +101,17 @@ def test_prefill_in_row_groups_equals_one_prefill(tiny):
   assert grouped.generate(prompts, 20).output_ids == gen.generate(prompts, 20).output_ids
   s = Sampling(temperature=1.0, top_k=5)
   assert grouped.generate(prompts, 20, s, seed=4).output_ids == gen.generate(prompts, 20, s, seed=4).output_ids
+
+
+def test_long_prompt_with_few_new_tokens(tmp_path):
+  """A 600-token prompt that wants 3 tokens: the prompt is padded to 768 slots, the cache holds exactly that."""
+  hf_model = make_model(seed=12, max_position_embeddings=1024)
+  save(hf_model, tmp_path / "hf")
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  gen = Generator(checkpoint.restore(tmp_path / "ckpt", dtype=jnp.float32), prefill_rows=1)
+  long = np.random.default_rng(12).integers(0, hf_model.config.vocab_size, 600).tolist()
+  out = gen.generate([long, PROMPTS[1]], 3).output_ids  # two prefill calls into one [2, 768] cache
+  assert out == [hf_greedy(hf_model, long, 3), hf_greedy(hf_model, PROMPTS[1], 3)]
 
 
 def test_cache_lengths():
@@ -184,6 +197,29 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
   prompts.write_text('{"input_ids": [1]}\n{"prompt": "a", "chat": "b"}\n')
   res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
   assert res.returncode == 2 and "prompts.jsonl:2" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_compile_cache_is_reused(tiny, tmp_path):
+  """The default cache folder fills (capped: entries carry access times); a second run with the same shapes
+  names it explicitly, loads every program from it (no new entry) and gives the same tokens."""
+  ckpt, cache = tiny[3], tmp_path / "qwen-moe-jax" / "xla"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"XDG_CACHE_HOME": str(tmp_path)}
+  args = ["--checkpoint", str(ckpt), "--input-ids", "3,1,4", "--dtype", "float32", "--temperature", "0",
+          "--max-new-tokens", "20", "--json"]
+  first = infer(*args, env=env)  # conftest's environment caches every compile, however fast
+  assert first.returncode == 0, first.stderr
+  entries = sorted(p.name for p in cache.iterdir())
+  assert any("prefill" in e and e.endswith("-atime") for e in entries), entries
+  assert any("decode" in e for e in entries), entries
+  second = infer(*args, "--compile-cache", str(cache), env=env)
+  assert second.returncode == 0, second.stderr
+  assert second.stdout == first.stdout
+  assert sorted(p.name for p in cache.iterdir()) == entries
+  assert infer(*args, "--compile-cache", "off").returncode == 0 and not (ROOT / "off").exists()
+  (tmp_path / "file").write_text("x")
+  bad = infer(*args, "--compile-cache", str(tmp_path / "file" / "xla"))
+  assert bad.returncode == 2 and "--compile-cache" in bad.stderr and "Traceback" not in bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_demo_runs_end_to_end():

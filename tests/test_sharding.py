@@ -68,6 +68,8 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec):
   assert wi.shape[0] % mesh.shape["expert"] == 0 and wi.sharding.spec[0] == "expert"
   np.testing.assert_allclose(logits_on(model, mesh, ids), ref_logits, atol=1e-5)
   assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
+  # one prompt per prefill call: rows written in place at a traced offset into a cache split over devices
+  assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16).output_ids == ref_tokens
 
 
 def test_save_on_one_mesh_restore_on_others(tmp_path):
@@ -164,12 +166,15 @@ def test_two_processes_train_like_one(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2", "expert=2,tensor=2,fsdp=2"])
-def test_embedding_lookup_and_its_gradient_on_split_tables(spec):
-  """The shard_map lookup (vocabulary over tensor, model dim over fsdp) equals jnp.take, ids at every shard edge."""
+@pytest.mark.parametrize("rows", [4, 1])
+def test_embedding_lookup_and_its_gradient_on_split_tables(spec, rows):
+  """The shard_map lookup (vocabulary over tensor, model dim over fsdp) equals jnp.take, ids at every shard edge;
+  one row (a batch the mesh cannot split) too."""
   rng = np.random.default_rng(3)
   table = jnp.asarray(rng.normal(size=(64, 12)), jnp.float32)  # [V, D]
-  tokens = jnp.asarray(np.concatenate([[0, 7, 8, 15, 16, 31, 32, 63], rng.integers(0, 64, 24)]).reshape(4, 8))
-  weights = jnp.asarray(rng.normal(size=(4, 8, 12)), jnp.float32)
+  tokens = np.concatenate([[0, 7, 8, 15, 16, 31, 32, 63], rng.integers(0, 64, 24)]).reshape(rows, 32 // rows)
+  tokens = jnp.asarray(tokens)
+  weights = jnp.asarray(rng.normal(size=(*tokens.shape, 12)), jnp.float32)
   mesh = mesh_of(spec)
 
   def loss(lookup, table):

@@ -193,9 +193,22 @@ def one_device_step(step_case):
 @pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"])
 def test_train_step_same_on_every_mesh(step_case, one_device_step, spec):
   ckpt, batch, tc = step_case
-  ref_m, ref_p = one_device_step
   mesh = sharding.make_mesh(spec)
   m, p = _step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch)
+  assert_same_step((m, p), one_device_step, tc)
+
+
+def test_train_step_with_one_row_on_fsdp(step_case):
+  """Micro-batches of one row, which fsdp cannot split: weights are gathered for replicated tokens."""
+  ckpt, batch, tc = step_case
+  row, tc1 = {k: v[:, :1] for k, v in batch.items()}, dataclasses.replace(tc, batch_size=1)
+  one, mesh = sharding.make_mesh({}, jax.devices()[:1]), sharding.make_mesh("fsdp=2,expert=2,tensor=2")
+  assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc1, row),
+                   _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc1, row), tc1)
+
+
+def assert_same_step(got, ref, tc) -> None:
+  (m, p), (ref_m, ref_p) = got, ref
   np.testing.assert_allclose(m.loss, ref_m.loss, rtol=1e-5)
   np.testing.assert_allclose(m.grad_norm, ref_m.grad_norm, rtol=1e-4)
   # Adam's first step moves each weight by about lr * sign(gradient): gradients within rounding noise of zero
