@@ -69,7 +69,7 @@ def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.rag
   h = ragged_dot(rows, wi.reshape(e, d, 2 * f), sizes).reshape(-1, 2, f)  # [R, C, F]
   y = ragged_dot(swiglu(h), wo, sizes)  # [R, D]
   y = jnp.where((local[order] < e)[:, None], y, 0)
-  unsorted = jnp.zeros_like(y).at[order].set(y).reshape(n, k, d)  # [N, K, D]
+  unsorted = jnp.zeros_like(y).at[order].set(y, unique_indices=True).reshape(n, k, d)  # [N, K, D]
   return jnp.einsum("NKD,NK->ND", unsorted, weights)
 
 
