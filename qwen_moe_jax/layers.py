@@ -127,16 +127,17 @@ class Attention(nnx.Module):
     if self.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None and attend_cache:
-      rows = jnp.arange(x.shape[0])[:, None]  # [B, 1]
-      cache = tuple(c.at[rows, slots].set(new.astype(c.dtype), unique_indices=True) for c, new in zip(cache, (k, v)))
-      k, v = cache
-    elif cache is not None:
-      # rows [cache_row, cache_row + B) as a scatter, in place when the caller donates the cache (XLA partitions a
-      # dynamic_update_slice at a traced row by gathering the whole split cache onto every device)
-      rows = cache_row + jnp.arange(x.shape[0])  # [B]
-      cache = tuple(c.at[rows, :x.shape[1]].set(new.astype(c.dtype), unique_indices=True)
-                    for c, new in zip(cache, (k, v)))
+    if cache is not None:
+      b, t = x.shape[:2]
+      if attend_cache:  # decoding: each row's keys and values at its slots
+        at = (jnp.arange(b)[:, None], slots)
+      else:  # prefill: rows [cache_row, cache_row + B), slots [0, T)
+        at = (cache_row + jnp.arange(b), slice(0, t))
+      # a scatter, in place when the cache is donated (XLA partitions a dynamic_update_slice at a traced row by
+      # gathering the whole split cache onto every device)
+      cache = tuple(c.at[at].set(new.astype(c.dtype), unique_indices=True) for c, new in zip(cache, (k, v)))
+      if attend_cache:
+        k, v = cache
     if self.backend == "cudnn" and not attend_cache and q.dtype in FUSED_DTYPES:
       out = attend_fused(q, k, v, mask)
     else:

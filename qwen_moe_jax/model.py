@@ -113,8 +113,7 @@ class QwenMoeForCausalLM(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: KVCache | None = None, cache_row: jax.Array | int = 0, attend_cache: bool = False,
-               remat: str = "none",
-               return_layer_outputs: bool = False) -> Output:
+               remat: str = "none", return_layer_outputs: bool = False) -> Output:
     """tokens, positions [B, T] int32 -> final hidden states [B, T, D] (call `logits` on what you need).
 
     segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding. With a cache
