@@ -301,7 +301,8 @@ def hf_inference(run: Run, plan: Plan, model, prompts: dict) -> None:
       for n in (4, 8, 40):  # 4: warm-up
         hf_sync()
         t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False)
         hf_sync()
         times[n] = time.perf_counter() - t
         assert out.shape[1] == prompt + n, out.shape

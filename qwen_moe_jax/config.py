@@ -1,21 +1,45 @@
 """QwenMoeConfig: the qwen2_moe hyper-parameters, read from either style of Hugging Face config.json.
 
 transformers v4 writes `rope_theta`, `rope_scaling` and `torch_dtype` at the top level; v5 writes
-`rope_parameters: {rope_theta, rope_type}`, `dtype` and `layer_types`. Both are accepted; anything this
-implementation does not compute (rope scaling, sliding windows, tied embeddings, ...) is refused by name.
+`rope_parameters: {rope_theta, rope_type, ...}`, `dtype` and `layer_types`. Both are accepted; anything this
+implementation does not compute (dynamic rope scaling, sliding windows, tied embeddings, ...) is refused by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qwen_moe_jax.errors import UserError
 
 BASE_EOS_ID = 151643  # <|endoftext|>: base models stop here
 CHAT_EOS_ID = 151645  # <|im_end|>: chat models stop here
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Static rope scaling, as transformers computes it (modeling_rope_utils; the same for every position).
+
+  'linear' divides every rotary frequency by `factor`. 'yarn' (what Qwen2's model cards prescribe past 32k
+  tokens) keeps the high frequencies, divides the low ones by `factor` with a linear ramp between, and scales
+  cos / sin by `attention_factor`.
+  """
+
+  rope_type: str  # "linear" | "yarn"
+  factor: float
+  original_max_position_embeddings: int = 0  # yarn: the pretraining context
+  attention_factor: float = 1.0  # yarn: resolved from factor / mscale / mscale_all_dim when not given
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  truncate: bool = True
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    if self.rope_type == "linear":
+      return {"rope_type": "linear", "factor": self.factor}
+    return {"rope_type": "yarn", **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)[1:]}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +56,7 @@ class QwenMoeConfig:
   max_position_embeddings: int = 32768
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
   qkv_bias: bool = True
   decoder_sparse_step: int = 1
   mlp_only_layers: tuple[int, ...] = ()
@@ -57,6 +82,15 @@ class QwenMoeConfig:
       and self.num_experts > 0
       and (i + 1) % self.decoder_sparse_step == 0
     )
+
+  @property
+  def context_length(self) -> int:
+    """Positions the model takes: max_position_embeddings, or the scaled pretraining context if longer (as
+    vLLM counts it: a yarn factor of 4 over 32768 pretraining positions gives 131072)."""
+    if self.rope_scaling is None:
+      return self.max_position_embeddings
+    base = self.rope_scaling.original_max_position_embeddings or self.max_position_embeddings
+    return max(self.max_position_embeddings, int(base * self.rope_scaling.factor))
 
   @property
   def moe_layers(self) -> tuple[int, ...]:
@@ -129,14 +163,11 @@ class QwenMoeConfig:
     if rope is not None:
       if not isinstance(rope, dict):
         raise fail("rope_parameters", f"must be an object, got {rope!r}")
-      if rope.get("rope_type", "default") != "default":
-        raise fail("rope_parameters.rope_type",
-                   f"must be 'default' (rope scaling is not implemented), got {rope['rope_type']!r}")
       theta, theta_key = rope.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_parameters.rope_theta"
+      scaling = _rope_scaling(rope, "rope_parameters", d, fail)
     else:
-      if d.get("rope_scaling"):
-        raise fail("rope_scaling", f"must be null (rope scaling is not implemented), got {d['rope_scaling']!r}")
       theta, theta_key = d.get("rope_theta", 10000.0), "rope_theta"
+      scaling = _rope_scaling(d.get("rope_scaling") or {}, "rope_scaling", d, fail)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
       raise fail(theta_key, f"must be a number, got {theta!r}")
 
@@ -172,6 +203,7 @@ class QwenMoeConfig:
       max_position_embeddings=read("max_position_embeddings", int, base.max_position_embeddings),
       rms_norm_eps=read("rms_norm_eps", float, base.rms_norm_eps),
       rope_theta=float(theta),
+      rope_scaling=scaling,
       qkv_bias=read("qkv_bias", bool, True),
       decoder_sparse_step=read("decoder_sparse_step", int, base.decoder_sparse_step),
       mlp_only_layers=tuple(layers),
@@ -214,17 +246,75 @@ class QwenMoeConfig:
       "tie_word_embeddings": False,
       "use_sliding_window": False,
       "attention_dropout": 0.0,
-      "rope_scaling": None,
+      "rope_scaling": None if self.rope_scaling is None else self.rope_scaling.to_hf_dict(),
       "torch_dtype": self.torch_dtype,
       "eos_token_id": eos,
     }
     for f in dataclasses.fields(self):
-      if f.name not in ("eos_token_ids", "torch_dtype", "head_dim", "mlp_only_layers"):
+      if f.name not in ("eos_token_ids", "torch_dtype", "head_dim", "mlp_only_layers", "rope_scaling"):
         d[f.name] = getattr(self, f.name)
     d["mlp_only_layers"] = list(self.mlp_only_layers)
     if self.head_dim:
       d["head_dim"] = self.head_dim
     return d
+
+
+_ROPE_KEYS = {  # what each supported rope_type reads (besides rope_type / type and rope_theta)
+  "linear": {"factor"},
+  "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+           "mscale_all_dim", "truncate"},
+}
+
+
+def _rope_scaling(rope: Any, where: str, d: dict[str, Any],
+                  fail: Callable[[str, str], UserError]) -> RopeScaling | None:
+  """`rope_parameters` (v5) or `rope_scaling` (v4) -> RopeScaling, None for plain rope; the rest is refused."""
+  if not isinstance(rope, dict):
+    raise fail(where, f"must be an object or null, got {rope!r}")
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return None
+  if kind not in _ROPE_KEYS:
+    raise fail(f"{where}.rope_type", f"must be one of default, {', '.join(_ROPE_KEYS)}, got {kind!r} "
+               "(other rope scaling is not implemented)")
+  extra = sorted(set(rope) - _ROPE_KEYS[kind] - {"rope_type", "type", "rope_theta"})
+  if extra:
+    raise fail(f"{where}.{extra[0]}", f"is not read by {kind!r} rope scaling here (not implemented)")
+
+  def number(key: str, default: float | None, minimum: float = 0.0) -> float | None:
+    value = rope.get(key)
+    if value is None:
+      return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > minimum:
+      raise fail(f"{where}.{key}", f"must be a number > {minimum:g}, got {value!r}")
+    return float(value)
+
+  max_pos = d.get("max_position_embeddings", QwenMoeConfig.max_position_embeddings)
+  if kind == "linear":
+    factor = number("factor", None)
+    if factor is None:
+      raise fail(f"{where}.factor", "is required for linear rope scaling")
+    return RopeScaling("linear", factor)
+  original = rope.get("original_max_position_embeddings", max_pos)  # transformers' default
+  if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+    raise fail(f"{where}.original_max_position_embeddings", f"must be a positive integer, got {original!r}")
+  factor = number("factor", None)
+  if factor is None:  # transformers: the ratio of the two contexts
+    factor = max_pos / original
+  truncate = rope.get("truncate", True)
+  if not isinstance(truncate, bool):
+    raise fail(f"{where}.truncate", f"must be true or false, got {truncate!r}")
+  attention_factor = number("attention_factor", None)
+  if attention_factor is None:
+    mscale, mscale_all_dim = number("mscale", None, -math.inf), number("mscale_all_dim", None, -math.inf)
+    attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                        if mscale and mscale_all_dim else _yarn_mscale(factor))
+  return RopeScaling("yarn", factor, original, attention_factor, number("beta_fast", 32.0, -math.inf) or 32.0,
+                     number("beta_slow", 1.0, -math.inf) or 1.0, truncate)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 PRESETS: dict[str, QwenMoeConfig] = {

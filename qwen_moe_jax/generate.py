@@ -217,16 +217,16 @@ class Generator:
       bad = [t for t in p if not 0 <= t < cfg.vocab_size]
       if bad:
         raise UserError(f"prompt {i + 1}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
-    if longest >= cfg.max_position_embeddings:
-      raise UserError(f"prompt of {longest} tokens does not fit the model's context "
-                      f"(max_position_embeddings={cfg.max_position_embeddings}, and 1 token must be generated)")
+    if longest >= cfg.context_length:
+      raise UserError(f"prompt of {longest} tokens does not fit the model's context of {cfg.context_length} "
+                      "positions (max_position_embeddings, or its rope scaling; 1 token must be generated)")
     if max_new_tokens < 1:
       raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    max_new = min(max_new_tokens, cfg.max_position_embeddings - longest)
+    max_new = min(max_new_tokens, cfg.context_length - longest)
     group = bucket(min(self.prefill_rows or len(prompts), len(prompts)), minimum=1)  # rows per prefill call
     rows = -(-len(prompts) // group) * group  # a power of two, or a multiple of the prefill group
     t = cache_bucket(longest)  # never longer than the cache
-    cache_len = min(cache_bucket(longest + max_new), max(cfg.max_position_embeddings, t))
+    cache_len = min(cache_bucket(longest + max_new), max(cfg.context_length, t))
     tokens = np.zeros((rows, t), np.int32)
     lengths = np.zeros((rows,), np.int32)  # padding rows: length 0, done from the start
     for i, p in enumerate(prompts):

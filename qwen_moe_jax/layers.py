@@ -6,13 +6,15 @@ G query heads per kv head (N = K * G), H head dim, F MLP hidden, C gate/up pair 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.config import QwenMoeConfig, RopeScaling
 
 F32 = jnp.float32
 FUSED_IMPLEMENTATION = "cudnn"  # jax.nn.dot_product_attention's backend for Kernels.attention == "cudnn"
@@ -48,12 +50,37 @@ class RMSNorm(nnx.Module):
     return rms_norm(x, self.scale[...], self.eps)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [B, T, H] for integer positions [B, T] (NeoX half-split layout), computed in fp32."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))  # [H/2]
-  freqs = positions.astype(F32)[..., None] * inv_freq  # [B, T, H/2]
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [H/2] float32, cos / sin scale), with transformers' float32 arithmetic."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  pos_freqs = np.float32(theta) ** exponents  # [H/2]
+  if scaling is None:
+    return 1.0 / pos_freqs, 1.0
+  if scaling.rope_type == "linear":
+    return (1.0 / pos_freqs) / np.float32(scaling.factor), 1.0
+
+  def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over the context
+    turns = scaling.original_max_position_embeddings / (rotations * 2 * math.pi)
+    return head_dim * math.log(turns) / (2 * math.log(theta))
+
+  low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+  keep = 1 - ramp  # 1: extrapolate (high frequencies, unchanged), 0: interpolate (divided by factor)
+  inv_freq = 1.0 / (np.float32(scaling.factor) * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+  return inv_freq.astype(np.float32), scaling.attention_factor
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float,
+                dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, H] for integer positions [B, T] (NeoX half-split layout), computed in fp32, times `scale`."""
+  freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)  # [B, T, H/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
-  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+  return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -19,10 +19,11 @@ TINY = dict(
 )
 
 
-def make_model(seed: int = 0, std: float = 0.08, **overrides) -> Qwen2MoeForCausalLM:
+def make_model(seed: int = 0, std: float = 0.08, rope: dict | None = None, **overrides) -> Qwen2MoeForCausalLM:
+  """`rope`: rope scaling parameters (e.g. {"rope_type": "yarn", "factor": 4.0, ...}); default plain rope."""
   kwargs = dict(TINY, **overrides)
-  theta = kwargs.pop("rope_theta")
-  cfg = Qwen2MoeConfig(**kwargs, rope_parameters={"rope_type": "default", "rope_theta": theta})
+  rope = dict(rope or {"rope_type": "default"}, rope_theta=kwargs.pop("rope_theta"))
+  cfg = Qwen2MoeConfig(**kwargs, rope_parameters=rope)
   torch.manual_seed(seed)
   model = Qwen2MoeForCausalLM(cfg).eval()
   model.set_experts_implementation("eager")  # the reference loop (grouped_mm needs 16-byte-aligned sizes)
@@ -38,7 +39,8 @@ def make_model(seed: int = 0, std: float = 0.08, **overrides) -> Qwen2MoeForCaus
 def save(model: Qwen2MoeForCausalLM, folder: str | Path, layout: str = "hub", style: str = "v5",
          shard: bool = False) -> Path:
   """layout: 'hub' (per-expert tensors) or 'fused' (transformers v5 gate_up_proj / down_proj);
-  style: 'v5' (rope_parameters, dtype) or 'v4' (rope_theta, torch_dtype, no layer_types)."""
+  style: 'v5' (rope_parameters, dtype) or 'v4' (rope_theta, rope_scaling with a "type" key as Qwen's model
+  cards write it, torch_dtype, no layer_types)."""
   folder = Path(folder)
   kwargs = {"save_original_format": layout == "hub"}
   if shard:
@@ -47,8 +49,10 @@ def save(model: Qwen2MoeForCausalLM, folder: str | Path, layout: str = "hub", st
   if style == "v4":
     path = folder / "config.json"
     d = json.loads(path.read_text())
-    d["rope_theta"] = d.pop("rope_parameters")["rope_theta"]
-    d["rope_scaling"] = None
+    rope = d.pop("rope_parameters")
+    d["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    d["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
     d["torch_dtype"] = d.pop("dtype")
     d.pop("layer_types", None)
     if d.get("qkv_bias", True):

@@ -218,6 +218,24 @@ def test_v4_and_v5_configs_parse_the_same(hf):
   assert QwenMoeConfig.from_hf_dict(v4) == QwenMoeConfig.from_hf_dict(v5)
 
 
+def test_rope_scaling_parses_in_both_styles_and_round_trips(hf):
+  """Qwen2's model cards add `"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+  32768}` (v4 style); transformers v5 writes the same under rope_parameters. Both give one config, which
+  to_hf_dict writes back; the context grows to original x factor."""
+  v4 = json.loads((hf["v4"] / "config.json").read_text())
+  v5 = json.loads((hf["hub"] / "config.json").read_text())
+  yarn = {"factor": 4.0, "original_max_position_embeddings": 256}
+  a = QwenMoeConfig.from_hf_dict(dict(v4, rope_scaling={"type": "yarn", **yarn}))
+  b = QwenMoeConfig.from_hf_dict(dict(v5, rope_parameters={**v5["rope_parameters"], "rope_type": "yarn", **yarn}))
+  assert a == b and a.rope_scaling.rope_type == "yarn" and a.context_length == 1024
+  assert a.rope_scaling.attention_factor == pytest.approx(0.1 * np.log(4.0) + 1)
+  assert QwenMoeConfig.from_hf_dict(a.to_hf_dict()) == a
+  linear = QwenMoeConfig.from_hf_dict(dict(v4, rope_scaling={"rope_type": "linear", "factor": 2}))
+  assert linear.context_length == 2 * linear.max_position_embeddings
+  assert QwenMoeConfig.from_hf_dict(linear.to_hf_dict()) == linear
+  assert QwenMoeConfig.from_hf_dict(v4).rope_scaling is None
+
+
 def test_config_head_dim_and_eos(hf):
   base = json.loads((hf["hub"] / "config.json").read_text())
   assert QwenMoeConfig.from_hf_dict(base).dim_per_head == 8
@@ -236,6 +254,13 @@ def test_config_head_dim_and_eos(hf):
   (dict(num_experts_per_tok=9), "num_experts_per_tok"),
   (dict(num_key_value_heads=4), "num_key_value_heads"),
   (dict(hidden_size=True), "hidden_size"),
+  (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "rope_parameters.factor"),
+  (dict(rope_parameters={"rope_type": "yarn", "factor": "4", "rope_theta": 1e4}), "rope_parameters.factor"),
+  (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "low_freq_factor": 1.0}), "rope_parameters.low_freq_factor"),
+  (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}),
+   "rope_parameters.original_max_position_embeddings"),
+  (dict(rope_parameters="yarn"), "rope_parameters"),
+  (dict(rope_parameters=None, rope_scaling=[4.0]), "rope_scaling"),
 ])
 def test_bad_config_values_name_file_and_key(hf, edit, key):
   base = json.loads((hf["hub"] / "config.json").read_text())
@@ -392,10 +417,11 @@ BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments)
   "shard_holds_unindexed_tensor": (lambda c, h: _sharded(c, h, lambda m, first: m.pop("lm_head.weight")), (),
                                    ["lm_head.weight", hf_io.INDEX_FILE]),
   "model_type": (lambda c, h: _config(c, h, model_type="qwen2"), (), ["model_type", "qwen2"]),
-  "rope_scaling_v4": (lambda c, h: _config(c, h, "v4", rope_scaling={"type": "linear", "factor": 2}), (),
-                      ["rope_scaling"]),
-  "rope_type_v5": (lambda c, h: _config(c, h, **{"rope_parameters.rope_type": "linear", "rope_parameters.factor": 2}),
-                   (), ["rope_parameters.rope_type", "linear"]),
+  "rope_scaling_v4": (lambda c, h: _config(c, h, "v4", rope_scaling={"type": "dynamic", "factor": 2}), (),
+                      ["rope_scaling.rope_type", "dynamic"]),
+  "rope_type_v5": (lambda c, h: _config(c, h, **{"rope_parameters.rope_type": "longrope",
+                                                 "rope_parameters.factor": 2}), (),
+                   ["rope_parameters.rope_type", "longrope"]),
   "sliding_window": (lambda c, h: _config(c, h, use_sliding_window=True), (), ["use_sliding_window"]),
   "experts_per_token": (lambda c, h: _config(c, h, num_experts_per_tok=8), (), ["num_experts_per_tok", "8"]),
   "config_dtype": (lambda c, h: _config(c, h, dtype="int8"), (), ["config.json: dtype", "int8"]),

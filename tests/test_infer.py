@@ -45,9 +45,10 @@ def infer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+  ids = torch.tensor([prompt])  # the explicit mask: generate would take a token 0 in the prompt for padding
   with torch.no_grad():
-    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
   return out[0, len(prompt):].tolist()
 
 
@@ -112,6 +113,24 @@ def test_long_prompt_with_few_new_tokens(tmp_path):
   long = np.random.default_rng(12).integers(0, hf_model.config.vocab_size, 600).tolist()
   out = gen.generate([long, PROMPTS[1]], 3).output_ids  # two prefill calls into one [2, 768] cache
   assert out == [hf_greedy(hf_model, long, 3), hf_greedy(hf_model, PROMPTS[1], 3)]
+
+
+def test_yarn_generates_past_max_position_embeddings(tmp_path):
+  """Qwen2's recipe for long inputs: a v4 config.json with yarn rope scaling (factor 4 over 32 pretraining
+  positions here). The context becomes 128 positions; a 30-token prompt with 70 new tokens runs to position 99,
+  through the CLI, equal to transformers (which applies yarn the same way)."""
+  yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+  hf_model = make_model(seed=13, max_position_embeddings=32, rope=yarn)
+  save(hf_model, tmp_path / "hf", style="v4")
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]["type"] == "yarn"
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  prompt = np.random.default_rng(13).integers(0, hf_model.config.vocab_size, 30).tolist()
+  res = infer("--checkpoint", str(tmp_path / "ckpt"), "--input-ids", ",".join(map(str, prompt)), "--dtype",
+              "float32", "--temperature", "0", "--max-new-tokens", "70", "--json")
+  assert res.returncode == 0, res.stderr
+  assert json.loads(res.stdout.strip().splitlines()[-1])["output_ids"] == hf_greedy(hf_model, prompt, 70)
+  res = infer("--checkpoint", str(tmp_path / "ckpt"), "--input-ids", ",".join(["1"] * 128))
+  assert res.returncode == 2 and "128 tokens does not fit the model's context of 128" in res.stderr.strip()
 
 
 def test_cache_lengths():

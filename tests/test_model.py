@@ -29,6 +29,9 @@ CONFIGS = {
   "mlp_only_layers": dict(num_hidden_layers=4, mlp_only_layers=[0, 2]),
   "many_experts": dict(num_experts=24, num_experts_per_tok=6, norm_topk_prob=True),
   "top1_no_bias": dict(num_experts_per_tok=1, qkv_bias=False),
+  "rope_linear": dict(rope={"rope_type": "linear", "factor": 2.5}),
+  "rope_yarn": dict(max_position_embeddings=64, rope={"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 16}),
 }
 
 
@@ -59,7 +62,7 @@ def run_both(hf_model, model, ids):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fp32_parity(name, tmp_path):
-  hf_model = make_model(seed=hash(name) % 1000, **CONFIGS[name])
+  hf_model = make_model(seed=sorted(CONFIGS).index(name), **CONFIGS[name])
   model = convert_and_restore(hf_model, tmp_path)
   ids = np.random.default_rng(1).integers(0, hf_model.config.vocab_size, (3, 17))
   ref, captured, out = run_both(hf_model, model, ids)
