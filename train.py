@@ -122,7 +122,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   graphdef, abstract = abstract_model(cfg, param_dtype, sharding.expert_shards(mesh), kernels)
   tx = training.make_optimizer(tc)
   with jax.set_mesh(mesh):
-    init = jax.jit(tx.init).lower(trainable).compile()
+    init = training.compile_init(tx, trainable)
     if start is None:
       opt_state = init(trainable)
     else:

@@ -142,7 +142,7 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
     graphdef, flat = abstract_params(cfg, mesh, dtype)
     trainable, frozen = split(flat)
     tx = training.make_optimizer(tc)
-    init = jax.jit(tx.init).lower(trainable).compile()
+    init = training.compile_init(tx, trainable)
     opt_state = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
     return graphdef, trainable, frozen, tx, opt_state
 

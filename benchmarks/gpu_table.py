@@ -183,7 +183,7 @@ def probe(run: Run, plan: Plan, wanted: Kernels) -> Kernels:
     b, t, nh, kh, hd = 2, 256, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
     segments = jnp.asarray(np.repeat([[1, 2, 3, 0]], t // 4, axis=1).reshape(1, t).repeat(b, 0), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = layers.attention_mask(positions, segments, positions, segments)
+    mask = layers.Mask.self_attention(positions, segments)
     if not check("cudnn", lambda q, k, v: layers.attend_fused(q, k, v, mask),
                  lambda q, k, v: layers.attend(*(a.astype(jnp.float32) for a in (q, k, v)), mask),
                  (normal(b, t, nh, hd), normal(b, t, kh, hd), normal(b, t, kh, hd))):
@@ -432,7 +432,7 @@ def our_train(run: Run, plan: Plan, kernels: Kernels, peak: float | None, stage:
   graphdef, abstract = abstract_model(cfg, pdtype, 1, kernels)
   tx = training.make_optimizer(tc)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = training.compile_init(tx, trainable)(trainable)
     host = synthetic_batch(cfg, batch, seq, rng)
     t = time.perf_counter()
     step = training.compile_step(training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef),
@@ -489,7 +489,7 @@ def kernel_times(run: Run, plan: Plan, kernels: Kernels) -> None:
               for heads in (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_key_value_heads))
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segments = jnp.ones((b, t), jnp.int32)
-  mask = layers.attention_mask(positions, segments, positions, segments)
+  mask = layers.Mask.self_attention(positions, segments)
   for name, fn in {"xla": layers.attend, "cudnn": layers.attend_fused}.items():
     if name == "cudnn" and kernels.attention != "cudnn":
       continue

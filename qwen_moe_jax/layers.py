@@ -6,6 +6,7 @@ G query heads per kv head (N = K * G), H head dim, F MLP hidden, C gate/up pair 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -90,18 +91,86 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention_mask(q_pos: jax.Array, q_seg: jax.Array, kv_pos: jax.Array, kv_seg: jax.Array) -> jax.Array:
-  """[B, T, S] bool: causal within a segment. Padding is its own segment (id 0), so no row is empty."""
-  causal = kv_pos[:, None, :] <= q_pos[:, :, None]
-  same = kv_seg[:, None, :] == q_seg[:, :, None]
-  return causal & same
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mask:
+  """Which keys each query sees: key position <= query position, within the query's segment (padding is its own
+  segment, id 0, so no row is empty). Kept factored, so attention can build it a block of queries at a time:
+  the dense mask [B, T, S] is quadratic in the sequence.
 
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention, softmax in fp32.
-
-  q [B, T, N, H], k / v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
+  q_pos, q_seg [B, T]; kv_pos, kv_seg [B or 1, S].
   """
+
+  q_pos: jax.Array
+  q_seg: jax.Array
+  kv_pos: jax.Array
+  kv_seg: jax.Array
+
+  @classmethod
+  def self_attention(cls, positions: jax.Array, segments: jax.Array) -> "Mask":
+    """Prefill and training: positions / segments [B, T] for queries and keys alike."""
+    return cls(positions, segments, positions, segments)
+
+  @classmethod
+  def over_cache(cls, positions: jax.Array, slots: int) -> "Mask":
+    """Decoding: queries at positions [B, T] see every cache slot up to their position (slot = position)."""
+    kv_pos = jnp.arange(slots, dtype=positions.dtype)[None]
+    return cls(positions, jnp.ones_like(positions), kv_pos, jnp.ones_like(kv_pos))
+
+  def dense(self) -> jax.Array:
+    """[B, T, S] bool."""
+    causal = self.kv_pos[:, None, :] <= self.q_pos[:, :, None]
+    same = self.kv_seg[:, None, :] == self.q_seg[:, :, None]
+    return causal & same
+
+  def queries(self, start: jax.Array | int, size: int) -> "Mask":
+    """The mask of queries [start, start + size)."""
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)  # noqa: E731
+    return Mask(take(self.q_pos), take(self.q_seg), self.kv_pos, self.kv_seg)
+
+
+QUERY_BLOCK = 512  # attend: most queries per block
+BLOCK_SCORES = 1 << 22  # attend: most query x key scores per block (per row and head)
+
+
+def query_block(t: int, s: int) -> int:
+  """Queries per block for T queries over S keys: all T when that is at most QUERY_BLOCK, else a power of two
+  <= QUERY_BLOCK with block x S <= BLOCK_SCORES (at least 16)."""
+  if t <= QUERY_BLOCK:
+    return t
+  block = QUERY_BLOCK
+  while block > 16 and block * s > BLOCK_SCORES:
+    block //= 2
+  return block
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None) -> jax.Array:
+  """Grouped-query attention, softmax in fp32, over blocks of `block` queries (default: `query_block`).
+
+  q [B, T, N, H], k / v [B, S, K, H] -> [B, T, N, H]. Each block sees every key, so blocks are exact; they run
+  in a loop whose body is rematerialised in the backward pass, so memory is linear in T for a fixed S (the
+  scores of one block at a time) in training as in prefill.
+  """
+  b, t, n, h = q.shape
+  block = block or query_block(t, k.shape[1])
+  if block >= t:
+    return _attend_block(q, k, v, mask.dense())
+  blocks = -(-t // block)
+  pad = blocks * block - t  # padded queries sit in segment 0 at position 0; their outputs are dropped
+  q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  mask = Mask(*(jnp.pad(a, ((0, 0), (0, pad))) for a in (mask.q_pos, mask.q_seg)), mask.kv_pos, mask.kv_seg)
+
+  @jax.checkpoint
+  def one(i):  # block i: queries [i * block, (i + 1) * block)
+    qi = jax.lax.dynamic_slice_in_dim(q_pad, i * block, block, axis=1)
+    return _attend_block(qi, k, v, mask.queries(i * block, block).dense())
+
+  out = jax.lax.map(one, jnp.arange(blocks))  # [blocks, B, block, N, H]
+  return jnp.moveaxis(out, 0, 1).reshape(b, blocks * block, n, h)[:, :t]
+
+
+def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """q [B, T, N, H], k / v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
@@ -112,12 +181,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   return out.reshape(b, t, n, h)
 
 
-def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
   """`attend` through jax.nn.dot_product_attention (cuDNN flash attention on GPU), for self-attention.
 
-  The mask [B, T, T] must be causal (it adds segments); `is_causal` lets the kernel skip the upper triangle.
+  The mask must be causal (it adds segments); `is_causal` lets the kernel skip the upper triangle.
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
+  return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], is_causal=True,
                                       implementation=FUSED_IMPLEMENTATION)
 
 
@@ -137,16 +206,16 @@ class Attention(nnx.Module):
     self.qkv_bias = cfg.qkv_bias
     self.backend = backend  # Kernels.attention
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask,
                cache: tuple[jax.Array, jax.Array] | None = None, slots: jax.Array | None = None,
                cache_row: jax.Array | int = 0,
                attend_cache: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """x [B, T, D] -> [B, T, D].
 
-    Without `attend_cache`, attention runs over x's own keys (mask [B, T, T]; prefill, training), and a cache
+    Without `attend_cache`, attention runs over x's own keys (prefill, training), and a cache
     (k, v [R, S, K, H], R >= B rows, S >= T slots) gets this call's keys and values in rows
     [cache_row, cache_row + B), slots [0, T) (prefill). With `attend_cache` (decoding), each row's keys and
-    values go to its slots [B, T] and attention runs over the whole cache (mask [B, T, S]).
+    values go to its slots [B, T] and attention runs over the whole cache.
     """
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])
     k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...])

@@ -22,7 +22,7 @@ from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
-from qwen_moe_jax.layers import F32, Attention, Mlp, RMSNorm, attention_mask, param, rope_frequencies, rope_tables
+from qwen_moe_jax.layers import F32, Attention, Mask, Mlp, RMSNorm, param, rope_frequencies, rope_tables
 from qwen_moe_jax.moe import MoeBlock
 
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, D]
@@ -126,11 +126,7 @@ class QwenMoeForCausalLM(nnx.Module):
       segment_ids = jnp.ones_like(tokens)
     x = sharding.constrain(embed_lookup(self.embed[...], tokens), ACTIVATION_AXES)
     cos, sin = rope_tables(positions, *rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling), x.dtype)
-    if attend_cache:
-      slots = jnp.arange(cache.length, dtype=positions.dtype)
-      mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: every slot up to this position
-    else:
-      mask = attention_mask(positions, segment_ids, positions, segment_ids)  # [B, T, T]
+    mask = Mask.over_cache(positions, cache.length) if attend_cache else Mask.self_attention(positions, segment_ids)
 
     def run(layer, x, cos, sin, mask, kv):
       return layer(x, cos, sin, mask, kv, positions, cache_row, attend_cache)

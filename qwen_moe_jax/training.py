@@ -192,6 +192,31 @@ def _zero_load(abstract: nnx.State) -> jax.Array:
   return jnp.zeros((len(routers), routers[0].shape[-1]) if routers else (1, 1), F32)
 
 
+def compile_init(tx: optax.GradientTransformation, trainable):
+  """tx.init compiled for `trainable` (arrays or ShapeDtypeStructs with shardings), its outputs placed by
+  `opt_state_shardings` (left to jit, AdamW's moments came out replicated on every device)."""
+  abstract = jax.eval_shape(tx.init, trainable)
+  return jax.jit(tx.init, out_shardings=opt_state_shardings(abstract, trainable)).lower(trainable).compile()
+
+
+def opt_state_shardings(opt_state, trainable):
+  """A leaf of the optimizer state at a parameter's path with the parameter's shape (AdamW's moments, Adafactor's
+  unfactored second moment) gets the parameter's sharding; the rest (step counts, Adafactor's row and column
+  factors, which are small) is replicated."""
+  params = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_leaves_with_path(trainable)}
+  mesh = next(iter(params.values())).sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(path, leaf):
+    for start in range(len(path)):  # the longest path suffix that names a parameter
+      param = params.get(jax.tree_util.keystr(path[start:]))
+      if param is not None:
+        return param.sharding if param.shape == leaf.shape else replicated
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(place, opt_state)
+
+
 def compile_step(step_fn, trainable, frozen, opt_state, batch_shape: dict[str, jax.ShapeDtypeStruct]):
   """jit with the inputs' shardings as the outputs' too, donating params and optimizer state."""
   def shardings(tree):

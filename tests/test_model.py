@@ -189,8 +189,41 @@ def test_fused_attention_matches_the_einsum(monkeypatch):
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
   segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0], [1] * 7 + [0] * 4], jnp.int32)
   positions = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1], list(range(t))], jnp.int32)
-  mask = layers.attention_mask(positions, segments, positions, segments)
+  mask = layers.Mask.self_attention(positions, segments)
   np.testing.assert_allclose(layers.attend_fused(q, k, v, mask), layers.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [4, 5, 12])
+def test_attention_in_query_blocks_equals_one_block(block):
+  """Blocks of queries (the last one padded when `block` does not divide T) give the single-block outputs and
+  gradients, with GQA, packed segments and padding; over a cache (decoding several tokens) too."""
+  rng = np.random.default_rng(block)
+  b, t, n, kv, h = 2, 13, 6, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 0, 0], [1] * 9 + [0] * 4], jnp.int32)
+  positions = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1], list(range(t))], jnp.int32)
+  mask = layers.Mask.self_attention(positions, segments)
+  weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+
+  def loss(q, k, v, block):
+    return jnp.sum(layers.attend(q, k, v, mask, block) * weights)
+
+  one = layers.attend(q, k, v, mask, block=t)
+  np.testing.assert_allclose(layers.attend(q, k, v, mask, block), one, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(one[0, 3], layers.attend(q, k, v, layers.Mask.self_attention(positions, segments * 0 + 1),
+                                                  block)[0, 3])  # the segments matter
+  for a, e in zip(jax.grad(loss, (0, 1, 2))(q, k, v, block), jax.grad(loss, (0, 1, 2))(q, k, v, t), strict=True):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+  over = layers.Mask.over_cache(positions[:, 4:], t)  # 9 queries at positions 4.. over a 13-slot cache
+  np.testing.assert_allclose(layers.attend(q[:, 4:], k, v, over, block), layers.attend(q[:, 4:], k, v, over, 9),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_query_block_sizes():
+  assert layers.query_block(512, 512) == 512  # short: one block
+  assert layers.query_block(4096, 4096) == 512
+  assert layers.query_block(32768, 32768) == 128  # block x keys <= 2^22
+  assert layers.query_block(1 << 20, 1 << 20) == 16
 
 
 def test_fused_attention_backend_in_the_model(tmp_path, monkeypatch):

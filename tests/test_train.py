@@ -156,7 +156,7 @@ def _step_outputs(model, mesh, tc, batch):
   tx = training.make_optimizer(tc)
   with jax.set_mesh(mesh):
     trainable, frozen = training.split_params(model, tc)
-    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = training.compile_init(tx, trainable)(trainable)
     step = training.make_train_step(graphdef, abstract, tc, tx, model.config.router_aux_loss_coef)
     spec = training.batch_spec(mesh, batch["tokens"].shape)
     compiled = training.compile_step(step, trainable, frozen, opt_state, spec)
@@ -205,6 +205,34 @@ def test_train_step_with_one_row_on_fsdp(step_case):
   one, mesh = sharding.make_mesh({}, jax.devices()[:1]), sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc1, row),
                    _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc1, row), tc1)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_optimizer_state_is_split_like_the_parameters(step_case, optimizer):
+  """Each parameter-shaped leaf of the optimizer state (AdamW's two moments, Adafactor's unfactored ones) has its
+  parameter's sharding, so a device holds its share (left to jit, AdamW's moments were whole on every device)."""
+  ckpt, _, tc = step_case
+  mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
+  tc = dataclasses.replace(tc, optimizer=optimizer)
+  trainable, _ = training.split_params(checkpoint.restore(ckpt, mesh, jnp.float32), tc)
+  params = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
+  with jax.set_mesh(mesh):
+    state = training.compile_init(training.make_optimizer(tc), trainable)(trainable)
+  matched = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    key = jax.tree_util.keystr(path)
+    param = next((params[k] for k in params if key.endswith(k)), None)
+    if param is not None and param.shape == leaf.shape:
+      assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), key
+      matched += 1
+    else:
+      assert leaf.size * leaf.dtype.itemsize < 64 << 10 or param is not None, key  # counts and factors: small
+  per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+  if optimizer == "adamw":
+    assert matched == 2 * len(params)
+    assert per_device(state) < 2.1 * per_device(trainable)
+  else:
+    assert matched > 0
 
 
 def assert_same_step(got, ref, tc) -> None:
