@@ -115,7 +115,7 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampl
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (g, t))
   segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
   start = row if g < state.last.shape[0] else 0  # one group for all rows: a static offset, which shards cleanly
-  out = model(tokens, positions, segments, cache=state.cache, cache_row=start)
+  out = model(tokens, positions, segments, cache=state.cache, cache_row=start, packed=False)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   keys = jax.lax.dynamic_slice_in_dim(state.keys, start, g)
   first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)

@@ -98,18 +98,21 @@ class Mask:
   segment, id 0, so no row is empty). Kept factored, so attention can build it a block of queries at a time:
   the dense mask [B, T, S] is quadratic in the sequence.
 
-  q_pos, q_seg [B, T]; kv_pos, kv_seg [B or 1, S].
+  q_pos, q_seg [B, T]; kv_pos, kv_seg [B or 1, S]. `packed` False promises one sequence per row from position 0,
+  right-padded (segments only mark padding): plain causal attention then gives the real tokens the same outputs,
+  so the fused kernel runs without a mask.
   """
 
   q_pos: jax.Array
   q_seg: jax.Array
   kv_pos: jax.Array
   kv_seg: jax.Array
+  packed: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
   @classmethod
-  def self_attention(cls, positions: jax.Array, segments: jax.Array) -> "Mask":
+  def self_attention(cls, positions: jax.Array, segments: jax.Array, packed: bool = True) -> "Mask":
     """Prefill and training: positions / segments [B, T] for queries and keys alike."""
-    return cls(positions, segments, positions, segments)
+    return cls(positions, segments, positions, segments, packed)
 
   @classmethod
   def over_cache(cls, positions: jax.Array, slots: int) -> "Mask":
@@ -126,7 +129,7 @@ class Mask:
   def queries(self, start: jax.Array | int, size: int) -> "Mask":
     """The mask of queries [start, start + size)."""
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)  # noqa: E731
-    return Mask(take(self.q_pos), take(self.q_seg), self.kv_pos, self.kv_seg)
+    return dataclasses.replace(self, q_pos=take(self.q_pos), q_seg=take(self.q_seg))
 
 
 QUERY_BLOCK = 512  # attend: most queries per block
@@ -158,7 +161,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | No
   blocks = -(-t // block)
   pad = blocks * block - t  # padded queries sit in segment 0 at position 0; their outputs are dropped
   q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  mask = Mask(*(jnp.pad(a, ((0, 0), (0, pad))) for a in (mask.q_pos, mask.q_seg)), mask.kv_pos, mask.kv_seg)
+  mask = dataclasses.replace(mask, q_pos=jnp.pad(mask.q_pos, ((0, 0), (0, pad))),
+                             q_seg=jnp.pad(mask.q_seg, ((0, 0), (0, pad))))
 
   @jax.checkpoint
   def one(i):  # block i: queries [i * block, (i + 1) * block)
@@ -184,10 +188,11 @@ def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
   """`attend` through jax.nn.dot_product_attention (cuDNN flash attention on GPU), for self-attention.
 
-  The mask must be causal (it adds segments); `is_causal` lets the kernel skip the upper triangle.
+  `is_causal` lets the kernel skip the upper triangle; the [B, T, T] mask is passed only for packed rows (a
+  32k-token prompt would need 1 GB of it per row).
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], is_causal=True,
-                                      implementation=FUSED_IMPLEMENTATION)
+  dense = mask.dense()[:, None] if mask.packed else None
+  return jax.nn.dot_product_attention(q, k, v, mask=dense, is_causal=True, implementation=FUSED_IMPLEMENTATION)
 
 
 class Attention(nnx.Module):

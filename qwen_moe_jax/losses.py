@@ -49,13 +49,14 @@ class LossParts:
 
 
 def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                   positions: jax.Array, segment_ids: jax.Array, remat: str = "none") -> LossParts:
-  """tokens / targets / loss_mask / positions / segment_ids [B, T]; segment 0 is padding.
+                   positions: jax.Array, segment_ids: jax.Array, remat: str = "none", packed: bool = True) -> LossParts:
+  """tokens / targets / loss_mask / positions / segment_ids [B, T]; segment 0 is padding; `packed` False: one
+  document per row (see layers.Mask).
 
   The aux loss covers every non-padding token (transformers masks padding the same way).
   """
   cfg = model.config
-  out = model(tokens, positions, segment_ids, remat=remat)
+  out = model(tokens, positions, segment_ids, remat=remat, packed=packed)
   b, t, d = out.hidden.shape
   nll_sum, count = chunked_cross_entropy(out.hidden.reshape(b * t, d), model.lm_head[...],
                                          targets.reshape(-1), loss_mask.reshape(-1))

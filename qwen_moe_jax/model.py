@@ -113,10 +113,11 @@ class QwenMoeForCausalLM(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: KVCache | None = None, cache_row: jax.Array | int = 0, attend_cache: bool = False,
-               remat: str = "none", return_layer_outputs: bool = False) -> Output:
+               remat: str = "none", return_layer_outputs: bool = False, packed: bool = True) -> Output:
     """tokens, positions [B, T] int32 -> final hidden states [B, T, D] (call `logits` on what you need).
 
-    segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding. With a cache
+    segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding; `packed` False
+    promises one sequence per row, right-padded (see layers.Mask), which spares the fused kernel a mask. With a cache
     [R, S] and no `attend_cache` (prefill, positions 0..T-1), keys and values fill rows [cache_row,
     cache_row + B), slots [0, T); with `attend_cache` (decoding), each token's go to slot = its position and
     attention runs over the whole cache.
@@ -126,7 +127,10 @@ class QwenMoeForCausalLM(nnx.Module):
       segment_ids = jnp.ones_like(tokens)
     x = sharding.constrain(embed_lookup(self.embed[...], tokens), ACTIVATION_AXES)
     cos, sin = rope_tables(positions, *rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling), x.dtype)
-    mask = Mask.over_cache(positions, cache.length) if attend_cache else Mask.self_attention(positions, segment_ids)
+    if attend_cache:
+      mask = Mask.over_cache(positions, cache.length)
+    else:
+      mask = Mask.self_attention(positions, segment_ids, packed)
 
     def run(layer, x, cos, sin, mask, kv):
       return layer(x, cos, sin, mask, kv, positions, cache_row, attend_cache)

@@ -155,7 +155,7 @@ def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig
     flat = {k: v.astype(compute) for k, v in flat.items()}
     model = nnx.merge(graphdef, checkpoint.unflatten_state(abstract, flat))
     parts = causal_lm_loss(model, micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"],
-                           micro["segment_ids"], tc.remat)
+                           micro["segment_ids"], tc.remat, tc.pack)
     # CE summed over tokens / all tokens of the step (exact over micro-batches); aux averaged per micro-batch
     objective = parts.ce * parts.tokens / jnp.maximum(total_tokens, 1.0) + aux_coef * parts.aux / tc.grad_accum
     return objective, parts

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert
+from qwen_moe_jax import checkpoint, convert, layers
 from qwen_moe_jax.generate import Generator, Sampling, cache_bucket, prompt_logits
+from qwen_moe_jax.kernels import Kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,16 @@ def test_prefill_in_row_groups_equals_one_prefill(tiny):
   assert grouped.generate(prompts, 20).output_ids == gen.generate(prompts, 20).output_ids
   s = Sampling(temperature=1.0, top_k=5)
   assert grouped.generate(prompts, 20, s, seed=4).output_ids == gen.generate(prompts, 20, s, seed=4).output_ids
+
+
+def test_fused_attention_prefill_gives_the_same_tokens(tiny, monkeypatch):
+  """Generation with the cudnn attention backend (imitated by XLA on CPU, let run in float32 here): prompts of
+  different lengths, right-padded, prefilled without a mask, give the einsum path's tokens."""
+  monkeypatch.setattr(layers, "FUSED_IMPLEMENTATION", "xla")
+  monkeypatch.setattr(layers, "FUSED_DTYPES", (jnp.float32,))
+  _, model, gen, ckpt = tiny
+  fused = Generator(checkpoint.restore(ckpt, dtype=jnp.float32, kernels=Kernels(attention="cudnn")))
+  assert fused.generate(PROMPTS, 24).output_ids == gen.generate(PROMPTS, 24).output_ids
 
 
 def test_long_prompt_with_few_new_tokens(tmp_path):

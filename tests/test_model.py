@@ -193,6 +193,27 @@ def test_fused_attention_matches_the_einsum(monkeypatch):
   np.testing.assert_allclose(layers.attend_fused(q, k, v, mask), layers.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_attention_without_a_mask_for_unpacked_rows(monkeypatch):
+  """One sequence per row, right-padded (prefill, --no-pack): the fused call gets no mask, and the real tokens'
+  outputs equal the masked einsum's."""
+  masks = []
+  fused = jax.nn.dot_product_attention
+  monkeypatch.setattr(layers, "FUSED_IMPLEMENTATION", "xla")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, mask, **kw: masks.append(mask) or fused(
+    *a, mask=mask, **kw))
+  rng = np.random.default_rng(6)
+  b, t, n, kv, h = 3, 9, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
+  lengths = np.array([9, 5, 1])
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  segments = jnp.asarray(np.arange(t)[None] < lengths[:, None], jnp.int32)
+  mask = layers.Mask.self_attention(positions, segments, packed=False)
+  out, ref = layers.attend_fused(q, k, v, mask), layers.attend(q, k, v, mask)
+  assert masks == [None]
+  for row, n_real in enumerate(lengths):
+    np.testing.assert_allclose(out[row, :n_real], ref[row, :n_real], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("block", [4, 5, 12])
 def test_attention_in_query_blocks_equals_one_block(block):
   """Blocks of queries (the last one padded when `block` does not divide T) give the single-block outputs and
