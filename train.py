@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--no-pack", action="store_true", help="one document per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+  ap.add_argument("--eval-data", help="held-out JSONL (same formats): its mean loss-token cross-entropy is logged "
+                  "as eval_loss every --eval-every steps and at the end")
+  ap.add_argument("--eval-every", type=int, help="steps between evaluations (default: --save-every)")
   ap.add_argument("--expert-load-every", type=int, default=10, help="log per-expert load fractions every K steps")
   ap.add_argument("--seed", type=int, default=d.seed, help="data order")
   runtime.add_args(ap)
@@ -87,6 +90,8 @@ def main() -> None:
   tc = train_config(args)
   if args.save_every < 1:
     raise UserError(f"--save-every must be >= 1, got {args.save_every}")
+  if args.eval_every is not None and args.eval_every < 1:
+    raise UserError(f"--eval-every must be >= 1, got {args.eval_every}")
   mesh, _, kernels = runtime.setup(args)
   run = RunDir(args.out, keep=args.keep)
   try:
@@ -114,6 +119,11 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   eos = tok.token_to_id("<|endoftext|>") if tok is not None else None
   documents = data.read_jsonl(args.data, tok, tc.seq_len, eos)
   stream = data.BatchStream(documents, tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack)
+  held_out = None
+  if args.eval_data:
+    held_out = data.BatchStream(data.read_jsonl(args.eval_data, tok, tc.seq_len, eos), tc.seq_len, tc.batch_size,
+                                seed=0, pack=tc.pack)
+  eval_every = args.eval_every or args.save_every
 
   param_dtype = runtime.DTYPES[tc.param_dtype]
   model = checkpoint.restore(source, mesh, param_dtype, kernels, cfg)
@@ -131,6 +141,9 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
     compiled = training.compile_step(step_fn, trainable, frozen, opt_state, training.batch_spec(mesh, shape))
+    if held_out is not None:
+      eval_fn = jax.jit(training.make_eval_step(graphdef, abstract, tc)).lower(
+        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile()
     first = start or 0
     run.truncate_metrics(first)
     lr = training.schedule(tc)
@@ -147,6 +160,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss), "ce": float(m.ce),
                 "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm),
                 "tokens": int(m.tokens), "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
+      if held_out is not None and (done % eval_every == 0 or done == tc.steps):
+        record.update(evaluate(eval_fn, trainable, frozen, held_out, mesh))
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
       run.log(record)
@@ -158,6 +173,16 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   plot = run.plot()
   print(f"trained to step {tc.steps}; run folder {run.folder}" + (f", loss curve {plot}" if plot else ""),
         file=sys.stderr)
+
+
+def evaluate(eval_fn, trainable, frozen, held_out: data.BatchStream, mesh) -> dict:
+  """Mean cross-entropy over every loss token of the held-out data (summed over batches, then divided)."""
+  nll, tokens = 0.0, 0.0
+  for rows in held_out.one_pass():
+    s, n = jax.device_get(eval_fn(trainable, frozen, training.device_batch({k: v[None] for k, v in rows.items()},
+                                                                           mesh)))
+    nll, tokens = nll + float(s), tokens + float(n)
+  return {"eval_loss": nll / max(tokens, 1.0), "eval_tokens": int(tokens)}
 
 
 if __name__ == "__main__":

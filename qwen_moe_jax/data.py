@@ -20,7 +20,7 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -205,12 +205,26 @@ class BatchStream:
     """
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}")
-    out = {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in FIELDS}
+    out = self._empty()
     for b in range(self.batch_size):
       epoch, r = self._locate(step * self.batch_size + b)
       order, bounds = self._epoch(epoch)
       self._fill_row(out, b, order[bounds[r]:bounds[r + 1]])
     return out
+
+  def one_pass(self) -> Iterator[dict[str, np.ndarray]]:
+    """Epoch 0's rows, each once, in batches like `batch`'s; the last batch is completed with empty rows
+    (no loss tokens). For evaluation."""
+    order, bounds = self._epoch(0)
+    rows = len(bounds) - 1
+    for first in range(0, rows, self.batch_size):
+      out = self._empty()
+      for b, r in enumerate(range(first, min(first + self.batch_size, rows))):
+        self._fill_row(out, b, order[bounds[r]:bounds[r + 1]])
+      yield out
+
+  def _empty(self) -> dict[str, np.ndarray]:
+    return {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in FIELDS}
 
   def epoch_of(self, step: int) -> int:
     """The epoch of batch `step`'s first row (for logging)."""

@@ -108,6 +108,9 @@ class RunDir:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], label="loss (ce + coef x aux)")
     ax.plot(steps, [r["ce"] for r in records], label="cross-entropy", alpha=0.7)
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if evals:
+      ax.plot(*zip(*evals), "o-", label="held-out cross-entropy")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(self.folder.name)

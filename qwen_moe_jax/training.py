@@ -148,14 +148,8 @@ class StepMetrics:
 def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig,
                     tx: optax.GradientTransformation, aux_coef: float):
   """step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, StepMetrics); batch arrays [K, B, T]."""
-  compute = jnp.dtype(tc.compute_dtype)
-
   def micro_loss(trainable, frozen, micro, total_tokens):
-    flat = checkpoint.flatten(trainable) | checkpoint.flatten(frozen)
-    flat = {k: v.astype(compute) for k, v in flat.items()}
-    model = nnx.merge(graphdef, checkpoint.unflatten_state(abstract, flat))
-    parts = causal_lm_loss(model, micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"],
-                           micro["segment_ids"], tc.remat, tc.pack)
+    parts = _loss(graphdef, abstract, tc, trainable, frozen, micro, tc.remat)
     # CE summed over tokens / all tokens of the step (exact over micro-batches); aux averaged per micro-batch
     objective = parts.ce * parts.tokens / jnp.maximum(total_tokens, 1.0) + aux_coef * parts.aux / tc.grad_accum
     return objective, parts
@@ -183,6 +177,25 @@ def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig
     return trainable, opt_state, metrics
 
   return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig):
+  """eval(trainable, frozen, batch) -> (summed NLL of the loss tokens, their number); batch arrays [1, B, T]."""
+
+  def step(trainable, frozen, batch):
+    parts = _loss(graphdef, abstract, tc, trainable, frozen, {k: v[0] for k, v in batch.items()}, "none")
+    return parts.ce * parts.tokens, parts.tokens
+
+  return step
+
+
+def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: str):
+  """causal_lm_loss of the model made of these parameters, in the compute dtype; micro arrays [B, T]."""
+  flat = checkpoint.flatten(trainable) | checkpoint.flatten(frozen)
+  flat = {k: v.astype(tc.compute_dtype) for k, v in flat.items()}
+  model = nnx.merge(graphdef, checkpoint.unflatten_state(abstract, flat))
+  return causal_lm_loss(model, micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"],
+                        micro["segment_ids"], remat, tc.pack)
 
 
 def _zero_load(abstract: nnx.State) -> jax.Array:

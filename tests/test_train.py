@@ -20,11 +20,11 @@ from flax import nnx
 from transformers import Qwen2MoeForCausalLM
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, sharding, training
+from qwen_moe_jax import checkpoint, convert, data, sharding, training
 from qwen_moe_jax.demo import build_tokenizer
 from qwen_moe_jax.generate import prompt_logits
 from qwen_moe_jax.model import abstract_model
-from qwen_moe_jax.tokenizer import CHATML_TEMPLATE
+from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--steps", "16", "--batch-size", "4", "--seq-len", "128", "--lr", "1e-2", "--save-every", "4",
@@ -121,6 +121,39 @@ def test_resume_after_sigkill_matches_uninterrupted(base, straight, tmp_path):
   # the same flags are required to resume
   res = train(*args[:-len(TRAIN)], *TRAIN[:-2], "--dtype", "bfloat16", "--out", str(killed))
   assert res.returncode == 2 and "different settings" in res.stderr
+
+
+def test_held_out_loss_is_the_cross_entropy_of_the_trained_model(base, tmp_path):
+  """--eval-data: eval_loss at every --eval-every steps and at the end, equal to the mean cross-entropy of the
+  held-out loss tokens under the saved model, computed here token by token; a missing file is one error line."""
+  held_out = tmp_path / "held_out.jsonl"
+  lines = [{"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                         {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]} for a, b in ((8, 9), (6, 6))]
+  lines += [{"text": "a lazy dog sleeps. " * (i + 1)} for i in range(5)]  # 7 documents: two batches of 4 rows
+  held_out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+  run = tmp_path / "run"
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), *TRAIN[2:], "--steps", "6",
+          "--eval-every", "4", "--no-pack"]
+  res = train(*args, "--out", str(run), "--eval-data", str(held_out))
+  assert res.returncode == 0, res.stderr
+  m = metrics(run)
+  assert [r["step"] for r in m if "eval_loss" in r] == [4, 6]
+
+  tok = load_tokenizer(run)
+  docs = data.read_jsonl(held_out, tok, 128, tok.token_to_id("<|endoftext|>"))
+  model = checkpoint.restore(run, dtype=jnp.float32)
+  nll, count = 0.0, 0
+  for d in docs:
+    logp = jax.nn.log_softmax(prompt_logits(model, list(d.tokens)), axis=-1)
+    for t in range(len(d.tokens) - 1):
+      if d.loss_mask[t + 1]:
+        nll, count = nll - float(logp[t, d.tokens[t + 1]]), count + 1
+  assert m[-1]["eval_tokens"] == count
+  np.testing.assert_allclose(m[-1]["eval_loss"], nll / count, rtol=1e-5)
+  assert m[-1]["eval_loss"] < m[3]["eval_loss"]  # still learning the arithmetic
+
+  res = train(*args, "--out", str(tmp_path / "other"), "--eval-data", str(tmp_path / "missing.jsonl"))
+  assert res.returncode == 2 and "missing.jsonl" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_train_only_keeps_frozen_groups_fixed(base, tmp_path):
