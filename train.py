@@ -2,6 +2,7 @@
 
   python train.py --checkpoint CKPT_DIR --data train.jsonl --out runs/sft [--steps 100] [--batch-size 8]
                   [--seq-len 512] [--lr 1e-5] [--save-every 50] [--seed 0] [--mesh data=2,expert=4]
+                  [--eval-data held_out.jsonl] [--eval-every 50]
 
 Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}.
 Running the same command on the same --out resumes from the latest complete checkpoint and continues exactly
