@@ -183,11 +183,14 @@ def probe(run: Run, plan: Plan, wanted: Kernels) -> Kernels:
     b, t, nh, kh, hd = 2, 256, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
     segments = jnp.asarray(np.repeat([[1, 2, 3, 0]], t // 4, axis=1).reshape(1, t).repeat(b, 0), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = layers.Mask.self_attention(positions, segments)
-    if not check("cudnn", lambda q, k, v: layers.attend_fused(q, k, v, mask),
-                 lambda q, k, v: layers.attend(*(a.astype(jnp.float32) for a in (q, k, v)), mask),
-                 (normal(b, t, nh, hd), normal(b, t, kh, hd), normal(b, t, kh, hd))):
-      attention = "xla"
+    args = (normal(b, t, nh, hd), normal(b, t, kh, hd), normal(b, t, kh, hd))
+    packed = layers.Mask.self_attention(positions, segments)  # training's packed rows: the mask is passed
+    unpacked = layers.Mask.self_attention(positions, jnp.ones_like(segments), packed=False)  # prefill: no mask
+    for name, mask in (("cudnn", packed), ("cudnn unpacked", unpacked)):
+      if not check(name, lambda q, k, v, mask=mask: layers.attend_fused(q, k, v, mask),
+                   lambda q, k, v, mask=mask: layers.attend(*(a.astype(jnp.float32) for a in (q, k, v)), mask),
+                   args):
+        attention = "xla"
   kernels = Kernels(experts, attention)
   run.emit(stage="probe", wanted=dataclasses.asdict(wanted), using=dataclasses.asdict(kernels))
   return kernels

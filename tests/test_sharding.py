@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, sharding
+from qwen_moe_jax import checkpoint, convert, layers, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator
@@ -60,13 +60,16 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("spec", ["expert=2", "expert=4", "expert=8", "data=2,expert=4", "expert=4,tensor=2",
                                   "fsdp=2,expert=2,tensor=2"])
-def test_same_logits_and_tokens_on_every_mesh(ckpt, spec):
+def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   folder, ids, (ref_logits, ref_tokens) = ckpt
   mesh = mesh_of(spec)
   model = checkpoint.restore(folder, mesh, jnp.float32)
   wi = model.layers[0].mlp.experts_wi[...]
   assert wi.shape[0] % mesh.shape["expert"] == 0 and wi.sharding.spec[0] == "expert"
   np.testing.assert_allclose(logits_on(model, mesh, ids), ref_logits, atol=1e-5)
+  with monkeypatch.context() as m:  # attention in query blocks (as for long inputs): 10 tokens in blocks of 4
+    m.setattr(layers, "QUERY_BLOCK", 4)
+    np.testing.assert_allclose(logits_on(model, mesh, ids), ref_logits, atol=1e-5)
   assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
   # one prompt per prefill call: rows written in place at a traced offset into a cache split over devices
   assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16).output_ids == ref_tokens
