@@ -4,11 +4,14 @@
   python infer.py --checkpoint DIR --chat "Why is the sky blue?" [--system TEXT]
   python infer.py --checkpoint DIR --prompt "def fib(n):" --prompt "Once upon a time" --max-new-tokens 64
   python infer.py --checkpoint DIR --input-ids 1,2,3 --temperature 0 --json --dump-logits logits.npy
+  python infer.py --checkpoint DIR --interactive [--system TEXT]
 
 Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
 --prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line) may be repeated and run
 as one batch. One prompt streams its tokens to stdout as they are generated; --json prints one object per
 prompt. Sampling defaults come from the checkpoint's generation_config.json, else greedy.
+--interactive chats turn by turn: each line read from stdin is a user message, answered with the whole
+conversation so far as the prompt (/reset starts over, /exit or end of input quits).
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--prompt", action="append", default=[], help="raw text prompt (repeatable)")
   ap.add_argument("--chat", action="append", default=[],
                   help="a user message, rendered with the chat template (repeatable)")
-  ap.add_argument("--system", help="system prompt for --chat")
+  ap.add_argument("--system", help="system prompt for --chat and --interactive")
+  ap.add_argument("--interactive", action="store_true",
+                  help="multi-turn chat: user messages from stdin, one per line (/reset, /exit)")
   ap.add_argument("--input-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
   ap.add_argument("--prompts-file", help="JSONL: one {prompt|chat|messages|input_ids} object per line")
   ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -58,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.error("give exactly one of --checkpoint DIR or --demo")
   if args.prefill_rows is not None and args.prefill_rows < 1:
     raise UserError(f"--prefill-rows must be >= 1, got {args.prefill_rows}")
+  if args.interactive and (args.prompt or args.chat or args.input_ids or args.prompts_file or args.dump_logits):
+    raise UserError("--interactive reads its messages from stdin: drop --prompt, --chat, --input-ids, "
+                    "--prompts-file and --dump-logits")
   return args
 
 
@@ -181,13 +189,17 @@ def main() -> None:
 def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   cfg = checkpoint.load_config(folder)
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
-  prompts = read_prompts(args, tok)
+  if args.interactive and (tok is None or jax.process_count() > 1):
+    raise UserError("--interactive needs tokenizer.json in the checkpoint folder and a single process")
+  prompts = [] if args.interactive else read_prompts(args, tok)
   gen = generation_config(folder)
   sampling = sampling_from(args, gen)
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows)
+  if args.interactive:
+    return chat(args, generator, tok, sampling, stop_ids(cfg, gen, tok))
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
   stream = None
@@ -218,6 +230,47 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   print(f"prompt tokens: {result.prompt_tokens}, generated tokens: {result.generated_tokens}, "
         f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)
+
+
+def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) -> None:
+  """Reads user messages from stdin and answers each with the conversation so far as the prompt (streamed, or
+  one --json object per turn). A turn that does not fit the context is reported; /reset makes room."""
+  system = [{"role": "system", "content": args.system}] if args.system else []
+  messages = list(system)
+  tty = sys.stdin.isatty()
+  while True:
+    if tty:
+      print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    text = line.strip()
+    if not line or text == "/exit":
+      return
+    if text == "/reset":
+      messages = list(system)
+      print("(conversation reset)", file=sys.stderr)
+      continue
+    if not text:
+      continue
+    prompt = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
+    stream = None if args.json else tok.stream_decoder(skip_special_tokens=True)
+
+    def on_tokens(row: int, ids: list[int], stream=stream) -> None:
+      sys.stdout.write(stream.push(ids))
+      sys.stdout.flush()
+
+    try:
+      result = generator.generate([prompt], args.max_new_tokens, sampling, args.seed, stops,
+                                  on_tokens if stream else None)
+    except UserError as e:
+      print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
+      continue
+    out = result.output_ids[0]
+    reply = tok.decode(out, skip_special_tokens=True)
+    if args.json:
+      print(json.dumps({"input_ids": prompt, "output_ids": out, "text": reply}, ensure_ascii=False), flush=True)
+    else:
+      print(stream.flush(), flush=True)
+    messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
 if __name__ == "__main__":

@@ -144,6 +144,31 @@ def test_yarn_generates_past_max_position_embeddings(tmp_path):
   assert res.returncode == 2 and "128 tokens does not fit the model's context of 128" in res.stderr.strip()
 
 
+def test_interactive_chat_keeps_the_conversation(tmp_path):
+  """--interactive: each turn's prompt is the whole conversation so far (replies included, through the chat
+  template), so a turn gives what the one-shot prompt of those messages gives; /reset starts over."""
+  common = ["--demo", "--max-new-tokens", "8", "--temperature", "0", "--dtype", "float32", "--json"]
+  res = subprocess.run([sys.executable, "infer.py", *common, "--interactive"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, input="hello there\nhow are you\n\n/reset\nhello there\n")
+  assert res.returncode == 0, res.stderr
+  turns = [json.loads(line) for line in res.stdout.splitlines()]
+  assert len(turns) == 3 and turns[2] == turns[0] and "conversation reset" in res.stderr
+  messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": turns[0]["text"]},
+              {"role": "user", "content": "how are you"}]
+  (tmp_path / "conversation.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+  one = infer(*common, "--prompts-file", str(tmp_path / "conversation.jsonl"))
+  assert one.returncode == 0, one.stderr
+  assert json.loads(one.stdout.splitlines()[-1]) == turns[1]
+  bad = infer("--demo", "--interactive", "--prompt", "hi")
+  assert bad.returncode == 2 and "--interactive reads its messages from stdin" in bad.stderr
+  # a turn longer than the demo's 2048-position context is reported, and the chat goes on
+  res = subprocess.run([sys.executable, "infer.py", *common, "--interactive"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, input="qx7 " * 8000 + "\nhello there\n")
+  assert res.returncode == 0, res.stderr
+  assert "does not fit the model's context" in res.stderr and "/reset" in res.stderr
+  assert [json.loads(line) for line in res.stdout.splitlines()] == turns[:1]
+
+
 def test_cache_lengths():
   lengths = (1, 17, 256, 257, 513, 1040, 2000, 2049)
   assert [cache_bucket(n) for n in lengths] == [16, 32, 256, 512, 768, 1280, 2048, 2304]
