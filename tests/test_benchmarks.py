@@ -84,3 +84,14 @@ def test_capacity_planner_compiles_every_program(tmp_path):
     assert abs(p["peak_estimate_gb"] - (report["param_gb_per_device"] + report["kv_cache"]["gb_per_device"]
                                         + p["temp_gb"])) < 2e-3
   assert report["train_step"]["temp_gb"] > 0
+
+
+def test_attention_memory_benchmark_shows_blocks_smaller():
+  """benchmarks/attention_memory.py: at 2048 tokens the query blocks need less than the one-block program."""
+  res = subprocess.run([sys.executable, "benchmarks/attention_memory.py", "--seq", "2048"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr
+  report = json.loads(res.stdout.splitlines()[-1])
+  assert report["query_block"] == 512
+  for program in ("prefill_temp_gb", "train_temp_gb"):
+    assert 0 < report["query_blocks"][program] < report["one_block"][program] / 2
