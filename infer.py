@@ -206,12 +206,8 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if lead and len(prompts) == 1 and not args.json and tok is not None:
     stream = tok.stream_decoder(skip_special_tokens=True)
 
-  def on_tokens(row: int, ids: list[int]) -> None:
-    sys.stdout.write(stream.push(ids))
-    sys.stdout.flush()
-
   result = generator.generate(prompts, args.max_new_tokens, sampling, args.seed, stop_ids(cfg, gen, tok),
-                              on_tokens if stream else None)
+                              to_stdout(stream))
   if stream:
     print(stream.flush())
   if not lead:
@@ -219,7 +215,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   for i, (p, out) in enumerate(zip(prompts, result.output_ids)):
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if args.json:
-      print(json.dumps({"input_ids": p, "output_ids": out, "text": text}, ensure_ascii=False))
+      print(json_line(p, out, text))
     elif not stream:
       print(f"--- [{i + 1}] ---")
       print(text if text is not None else ",".join(map(str, out)))
@@ -230,6 +226,23 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   print(f"prompt tokens: {result.prompt_tokens}, generated tokens: {result.generated_tokens}, "
         f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)
+
+
+def to_stdout(stream):
+  """The generate callback that writes a stream decoder's text to stdout as tokens arrive (None without one)."""
+  if stream is None:
+    return None
+
+  def on_tokens(row: int, ids: list[int]) -> None:
+    sys.stdout.write(stream.push(ids))
+    sys.stdout.flush()
+
+  return on_tokens
+
+
+def json_line(prompt: list[int], output: list[int], text: str | None) -> str:
+  """One --json object: {"input_ids", "output_ids", "text"}."""
+  return json.dumps({"input_ids": prompt, "output_ids": output, "text": text}, ensure_ascii=False)
 
 
 def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) -> None:
@@ -253,21 +266,15 @@ def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) 
       continue
     prompt = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
     stream = None if args.json else tok.stream_decoder(skip_special_tokens=True)
-
-    def on_tokens(row: int, ids: list[int], stream=stream) -> None:
-      sys.stdout.write(stream.push(ids))
-      sys.stdout.flush()
-
     try:
-      result = generator.generate([prompt], args.max_new_tokens, sampling, args.seed, stops,
-                                  on_tokens if stream else None)
+      result = generator.generate([prompt], args.max_new_tokens, sampling, args.seed, stops, to_stdout(stream))
     except UserError as e:
       print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
       continue
     out = result.output_ids[0]
     reply = tok.decode(out, skip_special_tokens=True)
     if args.json:
-      print(json.dumps({"input_ids": prompt, "output_ids": out, "text": reply}, ensure_ascii=False), flush=True)
+      print(json_line(prompt, out, reply), flush=True)
     else:
       print(stream.flush(), flush=True)
     messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
