@@ -9,7 +9,7 @@
 Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
 --prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line) may be repeated and run
 as one batch. One prompt streams its tokens to stdout as they are generated; --json prints one object per
-prompt. Sampling defaults come from the checkpoint's generation_config.json, else greedy.
+prompt. Sampling defaults (and a repetition penalty) come from the checkpoint's generation_config.json, else greedy.
 --interactive chats turn by turn: each line read from stdin is a user message, answered with the whole
 conversation so far as the prompt (/reset starts over, /exit or end of input quits).
 """
@@ -17,6 +17,7 @@ conversation so far as the prompt (/reset starts over, /exit or end of input qui
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--temperature", type=float, help="0 is greedy")
   ap.add_argument("--top-k", type=int)
   ap.add_argument("--top-p", type=float)
+  ap.add_argument("--repetition-penalty", type=float,
+                  help="divide positive / multiply negative logits of ids already in the row (1: off; greedy too)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", action="store_true", help='one {"input_ids", "output_ids", "text"} object per prompt')
   ap.add_argument("--dump-logits", help="save fp32 logits over the prompt positions [T, V] (one prompt) with numpy")
@@ -126,6 +129,9 @@ def _prompts_file(path: Path) -> list[tuple[str, object, str]]:
   return specs
 
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")  # flags and generation_config.json keys
+
+
 def generation_config(folder: Path) -> dict:
   """The checkpoint's generation_config.json ({} when absent), read once for sampling and stop ids."""
   path = folder / "generation_config.json"
@@ -137,20 +143,23 @@ def generation_config(folder: Path) -> dict:
     raise UserError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(gen, dict):
     raise UserError(f"{path}: expected a JSON object")
+  for key in SAMPLING_KEYS:
+    value = gen.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+      raise UserError(f"{path}: {key} must be a number, got {value!r}")
   return gen
 
 
-def sampling_from(args: argparse.Namespace, gen: dict) -> Sampling:
-  """Flags win; else generation_config.json's sampling if it samples; else greedy."""
+def sampling_from(args: argparse.Namespace, gen: dict, folder: Path) -> Sampling:
+  """Flags win; else generation_config.json's sampling if it samples; else greedy. Its repetition_penalty
+  applies either way, as in transformers (Qwen's chat models ship 1.05)."""
   sampled = bool(gen.get("do_sample"))
-  defaults = Sampling(
-    temperature=float(gen.get("temperature", 1.0)) if sampled else 0.0,
-    top_k=int(gen.get("top_k") or 0) if sampled else 0,
-    top_p=float(gen.get("top_p") or 1.0) if sampled else 1.0)
-  return Sampling(
-    temperature=defaults.temperature if args.temperature is None else args.temperature,
-    top_k=defaults.top_k if args.top_k is None else args.top_k,
-    top_p=defaults.top_p if args.top_p is None else args.top_p).validate()
+  given = {k: (int if k == "top_k" else float)(gen[k]) for k in SAMPLING_KEYS
+           if gen.get(k) is not None and (sampled or k == "repetition_penalty")}
+  defaults = dataclasses.replace(Sampling(temperature=1.0) if sampled else Sampling(), **given)
+  defaults.validate(str(folder / "generation_config.json"))
+  flags = {f: getattr(args, f) for f in SAMPLING_KEYS}
+  return dataclasses.replace(defaults, **{f: v for f, v in flags.items() if v is not None}).validate()
 
 
 def stop_ids(cfg, gen: dict, tok) -> list[int]:
@@ -193,7 +202,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     raise UserError("--interactive needs tokenizer.json in the checkpoint folder and a single process")
   prompts = [] if args.interactive else read_prompts(args, tok)
   gen = generation_config(folder)
-  sampling = sampling_from(args, gen)
+  sampling = sampling_from(args, gen, folder)
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)

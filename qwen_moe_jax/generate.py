@@ -35,21 +35,38 @@ class Sampling:
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0  # 0: off
   top_p: float = 1.0  # 1: off
+  repetition_penalty: float = 1.0  # 1: off; applies to greedy decoding too, as in transformers
 
-  def validate(self) -> "Sampling":
+  def validate(self, where: str | None = None) -> "Sampling":
+    """Bad values are errors naming the flag, or the key in `where` (a file) when given."""
+    def name(field: str) -> str:
+      return f"{where}: {field}" if where else "--" + field.replace("_", "-")
+
     if not self.temperature >= 0:
-      raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+      raise UserError(f"{name('temperature')} must be >= 0, got {self.temperature}")
     if self.top_k < 0:
-      raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+      raise UserError(f"{name('top_k')} must be >= 0, got {self.top_k}")
     if not 0 < self.top_p <= 1:
-      raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+      raise UserError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
+    if not self.repetition_penalty > 0:
+      raise UserError(f"{name('repetition_penalty')} must be > 0, got {self.repetition_penalty}")
     return self
 
+  @property
+  def penalized(self) -> bool:
+    return self.repetition_penalty != 1.0
 
-def sample(logits: jax.Array, keys: jax.Array, s: Sampling) -> jax.Array:
-  """logits [B, V] fp32, keys [B] -> token ids [B]: temperature, then top-k, then top-p (as transformers)."""
+
+def process_logits(logits: jax.Array, s: Sampling, seen: jax.Array | None = None) -> jax.Array:
+  """logits [B, V] fp32 -> the logits a token is drawn from, in transformers' order: the repetition penalty on
+  the ids each row has seen (seen [B, V] bool: its prompt and output so far; positive logits divided by the
+  penalty, negative ones multiplied), then temperature, top-k and top-p, which leave dropped ids at -inf.
+  Greedy (temperature 0) stops after the penalty."""
+  if s.penalized:
+    p = jnp.float32(s.repetition_penalty)
+    logits = jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
   if s.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return logits
   logits = logits / s.temperature
   if s.top_k:
     kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
@@ -60,7 +77,25 @@ def sample(logits: jax.Array, keys: jax.Array, s: Sampling) -> jax.Array:
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
     cutoff = jnp.min(jnp.where(before < s.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def sample(logits: jax.Array, keys: jax.Array, s: Sampling, seen: jax.Array | None = None) -> jax.Array:
+  """logits [B, V] fp32, keys [B], seen [B, V] (with a repetition penalty) -> token ids [B]."""
+  logits = process_logits(logits, s, seen)
+  if s.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def mark_seen(seen: jax.Array | None, tokens: jax.Array, real: jax.Array | bool = True) -> jax.Array | None:
+  """seen [B, V] with ids tokens [B, T] (or [B]) added where `real`; None (no penalty) stays None."""
+  if seen is None:
+    return None
+  b = tokens.shape[0]
+  tokens = tokens.reshape(b, -1)
+  real = jnp.broadcast_to(jnp.reshape(real, (b, -1)) if jnp.ndim(real) else real, tokens.shape)
+  return seen.at[jnp.arange(b)[:, None], tokens].max(real)
 
 
 @jax.tree_util.register_dataclass
@@ -75,10 +110,11 @@ class DecodeState:
   keys: jax.Array  # [B] per-row PRNG keys
   stop_ids: jax.Array  # [S] ids that end a row (-1: unused slot)
   limit: jax.Array  # [] max_new_tokens: rows end after this many tokens
+  seen: jax.Array | None  # [B, V] bool: ids in each row's prompt and output (repetition penalty; else None)
 
   def laid_out(self) -> "DecodeState":
     """Fixed shardings under a mesh (cache by the rules, the rest replicated), the same in and out of decode."""
-    small = {f.name: sharding.constrain(getattr(self, f.name), (None,) * getattr(self, f.name).ndim)
+    small = {f.name: jax.tree.map(lambda x: sharding.constrain(x, (None,) * x.ndim), getattr(self, f.name))
              for f in dataclasses.fields(self) if f.name != "cache"}
     return DecodeState(cache=self.cache.laid_out(), **small)
 
@@ -93,14 +129,15 @@ def _step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rows", "cache_len", "max_new", "dtype"))
-def empty_state(keys, stop_ids, limit, *, cfg, rows, cache_len, max_new, dtype) -> DecodeState:
-  """A state with an empty [rows, cache_len] cache and every row done until `prefill` fills it."""
+@functools.partial(jax.jit, static_argnames=("cfg", "rows", "cache_len", "max_new", "dtype", "track_seen"))
+def empty_state(keys, stop_ids, limit, *, cfg, rows, cache_len, max_new, dtype, track_seen=False) -> DecodeState:
+  """A state with an empty [rows, cache_len] cache and every row done until `prefill` fills it; `track_seen`
+  keeps the [rows, V] ids seen per row that a repetition penalty needs."""
   zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
     cache=KVCache.zeros(cfg, rows, cache_len, dtype), tokens=jnp.zeros((rows, max_new), jnp.int32), last=zeros,
     positions=zeros, done=jnp.ones((rows,), bool), step=jnp.int32(1), keys=keys, stop_ids=stop_ids,
-    limit=limit).laid_out()
+    limit=limit, seen=jnp.zeros((rows, cfg.vocab_size), bool) if track_seen else None).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
@@ -118,7 +155,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampl
   out = model(tokens, positions, segments, cache=state.cache, cache_row=start, packed=False)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   keys = jax.lax.dynamic_slice_in_dim(state.keys, start, g)
-  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling)
+  seen = None if state.seen is None else mark_seen(jnp.zeros((g, state.seen.shape[1]), bool), tokens, segments > 0)
+  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling, seen)
   done = jnp.isin(first, state.stop_ids) | (state.limit <= 1) | (lengths == 0)
 
   def put(whole, part):  # part [G] -> rows [start, start + G) of whole [B, ...], from index 0 of the rest
@@ -126,7 +164,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampl
 
   return dataclasses.replace(
     state, cache=out.cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
-    last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done)).laid_out()
+    last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done),
+    seen=None if seen is None else put(state.seen, mark_seen(seen, first, lengths > 0))).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
@@ -140,13 +179,13 @@ def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeSt
 
   def body(s: DecodeState) -> DecodeState:
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
-    token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.step), sampling)
+    token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.step), sampling, s.seen)
     token = jnp.where(s.done, 0, token)
     done = s.done | jnp.isin(token, s.stop_ids) | (s.step + 1 >= s.limit)
     return DecodeState(
       cache=out.cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
       positions=jnp.where(s.done, s.positions, s.positions + 1), done=done, step=s.step + 1, keys=s.keys,
-      stop_ids=s.stop_ids, limit=s.limit).laid_out()
+      stop_ids=s.stop_ids, limit=s.limit, seen=mark_seen(s.seen, token, ~s.done)).laid_out()
 
   return jax.lax.while_loop(cond, body, state.laid_out()).laid_out()
 
@@ -237,7 +276,8 @@ class Generator:
     with _mesh_context(self.mesh):
       clock = [time.perf_counter()]  # start, prefill compiled, first tokens out, decode compiled, end
       state = empty_state(_row_keys(seed, rows), jnp.asarray(stops), jnp.int32(max_new), cfg=cfg, rows=rows,
-                          cache_len=cache_len, max_new=bucket(max_new), dtype=self.cache_dtype)
+                          cache_len=cache_len, max_new=bucket(max_new), dtype=self.cache_dtype,
+                          track_seen=sampling.penalized)
       run_prefill = self._compiled(prefill, (self.params, state, tokens[:group], lengths[:group], np.int32(0)),
                                    sampling=sampling)
       clock.append(time.perf_counter())

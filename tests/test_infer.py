@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, layers
+from qwen_moe_jax import checkpoint, convert, generate, layers
 from qwen_moe_jax.generate import Generator, Sampling, cache_bucket, prompt_logits
 from qwen_moe_jax.kernels import Kernels
 
@@ -45,11 +47,12 @@ def infer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                         env=env)
 
 
-def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+def hf_greedy(hf_model, prompt: list[int], n: int, repetition_penalty: float = 1.0) -> list[int]:
   ids = torch.tensor([prompt])  # the explicit mask: generate would take a token 0 in the prompt for padding
   with torch.no_grad():
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, eos_token_id=None, pad_token_id=0)
+                            do_sample=False, eos_token_id=None, pad_token_id=0,
+                            repetition_penalty=repetition_penalty)
   return out[0, len(prompt):].tolist()
 
 
@@ -202,6 +205,53 @@ def test_sampling_is_seeded_and_respects_top_k(tiny):
       gen.generate(PROMPTS, 12).output_ids
 
 
+@pytest.mark.parametrize("penalty,temperature,top_k,top_p", [
+  (1.3, 0.0, 0, 1.0), (1.3, 0.7, 0, 1.0), (0.8, 1.0, 7, 1.0), (1.05, 0.7, 20, 0.8), (1.0, 1.3, 0, 0.5)])
+def test_processed_logits_match_transformers(penalty, temperature, top_k, top_p):
+  """The logits a token is drawn from equal what transformers' processors leave (repetition penalty over the
+  ids seen, then temperature, top-k, top-p), including which ids are dropped."""
+  from transformers.generation import logits_process as hf
+  rng = np.random.default_rng(int(penalty * 100 + top_k))
+  logits = (3 * rng.standard_normal((4, 97))).astype(np.float32)
+  ids = rng.integers(0, 97, (4, 30))  # a row's prompt and output so far
+  procs = [hf.RepetitionPenaltyLogitsProcessor(penalty)]
+  if temperature:
+    procs += [hf.TemperatureLogitsWarper(temperature)] + ([hf.TopKLogitsWarper(top_k)] if top_k else []) + \
+        ([hf.TopPLogitsWarper(top_p)] if top_p < 1 else [])
+  want = hf.LogitsProcessorList(procs)(torch.tensor(ids), torch.tensor(logits)).numpy()
+  s = Sampling(temperature, top_k, top_p, penalty)
+  seen = generate.mark_seen(jnp.zeros((4, 97), bool), jnp.asarray(ids)) if s.penalized else None
+  got = np.asarray(generate.process_logits(jnp.asarray(logits), s, seen))
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  plain = np.asarray(generate.process_logits(jnp.asarray(logits), Sampling(temperature, top_k, top_p)))
+  assert penalty == 1.0 or not np.allclose(got, plain)
+
+
+def test_repetition_penalty_matches_transformers(tiny):
+  """Greedy with a repetition penalty: a batch of prompts of different lengths (right-padded: the padding is not
+  'seen'), each row equal to transformers' generate alone, and different from plain greedy."""
+  hf_model, _, gen, _ = tiny
+  s = Sampling(repetition_penalty=1.8)
+  batch = gen.generate(PROMPTS, 30, s).output_ids
+  assert batch != gen.generate(PROMPTS, 30).output_ids
+  for prompt, row in zip(PROMPTS, batch):
+    assert row == hf_greedy(hf_model, prompt, 30, repetition_penalty=1.8)
+  grouped = Generator(tiny[1], prefill_rows=1)
+  assert grouped.generate(PROMPTS, 30, s).output_ids == batch
+  # what the penalty sees after the prefill: each row's prompt and first token, not its padding (id 0)
+  tokens = np.zeros((4, 32), np.int32)
+  lengths = np.array([len(p) for p in PROMPTS] + [0], np.int32)
+  for i, p in enumerate(PROMPTS):
+    tokens[i, :len(p)] = p
+  state = generate.empty_state(jnp.stack([jax.random.key(0)] * 4), jnp.full((4,), -1), jnp.int32(8),
+                               cfg=gen.config, rows=4, cache_len=64, max_new=16, dtype=jnp.float32, track_seen=True)
+  state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, np.int32(0), sampling=s)
+  for i, p in enumerate(PROMPTS):
+    assert set(np.flatnonzero(state.seen[i]).tolist()) == set(p) | {batch[i][0]}
+  assert not state.seen[3].any()
+
+
 def test_stops_on_eos(tiny):
   _, _, gen, _ = tiny
   free = gen.generate([PROMPTS[0]], 20).output_ids[0]
@@ -214,6 +264,7 @@ def test_stops_on_eos(tiny):
   (["--temperature", "-1"], "--temperature"),
   (["--top-p", "0"], "--top-p"),
   (["--top-k", "-2"], "--top-k"),
+  (["--repetition-penalty", "0"], "--repetition-penalty"),
   (["--input-ids", "1,x"], "--input-ids"),
   (["--input-ids", "100000"], "outside the vocabulary"),
   (["--prompt", "hello"], "tokenizer.json"),
@@ -232,6 +283,44 @@ def test_cli_bad_values(tiny, flags, message):
   assert res.returncode == 2, res.stderr
   assert message in res.stderr and "Traceback" not in res.stderr
   assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sampling_settings_from_generation_config(tmp_path):
+  import infer as cli
+
+  qwen_chat = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
+  flags = cli.parse_args(["--demo"])
+  assert cli.sampling_from(flags, qwen_chat, tmp_path) == Sampling(0.7, 20, 0.8, 1.05)
+  assert cli.sampling_from(flags, dict(qwen_chat, do_sample=False), tmp_path) == Sampling(repetition_penalty=1.05)
+  assert cli.sampling_from(flags, {}, tmp_path) == Sampling()
+  flags = cli.parse_args(["--demo", "--temperature", "0", "--repetition-penalty", "1.2"])
+  assert cli.sampling_from(flags, qwen_chat, tmp_path) == Sampling(0.0, 20, 0.8, 1.2)
+
+
+def test_generation_config_repetition_penalty(tiny, tmp_path):
+  """generation_config.json's repetition_penalty applies to greedy decoding too (as transformers' generate does
+  with the model's generation config); the flag overrides it; a bad value is one line naming the file and key."""
+  hf_model, _, _, ckpt = tiny
+  folder = shutil.copytree(ckpt, tmp_path / "ckpt")
+  path = folder / "generation_config.json"
+  gen = dict(json.loads(path.read_text()) if path.is_file() else {}, do_sample=False, repetition_penalty=1.8)
+  path.write_text(json.dumps(gen))
+  prompt = PROMPTS[1]
+  args = ["--checkpoint", str(folder), "--input-ids", ",".join(map(str, prompt)), "--dtype", "float32",
+          "--max-new-tokens", "20", "--json"]
+
+  def output_ids(*flags: str) -> list[int]:
+    res = infer(*args, *flags)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])["output_ids"]
+
+  assert output_ids() == hf_greedy(hf_model, prompt, 20, repetition_penalty=1.8)
+  assert output_ids("--repetition-penalty", "1") == hf_greedy(hf_model, prompt, 20)
+  for value, message in (("high", "repetition_penalty must be a number"), (0, "repetition_penalty must be > 0")):
+    path.write_text(json.dumps(dict(gen, repetition_penalty=value)))
+    res = infer(*args)
+    assert res.returncode == 2 and f"generation_config.json: {message}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_cli_missing_checkpoint(tmp_path):

@@ -21,7 +21,7 @@ from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, layers, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Generator
+from qwen_moe_jax.generate import Generator, Sampling
 from qwen_moe_jax.model import create_model, embed_lookup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +54,18 @@ def ckpt(tmp_path_factory):
   convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
   ids = np.random.default_rng(0).integers(0, 101, (8, 10))
   model = checkpoint.restore(tmp / "ckpt", dtype=jnp.float32)
-  reference = (logits_on(model, mesh_of(None), ids), Generator(model).generate(PROMPTS, 16).output_ids)
+  reference = (logits_on(model, mesh_of(None), ids), Generator(model).generate(PROMPTS, 16).output_ids,
+               Generator(model).generate(PROMPTS, 16, PENALIZED, seed=5).output_ids)
   return tmp / "ckpt", ids, reference
+
+
+PENALIZED = Sampling(temperature=0.8, top_k=6, repetition_penalty=1.5)  # sampled, with per-row seen ids
 
 
 @pytest.mark.parametrize("spec", ["expert=2", "expert=4", "expert=8", "data=2,expert=4", "expert=4,tensor=2",
                                   "fsdp=2,expert=2,tensor=2"])
 def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
-  folder, ids, (ref_logits, ref_tokens) = ckpt
+  folder, ids, (ref_logits, ref_tokens, ref_penalized) = ckpt
   mesh = mesh_of(spec)
   model = checkpoint.restore(folder, mesh, jnp.float32)
   wi = model.layers[0].mlp.experts_wi[...]
@@ -73,6 +77,7 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
   # one prompt per prefill call: rows written in place at a traced offset into a cache split over devices
   assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16).output_ids == ref_tokens
+  assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16, PENALIZED, seed=5).output_ids == ref_penalized
 
 
 def test_save_on_one_mesh_restore_on_others(tmp_path):
