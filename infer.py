@@ -58,14 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", action="store_true", help='one {"input_ids", "output_ids", "text"} object per prompt')
   ap.add_argument("--dump-logits", help="save fp32 logits over the prompt positions [T, V] (one prompt) with numpy")
+  ap.add_argument("--batch-size", type=int,
+                  help="most prompts decoded at once (default: all); the rest wait and take rows as they finish")
   ap.add_argument("--prefill-rows", type=int,
                   help="prompts per prefill call (default: all); fewer bound the prefill's memory for large batches")
   runtime.add_args(ap)
   args = ap.parse_args(argv)
   if bool(args.checkpoint) == bool(args.demo):
     ap.error("give exactly one of --checkpoint DIR or --demo")
-  if args.prefill_rows is not None and args.prefill_rows < 1:
-    raise UserError(f"--prefill-rows must be >= 1, got {args.prefill_rows}")
+  for flag in ("batch_size", "prefill_rows"):
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
+      raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
   if args.interactive and (args.prompt or args.chat or args.input_ids or args.prompts_file or args.dump_logits):
     raise UserError("--interactive reads its messages from stdin: drop --prompt, --chat, --input-ids, "
                     "--prompts-file and --dump-logits")
@@ -206,7 +209,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
-  generator = Generator(model, mesh, prefill_rows=args.prefill_rows)
+  generator = Generator(model, mesh, prefill_rows=args.prefill_rows, batch_size=args.batch_size)
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, gen, tok))
 

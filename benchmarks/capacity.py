@@ -107,14 +107,15 @@ def main() -> None:
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
   sampling = generate.Sampling()
   with jax.set_mesh(mesh):
-    keys = jax.eval_shape(lambda: generate._row_keys(0, ARGS.batch))
+    keys = jax.eval_shape(lambda: generate.prompt_keys(0, range(ARGS.batch)))
     empty = generate.empty_state.lower(
       keys, i32(4), i32(), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
       max_new=generate.bucket(ARGS.context - ARGS.prompt_len), dtype=jnp.dtype(jnp.float32)).compile()
     state = sharding.with_shardings(empty.out_info, empty.output_shardings)
     rows = ARGS.prefill_rows or ARGS.batch
-    prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(),
-                                     sampling=sampling).compile()
+    prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows),
+                                     jax.eval_shape(lambda: generate.prompt_keys(0, range(rows))),
+                                     i32(), sampling=sampling).compile()
     state = sharding.with_shardings(state, prefill.output_shardings)
     decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=sampling).compile()
     report["prefill"] = {"prompt_len": ARGS.prompt_len, "rows": rows, "temp_gb": temp_gb(prefill),

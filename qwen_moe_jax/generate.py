@@ -1,11 +1,13 @@
-"""Generation: one prefill over the prompts, then a decode loop that stays on the device.
+"""Generation: prefill the prompts into a shared KV cache, then a decode loop that stays on the device.
 
 Prompts of different lengths share a batch: each row is right-padded, its cache slot s holds its position
 s, and padding is its own attention segment, so a row's tokens equal what the prompt gives alone. Shapes
 are bucketed (batch and max new tokens to powers of two, prompt and cache lengths by `cache_bucket`), so new
-requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into one shared cache. The decode
+requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into the cache. The decode
 loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so the cache is
-updated in place; the host only wakes between chunks to stream the new tokens.
+updated in place; the host only wakes between chunks to stream the new tokens and, when there are more prompts
+than rows (`batch_size`), to prefill waiting prompts into rows that finished (continuous batching). Each row
+counts its own tokens, and a prompt's random stream depends only on the seed and the prompt's index.
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ class DecodeState:
   last: jax.Array  # [B] the newest token
   positions: jax.Array  # [B] position of `last`
   done: jax.Array  # [B] bool
-  step: jax.Array  # [] tokens generated so far
-  keys: jax.Array  # [B] per-row PRNG keys
+  count: jax.Array  # [B] tokens generated so far in each row
+  keys: jax.Array  # [B] per-row PRNG keys (of the prompt in the row)
   stop_ids: jax.Array  # [S] ids that end a row (-1: unused slot)
   limit: jax.Array  # [] max_new_tokens: rows end after this many tokens
   seen: jax.Array | None  # [B, V] bool: ids in each row's prompt and output (repetition penalty; else None)
@@ -119,14 +121,15 @@ class DecodeState:
     return DecodeState(cache=self.cache.laid_out(), **small)
 
 
-def _row_keys(seed: int, rows: int) -> jax.Array:
-  """Row b's key depends only on (seed, b): a prompt samples the same alone or in a batch at row b."""
+def prompt_keys(seed: int, indices: Sequence[int]) -> jax.Array:
+  """Prompt i's key depends only on (seed, i): it samples the same alone, in a batch, or queued for a free row."""
   base = jax.random.key(seed)
-  return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(rows))
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.int32))
 
 
-def _step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
-  return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+def _step_keys(keys: jax.Array, count: jax.Array) -> jax.Array:
+  """keys [B], count [] or [B] (tokens generated so far) -> the keys of each row's next token."""
+  return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(count, keys.shape))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rows", "cache_len", "max_new", "dtype", "track_seen"))
@@ -136,16 +139,17 @@ def empty_state(keys, stop_ids, limit, *, cfg, rows, cache_len, max_new, dtype, 
   zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
     cache=KVCache.zeros(cfg, rows, cache_len, dtype), tokens=jnp.zeros((rows, max_new), jnp.int32), last=zeros,
-    positions=zeros, done=jnp.ones((rows,), bool), step=jnp.int32(1), keys=keys, stop_ids=stop_ids,
+    positions=zeros, done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids,
     limit=limit, seen=jnp.zeros((rows, cfg.vocab_size), bool) if track_seen else None).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
-def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampling) -> DecodeState:
+def prefill(graphdef, params, state: DecodeState, tokens, lengths, keys, row, *, sampling) -> DecodeState:
   """Runs G prompts and puts them in rows [row, row + G) of the state: their keys and values in the cache
-  (slots [0, T), written in place) and their first token.
+  (slots [0, T), written in place; later slots keep what a previous prompt left there, which the causal mask
+  hides), their PRNG keys and their first token.
 
-  tokens [G, T] right-padded, lengths [G] (0: an unused row, done from the start), row [].
+  tokens [G, T] right-padded, lengths [G] (0: an unused row, done from the start), keys [G], row [].
   """
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   g, t = tokens.shape
@@ -154,10 +158,10 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampl
   start = row if g < state.last.shape[0] else 0  # one group for all rows: a static offset, which shards cleanly
   out = model(tokens, positions, segments, cache=state.cache, cache_row=start, packed=False)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
-  keys = jax.lax.dynamic_slice_in_dim(state.keys, start, g)
   seen = None if state.seen is None else mark_seen(jnp.zeros((g, state.seen.shape[1]), bool), tokens, segments > 0)
   first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling, seen)
   done = jnp.isin(first, state.stop_ids) | (state.limit <= 1) | (lengths == 0)
+  count = (lengths > 0).astype(jnp.int32)
 
   def put(whole, part):  # part [G] -> rows [start, start + G) of whole [B, ...], from index 0 of the rest
     return jax.lax.dynamic_update_slice(whole, part.astype(whole.dtype), (start,) + (0,) * (whole.ndim - 1))
@@ -165,29 +169,35 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, row, *, sampl
   return dataclasses.replace(
     state, cache=out.cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
     last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done),
+    count=put(state.count, count), keys=put(state.keys, keys),
     seen=None if seen is None else put(state.seen, mark_seen(seen, first, lengths > 0))).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
 def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeState:
-  """Up to `steps` more tokens per row, stopping early once every row is done."""
+  """Up to `steps` more tokens per row, stopping early once every row is done. Done rows keep their tokens,
+  count, last token and position (their step recomputes that token's key and value in place)."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
-  end = jnp.minimum(state.step + steps, state.limit)
+  rows, width = state.tokens.shape
 
-  def cond(s: DecodeState):
-    return (s.step < end) & ~jnp.all(s.done)
+  def cond(carry):
+    i, s = carry
+    return (i < steps) & ~jnp.all(s.done)
 
-  def body(s: DecodeState) -> DecodeState:
+  def body(carry):
+    i, s = carry
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
-    token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.step), sampling, s.seen)
-    token = jnp.where(s.done, 0, token)
-    done = s.done | jnp.isin(token, s.stop_ids) | (s.step + 1 >= s.limit)
-    return DecodeState(
-      cache=out.cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
-      positions=jnp.where(s.done, s.positions, s.positions + 1), done=done, step=s.step + 1, keys=s.keys,
-      stop_ids=s.stop_ids, limit=s.limit, seen=mark_seen(s.seen, token, ~s.done)).laid_out()
+    token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.count), sampling, s.seen)
+    live = ~s.done
+    count = s.count + live
+    done = s.done | (live & jnp.isin(token, s.stop_ids)) | (count >= s.limit)
+    at = jnp.where(live, s.count, width)  # done rows write nowhere
+    return i + 1, dataclasses.replace(
+      s, cache=out.cache, tokens=s.tokens.at[jnp.arange(rows), at].set(token, mode="drop"),
+      last=jnp.where(live, token, s.last), positions=s.positions + live, done=done, count=count,
+      seen=mark_seen(s.seen, token, live)).laid_out()
 
-  return jax.lax.while_loop(cond, body, state.laid_out()).laid_out()
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state.laid_out()))[1].laid_out()
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -210,8 +220,8 @@ class Result:
   prompt_tokens: int
   generated_tokens: int
   compile_seconds: float  # compiling prefill and decode for these shapes (0 when already compiled)
-  prefill_seconds: float  # prompt processing up to the first token of every row
-  decode_seconds: float  # the remaining tokens
+  prefill_seconds: float  # the first rows' prompts, up to their first tokens
+  decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -223,99 +233,112 @@ class Generator:
   """Holds a model split into (graphdef, params); `generate` runs prompts through prefill + decode."""
 
   def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16,
-               prefill_rows: int | None = None):
+               prefill_rows: int | None = None, batch_size: int | None = None):
     """`chunk`: decode steps per device call (the host streams tokens between calls). `prefill_rows`: prompts
-    per prefill call (default: all at once); fewer bound the prefill's activations when the batch is large."""
+    per prefill call (default: all rows at once); fewer bound the prefill's activations when the batch is large.
+    `batch_size`: most rows decoded at once (rounded up like the batch); more prompts wait and are prefilled
+    into rows as they finish (default: every prompt gets a row)."""
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
     self.chunk = chunk
     self.prefill_rows = prefill_rows
+    self.batch_size = batch_size
     self.cache_dtype = model.embed[...].dtype
     self._executables: dict = {}
+    self._compile_seconds = 0.0
 
   def _compiled(self, fn, args: tuple, **statics):
     """Ahead-of-time compiled `fn` for these argument shapes (cached), so timings exclude compilation."""
     shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
     key = (fn.__name__, shapes, tuple(sorted(statics.items())))
     if key not in self._executables:
+      start = time.perf_counter()
       self._executables[key] = fn.lower(self.graphdef, *args, **statics).compile()
+      self._compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
-  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-               seed: int = 0, stop_ids: Sequence[int] = (),
-               on_tokens: Callable[[int, list[int]], None] | None = None) -> Result:
-    """Generates for every prompt; `on_tokens(row, new_ids)` is called as tokens arrive (streaming)."""
+  def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     cfg = self.config
     if not prompts:
       raise UserError("no prompts given")
-    longest = max(len(p) for p in prompts)
     for i, p in enumerate(prompts):
       if not p:
         raise UserError(f"prompt {i + 1} is empty")
       bad = [t for t in p if not 0 <= t < cfg.vocab_size]
       if bad:
         raise UserError(f"prompt {i + 1}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    longest = max(len(p) for p in prompts)
     if longest >= cfg.context_length:
       raise UserError(f"prompt of {longest} tokens does not fit the model's context of {cfg.context_length} "
                       "positions (max_position_embeddings, or its rope scaling; 1 token must be generated)")
     if max_new_tokens < 1:
       raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               seed: int = 0, stop_ids: Sequence[int] = (),
+               on_tokens: Callable[[int, list[int]], None] | None = None) -> Result:
+    """Generates for every prompt; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming)."""
+    self._validate(prompts, max_new_tokens)
+    cfg, n = self.config, len(prompts)
+    longest = max(len(p) for p in prompts)
     max_new = min(max_new_tokens, cfg.context_length - longest)
-    group = bucket(min(self.prefill_rows or len(prompts), len(prompts)), minimum=1)  # rows per prefill call
-    rows = -(-len(prompts) // group) * group  # a power of two, or a multiple of the prefill group
+    wanted = min(self.batch_size or n, n)
+    group = bucket(min(self.prefill_rows or wanted, wanted), minimum=1)  # rows per prefill call
+    rows = -(-wanted // group) * group  # a power of two, or a multiple of the prefill group
     t = cache_bucket(longest)  # never longer than the cache
     cache_len = min(cache_bucket(longest + max_new), max(cfg.context_length, t))
-    tokens = np.zeros((rows, t), np.int32)
-    lengths = np.zeros((rows,), np.int32)  # padding rows: length 0, done from the start
-    for i, p in enumerate(prompts):
-      tokens[i, : len(p)] = p
-      lengths[i] = len(p)
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
-    with _mesh_context(self.mesh):
-      clock = [time.perf_counter()]  # start, prefill compiled, first tokens out, decode compiled, end
-      state = empty_state(_row_keys(seed, rows), jnp.asarray(stops), jnp.int32(max_new), cfg=cfg, rows=rows,
-                          cache_len=cache_len, max_new=bucket(max_new), dtype=self.cache_dtype,
-                          track_seen=sampling.penalized)
-      run_prefill = self._compiled(prefill, (self.params, state, tokens[:group], lengths[:group], np.int32(0)),
-                                   sampling=sampling)
-      clock.append(time.perf_counter())
-      for row in range(0, len(prompts), group):
-        state = run_prefill(self.params, state, tokens[row:row + group], lengths[row:row + group], np.int32(row))
-      outputs: list[list[int]] = [[] for _ in prompts]
-      shown, run_decode = 0, None
-      while True:
-        step, done, new = jax.device_get((state.step, state.done, state.tokens))  # [B, M]: small
-        self._collect(outputs, new[:, shown:int(step)], stop_ids, on_tokens)
-        shown = int(step)
-        if shown >= max_new or done[: len(prompts)].all():
-          break
-        if run_decode is None:  # compiled for the state's actual shardings
-          clock.append(time.perf_counter())
-          run_decode = self._compiled(decode, (self.params, state), steps=self.chunk, sampling=sampling)
-          clock.append(time.perf_counter())
-        state = run_decode(self.params, state)
-      clock += [time.perf_counter()] * (5 - len(clock))
-    start, compiled, prefilled, decode_compiled, end = clock
-    return Result(outputs, int(lengths.sum()), sum(len(o) for o in outputs),
-                  compile_seconds=(compiled - start) + (decode_compiled - prefilled),
-                  prefill_seconds=prefilled - compiled, decode_seconds=end - decode_compiled)
 
-  @staticmethod
-  def _collect(outputs, new, stop_ids, on_tokens) -> None:
-    stops = set(int(i) for i in stop_ids)
-    for row, out in enumerate(outputs):
-      if out and out[-1] in stops:
-        continue
-      fresh = []
-      for tok in new[row].tolist():
-        fresh.append(tok)
-        if tok in stops:
+    def batch(indices: list[int], width: int):  # prompts (-1: an unused row) -> tokens [G, width], lengths, keys
+      tokens, lengths = np.zeros((len(indices), width), np.int32), np.zeros((len(indices),), np.int32)
+      for g, i in enumerate(indices):
+        if i >= 0:
+          tokens[g, : len(prompts[i])] = prompts[i]
+          lengths[g] = len(prompts[i])
+      return tokens, lengths, prompt_keys(seed, [max(i, 0) for i in indices])
+
+    self._compile_seconds = 0.0
+    outputs: list[list[int]] = [[] for _ in prompts]
+    owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
+    waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
+    with _mesh_context(self.mesh):
+      start = time.perf_counter()
+      state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), jnp.int32(max_new), cfg=cfg,
+                          rows=rows, cache_len=cache_len, max_new=bucket(max_new), dtype=self.cache_dtype,
+                          track_seen=sampling.penalized)
+      for row in range(0, rows, group):
+        args = batch(owner[row:row + group], t)
+        state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
+          self.params, state, *args, np.int32(row))
+      shown = [0] * rows
+      prefilled = None  # when the first rows' first tokens were out, compilation excluded
+      while True:
+        count, done, new = jax.device_get((state.count, state.done, state.tokens))  # [B], [B], [B, M]: small
+        if prefilled is None:
+          prefilled = time.perf_counter() - self._compile_seconds
+        for row, i in enumerate(owner):
+          if i >= 0 and count[row] > shown[row]:
+            fresh = new[row, shown[row]:count[row]].tolist()
+            outputs[i].extend(fresh)
+            shown[row] = int(count[row])
+            if on_tokens:
+              on_tokens(i, fresh)
+          if i >= 0 and done[row]:
+            owner[row] = -1
+            if waiting:  # continuous batching: the next prompt takes the row, in a prefill of its own
+              owner[row], shown[row] = waiting.pop(), 0
+              args = batch([owner[row]], min(bucket(len(prompts[owner[row]])), t))
+              state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
+                self.params, state, *args, np.int32(row))
+        if all(i < 0 for i in owner):
           break
-      out.extend(fresh)
-      if fresh and on_tokens:
-        on_tokens(row, fresh)
+        state = self._compiled(decode, (self.params, state), steps=self.chunk, sampling=sampling)(self.params, state)
+      end = time.perf_counter() - self._compile_seconds
+    return Result(outputs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
+                  compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
+                  decode_seconds=end - prefilled)
 
 
 def _mesh_context(mesh):

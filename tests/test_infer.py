@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,6 +105,25 @@ def test_prefill_in_row_groups_equals_one_prefill(tiny):
   assert grouped.generate(prompts, 20).output_ids == gen.generate(prompts, 20).output_ids
   s = Sampling(temperature=1.0, top_k=5)
   assert grouped.generate(prompts, 20, s, seed=4).output_ids == gen.generate(prompts, 20, s, seed=4).output_ids
+
+
+def test_continuous_batching_equals_one_batch(tiny):
+  """More prompts than rows: each waits for a row to finish and is prefilled into it (over the keys and values
+  the previous prompt left). Every prompt gets the tokens it gets in one big batch (greedy; sampled with a seed
+  and a repetition penalty: its random stream follows the prompt, not the row), streamed under its own index."""
+  _, model, gen, _ = tiny
+  prompts = PROMPTS + [[8, 8, 2], [1, 2, 3, 4, 5, 6, 7], [60] * 23, [7, 11]]
+  free = gen.generate(prompts, 24).output_ids
+  stops = [free[0][4], free[1][9]]  # rows end at different steps
+  s = Sampling(temperature=1.2, top_k=8, repetition_penalty=1.3)
+  want = gen.generate(prompts, 24, stop_ids=stops).output_ids, gen.generate(prompts, 24, s, seed=3).output_ids
+  assert len({len(o) for o in want[0]}) > 2
+  for rows, prefill_rows in ((1, None), (2, None), (3, 2)):
+    queued = Generator(model, batch_size=rows, prefill_rows=prefill_rows)
+    streamed = [[] for _ in prompts]
+    got = queued.generate(prompts, 24, stop_ids=stops, on_tokens=lambda i, ids: streamed[i].extend(ids))
+    assert got.output_ids == want[0] and streamed == want[0]
+    assert queued.generate(prompts, 24, s, seed=3).output_ids == want[1]
 
 
 def test_fused_attention_prefill_gives_the_same_tokens(tiny, monkeypatch):
@@ -244,9 +262,10 @@ def test_repetition_penalty_matches_transformers(tiny):
   lengths = np.array([len(p) for p in PROMPTS] + [0], np.int32)
   for i, p in enumerate(PROMPTS):
     tokens[i, :len(p)] = p
-  state = generate.empty_state(jnp.stack([jax.random.key(0)] * 4), jnp.full((4,), -1), jnp.int32(8),
-                               cfg=gen.config, rows=4, cache_len=64, max_new=16, dtype=jnp.float32, track_seen=True)
-  state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, np.int32(0), sampling=s)
+  keys = generate.prompt_keys(0, range(4))
+  state = generate.empty_state(keys, jnp.full((4,), -1), jnp.int32(8), cfg=gen.config, rows=4, cache_len=64,
+                               max_new=16, dtype=jnp.float32, track_seen=True)
+  state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, keys, np.int32(0), sampling=s)
   for i, p in enumerate(PROMPTS):
     assert set(np.flatnonzero(state.seen[i]).tolist()) == set(p) | {batch[i][0]}
   assert not state.seen[3].any()
@@ -271,6 +290,7 @@ def test_stops_on_eos(tiny):
   (["--input-ids", ",".join(["1"] * 300)], "context"),
   (["--max-new-tokens", "0", "--input-ids", "1"], "--max-new-tokens"),
   (["--prefill-rows", "0"], "--prefill-rows"),
+  (["--batch-size", "0"], "--batch-size"),
   (["--attention", "cudnn"], "needs a GPU"),
   (["--expert-backend", "tokamax"], "needs tokamax"),
 ])
@@ -332,12 +352,13 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
   _, _, gen, ckpt = tiny
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"input_ids": PROMPTS[0]}) + "\n\n" + json.dumps({"input_ids": PROMPTS[2]}) + "\n")
-  res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--input-ids", "3,1,4", "--dtype",
-              "float32", "--temperature", "0", "--max-new-tokens", "20", "--json")
-  assert res.returncode == 0, res.stderr
-  rows = [json.loads(x) for x in res.stdout.splitlines()]
-  assert [r["input_ids"] for r in rows] == [[3, 1, 4], PROMPTS[0], PROMPTS[2]]  # flags first, then the file
-  assert [r["output_ids"] for r in rows] == gen.generate([[3, 1, 4], PROMPTS[0], PROMPTS[2]], 20).output_ids
+  for flags in ([], ["--batch-size", "1"]):  # one batch, or one row that the prompts take in turn
+    res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--input-ids", "3,1,4", "--dtype",
+                "float32", "--temperature", "0", "--max-new-tokens", "20", "--json", *flags)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [r["input_ids"] for r in rows] == [[3, 1, 4], PROMPTS[0], PROMPTS[2]]  # flags first, then the file
+    assert [r["output_ids"] for r in rows] == gen.generate([[3, 1, 4], PROMPTS[0], PROMPTS[2]], 20).output_ids
   prompts.write_text('{"input_ids": [1]}\n{"prompt": "a", "chat": "b"}\n')
   res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
   assert res.returncode == 2 and "prompts.jsonl:2" in res.stderr and "Traceback" not in res.stderr

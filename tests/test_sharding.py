@@ -77,7 +77,9 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
   # one prompt per prefill call: rows written in place at a traced offset into a cache split over devices
   assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16).output_ids == ref_tokens
-  assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16, PENALIZED, seed=5).output_ids == ref_penalized
+  # and two rows for the prompts in turn (continuous batching), sampled with a repetition penalty
+  queued = Generator(model, mesh, prefill_rows=1, batch_size=2)
+  assert queued.generate(PROMPTS, 16, PENALIZED, seed=5).output_ids == ref_penalized
 
 
 def test_save_on_one_mesh_restore_on_others(tmp_path):
