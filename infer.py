@@ -7,9 +7,10 @@
   python infer.py --checkpoint DIR --interactive [--system TEXT]
 
 Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
---prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line) may be repeated and run
-as one batch. One prompt streams its tokens to stdout as they are generated; --json prints one object per
-prompt. Sampling defaults (and a repetition penalty) come from the checkpoint's generation_config.json, else greedy.
+--prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line, optionally "max_new_tokens")
+may be repeated and run as one batch (or --batch-size rows at a time, refilled as prompts finish). One prompt
+streams its tokens to stdout as they are generated; --json prints one object per prompt. Sampling defaults
+(and a repetition penalty) come from the checkpoint's generation_config.json, else greedy.
 --interactive chats turn by turn: each line read from stdin is a user message, answered with the whole
 conversation so far as the prompt (/reset starts over, /exit or end of input quits).
 """
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--interactive", action="store_true",
                   help="multi-turn chat: user messages from stdin, one per line (/reset, /exit)")
   ap.add_argument("--input-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-  ap.add_argument("--prompts-file", help="JSONL: one {prompt|chat|messages|input_ids} object per line")
+  ap.add_argument("--prompts-file", help='JSONL: one {prompt|chat|messages|input_ids} object per line, '
+                                         'optionally with its own "max_new_tokens"')
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--temperature", type=float, help="0 is greedy")
   ap.add_argument("--top-k", type=int)
@@ -75,16 +77,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def read_prompts(args: argparse.Namespace, tok) -> list[list[int]]:
-  """Token ids of every prompt, in the order given (flags first, then the prompts file)."""
+def read_prompts(args: argparse.Namespace, tok) -> tuple[list[list[int]], list[int]]:
+  """Token ids of every prompt, in the order given (flags first, then the prompts file), and each prompt's
+  max new tokens (a file line's "max_new_tokens", else --max-new-tokens)."""
   specs: list[tuple[str, object, str]] = []  # (kind, value, where)
   specs += [("prompt", p, "--prompt") for p in args.prompt]
   specs += [("chat", c, "--chat") for c in args.chat]
   specs += [("input_ids", s, "--input-ids") for s in args.input_ids]
+  limits = [args.max_new_tokens] * len(specs)
   if args.prompts_file:
-    specs += _prompts_file(Path(args.prompts_file))
+    lines = _prompts_file(Path(args.prompts_file))
+    specs += [spec for spec, _ in lines]
+    limits += [args.max_new_tokens if limit is None else limit for _, limit in lines]
   if args.demo and not specs:
     specs.append(("chat", DEMO_CHAT, "--demo"))
+    limits.append(args.max_new_tokens)
   if not specs:
     raise UserError("no prompt: give --prompt, --chat, --input-ids or --prompts-file")
   prompts = []
@@ -100,7 +107,7 @@ def read_prompts(args: argparse.Namespace, tok) -> list[list[int]]:
       messages = value if kind == "messages" else (
         ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": value}])
       prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True))
-  return prompts
+  return prompts, limits
 
 
 def _ids(value, where: str) -> list[int]:
@@ -111,7 +118,8 @@ def _ids(value, where: str) -> list[int]:
   return ids
 
 
-def _prompts_file(path: Path) -> list[tuple[str, object, str]]:
+def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None]]:
+  """((kind, value, where), max_new_tokens or None) per non-empty line."""
   try:
     lines = path.read_text().splitlines()
   except (FileNotFoundError, UnicodeDecodeError) as e:
@@ -128,7 +136,10 @@ def _prompts_file(path: Path) -> list[tuple[str, object, str]]:
     kinds = [k for k in ("prompt", "chat", "messages", "input_ids") if isinstance(obj, dict) and k in obj]
     if len(kinds) != 1:
       raise UserError(f"{where}: expected an object with exactly one of prompt, chat, messages, input_ids")
-    specs.append((kinds[0], obj[kinds[0]], where))
+    limit = obj.get("max_new_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+      raise UserError(f"{where}: max_new_tokens must be an integer >= 1, got {limit!r}")
+    specs.append(((kinds[0], obj[kinds[0]], where), limit))
   return specs
 
 
@@ -203,7 +214,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
   if args.interactive and (tok is None or jax.process_count() > 1):
     raise UserError("--interactive needs tokenizer.json in the checkpoint folder and a single process")
-  prompts = [] if args.interactive else read_prompts(args, tok)
+  prompts, limits = ([], []) if args.interactive else read_prompts(args, tok)
   gen = generation_config(folder)
   sampling = sampling_from(args, gen, folder)
   if args.dump_logits and len(prompts) != 1:
@@ -218,8 +229,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if lead and len(prompts) == 1 and not args.json and tok is not None:
     stream = tok.stream_decoder(skip_special_tokens=True)
 
-  result = generator.generate(prompts, args.max_new_tokens, sampling, args.seed, stop_ids(cfg, gen, tok),
-                              to_stdout(stream))
+  result = generator.generate(prompts, limits, sampling, args.seed, stop_ids(cfg, gen, tok), to_stdout(stream))
   if stream:
     print(stream.flush())
   if not lead:

@@ -109,11 +109,11 @@ def main() -> None:
   with jax.set_mesh(mesh):
     keys = jax.eval_shape(lambda: generate.prompt_keys(0, range(ARGS.batch)))
     empty = generate.empty_state.lower(
-      keys, i32(4), i32(), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
+      keys, i32(4), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
       max_new=generate.bucket(ARGS.context - ARGS.prompt_len), dtype=jnp.dtype(jnp.float32)).compile()
     state = sharding.with_shardings(empty.out_info, empty.output_shardings)
     rows = ARGS.prefill_rows or ARGS.batch
-    prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows),
+    prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(rows),
                                      jax.eval_shape(lambda: generate.prompt_keys(0, range(rows))),
                                      i32(), sampling=sampling).compile()
     state = sharding.with_shardings(state, prefill.output_shardings)

@@ -111,7 +111,7 @@ class DecodeState:
   count: jax.Array  # [B] tokens generated so far in each row
   keys: jax.Array  # [B] per-row PRNG keys (of the prompt in the row)
   stop_ids: jax.Array  # [S] ids that end a row (-1: unused slot)
-  limit: jax.Array  # [] max_new_tokens: rows end after this many tokens
+  limit: jax.Array  # [B] max_new_tokens of each row's prompt: the row ends after this many tokens
   seen: jax.Array | None  # [B, V] bool: ids in each row's prompt and output (repetition penalty; else None)
 
   def laid_out(self) -> "DecodeState":
@@ -133,23 +133,24 @@ def _step_keys(keys: jax.Array, count: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rows", "cache_len", "max_new", "dtype", "track_seen"))
-def empty_state(keys, stop_ids, limit, *, cfg, rows, cache_len, max_new, dtype, track_seen=False) -> DecodeState:
+def empty_state(keys, stop_ids, *, cfg, rows, cache_len, max_new, dtype, track_seen=False) -> DecodeState:
   """A state with an empty [rows, cache_len] cache and every row done until `prefill` fills it; `track_seen`
   keeps the [rows, V] ids seen per row that a repetition penalty needs."""
   zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
     cache=KVCache.zeros(cfg, rows, cache_len, dtype), tokens=jnp.zeros((rows, max_new), jnp.int32), last=zeros,
     positions=zeros, done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids,
-    limit=limit, seen=jnp.zeros((rows, cfg.vocab_size), bool) if track_seen else None).laid_out()
+    limit=zeros, seen=jnp.zeros((rows, cfg.vocab_size), bool) if track_seen else None).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
-def prefill(graphdef, params, state: DecodeState, tokens, lengths, keys, row, *, sampling) -> DecodeState:
+def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys, row, *, sampling) -> DecodeState:
   """Runs G prompts and puts them in rows [row, row + G) of the state: their keys and values in the cache
   (slots [0, T), written in place; later slots keep what a previous prompt left there, which the causal mask
-  hides), their PRNG keys and their first token.
+  hides), their token limits, PRNG keys and first tokens.
 
-  tokens [G, T] right-padded, lengths [G] (0: an unused row, done from the start), keys [G], row [].
+  tokens [G, T] right-padded, lengths [G] (0: an unused row, done from the start), limits [G] (max new tokens),
+  keys [G], row [].
   """
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   g, t = tokens.shape
@@ -160,7 +161,7 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, keys, row, *,
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   seen = None if state.seen is None else mark_seen(jnp.zeros((g, state.seen.shape[1]), bool), tokens, segments > 0)
   first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling, seen)
-  done = jnp.isin(first, state.stop_ids) | (state.limit <= 1) | (lengths == 0)
+  done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (lengths == 0)
   count = (lengths > 0).astype(jnp.int32)
 
   def put(whole, part):  # part [G] -> rows [start, start + G) of whole [B, ...], from index 0 of the rest
@@ -169,7 +170,7 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, keys, row, *,
   return dataclasses.replace(
     state, cache=out.cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
     last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done),
-    count=put(state.count, count), keys=put(state.keys, keys),
+    count=put(state.count, count), limit=put(state.limit, limits), keys=put(state.keys, keys),
     seen=None if seen is None else put(state.seen, mark_seen(seen, first, lengths > 0))).laid_out()
 
 
@@ -258,7 +259,7 @@ class Generator:
       self._compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
-  def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+  def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> None:
     cfg = self.config
     if not prompts:
       raise UserError("no prompts given")
@@ -272,32 +273,37 @@ class Generator:
     if longest >= cfg.context_length:
       raise UserError(f"prompt of {longest} tokens does not fit the model's context of {cfg.context_length} "
                       "positions (max_position_embeddings, or its rope scaling; 1 token must be generated)")
-    if max_new_tokens < 1:
-      raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if min(max_new_tokens) < 1:
+      raise UserError(f"--max-new-tokens must be >= 1, got {min(max_new_tokens)}")
 
-  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-               seed: int = 0, stop_ids: Sequence[int] = (),
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+               sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
                on_tokens: Callable[[int, list[int]], None] | None = None) -> Result:
-    """Generates for every prompt; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming)."""
-    self._validate(prompts, max_new_tokens)
+    """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
+    context; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming)."""
     cfg, n = self.config, len(prompts)
+    wants = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(wants) != n:
+      raise ValueError(f"{len(wants)} max_new_tokens for {n} prompts")
+    self._validate(prompts, wants)
+    limits = [min(m, cfg.context_length - len(p)) for p, m in zip(prompts, wants)]  # [n]
     longest = max(len(p) for p in prompts)
-    max_new = min(max_new_tokens, cfg.context_length - longest)
     wanted = min(self.batch_size or n, n)
     group = bucket(min(self.prefill_rows or wanted, wanted), minimum=1)  # rows per prefill call
     rows = -(-wanted // group) * group  # a power of two, or a multiple of the prefill group
     t = cache_bucket(longest)  # never longer than the cache
-    cache_len = min(cache_bucket(longest + max_new), max(cfg.context_length, t))
+    cache_len = min(cache_bucket(max(len(p) + m for p, m in zip(prompts, limits))), max(cfg.context_length, t))
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
 
-    def batch(indices: list[int], width: int):  # prompts (-1: an unused row) -> tokens [G, width], lengths, keys
-      tokens, lengths = np.zeros((len(indices), width), np.int32), np.zeros((len(indices),), np.int32)
+    def batch(indices: list[int], width: int):  # prompts (-1: none) -> tokens [G, width], lengths, limits, keys
+      tokens, lengths, caps = (np.zeros((len(indices), width), np.int32), np.zeros((len(indices),), np.int32),
+                               np.zeros((len(indices),), np.int32))
       for g, i in enumerate(indices):
         if i >= 0:
           tokens[g, : len(prompts[i])] = prompts[i]
-          lengths[g] = len(prompts[i])
-      return tokens, lengths, prompt_keys(seed, [max(i, 0) for i in indices])
+          lengths[g], caps[g] = len(prompts[i]), limits[i]
+      return tokens, lengths, caps, prompt_keys(seed, [max(i, 0) for i in indices])
 
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -305,8 +311,8 @@ class Generator:
     waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
     with _mesh_context(self.mesh):
       start = time.perf_counter()
-      state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), jnp.int32(max_new), cfg=cfg,
-                          rows=rows, cache_len=cache_len, max_new=bucket(max_new), dtype=self.cache_dtype,
+      state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
+                          cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
                           track_seen=sampling.penalized)
       for row in range(0, rows, group):
         args = batch(owner[row:row + group], t)

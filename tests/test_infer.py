@@ -124,6 +124,9 @@ def test_continuous_batching_equals_one_batch(tiny):
     got = queued.generate(prompts, 24, stop_ids=stops, on_tokens=lambda i, ids: streamed[i].extend(ids))
     assert got.output_ids == want[0] and streamed == want[0]
     assert queued.generate(prompts, 24, s, seed=3).output_ids == want[1]
+  limits = [3, 24, 1, 9, 17, 2, 12]  # one per prompt: each row ends at its own step
+  assert Generator(model, batch_size=2).generate(prompts, limits).output_ids == \
+      [row[:m] for row, m in zip(free, limits)]
 
 
 def test_fused_attention_prefill_gives_the_same_tokens(tiny, monkeypatch):
@@ -263,9 +266,10 @@ def test_repetition_penalty_matches_transformers(tiny):
   for i, p in enumerate(PROMPTS):
     tokens[i, :len(p)] = p
   keys = generate.prompt_keys(0, range(4))
-  state = generate.empty_state(keys, jnp.full((4,), -1), jnp.int32(8), cfg=gen.config, rows=4, cache_len=64,
-                               max_new=16, dtype=jnp.float32, track_seen=True)
-  state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, keys, np.int32(0), sampling=s)
+  state = generate.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=4, cache_len=64, max_new=16,
+                               dtype=jnp.float32, track_seen=True)
+  state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, np.full((4,), 8, np.int32), keys,
+                           np.int32(0), sampling=s)
   for i, p in enumerate(PROMPTS):
     assert set(np.flatnonzero(state.seen[i]).tolist()) == set(p) | {batch[i][0]}
   assert not state.seen[3].any()
@@ -351,17 +355,19 @@ def test_cli_missing_checkpoint(tmp_path):
 def test_prompts_file_is_one_batch(tiny, tmp_path):
   _, _, gen, ckpt = tiny
   prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text(json.dumps({"input_ids": PROMPTS[0]}) + "\n\n" + json.dumps({"input_ids": PROMPTS[2]}) + "\n")
+  prompts.write_text(json.dumps({"input_ids": PROMPTS[0], "max_new_tokens": 5}) + "\n\n" +
+                     json.dumps({"input_ids": PROMPTS[2]}) + "\n")
   for flags in ([], ["--batch-size", "1"]):  # one batch, or one row that the prompts take in turn
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--input-ids", "3,1,4", "--dtype",
                 "float32", "--temperature", "0", "--max-new-tokens", "20", "--json", *flags)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(x) for x in res.stdout.splitlines()]
     assert [r["input_ids"] for r in rows] == [[3, 1, 4], PROMPTS[0], PROMPTS[2]]  # flags first, then the file
-    assert [r["output_ids"] for r in rows] == gen.generate([[3, 1, 4], PROMPTS[0], PROMPTS[2]], 20).output_ids
-  prompts.write_text('{"input_ids": [1]}\n{"prompt": "a", "chat": "b"}\n')
-  res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
-  assert res.returncode == 2 and "prompts.jsonl:2" in res.stderr and "Traceback" not in res.stderr
+    assert [r["output_ids"] for r in rows] == gen.generate([[3, 1, 4], PROMPTS[0], PROMPTS[2]], [20, 5, 20]).output_ids
+  for bad in ('{"prompt": "a", "chat": "b"}', '{"input_ids": [2], "max_new_tokens": 0}'):
+    prompts.write_text('{"input_ids": [1]}\n' + bad + "\n")
+    res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
+    assert res.returncode == 2 and "prompts.jsonl:2" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_compile_cache_is_reused(tiny, tmp_path):
