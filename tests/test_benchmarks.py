@@ -95,3 +95,13 @@ def test_attention_memory_benchmark_shows_blocks_smaller():
   assert report["query_block"] == 512
   for program in ("prefill_temp_gb", "train_temp_gb"):
     assert 0 < report["query_blocks"][program] < report["one_block"][program] / 2
+
+
+def test_continuous_batching_benchmark_runs():
+  """benchmarks/continuous_batching.py, small: both ways give the same outputs (the script asserts it)."""
+  res = subprocess.run([sys.executable, "benchmarks/continuous_batching.py", "--prompts", "6", "--rows", "2",
+                        "--max-new", "24"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr
+  report = json.loads(res.stdout.splitlines()[-1])
+  assert report["same_outputs"] and report["generated_tokens"] >= 6 * 4
+  assert report["waves_s"] > 0 and report["continuous_s"] > 0
