@@ -26,6 +26,7 @@ from qwen_moe_jax.layers import F32, Attention, Mask, Mlp, RMSNorm, param, rope_
 from qwen_moe_jax.moe import MoeBlock
 
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, D]
+MLP_TOKENS = 16384  # most tokens per device that the MLP half of a layer takes at once (see in_token_blocks)
 
 REMAT_POLICIES: dict[str, Callable | None] = {
   "none": None,  # no rematerialisation
@@ -52,14 +53,38 @@ class DecoderLayer(nnx.Module):
       h, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, slots, cache_row, attend_cache)
       x = sharding.constrain(x + h, ACTIVATION_AXES)
     with jax.named_scope("moe" if self.is_moe else "mlp"):
-      h = self.post_attn_norm(x)
-      router_logits = None
-      if self.is_moe:
-        h, router_logits = self.mlp(h)
-      else:
-        h = self.mlp(h)
+      h, router_logits = in_token_blocks(self.mlp_with_logits, self.post_attn_norm(x))
       x = sharding.constrain(x + h, ACTIVATION_AXES)
     return x, router_logits, cache
+
+  def mlp_with_logits(self, h: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """h [B, T, D] -> (MLP output [B, T, D], router logits [B*T, E] for a MoE layer, else None)."""
+    return self.mlp(h) if self.is_moe else (self.mlp(h), None)
+
+
+def in_token_blocks(fn: Callable, h: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """fn (h [B, t, D] -> ([B, t, D], [B*t, E] or None)) over blocks of positions, so that a device holds at
+  most MLP_TOKENS of its tokens in the MLP at once: the routed rows, expert hidden states and shared-expert
+  hidden states of a 131,072-token prompt (57B-A14B: ~40 GB) then take a few GB. Exact: the MLP acts on each
+  token alone. Short inputs (decoding, usual training rows) run in one block."""
+  b, t, d = h.shape
+  rows = sharding.local_size("batch", b)
+  if rows * t <= MLP_TOKENS:
+    return fn(h)
+  block = max(1, MLP_TOKENS // rows)
+  blocks = -(-t // block)
+  h = jnp.pad(h, ((0, 0), (0, blocks * block - t), (0, 0)))  # padded positions: outputs dropped below
+
+  def one(i):  # positions [i * block, (i + 1) * block)
+    part = sharding.constrain(jax.lax.dynamic_slice_in_dim(h, i * block, block, axis=1), ACTIVATION_AXES)
+    return fn(part)
+
+  y, logits = jax.lax.map(one, jnp.arange(blocks))  # [blocks, B, block, D], [blocks, B*block, E] or None
+  y = jnp.moveaxis(y, 0, 1).reshape(b, blocks * block, d)[:, :t]
+  if logits is not None:
+    logits = jnp.moveaxis(logits.reshape(blocks, b, block, -1), 0, 1).reshape(b, blocks * block, -1)[:, :t]
+    logits = logits.reshape(b * t, -1)
+  return y, logits
 
 
 def embed_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -144,6 +144,14 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh))
 
 
+def local_size(name: str, size: int) -> int:
+  """A dimension of `size` named `name`, as one device holds it under the current mesh (all of it without one)."""
+  mesh = current_mesh()
+  if mesh is None:
+    return size
+  return size // math.prod(mesh.shape[a] for a in axes_of(spec_for((name,), (size,), mesh)[0]))
+
+
 def expert_shards(mesh: Mesh | None) -> int:
   """How many ways experts are split (the model pads the expert count to a multiple of this)."""
   if mesh is None:

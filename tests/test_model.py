@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -16,7 +17,9 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss
 
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, layers
+from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
+from qwen_moe_jax.demo import demo_config
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.losses import causal_lm_loss
 from qwen_moe_jax.model import QwenMoeForCausalLM, param_count
@@ -238,6 +241,34 @@ def test_attention_in_query_blocks_equals_one_block(block):
   over = layers.Mask.over_cache(positions[:, 4:], t)  # 9 queries at positions 4.. over a 13-slot cache
   np.testing.assert_allclose(layers.attend(q[:, 4:], k, v, over, block), layers.attend(q[:, 4:], k, v, over, 9),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_mlp_in_token_blocks_equals_one_block(monkeypatch):
+  """The MLP half of each layer over blocks of positions (5 tokens per device: blocks of 2 positions for 2 rows,
+  the last padded) gives the one-block hidden states, router logits, losses and gradients, dense and MoE layers."""
+  cfg = dataclasses.replace(demo_config(97), num_hidden_layers=2, decoder_sparse_step=2, router_aux_loss_coef=0.1)
+  model = QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(3), dtype=jnp.float32)
+  graphdef, params = nnx.split(model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 13)))
+  positions = jnp.broadcast_to(jnp.arange(13), tokens.shape)
+
+  def loss_fn(params):
+    m = nnx.merge(graphdef, params)
+    parts = causal_lm_loss(m, tokens, jnp.roll(tokens, -1, 1), jnp.ones_like(tokens), positions, jnp.ones_like(tokens))
+    out = m(tokens, positions)
+    return parts.total, (parts, out.hidden, out.router_logits)
+
+  (_, (parts, hidden, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  monkeypatch.setattr(model_module, "MLP_TOKENS", 5)
+  (_, (b_parts, b_hidden, b_logits)), b_grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  np.testing.assert_allclose(b_hidden, hidden, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(b_logits, logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(b_parts.aux, parts.aux, rtol=1e-6)
+  np.testing.assert_allclose(b_parts.ce, parts.ce, rtol=1e-6)
+  for a, e in zip(jax.tree.leaves(b_grads), jax.tree.leaves(grads), strict=True):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)
+  blocked = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens, positions).hidden)(params)
+  assert str(blocked).count("scan[") == cfg.num_hidden_layers  # it did run in blocks (lax.map is a scan)
 
 
 def test_query_block_sizes():

@@ -19,6 +19,7 @@ from flax import nnx
 
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, layers, sharding
+from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator, Sampling
@@ -71,8 +72,9 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   wi = model.layers[0].mlp.experts_wi[...]
   assert wi.shape[0] % mesh.shape["expert"] == 0 and wi.sharding.spec[0] == "expert"
   np.testing.assert_allclose(logits_on(model, mesh, ids), ref_logits, atol=1e-5)
-  with monkeypatch.context() as m:  # attention in query blocks (as for long inputs): 10 tokens in blocks of 4
+  with monkeypatch.context() as m:  # as for long inputs: attention in blocks of 4 queries, MLPs of 4 tokens per device
     m.setattr(layers, "QUERY_BLOCK", 4)
+    m.setattr(model_module, "MLP_TOKENS", 4)
     np.testing.assert_allclose(logits_on(model, mesh, ids), ref_logits, atol=1e-5)
   assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
   # one prompt per prefill call: rows written in place at a traced offset into a cache split over devices
