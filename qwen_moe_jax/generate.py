@@ -309,7 +309,10 @@ class Generator:
     outputs: list[list[int]] = [[] for _ in prompts]
     owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
     waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
-    with _mesh_context(self.mesh):
+    cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
+    with _mesh_context(self.mesh), _out_of_memory_hint(
+        f"out of device memory running {rows} rows x {cache_len} cache slots (KV cache {cache_gb:.2f} GB in all): "
+        "decode fewer prompts at once (--batch-size) or prefill fewer per call (--prefill-rows)"):
       start = time.perf_counter()
       state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
                           cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
@@ -345,6 +348,17 @@ class Generator:
     return Result(outputs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
                   compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
                   decode_seconds=end - prefilled)
+
+
+@contextlib.contextmanager
+def _out_of_memory_hint(message: str):
+  """An allocation failure (XLA's RESOURCE_EXHAUSTED) becomes a UserError with `message`: what to lower."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise UserError(message) from None
 
 
 def _mesh_context(mesh):

@@ -16,6 +16,7 @@ import torch
 
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, generate, layers
+from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator, Sampling, cache_bucket, prompt_logits
 from qwen_moe_jax.kernels import Kernels
 
@@ -273,6 +274,13 @@ def test_repetition_penalty_matches_transformers(tiny):
   for i, p in enumerate(PROMPTS):
     assert set(np.flatnonzero(state.seen[i]).tolist()) == set(p) | {batch[i][0]}
   assert not state.seen[3].any()
+
+
+def test_out_of_device_memory_is_one_line_naming_the_flags(tiny, monkeypatch):
+  _, _, gen, _ = tiny
+  monkeypatch.setattr(generate, "empty_state", lambda *a, **k: jnp.zeros((1 << 20, 1 << 20)))  # 4 TB: XLA refuses
+  with pytest.raises(UserError, match=r"out of device memory running 4 rows x 32 cache slots .*--batch-size"):
+    gen.generate(PROMPTS, 4)
 
 
 def test_stops_on_eos(tiny):
