@@ -8,7 +8,9 @@ Each non-blank line is a JSON object with exactly one key:
       them). Messages after the last assistant message carry no loss and are dropped.
   {"text": "..."}          encoded, then eos appended (when an eos id is given); loss on every token.
   {"input_ids": [...]}     token ids as they are; loss on every token.
-A document of n tokens gives n - 1 next-token targets and must fit in one row: n <= seq_len.
+A document of n tokens gives n - 1 next-token targets. A text or input_ids document longer than a row is cut into
+rows of seq_len tokens that overlap by one (each starts with the token the previous one ends with), so every
+target is learned exactly once; a conversation must fit one row (it is never cut).
 """
 
 from __future__ import annotations
@@ -68,16 +70,25 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
     if not raw.strip():
       continue
     where = f"{path}:{line_no}"
-    doc = _document(_parse(raw, where), tokenizer, eos_id, where)
-    if len(doc.tokens) > seq_len:
-      raise UserError(f"{where}: the document has {len(doc.tokens)} tokens, more than seq_len={seq_len}; "
-                      "shorten it or raise the sequence length")
+    record = _parse(raw, where)
+    doc = _document(record, tokenizer, eos_id, where)
     if not any(doc.loss_mask):
       raise UserError(f"{where}: the document has no token to learn ({len(doc.tokens)} tokens, none a loss target)")
-    documents.append(doc)
+    if len(doc.tokens) > seq_len and "messages" in record:
+      raise UserError(f"{where}: the conversation has {len(doc.tokens)} tokens, more than seq_len={seq_len} "
+                      "(conversations are not cut); shorten it or raise the sequence length")
+    documents += split(doc, seq_len)
   if not documents:
     raise UserError(f"{path}: no documents (empty or blank file); expected JSON lines with one of {_keys(KINDS)}")
   return documents
+
+
+def split(doc: Document, seq_len: int) -> list[Document]:
+  """doc as rows of at most seq_len tokens overlapping by one: row k holds tokens [k (L - 1), k (L - 1) + L) and
+  learns the targets after its first token, so each target of doc falls in exactly one row."""
+  step = seq_len - 1
+  return [Document(doc.tokens[s:s + seq_len], (0,) + doc.loss_mask[s + 1:s + seq_len])
+          for s in range(0, max(len(doc.tokens) - 1, 1), step)]
 
 
 def _keys(keys) -> str:

@@ -76,9 +76,9 @@ class TrainConfig:
     return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.steps // 10)
 
   def validate(self) -> "TrainConfig":
-    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-      if getattr(self, name) < 1:
-        raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+    for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1)):  # a row of 1: no target
+      if getattr(self, name) < least:
+        raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
     if not self.lr > 0:
       raise UserError(f"--lr must be > 0, got {self.lr}")
     if self.train_only and self.freeze:

@@ -131,12 +131,27 @@ BAD_LINES = {
   "ids_bools": ('{"input_ids": [true, 1]}', "'input_ids' must be a list of integers"),
   "ids_too_large": ('{"input_ids": [1, 151669]}', r"input_ids\[1\] = 151669 is outside the vocabulary \[0, 151669\)"),
   "ids_negative": ('{"input_ids": [-1, 2]}', r"input_ids\[0\] = -1 is outside"),
-  "too_long": ('{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9]}', "has 9 tokens, more than seq_len=8"),
-  "too_long_text": ('{"text": "one two three four five six seven eight nine"}', "more than seq_len=8"),
+  "too_long_chat": (json.dumps({"messages": [{"role": "user", "content": "one two three four five six"},
+                                             {"role": "assistant", "content": "seven"}]}),
+                    r"the conversation has \d+ tokens, more than seq_len=8 \(conversations are not cut\)"),
   "single_token": ('{"input_ids": [5]}', "no token to learn"),
   "empty_ids": ('{"input_ids": []}', "no token to learn"),
   "empty_text_without_eos": ('{"text": ""}', "no token to learn"),
 }
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 8, 9, 10, 11])
+def test_long_documents_are_cut_into_overlapping_rows(tok, tmp_path, seq_len):
+  """input_ids and text lines longer than a row: rows of at most seq_len tokens overlapping by one, so every
+  next-token pair of the document is a target exactly once, in order."""
+  text = "one two three four five six seven eight nine ten eleven"
+  for record, ids in (({"input_ids": list(range(20, 30))}, list(range(20, 30))),
+                      ({"text": text}, tok.encode(text) + [7])):
+    docs = read_jsonl(_write(tmp_path, record), tok, seq_len, 7)
+    assert all(len(d.tokens) <= seq_len and d.loss_mask[0] == 0 for d in docs)
+    pairs = [(d.tokens[j - 1], d.tokens[j]) for d in docs for j in range(1, len(d.tokens)) if d.loss_mask[j]]
+    assert pairs == list(zip(ids, ids[1:]))
+    assert len(docs) == (1 if len(ids) <= seq_len else -(-(len(ids) - 1) // (seq_len - 1)))
 
 
 @pytest.mark.parametrize("name", BAD_LINES)
