@@ -269,7 +269,8 @@ def json_line(prompt: list[int], output: list[int], text: str | None) -> str:
 
 def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) -> None:
   """Reads user messages from stdin and answers each with the conversation so far as the prompt (streamed, or
-  one --json object per turn). A turn that does not fit the context is reported; /reset makes room."""
+  one --json object per turn), keeping the KV cache between turns, so a turn prefills only the tokens the
+  conversation gained. A turn that does not fit the context is reported; /reset makes room."""
   system = [{"role": "system", "content": args.system}] if args.system else []
   messages = list(system)
   tty = sys.stdin.isatty()
@@ -289,7 +290,8 @@ def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) 
     prompt = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
     stream = None if args.json else tok.stream_decoder(skip_special_tokens=True)
     try:
-      result = generator.generate([prompt], args.max_new_tokens, sampling, args.seed, stops, to_stdout(stream))
+      result = generator.generate([prompt], args.max_new_tokens, sampling, args.seed, stops, to_stdout(stream),
+                                  keep=True)  # the next turn runs only its new tokens over this cache
     except UserError as e:
       print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
       continue

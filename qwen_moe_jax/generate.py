@@ -136,11 +136,36 @@ def _step_keys(keys: jax.Array, count: jax.Array) -> jax.Array:
 def empty_state(keys, stop_ids, *, cfg, rows, cache_len, max_new, dtype, track_seen=False) -> DecodeState:
   """A state with an empty [rows, cache_len] cache and every row done until `prefill` fills it; `track_seen`
   keeps the [rows, V] ids seen per row that a repetition penalty needs."""
+  return _state(KVCache.zeros(cfg, rows, cache_len, dtype), keys, stop_ids, max_new, cfg.vocab_size, track_seen)
+
+
+def kept_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen=False) -> DecodeState:
+  """A state around a kept cache (an earlier call's: used up), its slots padded to `cache_len`; `extend` fills
+  the rest."""
+  grow = _grown_state if cache_len > cache.length else _same_state
+  return grow(cache, keys, stop_ids, cache_len=cache_len, max_new=max_new, vocab=vocab, track_seen=track_seen)
+
+
+@functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "track_seen"))
+def _grown_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen) -> DecodeState:
+  pad = ((0, 0), (0, cache_len - cache.length), (0, 0), (0, 0))
+  cache = KVCache(k=tuple(jnp.pad(x, pad) for x in cache.k), v=tuple(jnp.pad(x, pad) for x in cache.v))
+  return _state(cache, keys, stop_ids, max_new, vocab, track_seen)
+
+
+@functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "track_seen"),
+                   donate_argnames=("cache",))
+def _same_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen) -> DecodeState:
+  return _state(cache, keys, stop_ids, max_new, vocab, track_seen)  # the cache updated in place from here on
+
+
+def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, track_seen: bool) -> DecodeState:
+  rows = cache.k[0].shape[0]
   zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
-    cache=KVCache.zeros(cfg, rows, cache_len, dtype), tokens=jnp.zeros((rows, max_new), jnp.int32), last=zeros,
-    positions=zeros, done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids,
-    limit=zeros, seen=jnp.zeros((rows, cfg.vocab_size), bool) if track_seen else None).laid_out()
+    cache=cache, tokens=jnp.zeros((rows, max_new), jnp.int32), last=zeros, positions=zeros,
+    done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids, limit=zeros,
+    seen=jnp.zeros((rows, vocab), bool) if track_seen else None).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
@@ -172,6 +197,26 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
     last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done),
     count=put(state.count, count), limit=put(state.limit, limits), keys=put(state.keys, keys),
     seen=None if seen is None else put(state.seen, mark_seen(seen, first, lengths > 0))).laid_out()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
+def extend(graphdef, params, state: DecodeState, tokens, start, length, prompt, limits, keys, *,
+           sampling) -> DecodeState:
+  """Row 0's cache holds a prompt's first `start` tokens (kept from an earlier call): runs the rest, tokens [1, W]
+  right-padded with `length` real ones, at positions start.. over the cache, and samples the first new token.
+
+  prompt [1, P]: the whole prompt, right-padded with -1 (the ids a repetition penalty sees); limits, keys [1].
+  """
+  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
+  positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # padding past the cache: dropped
+  out = model(tokens, positions, cache=state.cache, attend_cache=True)
+  last_hidden = jax.lax.dynamic_index_in_dim(out.hidden, length - 1, axis=1, keepdims=False)  # [1, D]
+  seen = None if state.seen is None else mark_seen(jnp.zeros_like(state.seen), jnp.maximum(prompt, 0), prompt >= 0)
+  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling, seen)
+  return dataclasses.replace(
+    state, cache=out.cache, tokens=state.tokens.at[:, 0].set(first), last=first, positions=start + length[None],
+    done=jnp.isin(first, state.stop_ids) | (limits <= 1), count=jnp.ones_like(state.count), limit=limits, keys=keys,
+    seen=mark_seen(seen, first)).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
@@ -223,6 +268,7 @@ class Result:
   compile_seconds: float  # compiling prefill and decode for these shapes (0 when already compiled)
   prefill_seconds: float  # the first rows' prompts, up to their first tokens
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
+  reused_tokens: int = 0  # prompt tokens whose keys and values came from the kept cache (`keep`)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -248,6 +294,7 @@ class Generator:
     self.cache_dtype = model.embed[...].dtype
     self._executables: dict = {}
     self._compile_seconds = 0.0
+    self._kept: tuple[DecodeState, list[int]] | None = None  # (state, ids in its cache row 0), see `generate`
 
   def _compiled(self, fn, args: tuple, **statics):
     """Ahead-of-time compiled `fn` for these argument shapes (cached), so timings exclude compilation."""
@@ -278,9 +325,13 @@ class Generator:
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
-               on_tokens: Callable[[int, list[int]], None] | None = None) -> Result:
+               on_tokens: Callable[[int, list[int]], None] | None = None, keep: bool = False) -> Result:
     """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
-    context; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming)."""
+    context; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming).
+
+    `keep` (one prompt: the turns of a conversation) keeps the KV cache after the call; the next kept call
+    runs only the part of its prompt after the longest prefix it shares with this prompt and its output.
+    """
     cfg, n = self.config, len(prompts)
     wants = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(wants) != n:
@@ -295,6 +346,10 @@ class Generator:
     cache_len = min(cache_bucket(max(len(p) + m for p, m in zip(prompts, limits))), max(cfg.context_length, t))
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
+    kept, self._kept = self._kept, None
+    reused = _shared_prefix(kept[1], prompts[0]) if keep and kept and n == 1 else 0  # < len(prompts[0])
+    if reused:
+      cache_len = max(cache_len, kept[0].cache.length)
 
     def batch(indices: list[int], width: int):  # prompts (-1: none) -> tokens [G, width], lengths, limits, keys
       tokens, lengths, caps = (np.zeros((len(indices), width), np.int32), np.zeros((len(indices),), np.int32),
@@ -314,10 +369,14 @@ class Generator:
         f"out of device memory running {rows} rows x {cache_len} cache slots (KV cache {cache_gb:.2f} GB in all): "
         "decode fewer prompts at once (--batch-size) or prefill fewer per call (--prefill-rows)"):
       start = time.perf_counter()
-      state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
-                          cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
-                          track_seen=sampling.penalized)
-      for row in range(0, rows, group):
+      if reused:
+        state = self._extend(kept[0], prompts[0], reused, limits[0], stops, cache_len, seed, sampling)
+        kept = None  # the old cache, when it grew
+      else:
+        state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
+                            cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
+                            track_seen=sampling.penalized)
+      for row in range(0, rows, group) if not reused else ():
         args = batch(owner[row:row + group], t)
         state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
           self.params, state, *args, np.int32(row))
@@ -345,9 +404,36 @@ class Generator:
           break
         state = self._compiled(decode, (self.params, state), steps=self.chunk, sampling=sampling)(self.params, state)
       end = time.perf_counter() - self._compile_seconds
+    if keep and n == 1:
+      self._kept = state, list(prompts[0]) + outputs[0][:-1]  # the last token was never fed back: not cached
     return Result(outputs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
                   compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
-                  decode_seconds=end - prefilled)
+                  decode_seconds=end - prefilled, reused_tokens=reused)
+
+  def _extend(self, kept: DecodeState, prompt: list[int], reused: int, limit: int, stops: np.ndarray,
+              cache_len: int, seed: int, sampling: Sampling) -> DecodeState:
+    """A one-row state from the kept cache, whose slots [0, reused) hold the prompt's first tokens, and the rest
+    of the prompt run over it."""
+    keys = prompt_keys(seed, [0])
+    state = kept_state(kept.cache, keys, jnp.asarray(stops), cache_len=cache_len, max_new=bucket(limit),
+                       vocab=self.config.vocab_size, track_seen=sampling.penalized)
+    rest = prompt[reused:]
+    tokens = np.zeros((1, bucket(len(rest))), np.int32)
+    tokens[0, :len(rest)] = rest
+    whole = np.full((1, bucket(len(prompt))), -1, np.int32)
+    whole[0, :len(prompt)] = prompt
+    args = (tokens, np.int32(reused), np.int32(len(rest)), whole, np.array([limit], np.int32), keys)
+    return self._compiled(extend, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
+
+
+def _shared_prefix(cached: list[int], prompt: list[int]) -> int:
+  """How many leading ids of `prompt` the cache holds (at most all but its last, whose logits are needed)."""
+  n = 0
+  for a, b in zip(cached, prompt[:-1]):
+    if a != b:
+      break
+    n += 1
+  return n
 
 
 @contextlib.contextmanager

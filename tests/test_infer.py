@@ -276,6 +276,28 @@ def test_repetition_penalty_matches_transformers(tiny):
   assert not state.seen[3].any()
 
 
+def test_kept_cache_gives_the_tokens_of_a_fresh_prefill(tiny):
+  """`keep` (conversation turns): a prompt that extends the last prompt and its reply runs only its new tokens
+  over the kept cache (which grows when the conversation outgrows it) and gives the tokens a fresh prefill gives,
+  greedy and sampled with a repetition penalty; a prompt sharing nothing starts over."""
+  _, model, gen, _ = tiny
+  chat = Generator(model)
+  s = Sampling(temperature=1.1, top_k=6, repetition_penalty=1.4)
+  for sampling, seed in ((Sampling(), 0), (s, 2)):
+    history, expected_reuse = [5, 7, 9, 11], 0
+    for extra in ([], [3, 1, 4], [2, 7] * 12, [8]):  # the third turn outgrows the first 32-slot cache
+      prompt = history + extra
+      got = chat.generate([prompt], 12, sampling, seed, keep=True)
+      assert got.output_ids == gen.generate([prompt], 12, sampling, seed).output_ids
+      assert got.reused_tokens == expected_reuse
+      expected_reuse = len(prompt) + len(got.output_ids[0]) - 1  # the reply's last token was never fed back
+      history = prompt + got.output_ids[0]
+    other = chat.generate([[42, 43]], 12, sampling, seed, keep=True)
+    assert other.reused_tokens == 0 and other.output_ids == gen.generate([[42, 43]], 12, sampling, seed).output_ids
+    chat.generate([[1]], 2)  # a call without `keep` drops the kept cache
+    assert chat.generate([[42, 43, 1]], 4, keep=True).reused_tokens == 0
+
+
 def test_out_of_device_memory_is_one_line_naming_the_flags(tiny, monkeypatch):
   _, _, gen, _ = tiny
   monkeypatch.setattr(generate, "empty_state", lambda *a, **k: jnp.zeros((1 << 20, 1 << 20)))  # 4 TB: XLA refuses

@@ -84,6 +84,21 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   assert queued.generate(PROMPTS, 16, PENALIZED, seed=5).output_ids == ref_penalized
 
 
+def test_kept_cache_turns_on_a_mesh(ckpt):
+  """Conversation turns over a kept, split KV cache (grown on the way) give the one-device fresh tokens."""
+  folder = ckpt[0]
+  one = Generator(checkpoint.restore(folder, dtype=jnp.float32))
+  mesh = mesh_of("fsdp=2,expert=2,tensor=2")
+  chat = Generator(checkpoint.restore(folder, mesh, jnp.float32), mesh)
+  prompt = [1, 2, 3]
+  for extra in ([], [4] * 30):
+    prompt = prompt + extra
+    got = chat.generate([prompt], 8, PENALIZED, seed=1, keep=True)
+    assert got.output_ids == one.generate([prompt], 8, PENALIZED, seed=1).output_ids
+    prompt = prompt + got.output_ids[0]
+  assert got.reused_tokens > 0
+
+
 def test_save_on_one_mesh_restore_on_others(tmp_path):
   cfg = QwenMoeConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
