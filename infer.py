@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="divide positive / multiply negative logits of ids already in the row (1: off; greedy too)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", action="store_true", help='one {"input_ids", "output_ids", "text"} object per prompt')
+  ap.add_argument("--logprobs", action="store_true",
+                  help='with --json: add "output_logprobs", the model\'s log-probability of each generated token')
   ap.add_argument("--dump-logits", help="save fp32 logits over the prompt positions [T, V] (one prompt) with numpy")
   ap.add_argument("--batch-size", type=int,
                   help="most prompts decoded at once (default: all); the rest wait and take rows as they finish")
@@ -68,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = ap.parse_args(argv)
   if bool(args.checkpoint) == bool(args.demo):
     ap.error("give exactly one of --checkpoint DIR or --demo")
+  if args.logprobs and not args.json:
+    raise UserError("--logprobs adds a key to the --json objects: give --json too")
   for flag in ("batch_size", "prefill_rows"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -237,7 +241,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   for i, (p, out) in enumerate(zip(prompts, result.output_ids)):
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if args.json:
-      print(json_line(p, out, text))
+      print(json_line(p, out, text, result.output_logprobs[i] if args.logprobs else None))
     elif not stream:
       print(f"--- [{i + 1}] ---")
       print(text if text is not None else ",".join(map(str, out)))
@@ -262,9 +266,12 @@ def to_stdout(stream):
   return on_tokens
 
 
-def json_line(prompt: list[int], output: list[int], text: str | None) -> str:
-  """One --json object: {"input_ids", "output_ids", "text"}."""
-  return json.dumps({"input_ids": prompt, "output_ids": output, "text": text}, ensure_ascii=False)
+def json_line(prompt: list[int], output: list[int], text: str | None, logprobs: list[float] | None = None) -> str:
+  """One --json object: {"input_ids", "output_ids", "text"}, and "output_logprobs" when given."""
+  obj = {"input_ids": prompt, "output_ids": output, "text": text}
+  if logprobs is not None:
+    obj["output_logprobs"] = logprobs
+  return json.dumps(obj, ensure_ascii=False)
 
 
 def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) -> None:
@@ -298,7 +305,7 @@ def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) 
     out = result.output_ids[0]
     reply = tok.decode(out, skip_special_tokens=True)
     if args.json:
-      print(json_line(prompt, out, reply), flush=True)
+      print(json_line(prompt, out, reply, result.output_logprobs[0] if args.logprobs else None), flush=True)
     else:
       print(stream.flush(), flush=True)
     messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

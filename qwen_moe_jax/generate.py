@@ -90,6 +90,12 @@ def sample(logits: jax.Array, keys: jax.Array, s: Sampling, seen: jax.Array | No
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
+def chosen_logprob(logits: jax.Array, token: jax.Array) -> jax.Array:
+  """logits [B, V] fp32, token [B] -> log-probability [B] of each token under the model (before sampling's
+  penalty, temperature and truncation, as vLLM and OpenAI report it)."""
+  return jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
 def mark_seen(seen: jax.Array | None, tokens: jax.Array, real: jax.Array | bool = True) -> jax.Array | None:
   """seen [B, V] with ids tokens [B, T] (or [B]) added where `real`; None (no penalty) stays None."""
   if seen is None:
@@ -105,6 +111,7 @@ def mark_seen(seen: jax.Array | None, tokens: jax.Array, real: jax.Array | bool 
 class DecodeState:
   cache: KVCache
   tokens: jax.Array  # [B, M] generated ids (M: the bucketed max_new)
+  logprobs: jax.Array  # [B, M] fp32 their log-probabilities (see chosen_logprob)
   last: jax.Array  # [B] the newest token
   positions: jax.Array  # [B] position of `last`
   done: jax.Array  # [B] bool
@@ -163,7 +170,8 @@ def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, track_seen:
   rows = cache.k[0].shape[0]
   zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
-    cache=cache, tokens=jnp.zeros((rows, max_new), jnp.int32), last=zeros, positions=zeros,
+    cache=cache, tokens=jnp.zeros((rows, max_new), jnp.int32), logprobs=jnp.zeros((rows, max_new), jnp.float32),
+    last=zeros, positions=zeros,
     done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids, limit=zeros,
     seen=jnp.zeros((rows, vocab), bool) if track_seen else None).laid_out()
 
@@ -185,7 +193,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
   out = model(tokens, positions, segments, cache=state.cache, cache_row=start, packed=False)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   seen = None if state.seen is None else mark_seen(jnp.zeros((g, state.seen.shape[1]), bool), tokens, segments > 0)
-  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling, seen)
+  logits = model.logits(last_hidden)
+  first = sample(logits, _step_keys(keys, jnp.int32(0)), sampling, seen)
   done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (lengths == 0)
   count = (lengths > 0).astype(jnp.int32)
 
@@ -194,6 +203,7 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
 
   return dataclasses.replace(
     state, cache=out.cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
+    logprobs=put(state.logprobs, jnp.zeros_like(state.logprobs[:g]).at[:, 0].set(chosen_logprob(logits, first))),
     last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done),
     count=put(state.count, count), limit=put(state.limit, limits), keys=put(state.keys, keys),
     seen=None if seen is None else put(state.seen, mark_seen(seen, first, lengths > 0))).laid_out()
@@ -212,9 +222,11 @@ def extend(graphdef, params, state: DecodeState, tokens, start, length, prompt, 
   out = model(tokens, positions, cache=state.cache, attend_cache=True)
   last_hidden = jax.lax.dynamic_index_in_dim(out.hidden, length - 1, axis=1, keepdims=False)  # [1, D]
   seen = None if state.seen is None else mark_seen(jnp.zeros_like(state.seen), jnp.maximum(prompt, 0), prompt >= 0)
-  first = sample(model.logits(last_hidden), _step_keys(keys, jnp.int32(0)), sampling, seen)
+  logits = model.logits(last_hidden)
+  first = sample(logits, _step_keys(keys, jnp.int32(0)), sampling, seen)
   return dataclasses.replace(
-    state, cache=out.cache, tokens=state.tokens.at[:, 0].set(first), last=first, positions=start + length[None],
+    state, cache=out.cache, tokens=state.tokens.at[:, 0].set(first),
+    logprobs=state.logprobs.at[:, 0].set(chosen_logprob(logits, first)), last=first, positions=start + length[None],
     done=jnp.isin(first, state.stop_ids) | (limits <= 1), count=jnp.ones_like(state.count), limit=limits, keys=keys,
     seen=mark_seen(seen, first)).laid_out()
 
@@ -233,13 +245,15 @@ def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeSt
   def body(carry):
     i, s = carry
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
-    token = sample(model.logits(out.hidden[:, 0]), _step_keys(s.keys, s.count), sampling, s.seen)
+    logits = model.logits(out.hidden[:, 0])
+    token = sample(logits, _step_keys(s.keys, s.count), sampling, s.seen)
     live = ~s.done
     count = s.count + live
     done = s.done | (live & jnp.isin(token, s.stop_ids)) | (count >= s.limit)
     at = jnp.where(live, s.count, width)  # done rows write nowhere
     return i + 1, dataclasses.replace(
       s, cache=out.cache, tokens=s.tokens.at[jnp.arange(rows), at].set(token, mode="drop"),
+      logprobs=s.logprobs.at[jnp.arange(rows), at].set(chosen_logprob(logits, token), mode="drop"),
       last=jnp.where(live, token, s.last), positions=s.positions + live, done=done, count=count,
       seen=mark_seen(s.seen, token, live)).laid_out()
 
@@ -263,6 +277,7 @@ def cache_bucket(n: int) -> int:
 @dataclasses.dataclass
 class Result:
   output_ids: list[list[int]]  # per prompt, generated ids (a stop id included, as transformers does)
+  output_logprobs: list[list[float]]  # per prompt, each generated id's log-probability (see chosen_logprob)
   prompt_tokens: int
   generated_tokens: int
   compile_seconds: float  # compiling prefill and decode for these shapes (0 when already compiled)
@@ -362,6 +377,7 @@ class Generator:
 
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
     owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
     waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
     cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
@@ -383,13 +399,14 @@ class Generator:
       shown = [0] * rows
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
-        count, done, new = jax.device_get((state.count, state.done, state.tokens))  # [B], [B], [B, M]: small
+        count, done, new, new_lp = jax.device_get((state.count, state.done, state.tokens, state.logprobs))
         if prefilled is None:
           prefilled = time.perf_counter() - self._compile_seconds
         for row, i in enumerate(owner):
           if i >= 0 and count[row] > shown[row]:
             fresh = new[row, shown[row]:count[row]].tolist()
             outputs[i].extend(fresh)
+            logprobs[i].extend(new_lp[row, shown[row]:count[row]].tolist())
             shown[row] = int(count[row])
             if on_tokens:
               on_tokens(i, fresh)
@@ -406,7 +423,7 @@ class Generator:
       end = time.perf_counter() - self._compile_seconds
     if keep and n == 1:
       self._kept = state, list(prompts[0]) + outputs[0][:-1]  # the last token was never fed back: not cached
-    return Result(outputs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
+    return Result(outputs, logprobs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
                   compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
                   decode_seconds=end - prefilled, reused_tokens=reused)
 

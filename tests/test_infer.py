@@ -63,12 +63,16 @@ def test_cli_matches_transformers(seed, layout, style, tmp_path):
   convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
   prompt = np.random.default_rng(seed).integers(0, hf_model.config.vocab_size, 9).tolist()
   res = infer("--checkpoint", str(tmp_path / "ckpt"), "--input-ids", ",".join(map(str, prompt)),
-              "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "40", "--json",
+              "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "40", "--json", "--logprobs",
               "--dump-logits", str(tmp_path / "logits.npy"))
   assert res.returncode == 0, res.stderr
   out = json.loads(res.stdout.strip().splitlines()[-1])
   assert out["input_ids"] == prompt
   assert out["output_ids"] == hf_greedy(hf_model, prompt, 40)
+  with torch.no_grad():  # each new token's log-probability under transformers' next-token distribution
+    whole = torch.log_softmax(hf_model(torch.tensor([prompt + out["output_ids"]])).logits[0], -1).numpy()
+  want = [whole[len(prompt) - 1 + i, t] for i, t in enumerate(out["output_ids"])]
+  np.testing.assert_allclose(out["output_logprobs"], want, atol=1e-4)
   with torch.no_grad():
     ref = hf_model(torch.tensor([prompt])).logits[0].numpy()
   logits = np.load(tmp_path / "logits.npy")
@@ -117,13 +121,16 @@ def test_continuous_batching_equals_one_batch(tiny):
   free = gen.generate(prompts, 24).output_ids
   stops = [free[0][4], free[1][9]]  # rows end at different steps
   s = Sampling(temperature=1.2, top_k=8, repetition_penalty=1.3)
-  want = gen.generate(prompts, 24, stop_ids=stops).output_ids, gen.generate(prompts, 24, s, seed=3).output_ids
+  one_batch = gen.generate(prompts, 24, stop_ids=stops)
+  want = one_batch.output_ids, gen.generate(prompts, 24, s, seed=3).output_ids
   assert len({len(o) for o in want[0]}) > 2
   for rows, prefill_rows in ((1, None), (2, None), (3, 2)):
     queued = Generator(model, batch_size=rows, prefill_rows=prefill_rows)
     streamed = [[] for _ in prompts]
     got = queued.generate(prompts, 24, stop_ids=stops, on_tokens=lambda i, ids: streamed[i].extend(ids))
     assert got.output_ids == want[0] and streamed == want[0]
+    for lp, ref in zip(got.output_logprobs, one_batch.output_logprobs, strict=True):
+      np.testing.assert_allclose(lp, ref, atol=1e-5)
     assert queued.generate(prompts, 24, s, seed=3).output_ids == want[1]
   limits = [3, 24, 1, 9, 17, 2, 12]  # one per prompt: each row ends at its own step
   assert Generator(model, batch_size=2).generate(prompts, limits).output_ids == \
@@ -213,15 +220,19 @@ def test_kv_cache_decoding_equals_recompute(tiny):
 def test_sampling_is_seeded_and_respects_top_k(tiny):
   hf_model, model, gen, _ = tiny
   s = Sampling(temperature=1.5, top_k=3)
-  a = gen.generate(PROMPTS, 24, s, seed=1).output_ids
+  result = gen.generate(PROMPTS, 24, s, seed=1)
+  a = result.output_ids
   assert a == gen.generate(PROMPTS, 24, s, seed=1).output_ids
   assert a != gen.generate(PROMPTS, 24, s, seed=2).output_ids
-  # every sampled token is among the 3 most likely given its prefix
+  # every sampled token is among the 3 most likely given its prefix; its logprob is the model's (not the
+  # tempered, truncated distribution's)
   prompt, row = PROMPTS[0], a[0]
   logits = prompt_logits(model, prompt + row + [0] * (24 - len(row)))
   for i, tok in enumerate(row):
     top3 = np.argsort(logits[len(prompt) - 1 + i])[-3:]
     assert tok in top3
+    want = logits[len(prompt) - 1 + i, tok] - np.log(np.exp(logits[len(prompt) - 1 + i].astype(np.float64)).sum())
+    np.testing.assert_allclose(result.output_logprobs[0][i], want, atol=1e-4)
   # a tiny top-p keeps only the most likely token: greedy
   assert gen.generate(PROMPTS, 12, Sampling(temperature=1.0, top_p=1e-6), seed=3).output_ids == \
       gen.generate(PROMPTS, 12).output_ids
@@ -325,6 +336,7 @@ def test_stops_on_eos(tiny):
   (["--max-new-tokens", "0", "--input-ids", "1"], "--max-new-tokens"),
   (["--prefill-rows", "0"], "--prefill-rows"),
   (["--batch-size", "0"], "--batch-size"),
+  (["--logprobs"], "--logprobs adds a key to the --json objects"),
   (["--attention", "cudnn"], "needs a GPU"),
   (["--expert-backend", "tokamax"], "needs tokamax"),
 ])
