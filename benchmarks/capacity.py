@@ -117,7 +117,8 @@ def main() -> None:
                                      jax.eval_shape(lambda: generate.prompt_keys(0, range(rows))),
                                      i32(), sampling=sampling).compile()
     state = sharding.with_shardings(state, prefill.output_shardings)
-    decode = generate.decode.lower(graphdef, params, state, steps=1, sampling=sampling).compile()
+    decode = generate.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=1,
+                                   sampling=sampling).compile()
     report["prefill"] = {"prompt_len": ARGS.prompt_len, "rows": rows, "temp_gb": temp_gb(prefill),
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
     report["decode_step"] = {"temp_gb": temp_gb(decode),

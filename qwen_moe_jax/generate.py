@@ -232,15 +232,17 @@ def extend(graphdef, params, state: DecodeState, tokens, start, length, prompt, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
-def decode(graphdef, params, state: DecodeState, *, steps, sampling) -> DecodeState:
-  """Up to `steps` more tokens per row, stopping early once every row is done. Done rows keep their tokens,
-  count, last token and position (their step recomputes that token's key and value in place)."""
+def decode(graphdef, params, state: DecodeState, refill, *, steps, sampling) -> DecodeState:
+  """Up to `steps` more tokens per row, stopping early once every row is done, or, with `refill` [] (prompts
+  wait for a row), once any row finishes. Done rows keep their tokens, count, last token and position (their
+  steps write that token's key and value at its slot, which nothing reads)."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   rows, width = state.tokens.shape
+  done_before = state.done
 
   def cond(carry):
     i, s = carry
-    return (i < steps) & ~jnp.all(s.done)
+    return (i < steps) & ~jnp.all(s.done) & ~(refill & jnp.any(s.done & ~done_before))
 
   def body(carry):
     i, s = carry
@@ -402,6 +404,7 @@ class Generator:
         count, done, new, new_lp = jax.device_get((state.count, state.done, state.tokens, state.logprobs))
         if prefilled is None:
           prefilled = time.perf_counter() - self._compile_seconds
+        refilled = False
         for row, i in enumerate(owner):
           if i >= 0 and count[row] > shown[row]:
             fresh = new[row, shown[row]:count[row]].tolist()
@@ -417,9 +420,14 @@ class Generator:
               args = batch([owner[row]], min(bucket(len(prompts[owner[row]])), t))
               state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
                 self.params, state, *args, np.int32(row))
+              refilled = True
         if all(i < 0 for i in owner):
           break
-        state = self._compiled(decode, (self.params, state), steps=self.chunk, sampling=sampling)(self.params, state)
+        if refilled:  # read again first: a refilled row may be done at once (a stop id, or one token wanted)
+          continue
+        refill = np.bool_(bool(waiting))  # stop at the first finished row, to hand it the next prompt
+        state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, sampling=sampling)(
+          self.params, state, refill)
       end = time.perf_counter() - self._compile_seconds
     if keep and n == 1:
       self._kept = state, list(prompts[0]) + outputs[0][:-1]  # the last token was never fed back: not cached
