@@ -173,7 +173,8 @@ def test_train_only_keeps_frozen_groups_fixed(base, tmp_path):
   ('{"messages": [{"role": "user", "content": "hi"}]}', "assistant"),
   ('{"wrong": 1}', ":3: "),
   ('{"input_ids": [1, 2, "x"]}', ":3: "),
-  ('{"text": "' + "word " * 400 + '"}', "seq"),
+  (json.dumps({"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}),
+   "conversations are not cut"),
 ])
 def test_bad_data_lines(base, tmp_path, line, message):
   data = tmp_path / "bad.jsonl"
