@@ -29,8 +29,9 @@ import numpy as np
 
 from qwen_moe_jax import checkpoint, runtime
 from qwen_moe_jax.errors import UserError, cli_main
-from qwen_moe_jax.generate import Generator, Sampling, prompt_logits
+from qwen_moe_jax.generate import Generator, prompt_logits
 from qwen_moe_jax.kernels import Kernels
+from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 DEMO_CHAT = "Tell me about mixture-of-experts language models."

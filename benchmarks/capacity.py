@@ -63,6 +63,7 @@ from qwen_moe_jax.errors import UserError  # noqa: E402
 from qwen_moe_jax.kernels import Kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import CACHE_AXES, KVCache  # noqa: E402
 from qwen_moe_jax.model import abstract_model  # noqa: E402
+from qwen_moe_jax.sampling import Sampling  # noqa: E402
 
 GB = 1e9
 
@@ -105,7 +106,7 @@ def main() -> None:
   abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1]
   params = nnx.State(checkpoint.unflatten_state(abstract, flat))
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  sampling = generate.Sampling()
+  sampling = Sampling()
   with jax.set_mesh(mesh):
     keys = jax.eval_shape(lambda: generate.prompt_keys(0, range(ARGS.batch)))
     empty = generate.empty_state.lower(

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, generate, layers
+from qwen_moe_jax import checkpoint, convert, generate, layers, sampling
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Generator, Sampling, cache_bucket, prompt_logits
+from qwen_moe_jax.generate import Generator, cache_bucket, prompt_logits
 from qwen_moe_jax.kernels import Kernels
+from qwen_moe_jax.sampling import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,11 +254,11 @@ def test_processed_logits_match_transformers(penalty, temperature, top_k, top_p)
         ([hf.TopPLogitsWarper(top_p)] if top_p < 1 else [])
   want = hf.LogitsProcessorList(procs)(torch.tensor(ids), torch.tensor(logits)).numpy()
   s = Sampling(temperature, top_k, top_p, penalty)
-  seen = generate.mark_seen(jnp.zeros((4, 97), bool), jnp.asarray(ids)) if s.penalized else None
-  got = np.asarray(generate.process_logits(jnp.asarray(logits), s, seen))
+  seen = sampling.mark_seen(jnp.zeros((4, 97), bool), jnp.asarray(ids)) if s.penalized else None
+  got = np.asarray(sampling.process_logits(jnp.asarray(logits), s, seen))
   np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  plain = np.asarray(generate.process_logits(jnp.asarray(logits), Sampling(temperature, top_k, top_p)))
+  plain = np.asarray(sampling.process_logits(jnp.asarray(logits), Sampling(temperature, top_k, top_p)))
   assert penalty == 1.0 or not np.allclose(got, plain)
 
 
@@ -294,17 +295,17 @@ def test_kept_cache_gives_the_tokens_of_a_fresh_prefill(tiny):
   _, model, gen, _ = tiny
   chat = Generator(model)
   s = Sampling(temperature=1.1, top_k=6, repetition_penalty=1.4)
-  for sampling, seed in ((Sampling(), 0), (s, 2)):
+  for how, seed in ((Sampling(), 0), (s, 2)):
     history, expected_reuse = [5, 7, 9, 11], 0
     for extra in ([], [3, 1, 4], [2, 7] * 12, [8]):  # the third turn outgrows the first 32-slot cache
       prompt = history + extra
-      got = chat.generate([prompt], 12, sampling, seed, keep=True)
-      assert got.output_ids == gen.generate([prompt], 12, sampling, seed).output_ids
+      got = chat.generate([prompt], 12, how, seed, keep=True)
+      assert got.output_ids == gen.generate([prompt], 12, how, seed).output_ids
       assert got.reused_tokens == expected_reuse
       expected_reuse = len(prompt) + len(got.output_ids[0]) - 1  # the reply's last token was never fed back
       history = prompt + got.output_ids[0]
-    other = chat.generate([[42, 43]], 12, sampling, seed, keep=True)
-    assert other.reused_tokens == 0 and other.output_ids == gen.generate([[42, 43]], 12, sampling, seed).output_ids
+    other = chat.generate([[42, 43]], 12, how, seed, keep=True)
+    assert other.reused_tokens == 0 and other.output_ids == gen.generate([[42, 43]], 12, how, seed).output_ids
     chat.generate([[1]], 2)  # a call without `keep` drops the kept cache
     assert chat.generate([[42, 43, 1]], 4, keep=True).reused_tokens == 0
 

@@ -22,8 +22,9 @@ from qwen_moe_jax import checkpoint, convert, layers, sharding
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Generator, Sampling
+from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.model import create_model, embed_lookup
+from qwen_moe_jax.sampling import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
