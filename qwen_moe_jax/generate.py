@@ -98,9 +98,8 @@ def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, track_seen:
   zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
     cache=cache, tokens=jnp.zeros((rows, max_new), jnp.int32), logprobs=jnp.zeros((rows, max_new), jnp.float32),
-    last=zeros, positions=zeros,
-    done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids, limit=zeros,
-    seen=jnp.zeros((rows, vocab), bool) if track_seen else None).laid_out()
+    last=zeros, positions=zeros, done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids,
+    limit=zeros, seen=jnp.zeros((rows, vocab), bool) if track_seen else None).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
@@ -321,10 +320,10 @@ class Generator:
         state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
                             cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
                             track_seen=sampling.penalized)
-      for row in range(0, rows, group) if not reused else ():
-        args = batch(owner[row:row + group], t)
-        state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
-          self.params, state, *args, np.int32(row))
+        for row in range(0, rows, group):
+          args = batch(owner[row:row + group], t)
+          state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
+            self.params, state, *args, np.int32(row))
       shown = [0] * rows
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
