@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--context", type=int, default=4096, help="KV-cache length (prompt + new tokens)")
   ap.add_argument("--prompt-len", type=int, default=1024, help="prefill length")
   ap.add_argument("--prefill-rows", type=int, help="prompts per prefill call (default: the whole batch at once)")
+  ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                  help="auto: --dtype; int8: quantized (the programs then hold an int8 cache too)")
   ap.add_argument("--train", action="store_true", help="also analyse one train step")
   ap.add_argument("--seq-len", type=int, default=4096, help="train: tokens per row")
   ap.add_argument("--param-dtype", default="float32", help="train: master-weight dtype")
@@ -61,7 +63,7 @@ from qwen_moe_jax import checkpoint, generate, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.errors import UserError  # noqa: E402
 from qwen_moe_jax.kernels import Kernels  # noqa: E402
-from qwen_moe_jax.kv_cache import CACHE_AXES, KVCache  # noqa: E402
+from qwen_moe_jax.kv_cache import KVCache  # noqa: E402
 from qwen_moe_jax.model import abstract_model  # noqa: E402
 from qwen_moe_jax.sampling import Sampling  # noqa: E402
 
@@ -90,29 +92,34 @@ def main() -> None:
   mesh = sharding.make_mesh(ARGS.mesh or {"expert": ARGS.devices})
   dtype = jnp.dtype(ARGS.dtype)
   params_gb = per_device_bytes(abstract_params(cfg, mesh, dtype)[1]) / GB
-  cache_shape = KVCache.shape(cfg, ARGS.batch, ARGS.context)
-  cache_spec = sharding.spec_for(CACHE_AXES, cache_shape, mesh)
-  one_buffer = jax.ShapeDtypeStruct(cache_shape, dtype, sharding=jax.sharding.NamedSharding(mesh, cache_spec))
-  kv_gb = 2 * cfg.num_hidden_layers * per_device_bytes(one_buffer) / GB
+  int8 = ARGS.kv_cache_dtype == "int8"
+  cache_dtype = jnp.dtype(jnp.int8) if int8 else dtype
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  with jax.set_mesh(mesh):
+    keys = jax.eval_shape(lambda: generate.prompt_keys(0, range(ARGS.batch)))
+
+    def empty_state(dtype):  # compiled; its output: abstract arrays with their shardings
+      empty = generate.empty_state.lower(
+        keys, i32(4), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
+        max_new=generate.bucket(ARGS.context - ARGS.prompt_len), dtype=dtype).compile()
+      return sharding.with_shardings(empty.out_info, empty.output_shardings)
+
+    kv_gb = per_device_bytes(empty_state(cache_dtype).cache) / GB
   report = {
     "benchmark": "capacity", "config": ARGS.preset or ARGS.config, "devices": ARGS.devices,
     "mesh": dict(mesh.shape), "dtype": ARGS.dtype,
     "parameters": sum(math.prod(s) for s in checkpoint.param_shapes(cfg).values()),
     "param_gb_per_device": round(params_gb, 3),
-    "kv_cache": {"batch": ARGS.batch, "context": ARGS.context, "gb_per_device": round(kv_gb, 3),
-                 "gb_total": round(KVCache.nbytes(cfg, ARGS.batch, ARGS.context, dtype) / GB, 3)},
+    "kv_cache": {"batch": ARGS.batch, "context": ARGS.context, "dtype": str(cache_dtype),
+                 "gb_per_device": round(kv_gb, 3),
+                 "gb_total": round(KVCache.nbytes(cfg, ARGS.batch, ARGS.context, cache_dtype) / GB, 3)},
   }
   graphdef, flat = abstract_params(cfg, mesh, jnp.float32)  # the float32 program: see the module docstring
   abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1]
   params = nnx.State(checkpoint.unflatten_state(abstract, flat))
-  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
   sampling = Sampling()
   with jax.set_mesh(mesh):
-    keys = jax.eval_shape(lambda: generate.prompt_keys(0, range(ARGS.batch)))
-    empty = generate.empty_state.lower(
-      keys, i32(4), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
-      max_new=generate.bucket(ARGS.context - ARGS.prompt_len), dtype=jnp.dtype(jnp.float32)).compile()
-    state = sharding.with_shardings(empty.out_info, empty.output_shardings)
+    state = empty_state(cache_dtype if int8 else jnp.dtype(jnp.float32))  # the float32 program's cache
     rows = ARGS.prefill_rows or ARGS.batch
     prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(rows),
                                      jax.eval_shape(lambda: generate.prompt_keys(0, range(rows))),

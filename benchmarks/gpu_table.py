@@ -17,6 +17,7 @@ Stages, in order (A2.7B config, random bf16 weights):
   train        ours, the same fine-tuning shape as hf_train (bf16 parameters and moments, no remat)
   fit          full 24-layer fine-tuning on one device with frozen experts: memory held and step temporaries
   kernels      each routed-expert path at 1 to 16384 tokens, and attention at the training shape, timed alone
+  int8_cache   the decode rows and the throughput row again with an int8 KV cache (twice the rows fit)
   profile      the kernels that take the time in a batch-1 decode and a train step (with --trace)
 
 Each result is one JSON object per line on stdout (and appended to --out). A stage that fails prints its error
@@ -60,7 +61,7 @@ from qwen_moe_jax.model import abstract_model, create_model  # noqa: E402
 
 GB = 1e9
 STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",
-          "fit", "kernels")
+          "fit", "kernels", "int8_cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,33 +359,34 @@ def parity(run: Run, plan: Plan, kernels: Kernels, model, theirs: np.ndarray | N
     run.emit(stage="parity", what="ours vs transformers, same weights", dtype=plan.dtype, **compare(ours, theirs))
 
 
-def our_decode(run: Run, plan: Plan, gen: Generator, prompts: dict) -> None:
+def our_decode(run: Run, plan: Plan, gen: Generator, prompts: dict, stage: str = "decode") -> None:
   for batch, prompt, new in plan.decode:
     ids = prompts[(batch, prompt)]
     first = gen.generate(ids, new)
     r = gen.generate(ids, new)
     assert all(len(o) == new for o in r.output_ids)
-    run.emit(stage="decode", impl="ours", batch=batch, ctx=prompt, new_tokens=new,
+    run.emit(stage=stage, impl="ours", batch=batch, ctx=prompt, new_tokens=new,
              ms_per_step=round(1e3 * r.decode_seconds / (new - 1), 3), cache_len=cache_bucket(prompt + new),
-             compile_s=round(first.compile_seconds, 1))
+             kv_cache_dtype=str(gen.cache_dtype), compile_s=round(first.compile_seconds, 1))
 
 
-def fitting_batch(plan: Plan, flat: dict, step: int) -> int:
+def fitting_batch(plan: Plan, flat: dict, step: int, cache_dtype: jnp.dtype) -> int:
   """Rows of (prompt + new) cache that fit in what the device has left after the weights, a multiple of `step`."""
   stats = jax.devices()[0].memory_stats() or {}
   if "bytes_limit" not in stats:
     return plan.throughput_batch
   prompt, new, _ = plan.throughput
-  per_row = KVCache.nbytes(plan.cfg, 1, cache_bucket(prompt + new), jnp.dtype(plan.dtype))
+  per_row = KVCache.nbytes(plan.cfg, 1, cache_bucket(prompt + new), cache_dtype)
   weights = sum(x.nbytes for x in flat.values())
   free = stats["bytes_limit"] * 0.95 - weights  # 5%: prefill and sampling temporaries
   return max(step, int(free // per_row) // step * step)
 
 
-def our_throughput(run: Run, plan: Plan, model, flat: dict, rng) -> None:
+def our_throughput(run: Run, plan: Plan, model, flat: dict, rng, kv_cache_dtype: str = "auto",
+                   stage: str = "throughput") -> None:
   prompt, new, rows = plan.throughput
-  batch = fitting_batch(plan, flat, rows)
-  gen = Generator(model, prefill_rows=rows)
+  gen = Generator(model, prefill_rows=rows, kv_cache_dtype=kv_cache_dtype)
+  batch = fitting_batch(plan, flat, rows, gen.cache_dtype)
   while True:
     ids = rng.integers(0, plan.cfg.vocab_size, (batch, prompt)).tolist()
     try:
@@ -393,16 +395,15 @@ def our_throughput(run: Run, plan: Plan, model, flat: dict, rng) -> None:
     except Exception as e:  # out of device memory: record it and try half the rows
       if batch <= rows or not any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")):
         raise
-      run.emit(stage="throughput", batch=batch, error=f"{type(e).__name__}: {e}"[:300], retry_batch=batch // 2)
+      run.emit(stage=stage, batch=batch, error=f"{type(e).__name__}: {e}"[:300], retry_batch=batch // 2)
       batch //= 2
   assert all(len(o) == new for o in r.output_ids)
   seconds = r.prefill_seconds + r.decode_seconds
-  run.emit(stage="throughput", impl="ours", batch=batch, prompt=prompt, new_tokens=new,
+  run.emit(stage=stage, impl="ours", batch=batch, prompt=prompt, new_tokens=new, kv_cache_dtype=str(gen.cache_dtype),
            tokens_per_s=round(batch * (prompt + new) / seconds, 1), seconds=round(seconds, 2),
            prefill_s=round(r.prefill_seconds, 2), prefill_tokens_per_s=round(batch * prompt / r.prefill_seconds, 1),
            decode_ms_per_step=round(1e3 * r.decode_seconds / (new - 1), 2), compile_s=round(r.compile_seconds, 1),
-           kv_cache_gb=round(KVCache.nbytes(plan.cfg, batch, cache_bucket(prompt + new), jnp.dtype(plan.dtype)) / GB,
-                             1))
+           kv_cache_gb=round(KVCache.nbytes(plan.cfg, batch, cache_bucket(prompt + new), gen.cache_dtype) / GB, 1))
 
 
 def our_prefill(run: Run, plan: Plan, gen: Generator, prompts: dict) -> None:
@@ -583,7 +584,16 @@ def main() -> None:
   run.stage("fit", our_train, run, plan, kernels, peak, "fit", plan.cfg.num_hidden_layers, *plan.fit,
             frozen_experts, rng)
   run.stage("kernels", kernel_times, run, plan, kernels)
+  run.stage("int8_cache", int8_cache, run, plan, kernels, rng)
   run.emit(stage="done")
+
+
+def int8_cache(run: Run, plan: Plan, kernels: Kernels, rng) -> None:
+  """The decode rows and the throughput row over an int8 KV cache (last: the table's rows come first)."""
+  model = create_model(plan.cfg, sharding.make_mesh({}, jax.devices()[:1]), jnp.dtype(plan.dtype), kernels, seed=0)
+  prompts = {(b, p): rng.integers(0, plan.cfg.vocab_size, (b, p)).tolist() for b, p, _ in plan.decode}
+  our_decode(run, plan, Generator(model, kv_cache_dtype="int8"), prompts, stage="int8_cache")
+  our_throughput(run, plan, model, checkpoint.flatten(nnx.state(model, nnx.Param)), rng, "int8", stage="int8_cache")
 
 
 def trace_decode(run: Run, gen: Generator, prompt: list[list[int]], folder: str) -> None:

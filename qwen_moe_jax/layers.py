@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_moe_jax.config import QwenMoeConfig, RopeScaling
+from qwen_moe_jax.kv_cache import LayerKV, round_trip
 
 F32 = jnp.float32
 FUSED_IMPLEMENTATION = "cudnn"  # jax.nn.dot_product_attention's backend for Kernels.attention == "cudnn"
@@ -147,17 +148,19 @@ def query_block(t: int, s: int) -> int:
   return block
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None,
+           scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Grouped-query attention, softmax in fp32, over blocks of `block` queries (default: `query_block`).
 
   q [B, T, N, H], k / v [B, S, K, H] -> [B, T, N, H]. Each block sees every key, so blocks are exact; they run
   in a loop whose body is rematerialised in the backward pass, so memory is linear in T for a fixed S (the
-  scores of one block at a time) in training as in prefill.
+  scores of one block at a time) in training as in prefill. `scales` (k_scale, v_scale [B, S, K]): k and v are
+  an int8 cache's (see kv_cache.py); a key's scale multiplies its scores, a value's its probabilities.
   """
   b, t, n, h = q.shape
   block = block or query_block(t, k.shape[1])
   if block >= t:
-    return _attend_block(q, k, v, mask.dense())
+    return _attend_block(q, k, v, mask.dense(), scales)
   blocks = -(-t // block)
   pad = blocks * block - t  # padded queries sit in segment 0 at position 0; their outputs are dropped
   q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -167,21 +170,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | No
   @jax.checkpoint
   def one(i):  # block i: queries [i * block, (i + 1) * block)
     qi = jax.lax.dynamic_slice_in_dim(q_pad, i * block, block, axis=1)
-    return _attend_block(qi, k, v, mask.queries(i * block, block).dense())
+    return _attend_block(qi, k, v, mask.queries(i * block, block).dense(), scales)
 
   out = jax.lax.map(one, jnp.arange(blocks))  # [blocks, B, block, N, H]
   return jnp.moveaxis(out, 0, 1).reshape(b, blocks * block, n, h)[:, :t]
 
 
-def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """q [B, T, N, H], k / v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
+def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """q [B, T, N, H], k / v [B, S, K, H], mask [B, T, S], scales as in `attend` -> [B, T, N, H]."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=F32) * (h ** -0.5)
+  per_key = lambda s: jnp.moveaxis(s, 1, 2)[:, :, None, None, :]  # noqa: E731  [B, S, K] -> [B, K, 1, 1, S]
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype), preferred_element_type=F32) * (h ** -0.5)
+  if scales is not None:
+    scores = scores * per_key(scales[0])
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(F32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if scales is not None:
+    probs = probs * per_key(scales[1])
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(q.dtype), v.astype(q.dtype))
   return out.reshape(b, t, n, h)
 
 
@@ -211,16 +220,16 @@ class Attention(nnx.Module):
     self.qkv_bias = cfg.qkv_bias
     self.backend = backend  # Kernels.attention
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask,
-               cache: tuple[jax.Array, jax.Array] | None = None, slots: jax.Array | None = None,
-               cache_row: jax.Array | int = 0,
-               attend_cache: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask, cache: LayerKV | None = None,
+               slots: jax.Array | None = None, cache_row: jax.Array | int = 0,
+               attend_cache: bool = False) -> tuple[jax.Array, LayerKV | None]:
     """x [B, T, D] -> [B, T, D].
 
     Without `attend_cache`, attention runs over x's own keys (prefill, training), and a cache
     (k, v [R, S, K, H], R >= B rows, S >= T slots) gets this call's keys and values in rows
-    [cache_row, cache_row + B), slots [0, T) (prefill). With `attend_cache` (decoding), each row's keys and
-    values go to its slots [B, T] and attention runs over the whole cache.
+    [cache_row, cache_row + B), slots [0, T) (prefill; over an int8 cache, attention sees the keys and values
+    as the cache holds them, as the tokens after them will). With `attend_cache` (decoding), each row's keys
+    and values go to its slots [B, T] and attention runs over the whole cache.
     """
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])
     k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...])
@@ -228,21 +237,23 @@ class Attention(nnx.Module):
     if self.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scales = None
     if cache is not None:
       b, t = x.shape[:2]
       if attend_cache:  # decoding: each row's keys and values at its slots
         at = (jnp.arange(b)[:, None], slots)
       else:  # prefill: rows [cache_row, cache_row + B), slots [0, T)
         at = (cache_row + jnp.arange(b), slice(0, t))
-      # a scatter, in place when the cache is donated (XLA partitions a dynamic_update_slice at a traced row by
-      # gathering the whole split cache onto every device)
-      cache = tuple(c.at[at].set(new.astype(c.dtype), unique_indices=True) for c, new in zip(cache, (k, v)))
+      cache = cache.write(at, k, v)
       if attend_cache:
-        k, v = cache
+        k, v = cache.k, cache.v
+        scales = (cache.k_scale, cache.v_scale) if cache.quantized else None
+      elif cache.quantized:
+        k, v = round_trip(k), round_trip(v)
     if self.backend == "cudnn" and not attend_cache and q.dtype in FUSED_DTYPES:
       out = attend_fused(q, k, v, mask)
     else:
-      out = attend(q, k, v, mask)
+      out = attend(q, k, v, mask, scales=scales)
     return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), cache
 
 

@@ -48,7 +48,7 @@ class DecoderLayer(nnx.Module):
       self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
   def __call__(self, x, cos, sin, mask, cache=None, slots=None, cache_row=0, attend_cache=False):
-    """x [B, T, D] -> (x [B, T, D], router logits [N, E] or None, this layer's (k, v) cache or None)."""
+    """x [B, T, D] -> (x [B, T, D], router logits [N, E] or None, this layer's kv_cache.LayerKV or None)."""
     with jax.named_scope("attention"):
       h, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, slots, cache_row, attend_cache)
       x = sharding.constrain(x + h, ACTIVATION_AXES)
@@ -162,20 +162,19 @@ class QwenMoeForCausalLM(nnx.Module):
 
     if REMAT_POLICIES[remat] is not None:
       run = nnx.remat(run, policy=REMAT_POLICIES[remat])
-    router_logits, layer_outputs, new_k, new_v = [], [], [], []
+    router_logits, layer_outputs, new_cache = [], [], []
     for i, layer in enumerate(self.layers):
       x, logits, kv = run(layer, x, cos, sin, mask, None if cache is None else cache.layer(i))
       if logits is not None:
         router_logits.append(logits)
       if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+        new_cache.append(kv)
       if return_layer_outputs:
         layer_outputs.append(x)
     return Output(
       hidden=self.norm(x),
       router_logits=jnp.stack(router_logits) if router_logits else None,
-      cache=None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)),
+      cache=None if cache is None else KVCache.from_layers(new_cache),
       layer_outputs=layer_outputs if return_layer_outputs else None,
     )
 

@@ -10,7 +10,7 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill", "hf_throughput", "decode",
+STAGES = {"int8_cache", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill", "hf_throughput", "decode",
           "throughput", "prefill", "profile", "train", "fit", "kernels", "done"}
 
 
@@ -35,6 +35,8 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   rows = {(r["stage"], r.get("batch")): r for r in records}
   assert rows[("decode", 1)]["ms_per_step"] > 0 and rows[("decode", 4)]["ms_per_step"] > 0
   assert rows[("throughput", 8)]["new_tokens"] == 24 and rows[("throughput", 8)]["tokens_per_s"] > 0
+  int8 = [r for r in records if r["stage"] == "int8_cache"]
+  assert [(r.get("batch"), r["kv_cache_dtype"]) for r in int8] == [(1, "int8"), (4, "int8"), (8, "int8")]
   fit = rows[("fit", 1)]
   assert fit["freeze"] == ["experts"] and fit["held_gb"] > 0 and fit["step_temp_gb"] > 0
   assert all(r["top_ops_ms"] for r in records if r["stage"] == "profile")

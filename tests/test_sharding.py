@@ -85,12 +85,14 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   assert queued.generate(PROMPTS, 16, PENALIZED, seed=5).output_ids == ref_penalized
 
 
-def test_kept_cache_turns_on_a_mesh(ckpt):
-  """Conversation turns over a kept, split KV cache (grown on the way) give the one-device fresh tokens."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_kept_cache_turns_on_a_mesh(ckpt, kv_cache_dtype):
+  """Conversation turns over a kept KV cache split over devices (kv heads, int8 scales too; grown on the way)
+  give the one-device fresh tokens."""
   folder = ckpt[0]
-  one = Generator(checkpoint.restore(folder, dtype=jnp.float32))
+  one = Generator(checkpoint.restore(folder, dtype=jnp.float32), kv_cache_dtype=kv_cache_dtype)
   mesh = mesh_of("fsdp=2,expert=2,tensor=2")
-  chat = Generator(checkpoint.restore(folder, mesh, jnp.float32), mesh)
+  chat = Generator(checkpoint.restore(folder, mesh, jnp.float32), mesh, kv_cache_dtype=kv_cache_dtype)
   prompt = [1, 2, 3]
   for extra in ([], [4] * 30):
     prompt = prompt + extra
@@ -98,6 +100,9 @@ def test_kept_cache_turns_on_a_mesh(ckpt):
     assert got.output_ids == one.generate([prompt], 8, PENALIZED, seed=1).output_ids
     prompt = prompt + got.output_ids[0]
   assert got.reused_tokens > 0
+  if kv_cache_dtype == "int8":
+    cache = chat._kept[0].cache
+    assert cache.k[0].dtype == jnp.int8 and tuple(cache.k_scale[0].sharding.spec) == tuple(cache.k[0].sharding.spec)[:3]
 
 
 def test_save_on_one_mesh_restore_on_others(tmp_path):
