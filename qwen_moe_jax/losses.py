@@ -18,24 +18,28 @@ from qwen_moe_jax.moe import load_balancing_loss
 LOSS_CHUNK = 1024  # tokens per LM-head chunk
 
 
-def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
-                          chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
-  """hidden [N, D], lm_head [D, V], targets / mask [N] -> (sum of masked NLL, number of masked tokens)."""
+def token_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
+  """hidden [N, D], lm_head [D, V], targets [N] -> fp32 NLL of each target [N], the LM head run `chunk` tokens at
+  a time."""
   n = hidden.shape[0]
   chunk = min(chunk, n)
   pad = -n % chunk
-  hidden, targets, mask = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (hidden, targets, mask))
+  hidden, targets = jnp.pad(hidden, ((0, pad), (0, 0))), jnp.pad(targets, (0, pad))
 
   @jax.checkpoint
   def nll(args):
-    h, t, m = args  # [C, D], [C], [C]
+    h, t = args  # [C, D], [C]
     logits = jnp.einsum("CD,DV->CV", h, lm_head, preferred_element_type=F32)
-    picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
 
-  chunks = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk),
-            mask.reshape(-1, chunk).astype(F32))
-  return jnp.sum(jax.lax.map(nll, chunks)), jnp.sum(mask.astype(F32))
+  return jax.lax.map(nll, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk))).reshape(-1)[:n]
+
+
+def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
+                          chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """hidden [N, D], lm_head [D, V], targets / mask [N] -> (sum of masked NLL, number of masked tokens)."""
+  mask = mask.astype(F32)
+  return jnp.sum(token_nll(hidden, lm_head, targets, chunk) * mask), jnp.sum(mask)
 
 
 @jax.tree_util.register_dataclass
