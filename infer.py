@@ -5,12 +5,13 @@
   python infer.py --checkpoint DIR --prompt "def fib(n):" --prompt "Once upon a time" --max-new-tokens 64
   python infer.py --checkpoint DIR --input-ids 1,2,3 --temperature 0 --json --dump-logits logits.npy
   python infer.py --checkpoint DIR --interactive [--system TEXT]
+  python infer.py --checkpoint DIR --prompts-file eval.jsonl --json --prompt-logprobs --max-new-tokens 0
 
 Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
---prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line, optionally "max_new_tokens")
-may be repeated and run as one batch (or --batch-size rows at a time, refilled as prompts finish). One prompt
-streams its tokens to stdout as they are generated; --json prints one object per prompt. Sampling defaults
-(and a repetition penalty) come from the checkpoint's generation_config.json, else greedy.
+--prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line, optionally "max_new_tokens"
+and "stop") may be repeated and run as one batch (or --batch-size rows at a time, refilled as prompts
+finish). One prompt streams its tokens to stdout as they are generated; --json prints one object per prompt.
+Sampling defaults (and a repetition penalty) come from the checkpoint's generation_config.json, else greedy.
 --interactive chats turn by turn: each line read from stdin is a user message, answered with the whole
 conversation so far as the prompt (/reset starts over, /exit or end of input quits).
 """
@@ -32,6 +33,7 @@ from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, prompt_logits
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 DEMO_CHAT = "Tell me about mixture-of-experts language models."
@@ -53,50 +55,67 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--prompts-file", help='JSONL: one {prompt|chat|messages|input_ids} object per line, '
                                          'optionally with its own "max_new_tokens"')
   ap.add_argument("--max-new-tokens", type=int, default=128)
+  ap.add_argument("--stop", action="append", default=[],
+                  help="end the text where this string begins (repeatable; left out of the text, as OpenAI's stop)")
   ap.add_argument("--temperature", type=float, help="0 is greedy")
   ap.add_argument("--top-k", type=int)
   ap.add_argument("--top-p", type=float)
   ap.add_argument("--repetition-penalty", type=float,
                   help="divide positive / multiply negative logits of ids already in the row (1: off; greedy too)")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--json", action="store_true", help='one {"input_ids", "output_ids", "text"} object per prompt')
+  ap.add_argument("--json", action="store_true",
+                  help='one {"input_ids", "output_ids", "text", "finish_reason"} object per prompt')
   ap.add_argument("--logprobs", action="store_true",
                   help='with --json: add "output_logprobs", the model\'s log-probability of each generated token')
+  ap.add_argument("--prompt-logprobs", action="store_true",
+                  help='with --json: add "prompt_logprobs", each prompt token\'s log-probability given the ones '
+                  'before it (null for the first); --max-new-tokens 0 scores without generating')
   ap.add_argument("--dump-logits", help="save fp32 logits over the prompt positions [T, V] (one prompt) with numpy")
   ap.add_argument("--batch-size", type=int,
                   help="most prompts decoded at once (default: all); the rest wait and take rows as they finish")
   ap.add_argument("--prefill-rows", type=int,
                   help="prompts per prefill call (default: all); fewer bound the prefill's memory for large batches")
+  ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                  help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
+                  "bf16's bytes: twice the rows or context)")
   runtime.add_args(ap)
   args = ap.parse_args(argv)
   if bool(args.checkpoint) == bool(args.demo):
     ap.error("give exactly one of --checkpoint DIR or --demo")
-  if args.logprobs and not args.json:
-    raise UserError("--logprobs adds a key to the --json objects: give --json too")
+  for flag in ("logprobs", "prompt_logprobs"):
+    if getattr(args, flag) and not args.json:
+      raise UserError(f"--{flag.replace('_', '-')} adds a key to the --json objects: give --json too")
+  if args.max_new_tokens == 0 and not args.prompt_logprobs:
+    raise UserError("--max-new-tokens 0 generates nothing: it scores the prompts, with --json --prompt-logprobs")
   for flag in ("batch_size", "prefill_rows"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-  if args.interactive and (args.prompt or args.chat or args.input_ids or args.prompts_file or args.dump_logits):
+  if args.interactive and (args.prompt or args.chat or args.input_ids or args.prompts_file or args.dump_logits or
+                           args.prompt_logprobs):
     raise UserError("--interactive reads its messages from stdin: drop --prompt, --chat, --input-ids, "
-                    "--prompts-file and --dump-logits")
+                    "--prompts-file, --dump-logits and --prompt-logprobs")
   return args
 
 
-def read_prompts(args: argparse.Namespace, tok) -> tuple[list[list[int]], list[int]]:
-  """Token ids of every prompt, in the order given (flags first, then the prompts file), and each prompt's
-  max new tokens (a file line's "max_new_tokens", else --max-new-tokens)."""
+def read_prompts(args: argparse.Namespace, tok) -> tuple[list[list[int]], list[int], list[StopStrings | None]]:
+  """Token ids of every prompt, in the order given (flags first, then the prompts file), each prompt's max new
+  tokens (a file line's "max_new_tokens", else --max-new-tokens) and stop strings (a file line's "stop", else
+  --stop; None: none)."""
   specs: list[tuple[str, object, str]] = []  # (kind, value, where)
   specs += [("prompt", p, "--prompt") for p in args.prompt]
   specs += [("chat", c, "--chat") for c in args.chat]
   specs += [("input_ids", s, "--input-ids") for s in args.input_ids]
-  limits = [args.max_new_tokens] * len(specs)
+  flag_stops = stop_strings(tok, args.stop, "--stop")
+  limits, stops = [args.max_new_tokens] * len(specs), [flag_stops] * len(specs)
   if args.prompts_file:
     lines = _prompts_file(Path(args.prompts_file))
-    specs += [spec for spec, _ in lines]
-    limits += [args.max_new_tokens if limit is None else limit for _, limit in lines]
+    specs += [spec for spec, _, _ in lines]
+    limits += [args.max_new_tokens if limit is None else limit for _, limit, _ in lines]
+    stops += [flag_stops if stop is None else stop_strings(tok, stop, spec[2]) for spec, _, stop in lines]
   if args.demo and not specs:
     specs.append(("chat", DEMO_CHAT, "--demo"))
     limits.append(args.max_new_tokens)
+    stops.append(flag_stops)
   if not specs:
     raise UserError("no prompt: give --prompt, --chat, --input-ids or --prompts-file")
   prompts = []
@@ -112,7 +131,17 @@ def read_prompts(args: argparse.Namespace, tok) -> tuple[list[list[int]], list[i
       messages = value if kind == "messages" else (
         ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": value}])
       prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True))
-  return prompts, limits
+  return prompts, limits, stops
+
+
+def stop_strings(tok, stops: list[str] | str, where: str) -> StopStrings | None:
+  """The stop strings of a flag or file line (a string or a list of them; None when there are none)."""
+  stops = [stops] if isinstance(stops, str) else stops
+  if not stops:
+    return None
+  if tok is None:
+    raise UserError(f"{where}: stop strings need tokenizer.json in the checkpoint folder")
+  return StopStrings(tok, stops, where)
 
 
 def _ids(value, where: str) -> list[int]:
@@ -123,8 +152,8 @@ def _ids(value, where: str) -> list[int]:
   return ids
 
 
-def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None]]:
-  """((kind, value, where), max_new_tokens or None) per non-empty line."""
+def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None, list[str] | None]]:
+  """((kind, value, where), max_new_tokens or None, stop strings or None) per non-empty line."""
   try:
     lines = path.read_text().splitlines()
   except (FileNotFoundError, UnicodeDecodeError) as e:
@@ -144,7 +173,11 @@ def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None]
     limit = obj.get("max_new_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
       raise UserError(f"{where}: max_new_tokens must be an integer >= 1, got {limit!r}")
-    specs.append(((kinds[0], obj[kinds[0]], where), limit))
+    stop = obj.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
+                                                          all(isinstance(x, str) for x in stop))):
+      raise UserError(f"{where}: stop must be a string or a list of strings, got {stop!r}")
+    specs.append(((kinds[0], obj[kinds[0]], where), limit, stop))
   return specs
 
 
@@ -219,31 +252,42 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
   if args.interactive and (tok is None or jax.process_count() > 1):
     raise UserError("--interactive needs tokenizer.json in the checkpoint folder and a single process")
-  prompts, limits = ([], []) if args.interactive else read_prompts(args, tok)
+  prompts, limits, stops = ([], [], []) if args.interactive else read_prompts(args, tok)
   gen = generation_config(folder)
   sampling = sampling_from(args, gen, folder)
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
-  generator = Generator(model, mesh, prefill_rows=args.prefill_rows, batch_size=args.batch_size)
+  generator = Generator(model, mesh, prefill_rows=args.prefill_rows, batch_size=args.batch_size,
+                        kv_cache_dtype=args.kv_cache_dtype)
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, gen, tok))
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
-  stream = None
-  if lead and len(prompts) == 1 and not args.json and tok is not None:
-    stream = tok.stream_decoder(skip_special_tokens=True)
-
-  result = generator.generate(prompts, limits, sampling, args.seed, stop_ids(cfg, gen, tok), to_stdout(stream))
-  if stream:
-    print(stream.flush())
+  scores = generator.prompt_logprobs(prompts) if args.prompt_logprobs else None
+  if args.max_new_tokens == 0:  # scoring only
+    if any(limits):
+      raise UserError(f"{args.prompts_file}: a line's max_new_tokens asks for new tokens; --max-new-tokens 0 only "
+                      "scores")
+    if lead:
+      for p, score in zip(prompts, scores):
+        print(json_line(p, [], "" if tok is not None else None, "length", prompt_logprobs=score))
+    return
+  printer = Printer(tok, stops[0]) if lead and len(prompts) == 1 and not args.json and tok is not None else None
+  result = generator.generate(prompts, limits, sampling, args.seed, stop_ids(cfg, gen, tok), printer,
+                              stop_when=stop_when(stops))
+  if printer:
+    printer.close()
   if not lead:
     return
   for i, (p, out) in enumerate(zip(prompts, result.output_ids)):
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
+    if stops[i]:
+      text = stops[i].cut(text)
     if args.json:
-      print(json_line(p, out, text, result.output_logprobs[i] if args.logprobs else None))
-    elif not stream:
+      print(json_line(p, out, text, result.finish_reasons[i], result.output_logprobs[i] if args.logprobs else None,
+                      scores[i] if scores else None))
+    elif not printer:
       print(f"--- [{i + 1}] ---")
       print(text if text is not None else ",".join(map(str, out)))
   if args.dump_logits:
@@ -255,31 +299,61 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)
 
 
-def to_stdout(stream):
-  """The generate callback that writes a stream decoder's text to stdout as tokens arrive (None without one)."""
-  if stream is None:
+def stop_when(stops: list[StopStrings | None]):
+  """The generate callback that ends each prompt at its stop strings (None when no prompt has any)."""
+  if not any(stops):
     return None
+  return lambda i, ids, new: stops[i].end(ids, new) if stops[i] else None
 
-  def on_tokens(row: int, ids: list[int]) -> None:
-    sys.stdout.write(stream.push(ids))
+
+class Printer:
+  """The generate callback that writes one prompt's text to stdout as tokens arrive, holding back an end of the
+  text that may begin a stop string, and writing nothing past one."""
+
+  def __init__(self, tok, stops: StopStrings | None):
+    self.stream = tok.stream_decoder(skip_special_tokens=True)
+    self.stops = stops
+    self.held = ""
+    self.stopped = False
+
+  def __call__(self, row: int, ids: list[int]) -> None:
+    self._write(self.stream.push(ids))
+
+  def close(self) -> None:
+    self._write(self.stream.flush(), final=True)
+    print(flush=True)
+
+  def _write(self, text: str, final: bool = False) -> None:
+    text = self.held + text
+    if self.stopped:
+      return
+    if self.stops:
+      shown = self.stops.cut(text)
+      self.stopped = shown != text
+      hold = 0 if final or self.stopped else self.stops.held(shown)
+      text, self.held = shown[:len(shown) - hold], shown[len(shown) - hold:]
+    sys.stdout.write(text)
     sys.stdout.flush()
 
-  return on_tokens
 
-
-def json_line(prompt: list[int], output: list[int], text: str | None, logprobs: list[float] | None = None) -> str:
-  """One --json object: {"input_ids", "output_ids", "text"}, and "output_logprobs" when given."""
-  obj = {"input_ids": prompt, "output_ids": output, "text": text}
+def json_line(prompt: list[int], output: list[int], text: str | None, finish_reason: str,
+              logprobs: list[float] | None = None, prompt_logprobs: list[float | None] | None = None) -> str:
+  """One --json object: {"input_ids", "output_ids", "text", "finish_reason"}, and "output_logprobs" /
+  "prompt_logprobs" when given."""
+  obj = {"input_ids": prompt, "output_ids": output, "text": text, "finish_reason": finish_reason}
   if logprobs is not None:
     obj["output_logprobs"] = logprobs
+  if prompt_logprobs is not None:
+    obj["prompt_logprobs"] = prompt_logprobs
   return json.dumps(obj, ensure_ascii=False)
 
 
-def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) -> None:
+def chat(args, generator: Generator, tok, sampling: Sampling, eos: list[int]) -> None:
   """Reads user messages from stdin and answers each with the conversation so far as the prompt (streamed, or
   one --json object per turn), keeping the KV cache between turns, so a turn prefills only the tokens the
   conversation gained. A turn that does not fit the context is reported; /reset makes room."""
   system = [{"role": "system", "content": args.system}] if args.system else []
+  stops = stop_strings(tok, args.stop, "--stop")
   messages = list(system)
   tty = sys.stdin.isatty()
   while True:
@@ -296,19 +370,21 @@ def chat(args, generator: Generator, tok, sampling: Sampling, stops: list[int]) 
     if not text:
       continue
     prompt = tok.apply_chat_template(messages + [{"role": "user", "content": text}], add_generation_prompt=True)
-    stream = None if args.json else tok.stream_decoder(skip_special_tokens=True)
-    try:
-      result = generator.generate([prompt], args.max_new_tokens, sampling, args.seed, stops, to_stdout(stream),
-                                  keep=True)  # the next turn runs only its new tokens over this cache
+    printer = None if args.json else Printer(tok, stops)
+    try:  # keep: the next turn runs only its new tokens over this cache
+      result = generator.generate([prompt], args.max_new_tokens, sampling, args.seed, eos, printer, keep=True,
+                                  stop_when=stop_when([stops]))
     except UserError as e:
       print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
       continue
     out = result.output_ids[0]
     reply = tok.decode(out, skip_special_tokens=True)
+    reply = stops.cut(reply) if stops else reply
     if args.json:
-      print(json_line(prompt, out, reply, result.output_logprobs[0] if args.logprobs else None), flush=True)
+      logprobs = result.output_logprobs[0] if args.logprobs else None
+      print(json_line(prompt, out, reply, result.finish_reasons[0], logprobs), flush=True)
     else:
-      print(stream.flush(), flush=True)
+      printer.close()
     messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 from qwen_moe_jax import sharding
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kv_cache import KVCache
+from qwen_moe_jax.losses import token_nll
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.sampling import Sampling, chosen_logprob, mark_seen, sample
 
@@ -82,9 +83,7 @@ def kept_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, tra
 
 @functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "track_seen"))
 def _grown_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen) -> DecodeState:
-  pad = ((0, 0), (0, cache_len - cache.length), (0, 0), (0, 0))
-  cache = KVCache(k=tuple(jnp.pad(x, pad) for x in cache.k), v=tuple(jnp.pad(x, pad) for x in cache.v))
-  return _state(cache, keys, stop_ids, max_new, vocab, track_seen)
+  return _state(cache.grown(cache_len), keys, stop_ids, max_new, vocab, track_seen)
 
 
 @functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "track_seen"),
@@ -188,6 +187,12 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, sampling) -> 
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state.laid_out()))[1].laid_out()
 
 
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _end_row(state: DecodeState, row) -> DecodeState:
+  """The state with `row` done (ended on the host: a stop string)."""
+  return dataclasses.replace(state, done=state.done.at[row].set(True)).laid_out()
+
+
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
   """Next power of two >= n (at least `minimum`)."""
   return max(minimum, 1 << max(0, (n - 1).bit_length()))
@@ -212,6 +217,8 @@ class Result:
   prefill_seconds: float  # the first rows' prompts, up to their first tokens
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
   reused_tokens: int = 0  # prompt tokens whose keys and values came from the kept cache (`keep`)
+  finish_reasons: list[str] = dataclasses.field(default_factory=list)  # per prompt: "stop" (a stop id, or
+  # stop_when) or "length" (max_new_tokens or the context), as OpenAI's finish_reason
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -223,18 +230,19 @@ class Generator:
   """Holds a model split into (graphdef, params); `generate` runs prompts through prefill + decode."""
 
   def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16,
-               prefill_rows: int | None = None, batch_size: int | None = None):
+               prefill_rows: int | None = None, batch_size: int | None = None, kv_cache_dtype: str = "auto"):
     """`chunk`: decode steps per device call (the host streams tokens between calls). `prefill_rows`: prompts
     per prefill call (default: all rows at once); fewer bound the prefill's activations when the batch is large.
     `batch_size`: most rows decoded at once (rounded up like the batch); more prompts wait and are prefilled
-    into rows as they finish (default: every prompt gets a row)."""
+    into rows as they finish (default: every prompt gets a row). `kv_cache_dtype`: "auto" (the model's dtype)
+    or "int8" (quantized, see kv_cache.py)."""
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
     self.chunk = chunk
     self.prefill_rows = prefill_rows
     self.batch_size = batch_size
-    self.cache_dtype = model.embed[...].dtype
+    self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache_dtype == "int8" else model.embed[...].dtype
     self._executables: dict = {}
     self._compile_seconds = 0.0
     self._kept: tuple[DecodeState, list[int]] | None = None  # (state, ids in its cache row 0), see `generate`
@@ -268,9 +276,14 @@ class Generator:
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
-               on_tokens: Callable[[int, list[int]], None] | None = None, keep: bool = False) -> Result:
+               on_tokens: Callable[[int, list[int]], None] | None = None, keep: bool = False,
+               stop_when: Callable[[int, list[int], int], int | None] | None = None) -> Result:
     """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
     context; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming).
+
+    `stop_when(prompt index, output ids so far, how many of them are new)` (stop strings): None to go on, or how
+    many of the ids to keep; the prompt then ends there (the host sees tokens between decode calls, so the
+    row may have run a few steps further, which are dropped).
 
     `keep` (one prompt: the turns of a conversation) keeps the KV cache after the call; the next kept call
     runs only the part of its prompt after the longest prefix it shares with this prompt and its output.
@@ -306,6 +319,7 @@ class Generator:
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
+    stopped = [False] * n  # ended by stop_when
     owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
     waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
     cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
@@ -328,6 +342,7 @@ class Generator:
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
         count, done, new, new_lp = jax.device_get((state.count, state.done, state.tokens, state.logprobs))
+        ended = [False] * rows  # by stop_when
         if prefilled is None:
           prefilled = time.perf_counter() - self._compile_seconds
         refilled = False
@@ -337,9 +352,13 @@ class Generator:
             outputs[i].extend(fresh)
             logprobs[i].extend(new_lp[row, shown[row]:count[row]].tolist())
             shown[row] = int(count[row])
-            if on_tokens:
+            keep_ids = stop_when(i, outputs[i], len(fresh)) if stop_when else None
+            if keep_ids is not None:  # ended on the host: drop what follows, free the row
+              del fresh[len(fresh) - (len(outputs[i]) - keep_ids):], outputs[i][keep_ids:], logprobs[i][keep_ids:]
+              state, ended[row], stopped[i] = _end_row(state, np.int32(row)), True, True
+            if on_tokens and fresh:
               on_tokens(i, fresh)
-          if i >= 0 and done[row]:
+          if i >= 0 and (done[row] or ended[row]):
             owner[row] = -1
             if waiting:  # continuous batching: the next prompt takes the row, in a prefill of its own
               owner[row], shown[row] = waiting.pop(), 0
@@ -357,9 +376,10 @@ class Generator:
       end = time.perf_counter() - self._compile_seconds
     if keep and n == 1:
       self._kept = state, list(prompts[0]) + outputs[0][:-1]  # the last token was never fed back: not cached
+    reasons = ["stop" if s or (out and out[-1] in stop_ids) else "length" for s, out in zip(stopped, outputs)]
     return Result(outputs, logprobs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
                   compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
-                  decode_seconds=end - prefilled, reused_tokens=reused)
+                  decode_seconds=end - prefilled, reused_tokens=reused, finish_reasons=reasons)
 
   def _extend(self, kept: DecodeState, prompt: list[int], reused: int, limit: int, stops: np.ndarray,
               cache_len: int, seed: int, sampling: Sampling) -> DecodeState:
@@ -375,6 +395,24 @@ class Generator:
     whole[0, :len(prompt)] = prompt
     args = (tokens, np.int32(reused), np.int32(len(rest)), whole, np.array([limit], np.int32), keys)
     return self._compiled(extend, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
+
+
+  def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float | None]]:
+    """Each prompt token's log-probability given the tokens before it (None for the first), as vLLM's
+    prompt_logprobs: `prefill_rows` (else `batch_size`, else all) prompts per call, right-padded to a bucket."""
+    self._validate(prompts, [1])
+    rows = bucket(min(self.prefill_rows or self.batch_size or len(prompts), len(prompts)), minimum=1)
+    width = cache_bucket(max(len(p) for p in prompts))
+    scores = []
+    with _mesh_context(self.mesh):
+      for start in range(0, len(prompts), rows):
+        group = prompts[start:start + rows]
+        tokens, lengths = np.zeros((rows, width), np.int32), np.ones((rows,), np.int32)
+        for g, p in enumerate(group):
+          tokens[g, :len(p)], lengths[g] = p, len(p)
+        got = np.asarray(self._compiled(_prompt_logprobs, (self.params, tokens, lengths))(self.params, tokens, lengths))
+        scores += [[None] + got[g, :len(p) - 1].tolist() for g, p in enumerate(group)]
+    return scores
 
 
 def _shared_prefix(cached: list[int], prompt: list[int]) -> int:
@@ -400,6 +438,18 @@ def _out_of_memory_hint(message: str):
 
 def _mesh_context(mesh):
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prompt_logprobs(graphdef, params, tokens, lengths):
+  """tokens [B, T] right-padded, lengths [B] -> fp32 [B, T - 1]: log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
+  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  segments = (positions < lengths[:, None]).astype(jnp.int32)
+  hidden = model(tokens, positions, segments, packed=False).hidden[:, :-1]  # [B, T - 1, D]
+  nll = token_nll(hidden.reshape(b * (t - 1), -1), model.lm_head[...], tokens[:, 1:].reshape(-1))
+  return sharding.constrain(-nll.reshape(b, t - 1), (None, None))  # every process reads it
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -9,17 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, generate, layers, sampling
+from qwen_moe_jax import checkpoint, convert, generate, kv_cache, layers, sampling
+from qwen_moe_jax.config import PRESETS
+from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator, cache_bucket, prompt_logits
 from qwen_moe_jax.kernels import Kernels
+from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.stop_strings import StopStrings
+from qwen_moe_jax.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +144,63 @@ def test_continuous_batching_equals_one_batch(tiny):
       [row[:m] for row, m in zip(free, limits)]
 
 
+def test_stop_when_ends_a_prompt_on_the_host(tiny):
+  """A prompt ended by `stop_when` (stop strings) keeps the ids it was told to keep (its row ran on until the
+  host looked: those ids are dropped, streamed or not), frees its row for a waiting prompt, and changes no
+  other prompt's tokens."""
+  _, model, gen, _ = tiny
+  prompts = PROMPTS + [[8, 8, 2], [60] * 23]
+  free = gen.generate(prompts, 24)
+  ends = {1: 5, 3: 1}  # prompt index -> ids kept (1: the prefill's token)
+
+  def stop_when(i, ids, new):
+    return ends[i] if i in ends and len(ids) >= ends[i] else None
+
+  want = [row[:ends.get(i, 24)] for i, row in enumerate(free.output_ids)]
+  for engine in (gen, Generator(model, batch_size=2)):
+    streamed = [[] for _ in prompts]
+    got = engine.generate(prompts, 24, stop_when=stop_when, on_tokens=lambda i, ids: streamed[i].extend(ids))
+    assert got.output_ids == want and streamed == want and got.generated_tokens == sum(map(len, want))
+    assert got.finish_reasons == ["stop" if i in ends else "length" for i in range(len(prompts))]
+    for lp, ref, row in zip(got.output_logprobs, free.output_logprobs, want, strict=True):
+      np.testing.assert_allclose(lp, ref[:len(row)], atol=1e-5)
+
+
+def test_prompt_logprobs_match_transformers(tiny):
+  """Each prompt token's log-probability given the ones before it equals transformers' log-softmax, for prompts
+  of different lengths scored in padded groups; through infer.py too, scoring only (--max-new-tokens 0) or
+  with generated tokens."""
+  hf_model, model, gen, ckpt = tiny
+  prompts = PROMPTS + [[8, 8, 2, 99, 100]]
+  want = []
+  for p in prompts:
+    with torch.no_grad():
+      whole = torch.log_softmax(hf_model(torch.tensor([p])).logits[0], -1).numpy()
+    want.append([whole[i - 1, t] for i, t in enumerate(p) if i > 0])
+  for engine in (gen, Generator(model, prefill_rows=3)):  # one group of 4 rows, or groups of 3 (one padded)
+    got = engine.prompt_logprobs(prompts)
+    assert [g[0] for g in got] == [None] * len(prompts)
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(g[1:], w, atol=1e-4)
+  ids = ["--input-ids", ",".join(map(str, prompts[1])), "--input-ids", ",".join(map(str, prompts[3]))]
+  common = ["--checkpoint", str(ckpt), *ids, "--dtype", "float32", "--temperature", "0", "--json",
+            "--prompt-logprobs"]
+  score = infer(*common, "--max-new-tokens", "0")
+  assert score.returncode == 0, score.stderr
+  rows = [json.loads(x) for x in score.stdout.splitlines()]
+  assert [r["output_ids"] for r in rows] == [[], []]
+  for r, w in zip(rows, (want[1], want[3]), strict=True):
+    assert r["prompt_logprobs"][0] is None
+    np.testing.assert_allclose(r["prompt_logprobs"][1:], w, atol=1e-4)
+  both = [json.loads(x) for x in infer(*common, "--max-new-tokens", "3").stdout.splitlines()]
+  assert [r["prompt_logprobs"] for r in both] == [r["prompt_logprobs"] for r in rows]
+  assert [r["output_ids"] for r in both] == gen.generate([prompts[1], prompts[3]], 3).output_ids
+  for flags, message in ((["--prompt-logprobs"], "--prompt-logprobs adds a key to the --json objects"),
+                         (["--max-new-tokens", "0"], "--max-new-tokens 0 generates nothing")):
+    res = infer("--checkpoint", str(ckpt), *ids, *flags)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
 def test_fused_attention_prefill_gives_the_same_tokens(tiny, monkeypatch):
   """Generation with the cudnn attention backend (imitated by XLA on CPU, let run in float32 here): prompts of
   different lengths, right-padded, prefilled without a mask, give the einsum path's tokens."""
@@ -216,6 +279,65 @@ def test_kv_cache_decoding_equals_recompute(tiny):
     padded = seq + [0] * (len(prompt) + 33 - len(seq))
     seq.append(int(prompt_logits(model, padded)[len(seq) - 1].argmax()))
   assert seq[len(prompt):] == out
+
+
+def test_int8_cache_attention_equals_the_dequantized_cache():
+  """Attention over an int8 cache (scales applied to scores and probabilities) equals attention over the cache
+  expanded to floats (GQA, blocks of queries over the cache); quantizing errs by at most half a scale step."""
+  rng = np.random.default_rng(0)
+  k, v = (jnp.asarray(rng.normal(size=(2, 24, 2, 16)) * rng.uniform(0.1, 30, (2, 24, 2, 1)), jnp.float32)
+          for _ in range(2))
+  k = k.at[0, 3].set(0.0)  # an all-zero vector (an empty slot) has scale 0 and comes back as zeros
+  q = jnp.asarray(rng.normal(size=(2, 5, 6, 16)), jnp.float32)
+  (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
+  assert kq.dtype == jnp.int8 and ks.shape == (2, 24, 2) and float(ks[0, 3].max()) == 0.0
+  k_back, v_back = kq * ks[..., None], vq * vs[..., None]
+  assert np.all(np.abs(k_back - k) <= ks[..., None] / 2 * 1.0001) and np.all(k_back[0, 3] == 0)
+  np.testing.assert_allclose(kv_cache.round_trip(v), v_back, rtol=1e-6)
+  cfg = PRESETS["qwen1.5-moe-a2.7b"]
+  ratio = KVCache.nbytes(cfg, 4, 64, jnp.int8) / KVCache.nbytes(cfg, 4, 64, jnp.bfloat16)
+  assert ratio == (1 + 4 / cfg.dim_per_head) / 2  # int8 values and a float32 scale per head dim vector
+  mask = layers.Mask.over_cache(jnp.asarray([[7, 8, 9, 10, 11], [19, 20, 21, 22, 23]]), 24)
+  want = layers.attend(q, k_back, v_back, mask)
+  for block in (None, 2):
+    got = layers.attend(q, kq, vq, mask, block=block, scales=(ks, vs))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # values up to ~100
+
+
+def int8_prompt_logprobs(model, ids: list[int]) -> np.ndarray:
+  """log-softmax [T, V] at each position of one sequence run over an int8 cache (as decoding sees it)."""
+  cache = KVCache.zeros(model.config, 1, len(ids), jnp.dtype(jnp.int8))
+  tokens = jnp.asarray([ids])
+  out = model(tokens, jnp.arange(len(ids))[None], cache=cache, packed=False)
+  return np.asarray(jax.nn.log_softmax(model.logits(out.hidden[0]), axis=-1))
+
+
+def test_int8_kv_cache_decodes_what_it_holds_and_stays_close(tiny):
+  """`kv_cache_dtype="int8"`: each generated token's log-probability is the one the sequence gives when every
+  position attends over int8 keys and values (decoding reads back what was written; batching, continuous
+  batching and the kept cache do not change the tokens), and stays close to the float cache's (max |delta|
+  logprob and mean KL printed)."""
+  _, model, gen, _ = tiny
+  int8 = Generator(model, kv_cache_dtype="int8")
+  got = int8.generate(PROMPTS, 24)
+  floats = gen.generate(PROMPTS, 24).output_ids
+  for prompt, row, lps, ref in zip(PROMPTS, got.output_ids, got.output_logprobs, floats):
+    whole = int8_prompt_logprobs(model, prompt + row)
+    want = [whole[len(prompt) - 1 + i, t] for i, t in enumerate(row)]
+    np.testing.assert_allclose(lps, want, atol=1e-5)
+    assert row == int8.generate([prompt], 24).output_ids[0]
+    exact = np.asarray(jax.nn.log_softmax(prompt_logits(model, prompt + ref), axis=-1))
+    close = int8_prompt_logprobs(model, prompt + ref)
+    kl = (np.exp(exact) * (exact - close)).sum(-1).mean()
+    print(f"int8 cache vs float: max |dlogprob| {np.abs(close - exact).max():.4f}, mean KL {kl:.2e}")
+    assert np.abs(close - exact).max() < 0.1 and kl < 1e-3
+  assert Generator(model, batch_size=2, kv_cache_dtype="int8").generate(PROMPTS, 24).output_ids == got.output_ids
+  history = PROMPTS[0]
+  for extra in ([], [3, 1, 4], [2, 7] * 12):  # turns over the kept int8 cache, which grows (scales too)
+    prompt = history + extra
+    turn = int8.generate([prompt], 12, keep=True)
+    assert turn.output_ids == int8.generate([prompt], 12).output_ids
+    history = prompt + turn.output_ids[0]
 
 
 def test_sampling_is_seeded_and_respects_top_k(tiny):
@@ -319,10 +441,11 @@ def test_out_of_device_memory_is_one_line_naming_the_flags(tiny, monkeypatch):
 
 def test_stops_on_eos(tiny):
   _, _, gen, _ = tiny
-  free = gen.generate([PROMPTS[0]], 20).output_ids[0]
-  stop = free[5]
-  out = gen.generate([PROMPTS[0]], 20, stop_ids=[stop]).output_ids[0]
-  assert out == free[: free.index(stop) + 1]
+  free = gen.generate([PROMPTS[0]], 20)
+  stop = free.output_ids[0][5]
+  out = gen.generate([PROMPTS[0]], 20, stop_ids=[stop])
+  assert out.output_ids[0] == free.output_ids[0][: free.output_ids[0].index(stop) + 1]
+  assert free.finish_reasons == ["length"] and out.finish_reasons == ["stop"]
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -396,11 +519,13 @@ def test_cli_missing_checkpoint(tmp_path):
 
 
 def test_prompts_file_is_one_batch(tiny, tmp_path):
-  _, _, gen, ckpt = tiny
+  _, model, gen, ckpt = tiny
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"input_ids": PROMPTS[0], "max_new_tokens": 5}) + "\n\n" +
                      json.dumps({"input_ids": PROMPTS[2]}) + "\n")
-  for flags in ([], ["--batch-size", "1"]):  # one batch, or one row that the prompts take in turn
+  int8 = Generator(model, kv_cache_dtype="int8")
+  # one batch, or one row that the prompts take in turn; an int8 cache
+  for flags, gen in (([], gen), (["--batch-size", "1"], gen), (["--kv-cache-dtype", "int8"], int8)):
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--input-ids", "3,1,4", "--dtype",
                 "float32", "--temperature", "0", "--max-new-tokens", "20", "--json", *flags)
     assert res.returncode == 0, res.stderr
@@ -411,6 +536,62 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
     prompts.write_text('{"input_ids": [1]}\n' + bad + "\n")
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
     assert res.returncode == 2 and "prompts.jsonl:2" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+  """The demo's checkpoint: a tokenizer, and text out of random weights."""
+  tmp = tmp_path_factory.mktemp("demo")
+  write_hf_demo(tmp / "hf")
+  convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
+  return tmp / "ckpt"
+
+
+def test_stop_strings_end_the_text(demo_ckpt, tmp_path):
+  """--stop: the text ends where the stop string begins and the ids at the token that completed it (a prefix of
+  the ids without it), in --json and streamed; a prompts-file line's "stop" replaces the flag's; bad stop
+  strings are one error line."""
+  common = ["--checkpoint", str(demo_ckpt), "--prompt", "Expert parallelism places", "--max-new-tokens", "40",
+            "--temperature", "0", "--dtype", "float32"]
+  free = json.loads(infer(*common, "--json").stdout.splitlines()[-1])
+  text, ids = free["text"], free["output_ids"]
+  stop = text[len(text) // 2:len(text) // 2 + 3]
+  assert len(ids) == 40 and stop.strip()
+  want = text[:text.find(stop)]
+  res = infer(*common, "--json", "--stop", stop, "--stop", "never there")
+  assert res.returncode == 0, res.stderr
+  out = json.loads(res.stdout.splitlines()[-1])
+  assert out["text"] == want and out["output_ids"] == ids[:len(out["output_ids"])] and len(out["output_ids"]) < 40
+  assert (out["finish_reason"], free["finish_reason"]) == ("stop", "length")
+  tok = load_tokenizer(demo_ckpt)
+  assert stop in tok.decode(out["output_ids"]) and stop not in tok.decode(out["output_ids"][:-1])
+  streamed = infer(*common, "--stop", stop)
+  assert streamed.returncode == 0 and streamed.stdout == want + "\n", streamed.stderr
+  lines = tmp_path / "prompts.jsonl"
+  lines.write_text(json.dumps({"prompt": "Expert parallelism places", "stop": [stop]}) + "\n" +
+                   json.dumps({"prompt": "Expert parallelism places"}) + "\n")
+  res = infer(*common[:2], "--prompts-file", str(lines), *common[4:], "--json", "--batch-size", "1")
+  assert [json.loads(x)["text"] for x in res.stdout.splitlines()] == [want, text], res.stderr
+  for flags, message in ((["--stop", ""], "--stop: stop strings must be non-empty strings"),
+                         (["--prompts-file", str(lines)], "prompts.jsonl:1: stop must be a string or a list")):
+    lines.write_text(json.dumps({"prompt": "a", "stop": 5}) + "\n")
+    res = infer(*common, *flags)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_streaming_holds_back_what_may_begin_a_stop_string(demo_ckpt, capsys):
+  """Streamed text, fed one token at a time (and past the stop string), shows exactly the text before the stop
+  string: never its start ahead of knowing it completes, nothing after it."""
+  import infer as cli
+
+  tok = load_tokenizer(demo_ckpt)
+  text = "the experts and the router decide where each token goes"
+  for stop, shown in (("router decide", "the experts and the "), ("each tokens", text), ("e", "th")):
+    printer = cli.Printer(tok, StopStrings(tok, [stop]))
+    for i in tok.encode(text):
+      printer(0, [i])
+    printer.close()
+    assert capsys.readouterr().out == shown + "\n"
 
 
 def test_compile_cache_is_reused(tiny, tmp_path):

@@ -13,6 +13,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 TEXTS = {
@@ -287,3 +288,30 @@ def test_bad_messages(tmp_path):
   for messages in ([], ["hello"]):
     with pytest.raises(UserError, match="messages"):
       tok.apply_chat_template(messages)
+
+
+def test_stop_strings_end_at_the_token_that_completes_them(tok):
+  """A stop string spanning tokens, inside one, or inside a multi-byte character: `end` keeps the ids up to the
+  one that completes it, alike when fed all at once or a few new ids at a time; the text is cut before it."""
+  text = "Hello wörld, the end.\n\nNext paragraph 你好世界 and more text"
+  ids = tok.encode(text)
+  for stop in ("\n\n", "wör", "好世", "d, th", "not there"):
+    stops = StopStrings(tok, [stop, "also not there"])
+    whole = stops.end(ids, len(ids))
+    if stop not in text:
+      assert whole is None
+      continue
+    assert stop in tok.decode(ids[:whole]) and stop not in tok.decode(ids[:whole - 1])
+    for chunk in (1, 3):
+      seen, got = 0, None
+      while got is None and seen < len(ids):
+        n = min(seen + chunk, len(ids))
+        got, seen = stops.end(ids[:n], n - seen), n
+      assert got == whole
+    assert stops.cut(tok.decode(ids)) == text[:text.find(stop)]
+  assert StopStrings(tok, ["end", "Hello"]).cut(text) == ""  # the earliest of them
+  held = StopStrings(tok, ["\n\nNext", "xyz"])
+  assert [held.held(t) for t in ("end.\n\nNe", "end.", "abc\n", "xy")] == [4, 0, 1, 2]
+  for bad in ([], [""], ["ok", 3]):
+    with pytest.raises(UserError, match="--stop: stop strings must be non-empty strings"):
+      StopStrings(tok, bad)
