@@ -9,6 +9,8 @@ A choice changes speed and memory, never the result beyond rounding; tests hold 
   attention  xla      einsum with an fp32 softmax over a materialised [B, N, T, S] score tensor
              cudnn    jax.nn.dot_product_attention's cuDNN flash attention for prefill and training (bf16 / fp16;
                       decoding over the cache and float32 runs keep the einsum)
+             splash   the Pallas TPU splash attention kernel for prefill and training over T a multiple of 128
+                      (other lengths and decoding keep the einsum)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import warnings
 import jax
 
 EXPERT_BACKENDS = ("dense", "ragged", "tokamax")
-ATTENTION_BACKENDS = ("xla", "cudnn")
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ G query heads per kv head (N = K * G), H head dim, F MLP hidden, C gate/up pair 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -14,7 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
+from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig, RopeScaling
 from qwen_moe_jax.kv_cache import LayerKV, round_trip
 
@@ -204,6 +209,50 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Ar
   return jax.nn.dot_product_attention(q, k, v, mask=dense, is_causal=True, implementation=FUSED_IMPLEMENTATION)
 
 
+SPLASH_BLOCKS = (512, 256, 128)  # splash attention's block sizes, the largest that divides T; T % 128 == 0
+
+
+def splash_fits(t: int) -> bool:
+  return t % SPLASH_BLOCKS[-1] == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(t: int, heads: int, interpret: bool):
+  block = next(b for b in SPLASH_BLOCKS if t % b == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  causal = splash_mask.MultiHeadMask([splash_mask.CausalMask((t, t))] * heads)
+  with jax.ensure_compile_time_eval():  # its block tables are constants, cached across traces
+    return splash.make_splash_mha(causal, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+
+def attend_splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+  """`attend` through the Pallas TPU splash attention kernel (flash attention that skips the blocks above the
+  diagonal), for self-attention over T a multiple of 128. It masks by index within segments, which is our mask:
+  positions rise by one within each segment. Under a mesh it runs per device in a shard_map over the batch (and
+  the heads, when the mesh splits q and kv heads alike). Off TPU the kernel is interpreted (tests).
+  """
+  interpret = jax.default_backend() != "tpu"
+
+  def local(q, k, v, q_seg, kv_seg):  # q [B', T, N', H], k / v [B', T, K', H], segments [B', T]
+    kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks))  # noqa: E731
+    out = jax.vmap(one)(heads_first(q * q.shape[-1] ** -0.5), heads_first(k), heads_first(v), q_seg, kv_seg)
+    return heads_first(out)
+
+  mesh = sharding.current_mesh()
+  if mesh is None:
+    return local(q, k, v, mask.q_seg, mask.kv_seg)
+  q_spec = sharding.spec_for(("batch", None, "q_heads", None), q.shape, mesh, "q")
+  k_spec = sharding.spec_for(("batch", None, "kv_heads", None), k.shape, mesh, "k")
+  if q_spec[2] != k_spec[2]:  # e.g. 4 kv heads on tensor=8: keep every head on every device
+    q_spec, k_spec = P(q_spec[0], None, None, None), P(k_spec[0], None, None, None)
+  rows = P(q_spec[0], None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, rows, rows), out_specs=q_spec,
+                       check_vma=False)(q, k, v, mask.q_seg, mask.kv_seg)  # pallas_call outputs carry no vma
+
+
 class Attention(nnx.Module):
   """Self-attention with q/k/v bias, no o bias; optional KV cache (see kv_cache.py)."""
 
@@ -252,6 +301,8 @@ class Attention(nnx.Module):
         k, v = round_trip(k), round_trip(v)
     if self.backend == "cudnn" and not attend_cache and q.dtype in FUSED_DTYPES:
       out = attend_fused(q, k, v, mask)
+    elif self.backend == "splash" and not attend_cache and splash_fits(q.shape[1]):
+      out = attend_splash(q, k, v, mask)
     else:
       out = attend(q, k, v, mask, scales=scales)
     return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), cache

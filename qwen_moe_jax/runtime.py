@@ -26,7 +26,8 @@ def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> No
   ap.add_argument("--expert-backend", default=None, choices=EXPERT_BACKENDS,
                   help="routed-expert kernel (default: tokamax on GPU when installed, else ragged)")
   ap.add_argument("--attention", default=None, choices=ATTENTION_BACKENDS,
-                  help="self-attention kernel for prefill and training (default: cudnn on GPU, else xla)")
+                  help="self-attention kernel for prefill and training (default: cudnn on GPU, else xla; splash: "
+                  "the Pallas TPU kernel)")
   ap.add_argument("--compile-cache", metavar="DIR|off",
                   help="persistent XLA compilation cache: a later run with the same shapes loads its programs "
                        "instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR, else "
@@ -82,8 +83,10 @@ def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kerne
   init_distributed(args)
   mesh = sharding.make_mesh(args.mesh)
   kernels = default_kernels(args.expert_backend, args.attention)
-  if kernels.attention == "cudnn" and jax.default_backend() != "gpu":
-    raise UserError(f"--attention cudnn needs a GPU (jax's backend here is {jax.default_backend()}); use xla")
+  for attention, platform in (("cudnn", "gpu"), ("splash", "tpu")):
+    if kernels.attention == attention and jax.default_backend() != platform:
+      raise UserError(f"--attention {attention} needs a {platform.upper()} (jax's backend here is "
+                      f"{jax.default_backend()}); use xla")
   if kernels.experts == "tokamax" and not has_tokamax():
     raise UserError("--expert-backend tokamax needs tokamax: pip install 'qwen-moe-jax[gpu]' (Python >= 3.12)")
   return mesh, DTYPES[args.dtype], kernels

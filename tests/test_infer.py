@@ -462,6 +462,7 @@ def test_stops_on_eos(tiny):
   (["--batch-size", "0"], "--batch-size"),
   (["--logprobs"], "--logprobs adds a key to the --json objects"),
   (["--attention", "cudnn"], "needs a GPU"),
+  (["--attention", "splash"], "needs a TPU"),
   (["--expert-backend", "tokamax"], "needs tokamax"),
 ])
 def test_cli_bad_values(tiny, flags, message):

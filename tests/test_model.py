@@ -217,6 +217,50 @@ def test_fused_attention_without_a_mask_for_unpacked_rows(monkeypatch):
     np.testing.assert_allclose(out[row, :n_real], ref[row, :n_real], rtol=1e-5, atol=1e-5)
 
 
+def test_splash_attention_matches_the_einsum():
+  """attend_splash (the Pallas TPU kernel, interpreted on CPU) gives our masked einsum's outputs and gradients:
+  GQA, packed documents with their own positions, padding."""
+  rng = np.random.default_rng(8)
+  b, t, n, kv, h = 2, 256, 4, 2, 16
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
+  lengths = [[100, 90, 40], [200]]  # documents per row, then padding
+  segments = np.zeros((b, t), np.int32)
+  positions = np.zeros((b, t), np.int32)
+  for row, docs in enumerate(lengths):
+    start = 0
+    for i, n_doc in enumerate(docs):
+      segments[row, start:start + n_doc], positions[row, start:start + n_doc] = i + 1, np.arange(n_doc)
+      start += n_doc
+    positions[row, start:] = np.arange(t - start)
+  mask = layers.Mask.self_attention(jnp.asarray(positions), jnp.asarray(segments))
+  weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  np.testing.assert_allclose(layers.attend_splash(q, k, v, mask), layers.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask) * weights), (0, 1, 2))(q, k, v)
+           for fn in (layers.attend_splash, layers.attend)]
+  for a, e in zip(*grads, strict=True):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_splash_attention_backend_in_the_model(tmp_path):
+  """Kernels(attention="splash") runs self-attention over 128 positions through the kernel (a batch of one
+  sequence, and packed rows) with the einsum path's logits; other lengths keep the einsum."""
+  hf_model = make_model(seed=13)
+  model = convert_and_restore(hf_model, tmp_path / "splash", jnp.float32, Kernels(attention="splash"))
+  reference = convert_and_restore(hf_model, tmp_path / "xla", jnp.float32)
+  ids = jnp.asarray(np.random.default_rng(7).integers(0, 101, (2, 128)))
+  positions = jnp.asarray(np.concatenate([np.arange(128)[None], np.r_[np.arange(70), np.arange(58)][None]]))
+  segments = jnp.asarray(np.concatenate([np.ones((1, 128)), np.r_[np.ones(70), np.full(58, 2)][None]]), jnp.int32)
+  calls = []
+  splash = layers.attend_splash
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(layers, "attend_splash", lambda *a: calls.append(a[0].shape) or splash(*a))
+    got = model.logits(model(ids, positions, segments).hidden)
+    model(ids[:, :100], positions[:, :100])  # 100 positions: the einsum
+  want = reference.logits(reference(ids, positions, segments).hidden)
+  assert calls == [(2, 128, 6, 8)] * hf_model.config.num_hidden_layers
+  np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("block", [4, 5, 12])
 def test_attention_in_query_blocks_equals_one_block(block):
   """Blocks of queries (the last one padded when `block` does not divide T) give the single-block outputs and

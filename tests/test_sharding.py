@@ -221,3 +221,22 @@ def test_embedding_lookup_and_its_gradient_on_split_tables(spec, rows):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.take(table, tokens, axis=0)))
   np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda t: loss(
     lambda a, b: jnp.take(a, b, axis=0), t))(table)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["data=2,tensor=2", "fsdp=2,tensor=4"])
+def test_splash_attention_on_a_mesh(spec):
+  """Splash attention in its shard_map gives the one-device outputs and gradients: rows and heads split (q and
+  kv heads alike on tensor=2), or rows only (2 kv heads on tensor=4: each tensor device computes every head)."""
+  rng = np.random.default_rng(3)
+  b, t, n, kv, h = 4, 128, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
+  segments = jnp.asarray(np.repeat([[1, 2, 0]], b, 0).repeat([60, 50, 18], 1), jnp.int32)
+  positions = jnp.asarray(np.r_[np.arange(60), np.arange(50), np.arange(18)][None].repeat(b, 0), jnp.int32)
+  mask = layers.Mask.self_attention(positions, segments)
+  weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  grad = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask) * weights), (0, 1, 2))  # noqa: E731
+  with jax.set_mesh(mesh_of(spec)):
+    got, got_grads = jax.jit(layers.attend_splash)(q, k, v, mask), jax.jit(grad(layers.attend_splash))(q, k, v)
+  np.testing.assert_allclose(got, layers.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
+  for a, e in zip(got_grads, grad(layers.attend)(q, k, v), strict=True):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
