@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--repetition-penalty", type=float,
                   help="divide positive / multiply negative logits of ids already in the row (1: off; greedy too)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--num-samples", type=int, default=1,
+                  help="samples per prompt (sampling only; --json objects then carry \"sample\")")
   ap.add_argument("--json", action="store_true",
                   help='one {"input_ids", "output_ids", "text", "finish_reason"} object per prompt')
   ap.add_argument("--logprobs", action="store_true",
@@ -87,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       raise UserError(f"--{flag.replace('_', '-')} adds a key to the --json objects: give --json too")
   if args.max_new_tokens == 0 and not args.prompt_logprobs:
     raise UserError("--max-new-tokens 0 generates nothing: it scores the prompts, with --json --prompt-logprobs")
-  for flag in ("batch_size", "prefill_rows"):
+  for flag in ("batch_size", "prefill_rows", "num_samples"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
   if args.interactive and (args.prompt or args.chat or args.input_ids or args.prompts_file or args.dump_logits or
@@ -257,6 +259,9 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   sampling = sampling_from(args, gen, folder)
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
+  if args.num_samples > 1 and sampling.temperature == 0:
+    raise UserError(f"--num-samples {args.num_samples} draws different samples of a prompt, but decoding is "
+                    "greedy: give --temperature > 0 (or a generation_config.json that samples)")
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows, batch_size=args.batch_size,
                         kv_cache_dtype=args.kv_cache_dtype)
@@ -273,22 +278,26 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
       for p, score in zip(prompts, scores):
         print(json_line(p, [], "" if tok is not None else None, "length", prompt_logprobs=score))
     return
-  printer = Printer(tok, stops[0]) if lead and len(prompts) == 1 and not args.json and tok is not None else None
-  result = generator.generate(prompts, limits, sampling, args.seed, stop_ids(cfg, gen, tok), printer,
-                              stop_when=stop_when(stops))
+  n = args.num_samples  # prompt i's sample j is generated as prompt i * n + j (its own random stream)
+  each = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+  printer = Printer(tok, stops[0]) if lead and len(prompts) * n == 1 and not args.json and tok is not None else None
+  result = generator.generate(each(prompts), each(limits), sampling, args.seed, stop_ids(cfg, gen, tok), printer,
+                              stop_when=stop_when(each(stops)))
   if printer:
     printer.close()
   if not lead:
     return
-  for i, (p, out) in enumerate(zip(prompts, result.output_ids)):
+  for k, out in enumerate(result.output_ids):
+    i, j = divmod(k, n)
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if stops[i]:
       text = stops[i].cut(text)
     if args.json:
-      print(json_line(p, out, text, result.finish_reasons[i], result.output_logprobs[i] if args.logprobs else None,
-                      scores[i] if scores else None))
+      print(json_line(prompts[i], out, text, result.finish_reasons[k],
+                      result.output_logprobs[k] if args.logprobs else None, scores[i] if scores else None,
+                      sample=j if n > 1 else None))
     elif not printer:
-      print(f"--- [{i + 1}] ---")
+      print(f"--- [{i + 1}{f'.{j + 1}' if n > 1 else ''}] ---")
       print(text if text is not None else ",".join(map(str, out)))
   if args.dump_logits:
     logits = prompt_logits(model, prompts[0], mesh)
@@ -337,10 +346,13 @@ class Printer:
 
 
 def json_line(prompt: list[int], output: list[int], text: str | None, finish_reason: str,
-              logprobs: list[float] | None = None, prompt_logprobs: list[float | None] | None = None) -> str:
+              logprobs: list[float] | None = None, prompt_logprobs: list[float | None] | None = None,
+              sample: int | None = None) -> str:
   """One --json object: {"input_ids", "output_ids", "text", "finish_reason"}, and "output_logprobs" /
-  "prompt_logprobs" when given."""
+  "prompt_logprobs" / "sample" (of --num-samples) when given."""
   obj = {"input_ids": prompt, "output_ids": output, "text": text, "finish_reason": finish_reason}
+  if sample is not None:
+    obj["sample"] = sample
   if logprobs is not None:
     obj["output_logprobs"] = logprobs
   if prompt_logprobs is not None:

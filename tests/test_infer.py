@@ -595,6 +595,23 @@ def test_streaming_holds_back_what_may_begin_a_stop_string(demo_ckpt, capsys):
     assert capsys.readouterr().out == shown + "\n"
 
 
+def test_num_samples_draws_each_prompt_several_times(tiny):
+  """--num-samples N: each prompt's samples in a row, marked "sample", as the engine gives the prompt repeated N
+  times (each with its own random stream); greedy decoding refuses it."""
+  _, _, gen, ckpt = tiny
+  a, b = PROMPTS[0], PROMPTS[2]
+  common = ["--checkpoint", str(ckpt), "--input-ids", ",".join(map(str, a)), "--input-ids", ",".join(map(str, b)),
+            "--dtype", "float32", "--max-new-tokens", "12", "--json"]
+  res = infer(*common, "--temperature", "1.5", "--top-k", "8", "--num-samples", "3", "--seed", "4")
+  assert res.returncode == 0, res.stderr
+  rows = [json.loads(x) for x in res.stdout.splitlines()]
+  assert [(r["input_ids"], r["sample"]) for r in rows] == [(a, 0), (a, 1), (a, 2), (b, 0), (b, 1), (b, 2)]
+  want = gen.generate([a] * 3 + [b] * 3, 12, Sampling(temperature=1.5, top_k=8), seed=4).output_ids
+  assert [r["output_ids"] for r in rows] == want and len({tuple(o) for o in want[:3]}) > 1
+  greedy = infer(*common, "--temperature", "0", "--num-samples", "2")
+  assert greedy.returncode == 2 and "--num-samples 2 draws different samples" in greedy.stderr, greedy.stderr
+
+
 def test_compile_cache_is_reused(tiny, tmp_path):
   """The default cache folder fills (capped: entries carry access times); a second run with the same shapes
   names it explicitly, loads every program from it (no new entry) and gives the same tokens."""
