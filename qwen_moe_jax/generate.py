@@ -5,9 +5,10 @@ s, and padding is its own attention segment, so a row's tokens equal what the pr
 are bucketed (batch and max new tokens to powers of two, prompt and cache lengths by `cache_bucket`), so new
 requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into the cache. The decode
 loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so the cache is
-updated in place; the host only wakes between chunks to stream the new tokens and, when there are more prompts
-than rows (`batch_size`), to prefill waiting prompts into rows that finished (continuous batching). Each row
-counts its own tokens, and a prompt's random stream depends only on the seed and the prompt's index.
+updated in place; the host only wakes between chunks to stream the new tokens, to end rows at stop strings
+(`stop_when`) and, when there are more prompts than rows (`batch_size`), to prefill waiting prompts into rows
+that finished (continuous batching). Each row counts its own tokens, and a prompt's random stream depends only
+on the seed and the prompt's index. `prompt_logprobs` scores prompts (a forward pass, no cache).
 """
 
 from __future__ import annotations
@@ -395,7 +396,6 @@ class Generator:
     whole[0, :len(prompt)] = prompt
     args = (tokens, np.int32(reused), np.int32(len(rest)), whole, np.array([limit], np.int32), keys)
     return self._compiled(extend, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
-
 
   def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float | None]]:
     """Each prompt token's log-probability given the tokens before it (None for the first), as vLLM's
