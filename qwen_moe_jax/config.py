@@ -152,6 +152,11 @@ class QwenMoeConfig:
       raise fail("hidden_act", f"must be 'silu', got {d.get('hidden_act')!r}")
     if d.get("tie_word_embeddings", False):
       raise fail("tie_word_embeddings", "is true; qwen2_moe models have untied embeddings (not implemented)")
+    quantization = d.get("quantization_config")
+    if quantization:
+      method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+      raise fail("quantization_config", f"names quantized weights ({method}), which are not read: use the "
+                 "unquantized release (e.g. Qwen/Qwen1.5-MoE-A2.7B-Chat, not ...-GPTQ-Int4)")
     if d.get("use_sliding_window", False):
       raise fail("use_sliding_window", "is true; sliding-window attention is not implemented")
     if any(t != "full_attention" for t in d.get("layer_types") or []):

@@ -424,6 +424,8 @@ BAD_CASES = {  # id -> (build(case, hf) -> HF_DIR, extra args, fragments)
                                                  "rope_parameters.factor": 2}), (),
                    ["rope_parameters.rope_type", "longrope"]),
   "sliding_window": (lambda c, h: _config(c, h, use_sliding_window=True), (), ["use_sliding_window"]),
+  "gptq": (lambda c, h: _config(c, h, quantization_config={"quant_method": "gptq", "bits": 4}), (),
+           ["quantization_config", "gptq", "unquantized release"]),
   "experts_per_token": (lambda c, h: _config(c, h, num_experts_per_tok=8), (), ["num_experts_per_tok", "8"]),
   "config_dtype": (lambda c, h: _config(c, h, dtype="int8"), (), ["config.json: dtype", "int8"]),
   "invalid_json": (_bad_json, (), ["config.json", "JSON"]),
