@@ -285,6 +285,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
                               stop_when=stop_when(each(stops)))
   if printer:
     printer.close()
+  logits = prompt_logits(model, prompts[0], mesh) if args.dump_logits else None  # every process computes it
   if not lead:
     return
   for k, out in enumerate(result.output_ids):
@@ -300,9 +301,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
       print(f"--- [{i + 1}{f'.{j + 1}' if n > 1 else ''}] ---")
       print(text if text is not None else ",".join(map(str, out)))
   if args.dump_logits:
-    logits = prompt_logits(model, prompts[0], mesh)
-    if lead:
-      np.save(args.dump_logits, logits)
+    np.save(args.dump_logits, logits)
   print(f"prompt tokens: {result.prompt_tokens}, generated tokens: {result.generated_tokens}, "
         f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)
