@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, runtime
 from qwen_moe_jax.errors import UserError, cli_main
@@ -281,30 +282,56 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   n = args.num_samples  # prompt i's sample j is generated as prompt i * n + j (its own random stream)
   each = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
   printer = Printer(tok, stops[0]) if lead and len(prompts) * n == 1 and not args.json and tok is not None else None
-  result = generator.generate(each(prompts), each(limits), sampling, args.seed, stop_ids(cfg, gen, tok), printer,
-                              stop_when=stop_when(each(stops)))
-  if printer:
-    printer.close()
-  logits = prompt_logits(model, prompts[0], mesh) if args.dump_logits else None  # every process computes it
-  if not lead:
-    return
-  for k, out in enumerate(result.output_ids):
+
+  def report(k: int, out: list[int], logprobs: list[float], reason: str) -> None:  # prompt i's sample j, ended
     i, j = divmod(k, n)
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if stops[i]:
       text = stops[i].cut(text)
     if args.json:
-      print(json_line(prompts[i], out, text, result.finish_reasons[k],
-                      result.output_logprobs[k] if args.logprobs else None, scores[i] if scores else None,
-                      sample=j if n > 1 else None))
+      print(json_line(prompts[i], out, text, reason, logprobs if args.logprobs else None,
+                      scores[i] if scores else None, sample=j if n > 1 else None), flush=True)
     elif not printer:
       print(f"--- [{i + 1}{f'.{j + 1}' if n > 1 else ''}] ---")
-      print(text if text is not None else ",".join(map(str, out)))
+      print(text if text is not None else ",".join(map(str, out)), flush=True)
+
+  progress = tqdm(total=len(prompts) * n, unit="prompt", file=sys.stderr,
+                  disable=not lead or printer is not None or not sys.stderr.isatty())
+  in_order = InOrder(report)
+
+  def on_done(k: int, *result) -> None:
+    progress.update()
+    in_order(k, *result)
+
+  result = generator.generate(each(prompts), each(limits), sampling, args.seed, stop_ids(cfg, gen, tok), printer,
+                              stop_when=stop_when(each(stops)), on_done=on_done if lead else None)
+  progress.close()
+  if printer:
+    printer.close()
+  logits = prompt_logits(model, prompts[0], mesh) if args.dump_logits else None  # every process computes it
+  if not lead:
+    return
   if args.dump_logits:
     np.save(args.dump_logits, logits)
   print(f"prompt tokens: {result.prompt_tokens}, generated tokens: {result.generated_tokens}, "
         f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)
+
+
+class InOrder:
+  """Calls `write(k, ...)` for results that arrive in any order, in the order of k (0, 1, ...), each as soon as
+  it and every one before it have arrived: a long run's outputs appear as they complete, in input order."""
+
+  def __init__(self, write):
+    self.write = write
+    self.waiting: dict[int, tuple] = {}
+    self.next = 0
+
+  def __call__(self, k: int, *result) -> None:
+    self.waiting[k] = result
+    while self.next in self.waiting:
+      self.write(self.next, *self.waiting.pop(self.next))
+      self.next += 1
 
 
 def stop_when(stops: list[StopStrings | None]):

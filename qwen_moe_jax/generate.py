@@ -278,13 +278,17 @@ class Generator:
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
                on_tokens: Callable[[int, list[int]], None] | None = None, keep: bool = False,
-               stop_when: Callable[[int, list[int], int], int | None] | None = None) -> Result:
+               stop_when: Callable[[int, list[int], int], int | None] | None = None,
+               on_done: Callable[[int, list[int], list[float], str], None] | None = None) -> Result:
     """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
     context; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming).
 
     `stop_when(prompt index, output ids so far, how many of them are new)` (stop strings): None to go on, or how
     many of the ids to keep; the prompt then ends there (the host sees tokens between decode calls, so the
     row may have run a few steps further, which are dropped).
+
+    `on_done(prompt index, output ids, their logprobs, finish reason)` is called once per prompt as soon as it
+    ends (a long run's results can be written as they complete).
 
     `keep` (one prompt: the turns of a conversation) keeps the KV cache after the call; the next kept call
     runs only the part of its prompt after the longest prefix it shares with this prompt and its output.
@@ -321,6 +325,7 @@ class Generator:
     outputs: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
     stopped = [False] * n  # ended by stop_when
+    finish_reason = lambda i: "stop" if stopped[i] or (outputs[i] and outputs[i][-1] in stop_ids) else "length"  # noqa: E731
     owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
     waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
     cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
@@ -361,6 +366,8 @@ class Generator:
               on_tokens(i, fresh)
           if i >= 0 and (done[row] or ended[row]):
             owner[row] = -1
+            if on_done:
+              on_done(i, outputs[i], logprobs[i], finish_reason(i))
             if waiting:  # continuous batching: the next prompt takes the row, in a prefill of its own
               owner[row], shown[row] = waiting.pop(), 0
               args = batch([owner[row]], min(bucket(len(prompts[owner[row]])), t))
@@ -377,7 +384,7 @@ class Generator:
       end = time.perf_counter() - self._compile_seconds
     if keep and n == 1:
       self._kept = state, list(prompts[0]) + outputs[0][:-1]  # the last token was never fed back: not cached
-    reasons = ["stop" if s or (out and out[-1] in stop_ids) else "length" for s, out in zip(stopped, outputs)]
+    reasons = [finish_reason(i) for i in range(n)]
     return Result(outputs, logprobs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
                   compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
                   decode_seconds=end - prefilled, reused_tokens=reused, finish_reasons=reasons)

@@ -158,10 +158,14 @@ def test_stop_when_ends_a_prompt_on_the_host(tiny):
 
   want = [row[:ends.get(i, 24)] for i, row in enumerate(free.output_ids)]
   for engine in (gen, Generator(model, batch_size=2)):
-    streamed = [[] for _ in prompts]
-    got = engine.generate(prompts, 24, stop_when=stop_when, on_tokens=lambda i, ids: streamed[i].extend(ids))
+    streamed, done = [[] for _ in prompts], []
+    got = engine.generate(prompts, 24, stop_when=stop_when, on_tokens=lambda i, ids: streamed[i].extend(ids),
+                          on_done=lambda i, ids, lps, reason: done.append((i, list(ids), reason)))
     assert got.output_ids == want and streamed == want and got.generated_tokens == sum(map(len, want))
     assert got.finish_reasons == ["stop" if i in ends else "length" for i in range(len(prompts))]
+    assert sorted(done) == [(i, w, r) for i, (w, r) in enumerate(zip(want, got.finish_reasons))]
+    if engine is gen:  # each prompt reported as it ends: prompt 3 (one token) first
+      assert done[0][0] == 3
     for lp, ref, row in zip(got.output_logprobs, free.output_logprobs, want, strict=True):
       np.testing.assert_allclose(lp, ref[:len(row)], atol=1e-5)
 
@@ -610,6 +614,18 @@ def test_num_samples_draws_each_prompt_several_times(tiny):
   assert [r["output_ids"] for r in rows] == want and len({tuple(o) for o in want[:3]}) > 1
   greedy = infer(*common, "--temperature", "0", "--num-samples", "2")
   assert greedy.returncode == 2 and "--num-samples 2 draws different samples" in greedy.stderr, greedy.stderr
+
+
+def test_results_are_written_in_input_order_as_they_complete():
+  import infer as cli
+
+  written = []
+  in_order = cli.InOrder(lambda k, text: written.append((k, text)))
+  for k in (2, 0, 4, 3):
+    in_order(k, f"r{k}")
+  assert written == [(0, "r0")]  # 2, 3 and 4 wait for 1
+  in_order(1, "r1")
+  assert written == [(k, f"r{k}") for k in range(5)]
 
 
 def test_compile_cache_is_reused(tiny, tmp_path):
