@@ -285,9 +285,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
 
   def report(k: int, out: list[int], logprobs: list[float], reason: str) -> None:  # prompt i's sample j, ended
     i, j = divmod(k, n)
-    text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
-    if stops[i]:
-      text = stops[i].cut(text)
+    text = text_of(tok, out, stops[i])
     if args.json:
       print(json_line(prompts[i], out, text, reason, logprobs if args.logprobs else None,
                       scores[i] if scores else None, sample=j if n > 1 else None), flush=True)
@@ -334,6 +332,14 @@ class InOrder:
       self.next += 1
 
 
+def text_of(tok, ids: list[int], stops: StopStrings | None) -> str | None:
+  """Generated ids as text (special tokens skipped), cut at a stop string; None without a tokenizer."""
+  if tok is None:
+    return None
+  text = tok.decode(ids, skip_special_tokens=True)
+  return stops.cut(text) if stops else text
+
+
 def stop_when(stops: list[StopStrings | None]):
   """The generate callback that ends each prompt at its stop strings (None when no prompt has any)."""
   if not any(stops):
@@ -359,9 +365,9 @@ class Printer:
     print(flush=True)
 
   def _write(self, text: str, final: bool = False) -> None:
-    text = self.held + text
     if self.stopped:
       return
+    text = self.held + text
     if self.stops:
       shown = self.stops.cut(text)
       self.stopped = shown != text
@@ -416,8 +422,7 @@ def chat(args, generator: Generator, tok, sampling: Sampling, eos: list[int]) ->
       print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
       continue
     out = result.output_ids[0]
-    reply = tok.decode(out, skip_special_tokens=True)
-    reply = stops.cut(reply) if stops else reply
+    reply = text_of(tok, out, stops)
     if args.json:
       logprobs = result.output_logprobs[0] if args.logprobs else None
       print(json_line(prompt, out, reply, result.finish_reasons[0], logprobs), flush=True)

@@ -325,7 +325,10 @@ class Generator:
     outputs: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
     stopped = [False] * n  # ended by stop_when
-    finish_reason = lambda i: "stop" if stopped[i] or (outputs[i] and outputs[i][-1] in stop_ids) else "length"  # noqa: E731
+
+    def finish_reason(i: int) -> str:
+      return "stop" if stopped[i] or (outputs[i] and outputs[i][-1] in stop_ids) else "length"
+
     owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
     waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
     cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
@@ -348,7 +351,6 @@ class Generator:
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
         count, done, new, new_lp = jax.device_get((state.count, state.done, state.tokens, state.logprobs))
-        ended = [False] * rows  # by stop_when
         if prefilled is None:
           prefilled = time.perf_counter() - self._compile_seconds
         refilled = False
@@ -361,10 +363,10 @@ class Generator:
             keep_ids = stop_when(i, outputs[i], len(fresh)) if stop_when else None
             if keep_ids is not None:  # ended on the host: drop what follows, free the row
               del fresh[len(fresh) - (len(outputs[i]) - keep_ids):], outputs[i][keep_ids:], logprobs[i][keep_ids:]
-              state, ended[row], stopped[i] = _end_row(state, np.int32(row)), True, True
+              state, stopped[i] = _end_row(state, np.int32(row)), True
             if on_tokens and fresh:
               on_tokens(i, fresh)
-          if i >= 0 and (done[row] or ended[row]):
+          if i >= 0 and (done[row] or stopped[i]):
             owner[row] = -1
             if on_done:
               on_done(i, outputs[i], logprobs[i], finish_reason(i))
