@@ -23,10 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, data, runtime, sharding, training
+from qwen_moe_jax import lora as lora_lib
+from qwen_moe_jax.checkpoint import PARAMS_ITEM
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import REMAT_POLICIES, abstract_model
-from qwen_moe_jax.run_dir import RunDir
+from qwen_moe_jax.run_dir import OPT_STATE, RunDir
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 
@@ -54,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   groups = ", ".join(training.PARAM_GROUPS)
   ap.add_argument("--train-only", help=f"comma-separated groups to train, the rest frozen ({groups})")
   ap.add_argument("--freeze", help="comma-separated groups to freeze, the rest trained")
+  ap.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights, which stay "
+                  "frozen (in --dtype); checkpoints hold only the adapters")
+  ap.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: updates are (alpha / rank) A B "
+                  "(default: 2 x rank)")
+  ap.add_argument("--lora-targets", default=",".join(lora_lib.TARGETS),
+                  help=f"comma-separated groups whose weights get adapters ({', '.join(lora_lib.TARGETS)})")
   ap.add_argument("--no-pack", action="store_true", help="one document per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -69,19 +77,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_config(args: argparse.Namespace) -> training.TrainConfig:
   train_only = training.parse_groups(args.train_only, "--train-only")
   freeze = training.parse_groups(args.freeze, "--freeze")
+  lora = None
+  if args.lora_rank is not None:
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    lora = lora_lib.LoraConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, targets)
   return training.TrainConfig(
     steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
     warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
     clip_norm=args.clip_norm, optimizer=args.optimizer, moments_dtype=args.moments_dtype,
     compute_dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
-    seed=args.seed, pack=not args.no_pack).validate()
+    seed=args.seed, pack=not args.no_pack, lora=lora).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:
   d = dataclasses.asdict(tc)
   d["train_only"] = sorted(tc.train_only) if tc.train_only else None
   d["freeze"] = sorted(tc.freeze) if tc.freeze else None
+  d["lora"] = tc.lora.to_dict() if tc.lora else None
   return {**d, "data": str(data_path), "data_fingerprint": data.fingerprint(data_path)}
 
 
@@ -106,8 +119,11 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   start = run.latest_step
   if start is None:
     source = Path(args.checkpoint)
-    checkpoint.locate(source)  # fail early on a bad checkpoint folder
-    run.start(source, settings)
+    base = checkpoint.locate(source)  # fail early on a bad checkpoint folder
+    if tc.lora is not None and base.adapters is not None:
+      raise UserError(f"{source}: a LoRA run; LoRA on top of it needs its merged weights: export them "
+                      f"(convert/orbax_to_hf.py) and import them (convert/hf_to_orbax.py), or train from its base")
+    run.start(source, settings, checkpoint.lora_record(base, tc.lora) if tc.lora else None)
   else:
     source = run.folder
     changed = [k for k, v in run.recorded_config().items() if settings.get(k) != v and k != "data"]
@@ -127,10 +143,19 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   eval_every = args.eval_every or args.save_every
 
   param_dtype = runtime.DTYPES[tc.param_dtype]
-  model = checkpoint.restore(source, mesh, param_dtype, kernels, cfg)
+  if tc.lora is None:
+    model = checkpoint.restore(source, mesh, param_dtype, kernels, cfg)
+  else:  # the frozen base straight in the compute dtype; the adapters new, or restored
+    model = checkpoint.restore(checkpoint.lora_base(run.folder), mesh, runtime.DTYPES[tc.compute_dtype], kernels, cfg)
+    adapters = None
+    if start is not None:
+      wanted = checkpoint.wanted_adapters(cfg, tc.lora, mesh, param_dtype, kernels)
+      adapters = checkpoint.flatten(run.load(start, checkpoint.ADAPTERS_ITEM, checkpoint.unflatten(wanted),
+                                             cfg.num_experts))
+    model = training.with_adapters(model, adapters, tc.lora, mesh, param_dtype, kernels, tc.seed)
   trainable, frozen = training.split_params(model, tc)
   del model
-  graphdef, abstract = abstract_model(cfg, param_dtype, sharding.expert_shards(mesh), kernels)
+  graphdef, abstract = abstract_model(cfg, param_dtype, sharding.expert_shards(mesh), kernels, tc.lora)
   tx = training.make_optimizer(tc)
   with jax.set_mesh(mesh):
     init = training.compile_init(tx, trainable)
@@ -138,7 +163,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       opt_state = init(trainable)
     else:
       wanted = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
-      opt_state = run.load_opt_state(start, wanted, cfg.num_experts)
+      opt_state = run.load(start, OPT_STATE, wanted, cfg.num_experts)
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
     compiled = training.compile_step(step_fn, trainable, frozen, opt_state, training.batch_spec(mesh, shape))
@@ -168,8 +193,10 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       run.log(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
       if done % args.save_every == 0 or done == tc.steps:
-        params = checkpoint.unflatten(checkpoint.flatten(trainable) | checkpoint.flatten(frozen))
-        run.save(done, checkpoint.unpadded(cfg, params), checkpoint.unpadded(cfg, opt_state))
+        params, item = trainable, checkpoint.ADAPTERS_ITEM  # a LoRA run saves its adapters
+        if tc.lora is None:
+          params, item = checkpoint.unflatten(checkpoint.flatten(trainable) | checkpoint.flatten(frozen)), PARAMS_ITEM
+        run.save(done, checkpoint.unpadded(cfg, params), checkpoint.unpadded(cfg, opt_state), item)
   run.wait()
   plot = run.plot()
   print(f"trained to step {tc.steps}; run folder {run.folder}" + (f", loss curve {plot}" if plot else ""),

@@ -14,6 +14,7 @@ them to the exact parameter, cache and optimizer bytes of the requested dtypes.
 python benchmarks/capacity.py --preset qwen2-57b-a14b --devices 8 --mesh expert=8 --batch 16 --context 4096
 python benchmarks/capacity.py --preset qwen1.5-moe-a2.7b --devices 1 --train --seq-len 4096 --batch 1 \\
     --train-only attention,router,shared_expert
+python benchmarks/capacity.py --preset qwen2-57b-a14b --devices 1 --train --seq-len 4096 --batch 1 --lora-rank 16
 """
 
 import argparse
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--optimizer", default="adamw", help="train: adamw or adafactor")
   ap.add_argument("--remat", default="full", help="train: none, full or dots")
   ap.add_argument("--train-only", help="train: comma-separated parameter groups to train")
+  ap.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank on every target group instead")
   ap.add_argument("--expert-backend", default="ragged", help="dense, ragged or tokamax")
   args = ap.parse_args()
   if args.prefill_rows is not None and not (0 < args.prefill_rows and args.batch % args.prefill_rows == 0):
@@ -64,9 +66,11 @@ from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.errors import UserError  # noqa: E402
 from qwen_moe_jax.kernels import Kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import KVCache  # noqa: E402
+from qwen_moe_jax.lora import LoraConfig  # noqa: E402
 from qwen_moe_jax.model import abstract_model  # noqa: E402
 from qwen_moe_jax.sampling import Sampling  # noqa: E402
 
+KERNELS = Kernels(experts=ARGS.expert_backend)
 GB = 1e9
 
 
@@ -75,12 +79,10 @@ def per_device_bytes(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def abstract_params(cfg: QwenMoeConfig, mesh, dtype) -> tuple[nnx.GraphDef, dict]:
-  """(graphdef, {path: ShapeDtypeStruct with its sharding}) of the model on `mesh`."""
-  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), Kernels(experts=ARGS.expert_backend))
-  shardings = checkpoint.flatten(sharding.param_shardings(abstract, mesh))
-  flat = checkpoint.flatten(abstract)
-  return graphdef, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat.items()}
+def abstract_params(cfg: QwenMoeConfig, mesh, dtype, lora: LoraConfig | None = None) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, {path: ShapeDtypeStruct with its sharding}) of the model (with `lora`'s adapters) on `mesh`."""
+  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), KERNELS, lora)
+  return graphdef, checkpoint.wanted_params(abstract, mesh, dtype)
 
 
 def temp_gb(compiled) -> float:
@@ -140,9 +142,10 @@ def main() -> None:
 
 def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
   groups = training.parse_groups(ARGS.train_only, "--train-only")
+  lora = None if ARGS.lora_rank is None else LoraConfig(ARGS.lora_rank, 2.0 * ARGS.lora_rank)
   tc = training.TrainConfig(batch_size=ARGS.batch, seq_len=ARGS.seq_len, param_dtype=ARGS.param_dtype,
                             optimizer=ARGS.optimizer, remat=ARGS.remat, compute_dtype="float32",
-                            train_only=frozenset(groups) if groups else None)
+                            train_only=frozenset(groups) if groups else None, lora=lora).validate()
   pdtype = jnp.dtype(tc.param_dtype)
 
   def split(flat):
@@ -150,7 +153,7 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
             checkpoint.unflatten({k: v for k, v in flat.items() if not tc.trainable(k)}))
 
   def program(dtype):
-    graphdef, flat = abstract_params(cfg, mesh, dtype)
+    graphdef, flat = abstract_params(cfg, mesh, dtype, lora)
     trainable, frozen = split(flat)
     tx = training.make_optimizer(tc)
     init = training.compile_init(tx, trainable)
@@ -163,14 +166,15 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
   graphdef, trainable32, frozen32, tx, opt32 = program(jnp.float32)
   shape = (1, tc.batch_size, tc.seq_len)
   batch = training.batch_spec(mesh, shape)
-  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), Kernels(experts=ARGS.expert_backend))[1]
+  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), KERNELS, lora)[1]
   step = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
   temp = temp_gb(training.compile_step(step, trainable32, frozen32, opt32, batch))
   held = {"trainable_gb_per_device": per_device_bytes(trainable) / GB,
           "frozen_gb_per_device": per_device_bytes(frozen) / GB,
           "optimizer_state_gb_per_device": per_device_bytes(opt_state) / GB}
   return {"batch": tc.batch_size, "seq_len": tc.seq_len, "param_dtype": tc.param_dtype, "optimizer": tc.optimizer,
-          "remat": tc.remat, "train_only": ARGS.train_only, **{k: round(v, 3) for k, v in held.items()},
+          "remat": tc.remat, "train_only": ARGS.train_only, "lora_rank": ARGS.lora_rank,
+          **{k: round(v, 3) for k, v in held.items()},
           "temp_gb": temp, "peak_estimate_gb": round(sum(held.values()) + temp, 3)}
 
 

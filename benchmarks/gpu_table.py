@@ -16,6 +16,7 @@ Stages, in order (A2.7B config, random bf16 weights):
                timed rows, as it compiles two more programs)
   train        ours, the same fine-tuning shape as hf_train (bf16 parameters and moments, no remat)
   fit          full 24-layer fine-tuning on one device with frozen experts: memory held and step temporaries
+  lora         full 24-layer LoRA fine-tuning (rank 16 on every target group) on one device: the same figures
   kernels      each routed-expert path at 1 to 16384 tokens, and attention at the training shape, timed alone
   int8_cache   the decode rows and the throughput row again with an int8 KV cache (twice the rows fit)
   profile      the kernels that take the time in a batch-1 decode and a train step (with --trace)
@@ -57,11 +58,12 @@ from qwen_moe_jax.demo import demo_config  # noqa: E402
 from qwen_moe_jax.generate import Generator, cache_bucket, prompt_logits  # noqa: E402
 from qwen_moe_jax.kernels import Kernels, default_kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import KVCache  # noqa: E402
+from qwen_moe_jax.lora import LoraConfig  # noqa: E402
 from qwen_moe_jax.model import abstract_model, create_model  # noqa: E402
 
 GB = 1e9
 STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",
-          "fit", "kernels", "int8_cache")
+          "fit", "lora", "kernels", "int8_cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,8 +434,14 @@ def our_train(run: Run, plan: Plan, kernels: Kernels, peak: float | None, stage:
   mesh = sharding.make_mesh({}, jax.devices()[:1])
   tc = dataclasses.replace(tc, batch_size=batch, seq_len=seq, compute_dtype=plan.dtype).validate()
   pdtype = jnp.dtype(tc.param_dtype)
-  trainable, frozen = training.split_params(create_model(cfg, mesh, pdtype, kernels), tc)
-  graphdef, abstract = abstract_model(cfg, pdtype, 1, kernels)
+  if tc.lora is None:
+    model = create_model(cfg, mesh, pdtype, kernels)
+  else:  # frozen weights in the compute dtype, new adapters in the parameter dtype
+    model = training.with_adapters(create_model(cfg, mesh, jnp.dtype(plan.dtype), kernels), None, tc.lora, mesh,
+                                   pdtype, kernels)
+  trainable, frozen = training.split_params(model, tc)
+  del model
+  graphdef, abstract = abstract_model(cfg, pdtype, 1, kernels, tc.lora)
   tx = training.make_optimizer(tc)
   with jax.set_mesh(mesh):
     opt_state = training.compile_init(tx, trainable)(trainable)
@@ -458,7 +466,8 @@ def our_train(run: Run, plan: Plan, kernels: Kernels, peak: float | None, stage:
   tps = float(m.tokens) / seconds
   run.emit(stage=stage, impl="ours", layers=layers, batch=batch, seq=seq, param_dtype=tc.param_dtype,
            optimizer=tc.optimizer, remat=tc.remat, train_only=sorted(tc.train_only) if tc.train_only else None,
-           freeze=sorted(tc.freeze) if tc.freeze else None, tokens_per_s=round(tps, 1),
+           freeze=sorted(tc.freeze) if tc.freeze else None, lora=tc.lora and tc.lora.to_dict(),
+           tokens_per_s=round(tps, 1),
            mfu=mfu(tps, cfg, seq, peak), loss=round(float(m.loss), 4),
            held_gb=round(held / GB, 2), step_temp_gb=round(step.memory_analysis().temp_size_in_bytes / GB, 2),
            compile_s=round(compile_s, 1), kernels=dataclasses.asdict(kernels))
@@ -583,6 +592,8 @@ def main() -> None:
   frozen_experts = training.TrainConfig(freeze=frozenset({"experts"}), remat="full")
   run.stage("fit", our_train, run, plan, kernels, peak, "fit", plan.cfg.num_hidden_layers, *plan.fit,
             frozen_experts, rng)
+  run.stage("lora", our_train, run, plan, kernels, peak, "lora", plan.cfg.num_hidden_layers, *plan.fit,
+            training.TrainConfig(lora=LoraConfig(16, 32.0), remat="full"), rng)
   run.stage("kernels", kernel_times, run, plan, kernels)
   run.stage("int8_cache", int8_cache, run, plan, kernels, rng)
   run.emit(stage="done")

@@ -3,7 +3,9 @@
 A checkpoint folder (what the converter writes) holds config.json, the tokenizer files and `params/`, an
 Orbax PyTree checkpoint of the parameters as nested dicts with string keys ({"layers": {"0": {...}}}).
 A training run folder holds the same side files and `checkpoints/<step>/` with a `params` item; every
-function here that takes a folder accepts either (a run folder means its latest complete step).
+function here that takes a folder accepts either (a run folder means its latest complete step). A LoRA run
+folder's steps hold an `adapters` item instead, and its `lora.json` names the frozen base checkpoint: reading
+it gives the base weights with the adapters merged in (lora.merge).
 Experts are stored unpadded; a model built for an expert axis that does not divide the expert count is
 padded on restore and sliced back on save, so checkpoints never show the padding.
 """
@@ -11,6 +13,7 @@ padded on restore and sliced back on save, so checkpoints never show the padding
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -22,6 +25,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
@@ -31,7 +35,9 @@ from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
 PARAMS_DIR = "params"
 RUN_CHECKPOINTS_DIR = "checkpoints"
 PARAMS_ITEM = "params"  # checkpointable name inside a training step
-EXPERT_LEAVES = ("experts_wi", "experts_wo")  # leading dimension is the (padded) expert axis
+ADAPTERS_ITEM = "adapters"  # the same, for a LoRA run
+LORA_FILE = "lora.json"  # in a LoRA run folder: the adapters' settings and the base checkpoint
+EXPERT_LEAVES = ("experts_wi", "experts_wo")  # leading dimension is the (padded) expert axis (also of their adapters)
 
 
 def path_str(path: Iterable[Any]) -> str:
@@ -62,15 +68,18 @@ def group_of(path: str) -> str:
   return ".".join(parts[:2]) if parts[0] == "layers" else "top"
 
 
-def param_shapes(cfg: QwenMoeConfig) -> dict[str, tuple[int, ...]]:
-  """Checkpoint (unpadded) shape of every parameter."""
-  return {k: v.shape for k, v in flatten(abstract_model(cfg)[1]).items()}
+def param_shapes(cfg: QwenMoeConfig, lora: lora_lib.LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
+  """Checkpoint (unpadded) shape of every parameter, or with `lora` of every adapter."""
+  flat = flatten(abstract_model(cfg, lora=lora)[1])
+  return {k: v.shape for k, v in flat.items() if (lora is not None) == lora_lib.is_adapter(k)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Location:
   path: Path  # what ocp.load takes
   item: str | None  # checkpointable name (None: the PyTree checkpoint's own)
+  adapters: Location | None = None  # a LoRA run's latest step, whose adapters are merged into these weights
+  lora: lora_lib.LoraConfig | None = None
 
 
 def latest_step(run_dir: Path) -> Path | None:
@@ -84,12 +93,41 @@ def locate(folder: str | Path) -> Location:
   folder = Path(folder)
   if not folder.is_dir():
     raise UserError(f"{folder}: checkpoint folder not found")
+  if (folder / LORA_FILE).is_file():
+    step = latest_step(folder)
+    if step is None:
+      raise UserError(f"{folder}: LoRA run folder with no finished step ({RUN_CHECKPOINTS_DIR}/<step>/)")
+    return dataclasses.replace(lora_base(folder), adapters=Location(step, ADAPTERS_ITEM),
+                               lora=lora_lib.LoraConfig.from_dict(_read_lora_file(folder)))
   if ocp.is_orbax_checkpoint(folder / PARAMS_DIR):
     return Location(folder / PARAMS_DIR, None)
   step = latest_step(folder)
   if step is not None:
     return Location(step, PARAMS_ITEM)
   raise UserError(f"{folder}: no finished parameter checkpoint ({PARAMS_DIR}/ or {RUN_CHECKPOINTS_DIR}/<step>/)")
+
+
+def lora_base(folder: str | Path) -> Location:
+  """The frozen base weights of a LoRA run folder, as its lora.json records them."""
+  d = _read_lora_file(folder)
+  base = Location(Path(d["base"]), d["base_item"])
+  if not ocp.is_orbax_checkpoint(base.path):
+    raise UserError(f"{Path(folder) / LORA_FILE}: base checkpoint {base.path} not found (the LoRA run's frozen "
+                    f"weights; put it back there or edit 'base')")
+  return base
+
+
+def lora_record(base: Location, lora: lora_lib.LoraConfig) -> dict:
+  """What a LoRA run's lora.json holds."""
+  return {"base": str(base.path.resolve()), "base_item": base.item, **lora.to_dict()}
+
+
+def _read_lora_file(folder: str | Path) -> dict:
+  path = Path(folder) / LORA_FILE
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: unreadable ({e})") from None
 
 
 def load_config(folder: str | Path) -> QwenMoeConfig:
@@ -99,6 +137,17 @@ def load_config(folder: str | Path) -> QwenMoeConfig:
 def stored_shapes(loc: Location) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   meta = ocp.metadata(loc.path, **({"checkpointable_name": loc.item} if loc.item else {})).metadata
   return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(meta).items()}
+
+
+def checked(folder: str | Path, cfg: QwenMoeConfig) -> tuple[Location, dict[str, tuple[tuple[int, ...], np.dtype]]]:
+  """(location, stored shapes and dtypes) of a folder's weights, strictly checked against `cfg` (and those of
+  a LoRA run's adapters against its lora.json)."""
+  loc = locate(folder)
+  stored = stored_shapes(loc)
+  check_shapes(stored, param_shapes(cfg), str(loc.path))
+  if loc.adapters is not None:
+    check_shapes(stored_shapes(loc.adapters), param_shapes(cfg, loc.lora), str(loc.adapters.path))
+  return loc, stored
 
 
 def check_shapes(stored: dict[str, tuple[tuple[int, ...], Any]], expected: dict[str, tuple[int, ...]],
@@ -123,25 +172,51 @@ def _load(loc: Location, abstract: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_group(loc: Location, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], group: str) -> dict[str, np.ndarray]:
-  """One group's parameters as host numpy arrays in their stored dtype."""
+  """One group's parameters as host numpy arrays in their stored dtype (with a LoRA run's adapters merged)."""
   abstract = {k: np.empty(shape, dtype) for k, (shape, dtype) in shapes.items() if group_of(k) == group}
-  return _load(loc, abstract)
+  params = _load(loc, abstract) if abstract else {}
+  if loc.adapters is None:
+    return params
+  adapters = read_group(loc.adapters, stored_shapes(loc.adapters), group)
+  return {k: np.asarray(v) for k, v in lora_lib.merge_into(params, adapters, loc.lora.scale).items()}
 
 
-def restore(folder: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
+def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
             kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
-  """Builds the model from a checkpoint or run folder, every parameter created directly in its sharding."""
-  cfg = cfg or load_config(folder)
-  loc = locate(folder)
-  check_shapes(stored_shapes(loc), param_shapes(cfg), str(loc.path))
+  """Builds the model from a checkpoint or run folder (a LoRA run's adapters merged into its base), or from a
+  Location (`cfg` then required), every parameter created directly in its sharding."""
+  if isinstance(source, Location):
+    loc = source
+    check_shapes(stored_shapes(loc), param_shapes(cfg), str(loc.path))
+  else:
+    cfg = cfg or load_config(source)
+    loc, _ = checked(source, cfg)
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels)
+  values = load_sharded(loc, wanted_params(abstract, mesh, dtype), cfg.num_experts)
+  if loc.adapters is not None:
+    wanted = wanted_adapters(cfg, loc.lora, mesh, dtype, kernels)
+    values = lora_lib.merge_into(values, load_sharded(loc.adapters, wanted, cfg.num_experts), loc.lora.scale)
+  return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, values)))
+
+
+def wanted_params(abstract: nnx.State, mesh: jax.sharding.Mesh, dtype: jnp.dtype) -> dict[str, jax.ShapeDtypeStruct]:
+  """{path: ShapeDtypeStruct of `dtype` in the parameter's sharding on `mesh`} for an abstract model state."""
   target = flatten(sharding.param_shardings(abstract, mesh))
-  wanted = unflatten({k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=target[k])
-                      for k, v in flatten(abstract).items()})
+  return {k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=target[k]) for k, v in flatten(abstract).items()}
+
+
+def wanted_adapters(cfg: QwenMoeConfig, lora: lora_lib.LoraConfig, mesh: jax.sharding.Mesh, dtype: jnp.dtype,
+                    kernels: Kernels = Kernels()) -> dict[str, jax.ShapeDtypeStruct]:
+  """`wanted_params` of the LoRA adapters alone (experts padded for `mesh`)."""
+  _, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels, lora)
+  return {k: v for k, v in wanted_params(abstract, mesh, dtype).items() if lora_lib.is_adapter(k)}
+
+
+def load_sharded(loc: Location, wanted: dict[str, jax.ShapeDtypeStruct], num_experts: int) -> dict[str, jax.Array]:
+  """The arrays at `loc` (flat keys) into `wanted`'s shapes (experts padded), dtypes and shardings."""
   item = {"checkpointable_name": loc.item} if loc.item else {}
-  values = load_padded(lambda request: ocp.load(loc.path, request, **item), wanted, cfg.num_experts)
-  return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, flatten(values))))
+  return flatten(load_padded(lambda request: ocp.load(loc.path, request, **item), unflatten(wanted), num_experts))
 
 
 def _key_names(path) -> list:
@@ -158,7 +233,8 @@ def is_expert_leaf(path, leaf) -> bool:
 
   Works on nested trees ({"layers": {"0": {"mlp": {"experts_wi": ...}}}}) and on flat dotted keys alike.
   """
-  return bool(path) and str(_key_names(path)[-1]).rsplit(".", 1)[-1] in EXPERT_LEAVES and getattr(leaf, "ndim", 0) >= 1
+  name = str(_key_names(path)[-1]).rsplit(".", 1)[-1] if path else ""
+  return name.startswith(EXPERT_LEAVES) and getattr(leaf, "ndim", 0) >= 1
 
 
 def load_padded(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> Any:

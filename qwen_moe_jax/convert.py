@@ -227,10 +227,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
   ckpt_dir = Path(ckpt_dir)
   dtype = _dtype(dtype) if dtype else None  # a bad --dtype fails before anything is read
   cfg = checkpoint.load_config(ckpt_dir)
-  loc = checkpoint.locate(ckpt_dir)
-  stored = checkpoint.stored_shapes(loc)
-  shapes = checkpoint.param_shapes(cfg)
-  checkpoint.check_shapes(stored, shapes, str(loc.path))
+  loc, stored = checkpoint.checked(ckpt_dir, cfg)
   target = np.dtype(dtype) if dtype else stored["embed"][1]
 
   def tensors(group: str, bindings: list[Binding]) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
+from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig, RopeScaling
 from qwen_moe_jax.kv_cache import LayerKV, round_trip
@@ -254,9 +255,10 @@ def attend_splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.A
 
 
 class Attention(nnx.Module):
-  """Self-attention with q/k/v bias, no o bias; optional KV cache (see kv_cache.py)."""
+  """Self-attention with q/k/v bias, no o bias; optional KV cache (see kv_cache.py) and LoRA adapters."""
 
-  def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs, backend: str = "xla"):
+  def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs, backend: str = "xla",
+               lora: lora_lib.LoraConfig | None = None):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
     self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", None), dtype)  # [D, N, H]
     self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", None), dtype)  # [D, K, H]
@@ -268,6 +270,7 @@ class Attention(nnx.Module):
       self.v_bias = param(rngs, (k, h), ("kv_heads", None), dtype, init="zeros")  # [K, H]
     self.qkv_bias = cfg.qkv_bias
     self.backend = backend  # Kernels.attention
+    lora_lib.attach(self, "attention", lora, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask, cache: LayerKV | None = None,
                slots: jax.Array | None = None, cache_row: jax.Array | int = 0,
@@ -280,9 +283,9 @@ class Attention(nnx.Module):
     as the cache holds them, as the tokens after them will). With `attend_cache` (decoding), each row's keys
     and values go to its slots [B, T] and attention runs over the whole cache.
     """
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...])
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...])
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...])
+    q = lora_lib.project(self, "q_proj", "BTD,DNH->BTNH", x)
+    k = lora_lib.project(self, "k_proj", "BTD,DKH->BTKH", x)
+    v = lora_lib.project(self, "v_proj", "BTD,DKH->BTKH", x)
     if self.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -305,7 +308,7 @@ class Attention(nnx.Module):
       out = attend_splash(q, k, v, mask)
     else:
       out = attend(q, k, v, mask, scales=scales)
-    return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...]), cache
+    return lora_lib.project(self, "o_proj", "BTNH,NHD->BTD", out), cache
 
 
 def swiglu(h: jax.Array) -> jax.Array:
@@ -314,12 +317,15 @@ def swiglu(h: jax.Array) -> jax.Array:
 
 
 class Mlp(nnx.Module):
-  """down(silu(gate(x)) * up(x)); gate and up are stored side by side as wi [D, 2, F]."""
+  """down(silu(gate(x)) * up(x)); gate and up are stored side by side as wi [D, 2, F]. `lora_group`: the
+  LoRA target group this MLP belongs to ("mlp" or "shared_expert")."""
 
-  def __init__(self, hidden: int, width: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, width: int, dtype: jnp.dtype, rngs: nnx.Rngs,
+               lora: lora_lib.LoraConfig | None = None, lora_group: str = "mlp"):
     self.wi = param(rngs, (hidden, 2, width), ("embed", None, "mlp"), dtype)  # [D, C, F]
     self.wo = param(rngs, (width, hidden), ("mlp", "embed"), dtype)  # [F, D]
+    lora_lib.attach(self, lora_group, lora, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jnp.einsum("...D,DCF->...CF", x, self.wi[...])
-    return jnp.einsum("...F,FD->...D", swiglu(h), self.wo[...])
+    h = lora_lib.project(self, "wi", "...D,DCF->...CF", x)
+    return lora_lib.project(self, "wo", "...F,FD->...D", swiglu(h))

@@ -23,6 +23,7 @@ from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.layers import F32, Attention, Mask, Mlp, RMSNorm, param, rope_frequencies, rope_tables
+from qwen_moe_jax.lora import LoraConfig
 from qwen_moe_jax.moe import MoeBlock
 
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, D]
@@ -37,15 +38,15 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: QwenMoeConfig, index: int, dtype: jnp.dtype, rngs: nnx.Rngs, expert_shards: int,
-               kernels: Kernels):
+               kernels: Kernels, lora: LoraConfig | None = None):
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-    self.attn = Attention(cfg, dtype, rngs, kernels.attention)
+    self.attn = Attention(cfg, dtype, rngs, kernels.attention, lora)
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
     self.is_moe = cfg.is_moe_layer(index)
     if self.is_moe:
-      self.mlp = MoeBlock(cfg, dtype, rngs, expert_shards, kernels.experts)
+      self.mlp = MoeBlock(cfg, dtype, rngs, expert_shards, kernels.experts, lora)
     else:
-      self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+      self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, lora, "mlp")
 
   def __call__(self, x, cos, sin, mask, cache=None, slots=None, cache_row=0, attend_cache=False):
     """x [B, T, D] -> (x [B, T, D], router logits [N, E] or None, this layer's kv_cache.LayerKV or None)."""
@@ -125,13 +126,14 @@ class Output:
 
 class QwenMoeForCausalLM(nnx.Module):
   def __init__(self, cfg: QwenMoeConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.bfloat16,
-               expert_shards: int = 1, kernels: Kernels = Kernels()):
+               expert_shards: int = 1, kernels: Kernels = Kernels(), lora: LoraConfig | None = None):
     """`expert_shards`: the expert axis size; experts are padded to a multiple of it (never routed to).
-    `kernels`: which implementations run the routed experts and attention (see kernels.py)."""
+    `kernels`: which implementations run the routed experts and attention (see kernels.py). `lora`: LoRA
+    adapters on the weights of its target groups (see lora.py)."""
     self.config = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)  # [V, D]
     self.layers = nnx.List([
-      DecoderLayer(cfg, i, dtype, rngs, expert_shards, kernels) for i in range(cfg.num_hidden_layers)
+      DecoderLayer(cfg, i, dtype, rngs, expert_shards, kernels, lora) for i in range(cfg.num_hidden_layers)
     ])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
     self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)  # [D, V]
@@ -184,10 +186,10 @@ class QwenMoeForCausalLM(nnx.Module):
 
 
 def abstract_model(cfg: QwenMoeConfig, dtype: jnp.dtype = jnp.float32, expert_shards: int = 1,
-                   kernels: Kernels = Kernels()) -> tuple[nnx.GraphDef, nnx.State]:
+                   kernels: Kernels = Kernels(), lora: LoraConfig | None = None) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, state of ShapeDtypeStructs): the model's structure without allocating it."""
   model = nnx.eval_shape(lambda: QwenMoeForCausalLM(
-    cfg, rngs=nnx.Rngs(0), dtype=dtype, expert_shards=expert_shards, kernels=kernels))
+    cfg, rngs=nnx.Rngs(0), dtype=dtype, expert_shards=expert_shards, kernels=kernels, lora=lora))
   return nnx.split(model)
 
 

@@ -1,7 +1,7 @@
 """The sparse MoE block: router, routed experts, shared expert, and the load-balancing loss.
 
 Shape letters: N tokens (batch x time, flattened), D model width, E experts, F expert hidden, C gate/up (2),
-K experts per token (top-k), R routed rows (N x K).
+K experts per token (top-k), R routed rows (N x K), r LoRA rank.
 
 The routed experts sit behind one function, `routed_experts`, with interchangeable backends:
   dense   every expert on every token (the reference: simple, exact, O(N E) work)
@@ -16,12 +16,13 @@ owns for every token routed to them and the partial outputs are summed across th
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.kernels import EXPERT_BACKENDS
@@ -41,20 +42,36 @@ def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple
   return logits, weights.astype(x.dtype), ids
 
 
-def experts_dense(x, ids, weights, wi, wo, first_expert):
+class ExpertLora(NamedTuple):
+  """The routed experts' LoRA adapters (see lora.py), B already times the scale."""
+
+  wi_a: jax.Array  # [E, D, r]
+  wi_b: jax.Array  # [E, r, C, F]
+  wo_a: jax.Array  # [E, F, r]
+  wo_b: jax.Array  # [E, r, D]
+
+
+def experts_dense(x, ids, weights, wi, wo, first_expert, lora: ExpertLora | None = None):
   """Reference: run every local expert on every token, keep the routed ones.
 
   x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D] -> [N, D]. Experts are numbered from
-  `first_expert` (ids outside [first_expert, first_expert + E) belong to other devices).
+  `first_expert` (ids outside [first_expert, first_expert + E) belong to other devices). `lora`: adapters
+  added to wi and wo, applied to the activations.
   """
   e = wi.shape[0]
   combine = jnp.sum(jax.nn.one_hot(ids - first_expert, e, dtype=weights.dtype) * weights[..., None], axis=1)  # [N, E]
   h = jnp.einsum("ND,EDCF->NECF", x, wi)
-  y = jnp.einsum("NEF,EFD->NED", swiglu(h), wo)
+  if lora is not None:
+    h += jnp.einsum("NEr,ErCF->NECF", jnp.einsum("ND,EDr->NEr", x, lora.wi_a), lora.wi_b)
+  g = swiglu(h)  # [N, E, F]
+  y = jnp.einsum("NEF,EFD->NED", g, wo)
+  if lora is not None:
+    y += jnp.einsum("NEr,ErD->NED", jnp.einsum("NEF,EFr->NEr", g, lora.wo_a), lora.wo_b)
   return jnp.einsum("NED,NE->ND", y, combine)
 
 
-def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.ragged_dot):
+def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.ragged_dot,
+                   lora: ExpertLora | None = None):
   """Dropless grouped GEMM: sort the N x K routed rows by expert, two ragged_dots, unsort, weight, sum.
 
   Same contract as `experts_dense`. Rows routed to experts on other devices sort last, outside every group.
@@ -66,14 +83,19 @@ def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.rag
   order = jnp.argsort(local, stable=True)  # [R] sorted by expert
   sizes = jnp.bincount(local, length=e + 1)[:e].astype(jnp.int32)  # [E]
   rows = x[order // k]  # [R, D]
-  h = ragged_dot(rows, wi.reshape(e, d, 2 * f), sizes).reshape(-1, 2, f)  # [R, C, F]
-  y = ragged_dot(swiglu(h), wo, sizes)  # [R, D]
+  h = ragged_dot(rows, wi.reshape(e, d, 2 * f), sizes)  # [R, C x F]
+  if lora is not None:
+    h += ragged_dot(ragged_dot(rows, lora.wi_a, sizes), lora.wi_b.reshape(e, -1, 2 * f), sizes)
+  g = swiglu(h.reshape(-1, 2, f))  # [R, F]
+  y = ragged_dot(g, wo, sizes)  # [R, D]
+  if lora is not None:
+    y += ragged_dot(ragged_dot(g, lora.wo_a, sizes), lora.wo_b, sizes)
   y = jnp.where((local[order] < e)[:, None], y, 0)
   unsorted = jnp.zeros_like(y).at[order].set(y, unique_indices=True).reshape(n, k, d)  # [N, K, D]
   return jnp.einsum("NKD,NK->ND", unsorted, weights)
 
 
-def experts_gathered(x, ids, weights, wi, wo, first_expert):
+def experts_gathered(x, ids, weights, wi, wo, first_expert, lora: ExpertLora | None = None):
   """Few routed rows (decoding): gather just the K experts each token uses and run them as batched matmuls.
 
   Reads N x K experts' weights instead of all E, which wins while N x K is small next to E. Same contract as
@@ -84,9 +106,17 @@ def experts_gathered(x, ids, weights, wi, wo, first_expert):
   mine = (local >= 0) & (local < e)
   local = jnp.where(mine, local, 0)
   h = jnp.einsum("ND,NKDCF->NKCF", x, wi[local])
-  y = jnp.einsum("NKF,NKFD->NKD", swiglu(h), wo[local])
+  if lora is not None:
+    h += jnp.einsum("NKr,NKrCF->NKCF", jnp.einsum("ND,NKDr->NKr", x, lora.wi_a[local]), lora.wi_b[local])
+  g = swiglu(h)  # [N, K, F]
+  y = jnp.einsum("NKF,NKFD->NKD", g, wo[local])
+  if lora is not None:
+    y += jnp.einsum("NKr,NKrD->NKD", jnp.einsum("NKF,NKFr->NKr", g, lora.wo_a[local]), lora.wo_b[local])
   return jnp.einsum("NKD,NK->ND", y, jnp.where(mine, weights, 0))
 
+
+LORA_AXES = ExpertLora(("expert", "embed", None), ("expert", None, None, "moe_mlp"), ("expert", "moe_mlp", None),
+                       ("expert", None, "embed"))  # the logical axes lora.attach gives the adapters
 
 GATHER_MAX_ROWS_PER_EXPERT = 0.5  # routed rows / local experts below which the gathered path is used
 
@@ -99,23 +129,24 @@ def tokamax_ragged_dot() -> Callable:
   return tokamax.ragged_dot
 
 
-def routed_experts(x, ids, weights, wi, wo, first_expert: int | jax.Array, backend: str) -> jax.Array:
-  """Dispatch to a backend; all take x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D].
+def routed_experts(x, ids, weights, wi, wo, first_expert: int | jax.Array, backend: str,
+                   lora: ExpertLora | None = None) -> jax.Array:
+  """Dispatch to a backend; all take x [N, D], ids / weights [N, K], wi [E, D, C, F], wo [E, F, D], lora.
 
   The grouped-GEMM backends hand small batches (fewer routed rows than half the local experts: decoding) to
   `experts_gathered`, which reads only the experts in use.
   """
   if backend == "dense":
-    return experts_dense(x, ids, weights, wi, wo, first_expert)
+    return experts_dense(x, ids, weights, wi, wo, first_expert, lora)
   if backend not in ("ragged", "tokamax"):
     raise ValueError(f"expert backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
   if ids.size < GATHER_MAX_ROWS_PER_EXPERT * wi.shape[0]:
-    return experts_gathered(x, ids, weights, wi, wo, first_expert)
+    return experts_gathered(x, ids, weights, wi, wo, first_expert, lora)
   ragged_dot = tokamax_ragged_dot() if backend == "tokamax" else jax.lax.ragged_dot
-  return experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=ragged_dot)
+  return experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot, lora)
 
 
-def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
+def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh, lora: ExpertLora | None = None) -> jax.Array:
   """routed_experts under shard_map: experts split over the expert axis, their hidden over tensor.
 
   Tokens arrive split over the batch axes. If the expert axis splits tokens too, each device first gathers
@@ -133,41 +164,48 @@ def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh) -> jax.Array:
   sum_axes = tuple(a for a in expert_axes if a not in tok_axes) + sharding.axes_of(wi_spec[3])
   unsplit = tuple(a for a in fsdp_axes if a not in tok_axes)
   local_experts = wi.shape[0] // math.prod(mesh.shape[a] for a in expert_axes)
+  lora_specs = None if lora is None else ExpertLora(
+    *(sharding.spec_for(names, a.shape, mesh, "experts lora") for names, a in zip(LORA_AXES, lora)))
 
-  def local(x, ids, weights, wi, wo):
-    for a in fsdp_axes:
+  def local(x, ids, weights, wi, wo, lora=None):
+    for a in fsdp_axes:  # the model dim: wi, wi_a axis 1; wo, wo_b axis 2
       wi = jax.lax.all_gather(wi, a, axis=1, tiled=True)
       wo = jax.lax.all_gather(wo, a, axis=2, tiled=True)
+      if lora is not None:
+        lora = lora._replace(wi_a=jax.lax.all_gather(lora.wi_a, a, axis=1, tiled=True),
+                             wo_b=jax.lax.all_gather(lora.wo_b, a, axis=2, tiled=True))
     if gather_tokens:
       x, ids, weights = (jax.lax.all_gather(t, gather_tokens, axis=0, tiled=True) for t in (x, ids, weights))
     first = sharding.shard_index(expert_axes, mesh) * local_experts
-    y = routed_experts(x, ids, weights, wi, wo, first, backend)
+    y = routed_experts(x, ids, weights, wi, wo, first, backend, lora)
     if sum_axes:
       y = jax.lax.psum(y, sum_axes)
     if gather_tokens:
       y = jax.lax.psum_scatter(y, gather_tokens, scatter_dimension=0, tiled=True)
     return sharding.replicated(y, unsplit, mesh)
 
-  return jax.shard_map(
-    local, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, wi_spec, wo_spec), out_specs=tok_spec,
-  )(x, ids, weights, wi, wo)
+  args, specs = (x, ids, weights, wi, wo), (tok_spec, tok_spec, tok_spec, wi_spec, wo_spec)
+  if lora is not None:
+    args, specs = (*args, lora), (*specs, lora_specs)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tok_spec)(*args)
 
 
 class MoeBlock(nnx.Module):
   """Routed experts plus a shared expert scaled by sigmoid(shared_expert_gate(x))."""
 
   def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs, expert_shards: int = 1,
-               backend: str = "ragged"):
+               backend: str = "ragged", lora: lora_lib.LoraConfig | None = None):
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     padded = -(-cfg.num_experts // expert_shards) * expert_shards  # never routed to: ids < num_experts
     self.router = param(rngs, (d, cfg.num_experts), ("embed", None), dtype)  # [D, E]
     self.experts_wi = param(rngs, (padded, d, 2, f), ("expert", "embed", None, "moe_mlp"), dtype)  # [E, D, C, F]
     self.experts_wo = param(rngs, (padded, f, d), ("expert", "moe_mlp", "embed"), dtype)  # [E, F, D]
-    self.shared_expert = Mlp(d, cfg.shared_expert_intermediate_size, dtype, rngs)
+    self.shared_expert = Mlp(d, cfg.shared_expert_intermediate_size, dtype, rngs, lora, "shared_expert")
     self.shared_gate = param(rngs, (d,), ("embed",), dtype)  # [D]
     self.top_k = cfg.num_experts_per_tok
     self.normalize = cfg.norm_topk_prob
     self.backend = backend
+    lora_lib.attach(self, "experts", lora, rngs, experts=True)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> (out [B, T, D], router logits [B*T, E])."""
@@ -178,10 +216,12 @@ class MoeBlock(nnx.Module):
     with jax.named_scope("routed_experts"):
       mesh = sharding.current_mesh()
       wi, wo = self.experts_wi[...], self.experts_wo[...]
+      adapters = lora_lib.adapter(self, "experts_wi"), lora_lib.adapter(self, "experts_wo")
+      lora = None if adapters[0] is None else ExpertLora(*adapters[0], *adapters[1])
       if mesh is None:
-        routed = routed_experts(x2, ids, weights, wi, wo, 0, self.backend)
+        routed = routed_experts(x2, ids, weights, wi, wo, 0, self.backend, lora)
       else:
-        routed = _expert_parallel(x2, ids, weights, wi, wo, self.backend, mesh)
+        routed = _expert_parallel(x2, ids, weights, wi, wo, self.backend, mesh, lora)
     with jax.named_scope("shared_expert"):
       gate = jax.nn.sigmoid(jnp.einsum("ND,D->N", x2, self.shared_gate[...]))[:, None]
       shared = gate * self.shared_expert(x2)

@@ -3,7 +3,8 @@
 RUN_DIR/
   config.json, tokenizer files     copied from the source checkpoint (so infer.py / export take RUN_DIR)
   train_config.json                the hyper-parameters and data the run started with
-  checkpoints/<step>/              params (unpadded), opt_state (unpadded); Orbax renames a step
+  lora.json                        a LoRA run's adapter settings and its base checkpoint (checkpoint.LORA_FILE)
+  checkpoints/<step>/              params (unpadded; a LoRA run: adapters), opt_state (unpadded); Orbax renames a step
                                    into place only when complete, so a killed save is never the latest
   metrics.jsonl                    one object per logged step
   loss.png                         the loss curve, written at the end
@@ -27,6 +28,7 @@ from qwen_moe_jax.errors import UserError
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
+OPT_STATE = "opt_state"  # checkpointable name of the optimizer state in a step
 
 
 class RunDir:
@@ -45,8 +47,9 @@ class RunDir:
     latest = self._ckpt.latest
     return None if latest is None else int(latest.step)
 
-  def start(self, source: Path, train_config: dict[str, Any]) -> None:
-    """A new run: copy config.json and tokenizer files from the source checkpoint; record the settings."""
+  def start(self, source: Path, train_config: dict[str, Any], lora: dict[str, Any] | None = None) -> None:
+    """A new run: copy config.json and tokenizer files from the source checkpoint; record the settings (and a
+    LoRA run's lora.json)."""
     leftovers = [p.name for p in self.folder.iterdir() if p.name != checkpoint.RUN_CHECKPOINTS_DIR]
     if leftovers:
       raise UserError(f"{self.folder}: not a run folder of train.py and not empty ({leftovers[0]}); "
@@ -56,26 +59,28 @@ class RunDir:
       shutil.copyfile(hf_io.inside(source, "config.json", str(source)), self.folder / "config.json")
       hf_io.copy_side_files(source, self.folder)
       (self.folder / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
+      if lora is not None:
+        (self.folder / checkpoint.LORA_FILE).write_text(json.dumps(lora, indent=2) + "\n")
     multihost_utils.sync_global_devices("run folder written")
 
   def recorded_config(self) -> dict[str, Any]:
     return json.loads((self.folder / TRAIN_CONFIG).read_text())
 
-  def save(self, step: int, params: dict, opt_state: Any) -> None:
-    """Starts an async save of step `step`; an error of the previous save surfaces here (or in wait())."""
+  def save(self, step: int, params: dict, opt_state: Any, item: str = checkpoint.PARAMS_ITEM) -> None:
+    """Starts an async save of step `step` (`params` under `item`); an error of the previous save surfaces here
+    (or in wait())."""
     self.wait()
-    self._pending = self._ckpt.save_checkpointables_async(
-      step, {checkpoint.PARAMS_ITEM: params, "opt_state": opt_state})
+    self._pending = self._ckpt.save_checkpointables_async(step, {item: params, OPT_STATE: opt_state})
 
   def wait(self) -> None:
     if self._pending is not None:
       pending, self._pending = self._pending, None
       pending.result()
 
-  def load_opt_state(self, step: int, wanted: Any, num_experts: int) -> Any:
-    """The optimizer state of a saved step into `wanted` (ShapeDtypeStructs with shardings; experts padded)."""
+  def load(self, step: int, item: str, wanted: Any, num_experts: int) -> Any:
+    """Item `item` of a saved step into `wanted` (ShapeDtypeStructs with shardings; experts padded)."""
     return checkpoint.load_padded(
-      lambda request: self._ckpt.load_checkpointables(step, {"opt_state": request})["opt_state"], wanted, num_experts)
+      lambda request: self._ckpt.load_checkpointables(step, {item: request})[item], wanted, num_experts)
 
   def close(self) -> None:
     self.wait()

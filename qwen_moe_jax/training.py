@@ -20,8 +20,11 @@ from flax import nnx
 
 from qwen_moe_jax import checkpoint, data, sharding
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.layers import F32
+from qwen_moe_jax.lora import LoraConfig, is_adapter
 from qwen_moe_jax.losses import causal_lm_loss
+from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
 
 PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
   "embed": lambda p: p == "embed",
@@ -70,6 +73,7 @@ class TrainConfig:
   freeze: frozenset[str] | None = None
   seed: int = 0
   pack: bool = True
+  lora: LoraConfig | None = None  # train LoRA adapters only, the rest frozen
 
   @property
   def warmup(self) -> int:
@@ -85,9 +89,15 @@ class TrainConfig:
       raise UserError("give --train-only or --freeze, not both")
     if self.optimizer not in OPTIMIZERS:
       raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+    if self.lora is not None:
+      self.lora.validate()
+      if self.train_only or self.freeze:
+        raise UserError("--lora-rank trains the adapters and freezes every weight; drop --train-only / --freeze")
     return self
 
   def trainable(self, path: str) -> bool:
+    if self.lora is not None:
+      return is_adapter(path)
     group = param_group(path)
     if self.train_only is not None:
       return group in self.train_only
@@ -125,6 +135,26 @@ def split_params(model: nnx.Module, tc: TrainConfig) -> tuple[dict, dict]:
   compute = jnp.dtype(tc.compute_dtype)
   frozen = {k: cast(v, compute) for k, v in flat.items() if k not in trainable}
   return checkpoint.unflatten(trainable), checkpoint.unflatten(frozen)
+
+
+def with_adapters(model: QwenMoeForCausalLM, adapters: dict[str, jax.Array] | None, lora: LoraConfig,
+                  mesh: jax.sharding.Mesh, dtype: jnp.dtype, kernels: Kernels, seed: int = 0) -> QwenMoeForCausalLM:
+  """`model` with LoRA adapters: `adapters` (flat, e.g. restored), or new ones (A random, B zeros) of `dtype`
+  created in their shardings on `mesh`."""
+  cfg, shards = model.config, sharding.expert_shards(mesh)
+  graphdef, abstract = abstract_model(cfg, dtype, shards, kernels, lora)
+  if adapters is None:
+    wanted = checkpoint.wanted_adapters(cfg, lora, mesh, dtype, kernels)
+
+    @functools.partial(jax.jit, out_shardings={k: v.sharding for k, v in wanted.items()})
+    def init():  # the base weights it also draws are unused outputs, which XLA drops
+      flat = checkpoint.flatten(nnx.state(QwenMoeForCausalLM(
+        cfg, rngs=nnx.Rngs(seed), dtype=dtype, expert_shards=shards, kernels=kernels, lora=lora)))
+      return {k: flat[k] for k in wanted}
+
+    adapters = init()
+  flat = checkpoint.flatten(nnx.state(model, nnx.Param)) | adapters
+  return nnx.merge(graphdef, checkpoint.unflatten_state(abstract, flat))
 
 
 @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"int8_cache", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill", "hf_throughput", "decode",
-          "throughput", "prefill", "profile", "train", "fit", "kernels", "done"}
+          "throughput", "prefill", "profile", "train", "fit", "lora", "kernels", "done"}
 
 
 def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
@@ -39,6 +39,8 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   assert [(r.get("batch"), r["kv_cache_dtype"]) for r in int8] == [(1, "int8"), (4, "int8"), (8, "int8")]
   fit = rows[("fit", 1)]
   assert fit["freeze"] == ["experts"] and fit["held_gb"] > 0 and fit["step_temp_gb"] > 0
+  lora = rows[("lora", 1)]
+  assert lora["lora"]["rank"] == 16 and 0 < lora["held_gb"] < fit["held_gb"] and lora["tokens_per_s"] > 0
   assert all(r["top_ops_ms"] for r in records if r["stage"] == "profile")
 
 
@@ -86,6 +88,21 @@ def test_capacity_planner_compiles_every_program(tmp_path):
     assert abs(p["peak_estimate_gb"] - (report["param_gb_per_device"] + report["kv_cache"]["gb_per_device"]
                                         + p["temp_gb"])) < 2e-3
   assert report["train_step"]["temp_gb"] > 0
+
+
+def test_capacity_planner_lora_step(tmp_path):
+  """--lora-rank: the adapters are what is trained (their optimizer state is a sliver of the frozen weights)."""
+  from qwen_moe_jax.demo import demo_config
+  config = tmp_path / "config.json"
+  config.write_text(json.dumps(demo_config(512).to_hf_dict()))
+  res = subprocess.run([sys.executable, "benchmarks/capacity.py", "--config", str(config), "--devices", "1",
+                        "--batch", "1", "--context", "64", "--prompt-len", "32", "--train", "--seq-len", "64",
+                        "--lora-rank", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr
+  step = json.loads(res.stdout.splitlines()[-1])["train_step"]
+  assert step["lora_rank"] == 4 and step["temp_gb"] > 0
+  assert 0 < step["trainable_gb_per_device"] < step["frozen_gb_per_device"] / 10
+  assert step["optimizer_state_gb_per_device"] < 2.1 * step["trainable_gb_per_device"]
 
 
 def test_attention_memory_benchmark_shows_blocks_smaller():

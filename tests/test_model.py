@@ -17,13 +17,22 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss
 
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, layers
+from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.losses import causal_lm_loss
 from qwen_moe_jax.model import QwenMoeForCausalLM, param_count
-from qwen_moe_jax.moe import experts_dense, experts_gathered, experts_sorted, load_balancing_loss, route, routed_experts
+from qwen_moe_jax.moe import (
+  ExpertLora,
+  experts_dense,
+  experts_gathered,
+  experts_sorted,
+  load_balancing_loss,
+  route,
+  routed_experts,
+)
 
 CONFIGS = {
   "gqa": dict(),
@@ -362,6 +371,59 @@ def test_expert_kernels_agree_on_a_shard_of_experts(first_expert):
   ref = sum(float(w[t, j]) * (jax.nn.silu(x[t] @ wi[i, :, 0]) * (x[t] @ wi[i, :, 1])) @ wo[i]
             for j, i in ((j, int(ids[t, j]) - first_expert) for j in range(k)) if 0 <= i < e_local)
   np.testing.assert_allclose(dense[t], ref if not isinstance(ref, int) else np.zeros(d), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first_expert", [0, 3])
+def test_expert_kernels_with_lora_equal_merged_weights(first_expert):
+  """Each backend applies expert adapters on the activations ((x A) B per expert) as merging them into the
+  weights (W + A B) would."""
+  rng = np.random.default_rng(first_expert + 10)
+  n, k, d, f, r, e_total, e_local = 13, 3, 8, 6, 3, 12, 4
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  x, w = normal(n, d), jnp.asarray(rng.random((n, k)), jnp.float32)
+  ids = jnp.asarray(np.stack([rng.choice(e_total, k, replace=False) for _ in range(n)]), jnp.int32)
+  wi, wo = normal(e_local, d, 2, f), normal(e_local, f, d)
+  lora = ExpertLora(normal(e_local, d, r), normal(e_local, r, 2, f), normal(e_local, f, r), normal(e_local, r, d))
+  ref = experts_dense(x, ids, w, lora_lib.merge(wi, lora.wi_a, lora.wi_b, 1.0, True),
+                      lora_lib.merge(wo, lora.wo_a, lora.wo_b, 1.0, True), first_expert)
+  assert np.abs(ref - experts_dense(x, ids, w, wi, wo, first_expert)).max() > 1.0  # the adapters matter
+  for kernel in (experts_dense, experts_sorted, experts_gathered):
+    np.testing.assert_allclose(kernel(x, ids, w, wi, wo, first_expert, lora=lora), ref, rtol=1e-4, atol=1e-4,
+                               err_msg=kernel.__name__)
+
+
+@pytest.mark.parametrize("backend", ["dense", "ragged"])
+def test_lora_model_equals_merged_weights(backend):
+  """A model with adapters on every target group (attention, shared expert, routed experts, a dense-MLP layer)
+  gives the logits of the same model with the adapters merged into its weights, in prefill and at decode size
+  (the gathered expert path); fresh adapters (B = 0) leave the model as it was."""
+  cfg = dataclasses.replace(demo_config(97), num_hidden_layers=3, mlp_only_layers=(1,))
+  lora = lora_lib.LoraConfig(rank=4, alpha=8.0)
+  kernels = Kernels(experts=backend)
+  adapted = QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, kernels=kernels, lora=lora)
+  graphdef, state = nnx.split(adapted)
+  flat = checkpoint.flatten(nnx.state(adapted, nnx.Param))
+  adapters = {k: v for k, v in flat.items() if lora_lib.is_adapter(k)}
+  assert len(adapters) == 2 * (3 * 4 + 2 * 2 + 2 * 2 + 1 * 2)  # 4 attention, 2 shared + 2 expert, 2 dense MLP
+  base_graph, base_state = nnx.split(QwenMoeForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, kernels=kernels))
+  weights = {k: v for k, v in flat.items() if not lora_lib.is_adapter(k)}
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 97, (2, 11)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(11), tokens.shape)
+
+  def logits(graph, state, values, rows=2, t=11):
+    m = nnx.merge(graph, checkpoint.unflatten_state(state, values))
+    return np.asarray(m.logits(m(tokens[:rows, :t], positions[:rows, :t]).hidden))
+
+  base = logits(base_graph, base_state, weights)
+  np.testing.assert_array_equal(logits(graphdef, state, flat), base)  # B = 0
+  trained = {k: jnp.asarray(rng.normal(0, 0.05, v.shape), jnp.float32) if k.endswith("_lora_b") else v
+             for k, v in flat.items()}
+  merged = lora_lib.merge_into(weights, adapters | {k: trained[k] for k in adapters}, lora.scale)
+  for rows, t in ((2, 11), (1, 1)):  # 1 token x 4 routed rows < half the 16 experts: experts_gathered
+    got, ref = logits(graphdef, state, trained, rows, t), logits(base_graph, base_state, merged, rows, t)
+    assert np.abs(ref - base[:rows, :t]).max() > 0.05  # the adapters matter
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
 
 
 def test_tokamax_backend_dispatch(monkeypatch):
