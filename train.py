@@ -60,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "frozen (in --dtype); checkpoints hold only the adapters")
   ap.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: updates are (alpha / rank) A B "
                   "(default: 2 x rank)")
-  ap.add_argument("--lora-targets", default=",".join(lora_lib.TARGETS),
-                  help=f"comma-separated groups whose weights get adapters ({', '.join(lora_lib.TARGETS)})")
+  ap.add_argument("--lora-targets", help=f"comma-separated groups whose weights get adapters (default: all of "
+                  f"{', '.join(lora_lib.TARGETS)})")
   ap.add_argument("--no-pack", action="store_true", help="one document per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -79,8 +79,11 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
   freeze = training.parse_groups(args.freeze, "--freeze")
   lora = None
   if args.lora_rank is not None:
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    lora = lora_lib.LoraConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, targets)
+    targets = tuple(t.strip() for t in (args.lora_targets or ",".join(lora_lib.TARGETS)).split(",") if t.strip())
+    alpha = 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
+    lora = lora_lib.LoraConfig(args.lora_rank, alpha, targets)
+  elif args.lora_alpha is not None or args.lora_targets is not None:
+    raise UserError("--lora-alpha / --lora-targets need --lora-rank")
   return training.TrainConfig(
     steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
     warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,

@@ -97,8 +97,8 @@ def locate(folder: str | Path) -> Location:
     step = latest_step(folder)
     if step is None:
       raise UserError(f"{folder}: LoRA run folder with no finished step ({RUN_CHECKPOINTS_DIR}/<step>/)")
-    return dataclasses.replace(lora_base(folder), adapters=Location(step, ADAPTERS_ITEM),
-                               lora=lora_lib.LoraConfig.from_dict(_read_lora_file(folder)))
+    lora = _read_lora_file(folder)[1]
+    return dataclasses.replace(lora_base(folder), adapters=Location(step, ADAPTERS_ITEM), lora=lora)
   if ocp.is_orbax_checkpoint(folder / PARAMS_DIR):
     return Location(folder / PARAMS_DIR, None)
   step = latest_step(folder)
@@ -109,8 +109,7 @@ def locate(folder: str | Path) -> Location:
 
 def lora_base(folder: str | Path) -> Location:
   """The frozen base weights of a LoRA run folder, as its lora.json records them."""
-  d = _read_lora_file(folder)
-  base = Location(Path(d["base"]), d["base_item"])
+  base = _read_lora_file(folder)[0]
   if not ocp.is_orbax_checkpoint(base.path):
     raise UserError(f"{Path(folder) / LORA_FILE}: base checkpoint {base.path} not found (the LoRA run's frozen "
                     f"weights; put it back there or edit 'base')")
@@ -122,12 +121,14 @@ def lora_record(base: Location, lora: lora_lib.LoraConfig) -> dict:
   return {"base": str(base.path.resolve()), "base_item": base.item, **lora.to_dict()}
 
 
-def _read_lora_file(folder: str | Path) -> dict:
+def _read_lora_file(folder: str | Path) -> tuple[Location, lora_lib.LoraConfig]:
+  """(base weights, adapter settings) from a LoRA run's lora.json."""
   path = Path(folder) / LORA_FILE
   try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: unreadable ({e})") from None
+    d = json.loads(path.read_text())
+    return Location(Path(d["base"]), d["base_item"]), lora_lib.LoraConfig.from_dict(d)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: unreadable or incomplete ({type(e).__name__}: {e})") from None
 
 
 def load_config(folder: str | Path) -> QwenMoeConfig:

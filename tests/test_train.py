@@ -24,6 +24,7 @@ from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, data, sharding, training
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.demo import build_tokenizer
+from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import prompt_logits
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import abstract_model
@@ -257,7 +258,9 @@ def test_lora_resume_matches_uninterrupted(lora_run, tmp_path, base):
   (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
   (["--lora-rank", "4", "--train-only", "attention"], "drop --train-only / --freeze"),
   (["--lora-rank", "4", "--lora-targets", "attention,router"], "--lora-targets: unknown group 'router'"),
-  (["--lora-rank", "4", "--lora-alpha", "-1"], "--lora-alpha must be > 0"),
+  (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0, got 0.0"),
+  (["--lora-rank", "4", "--lora-targets", ","], "--lora-targets: unknown group ''"),
+  (["--lora-alpha", "8"], "--lora-alpha / --lora-targets need --lora-rank"),
 ])
 def test_bad_lora_flags(base, tmp_path, flags, message):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "r"),
@@ -278,6 +281,9 @@ def test_lora_run_with_its_base_gone_or_as_a_lora_base(base, lora_run, tmp_path)
   res = train("--checkpoint", str(lora_run), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "r"),
               *TRAIN, *LORA)
   assert res.returncode == 2 and "a LoRA run; LoRA on top of it needs its merged weights" in res.stderr
+  (moved / checkpoint.LORA_FILE).write_text(json.dumps({"base": record["base"], "rank": 4}))
+  with pytest.raises(UserError, match="lora.json: unreadable or incomplete \\(KeyError"):
+    checkpoint.locate(moved)
 
 
 def _step_outputs(model, mesh, tc, batch):
