@@ -156,7 +156,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   hf_dir = Path(hf_dir)
   config_dict = hf_io.read_config(hf_dir)
   cfg = QwenMoeConfig.from_hf_dict(config_dict, source=str(hf_dir / "config.json"))
-  target = np.dtype(_dtype(dtype) if dtype else _dtype(cfg.torch_dtype, f"{hf_dir / 'config.json'}: dtype"))
+  target = np.dtype(dtype_name(dtype) if dtype else dtype_name(cfg.torch_dtype, f"{hf_dir / 'config.json'}: dtype"))
   reader = hf_io.SafetensorsReader(hf_dir)
   shapes = checkpoint.param_shapes(cfg)
   by_group: dict[str, list[Binding]] = {}
@@ -225,7 +225,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = Non
               progress: bool = True) -> QwenMoeConfig:
   """Checkpoint or run folder -> HF folder in the hub layout (sharded safetensors + index, config, tokenizer)."""
   ckpt_dir = Path(ckpt_dir)
-  dtype = _dtype(dtype) if dtype else None  # a bad --dtype fails before anything is read
+  dtype = dtype_name(dtype) if dtype else None  # a bad --dtype fails before anything is read
   cfg = checkpoint.load_config(ckpt_dir)
   loc, stored = checkpoint.checked(ckpt_dir, cfg)
   target = np.dtype(dtype) if dtype else stored["embed"][1]
@@ -259,7 +259,7 @@ def write_hub_shards(folder: Path, cfg: QwenMoeConfig,
   hf_io.write_index(folder, weight_map, total)
 
 
-def _dtype(name: str, what: str = "--dtype") -> str:
+def dtype_name(name: str, what: str = "--dtype") -> str:
   names = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
            "float16": "float16", "fp16": "float16"}
   if name not in names:

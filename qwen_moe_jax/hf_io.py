@@ -194,8 +194,12 @@ def staged_output(out_dir: str | Path, force: bool, protect: tuple[Path, ...] = 
 
 
 def write_shard(path: Path, tensors: dict[str, np.ndarray]) -> None:
-  """One safetensors shard with the metadata transformers expects of PyTorch checkpoints."""
+  """One safetensors shard with the metadata transformers expects of PyTorch checkpoints, readable like any file
+  this process writes (safetensors leaves it 0600, which a server running as another user cannot read)."""
   save_file(tensors, str(path), metadata={"format": "pt"})
+  umask = os.umask(0)
+  os.umask(umask)
+  path.chmod(0o666 & ~umask)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:

@@ -177,6 +177,9 @@ def test_round_trip_is_bit_exact(source, hf, ckpts, tmp_path):
   assert sorted(got) == sorted(tensors(hf["hub"]))
   index = json.loads((tmp_path / "back" / hf_io.INDEX_FILE).read_text())
   assert sorted(index["weight_map"]) == sorted(got)
+  # shards are as readable as the index file next to them (safetensors alone writes them 0600)
+  modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "back").iterdir()}
+  assert len(modes) == 1 and modes.pop() & 0o044 == 0o044
 
 
 @pytest.mark.parametrize("source,import_dtype,export_dtype,want_dtype", [

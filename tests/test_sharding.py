@@ -182,12 +182,14 @@ def test_two_processes_form_one_mesh(ckpt, tmp_path):
   np.testing.assert_allclose(np.load(tmp_path / "multi.npy"), np.load(tmp_path / "single.npy"), atol=1e-5)
 
 
-def test_two_processes_train_like_one(ckpt, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_two_processes_train_like_one(ckpt, tmp_path, lora):
+  """2 processes train (all weights, or LoRA adapters: lora.json written by one, read by both) as one does."""
   folder = ckpt[0]
   data = tmp_path / "data.jsonl"
   data.write_text("".join(json.dumps({"input_ids": [(i * 7 + j) % 101 for j in range(12)]}) + "\n" for i in range(16)))
   args = ["--checkpoint", str(folder), "--data", str(data), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
-          "--dtype", "float32", "--mesh", "data=2,expert=4", "--save-every", "3"]
+          "--dtype", "float32", "--mesh", "data=2,expert=4", "--save-every", "3", *lora]
   results = _two_processes("train.py", args + ["--out", str(tmp_path / "multi")])
   for r in results:
     assert r.returncode == 0, r.stderr[-2000:]

@@ -236,6 +236,35 @@ def test_lora_trains_adapters_only_and_exports_merged(base, lora_run, tmp_path):
     np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
 
 
+def test_lora_adapters_export_to_peft(base, lora_run, tmp_path):
+  """orbax_to_hf.py --peft: peft loads the adapters onto transformers' base model (experts through
+  target_parameters) and its logits equal our merged run's; bad uses are one line."""
+  from peft import PeftModel
+  out = tmp_path / "peft"
+  res = subprocess.run([sys.executable, "convert/orbax_to_hf.py", str(lora_run), str(out), "--peft"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  config = json.loads((out / "adapter_config.json").read_text())
+  assert (config["r"], config["lora_alpha"]) == (4, 16.0)
+  hf_model = PeftModel.from_pretrained(Qwen2MoeForCausalLM.from_pretrained(base / "hf", dtype=torch.float32), out)
+  ids = [3, 14, 15, 92, 65, 35, 89, 79]
+  with torch.no_grad():
+    ref = hf_model.eval()(torch.tensor([ids])).logits[0].numpy()
+    plain = hf_model.get_base_model()
+    with hf_model.disable_adapter():
+      untouched = plain(torch.tensor([ids])).logits[0].numpy()
+  got = prompt_logits(checkpoint.restore(lora_run, dtype=jnp.float32), ids)
+  assert np.abs(got - untouched).max() > 0.1  # the adapters matter
+  np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+  for args, message in (([str(base / "ckpt"), str(tmp_path / "x"), "--peft"], "not a LoRA run (no lora.json)"),
+                        ([str(lora_run), str(out), "--peft"], "exists and is not empty (pass --force"),
+                        ([str(lora_run), str(tmp_path / "y"), "--peft", "--dtype", "int4"], "--dtype must be one of")):
+    res = subprocess.run([sys.executable, "convert/orbax_to_hf.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_lora_resume_matches_uninterrupted(lora_run, tmp_path, base):
   """Steps after 8 removed, the same command resumes from the adapters and optimizer state of step 8 and ends
   where the uninterrupted run ended."""
