@@ -195,8 +195,8 @@ def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels)
   values = load_sharded(loc, wanted_params(abstract, mesh, dtype), cfg.num_experts)
-  if loc.adapters is not None:
-    wanted = wanted_adapters(cfg, loc.lora, mesh, dtype, kernels)
+  if loc.adapters is not None:  # adapters read in float32: the merge rounds once, to `dtype`
+    wanted = wanted_adapters(cfg, loc.lora, mesh, jnp.float32, kernels)
     values = lora_lib.merge_into(values, load_sharded(loc.adapters, wanted, cfg.num_experts), loc.lora.scale)
   return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, values)))
 
