@@ -140,10 +140,11 @@ def stored_shapes(loc: Location) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(meta).items()}
 
 
-def checked(folder: str | Path, cfg: QwenMoeConfig) -> tuple[Location, dict[str, tuple[tuple[int, ...], np.dtype]]]:
-  """(location, stored shapes and dtypes) of a folder's weights, strictly checked against `cfg` (and those of
-  a LoRA run's adapters against its lora.json)."""
-  loc = locate(folder)
+def checked(source: str | Path | Location,
+            cfg: QwenMoeConfig) -> tuple[Location, dict[str, tuple[tuple[int, ...], np.dtype]]]:
+  """(location, stored shapes and dtypes) of a folder's (or a Location's) weights, strictly checked against
+  `cfg` (and those of a LoRA run's adapters against its lora.json)."""
+  loc = source if isinstance(source, Location) else locate(source)
   stored = stored_shapes(loc)
   check_shapes(stored, param_shapes(cfg), str(loc.path))
   if loc.adapters is not None:
@@ -186,12 +187,8 @@ def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None
             kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
   """Builds the model from a checkpoint or run folder (a LoRA run's adapters merged into its base), or from a
   Location (`cfg` then required), every parameter created directly in its sharding."""
-  if isinstance(source, Location):
-    loc = source
-    check_shapes(stored_shapes(loc), param_shapes(cfg), str(loc.path))
-  else:
-    cfg = cfg or load_config(source)
-    loc, _ = checked(source, cfg)
+  cfg = cfg or load_config(source)
+  loc, _ = checked(source, cfg)
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels)
   values = load_sharded(loc, wanted_params(abstract, mesh, dtype), cfg.num_experts)

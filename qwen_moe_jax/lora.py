@@ -79,13 +79,20 @@ def attach(module: nnx.Module, group: str, lora: LoraConfig | None, rngs: nnx.Rn
 def _attach_one(module: nnx.Module, name: str, n_in: int, lora: LoraConfig, rngs: nnx.Rngs, lead: int):
   """`<name>_lora_a` ~ U(+-1/sqrt(fan_in)) (peft's default) and `<name>_lora_b` = 0 next to weight `name`."""
   w = getattr(module, name)
-  shape, axes = w.shape, w.get_metadata()["axes"]
   split = lead + n_in
-  bound = 1 / math.sqrt(math.prod(shape[lead:split]))
-  a = jax.random.uniform(rngs.params(), (*shape[:split], lora.rank), jnp.float32, -bound, bound)
-  setattr(module, name + "_lora_a", nnx.Param(a.astype(w.dtype), axes=(*axes[:split], None)))
-  setattr(module, name + "_lora_b", nnx.Param(jnp.zeros((*shape[:lead], lora.rank, *shape[split:]), w.dtype),
-                                              axes=(*axes[:lead], None, *axes[split:])))
+  bound = 1 / math.sqrt(math.prod(w.shape[lead:split]))
+  a_axes, b_axes = adapter_axes(w.get_metadata()["axes"], n_in, lead)
+  a = jax.random.uniform(rngs.params(), (*w.shape[:split], lora.rank), jnp.float32, -bound, bound)
+  setattr(module, name + "_lora_a", nnx.Param(a.astype(w.dtype), axes=a_axes))
+  b = jnp.zeros((*w.shape[:lead], lora.rank, *w.shape[split:]), w.dtype)
+  setattr(module, name + "_lora_b", nnx.Param(b, axes=b_axes))
+
+
+def adapter_axes(axes: tuple, n_in: int, lead: int = 0) -> tuple[tuple, tuple]:
+  """Logical axes of A and B for a weight with `axes`, `lead` leading (expert) dims and `n_in` input dims:
+  A keeps the lead and input axes, B the lead and output axes; the rank dim is unsplit."""
+  split = lead + n_in
+  return (*axes[:split], None), (*axes[:lead], None, *axes[split:])
 
 
 def adapter(module: nnx.Module, name: str) -> tuple[jax.Array, jax.Array] | None:

@@ -115,8 +115,9 @@ def experts_gathered(x, ids, weights, wi, wo, first_expert, lora: ExpertLora | N
   return jnp.einsum("NKD,NK->ND", y, jnp.where(mine, weights, 0))
 
 
-LORA_AXES = ExpertLora(("expert", "embed", None), ("expert", None, None, "moe_mlp"), ("expert", "moe_mlp", None),
-                       ("expert", None, "embed"))  # the logical axes lora.attach gives the adapters
+WI_AXES = ("expert", "embed", None, "moe_mlp")  # experts_wi [E, D, C, F]
+WO_AXES = ("expert", "moe_mlp", "embed")  # experts_wo [E, F, D]
+LORA_AXES = ExpertLora(*lora_lib.adapter_axes(WI_AXES, 1, 1), *lora_lib.adapter_axes(WO_AXES, 1, 1))
 
 GATHER_MAX_ROWS_PER_EXPERT = 0.5  # routed rows / local experts below which the gathered path is used
 
@@ -155,8 +156,8 @@ def _expert_parallel(x, ids, weights, wi, wo, backend: str, mesh, lora: ExpertLo
   an FSDP axis that does not split the tokens, e.g. one prompt, the output is then marked replicated).
   """
   tok_spec = sharding.spec_for(("batch", None), x.shape, mesh, "moe tokens")
-  wi_spec = sharding.spec_for(("expert", "embed", None, "moe_mlp"), wi.shape, mesh, "experts.wi")
-  wo_spec = sharding.spec_for(("expert", "moe_mlp", "embed"), wo.shape, mesh, "experts.wo")
+  wi_spec = sharding.spec_for(WI_AXES, wi.shape, mesh, "experts.wi")
+  wo_spec = sharding.spec_for(WO_AXES, wo.shape, mesh, "experts.wo")
   tok_axes = sharding.axes_of(tok_spec[0])
   expert_axes = sharding.axes_of(wi_spec[0])
   fsdp_axes = sharding.axes_of(wi_spec[1])
@@ -198,8 +199,8 @@ class MoeBlock(nnx.Module):
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     padded = -(-cfg.num_experts // expert_shards) * expert_shards  # never routed to: ids < num_experts
     self.router = param(rngs, (d, cfg.num_experts), ("embed", None), dtype)  # [D, E]
-    self.experts_wi = param(rngs, (padded, d, 2, f), ("expert", "embed", None, "moe_mlp"), dtype)  # [E, D, C, F]
-    self.experts_wo = param(rngs, (padded, f, d), ("expert", "moe_mlp", "embed"), dtype)  # [E, F, D]
+    self.experts_wi = param(rngs, (padded, d, 2, f), WI_AXES, dtype)  # [E, D, C, F]
+    self.experts_wo = param(rngs, (padded, f, d), WO_AXES, dtype)  # [E, F, D]
     self.shared_expert = Mlp(d, cfg.shared_expert_intermediate_size, dtype, rngs, lora, "shared_expert")
     self.shared_gate = param(rngs, (d,), ("embed",), dtype)  # [D]
     self.top_k = cfg.num_experts_per_tok
