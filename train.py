@@ -28,7 +28,7 @@ from qwen_moe_jax.checkpoint import PARAMS_ITEM
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import REMAT_POLICIES, abstract_model
-from qwen_moe_jax.run_dir import OPT_STATE, RunDir
+from qwen_moe_jax.run_dir import OPT_STATE, TOKENS_DIR, RunDir
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 
@@ -137,12 +137,14 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   cfg = checkpoint.load_config(run.folder)
   tok = load_tokenizer(run.folder) if (run.folder / "tokenizer.json").is_file() else None
   eos = tok.token_to_id("<|endoftext|>") if tok is not None else None
-  documents = data.read_jsonl(args.data, tok, tc.seq_len, eos)
+  tokens = run.folder / TOKENS_DIR
+  write = jax.process_index() == 0
+  documents = data.read_cached(args.data, tok, tc.seq_len, eos, tokens, write)
   stream = data.BatchStream(documents, tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack)
   held_out = None
   if args.eval_data:
-    held_out = data.BatchStream(data.read_jsonl(args.eval_data, tok, tc.seq_len, eos), tc.seq_len, tc.batch_size,
-                                seed=0, pack=tc.pack)
+    held_out = data.BatchStream(data.read_cached(args.eval_data, tok, tc.seq_len, eos, tokens, write), tc.seq_len,
+                                tc.batch_size, seed=0, pack=tc.pack)
   eval_every = args.eval_every or args.save_every
 
   param_dtype = runtime.DTYPES[tc.param_dtype]

@@ -21,8 +21,11 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
+import sys
+import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -34,6 +37,7 @@ ROLES = ("system", "user", "assistant")
 FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 INT32_LIMIT = 2**31  # batches are int32
 CACHED_EPOCHS = 4  # packings kept by a BatchStream; a training run only moves forward
+ENCODE_LINES = 1024  # read_jsonl: lines whose texts are encoded in one batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,38 @@ class Document:
 
   tokens: tuple[int, ...]  # [n] token ids
   loss_mask: tuple[int, ...]  # [n] 1 where that token is a prediction target (the first token never is)
+
+
+@dataclasses.dataclass(frozen=True)
+class Documents:
+  """A sequence of Documents held in flat arrays, 5 bytes a token (Python tuples take about 50): document i is
+  tokens[offsets[i]:offsets[i + 1]] with its loss_mask."""
+
+  tokens: np.ndarray  # [total] int32
+  loss_mask: np.ndarray  # [total] uint8
+  offsets: np.ndarray  # [n + 1] int64
+
+  @classmethod
+  def of(cls, docs: Iterable[Document]) -> "Documents":
+    docs = list(docs)
+    lengths = np.array([len(d.tokens) for d in docs], np.int64)
+    total = int(lengths.sum())
+    return cls(np.fromiter(itertools.chain.from_iterable(d.tokens for d in docs), np.int32, total),
+               np.fromiter(itertools.chain.from_iterable(d.loss_mask for d in docs), np.uint8, total),
+               np.concatenate([[0], np.cumsum(lengths)]))
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)  # [n]
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> Document:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    part = slice(self.offsets[i], self.offsets[i + 1])
+    return Document(tuple(self.tokens[part].tolist()), tuple(self.loss_mask[part].tolist()))
 
 
 def fingerprint(path: str | Path) -> str:
@@ -56,39 +92,90 @@ def fingerprint(path: str | Path) -> str:
   return digest.hexdigest()[:16]
 
 
-def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None) -> list[Document]:
+def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None) -> Documents:
   """Every line parsed and checked; the first bad one is a UserError naming `path:line`.
 
-  tokenizer may be None when the file has only input_ids lines; eos_id (or None) ends each text document.
+  tokenizer may be None when the file has only input_ids lines; eos_id (or None) ends each text document. The
+  file is read ENCODE_LINES lines at a time, whose texts `tokenizers` encodes in one parallel batch.
   """
+  tokens, masks, lengths = [], [], []  # per chunk of lines: its rows' tokens and loss masks, concatenated
+  chunk: list[tuple[str, list[str], Finish]] = []
+
+  def flush():  # the chunk's texts encoded at once, then its documents built and checked in line order
+    encoded = tokenizer.encode_batch([t for _, texts, _ in chunk for t in texts]) if tokenizer else []
+    rows, at = [], 0
+    for where, texts, finish in chunk:
+      doc_tokens, doc_mask = finish(encoded[at:at + len(texts)])
+      at += len(texts)
+      if not doc_mask.any():
+        raise UserError(f"{where}: the document has no token to learn ({len(doc_tokens)} tokens, none a loss target)")
+      rows += split(doc_tokens, doc_mask, seq_len)
+    if rows:
+      tokens.append(np.concatenate([t for t, _ in rows]))
+      masks.append(np.concatenate([m for _, m in rows]))
+      lengths.extend(len(t) for t, _ in rows)
+    chunk.clear()
+
   try:
-    data = Path(path).read_bytes()
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, 1):
+        if not raw.strip():
+          continue
+        where = f"{path}:{line_no}"
+        try:
+          texts, finish = _prepare(_parse(raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw, where),
+                                   tokenizer, eos_id, seq_len, where)
+        except UserError:
+          flush()  # a bad line is reported after any earlier line's own error
+          raise
+        chunk.append((where, texts, finish))
+        if len(chunk) == ENCODE_LINES:
+          flush()
   except OSError as e:
     raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
-  documents = []
-  for line_no, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
-    if not raw.strip():
-      continue
-    where = f"{path}:{line_no}"
-    record = _parse(raw, where)
-    doc = _document(record, tokenizer, eos_id, where)
-    if not any(doc.loss_mask):
-      raise UserError(f"{where}: the document has no token to learn ({len(doc.tokens)} tokens, none a loss target)")
-    if len(doc.tokens) > seq_len and "messages" in record:
-      raise UserError(f"{where}: the conversation has {len(doc.tokens)} tokens, more than seq_len={seq_len} "
-                      "(conversations are not cut); shorten it or raise the sequence length")
-    documents += split(doc, seq_len)
-  if not documents:
+  flush()
+  if not lengths:
     raise UserError(f"{path}: no documents (empty or blank file); expected JSON lines with one of {_keys(KINDS)}")
-  return documents
+  return Documents(np.concatenate(tokens), np.concatenate(masks), np.concatenate([[0], np.cumsum(lengths)]))
 
 
-def split(doc: Document, seq_len: int) -> list[Document]:
-  """doc as rows of at most seq_len tokens overlapping by one: row k holds tokens [k (L - 1), k (L - 1) + L) and
-  learns the targets after its first token, so each target of doc falls in exactly one row."""
-  step = seq_len - 1
-  return [Document(doc.tokens[s:s + seq_len], (0,) + doc.loss_mask[s + 1:s + seq_len])
-          for s in range(0, max(len(doc.tokens) - 1, 1), step)]
+def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None, folder: Path,
+                write: bool) -> Documents:
+  """`read_jsonl`, its result kept in `folder` as FOLDER/<fingerprint>-<seq_len>.npz, so a resumed run reads
+  tokens instead of tokenizing again. For a run folder, whose tokenizer (so eos_id) is fixed: the key is the data
+  file's bytes and seq_len. `write`: this process saves the file (atomically; the others only read it). An
+  unreadable file is ignored (and replaced)."""
+  file = folder / f"{fingerprint(path)}-{seq_len}.npz"
+  try:
+    with np.load(file, allow_pickle=False) as saved:
+      docs = Documents(saved["tokens"], saved["loss_mask"], saved["offsets"])
+    print(f"{path}: tokens read from {file}", file=sys.stderr)
+    return docs
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    pass
+  docs = read_jsonl(path, tokenizer, seq_len, eos_id)
+  if write:
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{file.name}.{os.getpid()}.partial"
+    with open(partial, "wb") as f:
+      np.savez(f, tokens=docs.tokens, loss_mask=docs.loss_mask, offsets=docs.offsets)
+    os.replace(partial, file)
+  return docs
+
+
+Finish = Callable[[list[list[int]]], tuple[np.ndarray, np.ndarray]]  # encoded texts -> (tokens, loss_mask)
+
+
+def split(tokens: np.ndarray, mask: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """A document [n] as rows of at most seq_len tokens overlapping by one: row k holds tokens
+  [k (L - 1), k (L - 1) + L) and learns the targets after its first token, so each target falls in exactly one
+  row."""
+  rows = []
+  for s in range(0, max(len(tokens) - 1, 1), seq_len - 1):
+    row_mask = mask[s:s + seq_len].copy()
+    row_mask[0] = 0
+    rows.append((tokens[s:s + seq_len], row_mask))
+  return rows
 
 
 def _keys(keys) -> str:
@@ -109,35 +196,39 @@ def _parse(raw: bytes, where: str) -> dict[str, Any]:
   return record
 
 
-def _document(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | None, where: str) -> Document:
+def _prepare(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | None, seq_len: int,
+             where: str) -> tuple[list[str], Finish]:
+  """(texts to encode, how their ids make the document): a record checked, and a conversation rendered."""
   ((kind, value),) = record.items()
   if kind == "input_ids":
-    return _from_ids(value, tokenizer, where)
+    ids = _checked_ids(value, tokenizer, where)
+    return [], lambda _: _all_targets(ids)
   if tokenizer is None:
     raise UserError(f"{where}: a {kind!r} line needs a tokenizer, and none was given")
   if kind == "text":
     if not isinstance(value, str):
       raise UserError(f"{where}: 'text' must be a string, got {type(value).__name__}")
-    return _all_targets(tokenizer.encode(value) + ([] if eos_id is None else [eos_id]))
-  return _from_messages(value, tokenizer, where)
+    return [value], lambda encoded: _all_targets(encoded[0] + ([] if eos_id is None else [eos_id]))
+  return _from_messages(value, tokenizer, seq_len, where)
 
 
-def _all_targets(ids: list[int]) -> Document:
-  return Document(tuple(ids), tuple(int(j > 0) for j in range(len(ids))))
+def _all_targets(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+  return np.array(ids, np.int32), (np.arange(len(ids)) > 0).astype(np.uint8)
 
 
-def _from_ids(ids: Any, tokenizer: Tokenizer | None, where: str) -> Document:
+def _checked_ids(ids: Any, tokenizer: Tokenizer | None, where: str) -> list[int]:
   if not isinstance(ids, list) or not all(type(i) is int for i in ids):
     raise UserError(f"{where}: 'input_ids' must be a list of integers")
   limit = INT32_LIMIT if tokenizer is None else tokenizer.vocab_size
   for j, i in enumerate(ids):
     if not 0 <= i < limit:
       raise UserError(f"{where}: input_ids[{j}] = {i} is outside the vocabulary [0, {limit})")
-  return _all_targets(ids)
+  return ids
 
 
-def _from_messages(messages: Any, tokenizer: Tokenizer, where: str) -> Document:
-  """Assistant message i's tokens: those ids(messages[:i+1]) adds to the generation prompt ids(messages[:i])."""
+def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str) -> tuple[list[str], Finish]:
+  """The rendered conversation, and for each assistant message i the renderings of messages[:i] with the
+  generation prompt and of messages[:i + 1]: its tokens are those the second adds to the first."""
   if not isinstance(messages, list) or not messages:
     raise UserError(f"{where}: 'messages' must be a non-empty list (an empty conversation has nothing to learn)")
   for k, m in enumerate(messages, 1):
@@ -153,22 +244,31 @@ def _from_messages(messages: Any, tokenizer: Tokenizer, where: str) -> Document:
   if turns[0] == 0:
     raise UserError(f"{where}: message 1 is an assistant message; a conversation must open with a system or user one")
   messages = messages[:turns[-1] + 1]
-  tokens = _render(tokenizer, messages, False, where)
-  mask = [0] * len(tokens)
+  texts = [_render(tokenizer, messages, False, where)]
   for i in turns:
-    prompt, turn = _render(tokenizer, messages[:i], True, where), _render(tokenizer, messages[:i + 1], False, where)
-    if turn[:len(prompt)] != prompt or tokens[:len(turn)] != turn:
-      raise UserError(f"{where}: the chat template is not prefix-stable at assistant message {i + 1} (rendering "
-                      "the conversation up to it does not extend the earlier turns' tokens), so its tokens cannot "
-                      "be located; use a template that renders each turn the same way whatever follows")
-    for j in range(max(len(prompt), 1), len(turn)):
-      mask[j] = 1
-  return Document(tuple(tokens), tuple(mask))
+    texts += [_render(tokenizer, messages[:i], True, where), _render(tokenizer, messages[:i + 1], False, where)]
+
+  def finish(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    tokens = encoded[0]
+    if len(tokens) > seq_len:
+      raise UserError(f"{where}: the conversation has {len(tokens)} tokens, more than seq_len={seq_len} "
+                      "(conversations are not cut); shorten it or raise the sequence length")
+    mask = np.zeros(len(tokens), np.uint8)
+    for k, i in enumerate(turns):
+      prompt, turn = encoded[1 + 2 * k], encoded[2 + 2 * k]
+      if turn[:len(prompt)] != prompt or tokens[:len(turn)] != turn:
+        raise UserError(f"{where}: the chat template is not prefix-stable at assistant message {i + 1} (rendering "
+                        "the conversation up to it does not extend the earlier turns' tokens), so its tokens "
+                        "cannot be located; use a template that renders each turn the same way whatever follows")
+      mask[max(len(prompt), 1):len(turn)] = 1
+    return np.array(tokens, np.int32), mask
+
+  return texts, finish
 
 
-def _render(tokenizer: Tokenizer, messages: list[dict[str, str]], prompt: bool, where: str) -> list[int]:
+def _render(tokenizer: Tokenizer, messages: list[dict[str, str]], prompt: bool, where: str) -> str:
   try:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
   except UserError as e:  # the template's own complaint, e.g. roles that must alternate
     raise UserError(f"{where}: {e}") from None
 
@@ -194,17 +294,14 @@ class BatchStream:
   function of the arguments and s, so a resumed run sees exactly the batches of an uninterrupted one.
   """
 
-  def __init__(self, documents: list[Document], seq_len: int, batch_size: int, seed: int, pack: bool = True):
-    if not documents or batch_size < 1 or seed < 0:
+  def __init__(self, documents: Documents, seq_len: int, batch_size: int, seed: int, pack: bool = True):
+    if not len(documents) or batch_size < 1 or seed < 0:
       raise ValueError("BatchStream needs documents, batch_size >= 1 and seed >= 0")
-    self._lengths = np.array([len(d.tokens) for d in documents])  # [n]
+    self._documents = documents
+    self._lengths = documents.lengths  # [n]
     if self._lengths.max() > seq_len:
       raise ValueError(f"a document has {self._lengths.max()} tokens, more than seq_len={seq_len}")
     self.seq_len, self.batch_size, self.seed, self.pack = seq_len, batch_size, seed, pack
-    self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])  # [n + 1] into the flat arrays
-    total = self._offsets[-1]
-    self._tokens = np.fromiter(itertools.chain.from_iterable(d.tokens for d in documents), np.int32, total)
-    self._mask = np.fromiter(itertools.chain.from_iterable(d.loss_mask for d in documents), np.int32, total)
     self._first_row = [0]  # _first_row[e]: stream index of epoch e's first row, for the epochs counted so far
     self._packed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a few recent epochs' packings
 
@@ -261,11 +358,11 @@ class BatchStream:
   def _fill_row(self, out: dict[str, np.ndarray], b: int, docs: np.ndarray):
     t = 0
     for segment, d in enumerate(docs.tolist(), 1):
-      start, n = self._offsets[d], self._lengths[d]
-      tokens = self._tokens[start:start + n]
+      start, n = self._documents.offsets[d], self._lengths[d]
+      tokens = self._documents.tokens[start:start + n]
       out["tokens"][b, t:t + n] = tokens
       out["targets"][b, t:t + n - 1] = tokens[1:]
-      out["loss_mask"][b, t:t + n - 1] = self._mask[start + 1:start + n]
+      out["loss_mask"][b, t:t + n - 1] = self._documents.loss_mask[start + 1:start + n]
       out["positions"][b, t:t + n] = np.arange(n)
       out["segment_ids"][b, t:t + n] = segment
       t += n

@@ -6,6 +6,7 @@ RUN_DIR/
   lora.json                        a LoRA run's adapter settings and its base checkpoint (checkpoint.LORA_FILE)
   checkpoints/<step>/              params (unpadded; a LoRA run: adapters), opt_state (unpadded); Orbax renames a step
                                    into place only when complete, so a killed save is never the latest
+  tokens/<fingerprint>-<L>.npz     the tokenized training (and eval) data, read again on resume (data.read_cached)
   metrics.jsonl                    one object per logged step
   loss.png                         the loss curve, written at the end
 """
@@ -29,6 +30,7 @@ TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 OPT_STATE = "opt_state"  # checkpointable name of the optimizer state in a step
+TOKENS_DIR = "tokens"
 
 
 class RunDir:

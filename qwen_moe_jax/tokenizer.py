@@ -118,6 +118,10 @@ class Tokenizer:
     """transformers' `encode(text, add_special_tokens=False)`; Qwen2 adds no BOS either way."""
     return self._backend.encode(text, add_special_tokens=False).ids
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """`encode` of each text, run by `tokenizers` on every core (TOKENIZERS_PARALLELISM=false: one)."""
+    return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """transformers' `decode` (Qwen2 does no clean-up of tokenization spaces). Accepts any iterable of ints."""
     return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

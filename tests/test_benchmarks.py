@@ -124,3 +124,12 @@ def test_continuous_batching_benchmark_runs():
   report = json.loads(res.stdout.splitlines()[-1])
   assert report["same_outputs"] and report["generated_tokens"] >= 6 * 4
   assert report["waves_s"] > 0 and report["continuous_s"] > 0
+
+
+def test_data_prep_benchmark_runs():
+  res = subprocess.run([sys.executable, "benchmarks/data_prep.py", "--lines", "40", "--seq-len", "512"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr
+  rows = [json.loads(line) for line in res.stdout.splitlines()]
+  assert [r["kind"] for r in rows] == ["chat", "text"]
+  assert all(r["documents"] == 40 and r["tokens"] > 40 * 100 and r["cached_seconds"] >= 0 for r in rows)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_moe_jax.data import BatchStream, Document, fingerprint, read_jsonl
+from qwen_moe_jax import data
+from qwen_moe_jax.data import BatchStream, Document, Documents, fingerprint, read_jsonl
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
@@ -101,7 +102,7 @@ def test_text_gets_eos_and_input_ids_pass_through(tok, tmp_path):
   assert ids == Document((5, 6, 7), (0, 1, 1))
   (no_eos,) = read_jsonl(_write(tmp_path, {"text": "Hello world"}), tok, 16, None)
   assert no_eos.tokens == tuple(tok.encode("Hello world"))
-  assert read_jsonl(_write(tmp_path, {"input_ids": [10**6, 3]}), None, 16, None) == [Document((10**6, 3), (0, 1))]
+  assert list(read_jsonl(_write(tmp_path, {"input_ids": [10**6, 3]}), None, 16, None)) == [Document((10**6, 3), (0, 1))]
 
 
 def test_document_may_fill_a_row(tmp_path):
@@ -201,7 +202,7 @@ def test_fingerprint(tmp_path):
 
 # --- the batch stream, on synthetic documents: document k's tokens are 1000 k + position ---
 
-def _docs(n: int, max_len: int, seed: int = 0) -> list[Document]:
+def _docs(n: int, max_len: int, seed: int = 0) -> Documents:
   rng = np.random.default_rng(seed)
   docs = []
   for k in range(n):
@@ -209,7 +210,7 @@ def _docs(n: int, max_len: int, seed: int = 0) -> list[Document]:
     mask = rng.integers(0, 2, length)
     mask[0], mask[-1] = 0, 1
     docs.append(Document(tuple(1000 * k + j for j in range(length)), tuple(int(m) for m in mask)))
-  return docs
+  return Documents.of(docs)
 
 
 def _row_docs(batch: dict[str, np.ndarray], b: int) -> list[int]:
@@ -306,6 +307,52 @@ def test_large_step_is_cheap():
 
 def test_stream_rejects_bad_arguments():
   docs = _docs(3, 9)
-  for args in [([], 16, 1, 0), (docs, 4, 1, 0), (docs, 16, 0, 0), (docs, 16, 1, -1)]:
+  for args in [(Documents.of([]), 16, 1, 0), (docs, 4, 1, 0), (docs, 16, 0, 0), (docs, 16, 1, -1)]:
     with pytest.raises(ValueError):
       BatchStream(*args)
+
+
+# --- reading at scale: encoded in batches, documents in flat arrays, cached for a resumed run ---
+
+MIXED = [{"text": "one two three four five six seven"}, {"messages": CHAT}, {"input_ids": list(range(30, 120))},
+         {"text": "short"}, {"messages": CHAT[:3]}, {"input_ids": [5, 6]}, {"text": "the end of it all " * 12}]
+
+
+def _same(a: Documents, b: Documents) -> bool:
+  return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("tokens", "loss_mask", "offsets"))
+
+
+@pytest.mark.parametrize("lines", [1, 2, 3])
+def test_batches_of_lines_give_the_same_documents(tok, tmp_path, monkeypatch, lines):
+  path = _write(tmp_path, *MIXED)
+  whole = read_jsonl(path, tok, 40, tok.eos_token_id)
+  assert len(whole) > len(MIXED)  # long ones cut into rows
+  monkeypatch.setattr(data, "ENCODE_LINES", lines)
+  assert _same(read_jsonl(path, tok, 40, tok.eos_token_id), whole)
+  one_by_one = [d for record in MIXED for d in read_jsonl(_write(tmp_path, record), tok, 40, tok.eos_token_id)]
+  assert list(whole) == one_by_one
+  assert whole.tokens.dtype == np.int32 and whole.loss_mask.dtype == np.uint8
+
+
+def test_first_bad_line_is_reported_across_a_batch(tok, tmp_path):
+  """Line 2 fails only once encoded (too long), line 3 at once (bad JSON): line 2 is still the one named."""
+  path = _write(tmp_path, {"text": "fine enough"}, {"messages": CHAT}, "{not json")
+  with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2: the conversation has"):
+    read_jsonl(path, tok, 8, None)
+
+
+def test_read_cached_tokenizes_once(tok, tmp_path, monkeypatch):
+  path, cache = _write(tmp_path, *MIXED), tmp_path / "tokens"
+  first = data.read_cached(path, tok, 40, 7, cache, write=True)
+  assert _same(first, read_jsonl(path, tok, 40, 7))
+  (file,) = cache.iterdir()
+  assert file.name == f"{fingerprint(path)}-40.npz"
+  reads = []
+  monkeypatch.setattr(data, "read_jsonl", lambda *a: reads.append(a) or read_jsonl(*a))
+  assert _same(data.read_cached(path, tok, 40, 7, cache, write=True), first) and not reads  # from the file
+  data.read_cached(path, tok, 48, 7, cache, write=False)  # another row length: another key, not written
+  assert len(reads) == 1 and len(list(cache.iterdir())) == 1
+  file.write_bytes(b"not a zip")  # a damaged file is replaced
+  assert _same(data.read_cached(path, tok, 40, 7, cache, write=True), first) and len(reads) == 2
+  assert _same(data.read_cached(path, tok, 40, 7, cache, write=True), first) and len(reads) == 2
+  assert sorted(p.name for p in cache.iterdir()) == [file.name]  # no partial file left

@@ -116,7 +116,7 @@ def test_resume_after_sigkill_matches_uninterrupted(base, straight, tmp_path):
   assert len(metrics(killed)) < 16
   res = train(*args, "--out", str(killed))
   assert res.returncode == 0, res.stderr
-  assert "resuming" in res.stderr
+  assert "resuming" in res.stderr and f"tokens read from {killed / 'tokens'}" in res.stderr  # not tokenized again
   a, b = metrics(straight), metrics(killed)
   assert [r["step"] for r in b] == list(range(1, 17))
   for x, y in zip(a, b, strict=True):
