@@ -4,6 +4,9 @@ Each non-blank line is a JSON object with exactly one key:
   {"messages": [{"role": ..., "content": "..."}, ...]}  rendered with the tokenizer's chat template. Loss only on
       the tokens each assistant message adds: its content and the end-of-turn tokens after it (`<|im_end|>\\n` in
       ChatML, so the model learns to stop), never on system / user turns or the `<|im_start|>assistant\\n` header.
+      The text of each assistant message is encoded apart from the prompt before it, as it is generated at
+      inference (transformers' tokenization of the whole text differs only where a message's text begins by
+      merging with the prompt's end, e.g. an answer starting with a newline after the header's newline).
       Roles are system / user / assistant; tool roles and tool calls are refused (the contract has no keys for
       them). Messages after the last assistant message carry no loss and are dropped.
   {"text": "..."}          encoded, then eos appended (when an eos id is given); loss on every token.
@@ -227,8 +230,9 @@ def _checked_ids(ids: Any, tokenizer: Tokenizer | None, where: str) -> list[int]
 
 
 def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str) -> tuple[list[str], Finish]:
-  """The rendered conversation, and for each assistant message i the renderings of messages[:i] with the
-  generation prompt and of messages[:i + 1]: its tokens are those the second adds to the first."""
+  """The rendered conversation cut where each assistant message's text begins and ends (the renderings of
+  messages[:i] with the generation prompt and of messages[:i + 1]), each piece encoded alone: an assistant
+  message's tokens are those generated after its prompt's tokens, as at inference."""
   if not isinstance(messages, list) or not messages:
     raise UserError(f"{where}: 'messages' must be a non-empty list (an empty conversation has nothing to learn)")
   for k, m in enumerate(messages, 1):
@@ -244,26 +248,27 @@ def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str
   if turns[0] == 0:
     raise UserError(f"{where}: message 1 is an assistant message; a conversation must open with a system or user one")
   messages = messages[:turns[-1] + 1]
-  texts = [_render(tokenizer, messages, False, where)]
+  text = _render(tokenizer, messages, False, where)
+  cuts = [0]  # pieces text[cuts[j]:cuts[j + 1]]: odd ones are assistant messages
   for i in turns:
-    texts += [_render(tokenizer, messages[:i], True, where), _render(tokenizer, messages[:i + 1], False, where)]
+    prompt, turn = _render(tokenizer, messages[:i], True, where), _render(tokenizer, messages[:i + 1], False, where)
+    if not (text.startswith(turn) and turn.startswith(prompt) and len(prompt) >= cuts[-1]):
+      raise UserError(f"{where}: the chat template is not prefix-stable at assistant message {i + 1} (rendering "
+                      "the conversation up to it does not extend the earlier turns' text), so its tokens cannot "
+                      "be located; use a template that renders each turn the same way whatever follows")
+    cuts += [len(prompt), len(turn)]
+  pieces = [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
 
   def finish(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    tokens = encoded[0]
+    tokens = [t for piece in encoded for t in piece]
     if len(tokens) > seq_len:
       raise UserError(f"{where}: the conversation has {len(tokens)} tokens, more than seq_len={seq_len} "
                       "(conversations are not cut); shorten it or raise the sequence length")
-    mask = np.zeros(len(tokens), np.uint8)
-    for k, i in enumerate(turns):
-      prompt, turn = encoded[1 + 2 * k], encoded[2 + 2 * k]
-      if turn[:len(prompt)] != prompt or tokens[:len(turn)] != turn:
-        raise UserError(f"{where}: the chat template is not prefix-stable at assistant message {i + 1} (rendering "
-                        "the conversation up to it does not extend the earlier turns' tokens), so its tokens "
-                        "cannot be located; use a template that renders each turn the same way whatever follows")
-      mask[max(len(prompt), 1):len(turn)] = 1
+    mask = np.concatenate([np.full(len(piece), j % 2, np.uint8) for j, piece in enumerate(encoded)])
+    mask[0] = 0
     return np.array(tokens, np.int32), mask
 
-  return texts, finish
+  return pieces, finish
 
 
 def _render(tokenizer: Tokenizer, messages: list[dict[str, str]], prompt: bool, where: str) -> str:

@@ -71,8 +71,25 @@ def _loss_runs(tok, doc: Document) -> list[str]:
 def test_messages_loss_on_assistant_turns_only(tok, tmp_path):
   (doc,) = read_jsonl(_write(tmp_path, {"messages": CHAT}), tok, 128, tok.eos_token_id)
   assert tok.decode(doc.tokens) == tok.apply_chat_template(CHAT, add_generation_prompt=False, tokenize=False)
+  assert doc.tokens == tuple(tok.apply_chat_template(CHAT, add_generation_prompt=False))
   assert len(doc.loss_mask) == len(doc.tokens)
   assert _loss_runs(tok, doc) == ["Hello!<|im_end|>\n", "4<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("answer", ["\nHello", "\n\n```python\nx = 1\n```", " \nHi"])
+def test_answer_starting_with_newlines_is_encoded_as_generated(tok, tmp_path, answer):
+  """An answer whose text begins with a newline merges with the header's newline when the whole conversation is
+  encoded at once ("assistant\n\nHello" -> "\n\n"), so the prompt's tokens are not a prefix of the turn's.
+  The answer is encoded after its prompt's tokens instead, as the model generates it at inference."""
+  chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer},
+          {"role": "user", "content": "again"}, {"role": "assistant", "content": answer}]
+  (doc,) = read_jsonl(_write(tmp_path, {"messages": chat}), tok, 256, None)
+  assert tok.decode(doc.tokens) == tok.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+  prompt = tok.apply_chat_template(chat[:1], add_generation_prompt=True)
+  first = tok.encode(answer + "<|im_end|>\n")
+  assert doc.tokens[:len(prompt) + len(first)] == tuple(prompt + first)
+  assert doc.loss_mask[:len(prompt) + len(first)] == (0,) * len(prompt) + (1,) * len(first)
+  assert _loss_runs(tok, doc) == [answer + "<|im_end|>\n"] * 2
 
 
 def test_messages_default_system_prompt_and_trailing_turns(tok, tmp_path):
