@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
                   "bf16's bytes: twice the rows or context)")
-  runtime.add_args(ap)
+  runtime.add_args(ap, decoding=True)
   args = ap.parse_args(argv)
   if bool(args.checkpoint) == bool(args.demo):
     ap.error("give exactly one of --checkpoint DIR or --demo")

@@ -19,6 +19,8 @@ Stages, in order (A2.7B config, random bf16 weights):
   lora         full 24-layer LoRA fine-tuning (rank 16 on every target group) on one device: the same figures
   kernels      each routed-expert path at 1 to 16384 tokens, and attention at the training shape, timed alone
   int8_cache   the decode rows and the throughput row again with an int8 KV cache (twice the rows fit)
+  pallas_decode  the Pallas decode-attention kernel (reads only each row's live cache slots) checked against the
+               einsum, then the decode rows and the throughput row with it (the same weights)
   profile      the kernels that take the time in a batch-1 decode and a train step (with --trace)
 
 Each result is one JSON object per line on stdout (and appended to --out). A stage that fails prints its error
@@ -52,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qwen_moe_jax import checkpoint, convert, data, layers, moe, sharding, training  # noqa: E402
+from qwen_moe_jax import checkpoint, convert, data, decode_attention, layers, moe, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.demo import demo_config  # noqa: E402
 from qwen_moe_jax.generate import Generator, cache_bucket, prompt_logits  # noqa: E402
@@ -62,8 +64,8 @@ from qwen_moe_jax.lora import LoraConfig  # noqa: E402
 from qwen_moe_jax.model import abstract_model, create_model  # noqa: E402
 
 GB = 1e9
-STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",
-          "fit", "lora", "kernels", "int8_cache")
+STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile",
+          "pallas_decode", "train", "fit", "lora", "kernels", "int8_cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Plan:
 PLANS = {
   "qwen1.5-moe-a2.7b": Plan(PRESETS["qwen1.5-moe-a2.7b"], "bfloat16", 8 << 30, ((1, 128, 64), (64, 1000, 48)),
                             (1000, 1000, 16), 256, (16, 1024), (8, 4, 4096), (1, 4096)),
-  "tiny": Plan(demo_config(vocab_size=512), "float32", 64 << 20, ((1, 16, 20), (4, 40, 20)), (24, 24, 4), 8,
+  # tiny: the second decode row (100 + 20 tokens) gets a 128-slot cache, the Pallas decode kernel's smallest
+  "tiny": Plan(demo_config(vocab_size=512), "float32", 64 << 20, ((1, 16, 20), (4, 100, 20)), (24, 24, 4), 8,
                (4, 32), (2, 2, 64), (1, 64)),
 }
 
@@ -423,7 +426,7 @@ def synthetic_batch(cfg: QwenMoeConfig, batch: int, seq: int, rng) -> dict[str, 
   while sum(len(d.tokens) for d in docs) < 2 * batch * seq:
     n = int(rng.integers(seq // 8, seq + 1))
     docs.append(data.Document(tuple(rng.integers(0, cfg.vocab_size, n).tolist()), (0,) + (1,) * (n - 1)))
-  rows = data.BatchStream(docs, seq, batch, seed=0).batch(0)
+  rows = data.BatchStream(data.Documents.of(docs), seq, batch, seed=0).batch(0)
   return {k: rows[k][None] for k in data.FIELDS}
 
 
@@ -558,7 +561,8 @@ def main() -> None:
   kernels = probe(run, plan, default_kernels(args.experts, args.attention))
   run.stage("hf_train", hf_train, run, plan, peak)
 
-  if any(run.wants(s) for s in ("parity", "hf_inference", "decode", "throughput", "prefill", "profile")):
+  if any(run.wants(s) for s in ("parity", "hf_inference", "decode", "throughput", "prefill", "profile",
+                                "pallas_decode")):
     mesh = sharding.make_mesh({}, jax.devices()[:1])
     model = create_model(plan.cfg, mesh, jnp.dtype(plan.dtype), kernels, seed=0)
     flat = checkpoint.flatten(nnx.state(model, nnx.Param))
@@ -580,6 +584,7 @@ def main() -> None:
     run.stage("parity", parity, run, plan, kernels, model, theirs, parity_prompts)  # two more compiles: after the rows
     if args.trace:
       run.stage("profile", trace_decode, run, gen, prompts[plan.decode[0][:2]], args.trace)
+    run.stage("pallas_decode", pallas_decode, run, plan, kernels, model, flat, prompts, rng)
     del gen, model, flat
     gc.collect()
 
@@ -605,6 +610,28 @@ def int8_cache(run: Run, plan: Plan, kernels: Kernels, rng) -> None:
   prompts = {(b, p): rng.integers(0, plan.cfg.vocab_size, (b, p)).tolist() for b, p, _ in plan.decode}
   our_decode(run, plan, Generator(model, kv_cache_dtype="int8"), prompts, stage="int8_cache")
   our_throughput(run, plan, model, checkpoint.flatten(nnx.state(model, nnx.Param)), rng, "int8", stage="int8_cache")
+
+
+def pallas_decode(run: Run, plan: Plan, kernels: Kernels, model, flat: dict, prompts: dict, rng) -> None:
+  """The decode kernel against the einsum on one cache (rows at 1 to all slots), then, if it agrees, the decode
+  rows and the throughput row through it, on the same weights."""
+  cfg, dtype = plan.cfg, jnp.dtype(plan.dtype)
+  slots, r = 1024, np.random.default_rng(2)
+  q = jnp.asarray(r.normal(size=(4, cfg.num_attention_heads, cfg.dim_per_head)), dtype)
+  k, v = (jnp.asarray(r.normal(size=(4, cfg.num_key_value_heads, slots, cfg.dim_per_head)), dtype) for _ in "kv")
+  positions = jnp.asarray([0, 100, 700, slots - 1], jnp.int32)
+  got = jax.jit(decode_attention.attend)(q, k, v, positions + 1).astype(jnp.float32)
+  mask = layers.Mask.over_cache(positions[:, None], slots)
+  want = layers.attend(*(x.astype(jnp.float32) for x in (q[:, None], k, v)), mask, kv_layout="BKSH")[:, 0]
+  err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  ok = err < (2e-2 if dtype == jnp.bfloat16 else 1e-4)
+  run.emit(stage="probe", kernel="pallas decode", ok=ok, out_err_over_scale=err)
+  if not ok:
+    return
+  graphdef, _ = abstract_model(cfg, dtype, 1, dataclasses.replace(kernels, decode="pallas"))
+  fast = nnx.merge(graphdef, nnx.state(model))  # the same weights, the kernel in the graph
+  our_decode(run, plan, Generator(fast), prompts, stage="pallas_decode")
+  our_throughput(run, plan, fast, flat, rng, stage="pallas_decode")
 
 
 def trace_decode(run: Run, gen: Generator, prompt: list[list[int]], folder: str) -> None:

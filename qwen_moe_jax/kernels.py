@@ -11,6 +11,9 @@ A choice changes speed and memory, never the result beyond rounding; tests hold 
                       decoding over the cache and float32 runs keep the einsum)
              splash   the Pallas TPU splash attention kernel for prefill and training over T a multiple of 128
                       (other lengths and decoding keep the einsum)
+  decode     xla      decoding's attention as the einsum over every cache slot
+             pallas   a Pallas (Triton) kernel reading only each row's live slots (decode_attention.py; caches of
+                      fewer than 128 slots, and several new tokens at once, keep the einsum)
 """
 
 from __future__ import annotations
@@ -23,26 +26,31 @@ import jax
 
 EXPERT_BACKENDS = ("dense", "ragged", "tokamax")
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+DECODE_BACKENDS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
   experts: str = "ragged"
   attention: str = "xla"
+  decode: str = "xla"
 
   def __post_init__(self):
     if self.experts not in EXPERT_BACKENDS:
       raise ValueError(f"expert backend must be one of {EXPERT_BACKENDS}, got {self.experts!r}")
     if self.attention not in ATTENTION_BACKENDS:
       raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+    if self.decode not in DECODE_BACKENDS:
+      raise ValueError(f"decode attention backend must be one of {DECODE_BACKENDS}, got {self.decode!r}")
 
 
 def has_tokamax() -> bool:
   return importlib.util.find_spec("tokamax") is not None
 
 
-def default_kernels(experts: str | None = None, attention: str | None = None) -> Kernels:
-  """The fastest choices for the default jax backend, where not given: tokamax and cuDNN on GPU, XLA elsewhere."""
+def default_kernels(experts: str | None = None, attention: str | None = None, decode: str = "xla") -> Kernels:
+  """The fastest choices for the default jax backend, where not given: tokamax and cuDNN on GPU, XLA elsewhere
+  (the decode kernel is opt-in until measured on a GPU)."""
   on_gpu = jax.default_backend() == "gpu"
   if experts is None:
     installed = has_tokamax()
@@ -50,4 +58,4 @@ def default_kernels(experts: str | None = None, attention: str | None = None) ->
       warnings.warn("tokamax is not installed, so the routed experts run through XLA's ragged_dot, which on GPU "
                     "computes every expert densely (~15x the work); pip install 'qwen-moe-jax[gpu]' (Python >= 3.12)")
     experts = "tokamax" if on_gpu and installed else "ragged"
-  return Kernels(experts=experts, attention=attention or ("cudnn" if on_gpu else "xla"))
+  return Kernels(experts=experts, attention=attention or ("cudnn" if on_gpu else "xla"), decode=decode)

@@ -1,7 +1,11 @@
-"""The KV cache: one key and one value buffer [B, S, K, H] per layer; slot s holds position s of each row.
+"""The KV cache: one key and one value buffer [B, K, S, H] per layer; slot s holds position s of each row.
+
+Heads before slots: decoding's attention matmuls take (row, kv head) as their batch dimensions, which XLA wants
+outermost, so this layout feeds them the cache as it lies ([B, S, K, H] made XLA copy each layer's whole key
+cache into this layout at every decode step: see tests/test_infer.py::test_decode_reads_the_cache_in_place).
 
 An int8 cache (`--kv-cache-dtype int8`) holds each slot's key and value vectors per kv head as int8 with one
-float32 scale each ([B, S, K]: vector = int8 values x scale, the scale its largest magnitude / 127): half the
+float32 scale each ([B, K, S]: vector = int8 values x scale, the scale its largest magnitude / 127): half the
 bytes of bf16 (plus 4 per 128 values for the scales), so twice the rows or context fit, and half the bytes each
 decode step reads. Attention applies the scales to its scores and probabilities (see layers.attend), so the
 cache is never expanded to the compute dtype as a whole.
@@ -19,31 +23,32 @@ import numpy as np
 from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig
 
-CACHE_AXES = ("batch", None, "kv_heads", None)  # [B, S, K, H]
-SCALE_AXES = ("batch", None, "kv_heads")  # [B, S, K]
+CACHE_AXES = ("batch", "kv_heads", None, None)  # [B, K, S, H]
+SCALE_AXES = ("batch", "kv_heads", None)  # [B, K, S]
 INT8_MAX = 127.0
 
 
 class LayerKV(NamedTuple):
   """One layer's cache."""
 
-  k: jax.Array  # [B, S, K, H]
-  v: jax.Array  # [B, S, K, H]
-  k_scale: jax.Array | None = None  # [B, S, K] (int8 cache only)
+  k: jax.Array  # [B, K, S, H]
+  v: jax.Array  # [B, K, S, H]
+  k_scale: jax.Array | None = None  # [B, K, S] (int8 cache only)
   v_scale: jax.Array | None = None
 
   @property
   def quantized(self) -> bool:
     return self.k_scale is not None
 
-  def write(self, at, k: jax.Array, v: jax.Array) -> "LayerKV":
-    """The cache with k, v [B, T, K, H] stored at index `at` (rows, slots), quantized when the cache is: a
-    scatter, in place when the cache is donated (XLA partitions a dynamic_update_slice at a traced row by
+  def write(self, rows: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array) -> "LayerKV":
+    """The cache with k, v [B, T, K, H] stored in cache rows `rows` [B] at slots [B, T], quantized when the cache
+    is: a scatter, in place when the cache is donated (XLA partitions a dynamic_update_slice at a traced row by
     gathering the whole split cache onto every device)."""
     new = (k, v)
     if self.quantized:
       (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
       new = (k, v, k_scale, v_scale)
+    at = (rows[:, None], slice(None), slots)  # selects [B, T, K, ...]: the indexed axes first
     return LayerKV(*(c.at[at].set(x.astype(c.dtype), unique_indices=True) for c, x in zip(self, new)))
 
 
@@ -64,14 +69,14 @@ def round_trip(x: jax.Array) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  k: tuple[jax.Array, ...]  # per layer [B, S, K, H] (int8 when quantized)
-  v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
-  k_scale: tuple[jax.Array, ...] | None = None  # per layer [B, S, K] float32 (int8 cache only)
+  k: tuple[jax.Array, ...]  # per layer [B, K, S, H] (int8 when quantized)
+  v: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+  k_scale: tuple[jax.Array, ...] | None = None  # per layer [B, K, S] float32 (int8 cache only)
   v_scale: tuple[jax.Array, ...] | None = None
 
   @staticmethod
   def shape(cfg: QwenMoeConfig, batch: int, length: int) -> tuple[int, int, int, int]:
-    return (batch, length, cfg.num_key_value_heads, cfg.dim_per_head)
+    return (batch, cfg.num_key_value_heads, length, cfg.dim_per_head)
 
   @classmethod
   def zeros(cls, cfg: QwenMoeConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
@@ -103,8 +108,8 @@ class KVCache:
                    k_scale=scales(self.k_scale), v_scale=scales(self.v_scale))
 
   def grown(self, length: int) -> "KVCache":
-    """The cache with its slots padded (empty) to `length`."""
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, length - self.length)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    """The cache with its slots (axis 2 of buffers and scales) padded (empty) to `length`."""
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, length - self.length)) + ((0, 0),) * (x.ndim - 3))  # noqa: E731
     return jax.tree.map(pad, self)
 
   @classmethod
@@ -118,4 +123,4 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]

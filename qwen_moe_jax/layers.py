@@ -19,8 +19,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
+from qwen_moe_jax import decode_attention, sharding
 from qwen_moe_jax import lora as lora_lib
-from qwen_moe_jax import sharding
 from qwen_moe_jax.config import QwenMoeConfig, RopeScaling
 from qwen_moe_jax.kv_cache import LayerKV, round_trip
 
@@ -155,18 +155,19 @@ def query_block(t: int, s: int) -> int:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | None = None,
-           scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+           scales: tuple[jax.Array, jax.Array] | None = None, kv_layout: str = "BSKH") -> jax.Array:
   """Grouped-query attention, softmax in fp32, over blocks of `block` queries (default: `query_block`).
 
-  q [B, T, N, H], k / v [B, S, K, H] -> [B, T, N, H]. Each block sees every key, so blocks are exact; they run
-  in a loop whose body is rematerialised in the backward pass, so memory is linear in T for a fixed S (the
-  scores of one block at a time) in training as in prefill. `scales` (k_scale, v_scale [B, S, K]): k and v are
-  an int8 cache's (see kv_cache.py); a key's scale multiplies its scores, a value's its probabilities.
+  q [B, T, N, H], k / v [B, S, K, H] (`kv_layout` "BKSH": [B, K, S, H], the KV cache's) -> [B, T, N, H]. Each
+  block sees every key, so blocks are exact; they run in a loop whose body is rematerialised in the backward
+  pass, so memory is linear in T for a fixed S (the scores of one block at a time) in training as in prefill.
+  `scales` (k_scale, v_scale [B, S, K], or [B, K, S] for "BKSH"): k and v are an int8 cache's (see kv_cache.py);
+  a key's scale multiplies its scores, a value's its probabilities.
   """
   b, t, n, h = q.shape
-  block = block or query_block(t, k.shape[1])
+  block = block or query_block(t, k.shape[kv_layout.index("S")])
   if block >= t:
-    return _attend_block(q, k, v, mask.dense(), scales)
+    return _attend_block(q, k, v, mask.dense(), scales, kv_layout)
   blocks = -(-t // block)
   pad = blocks * block - t  # padded queries sit in segment 0 at position 0; their outputs are dropped
   q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -176,27 +177,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, block: int | No
   @jax.checkpoint
   def one(i):  # block i: queries [i * block, (i + 1) * block)
     qi = jax.lax.dynamic_slice_in_dim(q_pad, i * block, block, axis=1)
-    return _attend_block(qi, k, v, mask.queries(i * block, block).dense(), scales)
+    return _attend_block(qi, k, v, mask.queries(i * block, block).dense(), scales, kv_layout)
 
   out = jax.lax.map(one, jnp.arange(blocks))  # [blocks, B, block, N, H]
   return jnp.moveaxis(out, 0, 1).reshape(b, blocks * block, n, h)[:, :t]
 
 
 def _attend_block(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                  scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-  """q [B, T, N, H], k / v [B, S, K, H], mask [B, T, S], scales as in `attend` -> [B, T, N, H]."""
+                  scales: tuple[jax.Array, jax.Array] | None, kv_layout: str) -> jax.Array:
+  """q [B, T, N, H], k / v in `kv_layout`, mask [B, T, S], scales as in `attend` -> [B, T, N, H]."""
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[kv_layout.index("K")]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-  per_key = lambda s: jnp.moveaxis(s, 1, 2)[:, :, None, None, :]  # noqa: E731  [B, S, K] -> [B, K, 1, 1, S]
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(q.dtype), preferred_element_type=F32) * (h ** -0.5)
+  scale_layout = kv_layout.replace("H", "")  # [B, S, K] or [B, K, S]
+  per_key = lambda s: jnp.einsum(f"{scale_layout}->BKS", s)[:, :, None, None, :]  # noqa: E731  [B, K, 1, 1, S]
+  scores = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", qg, k.astype(q.dtype), preferred_element_type=F32) * (h ** -0.5)
   if scales is not None:
     scores = scores * per_key(scales[0])
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(F32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   if scales is not None:
     probs = probs * per_key(scales[1])
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(q.dtype), v.astype(q.dtype))
+  out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", probs.astype(q.dtype), v.astype(q.dtype))
   return out.reshape(b, t, n, h)
 
 
@@ -258,7 +260,7 @@ class Attention(nnx.Module):
   """Self-attention with q/k/v bias, no o bias; optional KV cache (see kv_cache.py) and LoRA adapters."""
 
   def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs, backend: str = "xla",
-               lora: lora_lib.LoraConfig | None = None):
+               lora: lora_lib.LoraConfig | None = None, decode: str = "xla"):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
     self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", None), dtype)  # [D, N, H]
     self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", None), dtype)  # [D, K, H]
@@ -269,7 +271,7 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (k, h), ("kv_heads", None), dtype, init="zeros")  # [K, H]
       self.v_bias = param(rngs, (k, h), ("kv_heads", None), dtype, init="zeros")  # [K, H]
     self.qkv_bias = cfg.qkv_bias
-    self.backend = backend  # Kernels.attention
+    self.backend, self.decode = backend, decode  # Kernels.attention, Kernels.decode
     lora_lib.attach(self, "attention", lora, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask, cache: LayerKV | None = None,
@@ -278,7 +280,7 @@ class Attention(nnx.Module):
     """x [B, T, D] -> [B, T, D].
 
     Without `attend_cache`, attention runs over x's own keys (prefill, training), and a cache
-    (k, v [R, S, K, H], R >= B rows, S >= T slots) gets this call's keys and values in rows
+    (k, v [R, K, S, H], R >= B rows, S >= T slots) gets this call's keys and values in rows
     [cache_row, cache_row + B), slots [0, T) (prefill; over an int8 cache, attention sees the keys and values
     as the cache holds them, as the tokens after them will). With `attend_cache` (decoding), each row's keys
     and values go to its slots [B, T] and attention runs over the whole cache.
@@ -289,25 +291,25 @@ class Attention(nnx.Module):
     if self.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    scales = None
+    scales, kv_layout = None, "BSKH"
     if cache is not None:
       b, t = x.shape[:2]
       if attend_cache:  # decoding: each row's keys and values at its slots
-        at = (jnp.arange(b)[:, None], slots)
-      else:  # prefill: rows [cache_row, cache_row + B), slots [0, T)
-        at = (cache_row + jnp.arange(b), slice(0, t))
-      cache = cache.write(at, k, v)
-      if attend_cache:
-        k, v = cache.k, cache.v
+        cache = cache.write(jnp.arange(b), slots, k, v)
+        k, v, kv_layout = cache.k, cache.v, "BKSH"
         scales = (cache.k_scale, cache.v_scale) if cache.quantized else None
-      elif cache.quantized:
+      else:  # prefill: rows [cache_row, cache_row + B), slots [0, T)
+        cache = cache.write(cache_row + jnp.arange(b), jnp.broadcast_to(jnp.arange(t), (b, t)), k, v)
+      if not attend_cache and cache.quantized:
         k, v = round_trip(k), round_trip(v)
     if self.backend == "cudnn" and not attend_cache and q.dtype in FUSED_DTYPES:
       out = attend_fused(q, k, v, mask)
     elif self.backend == "splash" and not attend_cache and splash_fits(q.shape[1]):
       out = attend_splash(q, k, v, mask)
+    elif self.decode == "pallas" and attend_cache and q.shape[1] == 1 and decode_attention.fits(k.shape[2]):
+      out = decode_attention.attend(q[:, 0], k, v, mask.q_pos[:, 0] + 1, scales)[:, None]  # slots [0, position]
     else:
-      out = attend(q, k, v, mask, scales=scales)
+      out = attend(q, k, v, mask, scales=scales, kv_layout=kv_layout)
     return lora_lib.project(self, "o_proj", "BTNH,NHD->BTD", out), cache
 
 

@@ -40,7 +40,7 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg: QwenMoeConfig, index: int, dtype: jnp.dtype, rngs: nnx.Rngs, expert_shards: int,
                kernels: Kernels, lora: LoraConfig | None = None):
     self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-    self.attn = Attention(cfg, dtype, rngs, kernels.attention, lora)
+    self.attn = Attention(cfg, dtype, rngs, kernels.attention, lora, kernels.decode)
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
     self.is_moe = cfg.is_moe_layer(index)
     if self.is_moe:

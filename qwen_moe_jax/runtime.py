@@ -12,13 +12,21 @@ import jax.numpy as jnp
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.kernels import ATTENTION_BACKENDS, EXPERT_BACKENDS, Kernels, default_kernels, has_tokamax
+from qwen_moe_jax.kernels import (
+  ATTENTION_BACKENDS,
+  DECODE_BACKENDS,
+  EXPERT_BACKENDS,
+  Kernels,
+  default_kernels,
+  has_tokamax,
+)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 CACHE_MAX_BYTES = 4 << 30  # the compile cache drops its least recently used programs past this size
 
 
-def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> None:
+def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16", decoding: bool = False) -> None:
+  """The shared flags; `decoding` adds the decode-attention kernel choice (infer.py)."""
   ap.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES),
                   help=f"compute and parameter dtype (default {default_dtype}; float32 is the parity setting)")
   ap.add_argument("--mesh", help="axis=size pairs over data, fsdp, expert, tensor, e.g. data=2,expert=4 "
@@ -28,6 +36,10 @@ def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> No
   ap.add_argument("--attention", default=None, choices=ATTENTION_BACKENDS,
                   help="self-attention kernel for prefill and training (default: cudnn on GPU, else xla; splash: "
                   "the Pallas TPU kernel)")
+  if decoding:
+    ap.add_argument("--decode-attention", default="xla", choices=DECODE_BACKENDS,
+                    help="attention kernel of the decode steps: xla (an einsum over every cache slot) or pallas (a "
+                    "Triton kernel reading only each row's live slots; GPU; opt-in, not yet measured)")
   ap.add_argument("--compile-cache", metavar="DIR|off",
                   help="persistent XLA compilation cache: a later run with the same shapes loads its programs "
                        "instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR, else "
@@ -82,11 +94,13 @@ def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kerne
   enable_compile_cache(args.compile_cache)
   init_distributed(args)
   mesh = sharding.make_mesh(args.mesh)
-  kernels = default_kernels(args.expert_backend, args.attention)
+  kernels = default_kernels(args.expert_backend, args.attention, getattr(args, "decode_attention", "xla"))
   for attention, platform in (("cudnn", "gpu"), ("splash", "tpu")):
     if kernels.attention == attention and jax.default_backend() != platform:
       raise UserError(f"--attention {attention} needs a {platform.upper()} (jax's backend here is "
                       f"{jax.default_backend()}); use xla")
+  if kernels.decode == "pallas" and jax.default_backend() != "gpu":
+    raise UserError(f"--decode-attention pallas needs a GPU (jax's backend here is {jax.default_backend()}); use xla")
   if kernels.experts == "tokamax" and not has_tokamax():
     raise UserError("--expert-backend tokamax needs tokamax: pip install 'qwen-moe-jax[gpu]' (Python >= 3.12)")
   return mesh, DTYPES[args.dtype], kernels

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"int8_cache", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill", "hf_throughput", "decode",
-          "throughput", "prefill", "profile", "train", "fit", "lora", "kernels", "done"}
+          "throughput", "prefill", "profile", "pallas_decode", "train", "fit", "lora", "kernels", "done"}
 
 
 def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
@@ -24,9 +24,10 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   records = [json.loads(line) for line in out.read_text().splitlines()]
   assert res.stdout.splitlines() == out.read_text().splitlines()
   probes = [r for r in records if r["stage"] == "probe"]
-  assert [(r["kernel"], r["ok"]) for r in probes[:-1]] == [("tokamax", False), ("cudnn", False),
-                                                           ("cudnn unpacked", False)]
-  assert probes[-1]["using"] == {"experts": "ragged", "attention": "xla"}
+  assert [(r["kernel"], r["ok"]) for r in probes[:3]] == [("tokamax", False), ("cudnn", False),
+                                                          ("cudnn unpacked", False)]
+  assert probes[3]["using"] == {"experts": "ragged", "attention": "xla", "decode": "xla"}
+  assert [(r["kernel"], r["ok"]) for r in probes[4:]] == [("pallas decode", True)]  # interpreted on CPU
   assert [r for r in records if ("error" in r and r["stage"] != "probe") or "skipped" in r] == []
   assert {r["stage"] for r in records} == STAGES
   parity = [r for r in records if r["stage"] == "parity"]
@@ -35,6 +36,8 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   rows = {(r["stage"], r.get("batch")): r for r in records}
   assert rows[("decode", 1)]["ms_per_step"] > 0 and rows[("decode", 4)]["ms_per_step"] > 0
   assert rows[("throughput", 8)]["new_tokens"] == 24 and rows[("throughput", 8)]["tokens_per_s"] > 0
+  pallas = [r for r in records if r["stage"] == "pallas_decode"]
+  assert [r.get("batch") for r in pallas] == [1, 4, 8] and all(r.get("ms_per_step", 1) > 0 for r in pallas)
   int8 = [r for r in records if r["stage"] == "int8_cache"]
   assert [(r.get("batch"), r["kv_cache_dtype"]) for r in int8] == [(1, "int8"), (4, "int8"), (8, "int8")]
   fit = rows[("fit", 1)]

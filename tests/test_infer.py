@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, generate, kv_cache, layers, sampling
+from qwen_moe_jax import checkpoint, convert, decode_attention, generate, kv_cache, layers, sampling
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.errors import UserError
@@ -303,9 +303,76 @@ def test_int8_cache_attention_equals_the_dequantized_cache():
   assert ratio == (1 + 4 / cfg.dim_per_head) / 2  # int8 values and a float32 scale per head dim vector
   mask = layers.Mask.over_cache(jnp.asarray([[7, 8, 9, 10, 11], [19, 20, 21, 22, 23]]), 24)
   want = layers.attend(q, k_back, v_back, mask)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  the cache's layout: [B, K, S, H], scales [B, K, S]
   for block in (None, 2):
     got = layers.attend(q, kq, vq, mask, block=block, scales=(ks, vs))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # values up to ~100
+    got = layers.attend(q, *map(heads_first, (kq, vq)), mask, block=block, scales=tuple(map(heads_first, (ks, vs))),
+                        kv_layout="BKSH")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("slots,heads,kv_heads", [(128, 2, 2), (768, 6, 2), (1024, 20, 1)])
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_pallas_decode_attention_equals_the_einsum(slots, heads, kv_heads, quantized):
+  """The decode kernel (interpreted on CPU) equals the einsum over the cache with the causal mask: rows at the
+  first slot, mid-split, a split's last slot and the cache's last slot, slots past them holding other values
+  (as a previous prompt leaves them); blocks of 16 / 32 / 64 slots; 1, 3 and 20 query heads per kv head."""
+  rng = np.random.default_rng(slots)
+  h = 16
+  q = jnp.asarray(rng.normal(size=(4, heads, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(4, kv_heads, slots, h)) * 3, jnp.float32) for _ in range(2))
+  scales = None
+  if quantized:
+    (k, k_scale), (v, v_scale) = kv_cache.quantize(k), kv_cache.quantize(v)
+    scales = (k_scale, v_scale)
+  positions = jnp.asarray([0, slots // 3, slots // decode_attention.SPLITS - 1, slots - 1], jnp.int32)
+  got = jax.jit(decode_attention.attend)(q, k, v, positions + 1, scales)
+  want = layers.attend(q[:, None], k, v, layers.Mask.over_cache(positions[:, None], slots), scales=scales,
+                       kv_layout="BKSH")[:, 0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert decode_attention.fits(slots) and not decode_attention.fits(64)
+  # blocks past a row's length are never loaded: NaN there (values, or an int8 cache's scales) changes nothing
+  dead = jnp.arange(slots) >= (-(-(positions + 1) // 64) * 64)[:, None]  # [B, S] from the next 64-slot boundary
+  poison = lambda x: jnp.where(dead[:, None, :, None] if x.ndim == 4 else dead[:, None], jnp.nan, x)  # noqa: E731
+  k, v, scales = (k, v, tuple(map(poison, scales))) if quantized else (poison(k), poison(v), None)
+  np.testing.assert_array_equal(jax.jit(decode_attention.attend)(q, k, v, positions + 1, scales), got)
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "int8"])
+def test_pallas_decode_attention_gives_the_einsums_tokens(tiny, cache_dtype):
+  """`--decode-attention pallas` (interpreted on CPU) generates the einsum path's tokens and log-probabilities,
+  with continuous batching (rows refilled over a finished prompt's keys, which the kernel must not read)."""
+  _, _, _, ckpt = tiny
+  runs = []
+  for decode in ("xla", "pallas"):
+    model = checkpoint.restore(ckpt, dtype=jnp.float32, kernels=Kernels(decode=decode))
+    runs.append(Generator(model, batch_size=2, kv_cache_dtype=cache_dtype).generate(PROMPTS, [100, 60, 90]))
+  assert cache_bucket(max(len(p) + n for p, n in zip(PROMPTS, [100, 60, 90]))) == 128  # the kernel's smallest
+  assert runs[1].output_ids == runs[0].output_ids
+  for a, b in zip(runs[1].output_logprobs, runs[0].output_logprobs):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "int8"])
+def test_decode_reads_the_cache_in_place(tiny, cache_dtype):
+  """The compiled decode loop attends over each layer's cache as it lies: no transpose or copy of a cache-sized
+  array. XLA wants the attention matmuls' batch dimensions (row, kv head) outermost (on CPU as on GPU); with the
+  cache laid out [B, S, K, H] it copied every layer's key cache into [B, K, S, H] at every step."""
+  _, model, _, _ = tiny
+  gen, cfg, rows, slots = Generator(model, kv_cache_dtype=cache_dtype), model.config, 4, 384
+  state = generate.empty_state(generate.prompt_keys(0, range(rows)), jnp.full((4,), -1, jnp.int32), cfg=cfg,
+                               rows=rows, cache_len=slots, max_new=16, dtype=gen.cache_dtype)
+  hlo = generate.decode.lower(gen.graphdef, gen.params, state, np.bool_(False), steps=16,
+                              sampling=Sampling()).compile().as_text()
+  k, h = cfg.num_key_value_heads, cfg.dim_per_head
+  cache_shapes = {f"[{rows},{k},{slots},{h}]", f"[{rows},{slots},{k},{h}]"}
+  results = [(line.split(" = ", 1)[0], line.split(" = ", 1)[1].split(" ", 1)) for line in hlo.splitlines()
+             if " = " in line]
+  moved = [name for name, (shape, op) in results
+           if any(c in shape for c in cache_shapes) and ("transpose" in name + op.split("(")[0]
+                                                         or op.startswith(("copy(", "transpose(")))]
+  assert f"[{rows},{k},{slots},{h}]" in hlo and not moved, moved
 
 
 def int8_prompt_logprobs(model, ids: list[int]) -> np.ndarray:
@@ -467,6 +534,7 @@ def test_stops_on_eos(tiny):
   (["--logprobs"], "--logprobs adds a key to the --json objects"),
   (["--attention", "cudnn"], "needs a GPU"),
   (["--attention", "splash"], "needs a TPU"),
+  (["--decode-attention", "pallas"], "needs a GPU"),
   (["--expert-backend", "tokamax"], "needs tokamax"),
 ])
 def test_cli_bad_values(tiny, flags, message):

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, layers, sharding
+from qwen_moe_jax import checkpoint, convert, decode_attention, kv_cache, layers, sharding
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
@@ -244,3 +244,24 @@ def test_splash_attention_on_a_mesh(spec):
   np.testing.assert_allclose(got, layers.attend(q, k, v, mask), rtol=1e-5, atol=1e-5)
   for a, e in zip(got_grads, grad(layers.attend)(q, k, v), strict=True):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["data=2,tensor=2", "fsdp=2,tensor=4", "expert=8"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_pallas_decode_attention_on_a_mesh(spec, quantized):
+  """The decode kernel in its shard_map gives the einsum's outputs: rows and heads split (tensor=2), rows only
+  (2 kv heads on tensor=4), rows over the expert axis; float and int8 caches."""
+  rng = np.random.default_rng(4)
+  b, n, kv, s, h = 8, 4, 2, 128, 8
+  q = jnp.asarray(rng.normal(size=(b, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, kv, s, h)), jnp.float32) for _ in range(2))
+  scales = None
+  if quantized:
+    (k, k_scale), (v, v_scale) = kv_cache.quantize(k), kv_cache.quantize(v)
+    scales = (k_scale, v_scale)
+  positions = jnp.asarray(rng.integers(0, s, b), jnp.int32)
+  with jax.set_mesh(mesh_of(spec)):
+    got = jax.jit(decode_attention.attend)(q, k, v, positions + 1, scales)
+  want = layers.attend(q[:, None], k, v, layers.Mask.over_cache(positions[:, None], s), scales=scales,
+                       kv_layout="BKSH")[:, 0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
