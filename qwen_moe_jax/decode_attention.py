@@ -3,8 +3,8 @@
 The einsum path (layers.attend) reads every slot of the cache at every decode step: a cache sized for the longest
 prompt plus --max-new-tokens is read whole even while a row holds a tenth of it. This kernel (Triton on GPU,
 interpreted elsewhere for tests) runs, per row and kv head, the G query heads of one decode step over that row's
-slots [0, length) only, in blocks of up to 64 slots with an online softmax, split over SPLITS programs (flash
-decoding) whose partial results are merged after. Slots past a row's length are never loaded, so a step reads
+slots [0, length) only, in blocks of up to 64 slots with an online softmax, split over about SPLITS programs
+(flash decoding) whose partial results are merged after. Slots past a row's length are never loaded, so a step reads
 the bytes the rows hold, not the cache's size. int8 caches are read as int8 and their scales applied to scores
 and probabilities, as in layers.attend.
 
@@ -24,15 +24,22 @@ from jax.sharding import PartitionSpec as P
 from qwen_moe_jax import sharding
 
 F32 = jnp.float32
-SPLITS = 8  # programs per (row, kv head), each over a contiguous 1/SPLITS of the slots
-BLOCKS = (64, 32, 16)  # slots per loop iteration inside a program: the largest that divides a split
+SPLITS = 8  # programs per (row, kv head) aimed at, each over a contiguous run of the slots
+BLOCK = 64  # most slots per loop iteration inside a program
 MIN_TILE = 16  # Triton's smallest matmul tile: query heads per kv head are padded to a power of two >= it
 
 
 def fits(slots: int) -> bool:
-  """Whether a cache of this many slots splits into SPLITS programs of whole blocks (every cache bucket of
-  at least 128 slots does; smaller caches keep the einsum)."""
-  return slots % (SPLITS * BLOCKS[-1]) == 0
+  """Whether a cache of this many slots splits into programs of whole blocks (every cache bucket of at least
+  128 slots does; smaller caches keep the einsum)."""
+  return slots % (SPLITS * MIN_TILE) == 0
+
+
+def split_slots(slots: int) -> int:
+  """Slots per program: a power of two (Triton's block shapes are), dividing `slots`, about slots / SPLITS
+  (cache buckets past 256 slots are multiples of 256, e.g. 1,280 = 10 x 128)."""
+  largest = slots & -slots  # the largest power of two dividing slots
+  return min(largest, 1 << ((slots // SPLITS).bit_length() - 1))
 
 
 def _kernel(q_ref, k_ref, v_ref, length_ref, *refs, block: int, quantized: bool):
@@ -71,11 +78,11 @@ def _one_head(q, k, v, length, k_scale, v_scale, *, interpret: bool):
   """q [P, H] (float32, scaled), k / v [S, H], length [], scales [S] or None -> [P, H] float32: the queries
   over slots [0, length)."""
   slots, h = k.shape
-  per_split = slots // SPLITS
-  block = next(c for c in BLOCKS if per_split % c == 0)
+  per_split = split_slots(slots)
+  splits, block = slots // per_split, min(BLOCK, per_split)
   quantized = k_scale is not None
   split = lambda width: pl.BlockSpec((None, per_split) + width, lambda j: (j, 0) + (0,) * len(width))  # noqa: E731
-  by_split = lambda x: x.reshape(SPLITS, per_split, *x.shape[1:])  # noqa: E731
+  by_split = lambda x: x.reshape(splits, per_split, *x.shape[1:])  # noqa: E731
   whole = pl.BlockSpec(q.shape, lambda j: (0, 0))
   scalar = pl.BlockSpec((), lambda j: ())
   in_specs = [whole, split((h,)), split((h,)), scalar] + ([split(()), split(())] if quantized else [])
@@ -83,11 +90,11 @@ def _one_head(q, k, v, length, k_scale, v_scale, *, interpret: bool):
   p = q.shape[0]
   o, m, denom = pl.pallas_call(
     functools.partial(_kernel, block=block, quantized=quantized),
-    grid=(SPLITS,), in_specs=in_specs,
+    grid=(splits,), in_specs=in_specs,
     out_specs=[pl.BlockSpec((None, p, h), lambda j: (j, 0, 0)), pl.BlockSpec((None, p), lambda j: (j, 0)),
                pl.BlockSpec((None, p), lambda j: (j, 0))],
-    out_shape=[jax.ShapeDtypeStruct((SPLITS, p, h), F32), jax.ShapeDtypeStruct((SPLITS, p), F32),
-               jax.ShapeDtypeStruct((SPLITS, p), F32)],
+    out_shape=[jax.ShapeDtypeStruct((splits, p, h), F32), jax.ShapeDtypeStruct((splits, p), F32),
+               jax.ShapeDtypeStruct((splits, p), F32)],
     compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, name="decode_attention",
   )(*args)
   top = m.max(axis=0)  # [P]: merge the splits' partial softmaxes (a split with no live slot weighs 0)

@@ -312,12 +312,13 @@ def test_int8_cache_attention_equals_the_dequantized_cache():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("slots,heads,kv_heads", [(128, 2, 2), (768, 6, 2), (1024, 20, 1)])
+@pytest.mark.parametrize("slots,heads,kv_heads", [(128, 2, 2), (1280, 6, 2), (1024, 20, 1)])
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
 def test_pallas_decode_attention_equals_the_einsum(slots, heads, kv_heads, quantized):
   """The decode kernel (interpreted on CPU) equals the einsum over the cache with the causal mask: rows at the
   first slot, mid-split, a split's last slot and the cache's last slot, slots past them holding other values
-  (as a previous prompt leaves them); blocks of 16 / 32 / 64 slots; 1, 3 and 20 query heads per kv head."""
+  (as a previous prompt leaves them); splits of 16 / 128 / 128 slots (8, 10, 8 of them) in blocks of 16 / 64
+  slots; 1, 3 and 20 query heads per kv head."""
   rng = np.random.default_rng(slots)
   h = 16
   q = jnp.asarray(rng.normal(size=(4, heads, h)), jnp.float32)
@@ -326,12 +327,13 @@ def test_pallas_decode_attention_equals_the_einsum(slots, heads, kv_heads, quant
   if quantized:
     (k, k_scale), (v, v_scale) = kv_cache.quantize(k), kv_cache.quantize(v)
     scales = (k_scale, v_scale)
-  positions = jnp.asarray([0, slots // 3, slots // decode_attention.SPLITS - 1, slots - 1], jnp.int32)
+  positions = jnp.asarray([0, slots // 3, decode_attention.split_slots(slots) - 1, slots - 1], jnp.int32)
   got = jax.jit(decode_attention.attend)(q, k, v, positions + 1, scales)
   want = layers.attend(q[:, None], k, v, layers.Mask.over_cache(positions[:, None], slots), scales=scales,
                        kv_layout="BKSH")[:, 0]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert decode_attention.fits(slots) and not decode_attention.fits(64)
+  assert [decode_attention.split_slots(n) for n in (128, 256, 768, 1280, 2048, 32768)] == [16, 32, 64, 128, 256, 4096]
   # blocks past a row's length are never loaded: NaN there (values, or an int8 cache's scales) changes nothing
   dead = jnp.arange(slots) >= (-(-(positions + 1) // 64) * 64)[:, None]  # [B, S] from the next 64-slot boundary
   poison = lambda x: jnp.where(dead[:, None, :, None] if x.ndim == 4 else dead[:, None], jnp.nan, x)  # noqa: E731
