@@ -139,7 +139,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   eos = tok.token_to_id("<|endoftext|>") if tok is not None else None
   tokens = run.folder / TOKENS_DIR
   write = jax.process_index() == 0
-  documents = data.read_cached(args.data, tok, tc.seq_len, eos, tokens, write)
+  documents = data.read_cached(args.data, tok, tc.seq_len, eos, tokens, write, settings["data_fingerprint"])
   stream = data.BatchStream(documents, tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack)
   held_out = None
   if args.eval_data:

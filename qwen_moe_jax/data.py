@@ -143,12 +143,13 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
 
 
 def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None, folder: Path,
-                write: bool) -> Documents:
+                write: bool, digest: str | None = None) -> Documents:
   """`read_jsonl`, its result kept in `folder` as FOLDER/<fingerprint>-<seq_len>.npz, so a resumed run reads
   tokens instead of tokenizing again. For a run folder, whose tokenizer (so eos_id) is fixed: the key is the data
   file's bytes and seq_len. `write`: this process saves the file (atomically; the others only read it). An
-  unreadable file is ignored (and replaced)."""
-  file = folder / f"{fingerprint(path)}-{seq_len}.npz"
+  unreadable file is ignored (and replaced). `digest`: the file's `fingerprint`, when the caller has it (hashing
+  a large file again costs a full read)."""
+  file = folder / f"{digest or fingerprint(path)}-{seq_len}.npz"
   try:
     with np.load(file, allow_pickle=False) as saved:
       docs = Documents(saved["tokens"], saved["loss_mask"], saved["offsets"])

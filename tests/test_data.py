@@ -373,3 +373,5 @@ def test_read_cached_tokenizes_once(tok, tmp_path, monkeypatch):
   assert _same(data.read_cached(path, tok, 40, 7, cache, write=True), first) and len(reads) == 2
   assert _same(data.read_cached(path, tok, 40, 7, cache, write=True), first) and len(reads) == 2
   assert sorted(p.name for p in cache.iterdir()) == [file.name]  # no partial file left
+  named = data.read_cached(path, tok, 40, 7, tmp_path / "named", write=True, digest=fingerprint(path))
+  assert _same(named, first) and [p.name for p in (tmp_path / "named").iterdir()] == [file.name]
