@@ -311,7 +311,8 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     return
   if args.dump_logits:
     np.save(args.dump_logits, logits)
-  print(f"prompt tokens: {result.prompt_tokens}, generated tokens: {result.generated_tokens}, "
+  shared = f" ({result.shared_tokens} run once for several samples)" if result.shared_tokens else ""
+  print(f"prompt tokens: {result.prompt_tokens}{shared}, generated tokens: {result.generated_tokens}, "
         f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)
 

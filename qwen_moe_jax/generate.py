@@ -3,12 +3,14 @@
 Prompts of different lengths share a batch: each row is right-padded, its cache slot s holds its position
 s, and padding is its own attention segment, so a row's tokens equal what the prompt gives alone. Shapes
 are bucketed (batch and max new tokens to powers of two, prompt and cache lengths by `cache_bucket`), so new
-requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into the cache. The decode
-loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so the cache is
-updated in place; the host only wakes between chunks to stream the new tokens, to end rows at stop strings
-(`stop_when`) and, when there are more prompts than rows (`batch_size`), to prefill waiting prompts into rows
-that finished (continuous batching). Each row counts its own tokens, and a prompt's random stream depends only
-on the seed and the prompt's index. `prompt_logprobs` scores prompts (a forward pass, no cache).
+requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into the cache, and
+identical prompts in one prefill call (the samples of a prompt) run once, their keys and values written to
+each of their rows. The decode loop is a `lax.while_loop` over a chunk of steps with the state (KV cache
+included) donated, so the cache is updated in place; the host only wakes between chunks to stream the new
+tokens, to end rows at stop strings (`stop_when`) and, when there are more prompts than rows (`batch_size`),
+to prefill waiting prompts into rows that finished (continuous batching; rows freed at once are refilled in
+one call). Each row counts its own tokens, and a prompt's random stream depends only on the seed and the
+prompt's index. `prompt_logprobs` scores prompts (a forward pass, no cache).
 """
 
 from __future__ import annotations
@@ -103,36 +105,44 @@ def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, track_seen:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
-def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys, row, *, sampling) -> DecodeState:
-  """Runs G prompts and puts them in rows [row, row + G) of the state: their keys and values in the cache
-  (slots [0, T), written in place; later slots keep what a previous prompt left there, which the causal mask
-  hides), their token limits, PRNG keys and first tokens.
+def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys, rows, source, *,
+            sampling) -> DecodeState:
+  """Runs G prompts and puts them in R rows of the state, row rows[r] getting prompt source[r] (a prompt run once
+  fills the rows of all its samples): its keys and values in the cache (slots [0, T), written in place; later
+  slots keep what a previous prompt left there, which the causal mask hides), the row's token limit, PRNG key
+  and first token (drawn with the row's key).
 
-  tokens [G, T] right-padded, lengths [G] (0: an unused row, done from the start), limits [G] (max new tokens),
-  keys [G], row [].
+  tokens [G, T] right-padded, lengths [G]; limits, keys, rows, source [R] (rows past the state's: unused).
+  rows and source None: prompt g fills row g of all G == B rows (a length of 0: unused, done from the start);
+  a fixed layout, which shards cleanly.
   """
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   g, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (g, t))
   segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
-  start = row if g < state.last.shape[0] else 0  # one group for all rows: a static offset, which shards cleanly
-  out = model(tokens, positions, segments, cache=state.cache, cache_row=start, packed=False)
+  out = model(tokens, positions, segments, cache=state.cache, packed=False,
+              cache_rows=None if rows is None else (rows, source))
+  if rows is None:
+    assert g == state.last.shape[0], (g, state.last.shape)
+    source = jnp.arange(g)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   seen = None if state.seen is None else mark_seen(jnp.zeros((g, state.seen.shape[1]), bool), tokens, segments > 0)
-  logits = model.logits(last_hidden)
+  logits, length = model.logits(last_hidden)[source], lengths[source]  # [R, V], [R]
+  seen = None if seen is None else seen[source]
   first = sample(logits, _step_keys(keys, jnp.int32(0)), sampling, seen)
-  done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (lengths == 0)
-  count = (lengths > 0).astype(jnp.int32)
+  done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (length == 0)
+  tokens_out = jnp.zeros((len(first), state.tokens.shape[1]), jnp.int32).at[:, 0].set(first)
 
-  def put(whole, part):  # part [G] -> rows [start, start + G) of whole [B, ...], from index 0 of the rest
-    return jax.lax.dynamic_update_slice(whole, part.astype(whole.dtype), (start,) + (0,) * (whole.ndim - 1))
+  def put(whole, part):  # part [R, ...] -> rows `rows` of whole [B, ...]
+    part = part.astype(whole.dtype)
+    return part if rows is None else whole.at[rows].set(part, mode="drop")
 
   return dataclasses.replace(
-    state, cache=out.cache, tokens=put(state.tokens, jnp.zeros_like(state.tokens[:g]).at[:, 0].set(first)),
-    logprobs=put(state.logprobs, jnp.zeros_like(state.logprobs[:g]).at[:, 0].set(chosen_logprob(logits, first))),
-    last=put(state.last, first), positions=put(state.positions, lengths), done=put(state.done, done),
-    count=put(state.count, count), limit=put(state.limit, limits), keys=put(state.keys, keys),
-    seen=None if seen is None else put(state.seen, mark_seen(seen, first, lengths > 0))).laid_out()
+    state, cache=out.cache, tokens=put(state.tokens, tokens_out),
+    logprobs=put(state.logprobs, jnp.zeros(tokens_out.shape).at[:, 0].set(chosen_logprob(logits, first))),
+    last=put(state.last, first), positions=put(state.positions, length), done=put(state.done, done),
+    count=put(state.count, length > 0), limit=put(state.limit, limits), keys=put(state.keys, keys),
+    seen=None if seen is None else put(state.seen, mark_seen(seen, first, length > 0))).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
@@ -218,6 +228,7 @@ class Result:
   prefill_seconds: float  # the first rows' prompts, up to their first tokens
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
   reused_tokens: int = 0  # prompt tokens whose keys and values came from the kept cache (`keep`)
+  shared_tokens: int = 0  # prompt tokens not run, as an identical prompt prefilled in the same call ran them
   finish_reasons: list[str] = dataclasses.field(default_factory=list)  # per prompt: "stop" (a stop id, or
   # stop_when) or "length" (max_new_tokens or the context), as OpenAI's finish_reason
 
@@ -312,14 +323,31 @@ class Generator:
     if reused:
       cache_len = max(cache_len, kept[0].cache.length)
 
-    def batch(indices: list[int], width: int):  # prompts (-1: none) -> tokens [G, width], lengths, limits, keys
-      tokens, lengths, caps = (np.zeros((len(indices), width), np.int32), np.zeros((len(indices),), np.int32),
-                               np.zeros((len(indices),), np.int32))
-      for g, i in enumerate(indices):
-        if i >= 0:
-          tokens[g, : len(prompts[i])] = prompts[i]
-          lengths[g], caps[g] = len(prompts[i]), limits[i]
-      return tokens, lengths, caps, prompt_keys(seed, [max(i, 0) for i in indices])
+    shared = 0  # prompt tokens not run: an identical prompt in the same prefill call ran them
+
+    def fill(state: DecodeState, placed: list[tuple[int, int]]) -> DecodeState:
+      """The state with prompts prefilled into rows, placed [(row, prompt index)], `group` rows per call; identical
+      prompts in a call (the samples of one prompt) run once and fill each of their rows."""
+      nonlocal shared
+      for at in range(0, len(placed), group):
+        part = placed[at:at + group]
+        distinct: dict[tuple[int, ...], int] = {}
+        source = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for _, i in part]
+        shared += sum(len(prompts[i]) for _, i in part) - sum(map(len, distinct))
+        whole = (group == rows and len(distinct) == len(part) and all(row == j for j, (row, _) in enumerate(part))
+                 and all(i < 0 for i in owner[len(part):]))  # prompts in order in rows 0.., the rest idle
+        g, r = (rows, rows) if whole else (bucket(len(distinct), minimum=1), bucket(len(part), minimum=1))
+        tokens, lengths = np.zeros((g, min(bucket(max(map(len, distinct))), t)), np.int32), np.zeros(g, np.int32)
+        for j, ids in enumerate(distinct):
+          tokens[j, :len(ids)], lengths[j] = ids, len(ids)
+        owners = [i for _, i in part] + [0] * (r - len(part))
+        spare = range(rows, rows + r - len(part))  # distinct rows past the state's: dropped
+        targets = (None, None) if whole else (np.array([row for row, _ in part] + list(spare), np.int32),
+                                               np.array(source + [0] * (r - len(part)), np.int32))
+        caps = np.array([limits[i] if j < len(part) else 0 for j, i in enumerate(owners)], np.int32)
+        args = (tokens, lengths, caps, prompt_keys(seed, owners), *targets)
+        state = self._compiled(prefill, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
+      return state
 
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -343,17 +371,14 @@ class Generator:
         state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
                             cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
                             track_seen=sampling.penalized)
-        for row in range(0, rows, group):
-          args = batch(owner[row:row + group], t)
-          state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
-            self.params, state, *args, np.int32(row))
+        state = fill(state, [(row, i) for row, i in enumerate(owner) if i >= 0])
       shown = [0] * rows
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
         count, done, new, new_lp = jax.device_get((state.count, state.done, state.tokens, state.logprobs))
         if prefilled is None:
           prefilled = time.perf_counter() - self._compile_seconds
-        refilled = False
+        freed = []  # (row, the waiting prompt it takes)
         for row, i in enumerate(owner):
           if i >= 0 and count[row] > shown[row]:
             fresh = new[row, shown[row]:count[row]].tolist()
@@ -370,15 +395,13 @@ class Generator:
             owner[row] = -1
             if on_done:
               on_done(i, outputs[i], logprobs[i], finish_reason(i))
-            if waiting:  # continuous batching: the next prompt takes the row, in a prefill of its own
+            if waiting:  # continuous batching: the next prompt takes the row
               owner[row], shown[row] = waiting.pop(), 0
-              args = batch([owner[row]], min(bucket(len(prompts[owner[row]])), t))
-              state = self._compiled(prefill, (self.params, state, *args, np.int32(row)), sampling=sampling)(
-                self.params, state, *args, np.int32(row))
-              refilled = True
+              freed.append((row, owner[row]))
         if all(i < 0 for i in owner):
           break
-        if refilled:  # read again first: a refilled row may be done at once (a stop id, or one token wanted)
+        if freed:  # the rows freed at once are prefilled together; then read again first: a refilled row may
+          state = fill(state, freed)  # be done at once (a stop id, or one token wanted)
           continue
         refill = np.bool_(bool(waiting))  # stop at the first finished row, to hand it the next prompt
         state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, sampling=sampling)(
@@ -389,7 +412,8 @@ class Generator:
     reasons = [finish_reason(i) for i in range(n)]
     return Result(outputs, logprobs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
                   compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
-                  decode_seconds=end - prefilled, reused_tokens=reused, finish_reasons=reasons)
+                  decode_seconds=end - prefilled, reused_tokens=reused, shared_tokens=shared,
+                  finish_reasons=reasons)
 
   def _extend(self, kept: DecodeState, prompt: list[int], reused: int, limit: int, stops: np.ndarray,
               cache_len: int, seed: int, sampling: Sampling) -> DecodeState:

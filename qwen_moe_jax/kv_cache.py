@@ -41,15 +41,15 @@ class LayerKV(NamedTuple):
     return self.k_scale is not None
 
   def write(self, rows: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array) -> "LayerKV":
-    """The cache with k, v [B, T, K, H] stored in cache rows `rows` [B] at slots [B, T], quantized when the cache
-    is: a scatter, in place when the cache is donated (XLA partitions a dynamic_update_slice at a traced row by
-    gathering the whole split cache onto every device)."""
+    """The cache with k, v [B, T, K, H] stored in cache rows `rows` [B] at slots [B, T] (rows or slots past the
+    cache: dropped), quantized when the cache is: a scatter, in place when the cache is donated (XLA partitions
+    a dynamic_update_slice at a traced row by gathering the whole split cache onto every device)."""
     new = (k, v)
     if self.quantized:
       (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
       new = (k, v, k_scale, v_scale)
     at = (rows[:, None], slice(None), slots)  # selects [B, T, K, ...]: the indexed axes first
-    return LayerKV(*(c.at[at].set(x.astype(c.dtype), unique_indices=True) for c, x in zip(self, new)))
+    return LayerKV(*(c.at[at].set(x.astype(c.dtype), unique_indices=True, mode="drop") for c, x in zip(self, new)))
 
 
 def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -275,14 +275,15 @@ class Attention(nnx.Module):
     lora_lib.attach(self, "attention", lora, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask, cache: LayerKV | None = None,
-               slots: jax.Array | None = None, cache_row: jax.Array | int = 0,
+               slots: jax.Array | None = None, cache_rows: tuple[jax.Array, jax.Array] | None = None,
                attend_cache: bool = False) -> tuple[jax.Array, LayerKV | None]:
     """x [B, T, D] -> [B, T, D].
 
     Without `attend_cache`, attention runs over x's own keys (prefill, training), and a cache
-    (k, v [R, K, S, H], R >= B rows, S >= T slots) gets this call's keys and values in rows
-    [cache_row, cache_row + B), slots [0, T) (prefill; over an int8 cache, attention sees the keys and values
-    as the cache holds them, as the tokens after them will). With `attend_cache` (decoding), each row's keys
+    (k, v [C, K, S, H], S >= T slots) gets this call's keys and values at slots [0, T): row b in cache row b,
+    or with `cache_rows` (rows [R], source [R]) x's row source[r] in cache row rows[r], so that one prompt run
+    once can fill several rows (rows >= C: dropped) (prefill; over an int8 cache, attention sees the keys and
+    values as the cache holds them, as the tokens after them will). With `attend_cache` (decoding), each row's keys
     and values go to its slots [B, T] and attention runs over the whole cache.
     """
     q = lora_lib.project(self, "q_proj", "BTD,DNH->BTNH", x)
@@ -298,8 +299,10 @@ class Attention(nnx.Module):
         cache = cache.write(jnp.arange(b), slots, k, v)
         k, v, kv_layout = cache.k, cache.v, "BKSH"
         scales = (cache.k_scale, cache.v_scale) if cache.quantized else None
-      else:  # prefill: rows [cache_row, cache_row + B), slots [0, T)
-        cache = cache.write(cache_row + jnp.arange(b), jnp.broadcast_to(jnp.arange(t), (b, t)), k, v)
+      else:  # prefill: slots [0, T) of cache rows `rows` from x's rows `source`
+        rows, source = (jnp.arange(b), None) if cache_rows is None else cache_rows
+        new_k, new_v = (k, v) if source is None else (k[source], v[source])  # [R, T, K, H]
+        cache = cache.write(rows, jnp.broadcast_to(jnp.arange(t), (rows.shape[0], t)), new_k, new_v)
       if not attend_cache and cache.quantized:
         k, v = round_trip(k), round_trip(v)
     if self.backend == "cudnn" and not attend_cache and q.dtype in FUSED_DTYPES:

@@ -48,10 +48,10 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, lora, "mlp")
 
-  def __call__(self, x, cos, sin, mask, cache=None, slots=None, cache_row=0, attend_cache=False):
+  def __call__(self, x, cos, sin, mask, cache=None, slots=None, cache_rows=None, attend_cache=False):
     """x [B, T, D] -> (x [B, T, D], router logits [N, E] or None, this layer's kv_cache.LayerKV or None)."""
     with jax.named_scope("attention"):
-      h, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, slots, cache_row, attend_cache)
+      h, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, slots, cache_rows, attend_cache)
       x = sharding.constrain(x + h, ACTIVATION_AXES)
     with jax.named_scope("moe" if self.is_moe else "mlp"):
       h, router_logits = in_token_blocks(self.mlp_with_logits, self.post_attn_norm(x))
@@ -139,15 +139,16 @@ class QwenMoeForCausalLM(nnx.Module):
     self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)  # [D, V]
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-               cache: KVCache | None = None, cache_row: jax.Array | int = 0, attend_cache: bool = False,
-               remat: str = "none", return_layer_outputs: bool = False, packed: bool = True) -> Output:
+               cache: KVCache | None = None, cache_rows: tuple[jax.Array, jax.Array] | None = None,
+               attend_cache: bool = False, remat: str = "none", return_layer_outputs: bool = False,
+               packed: bool = True) -> Output:
     """tokens, positions [B, T] int32 -> final hidden states [B, T, D] (call `logits` on what you need).
 
     segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding; `packed` False
     promises one sequence per row, right-padded (see layers.Mask), which spares the fused kernel a mask. With a cache
-    [R, S] and no `attend_cache` (prefill, positions 0..T-1), keys and values fill rows [cache_row,
-    cache_row + B), slots [0, T); with `attend_cache` (decoding), each token's go to slot = its position and
-    attention runs over the whole cache.
+    [C, S] and no `attend_cache` (prefill, positions 0..T-1), keys and values fill slots [0, T) of rows 0..B-1,
+    or with `cache_rows` (rows [R], source [R]) tokens' row source[r] fills cache row rows[r]; with
+    `attend_cache` (decoding), each token's go to slot = its position and attention runs over the whole cache.
     """
     cfg = self.config
     if segment_ids is None:
@@ -160,7 +161,7 @@ class QwenMoeForCausalLM(nnx.Module):
       mask = Mask.self_attention(positions, segment_ids, packed)
 
     def run(layer, x, cos, sin, mask, kv):
-      return layer(x, cos, sin, mask, kv, positions, cache_row, attend_cache)
+      return layer(x, cos, sin, mask, kv, positions, cache_rows, attend_cache)
 
     if REMAT_POLICIES[remat] is not None:
       run = nnx.remat(run, policy=REMAT_POLICIES[remat])

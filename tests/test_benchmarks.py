@@ -136,3 +136,15 @@ def test_data_prep_benchmark_runs():
   rows = [json.loads(line) for line in res.stdout.splitlines()]
   assert [r["kind"] for r in rows] == ["chat", "text"]
   assert all(r["documents"] == 40 and r["tokens"] > 40 * 100 and r["cached_seconds"] >= 0 for r in rows)
+
+
+def test_num_samples_benchmark_runs():
+  """benchmarks/num_samples.py, small: identical copies share their prompt tokens, distinct ones share none."""
+  res = subprocess.run([sys.executable, "benchmarks/num_samples.py", "--prompts", "2", "--samples", "3",
+                        "--prompt-len", "40", "--new-tokens", "4", "--rows", "2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 0, res.stderr
+  runs = json.loads(res.stdout.splitlines()[-1])["runs"]
+  assert runs["identical_all_rows"]["shared_tokens"] == 2 * 2 * 40  # 2 of each prompt's 3 copies
+  assert runs["identical_2_rows"]["shared_tokens"] == 2 * 40  # rows [p0, p0], [p0, p1], [p1, p1]
+  assert all(runs[f"distinct_{rows}"]["shared_tokens"] == 0 for rows in ("all_rows", "2_rows"))

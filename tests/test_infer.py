@@ -477,7 +477,7 @@ def test_repetition_penalty_matches_transformers(tiny):
   state = generate.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=4, cache_len=64, max_new=16,
                                dtype=jnp.float32, track_seen=True)
   state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, np.full((4,), 8, np.int32), keys,
-                           np.int32(0), sampling=s)
+                           None, None, sampling=s)
   for i, p in enumerate(PROMPTS):
     assert set(np.flatnonzero(state.seen[i]).tolist()) == set(p) | {batch[i][0]}
   assert not state.seen[3].any()
@@ -684,6 +684,27 @@ def test_num_samples_draws_each_prompt_several_times(tiny):
   assert [r["output_ids"] for r in rows] == want and len({tuple(o) for o in want[:3]}) > 1
   greedy = infer(*common, "--temperature", "0", "--num-samples", "2")
   assert greedy.returncode == 2 and "--num-samples 2 draws different samples" in greedy.stderr, greedy.stderr
+
+
+def test_identical_prompts_are_prefilled_once(tiny):
+  """Identical prompts prefilled in one call (--num-samples) run once and fill each of their rows: every sample
+  gets the tokens and log-probabilities it gets prefilled alone (its own random stream, its own penalty), in the
+  first prefill and when rows freed at once are refilled together, over a float and an int8 cache."""
+  _, model, _, _ = tiny
+  a, b, c = PROMPTS
+  prompts = [a, a, b, b, a, c, b]
+  s = Sampling(temperature=1.5, top_k=8, repetition_penalty=1.3)
+  for cache in ("auto", "int8"):
+    want = Generator(model, batch_size=1, kv_cache_dtype=cache).generate(prompts, 10, s, seed=2)  # nothing shared
+    assert want.shared_tokens == 0 and len({tuple(want.output_ids[i]) for i in (0, 1, 4)}) > 1
+    # all rows in one call: a runs once for 3 rows, b once for 3; two rows: [a, a], then [b, b] (both rows end
+    # at the same step), then [a, c], then [b]
+    for engine, shared in ((Generator(model, kv_cache_dtype=cache), 2 * len(a) + 2 * len(b)),
+                           (Generator(model, batch_size=2, kv_cache_dtype=cache), len(a) + len(b))):
+      got = engine.generate(prompts, 10, s, seed=2)
+      assert got.output_ids == want.output_ids and got.shared_tokens == shared
+      for lp, ref in zip(got.output_logprobs, want.output_logprobs, strict=True):
+        np.testing.assert_allclose(lp, ref, atol=1e-5)
 
 
 def test_results_are_written_in_input_order_as_they_complete():

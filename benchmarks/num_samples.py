@@ -1,0 +1,73 @@
+"""Several samples per prompt (`infer.py --num-samples`, pass@k, RL rollouts): a prompt's samples share its prefill.
+
+P prompts of L tokens, each sampled N times, M new tokens each, two ways in the same run: the N copies of a
+prompt identical (the engine runs each prompt once and fills its N rows from that run), and the N copies made
+distinct by their last token (the same shapes and work, nothing to share: what each copy costs run alone).
+Each way runs with every row at once and through --rows rows (continuous batching: rows that end at the same
+step are refilled together). Runs a demo-sized random model on whatever device jax finds (compilation
+excluded: every shape runs once first) and prints one JSON object.
+
+python benchmarks/num_samples.py [--prompts 4] [--samples 8] [--prompt-len 1000] [--new-tokens 16] [--rows 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_moe_jax import sharding
+from qwen_moe_jax.demo import demo_config
+from qwen_moe_jax.generate import Generator
+from qwen_moe_jax.model import create_model
+from qwen_moe_jax.sampling import Sampling
+
+
+def timed(gen: Generator, prompts: list[list[int]], new: int) -> dict:
+  """The second of two runs (the first compiles): seconds in all, in the first prefill, prompt tokens shared."""
+  for _ in range(2):
+    start = time.perf_counter()
+    r = gen.generate(prompts, new, Sampling(temperature=1.0), seed=0)
+    seconds = time.perf_counter() - start - r.compile_seconds
+  assert all(len(o) == new for o in r.output_ids)
+  return {"seconds": round(seconds, 3), "first_prefill_s": round(r.prefill_seconds, 3),
+          "shared_tokens": getattr(r, "shared_tokens", 0)}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--prompts", type=int, default=4)
+  ap.add_argument("--samples", type=int, default=8)
+  ap.add_argument("--prompt-len", type=int, default=1000)
+  ap.add_argument("--new-tokens", type=int, default=16)
+  ap.add_argument("--rows", type=int, default=8, help="rows for the continuous-batching runs")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  args = ap.parse_args()
+  cfg = demo_config(vocab_size=512)
+  mesh = sharding.make_mesh({}, jax.devices()[:1])
+  model = create_model(cfg, mesh, jnp.dtype(args.dtype), seed=0)
+  rng = np.random.default_rng(0)
+  base = rng.integers(0, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
+  same = [p for p in base for _ in range(args.samples)]
+  distinct = [p[:-1] + [(p[-1] + j) % cfg.vocab_size] for p in base for j in range(args.samples)]
+  runs = {}
+  for rows in (None, args.rows):
+    gen = Generator(model, mesh, batch_size=rows)
+    for name, prompts in (("identical", same), ("distinct", distinct)):
+      runs[f"{name}_{'all_rows' if rows is None else f'{rows}_rows'}"] = timed(gen, prompts, args.new_tokens)
+  print(json.dumps({
+    "benchmark": "num_samples", "prompts": args.prompts, "samples": args.samples, "prompt_len": args.prompt_len,
+    "new_tokens": args.new_tokens, "rows": args.rows, "runs": runs, "dtype": args.dtype,
+    "device": jax.devices()[0].device_kind, "machine": platform.machine(), "jax": jax.__version__,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }))
+
+
+if __name__ == "__main__":
+  main()
