@@ -124,9 +124,10 @@ def main() -> None:
   with jax.set_mesh(mesh):
     state = cached if int8 else empty_state(jnp.dtype(jnp.float32))  # the float32 program's cache
     rows = ARGS.prefill_rows or ARGS.batch
+    targets = (None if rows == ARGS.batch else i32(rows), None)  # every row, or G distinct prompts into G rows
     prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(rows),
                                      jax.eval_shape(lambda: generate.prompt_keys(0, range(rows))),
-                                     i32(), sampling=sampling).compile()
+                                     *targets, sampling=sampling).compile()
     state = sharding.with_shardings(state, prefill.output_shardings)
     decode = generate.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=1,
                                    sampling=sampling).compile()

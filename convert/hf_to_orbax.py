@@ -1,6 +1,9 @@
 """Hugging Face qwen2_moe safetensors folder -> self-contained Orbax checkpoint folder.
 
-python convert/hf_to_orbax.py HF_DIR OUT_DIR [--dtype bfloat16|float32|float16] [--force]
+python convert/hf_to_orbax.py HF_DIR OUT_DIR [--dtype bfloat16|float32|float16] [--force] [--peft ADAPTER_DIR]
+
+--peft merges a peft LoRA adapter (adapter_config.json + adapter_model.safetensors, trained on this base model
+in PyTorch) into the weights as they convert: W + (lora_alpha / r) B A, one layer at a time.
 """
 
 import argparse
@@ -20,8 +23,9 @@ def main() -> None:
   ap.add_argument("out_dir", help="checkpoint folder to write (params/, config.json, tokenizer files)")
   ap.add_argument("--dtype", help="parameter dtype to store (default: the checkpoint's own)")
   ap.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT_DIR")
+  ap.add_argument("--peft", metavar="ADAPTER_DIR", help="a peft LoRA adapter folder to merge into the weights")
   args = ap.parse_args()
-  cfg = import_hf(args.hf_dir, args.out_dir, args.dtype, args.force, progress=sys.stderr.isatty())
+  cfg = import_hf(args.hf_dir, args.out_dir, args.dtype, args.force, progress=sys.stderr.isatty(), peft=args.peft)
   print(f"wrote {args.out_dir} ({cfg.num_hidden_layers} layers, {cfg.num_experts} experts)", file=sys.stderr)
 
 

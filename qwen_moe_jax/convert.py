@@ -25,6 +25,7 @@ from tqdm import tqdm
 from qwen_moe_jax import checkpoint, hf_io
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.peft_import import LoraAdapter
 
 ALL = slice(None)
 
@@ -147,11 +148,12 @@ def hub_bindings(cfg: QwenMoeConfig, shapes: dict[str, tuple[int, ...]]) -> Iter
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
-              progress: bool = True) -> QwenMoeConfig:
-  """HF folder -> checkpoint folder (config.json, tokenizer files, params/). Returns the config.
+              progress: bool = True, peft: str | Path | None = None) -> QwenMoeConfig:
+  """HF folder -> checkpoint folder (config.json, tokenizer files, params/). Returns the config. `peft`: a peft
+  LoRA adapter folder merged into the weights on the way (each group in float32, then cast).
 
-  Every check that the headers allow (names, shapes, each parameter filled exactly once) runs before
-  anything is written, so a bad checkpoint fails at once rather than after most of the copying.
+  Every check that the headers allow (names, shapes, each parameter filled exactly once, every adapter tensor
+  used) runs before anything is written, so a bad checkpoint fails at once rather than after most of the copying.
   """
   hf_dir = Path(hf_dir)
   config_dict = hf_io.read_config(hf_dir)
@@ -166,15 +168,20 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   groups = list(dict.fromkeys(checkpoint.group_of(k) for k in shapes))  # top, then layers in order
   for group in groups:
     _check_group(cfg, reader, group, by_group.get(group, []), shapes)
+  adapter = LoraAdapter(peft) if peft else None
+  merges = _bind_adapter(cfg, adapter, shapes) if adapter else {}
 
-  with hf_io.staged_output(out_dir, force, protect=(hf_dir,)) as staging:
+  with hf_io.staged_output(out_dir, force, protect=(hf_dir,) + ((Path(peft),) if peft else ())) as staging:
     hf_io.copy_side_files(hf_dir, staging)  # first: a bad side file fails before the long part
     config_dict = dict(config_dict)
     config_dict["dtype" if "dtype" in config_dict else "torch_dtype"] = target.name
     (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     writer = checkpoint.StreamingWriter(staging / checkpoint.PARAMS_DIR)
     for group in tqdm(groups, desc="converting", unit="group", disable=not progress):
-      writer.write(_fill_group(cfg, reader, by_group[group], shapes, target))
+      params = _fill_group(cfg, reader, by_group[group], shapes, target)
+      if adapter:
+        _merge(cfg, adapter, merges.get(group, []), params)
+      writer.write(params)
     writer.finish()
   return cfg
 
@@ -208,6 +215,41 @@ def _fill_group(cfg, reader: hf_io.SafetensorsReader, bindings: list[Binding], s
   for b in bindings:
     _copy(params[b.path][b.part], b.row.transform[0](reader.read(b.hf), b.heads(cfg)))
   return params
+
+
+def _bind_adapter(cfg, adapter: LoraAdapter, shapes) -> dict[str, list[tuple[Binding, str | None]]]:
+  """Each full weight and LoRA pair of the adapter bound to the parameter part it changes, its shapes checked
+  against the config: by group, [(binding, the full weight's key, or None for a pair)]."""
+  merges: dict[str, list[tuple[Binding, str | None]]] = {}
+  for name, key in [*adapter.full.items(), *((n, None) for n in adapter.pairs)]:
+    keys = [key] if key else adapter.pairs[name].keys
+    try:
+      b = bind(name, shapes)
+    except UserError as e:
+      raise UserError(f"{adapter.file}: tensor '{keys[0]}': {e}") from None
+    want = b.hf_shape(cfg, shapes)
+    experts = want[0] if not key and adapter.pairs[name].kind == "experts" else 1
+    got = adapter.reader.shape(key) if key else adapter.shape(name, experts)
+    if got != want or adapter.reader.shape(keys[0])[0] % experts:
+      shown = " and ".join(f"'{k}' {adapter.reader.shape(k)}" for k in keys)
+      raise UserError(f"{adapter.file}: {shown} {'do' if len(keys) > 1 else 'does'} not fit '{name}' {want} of "
+                      "this config"
+                      + ("" if key else ": expected A [r, in] and B [out, r]"))
+    merges.setdefault(checkpoint.group_of(b.path), []).append((b, key))
+  return merges
+
+
+def _merge(cfg, adapter: LoraAdapter, merges: list[tuple[Binding, str | None]], params: dict) -> None:
+  """One group's parameters with the adapter's full weights put in, then its updates added in float32."""
+  for b, key in sorted(merges, key=lambda m: m[1] is None):
+    dst, to_ours = params[b.path][b.part], functools.partial(b.row.transform[0], n=b.heads(cfg))
+    if key:
+      _copy(dst, to_ours(adapter.reader.read(key)))
+    elif adapter.pairs[b.hf].kind == "experts":  # [E, out, in], one expert at a time
+      for e, d in enumerate(adapter.expert_deltas(b.hf, dst.shape[0])):
+        _copy(dst[e], dst[e].astype(np.float32) + to_ours(d[None])[0])
+    else:
+      _copy(dst, dst.astype(np.float32) + to_ours(adapter.delta(b.hf)))
 
 
 def _copy(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:

@@ -113,8 +113,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
   and first token (drawn with the row's key).
 
   tokens [G, T] right-padded, lengths [G]; limits, keys, rows, source [R] (rows past the state's: unused).
-  rows and source None: prompt g fills row g of all G == B rows (a length of 0: unused, done from the start);
-  a fixed layout, which shards cleanly.
+  source None: prompt r fills row rows[r] (R == G, nothing shared: no gather). rows None too: prompt g fills
+  row g of all G == B rows (a length of 0: unused, done from the start), a fixed layout, which shards cleanly.
   """
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   g, t = tokens.shape
@@ -122,8 +122,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
   segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
   out = model(tokens, positions, segments, cache=state.cache, packed=False,
               cache_rows=None if rows is None else (rows, source))
-  if rows is None:
-    assert g == state.last.shape[0], (g, state.last.shape)
+  assert rows is not None or g == state.last.shape[0], (g, state.last.shape)
+  if source is None:
     source = jnp.arange(g)
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
   seen = None if state.seen is None else mark_seen(jnp.zeros((g, state.seen.shape[1]), bool), tokens, segments > 0)
@@ -342,8 +342,8 @@ class Generator:
           tokens[j, :len(ids)], lengths[j] = ids, len(ids)
         owners = [i for _, i in part] + [0] * (r - len(part))
         spare = range(rows, rows + r - len(part))  # distinct rows past the state's: dropped
-        targets = (None, None) if whole else (np.array([row for row, _ in part] + list(spare), np.int32),
-                                               np.array(source + [0] * (r - len(part)), np.int32))
+        targets = (None if whole else np.array([row for row, _ in part] + list(spare), np.int32),
+                   None if len(distinct) == len(part) else np.array(source + [0] * (r - len(part)), np.int32))
         caps = np.array([limits[i] if j < len(part) else 0 for j, i in enumerate(owners)], np.int32)
         args = (tokens, lengths, caps, prompt_keys(seed, owners), *targets)
         state = self._compiled(prefill, (self.params, state, *args), sampling=sampling)(self.params, state, *args)

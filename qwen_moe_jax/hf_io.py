@@ -45,19 +45,19 @@ def inside(folder: Path, name: str, what: str) -> Path:
 
 
 class SafetensorsReader:
-  """Every tensor of an HF folder, read one at a time. `names()` lists them; `read(name)` loads one."""
+  """Every tensor of an HF folder, read one at a time. `names()` lists them; `read(name)` loads one. The
+  folder holds `index` and the shards it lists, or the one file `single` (a peft adapter: no index)."""
 
-  def __init__(self, folder: str | Path):
+  def __init__(self, folder: str | Path, single: str = SINGLE_FILE, index: str | None = INDEX_FILE):
     self.folder = Path(folder)
     if not self.folder.is_dir():
       raise UserError(f"{self.folder}: not a directory (expected a Hugging Face model folder)")
     self.where: dict[str, Path] = {}  # tensor name -> shard file
     self.info: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}  # tensor name -> dtype, shape, file offset
-    index = self.folder / INDEX_FILE
-    if index.exists():
-      self._read_index(index)
-    elif (self.folder / SINGLE_FILE).exists():
-      shard = inside(self.folder, SINGLE_FILE, str(self.folder))
+    if index and (self.folder / index).exists():
+      self._read_index(self.folder / index)
+    elif (self.folder / single).exists():
+      shard = inside(self.folder, single, str(self.folder))
       for name in self._keys(shard):
         self.where[name] = shard
     else:
@@ -65,9 +65,9 @@ class SafetensorsReader:
       if pickles:
         raise UserError(
           f"{self.folder}: only pickle checkpoints found ({', '.join(pickles)}); pickle files can run code "
-          f"when loaded and are refused. Save the model as safetensors "
-          f"(transformers' model.save_pretrained(dir) writes it) and convert that")
-      raise UserError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+          f"when loaded and are refused. Save it as safetensors "
+          f"(transformers' and peft's save_pretrained(dir) write them) and convert that")
+      raise UserError(f"{self.folder}: no {' or '.join(filter(None, (single, index)))}")
     if not self.where:
       raise UserError(f"{self.folder}: the checkpoint holds no tensors")
 

@@ -281,10 +281,10 @@ class Attention(nnx.Module):
 
     Without `attend_cache`, attention runs over x's own keys (prefill, training), and a cache
     (k, v [C, K, S, H], S >= T slots) gets this call's keys and values at slots [0, T): row b in cache row b,
-    or with `cache_rows` (rows [R], source [R]) x's row source[r] in cache row rows[r], so that one prompt run
-    once can fill several rows (rows >= C: dropped) (prefill; over an int8 cache, attention sees the keys and
-    values as the cache holds them, as the tokens after them will). With `attend_cache` (decoding), each row's keys
-    and values go to its slots [B, T] and attention runs over the whole cache.
+    or with `cache_rows` (rows [R], source [R] or None for 0..R-1) x's row source[r] in cache row rows[r], so
+    that one prompt run once can fill several rows (rows >= C: dropped) (prefill; over an int8 cache, attention
+    sees the keys and values as the cache holds them, as the tokens after them will). With `attend_cache`
+    (decoding), each row's keys and values go to its slots [B, T] and attention runs over the whole cache.
     """
     q = lora_lib.project(self, "q_proj", "BTD,DNH->BTNH", x)
     k = lora_lib.project(self, "k_proj", "BTD,DKH->BTKH", x)

@@ -147,7 +147,7 @@ class QwenMoeForCausalLM(nnx.Module):
     segment_ids [B, T]: tokens attend only within their segment (packing); 0 marks padding; `packed` False
     promises one sequence per row, right-padded (see layers.Mask), which spares the fused kernel a mask. With a cache
     [C, S] and no `attend_cache` (prefill, positions 0..T-1), keys and values fill slots [0, T) of rows 0..B-1,
-    or with `cache_rows` (rows [R], source [R]) tokens' row source[r] fills cache row rows[r]; with
+    or with `cache_rows` (rows [R], source [R] or None) tokens' row source[r] (or r) fills cache row rows[r]; with
     `attend_cache` (decoding), each token's go to slot = its position and attention runs over the whole cache.
     """
     cfg = self.config

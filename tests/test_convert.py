@@ -8,6 +8,7 @@ subprocess. The HF checkpoints are built once per module.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 import pytest
@@ -31,6 +33,7 @@ from qwen_moe_jax import checkpoint, hf_io
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.convert import export_hf, import_hf
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.generate import prompt_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_TO_ORBAX = "convert/hf_to_orbax.py"
@@ -582,3 +585,113 @@ def test_export_refuses_non_checkpoint(hf, tmp_path, capfd, monkeypatch):
   code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, tmp_path / "absent", tmp_path / "out")
   assert_one_error(code, err, "absent")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+# ---------------------------------------------------------------------------------------------- peft adapters
+
+PEFT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate",
+                "embed_tokens"]
+
+
+def peft_adapter(model: Qwen2MoeForCausalLM, folder: Path, **config):
+  """A peft LoRA adapter with random A and B (as if trained) on a copy of `model`, saved to `folder`: attention,
+  the shared-expert MLPs, their gate and the embeddings as modules, the fused experts through target_parameters,
+  and lm_head as a changed full copy (modules_to_save)."""
+  from peft import LoraConfig, get_peft_model
+  torch.manual_seed(3)
+  peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+    r=3, lora_alpha=5, init_lora_weights=False, target_modules=PEFT_MODULES, modules_to_save=["lm_head"],
+    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], **config))
+  with torch.no_grad():
+    head = peft_model.base_model.model.lm_head.modules_to_save["default"].weight
+    head.add_(0.05 * torch.randn_like(head))
+  peft_model.save_pretrained(folder)
+  return peft_model.eval()
+
+
+@pytest.mark.parametrize("base,rslora", [("hub", False), ("fused", True)])
+def test_peft_adapter_merges_while_converting(base, rslora, model, hf, tmp_path):
+  """hf_to_orbax.py --peft: an adapter trained with peft on the base is merged into the weights as they convert,
+  giving the logits of peft's model in transformers: Linear modules, embeddings, the fused experts (through
+  target_parameters) into a per-expert or a fused base, a modules_to_save copy; rsLoRA's scale too."""
+  peft_model = peft_adapter(model, tmp_path / "adapter", use_rslora=rslora)
+  r = cli(HF_TO_ORBAX, hf[base], tmp_path / "ckpt", "--peft", tmp_path / "adapter")
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  ids = [5, 17, 99, 3, 42, 8, 64, 1, 77, 23, 50]
+  with torch.no_grad():
+    want = peft_model(torch.tensor([ids])).logits[0].numpy()
+    with peft_model.disable_adapter():
+      plain = peft_model(torch.tensor([ids])).logits[0].numpy()
+  got = prompt_logits(checkpoint.restore(tmp_path / "ckpt", dtype=jnp.float32), ids)
+  assert np.abs(want - plain).max() > 0.1  # the adapter matters
+  np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+
+
+def test_peft_adapter_on_per_expert_modules(hf, tmp_path):
+  """Under transformers 4 the experts and the router were Linear modules, so peft adapters trained there name
+  each expert (`mlp.experts.N.gate_proj`) and `mlp.gate`: merged, every weight equals W + (alpha / r) B A
+  computed in torch (and the others are untouched)."""
+  rank, alpha = 2, 6
+  g = torch.Generator().manual_seed(0)
+  modules = {"model.layers.0.mlp.experts.2.gate_proj": (20, 48), "model.layers.2.mlp.experts.6.down_proj": (48, 20),
+             "model.layers.1.mlp.gate": (7, 48)}
+  adapter, want = {}, tensors(hf["hub"])
+  for module, (out, fan_in) in modules.items():
+    a, b = torch.randn(rank, fan_in, generator=g), torch.randn(out, rank, generator=g)
+    adapter |= {f"base_model.model.{module}.lora_A.weight": a, f"base_model.model.{module}.lora_B.weight": b}
+    want[module + ".weight"] = want[module + ".weight"] + alpha / rank * b @ a
+  _write_adapter(tmp_path / "adapter", adapter, {"peft_type": "LORA", "r": rank, "lora_alpha": alpha})
+  import_hf(hf["hub"], tmp_path / "ckpt", progress=False, peft=tmp_path / "adapter")
+  export_hf(tmp_path / "ckpt", tmp_path / "back", progress=False)
+  got = tensors(tmp_path / "back")
+  assert got.keys() == want.keys()
+  for name in want:
+    torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-5)  # float32 rounding of B A
+
+
+def _write_adapter(folder: Path, weights: dict[str, torch.Tensor], config: dict | None) -> Path:
+  folder.mkdir(parents=True)
+  save_file(weights, folder / "adapter_model.safetensors")
+  if config is not None:
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+  return folder
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+EXPERTS = "base_model.model.model.layers.0.mlp.experts"
+PEFT_BAD = {  # id -> (change to a good q_proj adapter's tensors, its config's, error fragments)
+  "peft_missing_config": (None, None, ["adapter_config.json", "not found"]),
+  "peft_not_lora": (None, {"peft_type": "IA3"}, ["peft_type", "IA3"]),
+  "peft_dora": (None, {"use_dora": True}, ["use_dora", "DoRA"]),
+  "peft_bad_alpha": (None, {"lora_alpha": "high"}, ["lora_alpha", "'high'"]),
+  "peft_without_b": (lambda t: t.pop(Q + ".lora_B.weight"), {}, [Q + ".lora_A.weight", "no B matrix"]),
+  "peft_rank_mismatch": (lambda t: t.update({Q + ".lora_B.weight": torch.ones(48, 3)}), {},
+                         ["(48, 3)", "not a LoRA pair"]),
+  "peft_misshapen": (lambda t: t.update({Q + ".lora_A.weight": torch.ones(2, 47)}), {}, ["(2, 47)", "do not fit",
+                                                                                            "(48, 48)"]),
+  "peft_unknown_layer": (lambda t: t.update({Q.replace("layers.0", "layers.5") + ".lora_A.weight": torch.ones(2, 48),
+                                             Q.replace("layers.0", "layers.5") + ".lora_B.weight": torch.ones(48, 2)}),
+                         {}, ["layers.5.self_attn.q_proj", "num_hidden_layers"]),
+  "peft_not_peft_keys": (lambda t: t.update({"model.norm.weight": torch.ones(48)}), {},
+                         ["model.norm.weight", "base_model.model."]),
+  "peft_untargeted_experts": (lambda t: t.update({EXPERTS + ".lora_A.weight": torch.ones(14, 48),
+                                                  EXPERTS + ".lora_B.weight": torch.ones(40, 14)}), {},
+                              [EXPERTS + ".lora_A.weight", "target_parameters"]),
+  "peft_pickle_only": ("pickle", {}, ["adapter_model.bin", "pickle"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_BAD))
+def test_bad_peft_adapter(name, hf, tmp_path, capfd, monkeypatch):
+  """A bad adapter is one error line naming its file and tensor or key; nothing is written."""
+  edit, config, fragments = PEFT_BAD[name]
+  weights = {Q + ".lora_A.weight": torch.ones(2, 48), Q + ".lora_B.weight": torch.ones(48, 2)}
+  if callable(edit):
+    edit(weights)
+  folder = _write_adapter(tmp_path / "case" / "adapter", weights,
+                          None if config is None else {"peft_type": "LORA", "r": 2, "lora_alpha": 4} | config)
+  if edit == "pickle":
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+  case = Case(tmp_path / "case", hf["hub"], tmp_path / "case" / "out", ("--peft", folder), tuple(fragments))
+  code, err = cli_here(capfd, monkeypatch, HF_TO_ORBAX, case.folder, case.out, *case.args)
+  case.check_failed(code, err)

@@ -238,7 +238,8 @@ def test_lora_trains_adapters_only_and_exports_merged(base, lora_run, tmp_path):
 
 def test_lora_adapters_export_to_peft(base, lora_run, tmp_path):
   """orbax_to_hf.py --peft: peft loads the adapters onto transformers' base model (experts through
-  target_parameters) and its logits equal our merged run's; bad uses are one line."""
+  target_parameters) and its logits equal our merged run's, as do those of the base converted with the adapter
+  merged (hf_to_orbax.py --peft); bad uses are one line."""
   from peft import PeftModel
   out = tmp_path / "peft"
   res = subprocess.run([sys.executable, "convert/orbax_to_hf.py", str(lora_run), str(out), "--peft"], cwd=ROOT,
@@ -256,6 +257,12 @@ def test_lora_adapters_export_to_peft(base, lora_run, tmp_path):
   got = prompt_logits(checkpoint.restore(lora_run, dtype=jnp.float32), ids)
   assert np.abs(got - untouched).max() > 0.1  # the adapters matter
   np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+  # and back: hf_to_orbax.py --peft merges them into the base as it converts, giving the run's model
+  res = subprocess.run([sys.executable, "convert/hf_to_orbax.py", str(base / "hf"), str(tmp_path / "merged"),
+                        "--peft", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  merged = prompt_logits(checkpoint.restore(tmp_path / "merged", dtype=jnp.float32), ids)
+  np.testing.assert_allclose(merged, got, atol=2e-5 * np.abs(got).max())
   for args, message in (([str(base / "ckpt"), str(tmp_path / "x"), "--peft"], "not a LoRA run (no lora.json)"),
                         ([str(lora_run), str(out), "--peft"], "exists and is not empty (pass --force"),
                         ([str(lora_run), str(tmp_path / "y"), "--peft", "--dtype", "int4"], "--dtype must be one of")):
