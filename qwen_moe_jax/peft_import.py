@@ -66,7 +66,7 @@ class LoraAdapter:
       if end is None:  # a full weight (modules_to_save, or a saved base layer)
         target = name.replace(".base_layer.", ".")
         if target in self.full:
-          raise UserError(f"{self.file}: tensors '{PREFIX}{self.full[target]}' and '{key}' both replace '{target}'")
+          raise UserError(f"{self.file}: tensors '{self.full[target]}' and '{key}' both replace '{target}'")
         self.full[target] = key
         continue
       kind, i = PAIRS[end]
@@ -74,11 +74,11 @@ class LoraAdapter:
       target = module + ".weight"
       root = module.removesuffix(".base_layer" * module.count(".base_layer"))
       if kind == "linear" and root.endswith("mlp.experts"):  # a fused expert tensor, by its nesting depth
-        depth = len(experts) - 1 - module.count(".base_layer")
-        if depth < 0:
+        index = len(experts) - 1 - module.count(".base_layer")  # the last targeted one is outermost
+        if index < 0:
           raise UserError(f"{self.file}: tensor '{key}' adapts an expert tensor, but {CONFIG_FILE}'s "
                           f"target_parameters names {len(experts)} of {', '.join(EXPERT_PARAMETERS)}")
-        kind, target = "experts", f"{root}.{experts[depth]}"
+        kind, target = "experts", f"{root}.{experts[index]}"
       pair = self.pairs.setdefault(target, Pair(kind, [None, None]))
       if pair.keys[i] is not None:
         raise UserError(f"{self.file}: tensors '{pair.keys[i]}' and '{key}' both adapt '{target}'")

@@ -677,6 +677,10 @@ PEFT_BAD = {  # id -> (change to a good q_proj adapter's tensors, its config's, 
   "peft_untargeted_experts": (lambda t: t.update({EXPERTS + ".lora_A.weight": torch.ones(14, 48),
                                                   EXPERTS + ".lora_B.weight": torch.ones(40, 14)}), {},
                               [EXPERTS + ".lora_A.weight", "target_parameters"]),
+  "peft_two_full_weights": (lambda t: t.update({"base_model.model.model.embed_tokens.weight": torch.ones(101, 48),
+                                                "base_model.model.model.embed_tokens.base_layer.weight":
+                                                torch.ones(101, 48)}), {},
+                            ["embed_tokens.base_layer.weight", "both replace 'model.embed_tokens.weight'"]),
   "peft_pickle_only": ("pickle", {}, ["adapter_model.bin", "pickle"]),
 }
 
