@@ -29,10 +29,11 @@ BLOCK = 64  # most slots per loop iteration inside a program
 MIN_TILE = 16  # Triton's smallest matmul tile: query heads per kv head are padded to a power of two >= it
 
 
-def fits(slots: int) -> bool:
+def fits(slots: int, head_dim: int) -> bool:
   """Whether a cache of this many slots splits into programs of whole blocks (every cache bucket of at least
-  128 slots does; smaller caches keep the einsum)."""
-  return slots % (SPLITS * MIN_TILE) == 0
+  128 slots does; smaller caches keep the einsum) and the head dim suits Triton: a power of two (the Pallas
+  Triton lowering refuses other array sizes, e.g. a 96-wide head) of at least a tile (Qwen's heads are 128)."""
+  return slots % (SPLITS * MIN_TILE) == 0 and head_dim >= MIN_TILE and head_dim & (head_dim - 1) == 0
 
 
 def split_slots(slots: int) -> int:
@@ -103,11 +104,12 @@ def _one_head(q, k, v, length, k_scale, v_scale, *, interpret: bool):
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
-           scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+           scales: tuple[jax.Array, jax.Array] | None = None, interpret: bool | None = None) -> jax.Array:
   """One decode step's attention: q [B, N, H] over the cache k / v [B, K, S, H] (scales [B, K, S] for an int8
   cache), row b seeing slots [0, lengths[b]) -> [B, N, H] in q's dtype. Under a mesh, a shard_map over rows
-  (and kv heads, when the mesh splits query and kv heads alike)."""
-  interpret = jax.default_backend() != "gpu"
+  (and kv heads, when the mesh splits query and kv heads alike). `interpret`: run the kernel in Python (default:
+  off a GPU)."""
+  interpret = jax.default_backend() != "gpu" if interpret is None else interpret
   b, n, h = q.shape
   kv_heads = k.shape[1]
   g = n // kv_heads

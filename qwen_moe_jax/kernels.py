@@ -13,7 +13,8 @@ A choice changes speed and memory, never the result beyond rounding; tests hold 
                       (other lengths and decoding keep the einsum)
   decode     xla      decoding's attention as the einsum over every cache slot
              pallas   a Pallas (Triton) kernel reading only each row's live slots (decode_attention.py; caches of
-                      fewer than 128 slots, and several new tokens at once, keep the einsum)
+                      fewer than 128 slots, heads not a power of two >= 16 wide, and several new tokens at once
+                      keep the einsum)
 """
 
 from __future__ import annotations

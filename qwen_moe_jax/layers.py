@@ -309,7 +309,7 @@ class Attention(nnx.Module):
       out = attend_fused(q, k, v, mask)
     elif self.backend == "splash" and not attend_cache and splash_fits(q.shape[1]):
       out = attend_splash(q, k, v, mask)
-    elif self.decode == "pallas" and attend_cache and q.shape[1] == 1 and decode_attention.fits(k.shape[2]):
+    elif self.decode == "pallas" and attend_cache and q.shape[1] == 1 and decode_attention.fits(*k.shape[2:]):
       out = decode_attention.attend(q[:, 0], k, v, mask.q_pos[:, 0] + 1, scales)[:, None]  # slots [0, position]
     else:
       out = attend(q, k, v, mask, scales=scales, kv_layout=kv_layout)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,15 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, decode_attention, generate, kv_cache, layers, sampling
+from qwen_moe_jax import checkpoint, convert, decode_attention, generate, kv_cache, layers, sampling, sharding
 from qwen_moe_jax.config import PRESETS
-from qwen_moe_jax.demo import write_hf_demo
+from qwen_moe_jax.demo import demo_config, write_hf_demo
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator, cache_bucket, prompt_logits
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
+from qwen_moe_jax.model import create_model
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import load_tokenizer
@@ -332,7 +336,8 @@ def test_pallas_decode_attention_equals_the_einsum(slots, heads, kv_heads, quant
   want = layers.attend(q[:, None], k, v, layers.Mask.over_cache(positions[:, None], slots), scales=scales,
                        kv_layout="BKSH")[:, 0]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  assert decode_attention.fits(slots) and not decode_attention.fits(64)
+  assert decode_attention.fits(slots, h) and not decode_attention.fits(64, h)
+  assert not decode_attention.fits(slots, 96) and not decode_attention.fits(slots, 8)  # the einsum there
   assert [decode_attention.split_slots(n) for n in (128, 256, 768, 1280, 2048, 32768)] == [16, 32, 64, 128, 256, 4096]
   # blocks past a row's length are never loaded: NaN there (values, or an int8 cache's scales) changes nothing
   dead = jnp.arange(slots) >= (-(-(positions + 1) // 64) * 64)[:, None]  # [B, S] from the next 64-slot boundary
@@ -341,16 +346,58 @@ def test_pallas_decode_attention_equals_the_einsum(slots, heads, kv_heads, quant
   np.testing.assert_array_equal(jax.jit(decode_attention.attend)(q, k, v, positions + 1, scales), got)
 
 
+@pytest.mark.parametrize("slots,heads,kv_heads", [(384, 6, 2), (2048, 20, 1)])
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_pallas_decode_lowers_to_triton(slots, heads, kv_heads, quantized):
+  """The kernel as a GPU compiles it: lowered for CUDA on this CPU (the Pallas Triton lowering, which checks
+  block shapes and ops), one Triton call with a program per split, kv head and row, at Qwen's head dim of 128."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  cache = jax.ShapeDtypeStruct((4, kv_heads, slots, 128), jnp.int8 if quantized else jnp.bfloat16)
+  scales = (f32(4, kv_heads, slots),) * 2 if quantized else None
+  fn = jax.jit(lambda q, k, v, n, s: decode_attention.attend(q, k, v, n, s, interpret=False))
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  hlo = jax.export.export(fn, platforms=["cuda"], disabled_checks=[triton])(
+    jax.ShapeDtypeStruct((4, heads, 128), jnp.bfloat16), cache, cache, jax.ShapeDtypeStruct((4,), jnp.int32),
+    scales).mlir_module()
+  splits = slots // decode_attention.split_slots(slots)
+  assert hlo.count("@__gpu$xla.gpu.triton") == 1 and 'name = "decode_attention"' in hlo
+  grid = [int(x) for x in re.search(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+)", hlo).groups()]
+  assert grid[0] == splits and np.prod(grid) == splits * kv_heads * 4  # a program per split, kv head and row
+
+
+def test_decode_loop_with_the_pallas_kernel_lowers_to_triton(monkeypatch):
+  """The whole decode loop of `--decode-attention pallas` as a GPU gets it (lowered for CUDA here, the kernel
+  not interpreted): one Triton call per layer inside the on-device loop, int8 cache and all."""
+  cfg = demo_config(vocab_size=512)
+  model = create_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), jnp.bfloat16, Kernels(decode="pallas"))
+  graphdef, params = nnx.split(model)
+  monkeypatch.setattr(decode_attention, "attend", functools.partial(decode_attention.attend, interpret=False))
+  state = jax.eval_shape(lambda: generate.empty_state(generate.prompt_keys(0, range(4)), jnp.full((4,), -1), cfg=cfg,
+                                                      rows=4, cache_len=1280, max_new=64, dtype=jnp.int8))
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  hlo = jax.export.export(generate.decode, platforms=["cuda"], disabled_checks=[triton])(
+    graphdef, jax.eval_shape(lambda: params), state, jax.ShapeDtypeStruct((), bool), steps=16,
+    sampling=Sampling(temperature=0.7, top_p=0.8)).mlir_module()
+  assert hlo.count("@__gpu$xla.gpu.triton") == cfg.num_hidden_layers
+
+
 @pytest.mark.parametrize("cache_dtype", ["auto", "int8"])
-def test_pallas_decode_attention_gives_the_einsums_tokens(tiny, cache_dtype):
+def test_pallas_decode_attention_gives_the_einsums_tokens(tmp_path, cache_dtype, monkeypatch):
   """`--decode-attention pallas` (interpreted on CPU) generates the einsum path's tokens and log-probabilities,
-  with continuous batching (rows refilled over a finished prompt's keys, which the kernel must not read)."""
-  _, _, _, ckpt = tiny
+  with continuous batching (rows refilled over a finished prompt's keys, which the kernel must not read), on a
+  model with heads 16 wide (the kernel's narrowest) whose decode steps go through it."""
+  save(make_model(seed=9, num_experts=11, num_experts_per_tok=3, num_attention_heads=3, num_key_value_heads=1),
+       tmp_path / "hf")
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  calls = []
+  kernel = decode_attention.attend
+  monkeypatch.setattr(decode_attention, "attend", lambda *a, **k: calls.append(1) or kernel(*a, **k))
   runs = []
   for decode in ("xla", "pallas"):
-    model = checkpoint.restore(ckpt, dtype=jnp.float32, kernels=Kernels(decode=decode))
+    model = checkpoint.restore(tmp_path / "ckpt", dtype=jnp.float32, kernels=Kernels(decode=decode))
     runs.append(Generator(model, batch_size=2, kv_cache_dtype=cache_dtype).generate(PROMPTS, [100, 60, 90]))
   assert cache_bucket(max(len(p) + n for p, n in zip(PROMPTS, [100, 60, 90]))) == 128  # the kernel's smallest
+  assert model.config.dim_per_head == 16 and calls  # traced into the decode step
   assert runs[1].output_ids == runs[0].output_ids
   for a, b in zip(runs[1].output_logprobs, runs[0].output_logprobs):
     np.testing.assert_allclose(a, b, atol=1e-5)
