@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 
@@ -16,14 +17,14 @@ from flax import nnx
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, layers
+from qwen_moe_jax import checkpoint, convert, layers, sharding
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.losses import causal_lm_loss
-from qwen_moe_jax.model import QwenMoeForCausalLM, param_count
+from qwen_moe_jax.model import QwenMoeForCausalLM, create_model, param_count
 from qwen_moe_jax.moe import (
   ExpertLora,
   experts_dense,
@@ -248,6 +249,29 @@ def test_splash_attention_matches_the_einsum():
            for fn in (layers.attend_splash, layers.attend)]
   for a, e in zip(*grads, strict=True):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_splash_attention_lowers_for_tpu(monkeypatch):
+  """The model's gradient with Kernels(attention="splash") as a TPU gets it: lowered for TPU on this CPU with the
+  kernel not interpreted (Pallas's Mosaic lowering, which checks block shapes and ops): splash's forward, dq and
+  dkv kernels over packed segments, 128-wide heads, 2 query heads per kv head, routed experts by ragged_dot."""
+  kernel = layers._splash_kernel
+  monkeypatch.setattr(layers, "_splash_kernel", lambda t, heads, interpret: kernel(t, heads, False))
+  cfg = dataclasses.replace(demo_config(vocab_size=512), num_attention_heads=2, num_key_value_heads=1).validate()
+  model = create_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), jnp.bfloat16, Kernels(attention="splash"))
+  graphdef, params = nnx.split(model)
+
+  def loss(params, tokens, positions, segments):
+    m = nnx.merge(graphdef, params)
+    return m.logits(m(tokens, positions, segments).hidden).astype(jnp.float32).mean()
+
+  ids = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+  hlo = jax.export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(
+    jax.eval_shape(lambda: params), ids, ids, ids).mlir_module()
+  assert cfg.dim_per_head == 128
+  assert set(re.findall(r'kernel_name = "([^"]+)"', hlo)) == {
+    "splash_mha_fwd_segmented_residuals", "splash_mha_dq_segmented_no_residuals",
+    "splash_mha_dkv_segmented_no_residuals"}
 
 
 def test_splash_attention_backend_in_the_model(tmp_path):
