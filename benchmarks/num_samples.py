@@ -3,9 +3,11 @@
 P prompts of L tokens, each sampled N times, M new tokens each, two ways in the same run: the N copies of a
 prompt identical (the engine runs each prompt once and fills its N rows from that run), and the N copies made
 distinct by their last token (the same shapes and work, nothing to share: what each copy costs run alone).
-Each way runs with every row at once and through --rows rows (continuous batching: rows that end at the same
-step are refilled together). Runs a demo-sized random model on whatever device jax finds (compilation
-excluded: every shape runs once first) and prints one JSON object.
+Each way runs with every row at once, through --rows rows (continuous batching: rows that end at the same
+step are refilled together), and through --rows rows with answer lengths drawn from [M / 2, 2 M] (samples
+ending at different steps: a freed row copies the prompt from a row still generating from it). Runs a
+demo-sized random model on whatever device jax finds (compilation excluded: every shape runs once first) and
+prints one JSON object.
 
 python benchmarks/num_samples.py [--prompts 4] [--samples 8] [--prompt-len 1000] [--new-tokens 16] [--rows 8]
 """
@@ -29,13 +31,13 @@ from qwen_moe_jax.model import create_model
 from qwen_moe_jax.sampling import Sampling
 
 
-def timed(gen: Generator, prompts: list[list[int]], new: int) -> dict:
+def timed(gen: Generator, prompts: list[list[int]], new: list[int]) -> dict:
   """The second of two runs (the first compiles): seconds in all, in the first prefill, prompt tokens shared."""
   for _ in range(2):
     start = time.perf_counter()
     r = gen.generate(prompts, new, Sampling(temperature=1.0), seed=0)
     seconds = time.perf_counter() - start - r.compile_seconds
-  assert all(len(o) == new for o in r.output_ids)
+  assert [len(o) for o in r.output_ids] == new
   return {"seconds": round(seconds, 3), "first_prefill_s": round(r.prefill_seconds, 3),
           "shared_tokens": getattr(r, "shared_tokens", 0)}
 
@@ -56,11 +58,14 @@ def main() -> None:
   base = rng.integers(0, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
   same = [p for p in base for _ in range(args.samples)]
   distinct = [p[:-1] + [(p[-1] + j) % cfg.vocab_size] for p in base for j in range(args.samples)]
+  fixed = [args.new_tokens] * len(same)
+  varied = rng.integers(max(1, args.new_tokens // 2), 2 * args.new_tokens + 1, len(same)).tolist()
   runs = {}
-  for rows in (None, args.rows):
+  for rows, new, label in ((None, fixed, "all_rows"), (args.rows, fixed, f"{args.rows}_rows"),
+                           (args.rows, varied, f"{args.rows}_rows_varied_lengths")):
     gen = Generator(model, mesh, batch_size=rows)
     for name, prompts in (("identical", same), ("distinct", distinct)):
-      runs[f"{name}_{'all_rows' if rows is None else f'{rows}_rows'}"] = timed(gen, prompts, args.new_tokens)
+      runs[f"{name}_{label}"] = timed(gen, prompts, new)
   print(json.dumps({
     "benchmark": "num_samples", "prompts": args.prompts, "samples": args.samples, "prompt_len": args.prompt_len,
     "new_tokens": args.new_tokens, "rows": args.rows, "runs": runs, "dtype": args.dtype,

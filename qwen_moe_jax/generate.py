@@ -9,8 +9,9 @@ each of their rows. The decode loop is a `lax.while_loop` over a chunk of steps 
 included) donated, so the cache is updated in place; the host only wakes between chunks to stream the new
 tokens, to end rows at stop strings (`stop_when`) and, when there are more prompts than rows (`batch_size`),
 to prefill waiting prompts into rows that finished (continuous batching; rows freed at once are refilled in
-one call). Each row counts its own tokens, and a prompt's random stream depends only on the seed and the
-prompt's index. `prompt_logprobs` scores prompts (a forward pass, no cache).
+one call, and a row whose next prompt a running row holds copies that row's prompt slots instead: `fork`).
+Each row counts its own tokens, and a prompt's random stream depends only on the seed and the prompt's index.
+`prompt_logprobs` scores prompts (a forward pass, no cache).
 """
 
 from __future__ import annotations
@@ -198,6 +199,34 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, sampling) -> 
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state.laid_out()))[1].laid_out()
 
 
+@jax.jit
+def prompt_slots(cache: KVCache, sources, prompt) -> KVCache:
+  """Slots [0, P) of cache rows `sources` [R] (prompt [R, P]: only its width is used): what `fork` copies,
+  read in a program of its own so that `fork` writes its (donated) cache in place."""
+  return jax.tree.map(lambda c: c[sources, :, :prompt.shape[1]], cache)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys) -> DecodeState:
+  """Rows `rows` [R] take a prompt that other rows are generating from, whose keys and values `kv` (from
+  `prompt_slots`, slots [0, P)) they get (their later slots, hidden by the mask, are written over before they
+  are read); each row is set to feed the prompt's last token at its position, so that the next decode step
+  draws the row's first token (with its own key, as the prefill would). prompt [R, P] the ids, -1 padded (its
+  length, and the ids a repetition penalty sees); limits, keys [R]; rows past the state's: unused."""
+  length = jnp.sum(prompt >= 0, axis=1)
+  put = lambda whole, part: whole.at[rows].set(part.astype(whole.dtype), mode="drop")  # noqa: E731
+  at = (rows[:, None], slice(None), jnp.arange(prompt.shape[1])[None])  # [R, P] first, as LayerKV.write indexes
+  cache = jax.tree.map(lambda c, x: c.at[at].set(jnp.moveaxis(x, 2, 1), unique_indices=True, mode="drop"),
+                       state.cache, kv)
+  seen = None if state.seen is None else mark_seen(jnp.zeros((len(rows), state.seen.shape[1]), bool),
+                                                    jnp.maximum(prompt, 0), prompt >= 0)
+  return dataclasses.replace(
+    state, cache=cache, last=put(state.last, jnp.take_along_axis(prompt, (length - 1)[:, None], axis=1)[:, 0]),
+    positions=put(state.positions, length - 1), done=put(state.done, jnp.zeros_like(rows, bool)),
+    count=put(state.count, jnp.zeros_like(rows)), limit=put(state.limit, limits), keys=put(state.keys, keys),
+    seen=None if seen is None else put(state.seen, seen)).laid_out()
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def _end_row(state: DecodeState, row) -> DecodeState:
   """The state with `row` done (ended on the host: a stop string)."""
@@ -228,7 +257,8 @@ class Result:
   prefill_seconds: float  # the first rows' prompts, up to their first tokens
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
   reused_tokens: int = 0  # prompt tokens whose keys and values came from the kept cache (`keep`)
-  shared_tokens: int = 0  # prompt tokens not run, as an identical prompt prefilled in the same call ran them
+  shared_tokens: int = 0  # prompt tokens not run: an identical prompt in the same prefill call, or a running row
+  # generating from it (`fork`), gave their keys and values
   finish_reasons: list[str] = dataclasses.field(default_factory=list)  # per prompt: "stop" (a stop id, or
   # stop_when) or "length" (max_new_tokens or the context), as OpenAI's finish_reason
 
@@ -259,13 +289,14 @@ class Generator:
     self._compile_seconds = 0.0
     self._kept: tuple[DecodeState, list[int]] | None = None  # (state, ids in its cache row 0), see `generate`
 
-  def _compiled(self, fn, args: tuple, **statics):
-    """Ahead-of-time compiled `fn` for these argument shapes (cached), so timings exclude compilation."""
+  def _compiled(self, fn, args: tuple, model: bool = True, **statics):
+    """Ahead-of-time compiled `fn` for these argument shapes (cached), so timings exclude compilation; `model`:
+    fn takes the graphdef first."""
     shapes = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
     key = (fn.__name__, shapes, tuple(sorted(statics.items())))
     if key not in self._executables:
       start = time.perf_counter()
-      self._executables[key] = fn.lower(self.graphdef, *args, **statics).compile()
+      self._executables[key] = fn.lower(*(self.graphdef,) * model, *args, **statics).compile()
       self._compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
@@ -349,6 +380,32 @@ class Generator:
         state = self._compiled(prefill, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
       return state
 
+    def take_rows(state: DecodeState, freed: list[tuple[int, int]], count: np.ndarray) -> DecodeState:
+      """Freed rows [(row, prompt index)] take their prompts: copied from a running row generating from the same
+      prompt (the samples of a prompt, ending at different steps), the others prefilled together (`fill`)."""
+      nonlocal shared
+      taken = {row for row, _ in freed}
+      running = {}  # prompt -> a row whose prefill wrote it (count >= 1: a forked row has not run it yet)
+      for row, i in enumerate(owner):
+        if i >= 0 and row not in taken and count[row] >= 1:
+          running.setdefault(tuple(prompts[i]), row)
+      forks = [(row, i, running[tuple(prompts[i])]) for row, i in freed if tuple(prompts[i]) in running]
+      if forks:
+        shared += sum(len(prompts[i]) for _, i, _ in forks)
+        r, width = bucket(len(forks), minimum=1), bucket(max(len(prompts[i]) for _, i, _ in forks))
+        ids = np.full((r, width), -1, np.int32)
+        for j, (_, i, _) in enumerate(forks):
+          ids[j, :len(prompts[i])] = prompts[i]
+        spare = list(range(rows, rows + r - len(forks)))  # distinct rows past the state's: dropped
+        sources = np.array([source for _, _, source in forks] + [0] * len(spare), np.int32)
+        kv = self._compiled(prompt_slots, (state.cache, sources, ids), model=False)(state.cache, sources, ids)
+        args = (np.array([row for row, _, _ in forks] + spare, np.int32), kv, ids,
+                np.array([limits[i] for _, i, _ in forks] + [1] * len(spare), np.int32),
+                prompt_keys(seed, [i for _, i, _ in forks] + [0] * len(spare)))
+        state = self._compiled(fork, (state, *args), model=False)(state, *args)
+      rest = [(row, i) for row, i in freed if tuple(prompts[i]) not in running]
+      return fill(state, rest) if rest else state
+
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
@@ -400,8 +457,8 @@ class Generator:
               freed.append((row, owner[row]))
         if all(i < 0 for i in owner):
           break
-        if freed:  # the rows freed at once are prefilled together; then read again first: a refilled row may
-          state = fill(state, freed)  # be done at once (a stop id, or one token wanted)
+        if freed:  # read again after: a refilled row may be done at once (a stop id, or one token wanted)
+          state = take_rows(state, freed, count)
           continue
         refill = np.bool_(bool(waiting))  # stop at the first finished row, to hand it the next prompt
         state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, sampling=sampling)(

@@ -147,4 +147,6 @@ def test_num_samples_benchmark_runs():
   runs = json.loads(res.stdout.splitlines()[-1])["runs"]
   assert runs["identical_all_rows"]["shared_tokens"] == 2 * 2 * 40  # 2 of each prompt's 3 copies
   assert runs["identical_2_rows"]["shared_tokens"] == 2 * 40  # rows [p0, p0], [p0, p1], [p1, p1]
-  assert all(runs[f"distinct_{rows}"]["shared_tokens"] == 0 for rows in ("all_rows", "2_rows"))
+  assert runs["identical_2_rows_varied_lengths"]["shared_tokens"] >= 2 * 40  # copied from running samples too
+  assert all(runs[f"distinct_{rows}"]["shared_tokens"] == 0
+             for rows in ("all_rows", "2_rows", "2_rows_varied_lengths"))

@@ -754,6 +754,48 @@ def test_identical_prompts_are_prefilled_once(tiny):
         np.testing.assert_allclose(lp, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache", ["auto", "int8"])
+def test_a_freed_row_copies_a_running_sample(tiny, cache):
+  """A freed row whose next prompt another row is generating from (samples ending at different steps) copies
+  that row's cache and draws its first token in the next decode step: the tokens and log-probabilities of
+  prefilling it alone (sampled, with a repetition penalty), the prompt tokens counted as shared."""
+  _, model, _, _ = tiny
+  a, b, c = PROMPTS
+  prompts, limits = [a, b, a, c], [12, 3, 9, 2]
+  s = Sampling(temperature=1.5, top_k=8, repetition_penalty=1.3)
+  want = Generator(model, batch_size=1, kv_cache_dtype=cache).generate(prompts, limits, s, seed=2)
+  # rows [a, b]; after step 2 row 1 (b's keys and values, b's ids seen) takes the second a, copied from row 0;
+  # after step 11 both end and row 0 takes c
+  gen = Generator(model, batch_size=2, kv_cache_dtype=cache)
+  got = gen.generate(prompts, limits, s, seed=2)
+  assert got.output_ids == want.output_ids and got.shared_tokens == len(a)
+  for lp, ref in zip(got.output_logprobs, want.output_logprobs, strict=True):
+    np.testing.assert_allclose(lp, ref, atol=1e-5)
+  # the forked row as the decode step finds it: the source's cache, the prompt's last id at its position,
+  # nothing generated yet, the prompt's ids alone seen; the source row untouched
+  keys = generate.prompt_keys(2, range(2))
+  state = generate.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=2, cache_len=32, max_new=16,
+                               dtype=gen.cache_dtype, track_seen=True)
+  tokens = np.zeros((2, 32), np.int32)
+  tokens[0, :len(b)], tokens[1, :len(a)] = b, a
+  state = generate.prefill(gen.graphdef, gen.params, state, tokens, np.array([len(b), len(a)], np.int32),
+                           np.array([8, 8], np.int32), keys, None, None, sampling=s)
+  cache_before, seen_before, count_before = [np.asarray(x) for x in jax.tree.leaves(state.cache)], *map(
+    np.asarray, (state.seen, state.count))  # the state is donated to fork
+  ids = np.full((2, 8), -1, np.int32)
+  ids[0, :len(a)] = a
+  kv = generate.prompt_slots(state.cache, np.array([1, 0], np.int32), ids)
+  state = generate.fork(state, np.array([0, 2], np.int32), kv, ids, np.array([5, 1], np.int32),
+                        generate.prompt_keys(2, [7, 0]))  # the second row: past the state's, unused
+  for got_c, was in zip(jax.tree.leaves(state.cache), cache_before, strict=True):  # slots [0, 8) of row 1
+    np.testing.assert_array_equal(got_c[0, :, :8], was[1, :, :8])
+    np.testing.assert_array_equal(got_c[0, :, 8:], was[0, :, 8:])  # the rest: row 0's own, hidden by the mask
+    np.testing.assert_array_equal(got_c[1], was[1])
+  assert (state.last[0], state.positions[0], state.count[0], state.done[0], state.limit[0]) == (a[-1], 3, 0, 0, 5)
+  assert set(np.flatnonzero(state.seen[0]).tolist()) == set(a)
+  assert np.array_equal(state.seen[1], seen_before[1]) and state.count[1] == count_before[1]
+
+
 def test_results_are_written_in_input_order_as_they_complete():
   import infer as cli
 

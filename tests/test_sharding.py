@@ -57,12 +57,13 @@ def ckpt(tmp_path_factory):
   ids = np.random.default_rng(0).integers(0, 101, (8, 10))
   model = checkpoint.restore(tmp / "ckpt", dtype=jnp.float32)
   reference = (logits_on(model, mesh_of(None), ids), Generator(model).generate(PROMPTS, 16).output_ids,
-               Generator(model, batch_size=1).generate(SAMPLED, 16, PENALIZED, seed=5).output_ids)
+               Generator(model, batch_size=1).generate(SAMPLED, LIMITS, PENALIZED, seed=5).output_ids)
   return tmp / "ckpt", ids, reference
 
 
 PENALIZED = Sampling(temperature=0.8, top_k=6, repetition_penalty=1.5)  # sampled, with per-row seen ids
 SAMPLED = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0]]  # a prompt sampled 3 times
+LIMITS = [16, 9, 12, 16, 5]  # the second prompt ends first: its row takes a sample of the first from a running row
 
 
 @pytest.mark.parametrize("spec", ["expert=2", "expert=4", "expert=8", "data=2,expert=4", "expert=4,tensor=2",
@@ -81,12 +82,13 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
   # one prompt per prefill call: rows written in place at a traced offset into a cache split over devices
   assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16).output_ids == ref_tokens
-  # and two rows for the prompts in turn (continuous batching), sampled with a repetition penalty; four rows: the
-  # rows of a repeated prompt filled from one run of it (reference: one prompt per row, nothing shared)
-  queued = Generator(model, mesh, prefill_rows=1, batch_size=2)
-  assert queued.generate(SAMPLED, 16, PENALIZED, seed=5).output_ids == ref_penalized
-  shared = Generator(model, mesh, batch_size=4).generate(SAMPLED, 16, PENALIZED, seed=5)
-  assert shared.output_ids == ref_penalized and shared.shared_tokens == len(PROMPTS[0])
+  # and two rows for the prompts in turn (continuous batching), sampled with a repetition penalty, a freed row
+  # copying a running sample's cache; four rows: a repeated prompt run once for its rows in the first prefill,
+  # then copied (reference: one prompt per row, nothing shared)
+  queued = Generator(model, mesh, prefill_rows=1, batch_size=2).generate(SAMPLED, LIMITS, PENALIZED, seed=5)
+  assert queued.output_ids == ref_penalized and queued.shared_tokens == len(PROMPTS[0])
+  shared = Generator(model, mesh, batch_size=4).generate(SAMPLED, LIMITS, PENALIZED, seed=5)
+  assert shared.output_ids == ref_penalized and shared.shared_tokens == 2 * len(PROMPTS[0])
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
