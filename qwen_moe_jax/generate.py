@@ -354,7 +354,10 @@ class Generator:
     if reused:
       cache_len = max(cache_len, kept[0].cache.length)
 
-    shared = 0  # prompt tokens not run: an identical prompt in the same prefill call ran them
+    shared = 0  # prompt tokens not run (see Result.shared_tokens)
+
+    def width(ids: list[list[int]]) -> int:  # slots for these prompts: a bucket, never past the cache
+      return min(bucket(max(map(len, ids))), t)
 
     def fill(state: DecodeState, placed: list[tuple[int, int]]) -> DecodeState:
       """The state with prompts prefilled into rows, placed [(row, prompt index)], `group` rows per call; identical
@@ -368,7 +371,7 @@ class Generator:
         whole = (group == rows and len(distinct) == len(part) and all(row == j for j, (row, _) in enumerate(part))
                  and all(i < 0 for i in owner[len(part):]))  # prompts in order in rows 0.., the rest idle
         g, r = (rows, rows) if whole else (bucket(len(distinct), minimum=1), bucket(len(part), minimum=1))
-        tokens, lengths = np.zeros((g, min(bucket(max(map(len, distinct))), t)), np.int32), np.zeros(g, np.int32)
+        tokens, lengths = np.zeros((g, width(list(distinct))), np.int32), np.zeros(g, np.int32)
         for j, ids in enumerate(distinct):
           tokens[j, :len(ids)], lengths[j] = ids, len(ids)
         owners = [i for _, i in part] + [0] * (r - len(part))
@@ -392,8 +395,8 @@ class Generator:
       forks = [(row, i, running[tuple(prompts[i])]) for row, i in freed if tuple(prompts[i]) in running]
       if forks:
         shared += sum(len(prompts[i]) for _, i, _ in forks)
-        r, width = bucket(len(forks), minimum=1), bucket(max(len(prompts[i]) for _, i, _ in forks))
-        ids = np.full((r, width), -1, np.int32)
+        r = bucket(len(forks), minimum=1)
+        ids = np.full((r, width([prompts[i] for _, i, _ in forks])), -1, np.int32)
         for j, (_, i, _) in enumerate(forks):
           ids[j, :len(prompts[i])] = prompts[i]
         spare = list(range(rows, rows + r - len(forks)))  # distinct rows past the state's: dropped

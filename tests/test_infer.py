@@ -796,6 +796,20 @@ def test_a_freed_row_copies_a_running_sample(tiny, cache):
   assert np.array_equal(state.seen[1], seen_before[1]) and state.count[1] == count_before[1]
 
 
+def test_a_copied_prompt_longer_than_its_bucket_fits_the_cache():
+  """A 520-token prompt copied from a running row: its power-of-two bucket (1,024) is longer than the cache (768
+  slots for 530 positions), so the copy takes the cache's slots, as a prefill would; the rows get the tokens of
+  prefilling each alone."""
+  cfg = demo_config(vocab_size=512)
+  model = create_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), jnp.float32, seed=0)
+  a = np.random.default_rng(0).integers(0, cfg.vocab_size, 520).tolist()
+  prompts, limits = [a, [5, 6], a], [10, 3, 10]  # the short one ends first: its row takes a, copied from row 0
+  assert generate.bucket(len(a)) > cache_bucket(len(a) + 10)
+  got = Generator(model, batch_size=2).generate(prompts, limits)
+  assert got.shared_tokens == len(a)
+  assert got.output_ids == Generator(model, batch_size=1).generate(prompts, limits).output_ids
+
+
 def test_results_are_written_in_input_order_as_they_complete():
   import infer as cli
 
