@@ -18,13 +18,10 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from qwen_moe_jax import sharding
-from qwen_moe_jax.demo import demo_config
+from qwen_moe_jax.demo import demo_model
 from qwen_moe_jax.generate import Generator
-from qwen_moe_jax.model import create_model
 
 
 def waves(gen: Generator, prompts: list[list[int]], limits: list[int], rows: int) -> list[list[int]]:
@@ -49,9 +46,7 @@ def main() -> None:
   ap.add_argument("--max-new", type=int, default=256, help="the longest answer")
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = ap.parse_args()
-  cfg = demo_config(vocab_size=512)
-  mesh = sharding.make_mesh({}, jax.devices()[:1])
-  model = create_model(cfg, mesh, jnp.dtype(args.dtype), seed=0)
+  cfg, mesh, model = demo_model(args.dtype)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, cfg.vocab_size, int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))).tolist()
              for _ in range(args.prompts)]

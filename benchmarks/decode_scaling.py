@@ -15,13 +15,10 @@ import json
 import platform
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from qwen_moe_jax import sharding
-from qwen_moe_jax.demo import demo_config
+from qwen_moe_jax.demo import demo_model
 from qwen_moe_jax.generate import Generator
-from qwen_moe_jax.model import create_model
 
 LENGTHS = (32, 128, 512)
 
@@ -33,9 +30,7 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3, help="timed runs per length (the best is kept)")
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = ap.parse_args()
-  cfg = demo_config(vocab_size=512)
-  mesh = sharding.make_mesh({}, jax.devices()[:1])
-  model = create_model(cfg, mesh, jnp.dtype(args.dtype), seed=0)
+  cfg, mesh, model = demo_model(args.dtype)
   gen = Generator(model, mesh)
   prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
   rows = []

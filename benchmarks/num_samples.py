@@ -21,13 +21,10 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from qwen_moe_jax import sharding
-from qwen_moe_jax.demo import demo_config
+from qwen_moe_jax.demo import demo_model
 from qwen_moe_jax.generate import Generator
-from qwen_moe_jax.model import create_model
 from qwen_moe_jax.sampling import Sampling
 
 
@@ -51,9 +48,7 @@ def main() -> None:
   ap.add_argument("--rows", type=int, default=8, help="rows for the continuous-batching runs")
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = ap.parse_args()
-  cfg = demo_config(vocab_size=512)
-  mesh = sharding.make_mesh({}, jax.devices()[:1])
-  model = create_model(cfg, mesh, jnp.dtype(args.dtype), seed=0)
+  cfg, mesh, model = demo_model(args.dtype)
   rng = np.random.default_rng(0)
   base = rng.integers(0, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
   same = [p for p in base for _ in range(args.samples)]

@@ -11,11 +11,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qwen_moe_jax import checkpoint, convert
+from qwen_moe_jax import checkpoint, convert, sharding
 from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.model import QwenMoeForCausalLM, create_model
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -45,6 +48,13 @@ def demo_config(vocab_size: int) -> QwenMoeConfig:
     num_key_value_heads=4, max_position_embeddings=2048, rope_theta=1e6, num_experts=16, num_experts_per_tok=4,
     moe_intermediate_size=128, shared_expert_intermediate_size=512, eos_token_ids=(), torch_dtype="float32",
   ).validate()
+
+
+def demo_model(dtype: str = "float32") -> tuple[QwenMoeConfig, jax.sharding.Mesh, QwenMoeForCausalLM]:
+  """The demo config (vocabulary 512) with random weights on one device: what the CPU benchmarks time."""
+  cfg = demo_config(vocab_size=512)
+  mesh = sharding.make_mesh({}, jax.devices()[:1])
+  return cfg, mesh, create_model(cfg, mesh, jnp.dtype(dtype), seed=0)
 
 
 def write_hf_demo(folder: str | Path, seed: int = 0) -> QwenMoeConfig:
