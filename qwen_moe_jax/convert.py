@@ -219,7 +219,7 @@ def _fill_group(cfg, reader: hf_io.SafetensorsReader, bindings: list[Binding], s
 
 def _bind_adapter(cfg, adapter: LoraAdapter, shapes) -> dict[str, list[tuple[Binding, str | None]]]:
   """Each full weight and LoRA pair of the adapter bound to the parameter part it changes, its shapes checked
-  against the config: by group, [(binding, the full weight's key, or None for a pair)]."""
+  against the config: by group, [(binding, the full weight's key, or None for a pair)], full weights first."""
   merges: dict[str, list[tuple[Binding, str | None]]] = {}
   for name, key in [*adapter.full.items(), *((n, None) for n in adapter.pairs)]:
     keys = [key] if key else adapter.pairs[name].keys
@@ -241,7 +241,7 @@ def _bind_adapter(cfg, adapter: LoraAdapter, shapes) -> dict[str, list[tuple[Bin
 
 def _merge(cfg, adapter: LoraAdapter, merges: list[tuple[Binding, str | None]], params: dict) -> None:
   """One group's parameters with the adapter's full weights put in, then its updates added in float32."""
-  for b, key in sorted(merges, key=lambda m: m[1] is None):
+  for b, key in merges:  # full weights first (_bind_adapter's order)
     dst, to_ours = params[b.path][b.part], functools.partial(b.row.transform[0], n=b.heads(cfg))
     if key:
       _copy(dst, to_ours(adapter.reader.read(key)))
