@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, runtime
 from qwen_moe_jax.errors import UserError, cli_main
-from qwen_moe_jax.generate import Generator, prompt_logits
+from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.scoring import prompt_logits, prompt_logprobs
 from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import load_tokenizer
 
@@ -78,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="most prompts decoded at once (default: all); the rest wait and take rows as they finish")
   ap.add_argument("--prefill-rows", type=int,
                   help="prompts per prefill call (default: all); fewer bound the prefill's memory for large batches")
+  ap.add_argument("--share-prefix", type=int, default=64, metavar="N",
+                  help="a prompt whose first N or more tokens another row holds (a common few-shot or system "
+                  "prefix) copies their keys and values instead of running them (0: only a prompt's samples share)")
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
                   "bf16's bytes: twice the rows or context)")
@@ -90,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       raise UserError(f"--{flag.replace('_', '-')} adds a key to the --json objects: give --json too")
   if args.max_new_tokens == 0 and not args.prompt_logprobs:
     raise UserError("--max-new-tokens 0 generates nothing: it scores the prompts, with --json --prompt-logprobs")
+  if args.share_prefix < 0:
+    raise UserError(f"--share-prefix must be >= 0, got {args.share_prefix}")
   for flag in ("batch_size", "prefill_rows", "num_samples"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -265,12 +271,12 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
                     "greedy: give --temperature > 0 (or a generation_config.json that samples)")
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows, batch_size=args.batch_size,
-                        kv_cache_dtype=args.kv_cache_dtype)
+                        kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix)
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, gen, tok))
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
-  scores = generator.prompt_logprobs(prompts) if args.prompt_logprobs else None
+  scores = prompt_logprobs(generator, prompts) if args.prompt_logprobs else None
   if args.max_new_tokens == 0:  # scoring only
     if any(limits):
       raise UserError(f"{args.prompts_file}: a line's max_new_tokens asks for new tokens; --max-new-tokens 0 only "
@@ -311,7 +317,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     return
   if args.dump_logits:
     np.save(args.dump_logits, logits)
-  shared = f" ({result.shared_tokens} run once for several samples)" if result.shared_tokens else ""
+  shared = f" ({result.shared_tokens} copied from other prompts' rows)" if result.shared_tokens else ""
   print(f"prompt tokens: {result.prompt_tokens}{shared}, generated tokens: {result.generated_tokens}, "
         f"prefill {result.prefill_seconds:.3f} s, decode {result.decode_tokens_per_s:.1f} tokens/s "
         f"({len(prompts)} prompt(s), compile {result.compile_seconds:.1f} s)", file=sys.stderr)

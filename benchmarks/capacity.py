@@ -3,7 +3,9 @@
 For a preset (or a config.json) and a mesh over N devices, prints one JSON object with, per device:
 parameter bytes and KV-cache bytes for a batch and context (exact), and XLA's memory analysis of the
 compiled programs (`jax.jit(...).lower(...).compile().memory_analysis()`): a prefill of the prompt, one
-decode step, and with --train one optimizer step.
+decode step, a copy of the prompt's slots into other rows with --copy-rest of each prompt's own tokens run
+over them (prompts sharing a prefix: as many rows per call as generate.COPY_SLOTS allows), and with --train
+one optimizer step.
 
 The programs are compiled for N stand-in CPU devices (set below, before jax is imported). XLA's CPU backend
 computes bfloat16 matmuls in float32 and counts float32 copies of every weight as temporaries, which a GPU
@@ -37,6 +39,7 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--context", type=int, default=4096, help="KV-cache length (prompt + new tokens)")
   ap.add_argument("--prompt-len", type=int, default=1024, help="prefill length")
   ap.add_argument("--prefill-rows", type=int, help="prompts per prefill call (default: the whole batch at once)")
+  ap.add_argument("--copy-rest", type=int, default=128, help="prompts sharing a prefix: tokens of their own")
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: --dtype; int8: quantized (the programs then hold an int8 cache too)")
   ap.add_argument("--train", action="store_true", help="also analyse one train step")
@@ -135,10 +138,28 @@ def main() -> None:
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
     report["decode_step"] = {"temp_gb": temp_gb(decode),
                              "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(decode), 3)}
+    report["prefix_copy"] = copy_analysis(graphdef, params, state, rows, params_gb + kv_gb)
     if ARGS.train:
       report["train_step"] = train_analysis(cfg, mesh)
   report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   print(json.dumps(report))
+
+
+def copy_analysis(graphdef, params, state, rows: int, fixed_gb: float) -> dict:
+  """The programs that copy a prompt's slots into R rows (prefix_slots, then fork): the copy exists twice until
+  fork writes it into the cache."""
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  r = min(rows, 1 << max(0, (generate.COPY_SLOTS // ARGS.prompt_len).bit_length() - 1))
+  prompt = i32(r, ARGS.prompt_len)
+  slots = generate.prefix_slots.lower(graphdef, params, state.cache, i32(r), i32(r, ARGS.copy_rest), i32(r),
+                                      prompt).compile()
+  kv = sharding.with_shardings(slots.out_info, slots.output_shardings)
+  fork = generate.fork.lower(state, i32(r), kv, prompt, i32(r),
+                             jax.eval_shape(lambda: generate.prompt_keys(0, range(r)))).compile()
+  kv_gb = per_device_bytes(kv) / GB
+  return {"rows": r, "slots": ARGS.prompt_len, "rest": ARGS.copy_rest, "copy_gb": round(kv_gb, 3),
+          "temp_gb": max(temp_gb(slots), temp_gb(fork)),
+          "peak_estimate_gb": round(fixed_gb + kv_gb + max(temp_gb(slots), temp_gb(fork)), 3)}
 
 
 def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:

@@ -57,11 +57,12 @@ from flax import nnx  # noqa: E402
 from qwen_moe_jax import checkpoint, convert, data, decode_attention, layers, moe, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.demo import demo_config  # noqa: E402
-from qwen_moe_jax.generate import Generator, cache_bucket, prompt_logits  # noqa: E402
+from qwen_moe_jax.generate import Generator, cache_bucket  # noqa: E402
 from qwen_moe_jax.kernels import Kernels, default_kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import KVCache  # noqa: E402
 from qwen_moe_jax.lora import LoraConfig  # noqa: E402
 from qwen_moe_jax.model import abstract_model, create_model  # noqa: E402
+from qwen_moe_jax.scoring import prompt_logits  # noqa: E402
 
 GB = 1e9
 STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",

@@ -5,13 +5,14 @@ s, and padding is its own attention segment, so a row's tokens equal what the pr
 are bucketed (batch and max new tokens to powers of two, prompt and cache lengths by `cache_bucket`), so new
 requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into the cache, and
 identical prompts in one prefill call (the samples of a prompt) run once, their keys and values written to
-each of their rows. The decode loop is a `lax.while_loop` over a chunk of steps with the state (KV cache
+each of their rows. A prompt that begins with ids another row holds (a running sample of it, a shared
+few-shot or system prefix: prefixes.py) copies those slots from that row and runs only the rest (`fork`).
+The decode loop is a `lax.while_loop` over a chunk of steps with the state (KV cache
 included) donated, so the cache is updated in place; the host only wakes between chunks to stream the new
 tokens, to end rows at stop strings (`stop_when`) and, when there are more prompts than rows (`batch_size`),
 to prefill waiting prompts into rows that finished (continuous batching; rows freed at once are refilled in
-one call, and a row whose next prompt a running row holds copies that row's prompt slots instead: `fork`).
+one call).
 Each row counts its own tokens, and a prompt's random stream depends only on the seed and the prompt's index.
-`prompt_logprobs` scores prompts (a forward pass, no cache).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from flax import nnx
 from qwen_moe_jax import sharding
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kv_cache import KVCache
-from qwen_moe_jax.losses import token_nll
 from qwen_moe_jax.model import QwenMoeForCausalLM
+from qwen_moe_jax.prefixes import PrefixIndex, common_prefix
 from qwen_moe_jax.sampling import Sampling, chosen_logprob, mark_seen, sample
 
 MIN_BUCKET = 16
 CACHE_STEP = 256  # cache lengths above this are multiples of it (see cache_bucket)
+COPY_SLOTS = 16_384  # most slots per row group copied in one call (Generator.generate's `copy`)
 
 
 @jax.tree_util.register_dataclass
@@ -79,8 +81,8 @@ def empty_state(keys, stop_ids, *, cfg, rows, cache_len, max_new, dtype, track_s
 
 
 def kept_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen=False) -> DecodeState:
-  """A state around a kept cache (an earlier call's: used up), its slots padded to `cache_len`; `extend` fills
-  the rest."""
+  """A state around a kept cache (an earlier call's: used up), its slots padded to `cache_len`, every row done
+  (`fork` sets a row going)."""
   grow = _grown_state if cache_len > cache.length else _same_state
   return grow(cache, keys, stop_ids, cache_len=cache_len, max_new=max_new, vocab=vocab, track_seen=track_seen)
 
@@ -146,28 +148,6 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
     seen=None if seen is None else put(state.seen, mark_seen(seen, first, length > 0))).laid_out()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
-def extend(graphdef, params, state: DecodeState, tokens, start, length, prompt, limits, keys, *,
-           sampling) -> DecodeState:
-  """Row 0's cache holds a prompt's first `start` tokens (kept from an earlier call): runs the rest, tokens [1, W]
-  right-padded with `length` real ones, at positions start.. over the cache, and samples the first new token.
-
-  prompt [1, P]: the whole prompt, right-padded with -1 (the ids a repetition penalty sees); limits, keys [1].
-  """
-  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
-  positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # padding past the cache: dropped
-  out = model(tokens, positions, cache=state.cache, attend_cache=True)
-  last_hidden = jax.lax.dynamic_index_in_dim(out.hidden, length - 1, axis=1, keepdims=False)  # [1, D]
-  seen = None if state.seen is None else mark_seen(jnp.zeros_like(state.seen), jnp.maximum(prompt, 0), prompt >= 0)
-  logits = model.logits(last_hidden)
-  first = sample(logits, _step_keys(keys, jnp.int32(0)), sampling, seen)
-  return dataclasses.replace(
-    state, cache=out.cache, tokens=state.tokens.at[:, 0].set(first),
-    logprobs=state.logprobs.at[:, 0].set(chosen_logprob(logits, first)), last=first, positions=start + length[None],
-    done=jnp.isin(first, state.stop_ids) | (limits <= 1), count=jnp.ones_like(state.count), limit=limits, keys=keys,
-    seen=mark_seen(seen, first)).laid_out()
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
 def decode(graphdef, params, state: DecodeState, refill, *, steps, sampling) -> DecodeState:
   """Up to `steps` more tokens per row, stopping early once every row is done, or, with `refill` [] (prompts
@@ -206,10 +186,21 @@ def prompt_slots(cache: KVCache, sources, prompt) -> KVCache:
   return jax.tree.map(lambda c: c[sources, :, :prompt.shape[1]], cache)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prefix_slots(graphdef, params, cache: KVCache, sources, tokens, starts, prompt) -> KVCache:
+  """`prompt_slots` of rows whose slots [0, starts[r]) hold the prompt's first ids, with the prompt's next ids up
+  to its last (excluded) run over them: tokens [R, W] right-padded, at positions starts[r].. (padding past the
+  P slots: dropped; inside them it writes slots from the prompt's last id's on, which decode steps write before
+  they read them)."""
+  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
+  positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+  return model(tokens, positions, cache=prompt_slots(cache, sources, prompt).laid_out(), attend_cache=True).cache
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys) -> DecodeState:
-  """Rows `rows` [R] take a prompt that other rows are generating from, whose keys and values `kv` (from
-  `prompt_slots`, slots [0, P)) they get (their later slots, hidden by the mask, are written over before they
+  """Rows `rows` [R] take prompts whose keys and values up to their last id `kv` holds (slots [0, P), from
+  `prompt_slots` or `prefix_slots`), which they get (their later slots, hidden by the mask, are written over before they
   are read); each row is set to feed the prompt's last token at its position, so that the next decode step
   draws the row's first token (with its own key, as the prefill would). prompt [R, P] the ids, -1 padded (its
   length, and the ids a repetition penalty sees); limits, keys [R]; rows past the state's: unused."""
@@ -257,8 +248,8 @@ class Result:
   prefill_seconds: float  # the first rows' prompts, up to their first tokens
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
   reused_tokens: int = 0  # prompt tokens whose keys and values came from the kept cache (`keep`)
-  shared_tokens: int = 0  # prompt tokens not run: an identical prompt in the same prefill call, or a running row
-  # generating from it (`fork`), gave their keys and values
+  shared_tokens: int = 0  # prompt tokens not run, their keys and values from another row: an identical prompt
+  # prefilled in the same call, or a row holding the prompt's first ids (`copy`: all but the last, for a sample)
   finish_reasons: list[str] = dataclasses.field(default_factory=list)  # per prompt: "stop" (a stop id, or
   # stop_when) or "length" (max_new_tokens or the context), as OpenAI's finish_reason
 
@@ -272,18 +263,21 @@ class Generator:
   """Holds a model split into (graphdef, params); `generate` runs prompts through prefill + decode."""
 
   def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16,
-               prefill_rows: int | None = None, batch_size: int | None = None, kv_cache_dtype: str = "auto"):
+               prefill_rows: int | None = None, batch_size: int | None = None, kv_cache_dtype: str = "auto",
+               share_prefix: int = 64):
     """`chunk`: decode steps per device call (the host streams tokens between calls). `prefill_rows`: prompts
     per prefill call (default: all rows at once); fewer bound the prefill's activations when the batch is large.
     `batch_size`: most rows decoded at once (rounded up like the batch); more prompts wait and are prefilled
     into rows as they finish (default: every prompt gets a row). `kv_cache_dtype`: "auto" (the model's dtype)
-    or "int8" (quantized, see kv_cache.py)."""
+    or "int8" (quantized, see kv_cache.py). `share_prefix`: a prompt whose first `share_prefix` or more ids
+    another row holds copies them from it (0: only samples of one prompt share)."""
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
     self.chunk = chunk
     self.prefill_rows = prefill_rows
     self.batch_size = batch_size
+    self.share_prefix = share_prefix
     self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache_dtype == "int8" else model.embed[...].dtype
     self._executables: dict = {}
     self._compile_seconds = 0.0
@@ -300,7 +294,8 @@ class Generator:
       self._compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
-  def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> None:
+  def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> None:
+    """Prompts of ids in the vocabulary, each leaving room in the context for a new token; max_new_tokens >= 1."""
     cfg = self.config
     if not prompts:
       raise UserError("no prompts given")
@@ -339,7 +334,7 @@ class Generator:
     wants = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(wants) != n:
       raise ValueError(f"{len(wants)} max_new_tokens for {n} prompts")
-    self._validate(prompts, wants)
+    self.validate(prompts, wants)
     limits = [min(m, cfg.context_length - len(p)) for p, m in zip(prompts, wants)]  # [n]
     longest = max(len(p) for p in prompts)
     wanted = min(self.batch_size or n, n)
@@ -350,7 +345,7 @@ class Generator:
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     kept, self._kept = self._kept, None
-    reused = _shared_prefix(kept[1], prompts[0]) if keep and kept and n == 1 else 0  # < len(prompts[0])
+    reused = common_prefix(kept[1], prompts[0][:-1]) if keep and kept and n == 1 else 0  # < len(prompts[0])
     if reused:
       cache_len = max(cache_len, kept[0].cache.length)
 
@@ -383,31 +378,62 @@ class Generator:
         state = self._compiled(prefill, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
       return state
 
-    def take_rows(state: DecodeState, freed: list[tuple[int, int]], count: np.ndarray) -> DecodeState:
-      """Freed rows [(row, prompt index)] take their prompts: copied from a running row generating from the same
-      prompt (the samples of a prompt, ending at different steps), the others prefilled together (`fill`)."""
-      nonlocal shared
-      taken = {row for row, _ in freed}
-      running = {}  # prompt -> a row whose prefill wrote it (count >= 1: a forked row has not run it yet)
-      for row, i in enumerate(owner):
-        if i >= 0 and row not in taken and count[row] >= 1:
-          running.setdefault(tuple(prompts[i]), row)
-      forks = [(row, i, running[tuple(prompts[i])]) for row, i in freed if tuple(prompts[i]) in running]
-      if forks:
-        shared += sum(len(prompts[i]) for _, i, _ in forks)
-        r = bucket(len(forks), minimum=1)
-        ids = np.full((r, width([prompts[i] for _, i, _ in forks])), -1, np.int32)
-        for j, (_, i, _) in enumerate(forks):
-          ids[j, :len(prompts[i])] = prompts[i]
-        spare = list(range(rows, rows + r - len(forks)))  # distinct rows past the state's: dropped
-        sources = np.array([source for _, _, source in forks] + [0] * len(spare), np.int32)
-        kv = self._compiled(prompt_slots, (state.cache, sources, ids), model=False)(state.cache, sources, ids)
-        args = (np.array([row for row, _, _ in forks] + spare, np.int32), kv, ids,
-                np.array([limits[i] for _, i, _ in forks] + [1] * len(spare), np.int32),
-                prompt_keys(seed, [i for _, i, _ in forks] + [0] * len(spare)))
+    def copy(state: DecodeState, copies: list[tuple[int, int, int, int]]) -> DecodeState:
+      """Rows take prompts whose first ids other rows hold, copies [(row, prompt index, source row, n ids held)]:
+      the source's slots [0, n) are copied, the prompt's ids from n to its last (excluded) run over them
+      (`prefix_slots`; nothing to run for a sample of a running prompt), and the last is left to the next
+      decode step, which draws the row's first token (`fork`). The copied slots exist twice until `fork` writes
+      them: at most `group` rows and COPY_SLOTS slots per call."""
+      p = width([prompts[i] for _, i, _, _ in copies])
+      per_call = min(group, 1 << max(0, (COPY_SLOTS // p).bit_length() - 1))  # a power of two
+      for at in range(0, len(copies), per_call):
+        part = copies[at:at + per_call]
+        r = bucket(len(part), minimum=1)
+        ids = np.full((r, p), -1, np.int32)
+        rest = [prompts[i][n:-1] for _, i, _, n in part]  # what the prompt runs itself
+        tokens, starts = np.zeros((r, bucket(max(map(len, rest)))), np.int32), np.zeros(r, np.int32)
+        for j, (_, i, _, n) in enumerate(part):
+          ids[j, :len(prompts[i])], tokens[j, :len(rest[j])], starts[j] = prompts[i], rest[j], n
+        spare = list(range(rows, rows + r - len(part)))  # distinct rows past the state's: dropped
+        sources = np.array([source for _, _, source, _ in part] + [0] * len(spare), np.int32)
+        if any(rest):
+          args = (state.cache, sources, tokens, starts, ids)
+          kv = self._compiled(prefix_slots, (self.params, *args))(self.params, *args)
+        else:
+          kv = self._compiled(prompt_slots, (state.cache, sources, ids), model=False)(state.cache, sources, ids)
+        args = (np.array([row for row, *_ in part] + spare, np.int32), kv, ids,
+                np.array([limits[i] for _, i, _, _ in part] + [1] * len(spare), np.int32),
+                prompt_keys(seed, [i for _, i, _, _ in part] + [0] * len(spare)))
         state = self._compiled(fork, (state, *args), model=False)(state, *args)
-      rest = [(row, i) for row, i in freed if tuple(prompts[i]) not in running]
-      return fill(state, rest) if rest else state
+      return state
+
+    def place(state: DecodeState, placed: list[tuple[int, int]]) -> DecodeState:
+      """Rows take prompts, placed [(row, prompt index)]: a prompt that a running row holds whole (a sample of
+      it), or that begins with at least `share_prefix` ids another row holds (a running row's, or a prompt's
+      prefilled before it here), is copied (`copy`); the others are prefilled (`fill`)."""
+      nonlocal shared
+      taken = {row for row, _ in placed}
+      index, held = PrefixIndex(), {}  # held: a running row of each prompt
+      for row, i in enumerate(owner):
+        if i >= 0 and row not in taken:
+          index.add(row, prompts[i])
+          held.setdefault(tuple(prompts[i]), row)
+      filled, filling, copies = [], set(), []
+      for row, i in placed:
+        p = tuple(prompts[i])
+        if p in held:
+          copies.append((row, i, held[p], len(p) - 1))
+          continue
+        source, n = index.longest(p) if p not in filling else (-1, 0)
+        if 0 < self.share_prefix <= n:
+          copies.append((row, i, source, n))
+        else:  # identical prompts prefilled in one call run once (`fill`)
+          filled.append((row, i))
+          filling.add(p)
+          index.add(row, p)
+      shared += sum(n for *_, n in copies)
+      state = fill(state, filled) if filled else state
+      return copy(state, copies) if copies else state
 
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -420,18 +446,20 @@ class Generator:
     owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
     waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
     cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
-    with _mesh_context(self.mesh), _out_of_memory_hint(
+    with mesh_context(self.mesh), _out_of_memory_hint(
         f"out of device memory running {rows} rows x {cache_len} cache slots (KV cache {cache_gb:.2f} GB in all): "
         "decode fewer prompts at once (--batch-size) or prefill fewer per call (--prefill-rows)"):
       start = time.perf_counter()
-      if reused:
-        state = self._extend(kept[0], prompts[0], reused, limits[0], stops, cache_len, seed, sampling)
+      if reused:  # the kept cache's row 0 holds the prompt's first `reused` ids: the rest runs over them
+        state = kept_state(kept[0].cache, prompt_keys(seed, [0]), jnp.asarray(stops), cache_len=cache_len,
+                           max_new=bucket(limits[0]), vocab=cfg.vocab_size, track_seen=sampling.penalized)
         kept = None  # the old cache, when it grew
+        state = copy(state, [(0, 0, 0, reused)])
       else:
         state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
                             cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
                             track_seen=sampling.penalized)
-        state = fill(state, [(row, i) for row, i in enumerate(owner) if i >= 0])
+        state = place(state, [(row, i) for row, i in enumerate(owner) if i >= 0])
       shown = [0] * rows
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
@@ -461,7 +489,7 @@ class Generator:
         if all(i < 0 for i in owner):
           break
         if freed:  # read again after: a refilled row may be done at once (a stop id, or one token wanted)
-          state = take_rows(state, freed, count)
+          state = place(state, freed)
           continue
         refill = np.bool_(bool(waiting))  # stop at the first finished row, to hand it the next prompt
         state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, sampling=sampling)(
@@ -475,48 +503,6 @@ class Generator:
                   decode_seconds=end - prefilled, reused_tokens=reused, shared_tokens=shared,
                   finish_reasons=reasons)
 
-  def _extend(self, kept: DecodeState, prompt: list[int], reused: int, limit: int, stops: np.ndarray,
-              cache_len: int, seed: int, sampling: Sampling) -> DecodeState:
-    """A one-row state from the kept cache, whose slots [0, reused) hold the prompt's first tokens, and the rest
-    of the prompt run over it."""
-    keys = prompt_keys(seed, [0])
-    state = kept_state(kept.cache, keys, jnp.asarray(stops), cache_len=cache_len, max_new=bucket(limit),
-                       vocab=self.config.vocab_size, track_seen=sampling.penalized)
-    rest = prompt[reused:]
-    tokens = np.zeros((1, bucket(len(rest))), np.int32)
-    tokens[0, :len(rest)] = rest
-    whole = np.full((1, bucket(len(prompt))), -1, np.int32)
-    whole[0, :len(prompt)] = prompt
-    args = (tokens, np.int32(reused), np.int32(len(rest)), whole, np.array([limit], np.int32), keys)
-    return self._compiled(extend, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
-
-  def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> list[list[float | None]]:
-    """Each prompt token's log-probability given the tokens before it (None for the first), as vLLM's
-    prompt_logprobs: `prefill_rows` (else `batch_size`, else all) prompts per call, right-padded to a bucket."""
-    self._validate(prompts, [1])
-    rows = bucket(min(self.prefill_rows or self.batch_size or len(prompts), len(prompts)), minimum=1)
-    width = cache_bucket(max(len(p) for p in prompts))
-    scores = []
-    with _mesh_context(self.mesh):
-      for start in range(0, len(prompts), rows):
-        group = prompts[start:start + rows]
-        tokens, lengths = np.zeros((rows, width), np.int32), np.ones((rows,), np.int32)
-        for g, p in enumerate(group):
-          tokens[g, :len(p)], lengths[g] = p, len(p)
-        got = np.asarray(self._compiled(_prompt_logprobs, (self.params, tokens, lengths))(self.params, tokens, lengths))
-        scores += [[None] + got[g, :len(p) - 1].tolist() for g, p in enumerate(group)]
-    return scores
-
-
-def _shared_prefix(cached: list[int], prompt: list[int]) -> int:
-  """How many leading ids of `prompt` the cache holds (at most all but its last, whose logits are needed)."""
-  n = 0
-  for a, b in zip(cached, prompt[:-1]):
-    if a != b:
-      break
-    n += 1
-  return n
-
 
 @contextlib.contextmanager
 def _out_of_memory_hint(message: str):
@@ -529,31 +515,6 @@ def _out_of_memory_hint(message: str):
     raise UserError(message) from None
 
 
-def _mesh_context(mesh):
+def mesh_context(mesh):
+  """`jax.set_mesh(mesh)`, or nothing without a mesh."""
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prompt_logprobs(graphdef, params, tokens, lengths):
-  """tokens [B, T] right-padded, lengths [B] -> fp32 [B, T - 1]: log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
-  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
-  b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  segments = (positions < lengths[:, None]).astype(jnp.int32)
-  hidden = model(tokens, positions, segments, packed=False).hidden[:, :-1]  # [B, T - 1, D]
-  nll = token_nll(hidden.reshape(b * (t - 1), -1), model.lm_head[...], tokens[:, 1:].reshape(-1))
-  return sharding.constrain(-nll.reshape(b, t - 1), (None, None))  # every process reads it
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prompt_logits(graphdef, params, tokens):
-  model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  return sharding.constrain(model.logits(model(tokens, positions).hidden), (None, None, None))  # every process reads it
-
-
-def prompt_logits(model: QwenMoeForCausalLM, ids: Sequence[int], mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
-  """fp32 logits [T, V] at every prompt position (what --dump-logits saves)."""
-  graphdef, params = nnx.split(model)
-  with _mesh_context(mesh):
-    return np.asarray(_prompt_logits(graphdef, params, jnp.asarray([list(ids)], jnp.int32))[0])

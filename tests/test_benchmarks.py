@@ -75,7 +75,8 @@ def test_probe_accepts_kernels_that_agree(monkeypatch):
 
 
 def test_capacity_planner_compiles_every_program(tmp_path):
-  """benchmarks/capacity.py on a small config: prefill, decode and train programs compile; the byte counts add up."""
+  """benchmarks/capacity.py on a small config: prefill, decode, prefix-copy and train programs compile; the byte
+  counts add up."""
   from qwen_moe_jax.demo import demo_config
   config = tmp_path / "config.json"
   config.write_text(json.dumps(demo_config(512).to_hf_dict()))
@@ -90,6 +91,10 @@ def test_capacity_planner_compiles_every_program(tmp_path):
     assert p["temp_gb"] > 0
     assert abs(p["peak_estimate_gb"] - (report["param_gb_per_device"] + report["kv_cache"]["gb_per_device"]
                                         + p["temp_gb"])) < 2e-3
+  copy = report["prefix_copy"]  # both rows in one call; the copied slots held next to the cache
+  assert copy["rows"] == 2 and copy["slots"] == 32 and copy["temp_gb"] > 0
+  assert abs(copy["peak_estimate_gb"] - (report["param_gb_per_device"] + report["kv_cache"]["gb_per_device"]
+                                         + copy["copy_gb"] + copy["temp_gb"])) < 2e-3
   assert report["train_step"]["temp_gb"] > 0
 
 
@@ -138,15 +143,17 @@ def test_data_prep_benchmark_runs():
   assert all(r["documents"] == 40 and r["tokens"] > 40 * 100 and r["cached_seconds"] >= 0 for r in rows)
 
 
-def test_num_samples_benchmark_runs():
-  """benchmarks/num_samples.py, small: identical copies share their prompt tokens, distinct ones share none."""
-  res = subprocess.run([sys.executable, "benchmarks/num_samples.py", "--prompts", "2", "--samples", "3",
-                        "--prompt-len", "40", "--new-tokens", "4", "--rows", "2"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+def test_prompt_sharing_benchmark_runs():
+  """benchmarks/prompt_sharing.py, small: identical copies and a common prefix share prompt tokens, distinct
+  prompts none."""
+  res = subprocess.run([sys.executable, "benchmarks/prompt_sharing.py", "--prompts", "2", "--samples", "3",
+                        "--prompt-len", "80", "--tail", "10", "--new-tokens", "4", "--rows", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr
   runs = json.loads(res.stdout.splitlines()[-1])["runs"]
-  assert runs["identical_all_rows"]["shared_tokens"] == 2 * 2 * 40  # 2 of each prompt's 3 copies
-  assert runs["identical_2_rows"]["shared_tokens"] == 2 * 40  # rows [p0, p0], [p0, p1], [p1, p1]
-  assert runs["identical_2_rows_varied_lengths"]["shared_tokens"] >= 2 * 40  # copied from running samples too
-  assert all(runs[f"distinct_{rows}"]["shared_tokens"] == 0
-             for rows in ("all_rows", "2_rows", "2_rows_varied_lengths"))
+  assert runs["identical_all_rows"]["shared_tokens"] == 2 * 2 * 80  # 2 of each prompt's 3 copies
+  assert runs["identical_2_rows"]["shared_tokens"] == 2 * 80  # rows [p0, p0], [p0, p1], [p1, p1]
+  assert runs["identical_2_rows_varied_lengths"]["shared_tokens"] >= 2 * 80  # copied from running samples too
+  for label in ("all_rows", "2_rows", "2_rows_varied_lengths"):
+    assert runs[f"prefix_{label}"]["shared_tokens"] == 5 * 70  # the 6 prompts' first 70 tokens run once
+    assert runs[f"distinct_{label}"]["shared_tokens"] == 0

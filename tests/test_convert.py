@@ -33,7 +33,7 @@ from qwen_moe_jax import checkpoint, hf_io
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.convert import export_hf, import_hf
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import prompt_logits
+from qwen_moe_jax.scoring import prompt_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_TO_ORBAX = "convert/hf_to_orbax.py"

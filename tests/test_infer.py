@@ -19,15 +19,17 @@ import torch
 from flax import nnx
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, decode_attention, generate, kv_cache, layers, sampling, sharding
+from qwen_moe_jax import checkpoint, convert, decode_attention, generate, kv_cache, layers, prefixes, sampling, sharding
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config, write_hf_demo
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Generator, cache_bucket, prompt_logits
+from qwen_moe_jax.generate import Generator, cache_bucket
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import create_model
+from qwen_moe_jax.prefixes import PrefixIndex
 from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.scoring import prompt_logits, prompt_logprobs
 from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import load_tokenizer
 
@@ -186,7 +188,7 @@ def test_prompt_logprobs_match_transformers(tiny):
       whole = torch.log_softmax(hf_model(torch.tensor([p])).logits[0], -1).numpy()
     want.append([whole[i - 1, t] for i, t in enumerate(p) if i > 0])
   for engine in (gen, Generator(model, prefill_rows=3)):  # one group of 4 rows, or groups of 3 (one padded)
-    got = engine.prompt_logprobs(prompts)
+    got = prompt_logprobs(engine, prompts)
     assert [g[0] for g in got] == [None] * len(prompts)
     for g, w in zip(got, want, strict=True):
       np.testing.assert_allclose(g[1:], w, atol=1e-4)
@@ -733,6 +735,24 @@ def test_num_samples_draws_each_prompt_several_times(tiny):
   assert greedy.returncode == 2 and "--num-samples 2 draws different samples" in greedy.stderr, greedy.stderr
 
 
+def test_share_prefix_flag(tiny, tmp_path):
+  """--share-prefix N: prompts of a file beginning with the same 20 tokens copy them (counted in the summary
+  line) and print what they print with --share-prefix 0; a negative N is refused."""
+  _, _, _, ckpt = tiny
+  head = list(range(30, 50))
+  lines = [{"input_ids": head + tail} for tail in ([1, 2], [3], [4, 5, 6])]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  common = ["--checkpoint", str(ckpt), "--prompts-file", str(tmp_path / "p.jsonl"), "--dtype", "float32",
+            "--max-new-tokens", "8", "--json", "--temperature", "0"]
+  shared, alone = infer(*common, "--share-prefix", "16"), infer(*common, "--share-prefix", "0")
+  assert shared.returncode == 0 and alone.returncode == 0, shared.stderr + alone.stderr
+  assert shared.stdout == alone.stdout and len(shared.stdout.splitlines()) == 3
+  assert "prompt tokens: 66 (40 copied from other prompts' rows)" in shared.stderr, shared.stderr
+  assert "prompt tokens: 66, generated" in alone.stderr
+  bad = infer(*common, "--share-prefix", "-1")
+  assert bad.returncode == 2 and "--share-prefix must be >= 0, got -1" in bad.stderr, bad.stderr
+
+
 def test_identical_prompts_are_prefilled_once(tiny):
   """Identical prompts prefilled in one call (--num-samples) run once and fill each of their rows: every sample
   gets the tokens and log-probabilities it gets prefilled alone (its own random stream, its own penalty), in the
@@ -758,7 +778,8 @@ def test_identical_prompts_are_prefilled_once(tiny):
 def test_a_freed_row_copies_a_running_sample(tiny, cache):
   """A freed row whose next prompt another row is generating from (samples ending at different steps) copies
   that row's cache and draws its first token in the next decode step: the tokens and log-probabilities of
-  prefilling it alone (sampled, with a repetition penalty), the prompt tokens counted as shared."""
+  prefilling it alone (sampled, with a repetition penalty), the prompt tokens but the last (which the decode step
+  runs) counted as shared."""
   _, model, _, _ = tiny
   a, b, c = PROMPTS
   prompts, limits = [a, b, a, c], [12, 3, 9, 2]
@@ -768,7 +789,7 @@ def test_a_freed_row_copies_a_running_sample(tiny, cache):
   # after step 11 both end and row 0 takes c
   gen = Generator(model, batch_size=2, kv_cache_dtype=cache)
   got = gen.generate(prompts, limits, s, seed=2)
-  assert got.output_ids == want.output_ids and got.shared_tokens == len(a)
+  assert got.output_ids == want.output_ids and got.shared_tokens == len(a) - 1
   for lp, ref in zip(got.output_logprobs, want.output_logprobs, strict=True):
     np.testing.assert_allclose(lp, ref, atol=1e-5)
   # the forked row as the decode step finds it: the source's cache, the prompt's last id at its position,
@@ -806,7 +827,7 @@ def test_a_copied_prompt_longer_than_its_bucket_fits_the_cache():
   prompts, limits = [a, [5, 6], a], [10, 3, 10]  # the short one ends first: its row takes a, copied from row 0
   assert generate.bucket(len(a)) > cache_bucket(len(a) + 10)
   got = Generator(model, batch_size=2).generate(prompts, limits)
-  assert got.shared_tokens == len(a)
+  assert got.shared_tokens == len(a) - 1
   assert got.output_ids == Generator(model, batch_size=1).generate(prompts, limits).output_ids
 
 
@@ -851,3 +872,50 @@ def test_demo_runs_end_to_end():
   assert res.returncode == 0, res.stderr
   assert "RANDOM weights" in res.stderr and "generated tokens: " in res.stderr and "tokens/s" in res.stderr
   assert res.stdout.endswith("\n")
+
+
+def test_prefix_index_finds_the_row_holding_the_longest_prefix(monkeypatch):
+  a, b = list(range(100)), list(range(40)) + [7] * 30
+  index = PrefixIndex()
+  index.add(0, a)
+  index.add(1, b)
+  assert index.longest(list(range(50)) + [1, 2]) == (0, 50)  # 3 whole blocks match a (b: 2), then 2 more ids
+  assert index.longest(b) == (1, 69)  # all but its last id
+  assert index.longest(list(range(16))) == (-1, 0)  # no whole block before its last id
+  assert index.longest([1] + list(range(1, 40))) == (-1, 0)
+  monkeypatch.setattr(prefixes, "hash", lambda _: 0, raising=False)  # every block key collides
+  index = PrefixIndex()
+  index.add(0, a)
+  assert index.longest(b) == (0, 40)  # the ids themselves decide how many are shared
+
+
+@pytest.mark.parametrize("cache", ["auto", "int8"])
+def test_prompts_sharing_a_prefix_copy_it(tiny, cache, monkeypatch):
+  """Prompts that begin with the same ids (a few-shot prefix) copy them from a row holding them and run only the
+  rest: in the first prefill (from a prompt prefilled before them in the same call) and when a freed row takes
+  one (from a running row). Sampled with a repetition penalty, each gets the tokens and log-probabilities of
+  prefilling it alone; a prefix shorter than `share_prefix` is run."""
+  _, model, _, _ = tiny
+  rng = np.random.default_rng(5)
+  head = rng.integers(0, 50, 40).tolist()
+  t0, t1, t2, t3 = ([50 + j] + rng.integers(0, 100, n).tolist() for j, n in enumerate((2, 8, 0, 19)))
+  prompts = [head + t0, head + t1, PROMPTS[1], head + t2, head[:20] + t3, head + t1]
+  limits = [12, 3, 6, 9, 5, 4]
+  s = Sampling(temperature=1.5, top_k=8, repetition_penalty=1.3)
+  want = Generator(model, batch_size=1, kv_cache_dtype=cache, share_prefix=0).generate(prompts, limits, s, seed=2)
+  assert want.shared_tokens == 0
+  # all rows: head + t0 prefilled with PROMPTS[1], the others copy 40 ids (head + t2: all but its last, which
+  # the decode step runs) or 20 (head[:20] + t3) from its row; two rows: [p0, p1 copied], p2 prefilled when p1
+  # ends, then p3 copied from p0's row, p4 from p3's, p5 from p0's or p3's; by default (64) nothing is this long,
+  # and the two head + t1 are prefilled in one call (run once)
+  for engine, shared in ((Generator(model, kv_cache_dtype=cache, share_prefix=16), 40 + 40 + 20 + 40),
+                         (Generator(model, kv_cache_dtype=cache, share_prefix=21), 40 + 40 + 40),
+                         (Generator(model, batch_size=2, kv_cache_dtype=cache, share_prefix=16), 40 + 40 + 20 + 40),
+                         (Generator(model, kv_cache_dtype=cache), len(head + t1))):
+    got = engine.generate(prompts, limits, s, seed=2)
+    assert got.output_ids == want.output_ids and got.shared_tokens == shared
+    for lp, ref in zip(got.output_logprobs, want.output_logprobs, strict=True):
+      np.testing.assert_allclose(lp, ref, atol=1e-5)
+  monkeypatch.setattr(generate, "COPY_SLOTS", 64)  # the prompts' 64 slots: one row per copy call
+  got = Generator(model, kv_cache_dtype=cache, share_prefix=16).generate(prompts, limits, s, seed=2)
+  assert got.output_ids == want.output_ids and got.shared_tokens == 40 + 40 + 20 + 40

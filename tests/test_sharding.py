@@ -57,19 +57,24 @@ def ckpt(tmp_path_factory):
   ids = np.random.default_rng(0).integers(0, 101, (8, 10))
   model = checkpoint.restore(tmp / "ckpt", dtype=jnp.float32)
   reference = (logits_on(model, mesh_of(None), ids), Generator(model).generate(PROMPTS, 16).output_ids,
-               Generator(model, batch_size=1).generate(SAMPLED, LIMITS, PENALIZED, seed=5).output_ids)
+               Generator(model, batch_size=1).generate(SAMPLED, LIMITS, PENALIZED, seed=5).output_ids,
+               Generator(model, batch_size=1).generate(FEW_SHOT, FEW_LIMITS, PENALIZED, seed=5).output_ids)
   return tmp / "ckpt", ids, reference
 
 
 PENALIZED = Sampling(temperature=0.8, top_k=6, repetition_penalty=1.5)  # sampled, with per-row seen ids
 SAMPLED = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0]]  # a prompt sampled 3 times
 LIMITS = [16, 9, 12, 16, 5]  # the second prompt ends first: its row takes a sample of the first from a running row
+HEAD = np.random.default_rng(1).integers(0, 101, 20).tolist()
+FEW_SHOT = [HEAD + [1, 2], HEAD + [3, 4, 5, 6], PROMPTS[1], HEAD + [7]]  # prompts with a 20-id prefix in common
+FEW_LIMITS = [16, 4, 8, 8]  # two rows: the second copies the first's prefix, ends, runs PROMPTS[1]; then the
+# last copies it from the first, still running
 
 
 @pytest.mark.parametrize("spec", ["expert=2", "expert=4", "expert=8", "data=2,expert=4", "expert=4,tensor=2",
                                   "fsdp=2,expert=2,tensor=2"])
 def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
-  folder, ids, (ref_logits, ref_tokens, ref_penalized) = ckpt
+  folder, ids, (ref_logits, ref_tokens, ref_penalized, ref_few_shot) = ckpt
   mesh = mesh_of(spec)
   model = checkpoint.restore(folder, mesh, jnp.float32)
   wi = model.layers[0].mlp.experts_wi[...]
@@ -86,9 +91,12 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   # copying a running sample's cache; four rows: a repeated prompt run once for its rows in the first prefill,
   # then copied (reference: one prompt per row, nothing shared)
   queued = Generator(model, mesh, prefill_rows=1, batch_size=2).generate(SAMPLED, LIMITS, PENALIZED, seed=5)
-  assert queued.output_ids == ref_penalized and queued.shared_tokens == len(PROMPTS[0])
+  assert queued.output_ids == ref_penalized and queued.shared_tokens == len(PROMPTS[0]) - 1
   shared = Generator(model, mesh, batch_size=4).generate(SAMPLED, LIMITS, PENALIZED, seed=5)
-  assert shared.output_ids == ref_penalized and shared.shared_tokens == 2 * len(PROMPTS[0])
+  assert shared.output_ids == ref_penalized and shared.shared_tokens == 2 * len(PROMPTS[0]) - 1
+  # a common prefix copied from a row that holds it: in the first prefill, then into a freed row
+  few_shot = Generator(model, mesh, batch_size=2, share_prefix=16).generate(FEW_SHOT, FEW_LIMITS, PENALIZED, seed=5)
+  assert few_shot.output_ids == ref_few_shot and few_shot.shared_tokens == 2 * len(HEAD)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])

@@ -25,9 +25,9 @@ from qwen_moe_jax import checkpoint, convert, data, sharding, training
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.demo import build_tokenizer
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import prompt_logits
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import abstract_model
+from qwen_moe_jax.scoring import prompt_logits
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

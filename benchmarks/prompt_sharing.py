@@ -1,15 +1,18 @@
-"""Several samples per prompt (`infer.py --num-samples`, pass@k, RL rollouts): a prompt's samples share its prefill.
+"""Prompts that share tokens: the samples of a prompt (`infer.py --num-samples`, pass@k, RL rollouts) and prompts
+that begin alike (few-shot examples, one document asked several questions, a long system prompt).
 
-P prompts of L tokens, each sampled N times, M new tokens each, two ways in the same run: the N copies of a
-prompt identical (the engine runs each prompt once and fills its N rows from that run), and the N copies made
-distinct by their last token (the same shapes and work, nothing to share: what each copy costs run alone).
+P x N prompts of L tokens, M new tokens each, three ways in the same run: "identical", P prompts each sampled N
+times (the engine runs each prompt once and fills its N rows from that run); "prefix", every prompt the same
+L - T tokens followed by T of its own (the engine runs the common part once and copies it); "distinct", every
+prompt different from its first token (the same shapes and work, nothing to share: what each costs run alone).
 Each way runs with every row at once, through --rows rows (continuous batching: rows that end at the same
-step are refilled together), and through --rows rows with answer lengths drawn from [M / 2, 2 M] (samples
-ending at different steps: a freed row copies the prompt from a row still generating from it). Runs a
-demo-sized random model on whatever device jax finds (compilation excluded: every shape runs once first) and
-prints one JSON object.
+step are refilled together), and through --rows rows with answer lengths drawn from [M / 2, 2 M] (prompts
+ending at different steps: a freed row copies what it shares from a row still generating). Runs a demo-sized
+random model on whatever device jax finds (compilation excluded: every shape runs once first) and prints one
+JSON object.
 
-python benchmarks/num_samples.py [--prompts 4] [--samples 8] [--prompt-len 1000] [--new-tokens 16] [--rows 8]
+python benchmarks/prompt_sharing.py [--prompts 4] [--samples 8] [--prompt-len 1000] [--tail 100] [--new-tokens 16]
+    [--rows 8]
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def timed(gen: Generator, prompts: list[list[int]], new: list[int]) -> dict:
     seconds = time.perf_counter() - start - r.compile_seconds
   assert [len(o) for o in r.output_ids] == new
   return {"seconds": round(seconds, 3), "first_prefill_s": round(r.prefill_seconds, 3),
-          "shared_tokens": getattr(r, "shared_tokens", 0)}
+          "shared_tokens": r.shared_tokens}
 
 
 def main() -> None:
@@ -44,6 +47,7 @@ def main() -> None:
   ap.add_argument("--prompts", type=int, default=4)
   ap.add_argument("--samples", type=int, default=8)
   ap.add_argument("--prompt-len", type=int, default=1000)
+  ap.add_argument("--tail", type=int, default=100, help='"prefix" prompts: tokens of their own after the common ones')
   ap.add_argument("--new-tokens", type=int, default=16)
   ap.add_argument("--rows", type=int, default=8, help="rows for the continuous-batching runs")
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -52,18 +56,21 @@ def main() -> None:
   rng = np.random.default_rng(0)
   base = rng.integers(0, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
   same = [p for p in base for _ in range(args.samples)]
-  distinct = [p[:-1] + [(p[-1] + j) % cfg.vocab_size] for p in base for j in range(args.samples)]
+  distinct = [[(p[0] + j) % cfg.vocab_size] + p[1:] for p in base for j in range(args.samples)]
+  tails = rng.integers(0, cfg.vocab_size, (len(same), args.tail)).tolist()
+  prefix = [base[0][:args.prompt_len - args.tail] + tail for tail in tails]
   fixed = [args.new_tokens] * len(same)
   varied = rng.integers(max(1, args.new_tokens // 2), 2 * args.new_tokens + 1, len(same)).tolist()
   runs = {}
   for rows, new, label in ((None, fixed, "all_rows"), (args.rows, fixed, f"{args.rows}_rows"),
                            (args.rows, varied, f"{args.rows}_rows_varied_lengths")):
     gen = Generator(model, mesh, batch_size=rows)
-    for name, prompts in (("identical", same), ("distinct", distinct)):
+    for name, prompts in (("identical", same), ("prefix", prefix), ("distinct", distinct)):
       runs[f"{name}_{label}"] = timed(gen, prompts, new)
   print(json.dumps({
-    "benchmark": "num_samples", "prompts": args.prompts, "samples": args.samples, "prompt_len": args.prompt_len,
-    "new_tokens": args.new_tokens, "rows": args.rows, "runs": runs, "dtype": args.dtype,
+    "benchmark": "prompt_sharing", "prompts": args.prompts, "samples": args.samples,
+    "prompt_len": args.prompt_len, "tail": args.tail, "new_tokens": args.new_tokens, "rows": args.rows,
+    "runs": runs, "dtype": args.dtype,
     "device": jax.devices()[0].device_kind, "machine": platform.machine(), "jax": jax.__version__,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }))

@@ -1,0 +1,57 @@
+"""Which cache row holds the longest prefix of a prompt, so that a new prompt copies those slots instead of
+running them (generate.py: few-shot prompts, one document asked several questions, a long system prompt).
+
+Prompts are indexed by their leading blocks of BLOCK ids, each block keyed by a hash chained over the blocks
+before it (vLLM's prefix cache keys its blocks the same way), so a lookup costs one dict probe per block; the
+match found is then measured id by id, which makes it exact whatever the hashes do.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+BLOCK = 16
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  """How many leading ids a and b share."""
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
+
+
+def _block_keys(ids: Sequence[int]) -> Iterator[int]:
+  """One key per full block of ids, each depending on every id up to its block's end."""
+  key = 0
+  for end in range(BLOCK, len(ids) + 1, BLOCK):
+    key = hash((key, tuple(ids[end - BLOCK:end])))
+    yield key
+
+
+class PrefixIndex:
+  """Cache rows by the prompts whose keys and values they hold."""
+
+  def __init__(self):
+    self._rows: dict[int, tuple[int, Sequence[int]]] = {}  # block key -> (row, its prompt), the first row added
+
+  def add(self, row: int, prompt: Sequence[int]) -> None:
+    """Row `row` holds the keys and values of prompt[:-1] (its last id may be still to run: a copied row's is)."""
+    for key in _block_keys(prompt[:-1]):
+      self._rows.setdefault(key, (row, prompt))
+
+  def longest(self, prompt: Sequence[int]) -> tuple[int, int]:
+    """(row, n): the first row added of those holding the most whole leading blocks of prompt[:-1], and how many
+    of prompt's leading ids it holds, counted id by id (n < len(prompt): the last id's logits are needed);
+    (-1, 0) when no row holds prompt's first block."""
+    hit = None
+    for key in _block_keys(prompt[:-1]):
+      if key not in self._rows:
+        break
+      hit = self._rows[key]
+    if hit is None:
+      return -1, 0
+    row, other = hit
+    return row, common_prefix(prompt[:-1], other[:-1])
