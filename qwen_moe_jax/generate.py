@@ -245,7 +245,7 @@ class Result:
   prompt_tokens: int
   generated_tokens: int
   compile_seconds: float  # compiling prefill and decode for these shapes (0 when already compiled)
-  prefill_seconds: float  # the first rows' prompts, up to their first tokens
+  prefill_seconds: float  # the first rows' prompts, up to their first tokens (a copied prompt's: the next step's)
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
   reused_tokens: int = 0  # prompt tokens whose keys and values came from the kept cache (`keep`)
   shared_tokens: int = 0  # prompt tokens not run, their keys and values from another row: an identical prompt

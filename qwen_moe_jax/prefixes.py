@@ -3,7 +3,9 @@ running them (generate.py: few-shot prompts, one document asked several question
 
 Prompts are indexed by their leading blocks of BLOCK ids, each block keyed by a hash chained over the blocks
 before it (vLLM's prefix cache keys its blocks the same way), so a lookup costs one dict probe per block; the
-match found is then measured id by id, which makes it exact whatever the hashes do.
+match found is then measured id by id, which makes it exact whatever the hashes do. Python hashes tuples of
+ints the same in every process (PYTHONHASHSEED salts only str and bytes), so with several processes every one
+picks the same rows.
 """
 
 from __future__ import annotations

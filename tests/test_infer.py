@@ -21,7 +21,7 @@ from flax import nnx
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, decode_attention, generate, kv_cache, layers, prefixes, sampling, sharding
 from qwen_moe_jax.config import PRESETS
-from qwen_moe_jax.demo import demo_config, write_hf_demo
+from qwen_moe_jax.demo import demo_config, demo_model, write_hf_demo
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator, cache_bucket
 from qwen_moe_jax.kernels import Kernels
@@ -818,17 +818,18 @@ def test_a_freed_row_copies_a_running_sample(tiny, cache):
 
 
 def test_a_copied_prompt_longer_than_its_bucket_fits_the_cache():
-  """A 520-token prompt copied from a running row: its power-of-two bucket (1,024) is longer than the cache (768
-  slots for 530 positions), so the copy takes the cache's slots, as a prefill would; the rows get the tokens of
-  prefilling each alone."""
-  cfg = demo_config(vocab_size=512)
-  model = create_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), jnp.float32, seed=0)
+  """A 520-token prompt copied from a running row (whole, or its first 510 ids): its power-of-two bucket (1,024)
+  is longer than the cache (768 slots for 530 positions), so the copy takes the cache's slots, as a prefill
+  would; the rows get the tokens of prefilling each alone."""
+  cfg, _, model = demo_model("float32")
   a = np.random.default_rng(0).integers(0, cfg.vocab_size, 520).tolist()
-  prompts, limits = [a, [5, 6], a], [10, 3, 10]  # the short one ends first: its row takes a, copied from row 0
   assert generate.bucket(len(a)) > cache_bucket(len(a) + 10)
-  got = Generator(model, batch_size=2).generate(prompts, limits)
-  assert got.shared_tokens == len(a) - 1
-  assert got.output_ids == Generator(model, batch_size=1).generate(prompts, limits).output_ids
+  # the short one ends first: its row takes a copied from row 0, or a's first 510 ids and runs its own 10
+  for third, shared in ((a, len(a) - 1), (a[:510] + [7] * 10, 510)):
+    prompts, limits = [a, [5, 6], third], [10, 3, 10]
+    got = Generator(model, batch_size=2).generate(prompts, limits)
+    assert got.shared_tokens == shared
+    assert got.output_ids == Generator(model, batch_size=1).generate(prompts, limits).output_ids
 
 
 def test_results_are_written_in_input_order_as_they_complete():
@@ -906,11 +907,12 @@ def test_prompts_sharing_a_prefix_copy_it(tiny, cache, monkeypatch):
   assert want.shared_tokens == 0
   # all rows: head + t0 prefilled with PROMPTS[1], the others copy 40 ids (head + t2: all but its last, which
   # the decode step runs) or 20 (head[:20] + t3) from its row; two rows: [p0, p1 copied], p2 prefilled when p1
-  # ends, then p3 copied from p0's row, p4 from p3's, p5 from p0's or p3's; by default (64) nothing is this long,
-  # and the two head + t1 are prefilled in one call (run once)
+  # ends, then p3 copied from p0's row, p4 from p3's, p5 from p0's or p3's; two prompts per prefill call: as all
+  # rows; by default (64) nothing is this long, and the two head + t1 are prefilled in one call (run once)
   for engine, shared in ((Generator(model, kv_cache_dtype=cache, share_prefix=16), 40 + 40 + 20 + 40),
                          (Generator(model, kv_cache_dtype=cache, share_prefix=21), 40 + 40 + 40),
                          (Generator(model, batch_size=2, kv_cache_dtype=cache, share_prefix=16), 40 + 40 + 20 + 40),
+                         (Generator(model, prefill_rows=2, kv_cache_dtype=cache, share_prefix=16), 40 + 40 + 20 + 40),
                          (Generator(model, kv_cache_dtype=cache), len(head + t1))):
     got = engine.generate(prompts, limits, s, seed=2)
     assert got.output_ids == want.output_ids and got.shared_tokens == shared
