@@ -50,7 +50,11 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--train-only", help="train: comma-separated parameter groups to train")
   ap.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank on every target group instead")
   ap.add_argument("--expert-backend", default="ragged", help="dense, ragged or tokamax")
+  ap.add_argument("--expert-dtype", default="auto", choices=("auto", "int8"),
+                  help="inference: the routed experts as int8 with float32 scales (infer.py --expert-dtype)")
   args = ap.parse_args()
+  if args.train and args.expert_dtype == "int8":
+    ap.error("--expert-dtype int8 is for inference: drop --train")
   if args.prefill_rows is not None and not (0 < args.prefill_rows and args.batch % args.prefill_rows == 0):
     ap.error(f"--prefill-rows must divide --batch {args.batch}, got {args.prefill_rows}")
   return args
@@ -73,7 +77,7 @@ from qwen_moe_jax.lora import LoraConfig  # noqa: E402
 from qwen_moe_jax.model import abstract_model  # noqa: E402
 from qwen_moe_jax.sampling import Sampling  # noqa: E402
 
-KERNELS = Kernels(experts=ARGS.expert_backend)
+KERNELS = Kernels(experts=ARGS.expert_backend, expert_dtype=ARGS.expert_dtype)
 GB = 1e9
 
 
@@ -85,7 +89,9 @@ def per_device_bytes(tree) -> int:
 def abstract_params(cfg: QwenMoeConfig, mesh, dtype, lora: LoraConfig | None = None) -> tuple[nnx.GraphDef, dict]:
   """(graphdef, {path: ShapeDtypeStruct with its sharding}) of the model (with `lora`'s adapters) on `mesh`."""
   graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), KERNELS, lora)
-  return graphdef, checkpoint.wanted_params(abstract, mesh, dtype)
+  flat = checkpoint.flatten(abstract)  # int8 experts and their scales keep their dtypes
+  wanted = checkpoint.wanted_params(abstract, mesh, dtype)
+  return graphdef, {k: v.update(dtype=flat[k].dtype) for k, v in wanted.items()}
 
 
 def temp_gb(compiled) -> float:
@@ -121,7 +127,7 @@ def main() -> None:
                  "gb_total": round(KVCache.nbytes(cfg, ARGS.batch, ARGS.context, cache_dtype) / GB, 3)},
   }
   graphdef, flat = abstract_params(cfg, mesh, jnp.float32)  # the float32 program: see the module docstring
-  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh))[1]
+  abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), KERNELS)[1]
   params = nnx.State(checkpoint.unflatten_state(abstract, flat))
   sampling = Sampling()
   with jax.set_mesh(mesh):

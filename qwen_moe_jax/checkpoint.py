@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from qwen_moe_jax import lora as lora_lib
-from qwen_moe_jax import sharding
+from qwen_moe_jax import quantize, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import Kernels
@@ -186,15 +186,25 @@ def read_group(loc: Location, shapes: dict[str, tuple[tuple[int, ...], np.dtype]
 def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
             kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
   """Builds the model from a checkpoint or run folder (a LoRA run's adapters merged into its base), or from a
-  Location (`cfg` then required), every parameter created directly in its sharding."""
+  Location (`cfg` then required), every parameter created directly in its sharding, a layer at a time; with
+  `kernels.expert_dtype` int8 the routed experts are quantized as their layer is read (after the merge)."""
   cfg = cfg or load_config(source)
   loc, _ = checked(source, cfg)
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels)
-  values = load_sharded(loc, wanted_params(abstract, mesh, dtype), cfg.num_experts)
-  if loc.adapters is not None:  # adapters read in float32: the merge rounds once, to `dtype`
-    wanted = wanted_adapters(cfg, loc.lora, mesh, jnp.float32, kernels)
-    values = lora_lib.merge_into(values, load_sharded(loc.adapters, wanted, cfg.num_experts), loc.lora.scale)
+  wanted = wanted_params(abstract, mesh, dtype)
+  stored = {k: v for k, v in wanted.items() if not k.endswith(quantize.SCALES)}  # as the checkpoint holds them
+  adapters = {}  # read in float32: the merge rounds once, to `dtype`
+  if loc.adapters is not None:
+    adapters = load_sharded(loc.adapters, wanted_adapters(cfg, loc.lora, mesh, jnp.float32, kernels), cfg.num_experts)
+  item = {"checkpointable_name": loc.item} if loc.item else {}
+  values: dict[str, jax.Array] = {}
+  for part in read_groups(lambda request: ocp.load(loc.path, request, **item), unflatten(stored), cfg.num_experts):
+    part = {path_str(p): x for p, x in part}  # one layer: int8 experts are quantized as they are read
+    group = group_of(next(iter(part)))
+    part = lora_lib.merge_into(part, {k: v for k, v in adapters.items() if group_of(k) == group},
+                               loc.lora.scale if adapters else 1.0)
+    values.update(quantize.quantize_experts(part, wanted) if kernels.expert_dtype == "int8" else part)
   return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, values)))
 
 
@@ -236,11 +246,18 @@ def is_expert_leaf(path, leaf) -> bool:
 
 
 def load_padded(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> Any:
-  """Loads a tree saved with unpadded experts into `wanted` (ShapeDtypeStructs with shardings).
+  """Loads a tree saved with unpadded experts into `wanted` (ShapeDtypeStructs with shardings): `read_groups`."""
+  out = {jax.tree_util.keystr(p): x for part in read_groups(load, wanted, num_experts) for p, x in part}
+  return jax.tree_util.tree_map_with_path(lambda p, _: out[jax.tree_util.keystr(p)], wanted)
+
+
+def read_groups(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> Iterator[list[tuple[Any, jax.Array]]]:
+  """The leaves of `wanted` (a tree of ShapeDtypeStructs with shardings, saved with unpadded experts), one group
+  (top-level, then each layer) at a time: [(path, array)] per group, each array in its wanted shape and layout.
 
   Routed-expert leaves (named in EXPERT_LEAVES, experts first) whose wanted length exceeds `num_experts` are
-  read unpadded, then padded and laid out. Reading goes one group (top-level, then each layer) at a time, so
-  an unpadded leaf that the expert axis cannot split is replicated for at most one layer at a time.
+  read unpadded, then padded and laid out before the next group is read, so an unpadded leaf that the expert
+  axis cannot split is replicated for at most one layer at a time.
   """
   def request(path, x):
     if not is_expert_leaf(path, x) or x.shape[0] == num_experts:
@@ -253,15 +270,14 @@ def load_padded(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> An
                                 sharding=jax.sharding.NamedSharding(x.sharding.mesh, P(*spec)))
 
   full = jax.tree_util.tree_map_with_path(request, wanted)
-  groups = dict.fromkeys(_leaf_group(p) for p, _ in jax.tree_util.tree_flatten_with_path(wanted)[0])
-  out: dict[str, Any] = {}
-  for group in groups:
+  leaves = jax.tree_util.tree_flatten_with_path(wanted)[0]
+  target = {jax.tree_util.keystr(p): w for p, w in leaves}
+  for group in dict.fromkeys(_leaf_group(p) for p, _ in leaves):
     part = load(jax.tree_util.tree_map_with_path(
       lambda p, x, group=group: x if _leaf_group(p) == group else ocp.PLACEHOLDER, full))
-    for p, x in jax.tree_util.tree_flatten_with_path(part, is_leaf=lambda x: x is ocp.PLACEHOLDER)[0]:
-      if x is not ocp.PLACEHOLDER:
-        out[jax.tree_util.keystr(p)] = x
-  return jax.tree_util.tree_map_with_path(lambda p, w: _pad_to(out[jax.tree_util.keystr(p)], w), wanted)
+    yield [(p, _pad_to(x, target[jax.tree_util.keystr(p)]))
+           for p, x in jax.tree_util.tree_flatten_with_path(part, is_leaf=lambda x: x is ocp.PLACEHOLDER)[0]
+           if x is not ocp.PLACEHOLDER]
 
 
 def _pad_to(x: jax.Array, want: jax.ShapeDtypeStruct) -> jax.Array:

@@ -44,7 +44,7 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
     self.is_moe = cfg.is_moe_layer(index)
     if self.is_moe:
-      self.mlp = MoeBlock(cfg, dtype, rngs, expert_shards, kernels.experts, lora)
+      self.mlp = MoeBlock(cfg, dtype, rngs, expert_shards, kernels.experts, lora, kernels.expert_dtype == "int8")
     else:
       self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, lora, "mlp")
 

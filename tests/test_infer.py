@@ -26,7 +26,7 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator, cache_bucket
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
-from qwen_moe_jax.model import create_model
+from qwen_moe_jax.model import abstract_model, create_model
 from qwen_moe_jax.prefixes import PrefixIndex
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.scoring import prompt_logits, prompt_logprobs
@@ -751,6 +751,35 @@ def test_share_prefix_flag(tiny, tmp_path):
   assert "prompt tokens: 66, generated" in alone.stderr
   bad = infer(*common, "--share-prefix", "-1")
   assert bad.returncode == 2 and "--share-prefix must be >= 0, got -1" in bad.stderr, bad.stderr
+
+
+def test_expert_dtype_int8_flag(tiny):
+  """infer.py --expert-dtype int8 generates what the engine generates with the experts restored as int8."""
+  _, _, _, ckpt = tiny
+  res = infer("--checkpoint", str(ckpt), "--input-ids", "5,7,9,11", "--dtype", "float32", "--max-new-tokens", "8",
+              "--json", "--temperature", "0", "--expert-dtype", "int8")
+  assert res.returncode == 0, res.stderr
+  model = checkpoint.restore(ckpt, dtype=jnp.float32, kernels=Kernels(expert_dtype="int8"))
+  assert model.layers[0].mlp.experts_wi[...].dtype == jnp.int8
+  want = Generator(model).generate([[5, 7, 9, 11]], 8).output_ids[0]
+  assert json.loads(res.stdout.splitlines()[-1])["output_ids"] == want
+
+
+def test_int8_experts_are_converted_inside_the_decode_loop():
+  """The decode loop over int8 experts converts them where they are used, not once before the loop as
+  loop-invariant code (XLA hoisted every layer's experts_wo, converted to float32, out of the loop: twice the
+  temporaries, until moe.routed_experts put an optimization barrier before the conversion)."""
+  cfg = demo_config(vocab_size=512)
+  temps = {}
+  for dtype in ("auto", "int8"):
+    graphdef, params = abstract_model(cfg, jnp.float32, kernels=Kernels(expert_dtype=dtype))
+    state = jax.eval_shape(lambda: generate.empty_state(generate.prompt_keys(0, range(16)), jnp.full((4,), -1),
+                                                        cfg=cfg, rows=16, cache_len=256, max_new=16, dtype=jnp.float32))
+    with jax.set_mesh(sharding.make_mesh({}, jax.devices()[:1])):
+      compiled = generate.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=4,
+                                       sampling=Sampling()).compile()
+    temps[dtype] = compiled.memory_analysis().temp_size_in_bytes
+  assert temps["int8"] < 1.05 * temps["auto"], temps
 
 
 def test_identical_prompts_are_prefilled_once(tiny):

@@ -17,7 +17,7 @@ from flax import nnx
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, layers, sharding
+from qwen_moe_jax import checkpoint, convert, layers, quantize, sharding
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
@@ -27,6 +27,7 @@ from qwen_moe_jax.losses import causal_lm_loss
 from qwen_moe_jax.model import QwenMoeForCausalLM, create_model, param_count
 from qwen_moe_jax.moe import (
   ExpertLora,
+  ExpertScales,
   experts_dense,
   experts_gathered,
   experts_sorted,
@@ -397,23 +398,47 @@ def test_expert_kernels_agree_on_a_shard_of_experts(first_expert):
   np.testing.assert_allclose(dense[t], ref if not isinstance(ref, int) else np.zeros(d), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("first_expert", [0, 3])
-def test_expert_kernels_with_lora_equal_merged_weights(first_expert):
-  """Each backend applies expert adapters on the activations ((x A) B per expert) as merging them into the
-  weights (W + A B) would."""
-  rng = np.random.default_rng(first_expert + 10)
+def expert_inputs(seed: int):
+  """13 tokens routed to 3 of 12 experts, 4 of them local (d 8, f 6), and rank-3 adapters for those 4:
+  x [N, D], weights and ids [N, K], wi, wo, lora."""
+  rng = np.random.default_rng(seed)
   n, k, d, f, r, e_total, e_local = 13, 3, 8, 6, 3, 12, 4
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
   x, w = normal(n, d), jnp.asarray(rng.random((n, k)), jnp.float32)
   ids = jnp.asarray(np.stack([rng.choice(e_total, k, replace=False) for _ in range(n)]), jnp.int32)
-  wi, wo = normal(e_local, d, 2, f), normal(e_local, f, d)
   lora = ExpertLora(normal(e_local, d, r), normal(e_local, r, 2, f), normal(e_local, f, r), normal(e_local, r, d))
+  return x, w, ids, normal(e_local, d, 2, f), normal(e_local, f, d), lora
+
+
+@pytest.mark.parametrize("first_expert", [0, 3])
+def test_expert_kernels_with_lora_equal_merged_weights(first_expert):
+  """Each backend applies expert adapters on the activations ((x A) B per expert) as merging them into the
+  weights (W + A B) would."""
+  x, w, ids, wi, wo, lora = expert_inputs(first_expert + 10)
   ref = experts_dense(x, ids, w, lora_lib.merge(wi, lora.wi_a, lora.wi_b, 1.0, True),
                       lora_lib.merge(wo, lora.wo_a, lora.wo_b, 1.0, True), first_expert)
   assert np.abs(ref - experts_dense(x, ids, w, wi, wo, first_expert)).max() > 1.0  # the adapters matter
   for kernel in (experts_dense, experts_sorted, experts_gathered):
     np.testing.assert_allclose(kernel(x, ids, w, wi, wo, first_expert, lora=lora), ref, rtol=1e-4, atol=1e-4,
                                err_msg=kernel.__name__)
+
+
+@pytest.mark.parametrize("first_expert", [0, 3])
+def test_expert_kernels_on_int8_weights(first_expert):
+  """int8 expert weights with a scale per expert and output channel (quantize.py): within half a scale of the
+  weights, and each backend, with and without adapters, computes what the float reference computes on the
+  dequantized weights (int8 x scale)."""
+  x, w, ids, wi, wo, lora = expert_inputs(first_expert + 20)
+  (qi, si), (qo, so) = quantize.quantize(wi), quantize.quantize(wo)
+  assert qi.dtype == qo.dtype == jnp.int8 and si.shape == (4, 2, 6) and so.shape == (4, 8)
+  wi_back, wo_back = qi * si[:, None], qo * so[:, None]  # [E, D, C, F], [E, F, D]
+  assert np.all(np.abs(wi_back - wi) <= si[:, None] / 2 + 1e-6)
+  assert np.all(np.abs(wo_back - wo) <= so[:, None] / 2 + 1e-6)
+  for adapters in (None, lora):
+    ref = experts_dense(x, ids, w, wi_back, wo_back, first_expert, lora=adapters)
+    for kernel in (experts_dense, experts_sorted, experts_gathered):
+      got = kernel(x, ids, w, qi, qo, first_expert, lora=adapters, scales=ExpertScales(si, so))
+      np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=kernel.__name__)
 
 
 @pytest.mark.parametrize("backend", ["dense", "ragged"])

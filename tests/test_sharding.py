@@ -23,6 +23,7 @@ from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator
+from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import create_model, embed_lookup
 from qwen_moe_jax.sampling import Sampling
 
@@ -97,6 +98,29 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   # a common prefix copied from a row that holds it: in the first prefill, then into a freed row
   few_shot = Generator(model, mesh, batch_size=2, share_prefix=16).generate(FEW_SHOT, FEW_LIMITS, PENALIZED, seed=5)
   assert few_shot.output_ids == ref_few_shot and few_shot.shared_tokens == 2 * len(HEAD)
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "fsdp=2,expert=2,tensor=2", "data=2,expert=4"])
+def test_int8_experts_on_every_mesh(ckpt, spec):
+  """--expert-dtype int8: the routed experts restored as int8 with float32 scales laid out like them (12 experts
+  padded to 16 on expert=8; wo's scales split over fsdp like its model dim) give the one-device int8 logits and
+  tokens, within the quantization error of the float model's logits."""
+  folder, ids, (ref_logits, *_) = ckpt
+  int8 = Kernels(expert_dtype="int8")
+  one = checkpoint.restore(folder, dtype=jnp.float32, kernels=int8)
+  mesh = mesh_of(spec)
+  model = checkpoint.restore(folder, mesh, jnp.float32, kernels=int8)
+  mlp = model.layers[0].mlp
+  wi, wo, wi_scale, wo_scale = (x[...] for x in (mlp.experts_wi, mlp.experts_wo, mlp.experts_wi_scale,
+                                                 mlp.experts_wo_scale))
+  assert wi.dtype == wo.dtype == jnp.int8 and wi_scale.dtype == wo_scale.dtype == jnp.float32
+  assert wi_scale.sharding.spec[0] == wi.sharding.spec[0] and wo_scale.sharding.spec[1:2] == wo.sharding.spec[2:3]
+  want = logits_on(one, mesh_of(None), ids)
+  np.testing.assert_allclose(logits_on(model, mesh, ids), want, atol=1e-5)
+  logp, ref_logp = jax.nn.log_softmax(want), jax.nn.log_softmax(ref_logits)
+  assert 0 < np.abs(want - ref_logits).max() < 0.01 * np.abs(ref_logits).max()  # quantized, but close
+  assert np.mean(np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=-1)) < 1e-4
+  assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == Generator(one).generate(PROMPTS, 16).output_ids
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])

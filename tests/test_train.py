@@ -257,6 +257,9 @@ def test_lora_adapters_export_to_peft(base, lora_run, tmp_path):
   got = prompt_logits(checkpoint.restore(lora_run, dtype=jnp.float32), ids)
   assert np.abs(got - untouched).max() > 0.1  # the adapters matter
   np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+  # with int8 experts: the adapters merged in float, then the merged experts quantized
+  int8 = prompt_logits(checkpoint.restore(lora_run, dtype=jnp.float32, kernels=Kernels(expert_dtype="int8")), ids)
+  assert np.abs(int8 - got).max() < 0.1 * np.abs(got - untouched).max()
   # and back: hf_to_orbax.py --peft merges them into the base as it converts, giving the run's model
   res = subprocess.run([sys.executable, "convert/hf_to_orbax.py", str(base / "hf"), str(tmp_path / "merged"),
                         "--peft", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
