@@ -21,6 +21,7 @@ Stages, in order (A2.7B config, random bf16 weights):
                einsum, then the decode rows and the throughput row through it
   kernels      each routed-expert path at 1 to 16384 tokens, and attention at the training shape, timed alone
   int8_cache   the decode rows and the throughput row again with an int8 KV cache (twice the rows fit)
+  int8_experts the same with int8 routed experts (random int8 values: the speed, not the accuracy)
   profile      the kernels that take the time in a batch-1 decode and a train step (with --trace)
 
 Each result is one JSON object per line on stdout (and appended to --out). A stage that fails prints its error
@@ -66,7 +67,7 @@ from qwen_moe_jax.scoring import prompt_logits  # noqa: E402
 
 GB = 1e9
 STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",
-          "fit", "lora", "pallas_decode", "kernels", "int8_cache")
+          "fit", "lora", "pallas_decode", "kernels", "int8_cache", "int8_experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -600,16 +601,20 @@ def main() -> None:
             training.TrainConfig(lora=LoraConfig(16, 32.0), remat="full"), rng)
   run.stage("pallas_decode", pallas_decode, run, plan, kernels, rng)
   run.stage("kernels", kernel_times, run, plan, kernels)
-  run.stage("int8_cache", int8_cache, run, plan, kernels, rng)
+  run.stage("int8_cache", variant, run, plan, kernels, rng, "int8_cache", "int8")
+  run.stage("int8_experts", variant, run, plan, dataclasses.replace(kernels, expert_dtype="int8"), rng,
+            "int8_experts")
   run.emit(stage="done")
 
 
-def int8_cache(run: Run, plan: Plan, kernels: Kernels, rng) -> None:
-  """The decode rows and the throughput row over an int8 KV cache (last: the table's rows come first)."""
+def variant(run: Run, plan: Plan, kernels: Kernels, rng, stage: str, kv_cache_dtype: str = "auto") -> None:
+  """The decode rows and the throughput row again with other kernels or cache (after the table's rows, which
+  they are compared with)."""
   model = create_model(plan.cfg, sharding.make_mesh({}, jax.devices()[:1]), jnp.dtype(plan.dtype), kernels, seed=0)
   prompts = {(b, p): rng.integers(0, plan.cfg.vocab_size, (b, p)).tolist() for b, p, _ in plan.decode}
-  our_decode(run, plan, Generator(model, kv_cache_dtype="int8"), prompts, stage="int8_cache")
-  our_throughput(run, plan, model, checkpoint.flatten(nnx.state(model, nnx.Param)), rng, "int8", stage="int8_cache")
+  our_decode(run, plan, Generator(model, kv_cache_dtype=kv_cache_dtype), prompts, stage=stage)
+  flat = checkpoint.flatten(nnx.state(model, nnx.Param))
+  our_throughput(run, plan, model, flat, rng, kv_cache_dtype, stage=stage)
 
 
 def pallas_decode(run: Run, plan: Plan, kernels: Kernels, rng) -> None:
@@ -628,11 +633,7 @@ def pallas_decode(run: Run, plan: Plan, kernels: Kernels, rng) -> None:
   run.emit(stage="probe", kernel="pallas decode", ok=ok, out_err_over_scale=err)
   if not ok:
     return
-  fast = create_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), dtype,
-                      dataclasses.replace(kernels, decode="pallas"), seed=0)
-  prompts = {(b, p): rng.integers(0, cfg.vocab_size, (b, p)).tolist() for b, p, _ in plan.decode}
-  our_decode(run, plan, Generator(fast), prompts, stage="pallas_decode")
-  our_throughput(run, plan, fast, checkpoint.flatten(nnx.state(fast, nnx.Param)), rng, stage="pallas_decode")
+  variant(run, plan, dataclasses.replace(kernels, decode="pallas"), rng, "pallas_decode")
 
 
 def trace_decode(run: Run, gen: Generator, prompt: list[list[int]], folder: str) -> None:

@@ -50,6 +50,11 @@ class ExpertScales(NamedTuple):
   wo: jax.Array  # [E, D] float32
 
 
+def _int8_as(x: jax.Array, w: jax.Array) -> jax.Array:
+  """int8 weights w in x's dtype for a matmul with x (float weights as they are)."""
+  return w.astype(x.dtype) if w.dtype == jnp.int8 else w
+
+
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
   """A matmul's output y [..., out] over int8 weights times its channels' scales [..., out] (None: float weights)."""
   return y if scale is None else (y * scale).astype(y.dtype)
@@ -74,11 +79,11 @@ def experts_dense(x, ids, weights, wi, wo, first_expert, lora: ExpertLora | None
   """
   e = wi.shape[0]
   combine = jnp.sum(jax.nn.one_hot(ids - first_expert, e, dtype=weights.dtype) * weights[..., None], axis=1)  # [N, E]
-  h = _scaled(jnp.einsum("ND,EDCF->NECF", x, wi.astype(x.dtype)), None if scales is None else scales.wi[None])
+  h = _scaled(jnp.einsum("ND,EDCF->NECF", x, _int8_as(x, wi)), None if scales is None else scales.wi[None])
   if lora is not None:
     h += jnp.einsum("NEr,ErCF->NECF", jnp.einsum("ND,EDr->NEr", x, lora.wi_a), lora.wi_b)
   g = swiglu(h)  # [N, E, F]
-  y = _scaled(jnp.einsum("NEF,EFD->NED", g, wo.astype(x.dtype)), None if scales is None else scales.wo[None])
+  y = _scaled(jnp.einsum("NEF,EFD->NED", g, _int8_as(x, wo)), None if scales is None else scales.wo[None])
   if lora is not None:
     y += jnp.einsum("NEr,ErD->NED", jnp.einsum("NEF,EFr->NEr", g, lora.wo_a), lora.wo_b)
   return jnp.einsum("NED,NE->ND", y, combine)
@@ -98,12 +103,12 @@ def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.rag
   sizes = jnp.bincount(local, length=e + 1)[:e].astype(jnp.int32)  # [E]
   rows = x[order // k]  # [R, D]
   expert = jnp.minimum(local[order], e - 1)  # [R] each sorted row's expert (rows of other devices: zeroed below)
-  h = _scaled(ragged_dot(rows, wi.reshape(e, d, 2 * f).astype(x.dtype), sizes),  # [R, C x F]
+  h = _scaled(ragged_dot(rows, _int8_as(x, wi.reshape(e, d, 2 * f)), sizes),  # [R, C x F]
               None if scales is None else scales.wi.reshape(e, 2 * f)[expert])
   if lora is not None:
     h += ragged_dot(ragged_dot(rows, lora.wi_a, sizes), lora.wi_b.reshape(e, -1, 2 * f), sizes)
   g = swiglu(h.reshape(-1, 2, f))  # [R, F]
-  y = _scaled(ragged_dot(g, wo.astype(x.dtype), sizes), None if scales is None else scales.wo[expert])  # [R, D]
+  y = _scaled(ragged_dot(g, _int8_as(x, wo), sizes), None if scales is None else scales.wo[expert])  # [R, D]
   if lora is not None:
     y += ragged_dot(ragged_dot(g, lora.wo_a, sizes), lora.wo_b, sizes)
   y = jnp.where((local[order] < e)[:, None], y, 0)
@@ -122,11 +127,11 @@ def experts_gathered(x, ids, weights, wi, wo, first_expert, lora: ExpertLora | N
   local = ids - first_expert  # [N, K]
   mine = (local >= 0) & (local < e)
   local = jnp.where(mine, local, 0)
-  h = _scaled(jnp.einsum("ND,NKDCF->NKCF", x, wi[local].astype(x.dtype)), None if scales is None else scales.wi[local])
+  h = _scaled(jnp.einsum("ND,NKDCF->NKCF", x, _int8_as(x, wi[local])), None if scales is None else scales.wi[local])
   if lora is not None:
     h += jnp.einsum("NKr,NKrCF->NKCF", jnp.einsum("ND,NKDr->NKr", x, lora.wi_a[local]), lora.wi_b[local])
   g = swiglu(h)  # [N, K, F]
-  y = _scaled(jnp.einsum("NKF,NKFD->NKD", g, wo[local].astype(x.dtype)), None if scales is None else scales.wo[local])
+  y = _scaled(jnp.einsum("NKF,NKFD->NKD", g, _int8_as(x, wo[local])), None if scales is None else scales.wo[local])
   if lora is not None:
     y += jnp.einsum("NKr,NKrD->NKD", jnp.einsum("NKF,NKFr->NKr", g, lora.wo_a[local]), lora.wo_b[local])
   return jnp.einsum("NKD,NK->ND", y, jnp.where(mine, weights, 0))

@@ -10,8 +10,9 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"int8_cache", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill", "hf_throughput", "decode",
-          "throughput", "prefill", "profile", "pallas_decode", "train", "fit", "lora", "kernels", "done"}
+STAGES = {"int8_cache", "int8_experts", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill",
+          "hf_throughput", "decode", "throughput", "prefill", "profile", "pallas_decode", "train", "fit", "lora",
+          "kernels", "done"}
 
 
 def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
@@ -26,7 +27,7 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   probes = [r for r in records if r["stage"] == "probe"]
   assert [(r["kernel"], r["ok"]) for r in probes[:3]] == [("tokamax", False), ("cudnn", False),
                                                           ("cudnn unpacked", False)]
-  assert probes[3]["using"] == {"experts": "ragged", "attention": "xla", "decode": "xla"}
+  assert probes[3]["using"] == {"experts": "ragged", "attention": "xla", "decode": "xla", "expert_dtype": "auto"}
   assert [(r["kernel"], r["ok"]) for r in probes[4:]] == [("pallas decode", True)]  # interpreted on CPU
   assert [r for r in records if ("error" in r and r["stage"] != "probe") or "skipped" in r] == []
   assert {r["stage"] for r in records} == STAGES
@@ -40,6 +41,8 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   assert [r.get("batch") for r in pallas] == [1, 4, 8] and all(r.get("ms_per_step", 1) > 0 for r in pallas)
   int8 = [r for r in records if r["stage"] == "int8_cache"]
   assert [(r.get("batch"), r["kv_cache_dtype"]) for r in int8] == [(1, "int8"), (4, "int8"), (8, "int8")]
+  int8_experts = [r for r in records if r["stage"] == "int8_experts"]
+  assert [r.get("batch") for r in int8_experts] == [1, 4, 8] and all(r.get("ms_per_step", 1) > 0 for r in int8_experts)
   fit = rows[("fit", 1)]
   assert fit["freeze"] == ["experts"] and fit["held_gb"] > 0 and fit["step_temp_gb"] > 0
   lora = rows[("lora", 1)]
