@@ -155,7 +155,7 @@ def copy_analysis(graphdef, params, state, rows: int, fixed_gb: float) -> dict:
   """The programs that copy a prompt's slots into R rows (prefix_slots, then fork): the copy exists twice until
   fork writes it into the cache."""
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  r = min(rows, 1 << max(0, (generate.COPY_SLOTS // ARGS.prompt_len).bit_length() - 1))
+  r = generate.copy_rows(rows, ARGS.prompt_len)
   prompt = i32(r, ARGS.prompt_len)
   slots = generate.prefix_slots.lower(graphdef, params, state.cache, i32(r), i32(r, ARGS.copy_rest), i32(r),
                                       prompt).compile()

@@ -197,13 +197,11 @@ def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None
   adapters = {}  # read in float32: the merge rounds once, to `dtype`
   if loc.adapters is not None:
     adapters = load_sharded(loc.adapters, wanted_adapters(cfg, loc.lora, mesh, jnp.float32, kernels), cfg.num_experts)
-  item = {"checkpointable_name": loc.item} if loc.item else {}
   values: dict[str, jax.Array] = {}
-  for part in read_groups(lambda request: ocp.load(loc.path, request, **item), unflatten(stored), cfg.num_experts):
-    part = {path_str(p): x for p, x in part}  # one layer: int8 experts are quantized as they are read
+  for part in load_groups(loc, stored, cfg.num_experts):  # one layer: int8 experts are quantized as they are read
     group = group_of(next(iter(part)))
-    part = lora_lib.merge_into(part, {k: v for k, v in adapters.items() if group_of(k) == group},
-                               loc.lora.scale if adapters else 1.0)
+    if adapters:
+      part = lora_lib.merge_into(part, {k: v for k, v in adapters.items() if group_of(k) == group}, loc.lora.scale)
     values.update(quantize.quantize_experts(part, wanted) if kernels.expert_dtype == "int8" else part)
   return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, values)))
 
@@ -223,8 +221,15 @@ def wanted_adapters(cfg: QwenMoeConfig, lora: lora_lib.LoraConfig, mesh: jax.sha
 
 def load_sharded(loc: Location, wanted: dict[str, jax.ShapeDtypeStruct], num_experts: int) -> dict[str, jax.Array]:
   """The arrays at `loc` (flat keys) into `wanted`'s shapes (experts padded), dtypes and shardings."""
+  return {k: x for part in load_groups(loc, wanted, num_experts) for k, x in part.items()}
+
+
+def load_groups(loc: Location, wanted: dict[str, jax.ShapeDtypeStruct],
+                num_experts: int) -> Iterator[dict[str, jax.Array]]:
+  """`load_sharded` a group (top-level, then each layer) at a time (see `read_groups`)."""
   item = {"checkpointable_name": loc.item} if loc.item else {}
-  return flatten(load_padded(lambda request: ocp.load(loc.path, request, **item), unflatten(wanted), num_experts))
+  for part in read_groups(lambda request: ocp.load(loc.path, request, **item), unflatten(wanted), num_experts):
+    yield {path_str(p): x for p, x in part}
 
 
 def _key_names(path) -> list:

@@ -7,12 +7,11 @@ requests rarely recompile; `prefill_rows` prompts at a time are prefilled straig
 identical prompts in one prefill call (the samples of a prompt) run once, their keys and values written to
 each of their rows. A prompt that begins with ids another row holds (a running sample of it, a shared
 few-shot or system prefix: prefixes.py) copies those slots from that row and runs only the rest (`fork`).
-The decode loop is a `lax.while_loop` over a chunk of steps with the state (KV cache
-included) donated, so the cache is updated in place; the host only wakes between chunks to stream the new
-tokens, to end rows at stop strings (`stop_when`) and, when there are more prompts than rows (`batch_size`),
-to prefill waiting prompts into rows that finished (continuous batching; rows freed at once are refilled in
-one call).
-Each row counts its own tokens, and a prompt's random stream depends only on the seed and the prompt's index.
+The decode loop is a `lax.while_loop` over a chunk of steps with the state (KV cache included) donated, so
+the cache is updated in place; the host only wakes between chunks to stream the new tokens, to end rows at
+stop strings (`stop_when`) and, when there are more prompts than rows (`batch_size`), to prefill waiting
+prompts into rows that finished (continuous batching; rows freed at once are refilled in one call). Each row
+counts its own tokens, and a prompt's random stream depends only on the seed and the prompt's index.
 """
 
 from __future__ import annotations
@@ -200,8 +199,8 @@ def prefix_slots(graphdef, params, cache: KVCache, sources, tokens, starts, prom
 @functools.partial(jax.jit, donate_argnames=("state",))
 def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys) -> DecodeState:
   """Rows `rows` [R] take prompts whose keys and values up to their last id `kv` holds (slots [0, P), from
-  `prompt_slots` or `prefix_slots`), which they get (their later slots, hidden by the mask, are written over before they
-  are read); each row is set to feed the prompt's last token at its position, so that the next decode step
+  `prompt_slots` or `prefix_slots`), which they get (their later slots, hidden by the mask, are written over
+  before they are read); each row is set to feed the prompt's last token at its position, so that the next decode step
   draws the row's first token (with its own key, as the prefill would). prompt [R, P] the ids, -1 padded (its
   length, and the ids a repetition penalty sees); limits, keys [R]; rows past the state's: unused."""
   length = jnp.sum(prompt >= 0, axis=1)
@@ -222,6 +221,11 @@ def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys) -> DecodeS
 def _end_row(state: DecodeState, row) -> DecodeState:
   """The state with `row` done (ended on the host: a stop string)."""
   return dataclasses.replace(state, done=state.done.at[row].set(True)).laid_out()
+
+
+def copy_rows(group: int, slots: int) -> int:
+  """Rows per copy call for prompts of `slots` slots: at most `group` and COPY_SLOTS // slots, a power of two."""
+  return min(group, 1 << max(0, (COPY_SLOTS // slots).bit_length() - 1))
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -385,7 +389,7 @@ class Generator:
       decode step, which draws the row's first token (`fork`). The copied slots exist twice until `fork` writes
       them: at most `group` rows and COPY_SLOTS slots per call."""
       p = width([prompts[i] for _, i, _, _ in copies])
-      per_call = min(group, 1 << max(0, (COPY_SLOTS // p).bit_length() - 1))  # a power of two
+      per_call = copy_rows(group, p)
       for at in range(0, len(copies), per_call):
         part = copies[at:at + per_call]
         r = bucket(len(part), minimum=1)
