@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="prompts per prefill call (default: all); fewer bound the prefill's memory for large batches")
   ap.add_argument("--share-prefix", type=int, default=64, metavar="N",
                   help="a prompt whose first N or more tokens another row holds (a common few-shot or system "
-                  "prefix) copies their keys and values instead of running them (0: only a prompt's samples share)")
+                  "prefix) copies their keys and values instead of running them; --prompt-logprobs runs the first "
+                  "tokens prompts have in common once (0: only a prompt's samples share)")
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
                   "bf16's bytes: twice the rows or context)")

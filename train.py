@@ -81,9 +81,12 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
   if args.lora_rank is not None:
     targets = tuple(t.strip() for t in (args.lora_targets or ",".join(lora_lib.TARGETS)).split(",") if t.strip())
     alpha = 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
-    lora = lora_lib.LoraConfig(args.lora_rank, alpha, targets)
+    lora = lora_lib.LoraConfig(args.lora_rank, alpha, targets, int8_experts=args.expert_dtype == "int8")
   elif args.lora_alpha is not None or args.lora_targets is not None:
     raise UserError("--lora-alpha / --lora-targets need --lora-rank")
+  elif args.expert_dtype == "int8":
+    raise UserError("--expert-dtype int8 holds the routed experts frozen as int8, which only a LoRA run's checkpoints "
+                    "can leave out: add --lora-rank (or drop --expert-dtype)")
   return training.TrainConfig(
     steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
     warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,

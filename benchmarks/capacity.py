@@ -16,7 +16,8 @@ them to the exact parameter, cache and optimizer bytes of the requested dtypes.
 python benchmarks/capacity.py --preset qwen2-57b-a14b --devices 8 --mesh expert=8 --batch 16 --context 4096
 python benchmarks/capacity.py --preset qwen1.5-moe-a2.7b --devices 1 --train --seq-len 4096 --batch 1 \\
     --train-only attention,router,shared_expert
-python benchmarks/capacity.py --preset qwen2-57b-a14b --devices 1 --train --seq-len 4096 --batch 1 --lora-rank 16
+python benchmarks/capacity.py --preset qwen2-57b-a14b --devices 1 --train --seq-len 4096 --batch 1 --lora-rank 16 \\
+    --expert-dtype int8
 """
 
 import argparse
@@ -51,10 +52,11 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank on every target group instead")
   ap.add_argument("--expert-backend", default="ragged", help="dense, ragged or tokamax")
   ap.add_argument("--expert-dtype", default="auto", choices=("auto", "int8"),
-                  help="inference: the routed experts as int8 with float32 scales (infer.py --expert-dtype)")
+                  help="the routed experts as int8 with float32 scales (--expert-dtype of infer.py, and of train.py "
+                  "under LoRA adapters)")
   args = ap.parse_args()
-  if args.train and args.expert_dtype == "int8":
-    ap.error("--expert-dtype int8 is for inference: drop --train")
+  if args.train and args.expert_dtype == "int8" and args.lora_rank is None:
+    ap.error("--train --expert-dtype int8 trains LoRA adapters over the int8 experts: add --lora-rank")
   if args.prefill_rows is not None and not (0 < args.prefill_rows and args.batch % args.prefill_rows == 0):
     ap.error(f"--prefill-rows must divide --batch {args.batch}, got {args.prefill_rows}")
   return args
@@ -68,7 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qwen_moe_jax import checkpoint, generate, sharding, training  # noqa: E402
+from qwen_moe_jax import checkpoint, generate, quantize, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.errors import UserError  # noqa: E402
 from qwen_moe_jax.kernels import Kernels  # noqa: E402
@@ -170,7 +172,8 @@ def copy_analysis(graphdef, params, state, rows: int, fixed_gb: float) -> dict:
 
 def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
   groups = training.parse_groups(ARGS.train_only, "--train-only")
-  lora = None if ARGS.lora_rank is None else LoraConfig(ARGS.lora_rank, 2.0 * ARGS.lora_rank)
+  lora = None if ARGS.lora_rank is None else LoraConfig(ARGS.lora_rank, 2.0 * ARGS.lora_rank,
+                                                        int8_experts=ARGS.expert_dtype == "int8")
   tc = training.TrainConfig(batch_size=ARGS.batch, seq_len=ARGS.seq_len, param_dtype=ARGS.param_dtype,
                             optimizer=ARGS.optimizer, remat=ARGS.remat, compute_dtype="float32",
                             train_only=frozenset(groups) if groups else None, lora=lora).validate()
@@ -189,8 +192,9 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
     return graphdef, trainable, frozen, tx, opt_state
 
   _, trainable, frozen, _, opt_state = program(pdtype)
-  frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(ARGS.dtype), sharding=x.sharding),
-                        frozen)  # frozen parameters are held in the compute dtype (training.split_params)
+  frozen = checkpoint.unflatten({  # held in the compute dtype, int8 experts and their scales as they are (split_params)
+    k: x if x.dtype == jnp.int8 or k.endswith(quantize.SCALES) else x.update(dtype=jnp.dtype(ARGS.dtype))
+    for k, x in checkpoint.flatten(frozen).items()})
   graphdef, trainable32, frozen32, tx, opt32 = program(jnp.float32)
   shape = (1, tc.batch_size, tc.seq_len)
   batch = training.batch_spec(mesh, shape)
@@ -202,6 +206,7 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
           "optimizer_state_gb_per_device": per_device_bytes(opt_state) / GB}
   return {"batch": tc.batch_size, "seq_len": tc.seq_len, "param_dtype": tc.param_dtype, "optimizer": tc.optimizer,
           "remat": tc.remat, "train_only": ARGS.train_only, "lora_rank": ARGS.lora_rank,
+          "expert_dtype": ARGS.expert_dtype,
           **{k: round(v, 3) for k, v in held.items()},
           "temp_gb": temp, "peak_estimate_gb": round(sum(held.values()) + temp, 3)}
 

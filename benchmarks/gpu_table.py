@@ -21,7 +21,8 @@ Stages, in order (A2.7B config, random bf16 weights):
                einsum, then the decode rows and the throughput row through it
   kernels      each routed-expert path at 1 to 16384 tokens, and attention at the training shape, timed alone
   int8_cache   the decode rows and the throughput row again with an int8 KV cache (twice the rows fit)
-  int8_experts the same with int8 routed experts (random int8 values: the speed, not the accuracy)
+  int8_experts the same with int8 routed experts (a random model's: the speed, not the accuracy)
+  qlora        the lora stage over int8 routed experts (train.py --lora-rank 16 --expert-dtype int8)
   profile      the kernels that take the time in a batch-1 decode and a train step (with --trace)
 
 Each result is one JSON object per line on stdout (and appended to --out). A stage that fails prints its error
@@ -67,7 +68,7 @@ from qwen_moe_jax.scoring import prompt_logits  # noqa: E402
 
 GB = 1e9
 STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",
-          "fit", "lora", "pallas_decode", "kernels", "int8_cache", "int8_experts")
+          "fit", "lora", "pallas_decode", "kernels", "int8_cache", "int8_experts", "qlora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -602,8 +603,10 @@ def main() -> None:
   run.stage("pallas_decode", pallas_decode, run, plan, kernels, rng)
   run.stage("kernels", kernel_times, run, plan, kernels)
   run.stage("int8_cache", variant, run, plan, kernels, rng, "int8_cache", "int8")
-  run.stage("int8_experts", variant, run, plan, dataclasses.replace(kernels, expert_dtype="int8"), rng,
-            "int8_experts")
+  int8 = dataclasses.replace(kernels, expert_dtype="int8")
+  run.stage("int8_experts", variant, run, plan, int8, rng, "int8_experts")
+  run.stage("qlora", our_train, run, plan, int8, peak, "qlora", plan.cfg.num_hidden_layers, *plan.fit,
+            training.TrainConfig(lora=LoraConfig(16, 32.0, int8_experts=True), remat="full"), rng)
   run.emit(stage="done")
 
 

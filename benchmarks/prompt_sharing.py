@@ -7,7 +7,10 @@ L - T tokens followed by T of its own (the engine runs the common part once and 
 prompt different from its first token (the same shapes and work, nothing to share: what each costs run alone).
 Each way runs with every row at once, through --rows rows (continuous batching: rows that end at the same
 step are refilled together), and through --rows rows with answer lengths drawn from [M / 2, 2 M] (prompts
-ending at different steps: a freed row copies what it shares from a row still generating). Runs a demo-sized
+ending at different steps: a freed row copies what it shares from a row still generating). Then the "prefix"
+and "distinct" prompts scored (`--prompt-logprobs`: each token's log-probability, --rows prompts per call; the
+common part runs once for each group of --rows prompts, as for the choices of a question), and the "prefix"
+prompts scored with --share-prefix 0 (each run whole). Runs a demo-sized
 random model on whatever device jax finds (compilation excluded: every shape runs once first) and prints one
 JSON object.
 
@@ -29,6 +32,7 @@ import numpy as np
 from qwen_moe_jax.demo import demo_model
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.scoring import prompt_logprobs
 
 
 def timed(gen: Generator, prompts: list[list[int]], new: list[int]) -> dict:
@@ -40,6 +44,16 @@ def timed(gen: Generator, prompts: list[list[int]], new: list[int]) -> dict:
   assert [len(o) for o in r.output_ids] == new
   return {"seconds": round(seconds, 3), "first_prefill_s": round(r.prefill_seconds, 3),
           "shared_tokens": r.shared_tokens}
+
+
+def scored(gen: Generator, prompts: list[list[int]]) -> dict:
+  """The second of two runs of prompt_logprobs (the first compiles): seconds."""
+  for _ in range(2):
+    start = time.perf_counter()
+    scores = prompt_logprobs(gen, prompts)
+    seconds = time.perf_counter() - start
+  assert [len(s) for s in scores] == [len(p) for p in prompts]
+  return {"seconds": round(seconds, 3)}
 
 
 def main() -> None:
@@ -67,6 +81,8 @@ def main() -> None:
     gen = Generator(model, mesh, batch_size=rows)
     for name, prompts in (("identical", same), ("prefix", prefix), ("distinct", distinct)):
       runs[f"{name}_{label}"] = timed(gen, prompts, new)
+  for name, prompts, share in (("prefix", prefix, 64), ("prefix_unshared", prefix, 0), ("distinct", distinct, 64)):
+    runs[f"scoring_{name}"] = scored(Generator(model, mesh, prefill_rows=args.rows, share_prefix=share), prompts)
   print(json.dumps({
     "benchmark": "prompt_sharing", "prompts": args.prompts, "samples": args.samples,
     "prompt_len": args.prompt_len, "tail": args.tail, "new_tokens": args.new_tokens, "rows": args.rows,

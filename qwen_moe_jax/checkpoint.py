@@ -180,7 +180,13 @@ def read_group(loc: Location, shapes: dict[str, tuple[tuple[int, ...], np.dtype]
   if loc.adapters is None:
     return params
   adapters = read_group(loc.adapters, stored_shapes(loc.adapters), group)
-  return {k: np.asarray(v) for k, v in lora_lib.merge_into(params, adapters, loc.lora.scale).items()}
+  return {k: np.asarray(v) for k, v in merged(params, adapters, loc.lora).items()}
+
+
+def merged(params: dict[str, Any], adapters: dict[str, Any], lora: lora_lib.LoraConfig) -> dict[str, Any]:
+  """`params` (flat) with a LoRA run's `adapters` merged, into the int8-rounded routed experts (all of them) if the
+  run trained over those: the weights it trained with."""
+  return lora_lib.merge_into(quantize.rounded(params) if lora.int8_experts else params, adapters, lora.scale)
 
 
 def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
@@ -200,8 +206,8 @@ def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None
   values: dict[str, jax.Array] = {}
   for part in load_groups(loc, stored, cfg.num_experts):  # one layer: int8 experts are quantized as they are read
     group = group_of(next(iter(part)))
-    if adapters:
-      part = lora_lib.merge_into(part, {k: v for k, v in adapters.items() if group_of(k) == group}, loc.lora.scale)
+    if loc.adapters is not None:
+      part = merged(part, {k: v for k, v in adapters.items() if group_of(k) == group}, loc.lora)
     values.update(quantize.quantize_experts(part, wanted) if kernels.expert_dtype == "int8" else part)
   return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, values)))
 

@@ -34,6 +34,7 @@ class LoraConfig:
   rank: int
   alpha: float
   targets: tuple[str, ...] = tuple(TARGETS)
+  int8_experts: bool = False  # trained over int8 routed experts (quantize.py): merges add to those rounded weights
 
   @property
   def scale(self) -> float:
@@ -50,11 +51,12 @@ class LoraConfig:
     return self
 
   def to_dict(self) -> dict:
-    return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+    d = {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+    return d | {"int8_experts": True} if self.int8_experts else d  # runs before int8 experts recorded no key
 
   @classmethod
   def from_dict(cls, d: dict) -> "LoraConfig":
-    return cls(int(d["rank"]), float(d["alpha"]), tuple(d["targets"])).validate()
+    return cls(int(d["rank"]), float(d["alpha"]), tuple(d["targets"]), d.get("int8_experts") is True).validate()
 
 
 def is_adapter(path: str) -> bool:
@@ -66,25 +68,28 @@ def weight_of(path: str) -> str:
   return path[: -len(SUFFIXES[0])]
 
 
-def attach(module: nnx.Module, group: str, lora: LoraConfig | None, rngs: nnx.Rngs, experts: bool = False):
-  """Gives `module`'s weights of target `group` adapters, if `lora` targets it. `experts`: the weights' first dim
-  is the experts, which A and B keep."""
+def attach(module: nnx.Module, group: str, lora: LoraConfig | None, rngs: nnx.Rngs, experts: bool = False,
+           dtype: jnp.dtype | None = None):
+  """Gives `module`'s weights of target `group` adapters, if `lora` targets it, in `dtype` (default: the weights';
+  int8 weights need a float one). `experts`: the weights' first dim is the experts, which A and B keep."""
   if lora is None or group not in lora.targets:
     return
   for name, n_in in TARGETS[group]:
-    _attach_one(module, name, n_in, lora, rngs, int(experts))
+    _attach_one(module, name, n_in, lora, rngs, int(experts), dtype)
   module.lora_scale = lora.scale
 
 
-def _attach_one(module: nnx.Module, name: str, n_in: int, lora: LoraConfig, rngs: nnx.Rngs, lead: int):
+def _attach_one(module: nnx.Module, name: str, n_in: int, lora: LoraConfig, rngs: nnx.Rngs, lead: int,
+                dtype: jnp.dtype | None):
   """`<name>_lora_a` ~ U(+-1/sqrt(fan_in)) (peft's default) and `<name>_lora_b` = 0 next to weight `name`."""
   w = getattr(module, name)
+  dtype = dtype or w.dtype
   split = lead + n_in
   bound = 1 / math.sqrt(math.prod(w.shape[lead:split]))
   a_axes, b_axes = adapter_axes(w.get_metadata()["axes"], n_in, lead)
   a = jax.random.uniform(rngs.params(), (*w.shape[:split], lora.rank), jnp.float32, -bound, bound)
-  setattr(module, name + "_lora_a", nnx.Param(a.astype(w.dtype), axes=a_axes))
-  b = jnp.zeros((*w.shape[:lead], lora.rank, *w.shape[split:]), w.dtype)
+  setattr(module, name + "_lora_a", nnx.Param(a.astype(dtype), axes=a_axes))
+  b = jnp.zeros((*w.shape[:lead], lora.rank, *w.shape[split:]), dtype)
   setattr(module, name + "_lora_b", nnx.Param(b, axes=b_axes))
 
 

@@ -51,8 +51,14 @@ class ExpertScales(NamedTuple):
 
 
 def _int8_as(x: jax.Array, w: jax.Array) -> jax.Array:
-  """int8 weights w in x's dtype for a matmul with x (float weights as they are)."""
-  return w.astype(x.dtype) if w.dtype == jnp.int8 else w
+  """int8 weights w in x's dtype for a matmul with x (float weights as they are).
+
+  The conversion is made to depend on x (adding 0 x[0]), so it runs where its matmul runs: XLA otherwise
+  converts every layer's experts at the start of a program (measured: all layers' converted experts held at
+  once, as many bytes as float experts; an optimization barrier did not stop it) and hoists the conversion out
+  of a decode loop as loop-invariant code.
+  """
+  return w.astype(x.dtype) + 0 * x.reshape(-1)[0] if w.dtype == jnp.int8 else w
 
 
 def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -83,7 +89,7 @@ def experts_dense(x, ids, weights, wi, wo, first_expert, lora: ExpertLora | None
   if lora is not None:
     h += jnp.einsum("NEr,ErCF->NECF", jnp.einsum("ND,EDr->NEr", x, lora.wi_a), lora.wi_b)
   g = swiglu(h)  # [N, E, F]
-  y = _scaled(jnp.einsum("NEF,EFD->NED", g, _int8_as(x, wo)), None if scales is None else scales.wo[None])
+  y = _scaled(jnp.einsum("NEF,EFD->NED", g, _int8_as(g, wo)), None if scales is None else scales.wo[None])
   if lora is not None:
     y += jnp.einsum("NEr,ErD->NED", jnp.einsum("NEF,EFr->NEr", g, lora.wo_a), lora.wo_b)
   return jnp.einsum("NED,NE->ND", y, combine)
@@ -108,7 +114,7 @@ def experts_sorted(x, ids, weights, wi, wo, first_expert, ragged_dot=jax.lax.rag
   if lora is not None:
     h += ragged_dot(ragged_dot(rows, lora.wi_a, sizes), lora.wi_b.reshape(e, -1, 2 * f), sizes)
   g = swiglu(h.reshape(-1, 2, f))  # [R, F]
-  y = _scaled(ragged_dot(g, _int8_as(x, wo), sizes), None if scales is None else scales.wo[expert])  # [R, D]
+  y = _scaled(ragged_dot(g, _int8_as(g, wo), sizes), None if scales is None else scales.wo[expert])  # [R, D]
   if lora is not None:
     y += ragged_dot(ragged_dot(g, lora.wo_a, sizes), lora.wo_b, sizes)
   y = jnp.where((local[order] < e)[:, None], y, 0)
@@ -131,7 +137,7 @@ def experts_gathered(x, ids, weights, wi, wo, first_expert, lora: ExpertLora | N
   if lora is not None:
     h += jnp.einsum("NKr,NKrCF->NKCF", jnp.einsum("ND,NKDr->NKr", x, lora.wi_a[local]), lora.wi_b[local])
   g = swiglu(h)  # [N, K, F]
-  y = _scaled(jnp.einsum("NKF,NKFD->NKD", g, _int8_as(x, wo[local])), None if scales is None else scales.wo[local])
+  y = _scaled(jnp.einsum("NKF,NKFD->NKD", g, _int8_as(g, wo[local])), None if scales is None else scales.wo[local])
   if lora is not None:
     y += jnp.einsum("NKr,NKrD->NKD", jnp.einsum("NKF,NKFr->NKr", g, lora.wo_a[local]), lora.wo_b[local])
   return jnp.einsum("NKD,NK->ND", y, jnp.where(mine, weights, 0))
@@ -160,9 +166,6 @@ def routed_experts(x, ids, weights, wi, wo, first_expert: int | jax.Array, backe
   The grouped-GEMM backends hand small batches (fewer routed rows than half the local experts: decoding) to
   `experts_gathered`, which reads only the experts in use.
   """
-  if scales is not None:  # int8 weights: keep their conversion next to its matmul (inside a decode loop XLA
-    # would hoist it out as loop-invariant, holding converted copies of every layer's experts for the whole loop)
-    x, wi, wo = jax.lax.optimization_barrier((x, wi, wo))
   if backend == "dense":
     return experts_dense(x, ids, weights, wi, wo, first_expert, lora, scales)
   if backend not in ("ragged", "tokamax"):
@@ -226,7 +229,7 @@ class MoeBlock(nnx.Module):
 
   def __init__(self, cfg: QwenMoeConfig, dtype: jnp.dtype, rngs: nnx.Rngs, expert_shards: int = 1,
                backend: str = "ragged", lora: lora_lib.LoraConfig | None = None, int8: bool = False):
-    """`int8`: the routed experts' weights held as int8 with float32 scales (inference; see quantize.py)."""
+    """`int8`: the routed experts' weights held as int8 with float32 scales (see quantize.py)."""
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     padded = -(-cfg.num_experts // expert_shards) * expert_shards  # never routed to: ids < num_experts
     weights = jnp.int8 if int8 else dtype
@@ -242,7 +245,7 @@ class MoeBlock(nnx.Module):
     self.top_k = cfg.num_experts_per_tok
     self.normalize = cfg.norm_topk_prob
     self.backend = backend
-    lora_lib.attach(self, "experts", lora, rngs, experts=True)
+    lora_lib.attach(self, "experts", lora, rngs, experts=True, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> (out [B, T, D], router logits [B*T, E])."""

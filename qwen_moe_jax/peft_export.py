@@ -12,6 +12,7 @@ adapters sharing that A. Routed experts are transformers' 3D parameters gate_up_
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,7 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, dtype: str | None = No
   with hf_io.staged_output(out_dir, force, protect=(run_dir,)) as staging:
     hf_io.write_shard(staging / "adapter_model.safetensors", tensors)
     (staging / "adapter_config.json").write_text(json.dumps(adapter_config(loc.lora), indent=2) + "\n")
+  if loc.lora.int8_experts:
+    print(f"note: {run_dir} trained its adapters over int8 routed experts; peft applies them to the base's "
+          f"float experts, which differ by that rounding (orbax_to_hf.py without --peft merges them into the "
+          f"rounded experts, the model trained)", file=sys.stderr)

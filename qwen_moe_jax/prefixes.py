@@ -57,3 +57,29 @@ class PrefixIndex:
       return -1, 0
     row, other = hit
     return row, common_prefix(prompt[:-1], other[:-1])
+
+
+def families(prompts: Sequence[Sequence[int]], least: int, most: int) -> list[tuple[int, list[int]]]:
+  """Prompts grouped to run a common prefix once (scoring.py): [(n, indices)] where the prompts at `indices` (2 to
+  `most` of them) share their first n >= `least` ids, and (0, [i]) for each prompt left alone.
+
+  Prompts are taken in sorted order, so those sharing most are neighbours. A prompt joins the group before it
+  when it shares at least `least` ids with it and the ids the group would stop sharing, times the group's
+  prompts but one (each would run them again), do not outnumber the ids still shared (which a group of its own
+  would run again): the choices of one question stay together, two documents under one short system prompt
+  do not.
+  """
+  out: list[tuple[int, list[int]]] = []
+  group: list[int] = []
+  n = 0
+  for i in sorted(range(len(prompts)), key=lambda i: prompts[i]):
+    m = min(n, common_prefix(prompts[group[-1]], prompts[i])) if group else 0
+    if group and m >= least and len(group) < most and (n - m) * (len(group) - 1) <= m:
+      group.append(i)
+      n = m
+      continue
+    if group:
+      out.append((n if len(group) > 1 else 0, group))
+    group, n = [i], len(prompts[i])
+  out.append((n if len(group) > 1 else 0, group))
+  return out

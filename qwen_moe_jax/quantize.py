@@ -1,4 +1,4 @@
-"""int8 routed experts for inference (`infer.py --expert-dtype int8`): weight-only quantization.
+"""int8 routed experts (`--expert-dtype int8`): weight-only quantization, for inference and for LoRA training.
 
 Each expert's weight matrix is held as int8 with one float32 scale per output channel (its largest magnitude over
 the input dimension / 127, as kv_cache.quantize computes it: symmetric, no calibration; the per-channel int8
@@ -8,7 +8,9 @@ scales are applied to the outputs (moe.ExpertScales). The routed experts are 87%
 86% of Qwen2-57B-A14B's parameters, so the model takes a little over half its bfloat16 bytes.
 
 Weights are quantized as they are read, one layer at a time (checkpoint.restore), so the bfloat16 experts of
-one layer at most are ever on the device.
+one layer at most are ever on the device. LoRA adapters trained over int8 experts (train.py --lora-rank R
+--expert-dtype int8, as QLoRA trains over 4-bit weights) are merged into the `rounded` experts, the weights they
+were trained with, so the merged model (infer.py, an export) is the one trained.
 """
 
 from __future__ import annotations
@@ -38,3 +40,14 @@ def quantize_experts(values: dict[str, jax.Array], wanted: dict[str, jax.ShapeDt
       layout = (wanted[key].sharding, wanted[key + SCALE].sharding)
       out[key], out[key + SCALE] = jax.jit(quantize, out_shardings=layout)(w)
   return out
+
+
+@jax.jit
+def _round(w: jax.Array) -> jax.Array:
+  q, scale = quantize(w)
+  return (q.astype(jnp.float32) * jnp.expand_dims(scale, 1)).astype(w.dtype)
+
+
+def rounded(values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """`values` (flat) with each routed-expert weight replaced by the weight its int8 values and scales stand for."""
+  return {k: _round(w) if k.endswith(EXPERTS) else w for k, w in values.items()}

@@ -27,7 +27,7 @@ CACHE_MAX_BYTES = 4 << 30  # the compile cache drops its least recently used pro
 
 
 def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16", decoding: bool = False) -> None:
-  """The shared flags; `decoding` adds the decode-attention kernel and the int8 experts (infer.py)."""
+  """The shared flags; `decoding` adds the decode-attention kernel (infer.py)."""
   ap.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES),
                   help=f"compute and parameter dtype (default {default_dtype}; float32 is the parity setting)")
   ap.add_argument("--mesh", help="axis=size pairs over data, fsdp, expert, tensor, e.g. data=2,expert=4 "
@@ -41,9 +41,10 @@ def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16", decod
     ap.add_argument("--decode-attention", default="xla", choices=DECODE_BACKENDS,
                     help="attention kernel of the decode steps: xla (an einsum over every cache slot) or pallas (a "
                     "Triton kernel reading only each row's live slots; GPU; opt-in, not yet measured)")
-    ap.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
-                    help="the routed experts' weights: auto (--dtype) or int8 (one float32 scale per expert and "
-                    "output channel, quantized as the checkpoint is read: about 0.57x the bytes of a bf16 model)")
+  ap.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
+                  help="the routed experts' weights: auto (--dtype) or int8 (one float32 scale per expert and output "
+                  "channel, quantized as the checkpoint is read: about 0.57x the bytes of a bf16 model; training: "
+                  "frozen under LoRA adapters, which then train against the int8 experts)")
   ap.add_argument("--compile-cache", metavar="DIR|off",
                   help="persistent XLA compilation cache: a later run with the same shapes loads its programs "
                        "instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR, else "
@@ -99,7 +100,7 @@ def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kerne
   init_distributed(args)
   mesh = sharding.make_mesh(args.mesh)
   kernels = default_kernels(args.expert_backend, args.attention, getattr(args, "decode_attention", "xla"),
-                            getattr(args, "expert_dtype", "auto"))
+                            args.expert_dtype)
   for attention, platform in (("cudnn", "gpu"), ("splash", "tpu")):
     if kernels.attention == attention and jax.default_backend() != platform:
       raise UserError(f"--attention {attention} needs a {platform.upper()} (jax's backend here is "

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qwen_moe_jax import checkpoint, data, sharding
+from qwen_moe_jax import checkpoint, data, quantize, sharding
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.layers import F32
@@ -126,14 +126,16 @@ def split_params(model: nnx.Module, tc: TrainConfig) -> tuple[dict, dict]:
   """(trainable, frozen) nested dicts of the model's parameters, by TrainConfig.train_only / freeze.
 
   Frozen parameters are only ever read in the compute dtype, so they are held in it (half the memory of
-  float32 master weights for bfloat16 compute: frozen experts of A2.7B take 26 GB instead of 52).
+  float32 master weights for bfloat16 compute: frozen experts of A2.7B take 26 GB instead of 52); int8 experts
+  and their float32 scales are held as they are.
   """
   flat = checkpoint.flatten(nnx.state(model, nnx.Param))
   trainable = {k: v for k, v in flat.items() if tc.trainable(k)}
   if not trainable:
     raise UserError("--train-only / --freeze leave no parameter to train")
   compute = jnp.dtype(tc.compute_dtype)
-  frozen = {k: cast(v, compute) for k, v in flat.items() if k not in trainable}
+  held = lambda k, v: v.dtype == jnp.int8 or k.endswith(quantize.SCALES)  # noqa: E731
+  frozen = {k: v if held(k, v) else cast(v, compute) for k, v in flat.items() if k not in trainable}
   return checkpoint.unflatten(trainable), checkpoint.unflatten(frozen)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"int8_cache", "int8_experts", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill",
           "hf_throughput", "decode", "throughput", "prefill", "profile", "pallas_decode", "train", "fit", "lora",
-          "kernels", "done"}
+          "kernels", "qlora", "done"}
 
 
 def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
@@ -47,6 +47,8 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   assert fit["freeze"] == ["experts"] and fit["held_gb"] > 0 and fit["step_temp_gb"] > 0
   lora = rows[("lora", 1)]
   assert lora["lora"]["rank"] == 16 and 0 < lora["held_gb"] < fit["held_gb"] and lora["tokens_per_s"] > 0
+  qlora = rows[("qlora", 1)]
+  assert qlora["lora"]["int8_experts"] and 0 < qlora["held_gb"] < lora["held_gb"] and qlora["tokens_per_s"] > 0
   assert all(r["top_ops_ms"] for r in records if r["stage"] == "profile")
 
 
@@ -102,18 +104,24 @@ def test_capacity_planner_compiles_every_program(tmp_path):
 
 
 def test_capacity_planner_lora_step(tmp_path):
-  """--lora-rank: the adapters are what is trained (their optimizer state is a sliver of the frozen weights)."""
+  """--lora-rank: the adapters are what is trained (their optimizer state is a sliver of the frozen weights);
+  over int8 experts the frozen weights shrink and the adapters do not."""
   from qwen_moe_jax.demo import demo_config
   config = tmp_path / "config.json"
   config.write_text(json.dumps(demo_config(512).to_hf_dict()))
-  res = subprocess.run([sys.executable, "benchmarks/capacity.py", "--config", str(config), "--devices", "1",
-                        "--batch", "1", "--context", "64", "--prompt-len", "32", "--train", "--seq-len", "64",
-                        "--lora-rank", "4"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert res.returncode == 0, res.stderr
-  step = json.loads(res.stdout.splitlines()[-1])["train_step"]
-  assert step["lora_rank"] == 4 and step["temp_gb"] > 0
-  assert 0 < step["trainable_gb_per_device"] < step["frozen_gb_per_device"] / 10
-  assert step["optimizer_state_gb_per_device"] < 2.1 * step["trainable_gb_per_device"]
+  steps = {}
+  for expert_dtype in ("auto", "int8"):
+    res = subprocess.run([sys.executable, "benchmarks/capacity.py", "--config", str(config), "--devices", "1",
+                          "--batch", "1", "--context", "64", "--prompt-len", "32", "--train", "--seq-len", "64",
+                          "--lora-rank", "4", "--expert-dtype", expert_dtype], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    steps[expert_dtype] = step = json.loads(res.stdout.splitlines()[-1])["train_step"]
+    assert step["lora_rank"] == 4 and step["temp_gb"] > 0
+    assert 0 < step["trainable_gb_per_device"] < step["frozen_gb_per_device"] / 10
+    assert step["optimizer_state_gb_per_device"] < 2.1 * step["trainable_gb_per_device"]
+  assert steps["int8"]["trainable_gb_per_device"] == steps["auto"]["trainable_gb_per_device"]
+  assert steps["int8"]["frozen_gb_per_device"] < 0.8 * steps["auto"]["frozen_gb_per_device"]
 
 
 def test_attention_memory_benchmark_shows_blocks_smaller():
@@ -160,3 +168,4 @@ def test_prompt_sharing_benchmark_runs():
   for label in ("all_rows", "2_rows", "2_rows_varied_lengths"):
     assert runs[f"prefix_{label}"]["shared_tokens"] == 5 * 70  # the 6 prompts' first 70 tokens run once
     assert runs[f"distinct_{label}"]["shared_tokens"] == 0
+  assert all(runs[f"scoring_{name}"]["seconds"] > 0 for name in ("prefix", "prefix_unshared", "distinct"))

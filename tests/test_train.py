@@ -27,6 +27,7 @@ from qwen_moe_jax.demo import build_tokenizer
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import abstract_model
+from qwen_moe_jax.peft_export import export_peft
 from qwen_moe_jax.scoring import prompt_logits
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
@@ -293,6 +294,49 @@ def test_lora_resume_matches_uninterrupted(lora_run, tmp_path, base):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_lora_over_int8_experts(base, lora_run, tmp_path, capsys):
+  """--expert-dtype int8 with --lora-rank (QLoRA-style): the frozen routed experts are int8 while the adapters
+  train, the loss falls, and the run read back (merged into the int8-rounded experts: the weights it trained
+  with) gives the logits of the model it trained, as does its export to transformers; resuming with another
+  expert dtype is refused."""
+  run = tmp_path / "qlora"
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(run), *TRAIN,
+              *LORA, "--expert-dtype", "int8")
+  assert res.returncode == 0, res.stderr
+  m = metrics(run)
+  first, last = np.mean([r["ce"] for r in m[:3]]), np.mean([r["ce"] for r in m[-3:]])
+  print(f"LoRA over int8 experts: cross-entropy {first:.3f} -> {last:.3f}")
+  assert last < 0.9 * first
+  cfg = checkpoint.load_config(run)
+  loc, _ = checkpoint.checked(run, cfg)
+  assert loc.lora == lora_lib.LoraConfig(4, 16.0, int8_experts=True)
+
+  one, int8 = sharding.make_mesh({}, jax.devices()[:1]), Kernels(expert_dtype="int8")
+  adapters = checkpoint.load_sharded(loc.adapters, checkpoint.wanted_adapters(cfg, loc.lora, one, jnp.float32, int8),
+                                     cfg.num_experts)
+  trained = training.with_adapters(checkpoint.restore(base / "ckpt", one, jnp.float32, int8), adapters, loc.lora,
+                                   one, jnp.float32, int8)
+  assert trained.layers[1].mlp.experts_wi[...].dtype == jnp.int8
+  ids = [3, 14, 15, 92, 65, 35, 89, 79]
+  ref = prompt_logits(trained, ids)  # as the train step computed them: int8 experts, adapters unmerged
+  merged = prompt_logits(checkpoint.restore(run, dtype=jnp.float32), ids)
+  np.testing.assert_allclose(merged, ref, atol=2e-5 * np.abs(ref).max())
+  # merged into the original float experts instead, the model is off by the experts' rounding
+  unrounded = dataclasses.replace(loc, lora=dataclasses.replace(loc.lora, int8_experts=False))
+  off = np.abs(prompt_logits(checkpoint.restore(unrounded, dtype=jnp.float32, cfg=cfg), ids) - ref).max()
+  assert off > 1e-3 * np.abs(ref).max()
+  convert.export_hf(run, tmp_path / "hf", progress=False)
+  hf_model = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(hf_model(torch.tensor([ids])).logits[0].numpy(), ref, atol=2e-5 * np.abs(ref).max())
+  export_peft(run, tmp_path / "peft")  # peft would apply them to the float experts: said
+  assert "trained its adapters over int8 routed experts; peft applies them" in capsys.readouterr().err
+
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(lora_run),
+              *TRAIN, *LORA, "--expert-dtype", "int8")
+  assert res.returncode == 2 and "resuming with different settings (lora)" in res.stderr, res.stderr
+
+
 @pytest.mark.parametrize("flags,message", [
   (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
   (["--lora-rank", "4", "--train-only", "attention"], "drop --train-only / --freeze"),
@@ -300,6 +344,7 @@ def test_lora_resume_matches_uninterrupted(lora_run, tmp_path, base):
   (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be > 0, got 0.0"),
   (["--lora-rank", "4", "--lora-targets", ","], "--lora-targets: unknown group ''"),
   (["--lora-alpha", "8"], "--lora-alpha / --lora-targets need --lora-rank"),
+  (["--expert-dtype", "int8"], "--expert-dtype int8 holds the routed experts frozen as int8"),
 ])
 def test_bad_lora_flags(base, tmp_path, flags, message):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "r"),
@@ -325,9 +370,9 @@ def test_lora_run_with_its_base_gone_or_as_a_lora_base(base, lora_run, tmp_path)
     checkpoint.locate(moved)
 
 
-def _step_outputs(model, mesh, tc, batch):
+def _step_outputs(model, mesh, tc, batch, kernels=Kernels()):
   """One train step on `mesh`: (metrics, updated trainable params) as host values."""
-  graphdef, abstract = abstract_model(model.config, jnp.float32, sharding.expert_shards(mesh), lora=tc.lora)
+  graphdef, abstract = abstract_model(model.config, jnp.float32, sharding.expert_shards(mesh), kernels, tc.lora)
   tx = training.make_optimizer(tc)
   with jax.set_mesh(mesh):
     trainable, frozen = training.split_params(model, tc)
@@ -383,24 +428,26 @@ def lora_case(step_case):
   return ckpt, batch, tc, {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in shapes.items()}
 
 
-def _lora_step(lora_case, mesh):
+def _lora_step(lora_case, mesh, kernels=Kernels()):
   ckpt, batch, tc, host = lora_case
-  model = checkpoint.restore(ckpt, mesh, jnp.float32)
-  wanted = checkpoint.wanted_adapters(model.config, tc.lora, mesh, jnp.float32)
+  model = checkpoint.restore(ckpt, mesh, jnp.float32, kernels)
+  wanted = checkpoint.wanted_adapters(model.config, tc.lora, mesh, jnp.float32, kernels)
   adapters = {k: jax.device_put(np.pad(host[k], [(0, w - s) for s, w in zip(host[k].shape, v.shape)]), v.sharding)
               for k, v in wanted.items()}
-  return _step_outputs(training.with_adapters(model, adapters, tc.lora, mesh, jnp.float32, Kernels()),
-                       mesh, tc, batch)
+  return _step_outputs(training.with_adapters(model, adapters, tc.lora, mesh, jnp.float32, kernels),
+                       mesh, tc, batch, kernels)
 
 
-@pytest.mark.parametrize("spec", ["expert=8", "fsdp=2,expert=2,tensor=2"])
-def test_lora_train_step_same_on_every_mesh(lora_case, spec):
-  """A LoRA step (adapters through the expert-parallel shard_map, fsdp gathers and tensor-split hidden) updates
-  the adapters as one device does; only adapters are trained."""
-  tc = lora_case[2]
-  ref = _lora_step(lora_case, sharding.make_mesh({}, jax.devices()[:1]))
+@pytest.mark.parametrize("spec,expert_dtype", [("expert=8", "auto"), ("fsdp=2,expert=2,tensor=2", "auto"),
+                                               ("fsdp=2,expert=2,tensor=2", "int8")])
+def test_lora_train_step_same_on_every_mesh(lora_case, spec, expert_dtype):
+  """A LoRA step (adapters through the expert-parallel shard_map, fsdp gathers and tensor-split hidden; over
+  int8 experts too, their scales split like them) updates the adapters as one device does; only adapters are
+  trained."""
+  tc, kernels = lora_case[2], Kernels(expert_dtype=expert_dtype)
+  ref = _lora_step(lora_case, sharding.make_mesh({}, jax.devices()[:1]), kernels)
   assert set(ref[1]) == set(lora_case[3])
-  assert_same_step(_lora_step(lora_case, sharding.make_mesh(spec)), ref, tc)
+  assert_same_step(_lora_step(lora_case, sharding.make_mesh(spec), kernels), ref, tc)
 
 
 def test_train_step_with_one_row_on_fsdp(step_case):
