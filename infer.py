@@ -270,6 +270,11 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if args.num_samples > 1 and sampling.temperature == 0:
     raise UserError(f"--num-samples {args.num_samples} draws different samples of a prompt, but decoding is "
                     "greedy: give --temperature > 0 (or a generation_config.json that samples)")
+  if args.expert_dtype is None and checkpoint.trained_expert_dtype(folder) == "int8":
+    kernels = dataclasses.replace(kernels, expert_dtype="int8")
+    if jax.process_index() == 0:
+      print(f"note: {folder} trained its LoRA adapters over int8 experts: run so, the adapters unmerged "
+            f"(--expert-dtype auto merges them into float experts)", file=sys.stderr)
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows, batch_size=args.batch_size,
                         kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix)

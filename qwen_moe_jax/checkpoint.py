@@ -193,23 +193,33 @@ def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None
             kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
   """Builds the model from a checkpoint or run folder (a LoRA run's adapters merged into its base), or from a
   Location (`cfg` then required), every parameter created directly in its sharding, a layer at a time; with
-  `kernels.expert_dtype` int8 the routed experts are quantized as their layer is read (after the merge)."""
+  `kernels.expert_dtype` int8 the routed experts are quantized as their layer is read (after the merge). A LoRA
+  run trained over int8 experts, read with int8 experts, keeps its adapters unmerged: the model it trained."""
   cfg = cfg or load_config(source)
   loc, _ = checked(source, cfg)
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
-  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels)
+  int8 = kernels.expert_dtype == "int8"
+  unmerged = loc.adapters is not None and loc.lora.int8_experts and int8
+  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels, loc.lora if unmerged else None)
   wanted = wanted_params(abstract, mesh, dtype)
-  stored = {k: v for k, v in wanted.items() if not k.endswith(quantize.SCALES)}  # as the checkpoint holds them
-  adapters = {}  # read in float32: the merge rounds once, to `dtype`
+  stored = {k: v for k, v in wanted.items()  # as the checkpoint holds them
+            if not k.endswith(quantize.SCALES) and not lora_lib.is_adapter(k)}
+  adapters = {}  # in float32, as trained (merged: the merge rounds once, to `dtype`)
   if loc.adapters is not None:
     adapters = load_sharded(loc.adapters, wanted_adapters(cfg, loc.lora, mesh, jnp.float32, kernels), cfg.num_experts)
-  values: dict[str, jax.Array] = {}
+  values: dict[str, jax.Array] = dict(adapters) if unmerged else {}
   for part in load_groups(loc, stored, cfg.num_experts):  # one layer: int8 experts are quantized as they are read
     group = group_of(next(iter(part)))
-    if loc.adapters is not None:
+    if adapters and not unmerged:
       part = merged(part, {k: v for k, v in adapters.items() if group_of(k) == group}, loc.lora)
-    values.update(quantize.quantize_experts(part, wanted) if kernels.expert_dtype == "int8" else part)
+    values.update(quantize.quantize_experts(part, wanted) if int8 else part)
   return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, values)))
+
+
+def trained_expert_dtype(folder: str | Path) -> str:
+  """"int8" for a LoRA run trained over int8 experts (read that way it is the model trained), else "auto"."""
+  lora = locate(folder).lora
+  return "int8" if lora is not None and lora.int8_experts else "auto"
 
 
 def wanted_params(abstract: nnx.State, mesh: jax.sharding.Mesh, dtype: jnp.dtype) -> dict[str, jax.ShapeDtypeStruct]:

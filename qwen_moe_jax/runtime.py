@@ -41,10 +41,11 @@ def add_args(ap: argparse.ArgumentParser, default_dtype: str = "bfloat16", decod
     ap.add_argument("--decode-attention", default="xla", choices=DECODE_BACKENDS,
                     help="attention kernel of the decode steps: xla (an einsum over every cache slot) or pallas (a "
                     "Triton kernel reading only each row's live slots; GPU; opt-in, not yet measured)")
-  ap.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
+  ap.add_argument("--expert-dtype", choices=EXPERT_DTYPES,
                   help="the routed experts' weights: auto (--dtype) or int8 (one float32 scale per expert and output "
                   "channel, quantized as the checkpoint is read: about 0.57x the bytes of a bf16 model; training: "
-                  "frozen under LoRA adapters, which then train against the int8 experts)")
+                  "frozen under LoRA adapters, which then train against the int8 experts). Default: auto, or for "
+                  "a LoRA run trained over int8 experts int8, its adapters unmerged (the model it trained)")
   ap.add_argument("--compile-cache", metavar="DIR|off",
                   help="persistent XLA compilation cache: a later run with the same shapes loads its programs "
                        "instead of compiling them (default: $JAX_COMPILATION_CACHE_DIR, else "
@@ -100,7 +101,7 @@ def setup(args: argparse.Namespace) -> tuple[jax.sharding.Mesh, jnp.dtype, Kerne
   init_distributed(args)
   mesh = sharding.make_mesh(args.mesh)
   kernels = default_kernels(args.expert_backend, args.attention, getattr(args, "decode_attention", "xla"),
-                            args.expert_dtype)
+                            args.expert_dtype or "auto")
   for attention, platform in (("cudnn", "gpu"), ("splash", "tpu")):
     if kernels.attention == attention and jax.default_backend() != platform:
       raise UserError(f"--attention {attention} needs a {platform.upper()} (jax's backend here is "

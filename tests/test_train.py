@@ -25,6 +25,7 @@ from qwen_moe_jax import checkpoint, convert, data, sharding, training
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.demo import build_tokenizer
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import abstract_model
 from qwen_moe_jax.peft_export import export_peft
@@ -321,6 +322,20 @@ def test_lora_over_int8_experts(base, lora_run, tmp_path, capsys):
   ref = prompt_logits(trained, ids)  # as the train step computed them: int8 experts, adapters unmerged
   merged = prompt_logits(checkpoint.restore(run, dtype=jnp.float32), ids)
   np.testing.assert_allclose(merged, ref, atol=2e-5 * np.abs(ref).max())
+  # read with int8 experts, the run is that very model (adapters unmerged); infer.py reads it so by default
+  kept = checkpoint.restore(run, dtype=jnp.float32, kernels=int8)
+  assert kept.layers[1].mlp.experts_wi_lora_a[...].dtype == jnp.float32
+  np.testing.assert_allclose(prompt_logits(kept, ids), ref, atol=1e-6 * np.abs(ref).max())
+  mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")  # both ways on a mesh, laid out as the rules say
+  for kernels, want in ((Kernels(), merged), (int8, ref)):
+    spread = checkpoint.restore(run, mesh, jnp.float32, kernels)
+    assert tuple(spread.layers[1].mlp.experts_wi[...].sharding.spec) == ("expert", "fsdp", None, "tensor")
+    np.testing.assert_allclose(prompt_logits(spread, ids, mesh), want, atol=2e-6 * np.abs(ref).max())
+  res = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(run), "--input-ids", "3,14,15,92",
+                        "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "6", "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0 and "trained its LoRA adapters over int8 experts: run so" in res.stderr, res.stderr
+  assert json.loads(res.stdout)["output_ids"] == Generator(trained).generate([[3, 14, 15, 92]], 6).output_ids[0]
   # merged into the original float experts instead, the model is off by the experts' rounding
   unrounded = dataclasses.replace(loc, lora=dataclasses.replace(loc.lora, int8_experts=False))
   off = np.abs(prompt_logits(checkpoint.restore(unrounded, dtype=jnp.float32, cfg=cfg), ids) - ref).max()
@@ -335,6 +350,12 @@ def test_lora_over_int8_experts(base, lora_run, tmp_path, capsys):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(lora_run),
               *TRAIN, *LORA, "--expert-dtype", "int8")
   assert res.returncode == 2 and "resuming with different settings (lora)" in res.stderr, res.stderr
+  # resumed from step 12 (adapters, optimizer state, the int8 base re-read), it ends where it ended
+  shutil.rmtree(run / "checkpoints" / "16")
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(run), *TRAIN,
+              *LORA, "--expert-dtype", "int8")
+  assert res.returncode == 0 and "from step 12" in res.stderr, res.stderr
+  assert [(r["loss"], r["grad_norm"]) for r in metrics(run)] == [(r["loss"], r["grad_norm"]) for r in m]
 
 
 @pytest.mark.parametrize("flags,message", [
