@@ -23,6 +23,8 @@ Stages, in order (A2.7B config, random bf16 weights):
   int8_cache   the decode rows and the throughput row again with an int8 KV cache (twice the rows fit)
   int8_experts the same with int8 routed experts (a random model's: the speed, not the accuracy)
   qlora        the lora stage over int8 routed experts (train.py --lora-rank 16 --expert-dtype int8)
+  qlora_big    the same for Qwen2-57B-A14B on the one device (65.6 GB of int8 experts: does its LoRA step fit?);
+               last, so the time budget usually skips it: run it alone with --only qlora_big
   profile      the kernels that take the time in a batch-1 decode and a train step (with --trace)
 
 Each result is one JSON object per line on stdout (and appended to --out). A stage that fails prints its error
@@ -68,7 +70,7 @@ from qwen_moe_jax.scoring import prompt_logits  # noqa: E402
 
 GB = 1e9
 STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",
-          "fit", "lora", "pallas_decode", "kernels", "int8_cache", "int8_experts", "qlora")
+          "fit", "lora", "pallas_decode", "kernels", "int8_cache", "int8_experts", "qlora", "qlora_big")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +84,15 @@ class Plan:
   prefill: tuple[int, int]  # (batch, prompt)
   train: tuple[int, int, int]  # (layers, batch, seq)
   fit: tuple[int, int]  # (batch, seq) for the full model
+  big: QwenMoeConfig  # the qlora_big stage's model
 
 
 PLANS = {
   "qwen1.5-moe-a2.7b": Plan(PRESETS["qwen1.5-moe-a2.7b"], "bfloat16", 8 << 30, ((1, 128, 64), (64, 1000, 48)),
-                            (1000, 1000, 16), 256, (16, 1024), (8, 4, 4096), (1, 4096)),
+                            (1000, 1000, 16), 256, (16, 1024), (8, 4, 4096), (1, 4096), PRESETS["qwen2-57b-a14b"]),
   # tiny: the second decode row (100 + 20 tokens) gets a 128-slot cache, the Pallas decode kernel's smallest
   "tiny": Plan(demo_config(vocab_size=512), "float32", 64 << 20, ((1, 16, 20), (4, 100, 20)), (24, 24, 4), 8,
-               (4, 32), (2, 2, 64), (1, 64)),
+               (4, 32), (2, 2, 64), (1, 64), demo_config(vocab_size=512)),
 }
 
 
@@ -605,8 +608,11 @@ def main() -> None:
   run.stage("int8_cache", variant, run, plan, kernels, rng, "int8_cache", "int8")
   int8 = dataclasses.replace(kernels, expert_dtype="int8")
   run.stage("int8_experts", variant, run, plan, int8, rng, "int8_experts")
-  run.stage("qlora", our_train, run, plan, int8, peak, "qlora", plan.cfg.num_hidden_layers, *plan.fit,
-            training.TrainConfig(lora=LoraConfig(16, 32.0, int8_experts=True), remat="full"), rng)
+  qlora = training.TrainConfig(lora=LoraConfig(16, 32.0, int8_experts=True), remat="full")
+  run.stage("qlora", our_train, run, plan, int8, peak, "qlora", plan.cfg.num_hidden_layers, *plan.fit, qlora, rng)
+  big = dataclasses.replace(plan, cfg=plan.big)
+  run.stage("qlora_big", our_train, run, big, int8, peak, "qlora_big", big.cfg.num_hidden_layers, *plan.fit, qlora,
+            rng)
   run.emit(stage="done")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"int8_cache", "int8_experts", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill",
           "hf_throughput", "decode", "throughput", "prefill", "profile", "pallas_decode", "train", "fit", "lora",
-          "kernels", "qlora", "done"}
+          "kernels", "qlora", "qlora_big", "done"}
 
 
 def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
@@ -49,6 +49,7 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   assert lora["lora"]["rank"] == 16 and 0 < lora["held_gb"] < fit["held_gb"] and lora["tokens_per_s"] > 0
   qlora = rows[("qlora", 1)]
   assert qlora["lora"]["int8_experts"] and 0 < qlora["held_gb"] < lora["held_gb"] and qlora["tokens_per_s"] > 0
+  assert rows[("qlora_big", 1)]["held_gb"] > 0  # the tiny plan's "big" model is the tiny one
   assert all(r["top_ops_ms"] for r in records if r["stage"] == "profile")
 
 
