@@ -34,7 +34,7 @@ from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import Sampling
-from qwen_moe_jax.scoring import prompt_logits, prompt_logprobs
+from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import load_tokenizer
 
@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help='with --json: add "output_logprobs", the model\'s log-probability of each generated token')
   ap.add_argument("--prompt-logprobs", action="store_true",
                   help='with --json: add "prompt_logprobs", each prompt token\'s log-probability given the ones '
-                  'before it (null for the first); --max-new-tokens 0 scores without generating')
+                  'before it, and "prompt_ranks", its rank among the vocabulary (1: the greedy choice; null for the '
+                  'first token); --max-new-tokens 0 scores without generating')
   ap.add_argument("--dump-logits", help="save fp32 logits over the prompt positions [T, V] (one prompt) with numpy")
   ap.add_argument("--batch-size", type=int,
                   help="most prompts decoded at once (default: all); the rest wait and take rows as they finish")
@@ -282,14 +283,14 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     return chat(args, generator, tok, sampling, stop_ids(cfg, gen, tok))
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
-  scores = prompt_logprobs(generator, prompts) if args.prompt_logprobs else None
+  scores = prompt_scores(generator, prompts) if args.prompt_logprobs else None
   if args.max_new_tokens == 0:  # scoring only
     if any(limits):
       raise UserError(f"{args.prompts_file}: a line's max_new_tokens asks for new tokens; --max-new-tokens 0 only "
                       "scores")
     if lead:
       for p, score in zip(prompts, scores):
-        print(json_line(p, [], "" if tok is not None else None, "length", prompt_logprobs=score))
+        print(json_line(p, [], "" if tok is not None else None, "length", prompt_scores=score))
     return
   n = args.num_samples  # prompt i's sample j is generated as prompt i * n + j (its own random stream)
   each = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
@@ -391,17 +392,17 @@ class Printer:
 
 
 def json_line(prompt: list[int], output: list[int], text: str | None, finish_reason: str,
-              logprobs: list[float] | None = None, prompt_logprobs: list[float | None] | None = None,
+              logprobs: list[float] | None = None, prompt_scores: PromptScores | None = None,
               sample: int | None = None) -> str:
   """One --json object: {"input_ids", "output_ids", "text", "finish_reason"}, and "output_logprobs" /
-  "prompt_logprobs" / "sample" (of --num-samples) when given."""
+  "prompt_logprobs" and "prompt_ranks" / "sample" (of --num-samples) when given."""
   obj = {"input_ids": prompt, "output_ids": output, "text": text, "finish_reason": finish_reason}
   if sample is not None:
     obj["sample"] = sample
   if logprobs is not None:
     obj["output_logprobs"] = logprobs
-  if prompt_logprobs is not None:
-    obj["prompt_logprobs"] = prompt_logprobs
+  if prompt_scores is not None:
+    obj["prompt_logprobs"], obj["prompt_ranks"] = prompt_scores.logprobs, prompt_scores.ranks
   return json.dumps(obj, ensure_ascii=False)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from qwen_moe_jax.demo import demo_model
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.sampling import Sampling
-from qwen_moe_jax.scoring import prompt_logprobs
+from qwen_moe_jax.scoring import prompt_scores
 
 
 def timed(gen: Generator, prompts: list[list[int]], new: list[int]) -> dict:
@@ -47,12 +47,12 @@ def timed(gen: Generator, prompts: list[list[int]], new: list[int]) -> dict:
 
 
 def scored(gen: Generator, prompts: list[list[int]]) -> dict:
-  """The second of two runs of prompt_logprobs (the first compiles): seconds."""
+  """The second of two runs of prompt_scores (the first compiles): seconds."""
   for _ in range(2):
     start = time.perf_counter()
-    scores = prompt_logprobs(gen, prompts)
+    scores = prompt_scores(gen, prompts)
     seconds = time.perf_counter() - start
-  assert [len(s) for s in scores] == [len(p) for p in prompts]
+  assert [len(s.logprobs) for s in scores] == [len(p) for p in prompts]
   return {"seconds": round(seconds, 3)}
 
 

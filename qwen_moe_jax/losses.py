@@ -18,21 +18,29 @@ from qwen_moe_jax.moe import load_balancing_loss
 LOSS_CHUNK = 1024  # tokens per LM-head chunk
 
 
-def token_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
-  """hidden [N, D], lm_head [D, V], targets [N] -> fp32 NLL of each target [N], the LM head run `chunk` tokens at
-  a time."""
+def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
+                 chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """hidden [N, D], lm_head [D, V], targets [N] -> (fp32 NLL of each target [N], its rank [N]: 1 + the ids with a
+  higher logit, 1 for the greedy choice), the LM head run `chunk` tokens at a time."""
   n = hidden.shape[0]
   chunk = min(chunk, n)
   pad = -n % chunk
   hidden, targets = jnp.pad(hidden, ((0, pad), (0, 0))), jnp.pad(targets, (0, pad))
 
   @jax.checkpoint
-  def nll(args):
+  def score(args):
     h, t = args  # [C, D], [C]
     logits = jnp.einsum("CD,DV->CV", h, lm_head, preferred_element_type=F32)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    target = jnp.take_along_axis(logits, t[:, None], axis=-1)  # [C, 1]
+    return jax.nn.logsumexp(logits, axis=-1) - target[:, 0], 1 + jnp.sum(logits > target, axis=-1, dtype=jnp.int32)
 
-  return jax.lax.map(nll, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk))).reshape(-1)[:n]
+  nll, rank = jax.lax.map(score, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk)))
+  return nll.reshape(-1)[:n], rank.reshape(-1)[:n]
+
+
+def token_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
+  """The NLL of `token_scores` (XLA drops the unused ranks: the compiled program is the same)."""
+  return token_scores(hidden, lm_head, targets, chunk)[0]
 
 
 def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,

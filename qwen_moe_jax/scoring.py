@@ -1,5 +1,5 @@
-"""Scoring prompts: each token's log-probability given the tokens before it (`--prompt-logprobs`, as vLLM's
-prompt_logprobs), and the logits at every position (`--dump-logits`).
+"""Scoring prompts: each token's log-probability and rank given the tokens before it (`--prompt-logprobs`, as
+vLLM's prompt_logprobs; a rank of 1 is lm-eval's is_greedy), and the logits at every position (`--dump-logits`).
 
 Prompts run in groups of the generator's `prefill_rows` (else `batch_size`, else all), longest first, each group
 padded to its own bucket. Prompts that begin alike (at least `share_prefix` ids in common: the choices of one
@@ -11,6 +11,7 @@ cache rows of as many prompts as generation copies at once (generate.copy_rows: 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -22,13 +23,21 @@ from flax import nnx
 from qwen_moe_jax import sharding
 from qwen_moe_jax.generate import Generator, bucket, cache_bucket, copy_rows, mesh_context
 from qwen_moe_jax.kv_cache import KVCache
-from qwen_moe_jax.losses import token_nll
+from qwen_moe_jax.losses import token_scores
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.prefixes import families
 
 
-def prompt_logprobs(gen: Generator, prompts: Sequence[Sequence[int]]) -> list[list[float | None]]:
-  """Each prompt token's log-probability given the tokens before it (None for the first)."""
+@dataclasses.dataclass
+class PromptScores:
+  """A prompt's scores, one per token (None for the first, which nothing before it predicts)."""
+
+  logprobs: list[float | None]  # log p(token | the tokens before it)
+  ranks: list[int | None]  # 1 + the ids the model found likelier (1: the greedy choice)
+
+
+def prompt_scores(gen: Generator, prompts: Sequence[Sequence[int]]) -> list[PromptScores]:
+  """Each prompt token's log-probability and rank given the tokens before it."""
   gen.validate(prompts, [1])
   rows = bucket(min(gen.prefill_rows or gen.batch_size or len(prompts), len(prompts)), minimum=1)
   least = max(gen.share_prefix, 2)  # (a head of one id has no key or value to share)
@@ -36,13 +45,13 @@ def prompt_logprobs(gen: Generator, prompts: Sequence[Sequence[int]]) -> list[li
   groups = families(prompts, least, most) if gen.share_prefix else [(0, [i]) for i in range(len(prompts))]
   alone = sorted((g[0] for n, g in groups if not n), key=lambda i: -len(prompts[i]))
   shared = [(n, g) for n, g in groups if n]
-  scores: list[list[float | None]] = [[]] * len(prompts)
+  scores: list[PromptScores] = [PromptScores([], [])] * len(prompts)
   with mesh_context(gen.mesh):
     for start in range(0, len(alone), rows):
       part = alone[start:start + rows]
-      got = np.asarray(_prompt_logprobs(gen.graphdef, gen.params, *_shifted([prompts[i] for i in part], rows)))
+      got = jax.device_get(_prompt_scores(gen.graphdef, gen.params, *_shifted([prompts[i] for i in part], rows)))
       for r, i in enumerate(part):
-        scores[i] = [None] + got[r, :len(prompts[i]) - 1].tolist()
+        scores[i] = PromptScores(*([None] + x[r, :len(prompts[i]) - 1].tolist() for x in got))
     while shared:  # as many groups at once as `most` rows hold the prompts of (a group holds at most `most`)
       take, held = 0, 0
       while take < len(shared) and held + len(shared[take][1]) <= most:
@@ -53,13 +62,13 @@ def prompt_logprobs(gen: Generator, prompts: Sequence[Sequence[int]]) -> list[li
 
 
 def _score_families(gen: Generator, prompts: Sequence[Sequence[int]], groups: list[tuple[int, list[int]]],
-                    scores: list) -> None:
+                    scores: list[PromptScores]) -> None:
   """Scores the prompts of `groups` [(n, indices)] into `scores`: a group's first n ids run once (the first n - 1
   into a cache row), each prompt's from the n-th (the slot it fills) to its last but one over a copy of that row."""
   heads = [prompts[g[0]][:n] for n, g in groups]
   cache_len = cache_bucket(max(len(prompts[i]) for _, g in groups for i in g) - 1)
-  cache, head_scores = _prompt_logprobs(gen.graphdef, gen.params, *_shifted(heads, bucket(len(groups), minimum=1)),
-                                        cache_len=cache_len)
+  cache, head_scores = _prompt_scores(gen.graphdef, gen.params, *_shifted(heads, bucket(len(groups), minimum=1)),
+                                      cache_len=cache_len)
   rests = [(f, i) for f, (n, g) in enumerate(groups) for i in g if len(prompts[i]) > n]  # (group, prompt)
   if rests:
     width = bucket(len(rests), minimum=1)
@@ -67,13 +76,13 @@ def _score_families(gen: Generator, prompts: Sequence[Sequence[int]], groups: li
     sources, starts = np.zeros((2, width), np.int32)
     sources[:len(rests)] = [f for f, _ in rests]
     starts[:len(rests)] = [groups[f][0] - 1 for f, _ in rests]
-    rest_scores = np.asarray(_rest_pass(gen.graphdef, gen.params, cache, sources, tokens, targets, starts))
-  head_scores = np.asarray(head_scores)
+    rest_scores = jax.device_get(_rest_pass(gen.graphdef, gen.params, cache, sources, tokens, targets, starts))
+  head_scores = jax.device_get(head_scores)
   row_of = {i: r for r, (_, i) in enumerate(rests)}
   for f, (n, g) in enumerate(groups):
     for i in g:
-      rest = rest_scores[row_of[i], :len(prompts[i]) - n].tolist() if i in row_of else []
-      scores[i] = [None] + head_scores[f, :n - 1].tolist() + rest
+      rest = [x[row_of[i], :len(prompts[i]) - n].tolist() for x in rest_scores] if i in row_of else [[], []]
+      scores[i] = PromptScores(*([None] + head[f, :n - 1].tolist() + r for head, r in zip(head_scores, rest)))
 
 
 def _shifted(seqs: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,35 +96,35 @@ def _shifted(seqs: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.n
   return inputs, targets, lengths
 
 
-def _logprobs(model: QwenMoeForCausalLM, hidden: jax.Array, targets: jax.Array) -> jax.Array:
-  """hidden [B, T, D], targets [B, T] -> fp32 [B, T]: log p(target | the tokens up to its position)."""
+def _scores(model: QwenMoeForCausalLM, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """hidden [B, T, D], targets [B, T] -> (fp32 log p(target | the tokens up to its position), its rank) [B, T]."""
   b, t = targets.shape
-  nll = token_nll(hidden.reshape(b * t, -1), model.lm_head[...], targets.reshape(-1))
-  return sharding.constrain(-nll.reshape(b, t), (None, None))  # every process reads it
+  nll, rank = token_scores(hidden.reshape(b * t, -1), model.lm_head[...], targets.reshape(-1))
+  return tuple(sharding.constrain(x.reshape(b, t), (None, None)) for x in (-nll, rank))  # every process reads them
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prompt_logprobs(graphdef, params, tokens, targets, lengths, cache_len: int = 0):
-  """tokens / targets [B, T] right-padded, lengths [B] -> fp32 [B, T] log p(targets | the tokens up to it); with
-  `cache_len`, (a cache [B, cache_len] in the model's dtype holding the tokens' keys and values, those)."""
+def _prompt_scores(graphdef, params, tokens, targets, lengths, cache_len: int = 0):
+  """tokens / targets [B, T] right-padded, lengths [B] -> `_scores` of the targets given the tokens up to them;
+  with `cache_len`, (a cache [B, cache_len] in the model's dtype holding the tokens' keys and values, those)."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segments = (positions < lengths[:, None]).astype(jnp.int32)
   cache = KVCache.zeros(model.config, b, cache_len, model.embed[...].dtype) if cache_len else None
   out = model(tokens, positions, segments, cache=cache, packed=False)
-  scores = _logprobs(model, out.hidden, targets)
+  scores = _scores(model, out.hidden, targets)
   return (out.cache, scores) if cache_len else scores
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _rest_pass(graphdef, params, cache: KVCache, sources, tokens, targets, starts):
   """tokens / targets [R, T] right-padded, run at positions starts[r].. over a copy of cache row sources[r] (whose
-  slots [0, starts[r]) hold the ids before them) -> fp32 [R, T] log p(targets | the ids up to it)."""
+  slots [0, starts[r]) hold the ids before them) -> `_scores` of the targets given the ids up to them."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
   rows = jax.tree.map(lambda c: c[sources], cache).laid_out()
-  return _logprobs(model, model(tokens, positions, cache=rows, attend_cache=True).hidden, targets)
+  return _scores(model, model(tokens, positions, cache=rows, attend_cache=True).hidden, targets)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -41,7 +41,7 @@ from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import abstract_model, create_model
 from qwen_moe_jax.prefixes import PrefixIndex
 from qwen_moe_jax.sampling import Sampling
-from qwen_moe_jax.scoring import prompt_logits, prompt_logprobs
+from qwen_moe_jax.scoring import prompt_logits, prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import load_tokenizer
 
@@ -204,18 +204,19 @@ def test_prompts_beginning_alike_are_scored_sharing_their_prefix(tiny, monkeypat
   assert shared[0] == (24, [7, 9]) and sorted(i for _, g in shared[1:] for i in g) == list(range(7))
   assert all(n >= 40 and len(g) <= 4 for n, g in shared[1:]) and len(groups) == len(shared) + 3
   ran = []
-  for name, at in (("_prompt_logprobs", 2), ("_rest_pass", 4)):  # where the ids [B, T] are
+  for name, at in (("_prompt_scores", 2), ("_rest_pass", 4)):  # where the ids [B, T] are
     fn = getattr(scoring, name)
     monkeypatch.setattr(scoring, name, lambda *a, fn=fn, at=at, **k: ran.append(np.asarray(a[at])) or fn(*a, **k))
-  want = prompt_logprobs(Generator(model, share_prefix=0), prompts)
+  want = prompt_scores(Generator(model, share_prefix=0), prompts)
   alone = sum(len(p) - 1 for p in prompts)
   assert sum(int((t != 0).sum()) for t in ran) <= alone  # (ids of 0 count as padding)
   ran.clear()
-  got = prompt_logprobs(Generator(model, prefill_rows=4, share_prefix=16), prompts)
+  got = prompt_scores(Generator(model, prefill_rows=4, share_prefix=16), prompts)
   assert sum(int((t != 0).sum()) for t in ran) <= alone - sum((len(g) - 1) * (n - 1) for n, g in shared)
   for g, w, p in zip(got, want, prompts, strict=True):
-    assert len(g) == len(p) and g[0] is None
-    np.testing.assert_allclose(g[1:], w[1:], atol=1e-5)
+    assert len(g.logprobs) == len(g.ranks) == len(p) and g.logprobs[0] is None and g.ranks[0] is None
+    np.testing.assert_allclose(g.logprobs[1:], w.logprobs[1:], atol=1e-5)
+    assert np.abs(np.subtract(g.ranks[1:], w.ranks[1:])).max(initial=0) <= 1  # (a near tie may flip)
 
 
 def test_prompt_logprobs_match_transformers(tiny):
@@ -223,17 +224,22 @@ def test_prompt_logprobs_match_transformers(tiny):
   of different lengths scored in padded groups; through infer.py too, scoring only (--max-new-tokens 0) or
   with generated tokens."""
   hf_model, model, gen, ckpt = tiny
-  prompts = PROMPTS + [[8, 8, 2, 99, 100]]
-  want = []
+  greedy = PROMPTS[0] + gen.generate([PROMPTS[0]], 3, Sampling(temperature=0)).output_ids[0]  # ends in 3 rank-1 ids
+  prompts = PROMPTS + [[8, 8, 2, 99, 100], greedy]
+  want, ranks = [], []  # ranks: (fewest, most) ids likelier than the target, ties within 1e-4 either way
   for p in prompts:
     with torch.no_grad():
       whole = torch.log_softmax(hf_model(torch.tensor([p])).logits[0], -1).numpy()
     want.append([whole[i - 1, t] for i, t in enumerate(p) if i > 0])
-  for engine in (gen, Generator(model, prefill_rows=3)):  # one group of 4 rows, or groups of 3 (one padded)
-    got = prompt_logprobs(engine, prompts)
-    assert [g[0] for g in got] == [None] * len(prompts)
-    for g, w in zip(got, want, strict=True):
-      np.testing.assert_allclose(g[1:], w, atol=1e-4)
+    ranks.append([(1 + np.sum(whole[i - 1] > whole[i - 1, t] + 1e-4), 1 + np.sum(whole[i - 1] > whole[i - 1, t] - 1e-4))
+                  for i, t in enumerate(p) if i > 0])
+  for engine in (gen, Generator(model, prefill_rows=3)):  # one group of all rows, or groups of 3 (one padded)
+    got = prompt_scores(engine, prompts)
+    assert [g.logprobs[0] for g in got] == [g.ranks[0] for g in got] == [None] * len(prompts)
+    for g, w, r in zip(got, want, ranks, strict=True):
+      np.testing.assert_allclose(g.logprobs[1:], w, atol=1e-4)
+      assert all(lo <= x <= hi for x, (lo, hi) in zip(g.ranks[1:], r, strict=True)), (g.ranks, r)
+    assert got[-1].ranks[-3:] == [1, 1, 1] and any(x > 1 for g in got for x in g.ranks[1:])
   ids = ["--input-ids", ",".join(map(str, prompts[1])), "--input-ids", ",".join(map(str, prompts[3]))]
   common = ["--checkpoint", str(ckpt), *ids, "--dtype", "float32", "--temperature", "0", "--json",
             "--prompt-logprobs"]
@@ -241,8 +247,8 @@ def test_prompt_logprobs_match_transformers(tiny):
   assert score.returncode == 0, score.stderr
   rows = [json.loads(x) for x in score.stdout.splitlines()]
   assert [r["output_ids"] for r in rows] == [[], []]
-  for r, w in zip(rows, (want[1], want[3]), strict=True):
-    assert r["prompt_logprobs"][0] is None
+  for r, w, g in zip(rows, (want[1], want[3]), (got[1], got[3]), strict=True):
+    assert r["prompt_logprobs"][0] is None and r["prompt_ranks"] == g.ranks
     np.testing.assert_allclose(r["prompt_logprobs"][1:], w, atol=1e-4)
   both = [json.loads(x) for x in infer(*common, "--max-new-tokens", "3").stdout.splitlines()]
   assert [r["prompt_logprobs"] for r in both] == [r["prompt_logprobs"] for r in rows]

@@ -26,7 +26,7 @@ from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import create_model, embed_lookup
 from qwen_moe_jax.sampling import Sampling
-from qwen_moe_jax.scoring import prompt_logprobs
+from qwen_moe_jax.scoring import prompt_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -61,7 +61,7 @@ def ckpt(tmp_path_factory):
   reference = (logits_on(model, mesh_of(None), ids), Generator(model).generate(PROMPTS, 16).output_ids,
                Generator(model, batch_size=1).generate(SAMPLED, LIMITS, PENALIZED, seed=5).output_ids,
                Generator(model, batch_size=1).generate(FEW_SHOT, FEW_LIMITS, PENALIZED, seed=5).output_ids,
-               prompt_logprobs(Generator(model, share_prefix=0), FEW_SHOT))
+               prompt_scores(Generator(model, share_prefix=0), FEW_SHOT))
   return tmp / "ckpt", ids, reference
 
 
@@ -101,8 +101,8 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   few_shot = Generator(model, mesh, batch_size=2, share_prefix=16).generate(FEW_SHOT, FEW_LIMITS, PENALIZED, seed=5)
   assert few_shot.output_ids == ref_few_shot and few_shot.shared_tokens == 2 * len(HEAD)
   # scored, the prompts with the prefix run it once into a cache split over devices, their rests over copies
-  for got, want in zip(prompt_logprobs(Generator(model, mesh, share_prefix=16), FEW_SHOT), ref_scores, strict=True):
-    np.testing.assert_allclose(got[1:], want[1:], atol=1e-5)
+  for got, want in zip(prompt_scores(Generator(model, mesh, share_prefix=16), FEW_SHOT), ref_scores, strict=True):
+    np.testing.assert_allclose(got.logprobs[1:], want.logprobs[1:], atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["expert=8", "fsdp=2,expert=2,tensor=2", "data=2,expert=4"])
