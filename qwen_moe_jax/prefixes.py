@@ -72,7 +72,7 @@ def families(prompts: Sequence[Sequence[int]], least: int, most: int) -> list[tu
   out: list[tuple[int, list[int]]] = []
   group: list[int] = []
   n = 0
-  for i in sorted(range(len(prompts)), key=lambda i: prompts[i]):
+  for i in sorted(range(len(prompts)), key=lambda i: tuple(prompts[i])):  # (lists, tuples or arrays alike)
     m = min(n, common_prefix(prompts[group[-1]], prompts[i])) if group else 0
     if group and m >= least and len(group) < most and (n - m) * (len(group) - 1) <= m:
       group.append(i)
