@@ -70,7 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qwen_moe_jax import checkpoint, generate, quantize, sharding, training  # noqa: E402
+from qwen_moe_jax import checkpoint, generate, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.errors import UserError  # noqa: E402
 from qwen_moe_jax.kernels import Kernels  # noqa: E402
@@ -193,7 +193,7 @@ def train_analysis(cfg: QwenMoeConfig, mesh) -> dict:
 
   _, trainable, frozen, _, opt_state = program(pdtype)
   frozen = checkpoint.unflatten({  # held in the compute dtype, int8 experts and their scales as they are (split_params)
-    k: x if x.dtype == jnp.int8 or k.endswith(quantize.SCALES) else x.update(dtype=jnp.dtype(ARGS.dtype))
+    k: x if training.held_as_is(k, x.dtype) else x.update(dtype=jnp.dtype(ARGS.dtype))
     for k, x in checkpoint.flatten(frozen).items()})
   graphdef, trainable32, frozen32, tx, opt32 = program(jnp.float32)
   shape = (1, tc.batch_size, tc.seq_len)

@@ -17,7 +17,8 @@ int8 experts change the numbers by their quantization error (tests bound it).
                       fewer than 128 slots, heads not a power of two >= 16 wide, and several new tokens at once
                       keep the einsum)
   expert_dtype  auto  the routed experts' weights in the model's dtype
-             int8     int8 with a float32 scale per expert and output channel, for inference (quantize.py)
+             int8     int8 with a float32 scale per expert and output channel (quantize.py): for inference, and
+                      frozen under LoRA adapters in training
 """
 
 from __future__ import annotations

@@ -134,9 +134,13 @@ def split_params(model: nnx.Module, tc: TrainConfig) -> tuple[dict, dict]:
   if not trainable:
     raise UserError("--train-only / --freeze leave no parameter to train")
   compute = jnp.dtype(tc.compute_dtype)
-  held = lambda k, v: v.dtype == jnp.int8 or k.endswith(quantize.SCALES)  # noqa: E731
-  frozen = {k: v if held(k, v) else cast(v, compute) for k, v in flat.items() if k not in trainable}
+  frozen = {k: v if held_as_is(k, v.dtype) else cast(v, compute) for k, v in flat.items() if k not in trainable}
   return checkpoint.unflatten(trainable), checkpoint.unflatten(frozen)
+
+
+def held_as_is(key: str, dtype: jnp.dtype) -> bool:
+  """A frozen parameter kept in its own dtype rather than the compute dtype: int8 experts and their scales."""
+  return dtype == jnp.int8 or key.endswith(quantize.SCALES)
 
 
 def with_adapters(model: QwenMoeForCausalLM, adapters: dict[str, jax.Array] | None, lora: LoraConfig,
