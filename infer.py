@@ -8,10 +8,11 @@
   python infer.py --checkpoint DIR --prompts-file eval.jsonl --json --prompt-logprobs --max-new-tokens 0
 
 Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
---prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line, optionally "max_new_tokens"
-and "stop") may be repeated and run as one batch (or --batch-size rows at a time, refilled as prompts
-finish). One prompt streams its tokens to stdout as they are generated; --json prints one object per prompt.
-Sampling defaults (and a repetition penalty) come from the checkpoint's generation_config.json, else greedy.
+--prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line, optionally "max_new_tokens",
+"stop" and sampling settings ("temperature", "top_p", ...: the flags' names)) may be repeated and run as one
+batch (or --batch-size rows at a time, refilled as prompts finish). One prompt streams its tokens to stdout as
+they are generated; --json prints one object per prompt. Sampling defaults (and a repetition penalty) come from
+the checkpoint's generation_config.json, else greedy.
 --interactive chats turn by turn: each line read from stdin is a user message, answered with the whole
 conversation so far as the prompt (/reset starts over, /exit or end of input quits).
 """
@@ -55,15 +56,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="multi-turn chat: user messages from stdin, one per line (/reset, /exit)")
   ap.add_argument("--input-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
   ap.add_argument("--prompts-file", help='JSONL: one {prompt|chat|messages|input_ids} object per line, '
-                                         'optionally with its own "max_new_tokens"')
+                                         'optionally with its own "max_new_tokens", "stop" and sampling settings '
+                                         '("temperature", "top_k", "top_p", "min_p", "repetition_penalty", '
+                                         '"presence_penalty", "frequency_penalty")')
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--stop", action="append", default=[],
                   help="end the text where this string begins (repeatable; left out of the text, as OpenAI's stop)")
   ap.add_argument("--temperature", type=float, help="0 is greedy")
   ap.add_argument("--top-k", type=int)
   ap.add_argument("--top-p", type=float)
+  ap.add_argument("--min-p", type=float, help="drop ids less likely than this times the likeliest (0: off)")
   ap.add_argument("--repetition-penalty", type=float,
                   help="divide positive / multiply negative logits of ids already in the row (1: off; greedy too)")
+  ap.add_argument("--presence-penalty", type=float,
+                  help="subtract from the logits of ids generated so far (OpenAI's; -2 to 2, 0: off; greedy too)")
+  ap.add_argument("--frequency-penalty", type=float,
+                  help="subtract, times the count, from the logits of ids generated so far (OpenAI's; -2 to 2)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--num-samples", type=int, default=1,
                   help="samples per prompt (sampling only; --json objects then carry \"sample\")")
@@ -108,41 +116,50 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def read_prompts(args: argparse.Namespace, tok) -> tuple[list[list[int]], list[int], list[StopStrings | None]]:
-  """Token ids of every prompt, in the order given (flags first, then the prompts file), each prompt's max new
-  tokens (a file line's "max_new_tokens", else --max-new-tokens) and stop strings (a file line's "stop", else
-  --stop; None: none)."""
+@dataclasses.dataclass
+class Request:
+  """One prompt to generate for, with what its line (or the flags) asked."""
+  ids: list[int]
+  max_new_tokens: int  # a file line's "max_new_tokens", else --max-new-tokens
+  stops: StopStrings | None  # a file line's "stop", else --stop; None: none
+  sampling: Sampling  # the flags' (or generation_config.json's), with a file line's own settings over them
+  where: str  # the flag or file line it came from
+
+
+def read_prompts(args: argparse.Namespace, tok, sampling: Sampling) -> list[Request]:
+  """Every prompt, in the order given (flags first, then the prompts file)."""
   specs: list[tuple[str, object, str]] = []  # (kind, value, where)
   specs += [("prompt", p, "--prompt") for p in args.prompt]
   specs += [("chat", c, "--chat") for c in args.chat]
   specs += [("input_ids", s, "--input-ids") for s in args.input_ids]
   flag_stops = stop_strings(tok, args.stop, "--stop")
-  limits, stops = [args.max_new_tokens] * len(specs), [flag_stops] * len(specs)
+  asked = [(args.max_new_tokens, flag_stops, sampling)] * len(specs)
   if args.prompts_file:
-    lines = _prompts_file(Path(args.prompts_file))
-    specs += [spec for spec, _, _ in lines]
-    limits += [args.max_new_tokens if limit is None else limit for _, limit, _ in lines]
-    stops += [flag_stops if stop is None else stop_strings(tok, stop, spec[2]) for spec, _, stop in lines]
+    for spec, limit, stop, settings in _prompts_file(Path(args.prompts_file)):
+      specs.append(spec)
+      asked.append((args.max_new_tokens if limit is None else limit,
+                    flag_stops if stop is None else stop_strings(tok, stop, spec[2]),
+                    dataclasses.replace(sampling, **settings).validate(spec[2])))
   if args.demo and not specs:
     specs.append(("chat", DEMO_CHAT, "--demo"))
-    limits.append(args.max_new_tokens)
-    stops.append(flag_stops)
+    asked.append((args.max_new_tokens, flag_stops, sampling))
   if not specs:
     raise UserError("no prompt: give --prompt, --chat, --input-ids or --prompts-file")
-  prompts = []
-  for kind, value, where in specs:
-    if kind == "input_ids":
-      prompts.append(_ids(value, where))
-      continue
-    if tok is None:
-      raise UserError(f"{where}: text prompts need tokenizer.json in the checkpoint folder (or use --input-ids)")
-    if kind == "prompt":
-      prompts.append(tok.encode(value))
-    else:
-      messages = value if kind == "messages" else (
-        ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": value}])
-      prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True))
-  return prompts, limits, stops
+  return [Request(_encode(args, tok, kind, value, where), *more, where)
+          for (kind, value, where), more in zip(specs, asked, strict=True)]
+
+
+def _encode(args: argparse.Namespace, tok, kind: str, value, where: str) -> list[int]:
+  """A prompt's token ids: given, encoded, or rendered through the chat template."""
+  if kind == "input_ids":
+    return _ids(value, where)
+  if tok is None:
+    raise UserError(f"{where}: text prompts need tokenizer.json in the checkpoint folder (or use --input-ids)")
+  if kind == "prompt":
+    return tok.encode(value)
+  messages = value if kind == "messages" else (
+    ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": value}])
+  return tok.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def stop_strings(tok, stops: list[str] | str, where: str) -> StopStrings | None:
@@ -163,8 +180,9 @@ def _ids(value, where: str) -> list[int]:
   return ids
 
 
-def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None, list[str] | None]]:
-  """((kind, value, where), max_new_tokens or None, stop strings or None) per non-empty line."""
+def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None, list[str] | None, dict]]:
+  """((kind, value, where), max_new_tokens or None, stop strings or None, sampling settings given) per non-empty
+  line."""
   try:
     lines = path.read_text().splitlines()
   except (FileNotFoundError, UnicodeDecodeError) as e:
@@ -188,11 +206,25 @@ def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None,
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
                                                           all(isinstance(x, str) for x in stop))):
       raise UserError(f"{where}: stop must be a string or a list of strings, got {stop!r}")
-    specs.append(((kinds[0], obj[kinds[0]], where), limit, stop))
+    specs.append(((kinds[0], obj[kinds[0]], where), limit, stop, sampling_settings(obj, SAMPLING_KEYS, where)))
   return specs
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")  # flags and generation_config.json keys
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))  # flags, and a prompts file line's keys
+GENERATION_CONFIG_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # those transformers has
+
+
+def sampling_settings(obj: dict, keys: tuple[str, ...], where: str) -> dict:
+  """The sampling settings among `keys` that `obj` (a JSON object) gives, as numbers of the field's type."""
+  given = {}
+  for key in keys:
+    value = obj.get(key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (key == "top_k" and value != int(value)):
+      raise UserError(f"{where}: {key} must be {'an integer' if key == 'top_k' else 'a number'}, got {value!r}")
+    given[key] = int(value) if key == "top_k" else float(value)
+  return given
 
 
 def generation_config(folder: Path) -> dict:
@@ -206,10 +238,7 @@ def generation_config(folder: Path) -> dict:
     raise UserError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(gen, dict):
     raise UserError(f"{path}: expected a JSON object")
-  for key in SAMPLING_KEYS:
-    value = gen.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-      raise UserError(f"{path}: {key} must be a number, got {value!r}")
+  sampling_settings(gen, GENERATION_CONFIG_KEYS, str(path))  # checked here: a bad value is one line
   return gen
 
 
@@ -217,8 +246,8 @@ def sampling_from(args: argparse.Namespace, gen: dict, folder: Path) -> Sampling
   """Flags win; else generation_config.json's sampling if it samples; else greedy. Its repetition_penalty
   applies either way, as in transformers (Qwen's chat models ship 1.05)."""
   sampled = bool(gen.get("do_sample"))
-  given = {k: (int if k == "top_k" else float)(gen[k]) for k in SAMPLING_KEYS
-           if gen.get(k) is not None and (sampled or k == "repetition_penalty")}
+  given = {k: v for k, v in sampling_settings(gen, GENERATION_CONFIG_KEYS, "").items()
+           if sampled or k == "repetition_penalty"}
   defaults = dataclasses.replace(Sampling(temperature=1.0) if sampled else Sampling(), **given)
   defaults.validate(str(folder / "generation_config.json"))
   flags = {f: getattr(args, f) for f in SAMPLING_KEYS}
@@ -263,14 +292,17 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
   if args.interactive and (tok is None or jax.process_count() > 1):
     raise UserError("--interactive needs tokenizer.json in the checkpoint folder and a single process")
-  prompts, limits, stops = ([], [], []) if args.interactive else read_prompts(args, tok)
   gen = generation_config(folder)
   sampling = sampling_from(args, gen, folder)
+  requests = [] if args.interactive else read_prompts(args, tok, sampling)
+  prompts, limits, stops = ([r.ids for r in requests], [r.max_new_tokens for r in requests],
+                            [r.stops for r in requests])
   if args.dump_logits and len(prompts) != 1:
     raise UserError(f"--dump-logits takes exactly one prompt, got {len(prompts)}")
-  if args.num_samples > 1 and sampling.temperature == 0:
-    raise UserError(f"--num-samples {args.num_samples} draws different samples of a prompt, but decoding is "
-                    "greedy: give --temperature > 0 (or a generation_config.json that samples)")
+  greedy = next((r for r in requests if r.sampling.temperature == 0), None)
+  if args.num_samples > 1 and greedy:
+    raise UserError(f"{greedy.where}: --num-samples {args.num_samples} draws different samples of a prompt, but "
+                    "its decoding is greedy: give --temperature > 0 (or a generation_config.json that samples)")
   if args.expert_dtype is None and checkpoint.trained_expert_dtype(folder) == "int8":
     kernels = dataclasses.replace(kernels, expert_dtype="int8")
     if jax.process_index() == 0:
@@ -314,7 +346,8 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     progress.update()
     in_order(k, *result)
 
-  result = generator.generate(each(prompts), each(limits), sampling, args.seed, stop_ids(cfg, gen, tok), printer,
+  result = generator.generate(each(prompts), each(limits), each([r.sampling for r in requests]), args.seed,
+                              stop_ids(cfg, gen, tok), printer,
                               stop_when=stop_when(each(stops)), on_done=on_done if lead else None)
   progress.close()
   if printer:

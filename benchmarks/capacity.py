@@ -77,7 +77,7 @@ from qwen_moe_jax.kernels import Kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import KVCache  # noqa: E402
 from qwen_moe_jax.lora import LoraConfig  # noqa: E402
 from qwen_moe_jax.model import abstract_model  # noqa: E402
-from qwen_moe_jax.sampling import Sampling  # noqa: E402
+from qwen_moe_jax.sampling import RowSampling, Sampling, SamplingOps  # noqa: E402
 
 KERNELS = Kernels(experts=ARGS.expert_backend, expert_dtype=ARGS.expert_dtype)
 GB = 1e9
@@ -131,17 +131,17 @@ def main() -> None:
   graphdef, flat = abstract_params(cfg, mesh, jnp.float32)  # the float32 program: see the module docstring
   abstract = abstract_model(cfg, jnp.float32, sharding.expert_shards(mesh), KERNELS)[1]
   params = nnx.State(checkpoint.unflatten_state(abstract, flat))
-  sampling = Sampling()
+  ops = SamplingOps()  # greedy
   with jax.set_mesh(mesh):
     state = cached if int8 else empty_state(jnp.dtype(jnp.float32))  # the float32 program's cache
     rows = ARGS.prefill_rows or ARGS.batch
     targets = (None if rows == ARGS.batch else i32(rows), None)  # every row, or G distinct prompts into G rows
     prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(rows),
                                      jax.eval_shape(lambda: generate.prompt_keys(0, range(rows))),
-                                     *targets, sampling=sampling).compile()
+                                     settings(rows), *targets, ops=ops).compile()
     state = sharding.with_shardings(state, prefill.output_shardings)
     decode = generate.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=1,
-                                   sampling=sampling).compile()
+                                   ops=ops).compile()
     report["prefill"] = {"prompt_len": ARGS.prompt_len, "rows": rows, "temp_gb": temp_gb(prefill),
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
     report["decode_step"] = {"temp_gb": temp_gb(decode),
@@ -151,6 +151,11 @@ def main() -> None:
       report["train_step"] = train_analysis(cfg, mesh)
   report["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   print(json.dumps(report))
+
+
+def settings(rows: int) -> RowSampling:
+  """Each row's sampling settings, abstract."""
+  return jax.eval_shape(lambda: RowSampling.of([Sampling()] * rows))
 
 
 def copy_analysis(graphdef, params, state, rows: int, fixed_gb: float) -> dict:
@@ -163,7 +168,7 @@ def copy_analysis(graphdef, params, state, rows: int, fixed_gb: float) -> dict:
                                       prompt).compile()
   kv = sharding.with_shardings(slots.out_info, slots.output_shardings)
   fork = generate.fork.lower(state, i32(r), kv, prompt, i32(r),
-                             jax.eval_shape(lambda: generate.prompt_keys(0, range(r)))).compile()
+                             jax.eval_shape(lambda: generate.prompt_keys(0, range(r))), settings(r)).compile()
   kv_gb = per_device_bytes(kv) / GB
   return {"rows": r, "slots": ARGS.prompt_len, "rest": ARGS.copy_rest, "copy_gb": round(kv_gb, 3),
           "temp_gb": max(temp_gb(slots), temp_gb(fork)),

@@ -32,7 +32,7 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.prefixes import PrefixIndex, common_prefix
-from qwen_moe_jax.sampling import Sampling, chosen_logprob, mark_seen, sample
+from qwen_moe_jax.sampling import RowSampling, Sampling, SamplingOps, chosen_logprob, count_generated, mark_seen, sample
 
 MIN_BUCKET = 16
 CACHE_STEP = 256  # cache lengths above this are multiples of it (see cache_bucket)
@@ -52,7 +52,9 @@ class DecodeState:
   keys: jax.Array  # [B] per-row PRNG keys (of the prompt in the row)
   stop_ids: jax.Array  # [S] ids that end a row (-1: unused slot)
   limit: jax.Array  # [B] max_new_tokens of each row's prompt: the row ends after this many tokens
+  sampling: RowSampling  # [B] each row's prompt's sampling settings
   seen: jax.Array | None  # [B, V] bool: ids in each row's prompt and output (repetition penalty; else None)
+  counts: jax.Array | None  # [B, V] int32: times each row generated each id (presence / frequency; else None)
 
   def laid_out(self) -> "DecodeState":
     """Fixed shardings under a mesh (cache by the rules, the rest replicated), the same in and out of decode."""
@@ -72,49 +74,51 @@ def _step_keys(keys: jax.Array, count: jax.Array) -> jax.Array:
   return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(count, keys.shape))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rows", "cache_len", "max_new", "dtype", "track_seen"))
-def empty_state(keys, stop_ids, *, cfg, rows, cache_len, max_new, dtype, track_seen=False) -> DecodeState:
-  """A state with an empty [rows, cache_len] cache and every row done until `prefill` fills it; `track_seen`
-  keeps the [rows, V] ids seen per row that a repetition penalty needs."""
-  return _state(KVCache.zeros(cfg, rows, cache_len, dtype), keys, stop_ids, max_new, cfg.vocab_size, track_seen)
+@functools.partial(jax.jit, static_argnames=("cfg", "rows", "cache_len", "max_new", "dtype", "ops"))
+def empty_state(keys, stop_ids, *, cfg, rows, cache_len, max_new, dtype, ops=SamplingOps()) -> DecodeState:
+  """A state with an empty [rows, cache_len] cache and every row done until `prefill` fills it, with the [rows, V]
+  ids seen per row (`seen`) or generated (`counts`) that the penalties in `ops` need."""
+  return _state(KVCache.zeros(cfg, rows, cache_len, dtype), keys, stop_ids, max_new, cfg.vocab_size, ops)
 
 
-def kept_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen=False) -> DecodeState:
+def kept_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, ops=SamplingOps()) -> DecodeState:
   """A state around a kept cache (an earlier call's: used up), its slots padded to `cache_len`, every row done
   (`fork` sets a row going)."""
   grow = _grown_state if cache_len > cache.length else _same_state
-  return grow(cache, keys, stop_ids, cache_len=cache_len, max_new=max_new, vocab=vocab, track_seen=track_seen)
+  return grow(cache, keys, stop_ids, cache_len=cache_len, max_new=max_new, vocab=vocab, ops=ops)
 
 
-@functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "track_seen"))
-def _grown_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen) -> DecodeState:
-  return _state(cache.grown(cache_len), keys, stop_ids, max_new, vocab, track_seen)
+@functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "ops"))
+def _grown_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, ops) -> DecodeState:
+  return _state(cache.grown(cache_len), keys, stop_ids, max_new, vocab, ops)
 
 
-@functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "track_seen"),
-                   donate_argnames=("cache",))
-def _same_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, track_seen) -> DecodeState:
-  return _state(cache, keys, stop_ids, max_new, vocab, track_seen)  # the cache updated in place from here on
+@functools.partial(jax.jit, static_argnames=("cache_len", "max_new", "vocab", "ops"), donate_argnames=("cache",))
+def _same_state(cache: KVCache, keys, stop_ids, *, cache_len, max_new, vocab, ops) -> DecodeState:
+  return _state(cache, keys, stop_ids, max_new, vocab, ops)  # the cache updated in place from here on
 
 
-def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, track_seen: bool) -> DecodeState:
+def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, ops: SamplingOps) -> DecodeState:
   rows = cache.k[0].shape[0]
   zeros = jnp.zeros((rows,), jnp.int32)
   return DecodeState(
     cache=cache, tokens=jnp.zeros((rows, max_new), jnp.int32), logprobs=jnp.zeros((rows, max_new), jnp.float32),
     last=zeros, positions=zeros, done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids,
-    limit=zeros, seen=jnp.zeros((rows, vocab), bool) if track_seen else None).laid_out()
+    limit=zeros, sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * rows)),
+    seen=jnp.zeros((rows, vocab), bool) if ops.repetition else None,
+    counts=jnp.zeros((rows, vocab), jnp.int32) if ops.counted else None).laid_out()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("state",))
-def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys, rows, source, *,
-            sampling) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "ops"), donate_argnames=("state",))
+def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys, settings: RowSampling, rows,
+            source, *, ops: SamplingOps) -> DecodeState:
   """Runs G prompts and puts them in R rows of the state, row rows[r] getting prompt source[r] (a prompt run once
   fills the rows of all its samples): its keys and values in the cache (slots [0, T), written in place; later
   slots keep what a previous prompt left there, which the causal mask hides), the row's token limit, PRNG key
   and first token (drawn with the row's key).
 
-  tokens [G, T] right-padded, lengths [G]; limits, keys, rows, source [R] (rows past the state's: unused).
+  tokens [G, T] right-padded, lengths [G]; limits, keys, settings, rows, source [R] (rows past the state's:
+  unused).
   source None: prompt r fills row rows[r] (R == G, nothing shared: no gather). rows None too: prompt g fills
   row g of all G == B rows (a length of 0: unused, done from the start), a fixed layout, which shards cleanly.
   """
@@ -131,7 +135,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
   seen = None if state.seen is None else mark_seen(jnp.zeros((g, state.seen.shape[1]), bool), tokens, segments > 0)
   logits, length = model.logits(last_hidden)[source], lengths[source]  # [R, V], [R]
   seen = None if seen is None else seen[source]
-  first = sample(logits, _step_keys(keys, jnp.int32(0)), sampling, seen)
+  counts = None if state.counts is None else jnp.zeros((len(source), state.counts.shape[1]), jnp.int32)
+  first = sample(logits, _step_keys(keys, jnp.int32(0)), ops, settings, seen, counts)
   done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (length == 0)
   tokens_out = jnp.zeros((len(first), state.tokens.shape[1]), jnp.int32).at[:, 0].set(first)
 
@@ -144,11 +149,13 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
     logprobs=put(state.logprobs, jnp.zeros(tokens_out.shape).at[:, 0].set(chosen_logprob(logits, first))),
     last=put(state.last, first), positions=put(state.positions, length), done=put(state.done, done),
     count=put(state.count, length > 0), limit=put(state.limit, limits), keys=put(state.keys, keys),
-    seen=None if seen is None else put(state.seen, mark_seen(seen, first, length > 0))).laid_out()
+    sampling=jax.tree.map(put, state.sampling, settings),
+    seen=None if seen is None else put(state.seen, mark_seen(seen, first, length > 0)),
+    counts=None if counts is None else put(state.counts, count_generated(counts, first, length > 0))).laid_out()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"), donate_argnames=("state",))
-def decode(graphdef, params, state: DecodeState, refill, *, steps, sampling) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "ops"), donate_argnames=("state",))
+def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: SamplingOps) -> DecodeState:
   """Up to `steps` more tokens per row, stopping early once every row is done, or, with `refill` [] (prompts
   wait for a row), once any row finishes. Done rows keep their tokens, count, last token and position (their
   steps write that token's key and value at its slot, which nothing reads)."""
@@ -164,7 +171,7 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, sampling) -> 
     i, s = carry
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
     logits = model.logits(out.hidden[:, 0])
-    token = sample(logits, _step_keys(s.keys, s.count), sampling, s.seen)
+    token = sample(logits, _step_keys(s.keys, s.count), ops, s.sampling, s.seen, s.counts)
     live = ~s.done
     count = s.count + live
     done = s.done | (live & jnp.isin(token, s.stop_ids)) | (count >= s.limit)
@@ -173,7 +180,7 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, sampling) -> 
       s, cache=out.cache, tokens=s.tokens.at[jnp.arange(rows), at].set(token, mode="drop"),
       logprobs=s.logprobs.at[jnp.arange(rows), at].set(chosen_logprob(logits, token), mode="drop"),
       last=jnp.where(live, token, s.last), positions=s.positions + live, done=done, count=count,
-      seen=mark_seen(s.seen, token, live)).laid_out()
+      seen=mark_seen(s.seen, token, live), counts=count_generated(s.counts, token, live)).laid_out()
 
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state.laid_out()))[1].laid_out()
 
@@ -197,12 +204,12 @@ def prefix_slots(graphdef, params, cache: KVCache, sources, tokens, starts, prom
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
-def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys) -> DecodeState:
+def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys, settings: RowSampling) -> DecodeState:
   """Rows `rows` [R] take prompts whose keys and values up to their last id `kv` holds (slots [0, P), from
   `prompt_slots` or `prefix_slots`), which they get (their later slots, hidden by the mask, are written over
   before they are read); each row is set to feed the prompt's last token at its position, so that the next decode step
   draws the row's first token (with its own key, as the prefill would). prompt [R, P] the ids, -1 padded (its
-  length, and the ids a repetition penalty sees); limits, keys [R]; rows past the state's: unused."""
+  length, and the ids a repetition penalty sees); limits, keys, settings [R]; rows past the state's: unused."""
   length = jnp.sum(prompt >= 0, axis=1)
   put = lambda whole, part: whole.at[rows].set(part.astype(whole.dtype), mode="drop")  # noqa: E731
   at = (rows[:, None], slice(None), jnp.arange(prompt.shape[1])[None])  # [R, P] first, as LayerKV.write indexes
@@ -214,7 +221,9 @@ def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys) -> DecodeS
     state, cache=cache, last=put(state.last, jnp.take_along_axis(prompt, (length - 1)[:, None], axis=1)[:, 0]),
     positions=put(state.positions, length - 1), done=put(state.done, jnp.zeros_like(rows, bool)),
     count=put(state.count, jnp.zeros_like(rows)), limit=put(state.limit, limits), keys=put(state.keys, keys),
-    seen=None if seen is None else put(state.seen, seen)).laid_out()
+    sampling=jax.tree.map(put, state.sampling, settings), seen=None if seen is None else put(state.seen, seen),
+    counts=None if state.counts is None else put(state.counts, jnp.zeros((len(rows), state.counts.shape[1])))
+  ).laid_out()
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -317,12 +326,13 @@ class Generator:
       raise UserError(f"--max-new-tokens must be >= 1, got {min(max_new_tokens)}")
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-               sampling: Sampling = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
+               sampling: Sampling | Sequence[Sampling] = Sampling(), seed: int = 0, stop_ids: Sequence[int] = (),
                on_tokens: Callable[[int, list[int]], None] | None = None, keep: bool = False,
                stop_when: Callable[[int, list[int], int], int | None] | None = None,
                on_done: Callable[[int, list[int], list[float], str], None] | None = None) -> Result:
     """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
-    context; `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming).
+    context; `sampling`: one for all, or one per prompt (the rows of one batch may sample differently);
+    `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming).
 
     `stop_when(prompt index, output ids so far, how many of them are new)` (stop strings): None to go on, or how
     many of the ids to keep; the prompt then ends there (the host sees tokens between decode calls, so the
@@ -336,8 +346,10 @@ class Generator:
     """
     cfg, n = self.config, len(prompts)
     wants = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(wants) != n:
-      raise ValueError(f"{len(wants)} max_new_tokens for {n} prompts")
+    settings = [sampling] * n if isinstance(sampling, Sampling) else list(sampling)
+    if len(wants) != n or len(settings) != n:
+      raise ValueError(f"{len(wants)} max_new_tokens and {len(settings)} samplings for {n} prompts")
+    ops = SamplingOps.of(settings)
     self.validate(prompts, wants)
     limits = [min(m, cfg.context_length - len(p)) for p, m in zip(prompts, wants)]  # [n]
     longest = max(len(p) for p in prompts)
@@ -357,6 +369,9 @@ class Generator:
 
     def width(ids: list[list[int]]) -> int:  # slots for these prompts: a bucket, never past the cache
       return min(bucket(max(map(len, ids))), t)
+
+    def row_sampling(indices: list[int], r: int) -> RowSampling:  # prompts' settings, padded to r rows
+      return RowSampling.of([settings[i] for i in indices] + [Sampling()] * (r - len(indices)))
 
     def fill(state: DecodeState, placed: list[tuple[int, int]]) -> DecodeState:
       """The state with prompts prefilled into rows, placed [(row, prompt index)], `group` rows per call; identical
@@ -378,8 +393,8 @@ class Generator:
         targets = (None if whole else np.array([row for row, _ in part] + list(spare), np.int32),
                    None if len(distinct) == len(part) else np.array(source + [0] * (r - len(part)), np.int32))
         caps = np.array([limits[i] if j < len(part) else 0 for j, i in enumerate(owners)], np.int32)
-        args = (tokens, lengths, caps, prompt_keys(seed, owners), *targets)
-        state = self._compiled(prefill, (self.params, state, *args), sampling=sampling)(self.params, state, *args)
+        args = (tokens, lengths, caps, prompt_keys(seed, owners), row_sampling(owners[:len(part)], r), *targets)
+        state = self._compiled(prefill, (self.params, state, *args), ops=ops)(self.params, state, *args)
       return state
 
     def copy(state: DecodeState, copies: list[tuple[int, int, int, int]]) -> DecodeState:
@@ -407,7 +422,8 @@ class Generator:
           kv = self._compiled(prompt_slots, (state.cache, sources, ids), model=False)(state.cache, sources, ids)
         args = (np.array([row for row, *_ in part] + spare, np.int32), kv, ids,
                 np.array([limits[i] for _, i, _, _ in part] + [1] * len(spare), np.int32),
-                prompt_keys(seed, [i for _, i, _, _ in part] + [0] * len(spare)))
+                prompt_keys(seed, [i for _, i, _, _ in part] + [0] * len(spare)),
+                row_sampling([i for _, i, _, _ in part], r))
         state = self._compiled(fork, (state, *args), model=False)(state, *args)
       return state
 
@@ -456,13 +472,12 @@ class Generator:
       start = time.perf_counter()
       if reused:  # the kept cache's row 0 holds the prompt's first `reused` ids: the rest runs over them
         state = kept_state(kept[0].cache, prompt_keys(seed, [0]), jnp.asarray(stops), cache_len=cache_len,
-                           max_new=bucket(limits[0]), vocab=cfg.vocab_size, track_seen=sampling.penalized)
+                           max_new=bucket(limits[0]), vocab=cfg.vocab_size, ops=ops)
         kept = None  # the old cache, when it grew
         state = copy(state, [(0, 0, 0, reused)])
       else:
         state = empty_state(prompt_keys(seed, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
-                            cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype,
-                            track_seen=sampling.penalized)
+                            cache_len=cache_len, max_new=bucket(max(limits)), dtype=self.cache_dtype, ops=ops)
         state = place(state, [(row, i) for row, i in enumerate(owner) if i >= 0])
       shown = [0] * rows
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
@@ -496,7 +511,7 @@ class Generator:
           state = place(state, freed)
           continue
         refill = np.bool_(bool(waiting))  # stop at the first finished row, to hand it the next prompt
-        state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, sampling=sampling)(
+        state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, ops=ops)(
           self.params, state, refill)
       end = time.perf_counter() - self._compile_seconds
     if keep and n == 1:

@@ -1,24 +1,31 @@
 """Sampling a next token from fp32 logits as transformers does: repetition penalty, temperature, top-k, top-p
-(`process_logits`), then argmax or a draw; and what the decode state tracks for it (ids seen per row, each
+(`process_logits`), then min-p, with OpenAI's presence and frequency penalties, then argmax or a draw; each row
+with its own settings; and what the decode state tracks for it (ids seen per row, ids generated counted, each
 drawn token's log-probability). Shapes: B rows, V vocabulary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_moe_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
+  """One prompt's settings (a --prompts-file line may give its own)."""
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0  # 0: off
   top_p: float = 1.0  # 1: off
   repetition_penalty: float = 1.0  # 1: off; applies to greedy decoding too, as in transformers
+  min_p: float = 0.0  # 0: off; drop ids less likely than min_p x the likeliest (transformers' MinPLogitsWarper)
+  presence_penalty: float = 0.0  # subtracted from the logit of each id the row has generated (OpenAI, vLLM)
+  frequency_penalty: float = 0.0  # subtracted once per time the row has generated the id (OpenAI, vLLM)
 
   def validate(self, where: str | None = None) -> "Sampling":
     """Bad values are errors naming the flag, or the key in `where` (a file) when given."""
@@ -33,42 +40,99 @@ class Sampling:
       raise UserError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
     if not self.repetition_penalty > 0:
       raise UserError(f"{name('repetition_penalty')} must be > 0, got {self.repetition_penalty}")
+    if not 0 <= self.min_p <= 1:
+      raise UserError(f"{name('min_p')} must be in [0, 1], got {self.min_p}")
+    for field in ("presence_penalty", "frequency_penalty"):
+      if not -2 <= getattr(self, field) <= 2:
+        raise UserError(f"{name(field)} must be in [-2, 2] (OpenAI's range), got {getattr(self, field)}")
     return self
 
-  @property
-  def penalized(self) -> bool:
-    return self.repetition_penalty != 1.0
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOps:
+  """Which steps of `process_logits` some row needs: static (a compiled program's shape); each row's values are
+  in a `RowSampling`, so prompts with their own settings share a batch and new values do not recompile."""
+  repetition: bool = False  # a repetition penalty: rows track the ids of their prompt and output (`seen`)
+  counted: bool = False  # a presence or frequency penalty: rows count the ids they generated (`counts`)
+  draws: bool = False  # some row samples (temperature > 0); else every row is greedy
+  top_k: int = 0  # the largest top-k of a sampling row (0: none truncates by rank)
+  top_p: bool = False
+  min_p: bool = False
+
+  @staticmethod
+  def of(settings: Sequence[Sampling]) -> "SamplingOps":
+    drawn = [s for s in settings if s.temperature > 0]
+    return SamplingOps(
+      repetition=any(s.repetition_penalty != 1 for s in settings),
+      counted=any(s.presence_penalty or s.frequency_penalty for s in settings), draws=bool(drawn),
+      top_k=max((s.top_k for s in drawn), default=0), top_p=any(s.top_p < 1 for s in drawn),
+      min_p=any(s.min_p > 0 for s in drawn))
 
 
-def process_logits(logits: jax.Array, s: Sampling, seen: jax.Array | None = None) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowSampling:
+  """Each row's settings, [B] each (see Sampling)."""
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+  repetition_penalty: jax.Array
+  min_p: jax.Array
+  presence_penalty: jax.Array
+  frequency_penalty: jax.Array
+
+  @staticmethod
+  def of(settings: Sequence[Sampling]) -> "RowSampling":
+    """Host arrays [len(settings)]."""
+    return RowSampling(**{f.name: np.array([getattr(s, f.name) for s in settings],
+                                           np.int32 if f.name == "top_k" else np.float32)
+                          for f in dataclasses.fields(Sampling)})
+
+
+def process_logits(logits: jax.Array, ops: SamplingOps, rs: RowSampling, seen: jax.Array | None = None,
+                   counts: jax.Array | None = None) -> jax.Array:
   """logits [B, V] fp32 -> the logits a token is drawn from, in transformers' order: the repetition penalty on
   the ids each row has seen (seen [B, V] bool: its prompt and output so far; positive logits divided by the
-  penalty, negative ones multiplied), then temperature, top-k and top-p, which leave dropped ids at -inf.
-  Greedy (temperature 0) stops after the penalty."""
-  if s.penalized:
-    p = jnp.float32(s.repetition_penalty)
+  penalty, negative ones multiplied), then the presence and frequency penalties on the ids it generated
+  (counts [B, V], as vLLM applies them after the repetition penalty), then temperature, top-k, top-p and min-p,
+  which leave dropped ids at -inf. A greedy row (temperature 0) stops after the penalties."""
+  column = lambda x: x[:, None]  # noqa: E731  [B] -> [B, 1]
+  if ops.repetition:
+    p = column(rs.repetition_penalty)
     logits = jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
-  if s.temperature == 0:
+  if ops.counted:
+    logits = logits - column(rs.frequency_penalty) * counts - column(rs.presence_penalty) * (counts > 0)
+  if not ops.draws:
     return logits
-  logits = logits / s.temperature
-  if s.top_k:
-    kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if s.top_p < 1:
+  greedy = column(rs.temperature == 0)
+  penalized, logits = logits, logits / column(jnp.where(rs.temperature > 0, rs.temperature, 1.0))
+  if ops.top_k:
+    largest = jax.lax.top_k(logits, min(ops.top_k, logits.shape[-1]))[0]  # [B, K] descending
+    kth = jnp.take_along_axis(largest, column(jnp.clip(rs.top_k, 1, largest.shape[-1]) - 1), axis=-1)
+    logits = jnp.where((logits < kth) & column(rs.top_k > 0), -jnp.inf, logits)
+  if ops.top_p:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    cutoff = jnp.min(jnp.where(before < s.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
+    cutoff = jnp.min(jnp.where(before < column(rs.top_p), sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where((logits < cutoff) & column(rs.top_p < 1), -jnp.inf, logits)
+  if ops.min_p:
+    probs = jax.nn.softmax(logits, axis=-1)
+    floor = column(rs.min_p) * jnp.max(probs, axis=-1, keepdims=True)
+    logits = jnp.where(probs < floor, -jnp.inf, logits)
+  return jnp.where(greedy, penalized, logits)
 
 
-def sample(logits: jax.Array, keys: jax.Array, s: Sampling, seen: jax.Array | None = None) -> jax.Array:
-  """logits [B, V] fp32, keys [B], seen [B, V] (with a repetition penalty) -> token ids [B]."""
-  logits = process_logits(logits, s, seen)
-  if s.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+def sample(logits: jax.Array, keys: jax.Array, ops: SamplingOps, rs: RowSampling, seen: jax.Array | None = None,
+           counts: jax.Array | None = None) -> jax.Array:
+  """logits [B, V] fp32, keys [B], seen / counts [B, V] (with those penalties) -> token ids [B]: the argmax of a
+  greedy row's logits, a draw from a sampling row's."""
+  logits = process_logits(logits, ops, rs, seen, counts)
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if not ops.draws:
+    return best
+  drawn = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+  return jnp.where(rs.temperature > 0, drawn, best)
 
 
 def chosen_logprob(logits: jax.Array, token: jax.Array) -> jax.Array:
@@ -85,3 +149,10 @@ def mark_seen(seen: jax.Array | None, tokens: jax.Array, real: jax.Array | bool 
   tokens = tokens.reshape(b, -1)
   real = jnp.broadcast_to(jnp.reshape(real, (b, -1)) if jnp.ndim(real) else real, tokens.shape)
   return seen.at[jnp.arange(b)[:, None], tokens].max(real)
+
+
+def count_generated(counts: jax.Array | None, token: jax.Array, real: jax.Array | bool = True) -> jax.Array | None:
+  """counts [B, V] with each row's new token [B] counted where `real`; None (no such penalty) stays None."""
+  if counts is None:
+    return None
+  return counts.at[jnp.arange(token.shape[0]), token].add(jnp.broadcast_to(real, token.shape).astype(counts.dtype))

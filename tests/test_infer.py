@@ -40,7 +40,7 @@ from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import abstract_model, create_model
 from qwen_moe_jax.prefixes import PrefixIndex
-from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.sampling import RowSampling, Sampling, SamplingOps
 from qwen_moe_jax.scoring import prompt_logits, prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings
 from qwen_moe_jax.tokenizer import load_tokenizer
@@ -72,12 +72,12 @@ def infer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                         env=env)
 
 
-def hf_greedy(hf_model, prompt: list[int], n: int, repetition_penalty: float = 1.0) -> list[int]:
+def hf_greedy(hf_model, prompt: list[int], n: int, repetition_penalty: float = 1.0, logits_processor=()) -> list[int]:
   ids = torch.tensor([prompt])  # the explicit mask: generate would take a token 0 in the prompt for padding
   with torch.no_grad():
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                             do_sample=False, eos_token_id=None, pad_token_id=0,
-                            repetition_penalty=repetition_penalty)
+                            repetition_penalty=repetition_penalty, logits_processor=list(logits_processor))
   return out[0, len(prompt):].tolist()
 
 
@@ -427,7 +427,7 @@ def test_decode_loop_with_the_pallas_kernel_lowers_to_triton(monkeypatch):
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   hlo = jax.export.export(generate.decode, platforms=["cuda"], disabled_checks=[triton])(
     graphdef, jax.eval_shape(lambda: params), state, jax.ShapeDtypeStruct((), bool), steps=16,
-    sampling=Sampling(temperature=0.7, top_p=0.8)).mlir_module()
+    ops=SamplingOps.of([Sampling(temperature=0.7, top_p=0.8)])).mlir_module()
   assert hlo.count("@__gpu$xla.gpu.triton") == cfg.num_hidden_layers
 
 
@@ -463,7 +463,7 @@ def test_decode_reads_the_cache_in_place(tiny, cache_dtype):
   state = generate.empty_state(generate.prompt_keys(0, range(rows)), jnp.full((4,), -1, jnp.int32), cfg=cfg,
                                rows=rows, cache_len=slots, max_new=16, dtype=gen.cache_dtype)
   hlo = generate.decode.lower(gen.graphdef, gen.params, state, np.bool_(False), steps=16,
-                              sampling=Sampling()).compile().as_text()
+                              ops=SamplingOps()).compile().as_text()
   k, h = cfg.num_key_value_heads, cfg.dim_per_head
   cache_shapes = {f"[{rows},{k},{slots},{h}]", f"[{rows},{slots},{k},{h}]"}
   results = [(line.split(" = ", 1)[0], line.split(" = ", 1)[1].split(" ", 1)) for line in hlo.splitlines()
@@ -531,27 +531,113 @@ def test_sampling_is_seeded_and_respects_top_k(tiny):
       gen.generate(PROMPTS, 12).output_ids
 
 
-@pytest.mark.parametrize("penalty,temperature,top_k,top_p", [
-  (1.3, 0.0, 0, 1.0), (1.3, 0.7, 0, 1.0), (0.8, 1.0, 7, 1.0), (1.05, 0.7, 20, 0.8), (1.0, 1.3, 0, 0.5)])
-def test_processed_logits_match_transformers(penalty, temperature, top_k, top_p):
-  """The logits a token is drawn from equal what transformers' processors leave (repetition penalty over the
-  ids seen, then temperature, top-k, top-p), including which ids are dropped."""
+ROW_SETTINGS = [  # one batch's rows: greedy next to sampled, each truncation alone and combined
+  Sampling(0.0, 0, 1.0, 1.3), Sampling(0.7, 0, 1.0, 1.3), Sampling(1.0, 7, 1.0, 0.8), Sampling(0.7, 20, 0.8, 1.05),
+  Sampling(1.3, 0, 0.5), Sampling(0.9, min_p=0.1), Sampling(1.2, 30, 0.9, 1.1, min_p=0.05),
+  Sampling(0.0, 5, 0.5, min_p=0.3)]  # greedy: its truncation settings do nothing, as in transformers
+
+
+def test_processed_logits_match_transformers():
+  """Each row's logits to draw from equal what transformers' processors leave for that row's settings alone
+  (repetition penalty over the ids seen, then temperature, top-k, top-p and min-p), including which ids are
+  dropped, with every row of the batch set differently; and equal that row processed alone."""
   from transformers.generation import logits_process as hf
-  rng = np.random.default_rng(int(penalty * 100 + top_k))
-  logits = (3 * rng.standard_normal((4, 97))).astype(np.float32)
-  ids = rng.integers(0, 97, (4, 30))  # a row's prompt and output so far
-  procs = [hf.RepetitionPenaltyLogitsProcessor(penalty)]
-  if temperature:
-    procs += [hf.TemperatureLogitsWarper(temperature)] + ([hf.TopKLogitsWarper(top_k)] if top_k else []) + \
-        ([hf.TopPLogitsWarper(top_p)] if top_p < 1 else [])
-  want = hf.LogitsProcessorList(procs)(torch.tensor(ids), torch.tensor(logits)).numpy()
-  s = Sampling(temperature, top_k, top_p, penalty)
-  seen = sampling.mark_seen(jnp.zeros((4, 97), bool), jnp.asarray(ids)) if s.penalized else None
-  got = np.asarray(sampling.process_logits(jnp.asarray(logits), s, seen))
-  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  plain = np.asarray(sampling.process_logits(jnp.asarray(logits), Sampling(temperature, top_k, top_p)))
-  assert penalty == 1.0 or not np.allclose(got, plain)
+  rng = np.random.default_rng(7)
+  n = len(ROW_SETTINGS)
+  logits = (3 * rng.standard_normal((n, 97))).astype(np.float32)
+  ids = rng.integers(0, 97, (n, 30))  # a row's prompt and output so far
+  seen = sampling.mark_seen(jnp.zeros((n, 97), bool), jnp.asarray(ids))
+  got = np.asarray(sampling.process_logits(jnp.asarray(logits), SamplingOps.of(ROW_SETTINGS),
+                                           RowSampling.of(ROW_SETTINGS), seen))
+  for row, s in enumerate(ROW_SETTINGS):
+    procs = [hf.RepetitionPenaltyLogitsProcessor(s.repetition_penalty)]
+    if s.temperature:
+      procs += [hf.TemperatureLogitsWarper(s.temperature)] + ([hf.TopKLogitsWarper(s.top_k)] if s.top_k else []) + \
+          ([hf.TopPLogitsWarper(s.top_p)] if s.top_p < 1 else []) + ([hf.MinPLogitsWarper(s.min_p)] if s.min_p else [])
+    want = hf.LogitsProcessorList(procs)(torch.tensor(ids[row:row + 1]), torch.tensor(logits[row:row + 1])).numpy()
+    np.testing.assert_array_equal(np.isneginf(got[row:row + 1]), np.isneginf(want), err_msg=str(s))
+    np.testing.assert_allclose(got[row:row + 1], want, rtol=1e-6, err_msg=str(s))
+    alone = sampling.process_logits(jnp.asarray(logits[row:row + 1]), SamplingOps.of([s]), RowSampling.of([s]),
+                                    seen[row:row + 1])
+    np.testing.assert_array_equal(np.asarray(alone), got[row:row + 1])
+    assert np.isneginf(got[row]).any() == bool(s.temperature and (s.top_k or s.top_p < 1 or s.min_p))
+
+
+def test_presence_and_frequency_penalties():
+  """OpenAI's and vLLM's formula, after the repetition penalty (vLLM's order): each id's logit loses
+  frequency_penalty x the times the row generated it, and presence_penalty if it did at all; negative values
+  favour those ids. Rows without them are left as they are."""
+  rng = np.random.default_rng(3)
+  logits = (3 * rng.standard_normal((4, 50))).astype(np.float32)
+  generated = rng.integers(0, 50, (4, 12))
+  counts = np.zeros((4, 50), np.int32)
+  for row in range(4):
+    np.add.at(counts[row], generated[row], 1)
+  settings = [Sampling(presence_penalty=0.8), Sampling(frequency_penalty=0.5, repetition_penalty=1.3),
+              Sampling(1.0, presence_penalty=-1.0, frequency_penalty=2.0), Sampling()]
+  state_counts = jnp.zeros((4, 50), jnp.int32)
+  for step in range(12):  # what the decode state counts, token by token
+    state_counts = sampling.count_generated(state_counts, jnp.asarray(generated[:, step]))
+  np.testing.assert_array_equal(state_counts, counts)
+  seen = sampling.mark_seen(jnp.zeros((4, 50), bool), jnp.asarray(generated))
+  got = np.asarray(sampling.process_logits(jnp.asarray(logits), SamplingOps.of(settings), RowSampling.of(settings),
+                                           seen, state_counts))
+  for row, s in enumerate(settings):
+    want = logits[row].copy()
+    hit = counts[row] > 0
+    want[hit] = np.where(want[hit] < 0, want[hit] * s.repetition_penalty, want[hit] / s.repetition_penalty)
+    want -= s.frequency_penalty * counts[row] + s.presence_penalty * hit
+    np.testing.assert_allclose(got[row] * (s.temperature or 1), want, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(got[0], logits[0]) and np.array_equal(got[3], logits[3])
+
+
+class OpenAIPenalties:
+  """transformers logits processor for the reference: presence / frequency penalties over the generated ids."""
+
+  def __init__(self, prompt_len: int, presence: float, frequency: float):
+    self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+  def __call__(self, input_ids, scores):
+    out = input_ids[:, self.prompt_len:]
+    counts = torch.zeros_like(scores).scatter_add_(1, out, torch.ones_like(out, dtype=scores.dtype))
+    return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+def test_presence_and_frequency_penalties_match_transformers_greedy(tiny):
+  """Greedy decoding with a presence and a frequency penalty (and a repetition penalty, applied first) gives, for
+  each prompt of a batch, transformers' greedy tokens under the same penalties, which differ from plain greedy."""
+  hf_model, _, gen, _ = tiny
+  s = Sampling(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=1.5)
+  batch = gen.generate(PROMPTS, 30, s).output_ids
+  assert batch != gen.generate(PROMPTS, 30, Sampling(repetition_penalty=1.2)).output_ids
+  for prompt, row in zip(PROMPTS, batch):
+    assert row == hf_greedy(hf_model, prompt, 30, repetition_penalty=1.2,
+                            logits_processor=[OpenAIPenalties(len(prompt), 0.5, 1.5)])
+
+
+def test_prompts_sample_with_their_own_settings(tiny):
+  """Rows of one batch set differently (greedy next to sampled; top-k, top-p, min-p; each penalty; one prompt twice
+  with other settings, its second row copied from the first's) each give what their prompt gives in a batch where
+  every prompt has its settings, with the same seed; so do continuous batching (rows refilled under other
+  settings) and prefills in groups. Other temperatures run the same compiled programs."""
+  _, model, gen, _ = tiny
+  prompts = PROMPTS + [[8, 8, 2], [1, 2, 3, 4, 5, 6, 7], PROMPTS[0]]
+  settings = [Sampling(), Sampling(1.2, 8, repetition_penalty=1.3), Sampling(0.9, top_p=0.8, presence_penalty=1.5),
+              Sampling(1.5, min_p=0.2, frequency_penalty=0.7), Sampling(repetition_penalty=1.5, frequency_penalty=2.0),
+              Sampling(1.0, 3)]
+  mixed = gen.generate(prompts, 20, settings, seed=5)
+  for i, s in enumerate(settings):
+    alike = gen.generate(prompts, 20, s, seed=5)
+    assert mixed.output_ids[i] == alike.output_ids[i], (i, s)
+    np.testing.assert_allclose(mixed.output_logprobs[i], alike.output_logprobs[i], atol=1e-5)
+  assert len({tuple(o) for o in mixed.output_ids}) == len(prompts)
+  for rows, prefill_rows in ((2, None), (3, 1)):
+    queued = Generator(model, batch_size=rows, prefill_rows=prefill_rows).generate(prompts, 20, settings, seed=5)
+    assert queued.output_ids == mixed.output_ids
+  warmer = [dataclasses.replace(s, temperature=1.1 * s.temperature) for s in settings]  # per-row values, not constants
+  assert gen.generate(prompts, 20, warmer, seed=5).compile_seconds == 0  # of the compiled programs: no recompile
+  with pytest.raises(ValueError, match="2 samplings for 6 prompts"):
+    gen.generate(prompts, 20, settings[:2])
 
 
 def test_repetition_penalty_matches_transformers(tiny):
@@ -572,9 +658,9 @@ def test_repetition_penalty_matches_transformers(tiny):
     tokens[i, :len(p)] = p
   keys = generate.prompt_keys(0, range(4))
   state = generate.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=4, cache_len=64, max_new=16,
-                               dtype=jnp.float32, track_seen=True)
+                               dtype=jnp.float32, ops=SamplingOps.of([s]))
   state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, np.full((4,), 8, np.int32), keys,
-                           None, None, sampling=s)
+                           RowSampling.of([s] * 4), None, None, ops=SamplingOps.of([s]))
   for i, p in enumerate(PROMPTS):
     assert set(np.flatnonzero(state.seen[i]).tolist()) == set(p) | {batch[i][0]}
   assert not state.seen[3].any()
@@ -623,6 +709,9 @@ def test_stops_on_eos(tiny):
   (["--top-p", "0"], "--top-p"),
   (["--top-k", "-2"], "--top-k"),
   (["--repetition-penalty", "0"], "--repetition-penalty"),
+  (["--min-p", "1.5"], "--min-p must be in [0, 1]"),
+  (["--presence-penalty", "3"], "--presence-penalty must be in [-2, 2]"),
+  (["--frequency-penalty", "-2.5"], "--frequency-penalty must be in [-2, 2]"),
   (["--input-ids", "1,x"], "--input-ids"),
   (["--input-ids", "100000"], "outside the vocabulary"),
   (["--prompt", "hello"], "tokenizer.json"),
@@ -655,6 +744,9 @@ def test_sampling_settings_from_generation_config(tmp_path):
   assert cli.sampling_from(flags, qwen_chat, tmp_path) == Sampling(0.7, 20, 0.8, 1.05)
   assert cli.sampling_from(flags, dict(qwen_chat, do_sample=False), tmp_path) == Sampling(repetition_penalty=1.05)
   assert cli.sampling_from(flags, {}, tmp_path) == Sampling()
+  assert cli.sampling_from(flags, dict(qwen_chat, min_p=0.05), tmp_path) == Sampling(0.7, 20, 0.8, 1.05, min_p=0.05)
+  with pytest.raises(UserError, match="generation_config.json: min_p must be in"):
+    cli.sampling_from(flags, dict(qwen_chat, min_p=2), tmp_path)
   flags = cli.parse_args(["--demo", "--temperature", "0", "--repetition-penalty", "1.2"])
   assert cli.sampling_from(flags, qwen_chat, tmp_path) == Sampling(0.0, 20, 0.8, 1.2)
 
@@ -691,23 +783,37 @@ def test_cli_missing_checkpoint(tmp_path):
 
 
 def test_prompts_file_is_one_batch(tiny, tmp_path):
+  """A file's lines join the flags' prompts in one batch, each with its own max_new_tokens and sampling settings
+  over the flags'; bad lines are one error naming the line (and the key)."""
   _, model, gen, ckpt = tiny
   prompts = tmp_path / "prompts.jsonl"
+  sampled = {"temperature": 1.3, "top_k": 5, "frequency_penalty": 1.0, "min_p": 0.05}
   prompts.write_text(json.dumps({"input_ids": PROMPTS[0], "max_new_tokens": 5}) + "\n\n" +
-                     json.dumps({"input_ids": PROMPTS[2]}) + "\n")
+                     json.dumps({"input_ids": PROMPTS[2]}) + "\n" + json.dumps({"input_ids": PROMPTS[1], **sampled}))
   int8 = Generator(model, kv_cache_dtype="int8")
+  asked = [[3, 1, 4], PROMPTS[0], PROMPTS[2], PROMPTS[1]], [20, 5, 20, 20], [Sampling()] * 3 + [Sampling(**sampled)]
   # one batch, or one row that the prompts take in turn; an int8 cache
   for flags, gen in (([], gen), (["--batch-size", "1"], gen), (["--kv-cache-dtype", "int8"], int8)):
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--input-ids", "3,1,4", "--dtype",
-                "float32", "--temperature", "0", "--max-new-tokens", "20", "--json", *flags)
+                "float32", "--temperature", "0", "--max-new-tokens", "20", "--json", "--seed", "3", *flags)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(x) for x in res.stdout.splitlines()]
-    assert [r["input_ids"] for r in rows] == [[3, 1, 4], PROMPTS[0], PROMPTS[2]]  # flags first, then the file
-    assert [r["output_ids"] for r in rows] == gen.generate([[3, 1, 4], PROMPTS[0], PROMPTS[2]], [20, 5, 20]).output_ids
-  for bad in ('{"prompt": "a", "chat": "b"}', '{"input_ids": [2], "max_new_tokens": 0}'):
+    assert [r["input_ids"] for r in rows] == asked[0]  # flags first, then the file
+    assert [r["output_ids"] for r in rows] == gen.generate(*asked, seed=3).output_ids
+  assert rows[3]["output_ids"] != gen.generate([PROMPTS[1]], 20).output_ids[0]  # sampled, not greedy
+  for bad, message in (('{"prompt": "a", "chat": "b"}', "expected an object with exactly one of"),
+                       ('{"input_ids": [2], "max_new_tokens": 0}', "max_new_tokens must be an integer >= 1"),
+                       ('{"input_ids": [2], "temperature": "hot"}', "temperature must be a number, got 'hot'"),
+                       ('{"input_ids": [2], "top_k": 2.5}', "top_k must be an integer, got 2.5"),
+                       ('{"input_ids": [2], "top_p": 0}', "top_p must be in (0, 1], got 0.0"),
+                       ('{"input_ids": [2], "presence_penalty": 9}', "presence_penalty must be in [-2, 2]")):
     prompts.write_text('{"input_ids": [1]}\n' + bad + "\n")
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
-    assert res.returncode == 2 and "prompts.jsonl:2" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and f"prompts.jsonl:2: {message}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+  prompts.write_text('{"input_ids": [1]}\n{"input_ids": [2], "temperature": 0}\n')
+  res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--temperature", "1", "--num-samples", "2")
+  assert res.returncode == 2 and "prompts.jsonl:2: --num-samples 2 draws different samples" in res.stderr, res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -831,7 +937,7 @@ def test_int8_experts_are_converted_where_they_are_used():
                                                         cfg=cfg, rows=16, cache_len=256, max_new=16, dtype=jnp.float32))
     with jax.set_mesh(sharding.make_mesh({}, jax.devices()[:1])):
       compiled = generate.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=4,
-                                       sampling=Sampling()).compile()
+                                       ops=SamplingOps()).compile()
     loop[dtype] = compiled.memory_analysis().temp_size_in_bytes
   print(f"forward temporaries {forward}, decode loop {loop}, a layer's float32 experts {layer}")
   assert forward["int8"] < forward["auto"] + layer, forward
@@ -881,18 +987,20 @@ def test_a_freed_row_copies_a_running_sample(tiny, cache):
   # nothing generated yet, the prompt's ids alone seen; the source row untouched
   keys = generate.prompt_keys(2, range(2))
   state = generate.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=2, cache_len=32, max_new=16,
-                               dtype=gen.cache_dtype, track_seen=True)
+                               dtype=gen.cache_dtype, ops=SamplingOps.of([s]))
   tokens = np.zeros((2, 32), np.int32)
   tokens[0, :len(b)], tokens[1, :len(a)] = b, a
   state = generate.prefill(gen.graphdef, gen.params, state, tokens, np.array([len(b), len(a)], np.int32),
-                           np.array([8, 8], np.int32), keys, None, None, sampling=s)
+                           np.array([8, 8], np.int32), keys, RowSampling.of([s] * 2), None, None,
+                           ops=SamplingOps.of([s]))
   cache_before, seen_before, count_before = [np.asarray(x) for x in jax.tree.leaves(state.cache)], *map(
     np.asarray, (state.seen, state.count))  # the state is donated to fork
   ids = np.full((2, 8), -1, np.int32)
   ids[0, :len(a)] = a
   kv = generate.prompt_slots(state.cache, np.array([1, 0], np.int32), ids)
   state = generate.fork(state, np.array([0, 2], np.int32), kv, ids, np.array([5, 1], np.int32),
-                        generate.prompt_keys(2, [7, 0]))  # the second row: past the state's, unused
+                        generate.prompt_keys(2, [7, 0]), RowSampling.of([s] * 2))  # the second row: past the
+  # state's, unused
   for got_c, was in zip(jax.tree.leaves(state.cache), cache_before, strict=True):  # slots [0, 8) of row 1
     np.testing.assert_array_equal(got_c[0, :, :8], was[1, :, :8])
     np.testing.assert_array_equal(got_c[0, :, 8:], was[0, :, 8:])  # the rest: row 0's own, hidden by the mask

@@ -59,7 +59,7 @@ def ckpt(tmp_path_factory):
   ids = np.random.default_rng(0).integers(0, 101, (8, 10))
   model = checkpoint.restore(tmp / "ckpt", dtype=jnp.float32)
   reference = (logits_on(model, mesh_of(None), ids), Generator(model).generate(PROMPTS, 16).output_ids,
-               Generator(model, batch_size=1).generate(SAMPLED, LIMITS, PENALIZED, seed=5).output_ids,
+               Generator(model, batch_size=1).generate(SAMPLED, LIMITS, SETTINGS, seed=5).output_ids,
                Generator(model, batch_size=1).generate(FEW_SHOT, FEW_LIMITS, PENALIZED, seed=5).output_ids,
                prompt_scores(Generator(model, share_prefix=0), FEW_SHOT))
   return tmp / "ckpt", ids, reference
@@ -67,6 +67,8 @@ def ckpt(tmp_path_factory):
 
 PENALIZED = Sampling(temperature=0.8, top_k=6, repetition_penalty=1.5)  # sampled, with per-row seen ids
 SAMPLED = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[0]]  # a prompt sampled 3 times
+SETTINGS = [PENALIZED, Sampling(0.8, top_p=0.9, frequency_penalty=1.0), Sampling(presence_penalty=0.5), PENALIZED,
+            Sampling(1.0, min_p=0.1, repetition_penalty=1.2)]  # each row its own (the third greedy)
 LIMITS = [16, 9, 12, 16, 5]  # the second prompt ends first: its row takes a sample of the first from a running row
 HEAD = np.random.default_rng(1).integers(0, 101, 20).tolist()
 FEW_SHOT = [HEAD + [1, 2], HEAD + [3, 4, 5, 6], PROMPTS[1], HEAD + [7]]  # prompts with a 20-id prefix in common
@@ -90,12 +92,12 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   assert Generator(model, mesh).generate(PROMPTS, 16).output_ids == ref_tokens
   # one prompt per prefill call: rows written in place at a traced offset into a cache split over devices
   assert Generator(model, mesh, prefill_rows=1).generate(PROMPTS, 16).output_ids == ref_tokens
-  # and two rows for the prompts in turn (continuous batching), sampled with a repetition penalty, a freed row
+  # and two rows for the prompts in turn (continuous batching), each with its own sampling settings, a freed row
   # copying a running sample's cache; four rows: a repeated prompt run once for its rows in the first prefill,
   # then copied (reference: one prompt per row, nothing shared)
-  queued = Generator(model, mesh, prefill_rows=1, batch_size=2).generate(SAMPLED, LIMITS, PENALIZED, seed=5)
+  queued = Generator(model, mesh, prefill_rows=1, batch_size=2).generate(SAMPLED, LIMITS, SETTINGS, seed=5)
   assert queued.output_ids == ref_penalized and queued.shared_tokens == len(PROMPTS[0]) - 1
-  shared = Generator(model, mesh, batch_size=4).generate(SAMPLED, LIMITS, PENALIZED, seed=5)
+  shared = Generator(model, mesh, batch_size=4).generate(SAMPLED, LIMITS, SETTINGS, seed=5)
   assert shared.output_ids == ref_penalized and shared.shared_tokens == 2 * len(PROMPTS[0]) - 1
   # a common prefix copied from a row that holds it: in the first prefill, then into a freed row
   few_shot = Generator(model, mesh, batch_size=2, share_prefix=16).generate(FEW_SHOT, FEW_LIMITS, PENALIZED, seed=5)
