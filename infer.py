@@ -6,6 +6,7 @@
   python infer.py --checkpoint DIR --input-ids 1,2,3 --temperature 0 --json --dump-logits logits.npy
   python infer.py --checkpoint DIR --interactive [--system TEXT]
   python infer.py --checkpoint DIR --prompts-file eval.jsonl --json --prompt-logprobs --max-new-tokens 0
+  python infer.py --checkpoint DIR --serve 8000 [--batch-size 32] [--max-model-len 4096]
 
 Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
 --prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line, optionally "max_new_tokens",
@@ -14,7 +15,9 @@ batch (or --batch-size rows at a time, refilled as prompts finish). One prompt s
 they are generated; --json prints one object per prompt. Sampling defaults (and a repetition penalty) come from
 the checkpoint's generation_config.json, else greedy.
 --interactive chats turn by turn: each line read from stdin is a user message, answered with the whole
-conversation so far as the prompt (/reset starts over, /exit or end of input quits).
+conversation so far as the prompt (/reset starts over, /exit or end of input quits). --serve answers OpenAI's
+/v1/completions and /v1/chat/completions over HTTP (see qwen_moe_jax/server.py), requests joining the running
+batch as rows free.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
-from qwen_moe_jax.stop_strings import StopStrings
+from qwen_moe_jax.server import make_server
+from qwen_moe_jax.stop_strings import StopStrings, TextStream
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 DEMO_CHAT = "Tell me about mixture-of-experts language models."
+SERVE_ROWS, SERVE_SLOTS = 16, 4096  # --serve's default --batch-size and largest default --max-model-len
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,6 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="a prompt whose first N or more tokens another row holds (a common few-shot or system "
                   "prefix) copies their keys and values instead of running them; --prompt-logprobs runs the first "
                   "tokens prompts have in common once (0: only a prompt's samples share)")
+  ap.add_argument("--serve", metavar="[HOST:]PORT",
+                  help="serve OpenAI's /v1/completions and /v1/chat/completions on this port (host default "
+                  "127.0.0.1; port 0: any free one), --batch-size rows (default 16) at once")
+  ap.add_argument("--max-model-len", type=int,
+                  help="with --serve: cache slots per row, a request's prompt and new tokens (default: the model's "
+                  "context, at most 4096)")
+  ap.add_argument("--served-model-name", help="with --serve: the model's name in replies (default: the folder's)")
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
                   "bf16's bytes: twice the rows or context)")
@@ -109,10 +121,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   for flag in ("batch_size", "prefill_rows", "num_samples"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-  if args.interactive and (args.prompt or args.chat or args.input_ids or args.prompts_file or args.dump_logits or
-                           args.prompt_logprobs):
-    raise UserError("--interactive reads its messages from stdin: drop --prompt, --chat, --input-ids, "
-                    "--prompts-file, --dump-logits and --prompt-logprobs")
+  prompts = ("--prompt", "--chat", "--input-ids", "--prompts-file", "--dump-logits", "--prompt-logprobs")
+  for mode, why, extra in (("interactive", "reads its messages from stdin", ()),
+                           ("serve", "takes its prompts over HTTP", ("--json", "--num-samples", "--interactive"))):
+    values = {f: getattr(args, f[2:].replace("-", "_")) for f in prompts + extra}
+    given = [f for f, v in values.items() if (v > 1 if f == "--num-samples" else v)]
+    if getattr(args, mode) and given:
+      raise UserError(f"--{mode} {why}: drop {', '.join(given)}")
+  if (args.max_model_len is not None or args.served_model_name) and not args.serve:
+    raise UserError("--max-model-len and --served-model-name are --serve's")
+  if args.max_model_len is not None and args.max_model_len < 2:
+    raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
   return args
 
 
@@ -290,11 +309,12 @@ def main() -> None:
 def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   cfg = checkpoint.load_config(folder)
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
-  if args.interactive and (tok is None or jax.process_count() > 1):
-    raise UserError("--interactive needs tokenizer.json in the checkpoint folder and a single process")
+  live = "--serve" if args.serve else "--interactive" if args.interactive else None
+  if live and (tok is None or jax.process_count() > 1):
+    raise UserError(f"{live} needs tokenizer.json in the checkpoint folder and a single process")
   gen = generation_config(folder)
   sampling = sampling_from(args, gen, folder)
-  requests = [] if args.interactive else read_prompts(args, tok, sampling)
+  requests = [] if live else read_prompts(args, tok, sampling)
   prompts, limits, stops = ([r.ids for r in requests], [r.max_new_tokens for r in requests],
                             [r.stops for r in requests])
   if args.dump_logits and len(prompts) != 1:
@@ -309,10 +329,13 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
       print(f"note: {folder} trained its LoRA adapters over int8 experts: run so, the adapters unmerged "
             f"(--expert-dtype auto merges them into float experts)", file=sys.stderr)
   model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
-  generator = Generator(model, mesh, prefill_rows=args.prefill_rows, batch_size=args.batch_size,
+  generator = Generator(model, mesh, prefill_rows=args.prefill_rows,
+                        batch_size=args.batch_size or (SERVE_ROWS if args.serve else None),
                         kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix)
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, gen, tok))
+  if args.serve:
+    return serve(args, generator, folder, tok, sampling, stop_ids(cfg, gen, tok))
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
   scores = prompt_scores(generator, prompts) if args.prompt_logprobs else None
@@ -395,33 +418,22 @@ def stop_when(stops: list[StopStrings | None]):
 
 
 class Printer:
-  """The generate callback that writes one prompt's text to stdout as tokens arrive, holding back an end of the
-  text that may begin a stop string, and writing nothing past one."""
+  """The generate callback that writes one prompt's text to stdout as tokens arrive (`TextStream`)."""
 
   def __init__(self, tok, stops: StopStrings | None):
-    self.stream = tok.stream_decoder(skip_special_tokens=True)
-    self.stops = stops
-    self.held = ""
-    self.stopped = False
+    self.stream = TextStream(tok, stops)
 
   def __call__(self, row: int, ids: list[int]) -> None:
-    self._write(self.stream.push(ids))
+    _write(self.stream.push(ids))
 
   def close(self) -> None:
-    self._write(self.stream.flush(), final=True)
+    _write(self.stream.close())
     print(flush=True)
 
-  def _write(self, text: str, final: bool = False) -> None:
-    if self.stopped:
-      return
-    text = self.held + text
-    if self.stops:
-      shown = self.stops.cut(text)
-      self.stopped = shown != text
-      hold = 0 if final or self.stopped else self.stops.held(shown)
-      text, self.held = shown[:len(shown) - hold], shown[len(shown) - hold:]
-    sys.stdout.write(text)
-    sys.stdout.flush()
+
+def _write(text: str) -> None:
+  sys.stdout.write(text)
+  sys.stdout.flush()
 
 
 def json_line(prompt: list[int], output: list[int], text: str | None, finish_reason: str,
@@ -437,6 +449,33 @@ def json_line(prompt: list[int], output: list[int], text: str | None, finish_rea
   if prompt_scores is not None:
     obj["prompt_logprobs"], obj["prompt_ranks"] = prompt_scores.logprobs, prompt_scores.ranks
   return json.dumps(obj, ensure_ascii=False)
+
+
+def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos: list[int]) -> None:
+  """Answers OpenAI API requests over HTTP until interrupted (qwen_moe_jax/server.py)."""
+  host, _, port = args.serve.rpartition(":")
+  if not port.isdigit():
+    raise UserError(f"--serve takes [HOST:]PORT, got {args.serve!r}")
+  context = generator.config.context_length
+  slots = args.max_model_len or min(context, SERVE_SLOTS)
+  if slots > context:
+    raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
+  name = args.served_model_name or folder.resolve().name
+  try:
+    server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
+                         rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed)
+  except OSError as e:
+    raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
+  address, bound = server.server_address[:2]
+  print(f"serving {name} on http://{address}:{bound} (/v1/completions, /v1/chat/completions, /v1/models): "
+        f"{generator.batch_size} rows x {slots} slots; the first requests of each shape compile", file=sys.stderr,
+        flush=True)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()
 
 
 def chat(args, generator: Generator, tok, sampling: Sampling, eos: list[int]) -> None:

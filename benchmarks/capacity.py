@@ -70,7 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qwen_moe_jax import checkpoint, generate, sharding, training  # noqa: E402
+from qwen_moe_jax import checkpoint, decoding, generate, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.errors import UserError  # noqa: E402
 from qwen_moe_jax.kernels import Kernels  # noqa: E402
@@ -109,10 +109,10 @@ def main() -> None:
   cache_dtype = jnp.dtype(jnp.int8) if int8 else dtype
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
   with jax.set_mesh(mesh):
-    keys = jax.eval_shape(lambda: generate.prompt_keys(0, range(ARGS.batch)))
+    keys = jax.eval_shape(lambda: decoding.prompt_keys(0, range(ARGS.batch)))
 
     def empty_state(dtype):  # compiled; its output: abstract arrays with their shardings
-      empty = generate.empty_state.lower(
+      empty = decoding.empty_state.lower(
         keys, i32(4), cfg=cfg, rows=ARGS.batch, cache_len=ARGS.context,
         max_new=generate.bucket(ARGS.context - ARGS.prompt_len), dtype=dtype).compile()
       return sharding.with_shardings(empty.out_info, empty.output_shardings)
@@ -136,11 +136,11 @@ def main() -> None:
     state = cached if int8 else empty_state(jnp.dtype(jnp.float32))  # the float32 program's cache
     rows = ARGS.prefill_rows or ARGS.batch
     targets = (None if rows == ARGS.batch else i32(rows), None)  # every row, or G distinct prompts into G rows
-    prefill = generate.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(rows),
-                                     jax.eval_shape(lambda: generate.prompt_keys(0, range(rows))),
+    prefill = decoding.prefill.lower(graphdef, params, state, i32(rows, ARGS.prompt_len), i32(rows), i32(rows),
+                                     jax.eval_shape(lambda: decoding.prompt_keys(0, range(rows))),
                                      settings(rows), *targets, ops=ops).compile()
     state = sharding.with_shardings(state, prefill.output_shardings)
-    decode = generate.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=1,
+    decode = decoding.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=1,
                                    ops=ops).compile()
     report["prefill"] = {"prompt_len": ARGS.prompt_len, "rows": rows, "temp_gb": temp_gb(prefill),
                          "peak_estimate_gb": round(params_gb + kv_gb + temp_gb(prefill), 3)}
@@ -164,11 +164,11 @@ def copy_analysis(graphdef, params, state, rows: int, fixed_gb: float) -> dict:
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
   r = generate.copy_rows(rows, ARGS.prompt_len)
   prompt = i32(r, ARGS.prompt_len)
-  slots = generate.prefix_slots.lower(graphdef, params, state.cache, i32(r), i32(r, ARGS.copy_rest), i32(r),
+  slots = decoding.prefix_slots.lower(graphdef, params, state.cache, i32(r), i32(r, ARGS.copy_rest), i32(r),
                                       prompt).compile()
   kv = sharding.with_shardings(slots.out_info, slots.output_shardings)
-  fork = generate.fork.lower(state, i32(r), kv, prompt, i32(r),
-                             jax.eval_shape(lambda: generate.prompt_keys(0, range(r))), settings(r)).compile()
+  fork = decoding.fork.lower(state, i32(r), kv, prompt, i32(r),
+                             jax.eval_shape(lambda: decoding.prompt_keys(0, range(r))), settings(r)).compile()
   kv_gb = per_device_bytes(kv) / GB
   return {"rows": r, "slots": ARGS.prompt_len, "rest": ARGS.copy_rest, "copy_gb": round(kv_gb, 3),
           "temp_gb": max(temp_gb(slots), temp_gb(fork)),

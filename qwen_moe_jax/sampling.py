@@ -68,6 +68,15 @@ class SamplingOps:
       top_k=max((s.top_k for s in drawn), default=0), top_p=any(s.top_p < 1 for s in drawn),
       min_p=any(s.min_p > 0 for s in drawn))
 
+  def __or__(self, other: "SamplingOps") -> "SamplingOps":
+    """The steps either needs."""
+    return SamplingOps(**{f.name: max(getattr(self, f.name), getattr(other, f.name))
+                          for f in dataclasses.fields(SamplingOps)})
+
+  def covers(self, other: "SamplingOps") -> bool:
+    """Programs compiled for these steps can sample rows that need `other`'s."""
+    return self | other == self
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

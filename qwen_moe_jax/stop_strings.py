@@ -45,3 +45,32 @@ class StopStrings:
   def held(self, text: str) -> int:
     """How many characters at the end of `text` begin a stop string (streaming holds them back)."""
     return max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+class TextStream:
+  """One prompt's generated text as its ids arrive: `push(ids)` and, at the end, `close()` return the text to show
+  now, holding back an end that may begin a stop string and giving nothing past one (streamed output)."""
+
+  def __init__(self, tokenizer: Tokenizer, stops: StopStrings | None):
+    self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    self.stops = stops
+    self.held = ""
+    self.stopped = False
+
+  def push(self, ids: list[int]) -> str:
+    return self._shown(self.decoder.push(ids))
+
+  def close(self) -> str:
+    return self._shown(self.decoder.flush(), final=True)
+
+  def _shown(self, text: str, final: bool = False) -> str:
+    if self.stopped:
+      return ""
+    text = self.held + text
+    if not self.stops:
+      return text
+    shown = self.stops.cut(text)
+    self.stopped = shown != text
+    hold = 0 if final or self.stopped else self.stops.held(shown)
+    self.held = shown[len(shown) - hold:]
+    return shown[:len(shown) - hold]

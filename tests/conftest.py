@@ -1,7 +1,9 @@
 """Test setup, before jax is imported: 8 host CPU devices, fp32 matmuls for parity checks, and a compilation
-cache shared with the CLI subprocesses the tests start (the same programs compile once per session)."""
+cache shared with the CLI subprocesses the tests start (the same programs compile once per session); after each
+test, jax's in-memory caches are cleared."""
 
 import atexit
+import gc
 import os
 import shutil
 import sys
@@ -18,5 +20,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True)
+def _free_compiled_programs():
+  """Each CPU executable holds a few memory maps until it is freed, and a process may hold 65,530 (Linux's
+  vm.max_map_count): the session compiles thousands of programs, which held in jax's caches crashed XLA
+  mid-run (in `executable.serialize`). The next test that needs one loads it from the compilation cache."""
+  yield
+  jax.clear_caches()
+  gc.collect()

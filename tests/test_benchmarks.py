@@ -146,6 +146,17 @@ def test_continuous_batching_benchmark_runs():
   assert report["waves_s"] > 0 and report["continuous_s"] > 0
 
 
+def test_serving_benchmark_runs():
+  """benchmarks/serving.py, small: requests arriving over time give the same outputs joining the running batch as
+  in waves (the script asserts it), every request timed."""
+  res = subprocess.run([sys.executable, "benchmarks/serving.py", "--requests", "6", "--rows", "2", "--rate", "50",
+                        "--max-new", "24"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr
+  report = json.loads(res.stdout.splitlines()[-1])
+  assert report["same_outputs"] and report["generated_tokens"] >= 6 * 4
+  assert all(report[m]["latency_s"]["mean"] > 0 for m in ("waves", "join"))
+
+
 def test_data_prep_benchmark_runs():
   res = subprocess.run([sys.executable, "benchmarks/data_prep.py", "--lines", "40", "--seq-len", "512"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)

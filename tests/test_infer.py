@@ -24,6 +24,7 @@ from qwen_moe_jax import (
   checkpoint,
   convert,
   decode_attention,
+  decoding,
   generate,
   kv_cache,
   layers,
@@ -35,7 +36,7 @@ from qwen_moe_jax import (
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config, demo_model, write_hf_demo
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Generator, cache_bucket
+from qwen_moe_jax.generate import Arrival, Generator, Room, Stream, cache_bucket
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import abstract_model, create_model
@@ -422,10 +423,10 @@ def test_decode_loop_with_the_pallas_kernel_lowers_to_triton(monkeypatch):
   model = create_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), jnp.bfloat16, Kernels(decode="pallas"))
   graphdef, params = nnx.split(model)
   monkeypatch.setattr(decode_attention, "attend", functools.partial(decode_attention.attend, interpret=False))
-  state = jax.eval_shape(lambda: generate.empty_state(generate.prompt_keys(0, range(4)), jnp.full((4,), -1), cfg=cfg,
+  state = jax.eval_shape(lambda: decoding.empty_state(decoding.prompt_keys(0, range(4)), jnp.full((4,), -1), cfg=cfg,
                                                       rows=4, cache_len=1280, max_new=64, dtype=jnp.int8))
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  hlo = jax.export.export(generate.decode, platforms=["cuda"], disabled_checks=[triton])(
+  hlo = jax.export.export(decoding.decode, platforms=["cuda"], disabled_checks=[triton])(
     graphdef, jax.eval_shape(lambda: params), state, jax.ShapeDtypeStruct((), bool), steps=16,
     ops=SamplingOps.of([Sampling(temperature=0.7, top_p=0.8)])).mlir_module()
   assert hlo.count("@__gpu$xla.gpu.triton") == cfg.num_hidden_layers
@@ -460,9 +461,9 @@ def test_decode_reads_the_cache_in_place(tiny, cache_dtype):
   cache laid out [B, S, K, H] it copied every layer's key cache into [B, K, S, H] at every step."""
   _, model, _, _ = tiny
   gen, cfg, rows, slots = Generator(model, kv_cache_dtype=cache_dtype), model.config, 4, 384
-  state = generate.empty_state(generate.prompt_keys(0, range(rows)), jnp.full((4,), -1, jnp.int32), cfg=cfg,
+  state = decoding.empty_state(decoding.prompt_keys(0, range(rows)), jnp.full((4,), -1, jnp.int32), cfg=cfg,
                                rows=rows, cache_len=slots, max_new=16, dtype=gen.cache_dtype)
-  hlo = generate.decode.lower(gen.graphdef, gen.params, state, np.bool_(False), steps=16,
+  hlo = decoding.decode.lower(gen.graphdef, gen.params, state, np.bool_(False), steps=16,
                               ops=SamplingOps()).compile().as_text()
   k, h = cfg.num_key_value_heads, cfg.dim_per_head
   cache_shapes = {f"[{rows},{k},{slots},{h}]", f"[{rows},{slots},{k},{h}]"}
@@ -510,6 +511,38 @@ def test_int8_kv_cache_decodes_what_it_holds_and_stays_close(tiny):
     history = prompt + turn.output_ids[0]
 
 
+def test_prompts_arriving_while_others_decode(tiny):
+  """Arrivals (a server's requests) join a running call as its rows free, in the order they came, and get the
+  tokens they get in one batch with every prompt given (their random streams follow their indices); one the call
+  has no room for (sampling steps its programs lack, more slots than its cache) is not admitted, and neither is
+  any after it: they are left for the next call, which the running prompts do not wait for."""
+  _, model, gen, _ = tiny
+  prompts = PROMPTS + [[8, 8, 2], [1, 2, 3, 4, 5, 6, 7]]
+  limits = [30, 5, 20, 12, 9]
+  settings = [Sampling(), Sampling(1.2, 8), Sampling(), Sampling(0.9, top_p=0.8, frequency_penalty=1.0), Sampling()]
+  want = gen.generate(prompts, limits, settings, seed=1)
+  coming = [Arrival(p, m, s) for p, m, s in zip(prompts[2:], limits[2:], settings[2:])]
+
+  def polled(schedule: dict[int, list[Arrival]]):
+    polls = []
+    return lambda: polls.append(1) or schedule.get(len(polls), [])
+
+  engine = Generator(model, batch_size=2)
+  room = Room(rows=2, slots=64, max_new=32, ops=SamplingOps.of(settings))
+  got = engine.generate(prompts[:2], limits[:2], settings[:2], seed=1, arrivals=polled({1: coming[:2], 3: coming[2:]}),
+                        room=room)
+  assert got.output_ids == want.output_ids and got.left == []
+  for lp, ref in zip(got.output_logprobs, want.output_logprobs, strict=True):
+    np.testing.assert_allclose(lp, ref, atol=1e-5)
+  # programs without the top-p and penalty steps: the fourth prompt and the fifth after it are left
+  got = engine.generate(prompts[:2], limits[:2], settings[:2], seed=1, arrivals=polled({1: coming}),
+                        room=dataclasses.replace(room, ops=SamplingOps.of(settings[:2])))
+  assert got.output_ids == want.output_ids[:3] and got.left == coming[1:]
+  too_long = Arrival(list(range(1, 60)), 10)  # 69 slots of a 64-slot cache
+  got = engine.generate(prompts[:2], limits[:2], settings[:2], seed=1, arrivals=polled({2: [too_long]}), room=room)
+  assert got.output_ids == want.output_ids[:2] and got.left == [too_long]
+
+
 def test_sampling_is_seeded_and_respects_top_k(tiny):
   hf_model, model, gen, _ = tiny
   s = Sampling(temperature=1.5, top_k=3)
@@ -517,6 +550,8 @@ def test_sampling_is_seeded_and_respects_top_k(tiny):
   a = result.output_ids
   assert a == gen.generate(PROMPTS, 24, s, seed=1).output_ids
   assert a != gen.generate(PROMPTS, 24, s, seed=2).output_ids
+  # a prompt given its own stream (seed, index) draws the same tokens wherever it runs
+  assert gen.generate([PROMPTS[2], PROMPTS[1]], 24, s, seed=[Stream(5, 0), Stream(1, 1)]).output_ids[1] == a[1]
   # every sampled token is among the 3 most likely given its prefix; its logprob is the model's (not the
   # tempered, truncated distribution's)
   prompt, row = PROMPTS[0], a[0]
@@ -656,10 +691,10 @@ def test_repetition_penalty_matches_transformers(tiny):
   lengths = np.array([len(p) for p in PROMPTS] + [0], np.int32)
   for i, p in enumerate(PROMPTS):
     tokens[i, :len(p)] = p
-  keys = generate.prompt_keys(0, range(4))
-  state = generate.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=4, cache_len=64, max_new=16,
+  keys = decoding.prompt_keys(0, range(4))
+  state = decoding.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=4, cache_len=64, max_new=16,
                                dtype=jnp.float32, ops=SamplingOps.of([s]))
-  state = generate.prefill(gen.graphdef, gen.params, state, tokens, lengths, np.full((4,), 8, np.int32), keys,
+  state = decoding.prefill(gen.graphdef, gen.params, state, tokens, lengths, np.full((4,), 8, np.int32), keys,
                            RowSampling.of([s] * 4), None, None, ops=SamplingOps.of([s]))
   for i, p in enumerate(PROMPTS):
     assert set(np.flatnonzero(state.seen[i]).tolist()) == set(p) | {batch[i][0]}
@@ -933,10 +968,10 @@ def test_int8_experts_are_converted_where_they_are_used():
     run = lambda p, t: nnx.merge(graphdef, p)(t, jnp.broadcast_to(jnp.arange(16), t.shape)).hidden  # noqa: E731,B023
     forward[dtype] = jax.jit(run).lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
     graphdef, params = abstract_model(cfg, jnp.float32, kernels=Kernels(expert_dtype=dtype))
-    state = jax.eval_shape(lambda: generate.empty_state(generate.prompt_keys(0, range(16)), jnp.full((4,), -1),
+    state = jax.eval_shape(lambda: decoding.empty_state(decoding.prompt_keys(0, range(16)), jnp.full((4,), -1),
                                                         cfg=cfg, rows=16, cache_len=256, max_new=16, dtype=jnp.float32))
     with jax.set_mesh(sharding.make_mesh({}, jax.devices()[:1])):
-      compiled = generate.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=4,
+      compiled = decoding.decode.lower(graphdef, params, state, jax.ShapeDtypeStruct((), bool), steps=4,
                                        ops=SamplingOps()).compile()
     loop[dtype] = compiled.memory_analysis().temp_size_in_bytes
   print(f"forward temporaries {forward}, decode loop {loop}, a layer's float32 experts {layer}")
@@ -985,21 +1020,21 @@ def test_a_freed_row_copies_a_running_sample(tiny, cache):
     np.testing.assert_allclose(lp, ref, atol=1e-5)
   # the forked row as the decode step finds it: the source's cache, the prompt's last id at its position,
   # nothing generated yet, the prompt's ids alone seen; the source row untouched
-  keys = generate.prompt_keys(2, range(2))
-  state = generate.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=2, cache_len=32, max_new=16,
+  keys = decoding.prompt_keys(2, range(2))
+  state = decoding.empty_state(keys, jnp.full((4,), -1), cfg=gen.config, rows=2, cache_len=32, max_new=16,
                                dtype=gen.cache_dtype, ops=SamplingOps.of([s]))
   tokens = np.zeros((2, 32), np.int32)
   tokens[0, :len(b)], tokens[1, :len(a)] = b, a
-  state = generate.prefill(gen.graphdef, gen.params, state, tokens, np.array([len(b), len(a)], np.int32),
+  state = decoding.prefill(gen.graphdef, gen.params, state, tokens, np.array([len(b), len(a)], np.int32),
                            np.array([8, 8], np.int32), keys, RowSampling.of([s] * 2), None, None,
                            ops=SamplingOps.of([s]))
   cache_before, seen_before, count_before = [np.asarray(x) for x in jax.tree.leaves(state.cache)], *map(
     np.asarray, (state.seen, state.count))  # the state is donated to fork
   ids = np.full((2, 8), -1, np.int32)
   ids[0, :len(a)] = a
-  kv = generate.prompt_slots(state.cache, np.array([1, 0], np.int32), ids)
-  state = generate.fork(state, np.array([0, 2], np.int32), kv, ids, np.array([5, 1], np.int32),
-                        generate.prompt_keys(2, [7, 0]), RowSampling.of([s] * 2))  # the second row: past the
+  kv = decoding.prompt_slots(state.cache, np.array([1, 0], np.int32), ids)
+  state = decoding.fork(state, np.array([0, 2], np.int32), kv, ids, np.array([5, 1], np.int32),
+                        decoding.prompt_keys(2, [7, 0]), RowSampling.of([s] * 2))  # the second row: past the
   # state's, unused
   for got_c, was in zip(jax.tree.leaves(state.cache), cache_before, strict=True):  # slots [0, 8) of row 1
     np.testing.assert_array_equal(got_c[0, :, :8], was[1, :, :8])

@@ -1,0 +1,112 @@
+"""Requests arriving over time (a server's traffic): joining the running batch against waiting for it to end.
+
+N requests arrive at random times (exponential gaps: a Poisson stream at --rate requests/s) with long-tailed
+answer lengths, and run through B rows two ways, on the same schedule: `join` (what `infer.py --serve` does: one
+generate call takes each request as it arrives, through `arrivals`, into the next free row), and `waves` (each
+generate call runs the requests that had arrived when it began, until its longest answer ends; arrivals wait for
+the next call). Latency is a request's end minus its arrival. Greedy outputs are checked equal. Runs a
+demo-sized random model on whatever device jax finds (the workload runs twice first to compile; what the timed
+run still compiles is reported) and prints one JSON object.
+
+python benchmarks/serving.py [--requests 48] [--rows 8] [--rate 8] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import jax
+import numpy as np
+
+from qwen_moe_jax.demo import demo_model
+from qwen_moe_jax.generate import Arrival, Generator, Room
+
+
+class Schedule:
+  """The requests, each arriving `at` seconds after `start`; `arrived()` gives those due, once each."""
+
+  def __init__(self, prompts: list[list[int]], limits: list[int], at: np.ndarray):
+    self.prompts, self.limits, self.at = prompts, limits, at
+    self.start, self.next = time.perf_counter(), 0
+
+  def arrived(self) -> list[int]:
+    now = time.perf_counter() - self.start
+    due = self.next + int(np.searchsorted(self.at[self.next:], now, side="right"))
+    taken, self.next = list(range(self.next, due)), due
+    return taken
+
+  def wait(self) -> None:  # until the next request arrives
+    time.sleep(max(0.0, self.at[self.next] - (time.perf_counter() - self.start)))
+
+
+def run(gen: Generator, schedule: Schedule, rows: int, slots: int, join: bool) -> tuple[list, list[float], float]:
+  """Every request's output ids and latency, in request order, and the seconds spent compiling."""
+  n = len(schedule.prompts)
+  outputs: list = [None] * n
+  ended, compiling = np.zeros(n), 0.0
+  while schedule.next < n:
+    schedule.wait()
+    order = schedule.arrived()  # the call's prompt i is request order[i]
+
+    def arrivals() -> list[Arrival]:
+      new = schedule.arrived()
+      order.extend(new)
+      return [Arrival(schedule.prompts[r], schedule.limits[r]) for r in new]
+
+    def on_done(i: int, ids: list[int], *_) -> None:
+      outputs[order[i]], ended[order[i]] = list(ids), time.perf_counter() - schedule.start
+
+    result = gen.generate([schedule.prompts[r] for r in order], [schedule.limits[r] for r in order],
+                          on_done=on_done, arrivals=arrivals if join else None, room=Room(rows, slots, slots))
+    assert not result.left
+    compiling += result.compile_seconds
+  return outputs, (ended - schedule.at).tolist(), compiling
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--requests", type=int, default=48)
+  ap.add_argument("--rows", type=int, default=8)
+  ap.add_argument("--rate", type=float, default=8.0, help="requests per second, on average")
+  ap.add_argument("--prompt-len", type=int, nargs=2, default=[8, 64], help="prompt lengths drawn from [lo, hi]")
+  ap.add_argument("--max-new", type=int, default=192, help="the longest answer")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  args = ap.parse_args()
+  cfg, mesh, model = demo_model(args.dtype)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size, int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))).tolist()
+             for _ in range(args.requests)]
+  limits = np.minimum(args.max_new, 4 + rng.exponential(args.max_new / 6, args.requests).astype(int)).tolist()
+  at = np.cumsum(rng.exponential(1 / args.rate, args.requests))
+  slots = args.prompt_len[1] + args.max_new
+  gen = Generator(model, mesh, batch_size=args.rows)
+  report = {}
+  outputs = {}
+  for mode in ("waves", "join"):
+    for _ in range(2):  # compiles the shapes it meets (the calls' makeup varies a little with timing)
+      run(gen, Schedule(prompts, limits, at), args.rows, slots, mode == "join")
+    start = time.perf_counter()
+    outputs[mode], latency, compiling = run(gen, Schedule(prompts, limits, at), args.rows, slots, mode == "join")
+    report[mode] = {"seconds": round(time.perf_counter() - start, 3), "compile_s": round(compiling, 3),
+                    "latency_s": {"mean": round(float(np.mean(latency)), 3),
+                                  "median": round(float(np.median(latency)), 3),
+                                  "p90": round(float(np.percentile(latency, 90)), 3)}}
+  assert outputs["join"] == outputs["waves"], "joining the running batch changed the outputs"
+  print(json.dumps({
+    "benchmark": "serving", "requests": args.requests, "rows": args.rows, "rate_per_s": args.rate,
+    "arrivals_over_s": round(float(at[-1]), 3), "generated_tokens": sum(map(len, outputs["join"])),
+    "answer_lengths": {"min": min(limits), "median": int(np.median(limits)), "max": max(limits)},
+    **report, "mean_latency_speedup": round(report["waves"]["latency_s"]["mean"] / report["join"]["latency_s"]["mean"],
+                                            2),
+    "same_outputs": True, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+    "machine": platform.machine(), "jax": jax.__version__,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,363 @@
+"""An OpenAI-compatible HTTP server over one Generator (`infer.py --serve`): POST /v1/completions and
+/v1/chat/completions (one JSON reply, or server-sent events with "stream": true), GET /v1/models and /health.
+
+One engine thread owns the device and runs generate calls back to back; the HTTP threads (the standard library's
+ThreadingHTTPServer) parse requests into jobs (a prompt and its settings: a request with "n" samples or several
+prompts makes several), queue them and wait for their results. A job that arrives while a call runs joins it as
+its rows free (Generator.generate's `arrivals`, polled every decode chunk), so requests do not wait for each other
+(continuous batching). Every call has the same shapes (`rows` rows, a cache of `slots` slots), so the decode
+program compiles once; the sampling steps it holds only grow (a request asking for one it lacks waits for the
+running call to drain, and the next call compiles it in).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import queue
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.generate import Arrival, Generator, Room, Stream, bucket
+from qwen_moe_jax.sampling import Sampling, SamplingOps
+from qwen_moe_jax.stop_strings import StopStrings, TextStream
+from qwen_moe_jax.tokenizer import Tokenizer
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # request fields that set sampling (vLLM's names)
+ACCEPTED = {"echo": (False,), "suffix": ("",), "logit_bias": ({},), "best_of": (1,), "tools": ([],),  # the values
+            "functions": ([],), "response_format": ({"type": "text"},)}  # of fields not implemented that we take
+
+
+class BadRequest(Exception):
+  """A request the server refuses (HTTP 400), with OpenAI's error fields."""
+
+  def __init__(self, message: str, param: str | None = None):
+    super().__init__(message)
+    self.param = param
+
+
+@dataclasses.dataclass
+class Job:
+  """One prompt of a request, generated as one row; its events go to the request's queue tagged with `choice`:
+  ("text", choice, piece) as text arrives (streamed requests), then ("done", choice, ids, logprobs, reason) or
+  ("error", choice, message)."""
+  ids: list[int]
+  max_new_tokens: int
+  sampling: Sampling
+  stream: Stream
+  stops: StopStrings | None
+  choice: int
+  events: queue.Queue
+  text: TextStream | None = None  # streamed requests: the text shown so far
+  cancelled: bool = False  # the client went away: the row ends at the next return to the host
+
+
+class Engine:
+  """Runs the jobs on one thread, in generate calls of fixed shapes (Room), joining running calls as they come."""
+
+  def __init__(self, generator: Generator, rows: int, slots: int, stop_ids: list[int]):
+    self.generator, self.stop_ids = generator, stop_ids
+    self.room = Room(rows=rows, slots=slots, max_new=slots)
+    self.pending: collections.deque[Job] = collections.deque()
+    self.ready = threading.Condition()
+    threading.Thread(target=self._serve, daemon=True, name="engine").start()
+
+  def submit(self, jobs: list[Job]) -> None:
+    with self.ready:
+      self.pending.extend(jobs)
+      self.ready.notify()
+
+  def _take(self) -> list[Job]:
+    with self.ready:
+      jobs = list(self.pending)
+      self.pending.clear()
+    return jobs
+
+  def _serve(self) -> None:
+    while True:
+      with self.ready:
+        self.ready.wait_for(lambda: self.pending)
+      self._call(self._take())
+
+  def _call(self, jobs: list[Job]) -> None:
+    ops = SamplingOps.of([j.sampling for j in jobs])  # top-k rounded up: fewer programs for other values
+    ops = dataclasses.replace(ops, top_k=min(bucket(ops.top_k), self.generator.config.vocab_size) if ops.top_k else 0)
+    self.room = dataclasses.replace(self.room, ops=self.room.ops | ops)
+    offered: list[Job] = []  # jobs handed to the call as arrivals: the admitted ones first, in order
+
+    def job(i: int) -> Job:  # the call's prompt i
+      return jobs[i] if i < len(jobs) else offered[i - len(jobs)]
+
+    def arrivals() -> list[Arrival]:
+      new = self._take()
+      offered.extend(new)
+      return [Arrival(j.ids, j.max_new_tokens, j.sampling, j.stream) for j in new]
+
+    def on_tokens(i: int, ids: list[int]) -> None:
+      j = job(i)
+      if j.text is not None:
+        j.events.put(("text", j.choice, j.text.push(ids)))
+
+    def stop_when(i: int, ids: list[int], new: int) -> int | None:
+      j = job(i)
+      if j.cancelled:
+        return len(ids)
+      return j.stops.end(ids, new) if j.stops else None
+
+    def on_done(i: int, ids: list[int], logprobs: list[float], reason: str) -> None:
+      j = job(i)
+      if j.text is not None:
+        j.events.put(("text", j.choice, j.text.close()))
+      j.events.put(("done", j.choice, list(ids), list(logprobs), reason))
+
+    try:
+      result = self.generator.generate(
+        [j.ids for j in jobs], [j.max_new_tokens for j in jobs], [j.sampling for j in jobs],
+        [j.stream for j in jobs], self.stop_ids, on_tokens, stop_when=stop_when, on_done=on_done,
+        arrivals=arrivals, room=self.room)
+    except Exception as e:  # noqa: BLE001  (out of memory, or a bug): this call's jobs fail, the server goes on
+      message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+      print(f"error: {message}", file=sys.stderr)
+      for j in jobs + offered:
+        j.events.put(("error", j.choice, message))
+      return
+    left = offered[len(offered) - len(result.left):]  # not admitted: they start the next call
+    with self.ready:
+      self.pending.extendleft(reversed(left))
+
+
+class Api:
+  """Requests (parsed JSON) -> jobs for the engine -> OpenAI's reply objects."""
+
+  def __init__(self, engine: Engine, tok: Tokenizer, name: str, sampling: Sampling, seed: int, slots: int):
+    self.engine, self.tok, self.name, self.sampling, self.slots = engine, tok, name, sampling, slots
+    self.seed, self.counter, self.lock = seed, itertools.count(), threading.Lock()
+
+  def jobs(self, kind: str, body: dict, events: queue.Queue) -> tuple[list[Job], list[list[int]]]:
+    """The request's jobs (choice k = prompt k // n, sample k % n) and prompts, checked; BadRequest when
+    refused."""
+    if not isinstance(body, dict):
+      raise BadRequest("the request body must be a JSON object")
+    for key, fine in ACCEPTED.items():
+      if body.get(key) is not None and body[key] not in fine:
+        raise BadRequest(f"{key} is not supported", key)
+    prompts = self._prompts(kind, body)
+    given = {k: _number(body, k, int if k == "top_k" else float) for k in SETTINGS if body.get(k) is not None}
+    if given.get("top_k") == -1:  # vLLM's "off"
+      given["top_k"] = 0
+    try:
+      sampling = dataclasses.replace(self.sampling, **given).validate("request")
+    except UserError as e:
+      message = str(e).removeprefix("request: ")
+      raise BadRequest(message, message.split(" ", 1)[0]) from None
+    n = _number(body, "n", int) if body.get("n") is not None else 1
+    if not 1 <= n <= 128:
+      raise BadRequest(f"n must be in [1, 128], got {n}", "n")
+    seed = _number(body, "seed", int) if body.get("seed") is not None else None
+    stops = _stops(self.tok, body.get("stop"))
+    alternatives = "top_logprobs" if kind == "chat" else "logprobs"
+    if body.get(alternatives) is not None and _number(body, alternatives, int) > (kind == "completions"):
+      raise BadRequest(f"{alternatives} above {int(kind == 'completions')} is not supported: the server gives each "
+                       "token's own log-probability, not its alternatives", alternatives)
+    limit_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    out = []
+    for p, ids in enumerate(prompts):
+      room = self.slots - len(ids)
+      if room < 1:
+        raise BadRequest(f"the prompt has {len(ids)} tokens: it leaves no room in the server's "
+                         f"--max-model-len of {self.slots}", "prompt")
+      limit = _number(body, limit_key, int) if body.get(limit_key) is not None else (
+        min(16, room) if kind == "completions" else room)  # OpenAI's defaults
+      if limit < 1 or limit > room:
+        raise BadRequest(f"{limit_key} must be in [1, {room}] (--max-model-len {self.slots} minus the prompt's "
+                         f"{len(ids)} tokens), got {limit}", limit_key)
+      try:
+        self.engine.generator.validate([ids], [limit])
+      except UserError as e:
+        raise BadRequest(str(e), "prompt") from None
+      for j in range(n):
+        with self.lock:
+          stream = Stream(seed, j) if seed is not None else Stream(self.seed, next(self.counter))
+        out.append(Job(ids, limit, sampling, stream, stops, p * n + j, events,
+                       TextStream(self.tok, stops) if body.get("stream") else None))
+    return out, prompts
+
+  def _prompts(self, kind: str, body: dict) -> list[list[int]]:
+    if kind == "chat":
+      messages = body.get("messages")
+      if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", "messages")
+      try:
+        return [self.tok.apply_chat_template(messages, add_generation_prompt=True)]
+      except UserError as e:
+        raise BadRequest(str(e), "messages") from None
+    prompt = body.get("prompt")
+    many = isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt)
+    prompts = prompt if many else [prompt]
+    out = []
+    for p in prompts:
+      if isinstance(p, str) and p:
+        out.append(self.tok.encode(p))
+      elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        out.append(list(p))
+      else:
+        raise BadRequest("prompt must be a non-empty string, a list of token ids, or a list of those", "prompt")
+    return out
+
+  def reply(self, kind: str, body: dict, results: list[tuple], prompts: list[list[int]]) -> dict:
+    """The whole reply once every job is done: results [(ids, logprobs, reason)] by choice."""
+    choices, stops = [], _stops(self.tok, body.get("stop"))
+    wants_logprobs = bool(body.get("logprobs")) if kind == "chat" else body.get("logprobs") is not None
+    for k, (ids, logprobs, reason) in enumerate(results):
+      text = self.tok.decode(ids, skip_special_tokens=True)
+      text = stops.cut(text) if stops else text
+      pieces = [self.tok.decode([t], skip_special_tokens=True) for t in ids] if wants_logprobs else []
+      if kind == "chat":
+        choice = {"message": {"role": "assistant", "content": text}, "logprobs": {"content": [
+          {"token": p, "logprob": lp, "bytes": None, "top_logprobs": []} for p, lp in zip(pieces, logprobs)]}}
+      else:
+        choice = {"text": text, "logprobs": {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None}}
+      choices.append({"index": k, "finish_reason": reason, **choice} | ({} if wants_logprobs else {"logprobs": None}))
+    return self._head(kind, chunk=False) | {"choices": choices, "usage": _usage(prompts, results)}
+
+  def _head(self, kind: str, chunk: bool) -> dict:
+    obj = ("chat.completion.chunk" if chunk else "chat.completion") if kind == "chat" else "text_completion"
+    return {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
+            "created": int(time.time()), "model": self.name}
+
+  def chunks(self, kind: str, body: dict, events: queue.Queue, total: int, prompts: list[list[int]]):
+    """The streamed reply: a chunk per piece of text of each choice, its finish reason, [usage], then [DONE]."""
+    head = self._head(kind, chunk=True)
+    results: list[tuple | None] = [None] * total
+    if kind == "chat":
+      for k in range(total):
+        yield head | {"choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                   "logprobs": None}]}
+    while any(r is None for r in results):
+      event = events.get()
+      k = event[1]
+      if event[0] == "error":
+        raise RuntimeError(event[2])
+      if event[0] == "text":
+        if event[2]:
+          part = {"delta": {"content": event[2]}} if kind == "chat" else {"text": event[2]}
+          yield head | {"choices": [{"index": k, **part, "finish_reason": None, "logprobs": None}]}
+        continue
+      results[k] = event[2:]
+      part = {"delta": {}} if kind == "chat" else {"text": ""}
+      yield head | {"choices": [{"index": k, **part, "finish_reason": event[4], "logprobs": None}]}
+    if (body.get("stream_options") or {}).get("include_usage"):
+      yield head | {"choices": [], "usage": _usage(prompts, results)}
+
+
+def _usage(prompts: list[list[int]], results: list[tuple]) -> dict:
+  prompt = sum(map(len, prompts))
+  completion = sum(len(r[0]) for r in results)
+  return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _number(body: dict, key: str, kind: type) -> int | float:
+  value = body[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key)
+  return kind(value)
+
+
+def _stops(tok: Tokenizer, stop) -> StopStrings | None:
+  stops = [stop] if isinstance(stop, str) else stop
+  if stops is None or stops == []:
+    return None
+  try:
+    return StopStrings(tok, stops, "stop")
+  except UserError as e:
+    raise BadRequest(str(e), "stop") from None
+
+
+class Handler(BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"
+  api: Api  # set by `serve`
+
+  def log_message(self, format: str, *args) -> None:  # noqa: A002  (one line per request on stderr)
+    sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+  def do_GET(self) -> None:  # noqa: N802
+    if self.path == "/health":
+      return self._json(200, {"status": "ok"})
+    if self.path == "/v1/models":
+      return self._json(200, {"object": "list", "data": [{"id": self.api.name, "object": "model",
+                                                          "owned_by": "qwen-moe-jax", "created": 0}]})
+    self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
+
+  def do_POST(self) -> None:  # noqa: N802
+    kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(self.path)
+    if kind is None:
+      return self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
+    try:
+      body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+      events: queue.Queue = queue.Queue()
+      jobs, prompts = self.api.jobs(kind, body, events)
+    except ValueError as e:  # a bad Content-Length, or JSON
+      return self._json(400, _error(f"the request body is not valid JSON ({getattr(e, 'msg', e)})"))
+    except BadRequest as e:
+      return self._json(400, _error(str(e), param=e.param))
+    self.api.engine.submit(jobs)
+    if body.get("stream"):
+      return self._stream(kind, body, events, jobs, prompts)
+    results: list[tuple | None] = [None] * len(jobs)
+    while any(r is None for r in results):
+      event = events.get()
+      if event[0] == "error":
+        return self._json(500, _error(event[2], "server_error"))
+      if event[0] == "done":
+        results[event[1]] = event[2:]
+    self._json(200, self.api.reply(kind, body, results, prompts))
+
+  def _stream(self, kind: str, body: dict, events: queue.Queue, jobs: list[Job], prompts) -> None:
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Cache-Control", "no-cache")
+    self.send_header("Connection", "close")
+    self.end_headers()
+    self.close_connection = True
+    try:
+      try:
+        for chunk in self.api.chunks(kind, body, events, len(jobs), prompts):
+          self._event(json.dumps(chunk, ensure_ascii=False))
+      except RuntimeError as e:  # the engine failed this call
+        self._event(json.dumps(_error(str(e), "server_error")))
+      self._event("[DONE]")
+    except (BrokenPipeError, ConnectionResetError):  # the client went away: free its rows
+      for j in jobs:
+        j.cancelled = True
+
+  def _event(self, data: str) -> None:
+    self.wfile.write(f"data: {data}\n\n".encode())
+    self.wfile.flush()
+
+  def _json(self, status: int, obj: dict) -> None:
+    data = json.dumps(obj, ensure_ascii=False).encode()
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+
+def _error(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+  return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
+                stop_ids: list[int], sampling: Sampling, seed: int) -> ThreadingHTTPServer:
+  """The HTTP server (not yet serving: call serve_forever), its engine thread started."""
+  api = Api(Engine(generator, rows, slots, stop_ids), tok, name, sampling, seed, slots)
+  server = ThreadingHTTPServer((host, port), type("BoundHandler", (Handler,), {"api": api}))
+  server.daemon_threads = True
+  return server

@@ -1,0 +1,230 @@
+"""The OpenAI-compatible server (`infer.py --serve`, qwen_moe_jax/server.py) over HTTP: replies equal the
+engine's own generation for the same prompts and settings, streamed or whole; requests join a running batch;
+bad requests are one 400 line naming the field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_moe_jax import checkpoint, convert
+from qwen_moe_jax.demo import write_hf_demo
+from qwen_moe_jax.generate import Generator, Stream
+from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.server import make_server
+from qwen_moe_jax.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOTS = 256
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  """A server over the demo checkpoint (float32, greedy by default, 2 rows of 256 slots) on a free port, and a
+  Generator over the same weights for the expected outputs."""
+  tmp = tmp_path_factory.mktemp("served")
+  write_hf_demo(tmp / "hf")
+  convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
+  tok = load_tokenizer(tmp / "ckpt")
+  eos = [tok.eos_token_id]
+  server = make_server(Generator(checkpoint.restore(tmp / "ckpt", dtype=jnp.float32), batch_size=2), tok,
+                       name="demo", host="127.0.0.1", port=0, rows=2, slots=SLOTS, stop_ids=eos, sampling=Sampling(),
+                       seed=0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  reference = Generator(checkpoint.restore(tmp / "ckpt", dtype=jnp.float32))
+  yield f"http://127.0.0.1:{server.server_address[1]}", tok, reference, eos, tmp / "ckpt"
+  server.shutdown()
+
+
+def post(url: str, body, path: str = "/v1/completions") -> tuple[int, dict]:
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  try:
+    with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=300) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def stream(url: str, body: dict, path: str = "/v1/completions") -> list:
+  """The server-sent events of a streamed request, parsed ("[DONE]" kept as is)."""
+  with urllib.request.urlopen(urllib.request.Request(url + path, data=json.dumps(dict(body, stream=True)).encode()),
+                              timeout=300) as r:
+    assert r.headers["Content-Type"] == "text/event-stream"
+    lines = [x.removeprefix("data: ") for x in r.read().decode().split("\n\n") if x]
+  return [x if x == "[DONE]" else json.loads(x) for x in lines]
+
+
+def expected(reference: Generator, tok, eos, ids, n, s=Sampling(), stream=Stream(0, 0)):
+  out = reference.generate([ids], n, s, seed=[stream], stop_ids=eos)
+  return out.output_ids[0], out.output_logprobs[0], out.finish_reasons[0]
+
+
+def test_completions_equal_the_engines_generation(served):
+  """Greedy text completions (a string, token ids, two prompts at once) and their token log-probabilities are
+  the engine's; a stop string cuts the text; usage counts the tokens."""
+  url, tok, reference, eos, _ = served
+  status, reply = post(url, {"prompt": "The capital of France", "max_tokens": 12, "logprobs": 1, "temperature": 0})
+  assert status == 200 and reply["object"] == "text_completion" and reply["model"] == "demo"
+  ids = tok.encode("The capital of France")
+  out, logprobs, reason = expected(reference, tok, eos, ids, 12)
+  (choice,) = reply["choices"]
+  assert choice["text"] == tok.decode(out, skip_special_tokens=True) and choice["finish_reason"] == reason
+  np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], logprobs, atol=1e-5)
+  assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(out),
+                            "total_tokens": len(ids) + len(out)}
+  status, both = post(url, {"prompt": [ids, [5, 6, 7]], "max_tokens": 6})
+  assert [c["text"] for c in both["choices"]] == [tok.decode(expected(reference, tok, eos, p, 6)[0],
+                                                             skip_special_tokens=True) for p in (ids, [5, 6, 7])]
+  text = choice["text"]
+  stop = text[len(text) // 2:len(text) // 2 + 2]  # two characters from the middle of the text
+  status, cut = post(url, {"prompt": "The capital of France", "max_tokens": 12, "stop": stop})
+  assert cut["choices"][0]["text"] == text[:text.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_streams_what_it_answers_whole(served):
+  """A sampled chat request with a seed: its n choices are the engine's samples from streams (seed, 0..n-1),
+  the same again on a second request, and streamed they arrive as pieces that join into the same text."""
+  url, tok, reference, eos, _ = served
+  messages = [{"role": "user", "content": "Name three colours."}]
+  body = {"messages": messages, "max_tokens": 10, "temperature": 0.9, "top_p": 0.9, "min_p": 0.05, "n": 2,
+          "seed": 11, "frequency_penalty": 0.5}
+  status, reply = post(url, body, "/v1/chat/completions")
+  assert status == 200 and reply["object"] == "chat.completion"
+  ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+  s = Sampling(0.9, top_p=0.9, min_p=0.05, frequency_penalty=0.5)
+  texts = [tok.decode(expected(reference, tok, eos, ids, 10, s, Stream(11, j))[0], skip_special_tokens=True)
+           for j in range(2)]
+  assert [c["message"]["content"] for c in reply["choices"]] == texts and texts[0] != texts[1]
+  assert post(url, body, "/v1/chat/completions")[1]["choices"] == reply["choices"]
+  events = stream(url, dict(body, stream_options={"include_usage": True}), "/v1/chat/completions")
+  assert events[-1] == "[DONE]" and events[-2]["usage"] == reply["usage"]
+  for k in range(2):
+    deltas = [c["delta"] for e in events[:-2] for c in e["choices"] if c["index"] == k]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("content", "") for d in deltas) == texts[k]
+    assert [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["index"] == k][-1] == \
+        reply["choices"][k]["finish_reason"]
+
+
+def test_requests_join_a_running_batch(served):
+  """A short request sent while a long one decodes is answered before the long one ends (it takes the free row
+  of the running call); one sent after it asking for sampling steps the running programs lack (top-k) waits for
+  the call to drain and runs in the next. Each gets what it gets alone."""
+  url, tok, reference, eos, _ = served
+  long_ids, short_ids = [7, 8, 9, 10], [20, 21, 22]
+  done: dict[str, float] = {}
+  texts: dict[str, str] = {}
+
+  def send(name: str, body: dict) -> None:
+    texts[name] = post(url, body)[1]["choices"][0]["text"]
+    done[name] = time.perf_counter()
+
+  others = [threading.Thread(target=send, args=("short", {"prompt": short_ids, "max_tokens": 3})),
+            threading.Thread(target=send, args=("top_k", {"prompt": short_ids, "max_tokens": 3, "temperature": 1.0,
+                                                          "top_k": 5, "seed": 2}))]
+  body = {"prompt": long_ids, "max_tokens": SLOTS - 8, "stream": True}
+  with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode()),
+                              timeout=300) as r:
+    events = [r.readline()]  # the long request is decoding
+    for t in others:
+      t.start()
+      time.sleep(0.1)  # in this order
+    events += r.read().split(b"\n")
+    done["long"] = time.perf_counter()
+  for t in others:
+    t.join()
+  chunks = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+  texts["long"] = "".join(c["choices"][0]["text"] for c in chunks)
+  assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # it ran all its tokens
+  assert done["short"] < done["long"] < done["top_k"]
+  want = {"long": expected(reference, tok, eos, long_ids, SLOTS - 8),
+          "short": expected(reference, tok, eos, short_ids, 3),
+          "top_k": expected(reference, tok, eos, short_ids, 3, Sampling(1.0, 5), Stream(2, 0))}
+  for name, (out, _, _) in want.items():
+    assert texts[name] == tok.decode(out, skip_special_tokens=True), name
+
+
+@pytest.mark.parametrize("path,body,status,message,param", [
+  ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature must be >= 0", "temperature"),
+  ("/v1/completions", {"prompt": "hi", "top_k": 2.5}, 400, "top_k must be an integer, got 2.5", "top_k"),
+  ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be in [1, ", "max_tokens"),
+  ("/v1/completions", {"prompt": "hi", "max_tokens": SLOTS}, 400, "max_tokens must be in [1, ", "max_tokens"),
+  ("/v1/completions", {"prompt": list(range(SLOTS))}, 400, "leaves no room in the server's --max-model-len",
+   "prompt"),
+  ("/v1/completions", {"prompt": [10 ** 7]}, 400, "outside the vocabulary", "prompt"),
+  ("/v1/completions", {"prompt": ""}, 400, "prompt must be a non-empty string", "prompt"),
+  ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo is not supported", "echo"),
+  ("/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, "logprobs above 1 is not supported", "logprobs"),
+  ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be in [1, 128]", "n"),
+  ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop strings must be non-empty", "stop"),
+  ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]",
+   "presence_penalty"),
+  ("/v1/chat/completions", {"messages": []}, 400, "messages must be a non-empty list", "messages"),
+  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+   "top_logprobs above 0 is not supported", "top_logprobs"),
+  ("/v1/embeddings", {"input": "hi"}, 404, "no such path", None),
+])
+def test_bad_requests(served, path, body, status, message, param):
+  url = served[0]
+  got, reply = post(url, body, path)
+  assert got == status and message in reply["error"]["message"] and reply["error"]["param"] == param, reply
+  assert post(url, b"{not json")[1]["error"]["message"].startswith("the request body is not valid JSON")
+
+
+def test_openai_client(served):
+  """OpenAI's own Python client reads the server's replies and streams (chat and completions)."""
+  import openai
+
+  url, tok, reference, eos, _ = served
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+  messages = [{"role": "user", "content": "Hello"}]
+  want = tok.decode(expected(reference, tok, eos, tok.apply_chat_template(messages), 8)[0], skip_special_tokens=True)
+  reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0)
+  assert reply.choices[0].message.content == want and reply.usage.completion_tokens <= 8
+  streamed = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0, stream=True)
+  assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want
+  completion = client.completions.create(model="demo", prompt=[3, 4, 5], max_tokens=4, logprobs=1)
+  assert len(completion.choices[0].logprobs.token_logprobs) == completion.usage.completion_tokens
+  with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
+    client.completions.create(model="demo", prompt="hi", temperature=-1)
+
+
+def test_models_and_health(served):
+  url = served[0]
+  with urllib.request.urlopen(url + "/v1/models") as r:
+    assert [m["id"] for m in json.loads(r.read())["data"]] == ["demo"]
+  with urllib.request.urlopen(url + "/health") as r:
+    assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_cli_serve(served):
+  """`infer.py --serve 0` listens on a free port (printed on stderr) and answers; prompt flags next to it are
+  one error line."""
+  _, tok, reference, eos, ckpt = served
+  proc = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "127.0.0.1:0",
+                           "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64"], cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stderr.readline()
+    assert line.startswith("serving ckpt on http://127.0.0.1:"), line
+    url = line.split()[3]
+    status, reply = post(url, {"prompt": [3, 4, 5], "max_tokens": 5})
+    assert status == 200
+    assert reply["choices"][0]["text"] == tok.decode(expected(reference, tok, eos, [3, 4, 5], 5)[0],
+                                                     skip_special_tokens=True)
+  finally:
+    proc.terminate()
+    proc.wait(timeout=60)
+  bad = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "0", "--prompt", "hi"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and bad.stderr.strip() == "error: --serve takes its prompts over HTTP: drop --prompt"
