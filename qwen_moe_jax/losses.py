@@ -19,9 +19,10 @@ LOSS_CHUNK = 1024  # tokens per LM-head chunk
 
 
 def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
-                 chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+                 chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """hidden [N, D], lm_head [D, V], targets [N] -> (fp32 NLL of each target [N], its rank [N]: 1 + the ids with a
-  higher logit, 1 for the greedy choice), the LM head run `chunk` tokens at a time."""
+  higher logit, 1 for the greedy choice; the greedy choice [N] and its fp32 log-probability [N]), the LM head run
+  `chunk` tokens at a time."""
   n = hidden.shape[0]
   chunk = min(chunk, n)
   pad = -n % chunk
@@ -31,15 +32,18 @@ def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
   def score(args):
     h, t = args  # [C, D], [C]
     logits = jnp.einsum("CD,DV->CV", h, lm_head, preferred_element_type=F32)
-    target = jnp.take_along_axis(logits, t[:, None], axis=-1)  # [C, 1]
-    return jax.nn.logsumexp(logits, axis=-1) - target[:, 0], 1 + jnp.sum(logits > target, axis=-1, dtype=jnp.int32)
+    target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]  # [C]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return (lse - target, 1 + jnp.sum(logits > target[:, None], axis=-1, dtype=jnp.int32), best,
+            jnp.take_along_axis(logits, best[:, None], axis=-1)[:, 0] - lse)
 
-  nll, rank = jax.lax.map(score, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk)))
-  return nll.reshape(-1)[:n], rank.reshape(-1)[:n]
+  out = jax.lax.map(score, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk)))
+  return tuple(x.reshape(-1)[:n] for x in out)
 
 
 def token_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
-  """The NLL of `token_scores` (XLA drops the unused ranks: the compiled program is the same)."""
+  """The NLL of `token_scores` (XLA drops the unused ranks and greedy choices: the compiled program is the same)."""
   return token_scores(hidden, lm_head, targets, chunk)[0]
 
 

@@ -1,5 +1,6 @@
 """Scoring prompts: each token's log-probability and rank given the tokens before it (`--prompt-logprobs`, as
-vLLM's prompt_logprobs; a rank of 1 is lm-eval's is_greedy), and the logits at every position (`--dump-logits`).
+vLLM's prompt_logprobs; a rank of 1 is lm-eval's is_greedy) and the greedy choice there (the server's `echo`),
+and the logits at every position (`--dump-logits`).
 
 Prompts run in groups of the generator's `prefill_rows` (else `batch_size`, else all), longest first, each group
 padded to its own bucket. Prompts that begin alike (at least `share_prefix` ids in common: the choices of one
@@ -34,10 +35,12 @@ class PromptScores:
 
   logprobs: list[float | None]  # log p(token | the tokens before it)
   ranks: list[int | None]  # 1 + the ids the model found likelier (1: the greedy choice)
+  best: list[int | None]  # the greedy choice there (the token itself where its rank is 1)
+  best_logprobs: list[float | None]  # its log-probability
 
 
 def prompt_scores(gen: Generator, prompts: Sequence[Sequence[int]]) -> list[PromptScores]:
-  """Each prompt token's log-probability and rank given the tokens before it."""
+  """Each prompt token's log-probability and rank given the tokens before it, and the greedy choice there."""
   gen.validate(prompts, [1])
   rows = bucket(min(gen.prefill_rows or gen.batch_size or len(prompts), len(prompts)), minimum=1)
   least = max(gen.share_prefix, 2)  # (a head of one id has no key or value to share)
@@ -45,7 +48,7 @@ def prompt_scores(gen: Generator, prompts: Sequence[Sequence[int]]) -> list[Prom
   groups = families(prompts, least, most) if gen.share_prefix else [(0, [i]) for i in range(len(prompts))]
   alone = sorted((g[0] for n, g in groups if not n), key=lambda i: -len(prompts[i]))
   shared = [(n, g) for n, g in groups if n]
-  scores: list[PromptScores] = [PromptScores([], [])] * len(prompts)
+  scores: list[PromptScores] = [PromptScores([], [], [], [])] * len(prompts)
   with mesh_context(gen.mesh):
     for start in range(0, len(alone), rows):
       part = alone[start:start + rows]
@@ -81,7 +84,7 @@ def _score_families(gen: Generator, prompts: Sequence[Sequence[int]], groups: li
   row_of = {i: r for r, (_, i) in enumerate(rests)}
   for f, (n, g) in enumerate(groups):
     for i in g:
-      rest = [x[row_of[i], :len(prompts[i]) - n].tolist() for x in rest_scores] if i in row_of else [[], []]
+      rest = [x[row_of[i], :len(prompts[i]) - n].tolist() for x in rest_scores] if i in row_of else [[]] * 4
       scores[i] = PromptScores(*([None] + head[f, :n - 1].tolist() + r for head, r in zip(head_scores, rest)))
 
 
@@ -96,11 +99,12 @@ def _shifted(seqs: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.n
   return inputs, targets, lengths
 
 
-def _scores(model: QwenMoeForCausalLM, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """hidden [B, T, D], targets [B, T] -> (fp32 log p(target | the tokens up to its position), its rank) [B, T]."""
+def _scores(model: QwenMoeForCausalLM, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
+  """hidden [B, T, D], targets [B, T] -> (fp32 log p(target | the tokens up to its position), its rank, the greedy
+  choice there, its fp32 log-probability) [B, T]: PromptScores' fields."""
   b, t = targets.shape
-  nll, rank = token_scores(hidden.reshape(b * t, -1), model.lm_head[...], targets.reshape(-1))
-  return tuple(sharding.constrain(x.reshape(b, t), (None, None)) for x in (-nll, rank))  # every process reads them
+  nll, *rest = token_scores(hidden.reshape(b * t, -1), model.lm_head[...], targets.reshape(-1))
+  return tuple(sharding.constrain(x.reshape(b, t), (None, None)) for x in (-nll, *rest))  # every process reads them
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))

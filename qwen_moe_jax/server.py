@@ -26,12 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Arrival, Generator, Room, Stream, bucket
 from qwen_moe_jax.sampling import Sampling, SamplingOps
+from qwen_moe_jax.scoring import prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings, TextStream
 from qwen_moe_jax.tokenizer import Tokenizer
 
 SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # request fields that set sampling (vLLM's names)
-ACCEPTED = {"echo": (False,), "suffix": ("",), "logit_bias": ({},), "best_of": (1,), "tools": ([],),  # the values
-            "functions": ([],), "response_format": ({"type": "text"},)}  # of fields not implemented that we take
+ACCEPTED = {"suffix": ("",), "logit_bias": ({},), "best_of": (1,), "tools": ([],), "functions": ([],),  # the values
+            "response_format": ({"type": "text"},)}  # of fields not implemented that we take
 
 
 class BadRequest(Exception):
@@ -44,9 +45,9 @@ class BadRequest(Exception):
 
 @dataclasses.dataclass
 class Job:
-  """One prompt of a request, generated as one row; its events go to the request's queue tagged with `choice`:
-  ("text", choice, piece) as text arrives (streamed requests), then ("done", choice, ids, logprobs, reason) or
-  ("error", choice, message)."""
+  """One prompt of a request, generated as one row (or scored: `echo` with `logprobs`); its events go to the
+  request's queue tagged with `choice`: ("text", choice, piece) as text arrives (streamed requests), then ("done",
+  choice, ids, logprobs, reason, scores: PromptScores of a scored job, else None) or ("error", choice, message)."""
   ids: list[int]
   max_new_tokens: int
   sampling: Sampling
@@ -56,6 +57,7 @@ class Job:
   events: queue.Queue
   text: TextStream | None = None  # streamed requests: the text shown so far
   cancelled: bool = False  # the client went away: the row ends at the next return to the host
+  score: bool = False  # the prompt's scores, and with max_new_tokens 1 its greedy next token, from one forward pass
 
 
 class Engine:
@@ -73,8 +75,12 @@ class Engine:
       self.pending.extend(jobs)
       self.ready.notify()
 
-  def _take(self) -> list[Job]:
+  def _take(self, unless_scoring: bool = False) -> list[Job]:
+    """The jobs waiting (none, `unless_scoring`, while a scored job waits: a running call then drains, and the
+    scored jobs run next)."""
     with self.ready:
+      if unless_scoring and any(j.score for j in self.pending):
+        return []
       jobs = list(self.pending)
       self.pending.clear()
     return jobs
@@ -83,7 +89,27 @@ class Engine:
     while True:
       with self.ready:
         self.ready.wait_for(lambda: self.pending)
-      self._call(self._take())
+      jobs = self._take()
+      for part, run in (([j for j in jobs if j.score], self._score), ([j for j in jobs if not j.score], self._call)):
+        if part:
+          run(part)
+
+  def _score(self, jobs: list[Job]) -> None:
+    """Scored jobs, in one `prompt_scores` call (prompts that begin alike run their common ids once)."""
+    try:  # an id after each prompt: where it is predicted, the greedy next token (its own score is not read)
+      scores = prompt_scores(self.generator, [j.ids + [0] for j in jobs])
+    except Exception as e:  # noqa: BLE001  (as in _call)
+      return self._fail(jobs, e)
+    for j, s in zip(jobs, scores, strict=True):
+      new = slice(len(j.ids), len(j.ids) + j.max_new_tokens)
+      j.events.put(("done", j.choice, s.best[new], s.best_logprobs[new], "length", s))
+
+  def _fail(self, jobs: list[Job], e: Exception) -> None:
+    """Every job gets the error (out of memory, or a bug): the server goes on."""
+    message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+    print(f"error: {message}", file=sys.stderr)
+    for j in jobs:
+      j.events.put(("error", j.choice, message))
 
   def _call(self, jobs: list[Job]) -> None:
     ops = SamplingOps.of([j.sampling for j in jobs])  # top-k rounded up: fewer programs for other values
@@ -95,7 +121,7 @@ class Engine:
       return jobs[i] if i < len(jobs) else offered[i - len(jobs)]
 
     def arrivals() -> list[Arrival]:
-      new = self._take()
+      new = self._take(unless_scoring=True)
       offered.extend(new)
       return [Arrival(j.ids, j.max_new_tokens, j.sampling, j.stream) for j in new]
 
@@ -114,7 +140,7 @@ class Engine:
       j = job(i)
       if j.text is not None:
         j.events.put(("text", j.choice, j.text.close()))
-      j.events.put(("done", j.choice, list(ids), list(logprobs), reason))
+      j.events.put(("done", j.choice, list(ids), list(logprobs), reason, None))
 
     try:
       result = self.generator.generate(
@@ -122,11 +148,7 @@ class Engine:
         [j.stream for j in jobs], self.stop_ids, on_tokens, stop_when=stop_when, on_done=on_done,
         arrivals=arrivals, room=self.room)
     except Exception as e:  # noqa: BLE001  (out of memory, or a bug): this call's jobs fail, the server goes on
-      message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-      print(f"error: {message}", file=sys.stderr)
-      for j in jobs + offered:
-        j.events.put(("error", j.choice, message))
-      return
+      return self._fail(jobs + offered, e)
     left = offered[len(offered) - len(result.left):]  # not admitted: they start the next call
     with self.ready:
       self.pending.extendleft(reversed(left))
@@ -167,6 +189,14 @@ class Api:
                        "token's own log-probability, not its alternatives", alternatives)
     limit_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
         else "max_tokens"
+    echo = body.get("echo") not in (None, False)
+    if echo and (kind == "chat" or body.get("stream")):
+      raise BadRequest("echo is for /v1/completions, not streamed", "echo")
+    score = echo and body.get("logprobs") is not None  # the prompt's log-probabilities: scored, not generated
+    least = 0 if score else 1
+    if score and (n > 1 or sampling.temperature > 0 or (body.get(limit_key) or 0) > 1):
+      raise BadRequest("echo with logprobs scores the prompt (lm-eval's loglikelihood requests): it takes n 1 and "
+                       f"{limit_key} 0, or 1 with temperature 0 (the greedy next token)", "echo")
     out = []
     for p, ids in enumerate(prompts):
       room = self.slots - len(ids)
@@ -174,19 +204,19 @@ class Api:
         raise BadRequest(f"the prompt has {len(ids)} tokens: it leaves no room in the server's "
                          f"--max-model-len of {self.slots}", "prompt")
       limit = _number(body, limit_key, int) if body.get(limit_key) is not None else (
-        min(16, room) if kind == "completions" else room)  # OpenAI's defaults
-      if limit < 1 or limit > room:
-        raise BadRequest(f"{limit_key} must be in [1, {room}] (--max-model-len {self.slots} minus the prompt's "
+        0 if score else min(16, room) if kind == "completions" else room)  # OpenAI's defaults
+      if limit < least or limit > room:
+        raise BadRequest(f"{limit_key} must be in [{least}, {room}] (--max-model-len {self.slots} minus the prompt's "
                          f"{len(ids)} tokens), got {limit}", limit_key)
       try:
-        self.engine.generator.validate([ids], [limit])
+        self.engine.generator.validate([ids], [max(limit, 1)])
       except UserError as e:
         raise BadRequest(str(e), "prompt") from None
       for j in range(n):
         with self.lock:
           stream = Stream(seed, j) if seed is not None else Stream(self.seed, next(self.counter))
         out.append(Job(ids, limit, sampling, stream, stops, p * n + j, events,
-                       TextStream(self.tok, stops) if body.get("stream") else None))
+                       TextStream(self.tok, stops) if body.get("stream") else None, score=score))
     return out, prompts
 
   def _prompts(self, kind: str, body: dict) -> list[list[int]]:
@@ -212,19 +242,26 @@ class Api:
     return out
 
   def reply(self, kind: str, body: dict, results: list[tuple], prompts: list[list[int]]) -> dict:
-    """The whole reply once every job is done: results [(ids, logprobs, reason)] by choice."""
+    """The whole reply once every job is done: results [(ids, logprobs, reason, scores or None)] by choice; with
+    `echo`, a completion's text, tokens and log-probabilities begin with the prompt's (its first token's None)."""
     choices, stops = [], _stops(self.tok, body.get("stop"))
     wants_logprobs = bool(body.get("logprobs")) if kind == "chat" else body.get("logprobs") is not None
-    for k, (ids, logprobs, reason) in enumerate(results):
+    echo, per_prompt = bool(body.get("echo")), len(results) // len(prompts)
+    piece = lambda t: self.tok.decode([t], skip_special_tokens=True)  # noqa: E731
+    for k, (ids, logprobs, reason, scores) in enumerate(results):
       text = self.tok.decode(ids, skip_special_tokens=True)
       text = stops.cut(text) if stops else text
-      pieces = [self.tok.decode([t], skip_special_tokens=True) for t in ids] if wants_logprobs else []
+      prompt = prompts[k // per_prompt] if echo else []
       if kind == "chat":
         choice = {"message": {"role": "assistant", "content": text}, "logprobs": {"content": [
-          {"token": p, "logprob": lp, "bytes": None, "top_logprobs": []} for p, lp in zip(pieces, logprobs)]}}
-      else:
-        choice = {"text": text, "logprobs": {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None}}
-      choices.append({"index": k, "finish_reason": reason, **choice} | ({} if wants_logprobs else {"logprobs": None}))
+          {"token": piece(t), "logprob": lp, "bytes": None, "top_logprobs": []} for t, lp in zip(ids, logprobs)]}
+          if wants_logprobs else None}
+      else:  # a scored prompt's log-probabilities (echo with logprobs), then the generated ones
+        choice = {"text": self.tok.decode(prompt, skip_special_tokens=True) + text, "logprobs": {
+          "tokens": [piece(t) for t in prompt + ids], "token_logprobs": (scores.logprobs[:len(prompt)] if scores
+                                                                         else []) + logprobs,
+          "top_logprobs": _top(scores, prompt + ids, piece) if scores else None} if wants_logprobs else None}
+      choices.append({"index": k, "finish_reason": reason, **choice})
     return self._head(kind, chunk=False) | {"choices": choices, "usage": _usage(prompts, results)}
 
   def _head(self, kind: str, chunk: bool) -> dict:
@@ -255,6 +292,17 @@ class Api:
       yield head | {"choices": [{"index": k, **part, "finish_reason": event[4], "logprobs": None}]}
     if (body.get("stream_options") or {}).get("include_usage"):
       yield head | {"choices": [], "usage": _usage(prompts, results)}
+
+
+def _top(scores, ids: list[int], piece) -> list[dict | None]:
+  """A scored prompt's top_logprobs: at each token after the first, {the token: its log-probability, the greedy
+  choice there: its} (one entry when they are the same: lm-eval's is_greedy compares the token's to the largest);
+  past the prompt, the greedy choice alone."""
+  top: list[dict | None] = [None]
+  for t in range(1, len(ids)):
+    given = {piece(ids[t]): scores.logprobs[t]} if t < len(scores.logprobs) - 1 else {}
+    top.append(given | {piece(scores.best[t]): scores.best_logprobs[t]})
+  return top
 
 
 def _usage(prompts: list[list[int]], results: list[tuple]) -> dict:

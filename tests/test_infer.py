@@ -671,7 +671,7 @@ def test_prompts_sample_with_their_own_settings(tiny):
     assert queued.output_ids == mixed.output_ids
   warmer = [dataclasses.replace(s, temperature=1.1 * s.temperature) for s in settings]  # per-row values, not constants
   assert gen.generate(prompts, 20, warmer, seed=5).compile_seconds == 0  # of the compiled programs: no recompile
-  with pytest.raises(ValueError, match="2 samplings for 6 prompts"):
+  with pytest.raises(ValueError, match="2 samplings and 6 seeds for 6 prompts"):
     gen.generate(prompts, 20, settings[:2])
 
 

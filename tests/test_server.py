@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_moe_jax import checkpoint, convert
+from qwen_moe_jax import checkpoint, convert, scoring
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.generate import Generator, Stream
 from qwen_moe_jax.sampling import Sampling
@@ -154,6 +154,47 @@ def test_requests_join_a_running_batch(served):
     assert texts[name] == tok.decode(out, skip_special_tokens=True), name
 
 
+def lm_eval_loglikelihood(choice: dict, ctxlen: int) -> tuple[float, bool]:
+  """lm-eval's `local-completions` reading of an echo reply (LocalCompletionsAPI.parse_logprobs)."""
+  logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+  tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+  return sum(logprobs), all(lp == max(top.values()) for lp, top in zip(logprobs, tops))
+
+
+def test_echo_scores_prompts_as_lm_eval_asks(served):
+  """lm-eval's loglikelihood request (echo, logprobs 1, max_tokens 1, temperature 0; several prompts) is scored:
+  each prompt token's log-probability (the model's log-softmax, None for the first), top_logprobs holding the
+  greedy choice (so a continuation the model would have generated reads as greedy, another does not), and the
+  greedy next token. Echo without logprobs generates after the prompt's text."""
+  url, tok, reference, eos, _ = served
+  context = [11, 12, 13, 14, 15]
+  greedy = reference.generate([context], 3).output_ids[0]  # what the model continues with
+  other = [(greedy[0] + 1) % reference.config.vocab_size, greedy[1]]
+  prompts = [context + greedy, context + other]
+  status, reply = post(url, {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0,
+                             "seed": 1234})
+  assert status == 200, reply
+  got = [lm_eval_loglikelihood(c, len(context)) for c in reply["choices"]]
+  for (total, is_greedy), ids, choice, want_greedy in zip(got, prompts, reply["choices"], (True, False)):
+    logits = scoring.prompt_logits(reference_model(reference), ids)
+    logp = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
+    want = [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    np.testing.assert_allclose(choice["logprobs"]["token_logprobs"][1:len(ids)], want, atol=1e-5)
+    np.testing.assert_allclose(total, sum(want[len(context) - 1:]), atol=1e-4)  # the continuation's tokens
+    assert is_greedy == want_greedy
+    assert choice["logprobs"]["tokens"][len(ids)] == tok.decode([int(np.argmax(logits[-1]))]) == \
+        choice["text"][len(tok.decode(ids)):]
+  status, echoed = post(url, {"prompt": "Once upon", "echo": True, "max_tokens": 4})
+  assert echoed["choices"][0]["text"] == "Once upon" + tok.decode(
+    expected(reference, tok, eos, tok.encode("Once upon"), 4)[0], skip_special_tokens=True)
+
+
+def reference_model(gen: Generator):
+  from flax import nnx
+  return nnx.merge(gen.graphdef, gen.params)
+
+
 @pytest.mark.parametrize("path,body,status,message,param", [
   ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature must be >= 0", "temperature"),
   ("/v1/completions", {"prompt": "hi", "top_k": 2.5}, 400, "top_k must be an integer, got 2.5", "top_k"),
@@ -163,7 +204,11 @@ def test_requests_join_a_running_batch(served):
    "prompt"),
   ("/v1/completions", {"prompt": [10 ** 7]}, 400, "outside the vocabulary", "prompt"),
   ("/v1/completions", {"prompt": ""}, 400, "prompt must be a non-empty string", "prompt"),
-  ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo is not supported", "echo"),
+  ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "n": 2}, 400, "echo with logprobs scores", "echo"),
+  ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0.5}, 400,
+   "echo with logprobs scores", "echo"),
+  ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, 400, "echo is for /v1/completions", "echo"),
+  ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix is not supported", "suffix"),
   ("/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, "logprobs above 1 is not supported", "logprobs"),
   ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be in [1, 128]", "n"),
   ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop strings must be non-empty", "stop"),
