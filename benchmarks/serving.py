@@ -5,10 +5,10 @@ answer lengths, and run through B rows two ways, on the same schedule: `join` (w
 generate call takes each request as it arrives, through `arrivals`, into the next free row), and `waves` (each
 generate call runs the requests that had arrived when it began, until its longest answer ends; arrivals wait for
 the next call). Latency is a request's end minus its arrival. Greedy outputs are checked equal. Runs a
-demo-sized random model on whatever device jax finds (the workload runs twice first to compile; what the timed
-run still compiles is reported) and prints one JSON object.
+demo-sized random model on whatever device jax finds (the figures are those of the first run after the first
+that compiles nothing, of at most 8 runs; `compile_s` says what it compiled) and prints one JSON object.
 
-python benchmarks/serving.py [--requests 48] [--rows 8] [--rate 8] [--dtype float32]
+python benchmarks/serving.py [--requests 48] [--rows 8] [--rate 24] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--requests", type=int, default=48)
   ap.add_argument("--rows", type=int, default=8)
-  ap.add_argument("--rate", type=float, default=8.0, help="requests per second, on average")
+  ap.add_argument("--rate", type=float, default=24.0, help="requests per second, on average")
   ap.add_argument("--prompt-len", type=int, nargs=2, default=[8, 64], help="prompt lengths drawn from [lo, hi]")
   ap.add_argument("--max-new", type=int, default=192, help="the longest answer")
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -87,11 +87,13 @@ def main() -> None:
   report = {}
   outputs = {}
   for mode in ("waves", "join"):
-    for _ in range(2):  # compiles the shapes it meets (the calls' makeup varies a little with timing)
-      run(gen, Schedule(prompts, limits, at), args.rows, slots, mode == "join")
-    start = time.perf_counter()
-    outputs[mode], latency, compiling = run(gen, Schedule(prompts, limits, at), args.rows, slots, mode == "join")
-    report[mode] = {"seconds": round(time.perf_counter() - start, 3), "compile_s": round(compiling, 3),
+    for attempt in range(8):  # the first run compiles; the shapes a call meets vary a little with timing
+      start = time.perf_counter()
+      outputs[mode], latency, compiling = run(gen, Schedule(prompts, limits, at), args.rows, slots, mode == "join")
+      seconds = time.perf_counter() - start
+      if attempt and not compiling:
+        break
+    report[mode] = {"seconds": round(seconds, 3), "compile_s": round(compiling, 3), "runs": attempt + 1,
                     "latency_s": {"mean": round(float(np.mean(latency)), 3),
                                   "median": round(float(np.median(latency)), 3),
                                   "p90": round(float(np.percentile(latency, 90)), 3)}}
