@@ -461,6 +461,7 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   if slots > context:
     raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
   name = args.served_model_name or folder.resolve().name
+  print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots", file=sys.stderr, flush=True)
   try:
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
                          rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed)
@@ -468,8 +469,8 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
   address, bound = server.server_address[:2]
   print(f"serving {name} on http://{address}:{bound} (/v1/completions, /v1/chat/completions, /v1/models): "
-        f"{generator.batch_size} rows x {slots} slots; the first requests of each shape compile", file=sys.stderr,
-        flush=True)
+        f"{generator.batch_size} rows x {slots} slots; the first requests of other shapes compile",
+        file=sys.stderr, flush=True)
   try:
     server.serve_forever()
   except KeyboardInterrupt:

@@ -70,6 +70,15 @@ class Engine:
     self.ready = threading.Condition()
     threading.Thread(target=self._serve, daemon=True, name="engine").start()
 
+  def warm_up(self, sampling: Sampling) -> None:
+    """Runs a one-id prompt for two tokens with `sampling` (the server's defaults), so that the first requests find
+    the decode program compiled (and a short prompt's prefill)."""
+    events: queue.Queue = queue.Queue()
+    self.submit([Job([0], 2, sampling, Stream(0, 0), None, 0, events)])
+    event = events.get()
+    if event[0] == "error":
+      raise UserError(f"warming up the server: {event[2]}")
+
   def submit(self, jobs: list[Job]) -> None:
     with self.ready:
       self.pending.extend(jobs)
@@ -404,8 +413,10 @@ def _error(message: str, kind: str = "invalid_request_error", param: str | None 
 
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
                 stop_ids: list[int], sampling: Sampling, seed: int) -> ThreadingHTTPServer:
-  """The HTTP server (not yet serving: call serve_forever), its engine thread started."""
-  api = Api(Engine(generator, rows, slots, stop_ids), tok, name, sampling, seed, slots)
+  """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up."""
+  engine = Engine(generator, rows, slots, stop_ids)
+  engine.warm_up(sampling)
+  api = Api(engine, tok, name, sampling, seed, slots)
   server = ThreadingHTTPServer((host, port), type("BoundHandler", (Handler,), {"api": api}))
   server.daemon_threads = True
   return server

@@ -260,6 +260,7 @@ def test_cli_serve(served):
                            "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64"], cwd=ROOT,
                           stderr=subprocess.PIPE, text=True)
   try:
+    assert proc.stderr.readline().startswith("compiling the decode program for 2 rows x 64 slots")
     line = proc.stderr.readline()
     assert line.startswith("serving ckpt on http://127.0.0.1:"), line
     url = line.split()[3]
