@@ -37,7 +37,7 @@ from qwen_moe_jax import checkpoint, runtime
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
 from qwen_moe_jax.server import make_server
 from qwen_moe_jax.stop_strings import StopStrings, TextStream
@@ -225,25 +225,11 @@ def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None,
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
                                                           all(isinstance(x, str) for x in stop))):
       raise UserError(f"{where}: stop must be a string or a list of strings, got {stop!r}")
-    specs.append(((kinds[0], obj[kinds[0]], where), limit, stop, sampling_settings(obj, SAMPLING_KEYS, where)))
+    specs.append(((kinds[0], obj[kinds[0]], where), limit, stop, given_settings(obj, SETTINGS, where)))
   return specs
 
 
-SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(Sampling))  # flags, and a prompts file line's keys
 GENERATION_CONFIG_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # those transformers has
-
-
-def sampling_settings(obj: dict, keys: tuple[str, ...], where: str) -> dict:
-  """The sampling settings among `keys` that `obj` (a JSON object) gives, as numbers of the field's type."""
-  given = {}
-  for key in keys:
-    value = obj.get(key)
-    if value is None:
-      continue
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (key == "top_k" and value != int(value)):
-      raise UserError(f"{where}: {key} must be {'an integer' if key == 'top_k' else 'a number'}, got {value!r}")
-    given[key] = int(value) if key == "top_k" else float(value)
-  return given
 
 
 def generation_config(folder: Path) -> dict:
@@ -257,19 +243,17 @@ def generation_config(folder: Path) -> dict:
     raise UserError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(gen, dict):
     raise UserError(f"{path}: expected a JSON object")
-  sampling_settings(gen, GENERATION_CONFIG_KEYS, str(path))  # checked here: a bad value is one line
   return gen
 
 
 def sampling_from(args: argparse.Namespace, gen: dict, folder: Path) -> Sampling:
   """Flags win; else generation_config.json's sampling if it samples; else greedy. Its repetition_penalty
   applies either way, as in transformers (Qwen's chat models ship 1.05)."""
-  sampled = bool(gen.get("do_sample"))
-  given = {k: v for k, v in sampling_settings(gen, GENERATION_CONFIG_KEYS, "").items()
+  sampled, where = bool(gen.get("do_sample")), str(folder / "generation_config.json")
+  given = {k: v for k, v in given_settings(gen, GENERATION_CONFIG_KEYS, where).items()
            if sampled or k == "repetition_penalty"}
-  defaults = dataclasses.replace(Sampling(temperature=1.0) if sampled else Sampling(), **given)
-  defaults.validate(str(folder / "generation_config.json"))
-  flags = {f: getattr(args, f) for f in SAMPLING_KEYS}
+  defaults = dataclasses.replace(Sampling(temperature=1.0) if sampled else Sampling(), **given).validate(where)
+  flags = {f: getattr(args, f) for f in SETTINGS}
   return dataclasses.replace(defaults, **{f: v for f, v in flags.items() if v is not None}).validate()
 
 

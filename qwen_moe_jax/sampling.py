@@ -1,7 +1,7 @@
 """Sampling a next token from fp32 logits as transformers does: repetition penalty, temperature, top-k, top-p
-(`process_logits`), then min-p, with OpenAI's presence and frequency penalties, then argmax or a draw; each row
-with its own settings; and what the decode state tracks for it (ids seen per row, ids generated counted, each
-drawn token's log-probability). Shapes: B rows, V vocabulary.
+and min-p, with OpenAI's presence and frequency penalties after the repetition penalty (`process_logits`), then
+argmax or a draw, each row with its own settings; and what the decode state tracks for it (ids seen per row, ids
+generated counted, each drawn token's log-probability). Shapes: B rows, V vocabulary.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.errors import UserError, json_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,15 @@ class Sampling:
       if not -2 <= getattr(self, field) <= 2:
         raise UserError(f"{name(field)} must be in [-2, 2] (OpenAI's range), got {getattr(self, field)}")
     return self
+
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # the flags', file lines' and requests' names
+
+
+def given_settings(obj: dict, keys: Sequence[str], where: str) -> dict:
+  """The settings among `keys` that `obj` (a JSON object: a prompts file line, generation_config.json, a request)
+  gives, as numbers of the field's type; a bad one is a UserError naming `where` and the key."""
+  return {k: json_number(obj[k], k == "top_k", f"{where}: {k}") for k in keys if obj.get(k) is not None}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,14 +23,13 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.errors import UserError, json_number
 from qwen_moe_jax.generate import Arrival, Generator, Room, Stream, bucket
-from qwen_moe_jax.sampling import Sampling, SamplingOps
+from qwen_moe_jax.sampling import SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings, TextStream
 from qwen_moe_jax.tokenizer import Tokenizer
 
-SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # request fields that set sampling (vLLM's names)
 ACCEPTED = {"suffix": ("",), "logit_bias": ({},), "best_of": (1,), "tools": ([],), "functions": ([],),  # the values
             "response_format": ({"type": "text"},)}  # of fields not implemented that we take
 
@@ -179,10 +178,10 @@ class Api:
       if body.get(key) is not None and body[key] not in fine:
         raise BadRequest(f"{key} is not supported", key)
     prompts = self._prompts(kind, body)
-    given = {k: _number(body, k, int if k == "top_k" else float) for k in SETTINGS if body.get(k) is not None}
-    if given.get("top_k") == -1:  # vLLM's "off"
-      given["top_k"] = 0
-    try:
+    try:  # the settings by their flags' names (vLLM's too)
+      given = given_settings(body, SETTINGS, "request")
+      if given.get("top_k") == -1:  # vLLM's "off"
+        given["top_k"] = 0
       sampling = dataclasses.replace(self.sampling, **given).validate("request")
     except UserError as e:
       message = str(e).removeprefix("request: ")
@@ -321,10 +320,10 @@ def _usage(prompts: list[list[int]], results: list[tuple]) -> dict:
 
 
 def _number(body: dict, key: str, kind: type) -> int | float:
-  value = body[key]
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-    raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key)
-  return kind(value)
+  try:
+    return json_number(body[key], kind is int, key)
+  except UserError as e:
+    raise BadRequest(str(e), key) from None
 
 
 def _stops(tok: Tokenizer, stop) -> StopStrings | None:
