@@ -24,6 +24,14 @@ from qwen_moe_jax.demo import demo_model
 from qwen_moe_jax.generate import Generator
 
 
+def long_tailed(rng: np.random.Generator, vocab: int, n: int, prompt_len: tuple[int, int],
+                max_new: int) -> tuple[list[list[int]], list[int]]:
+  """n prompts of random ids, their lengths drawn from [lo, hi], and their answer lengths from a long tail (4 +
+  an exponential of mean max_new / 6, at most max_new), as in real traffic."""
+  prompts = [rng.integers(0, vocab, int(rng.integers(prompt_len[0], prompt_len[1] + 1))).tolist() for _ in range(n)]
+  return prompts, np.minimum(max_new, 4 + rng.exponential(max_new / 6, n).astype(int)).tolist()
+
+
 def waves(gen: Generator, prompts: list[list[int]], limits: list[int], rows: int) -> list[list[int]]:
   out = []
   for i in range(0, len(prompts), rows):
@@ -47,10 +55,7 @@ def main() -> None:
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = ap.parse_args()
   cfg, mesh, model = demo_model(args.dtype)
-  rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, cfg.vocab_size, int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))).tolist()
-             for _ in range(args.prompts)]
-  limits = np.minimum(args.max_new, 4 + rng.exponential(args.max_new / 6, args.prompts).astype(int)).tolist()
+  prompts, limits = long_tailed(np.random.default_rng(0), cfg.vocab_size, args.prompts, args.prompt_len, args.max_new)
   static = Generator(model, mesh)
   continuous = Generator(model, mesh, batch_size=args.rows)
   static_s, static_out = timed(lambda: waves(static, prompts, limits, args.rows))

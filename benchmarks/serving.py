@@ -21,6 +21,7 @@ import time
 
 import jax
 import numpy as np
+from continuous_batching import long_tailed  # the same workload
 
 from qwen_moe_jax.demo import demo_model
 from qwen_moe_jax.generate import Arrival, Generator, Room
@@ -78,9 +79,7 @@ def main() -> None:
   args = ap.parse_args()
   cfg, mesh, model = demo_model(args.dtype)
   rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, cfg.vocab_size, int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))).tolist()
-             for _ in range(args.requests)]
-  limits = np.minimum(args.max_new, 4 + rng.exponential(args.max_new / 6, args.requests).astype(int)).tolist()
+  prompts, limits = long_tailed(rng, cfg.vocab_size, args.requests, args.prompt_len, args.max_new)
   at = np.cumsum(rng.exponential(1 / args.rate, args.requests))
   slots = args.prompt_len[1] + args.max_new
   gen = Generator(model, mesh, batch_size=args.rows)
