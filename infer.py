@@ -40,7 +40,7 @@ from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
 from qwen_moe_jax.server import make_server
-from qwen_moe_jax.stop_strings import StopStrings, TextStream
+from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 DEMO_CHAT = "Tell me about mixture-of-experts language models."
@@ -384,14 +384,6 @@ class InOrder:
     while self.next in self.waiting:
       self.write(self.next, *self.waiting.pop(self.next))
       self.next += 1
-
-
-def text_of(tok, ids: list[int], stops: StopStrings | None) -> str | None:
-  """Generated ids as text (special tokens skipped), cut at a stop string; None without a tokenizer."""
-  if tok is None:
-    return None
-  text = tok.decode(ids, skip_special_tokens=True)
-  return stops.cut(text) if stops else text
 
 
 def stop_when(stops: list[StopStrings | None]):

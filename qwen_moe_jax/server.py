@@ -27,7 +27,7 @@ from qwen_moe_jax.errors import UserError, json_number
 from qwen_moe_jax.generate import Arrival, Generator, Room, Stream, bucket
 from qwen_moe_jax.sampling import SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
-from qwen_moe_jax.stop_strings import StopStrings, TextStream
+from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
 
 ACCEPTED = {"suffix": ("",), "logit_bias": ({},), "best_of": (1,), "tools": ([],), "functions": ([],),  # the values
@@ -257,8 +257,7 @@ class Api:
     echo, per_prompt = bool(body.get("echo")), len(results) // len(prompts)
     piece = lambda t: self.tok.decode([t], skip_special_tokens=True)  # noqa: E731
     for k, (ids, logprobs, reason, scores) in enumerate(results):
-      text = self.tok.decode(ids, skip_special_tokens=True)
-      text = stops.cut(text) if stops else text
+      text = text_of(self.tok, ids, stops)
       prompt = prompts[k // per_prompt] if echo else []
       if kind == "chat":
         choice = {"message": {"role": "assistant", "content": text}, "logprobs": {"content": [

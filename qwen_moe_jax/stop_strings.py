@@ -47,6 +47,14 @@ class StopStrings:
     return max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
 
 
+def text_of(tokenizer: Tokenizer | None, ids: list[int], stops: StopStrings | None) -> str | None:
+  """Generated ids as text (special tokens skipped), cut at a stop string; None without a tokenizer."""
+  if tokenizer is None:
+    return None
+  text = tokenizer.decode(ids, skip_special_tokens=True)
+  return stops.cut(text) if stops else text
+
+
 class TextStream:
   """One prompt's generated text as its ids arrive: `push(ids)` and, at the end, `close()` return the text to show
   now, holding back an end that may begin a stop string and giving nothing past one (streamed output)."""
