@@ -349,9 +349,9 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
                   disable=not lead or printer is not None or not sys.stderr.isatty())
   in_order = InOrder(report)
 
-  def on_done(k: int, *result) -> None:
+  def on_done(k: int, out: list[int], logprobs: list[float], reason: str, _cached: int) -> None:
     progress.update()
-    in_order(k, *result)
+    in_order(k, out, logprobs, reason)
 
   result = generator.generate(each(prompts), each(limits), each([r.sampling for r in requests]), args.seed,
                               stop_ids(cfg, gen, tok), printer,

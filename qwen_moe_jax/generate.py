@@ -104,12 +104,16 @@ class Result:
   compile_seconds: float  # compiling prefill and decode for these shapes (0 when already compiled)
   prefill_seconds: float  # the first rows' prompts, up to their first tokens (a copied prompt's: the next step's)
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
-  reused_tokens: int = 0  # prompt tokens whose keys and values came from the kept cache (`keep`)
-  shared_tokens: int = 0  # prompt tokens not run, their keys and values from another row: an identical prompt
-  # prefilled in the same call, or a row holding the prompt's first ids (`copy`: all but the last, for a sample)
+  cached_tokens: list[int] = dataclasses.field(default_factory=list)  # per prompt, its ids not run, their keys
+  # and values from another row: an identical prompt prefilled in the same call, or a row holding the prompt's
+  # first ids (Generator.generate's `place`: all but the last, for a sample of a running prompt)
   finish_reasons: list[str] = dataclasses.field(default_factory=list)  # per prompt: "stop" (a stop id, or
   # stop_when) or "length" (max_new_tokens or the context), as OpenAI's finish_reason
   left: list[Arrival] = dataclasses.field(default_factory=list)  # arrivals not admitted (Generator.generate)
+
+  @property
+  def shared_tokens(self) -> int:
+    return sum(self.cached_tokens)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -139,7 +143,11 @@ class Generator:
     self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache_dtype == "int8" else model.embed[...].dtype
     self._executables: dict = {}
     self._compile_seconds = 0.0
-    self._kept: tuple[DecodeState, list[int]] | None = None  # (state, ids in its cache row 0), see `generate`
+    self._kept: tuple[DecodeState, list, list[float]] | None = None  # (state, holds, freed), see `generate`
+
+  def drop_kept(self) -> None:
+    """Frees the KV cache a `keep` call kept (for work that needs the memory)."""
+    self._kept = None
 
   def _compiled(self, fn, args: tuple, model: bool = True, **statics):
     """Ahead-of-time compiled `fn` for these argument shapes (cached), so timings exclude compilation; `model`:
@@ -186,11 +194,15 @@ class Generator:
     many of the ids to keep; the prompt then ends there (the host sees tokens between decode calls, so the
     row may have run a few steps further, which are dropped).
 
-    `on_done(prompt index, output ids, their logprobs, finish reason)` is called once per prompt as soon as it
-    ends (a long run's results can be written as they complete).
+    `on_done(prompt index, output ids, their logprobs, finish reason, cached ids)` is called once per prompt as
+    soon as it ends (a long run's results can be written as they complete); cached ids: how many of its prompt's
+    ids it did not run (Result.cached_tokens).
 
-    `keep` (one prompt: the turns of a conversation) keeps the KV cache after the call; the next kept call
-    runs only the part of its prompt after the longest prefix it shares with this prompt and its output.
+    A row that finishes keeps its prompt's and output's keys and values until another prompt takes it (rows are
+    taken least recently freed first), and a prompt beginning with what such a row holds copies it like any
+    other row's (`place`): a conversation's next turn runs only its new ids. `keep` (the turns of a
+    conversation, a server's calls) keeps the KV cache after the call too, for the next `keep` call of as many
+    rows.
 
     `arrivals()` (a server's requests) is called at each return to the host (every `chunk` steps at most) for
     prompts that arrived meanwhile (each valid, see `validate`): they take the next prompt indices, in order, and
@@ -198,8 +210,6 @@ class Generator:
     given prompts size it). An arrival the call has no room for is not admitted: the call takes no more, ends when
     its rows finish, and returns it and those after it in `Result.left`, for the next call.
     """
-    if keep and arrivals:
-      raise ValueError("keep takes one prompt, not arrivals")
     cfg, n, prompts = self.config, len(prompts), [list(p) for p in prompts]
     wants = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     settings = [sampling] * n if isinstance(sampling, Sampling) else list(sampling)
@@ -224,11 +234,11 @@ class Generator:
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     kept, self._kept = self._kept, None
-    reused = common_prefix(kept[1], prompts[0][:-1]) if keep and kept and n == 1 else 0  # < len(prompts[0])
-    if reused:
+    if kept and (not keep or kept[0].last.shape[0] != rows):
+      kept = None
+    if kept:
       cache_len = max(cache_len, kept[0].cache.length)
-
-    shared = 0  # prompt tokens not run (see Result.shared_tokens)
+    cached = [0] * n  # per prompt: ids not run (see Result.cached_tokens)
 
     def width(ids: list[list[int]]) -> int:  # slots for these prompts: a bucket, never past the cache
       return min(bucket(max(map(len, ids))), t)
@@ -242,15 +252,18 @@ class Generator:
     def fill(state: DecodeState, placed: list[tuple[int, int]]) -> DecodeState:
       """The state with prompts prefilled into rows, placed [(row, prompt index)], `group` rows per call; identical
       prompts in a call (the samples of one prompt) run once and fill each of their rows."""
-      nonlocal shared
       for at in range(0, len(placed), group):
         part = placed[at:at + group]
         distinct: dict[tuple[int, ...], int] = {}
-        source = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for _, i in part]
-        shared += sum(len(prompts[i]) for _, i in part) - sum(map(len, distinct))
+        source = []
+        for _, i in part:
+          p = tuple(prompts[i])
+          cached[i] = len(p) if p in distinct else 0
+          source.append(distinct.setdefault(p, len(distinct)))
         whole = (group == rows == bucket(len(part), minimum=1) and len(distinct) == len(part)
                  and all(row == j for j, (row, _) in enumerate(part))
-                 and all(i < 0 for i in owner[len(part):]))  # prompts in order in rows 0.., the few others idle
+                 and all(owner[r] < 0 and holds[r] is None for r in range(len(part), rows)))
+        # prompts in order in rows 0.., the few others idle, holding nothing (the layout writes every row)
         g, r = (rows, rows) if whole else (bucket(len(distinct), minimum=1), bucket(len(part), minimum=1))
         tokens, lengths = np.zeros((g, width(list(distinct))), np.int32), np.zeros(g, np.int32)
         for j, ids in enumerate(distinct):
@@ -294,33 +307,55 @@ class Generator:
         state = self._compiled(fork, (state, *args), model=False)(state, *args)
       return state
 
-    def place(state: DecodeState, placed: list[tuple[int, int]]) -> DecodeState:
-      """Rows take prompts, placed [(row, prompt index)]: a prompt that a running row holds whole (a sample of
-      it), or that begins with at least `share_prefix` ids another row holds (a running row's, or a prompt's
-      prefilled before it here), is copied (`copy`); the others are prefilled (`fill`)."""
-      nonlocal shared
-      taken = {row for row, _ in placed}
-      index, held = PrefixIndex(), {}  # held: a running row of each prompt
-      for row, i in enumerate(owner):
-        if i >= 0 and row not in taken:
-          index.add(row, prompts[i])
-          held.setdefault(tuple(prompts[i]), row)
-      filled, filling, copies = [], set(), []
-      for row, i in placed:
-        p = tuple(prompts[i])
-        if p in held:
-          copies.append((row, i, held[p], len(p) - 1))
-          continue
-        source, n = index.longest(p) if p not in filling else (-1, 0)
-        if 0 < self.share_prefix <= n:
+    def place(state: DecodeState) -> DecodeState:
+      """Waiting prompts take the free rows, in order. A prompt that a running row holds whole (a sample of it),
+      or that begins with at least `share_prefix` ids a row holds (a running row's prompt, a prompt's filled before
+      it here, or a finished prompt and its output, which its free row holds until taken), copies them (`copy`);
+      the others are prefilled (`fill`). A prompt takes the free row holding its prefix when that row loses fewer
+      ids than the prompt reuses (a conversation's next turn: in place), else the free row that has held nothing
+      or was freed longest ago. Fills run before the copies (in the order planned): a row a copy reads is not
+      filled here (the prompt waits), and a row a copy writes is read by no later copy."""
+      index, running = PrefixIndex(), {}  # running: a running row of each prompt
+      free = [row for row in range(rows) if owner[row] < 0]
+      for row in [r for r in range(rows) if owner[r] >= 0] + sorted(free, key=lambda r: -freed[r]):
+        if holds[row] is not None:  # running rows, then free ones, most recently freed first
+          index.add(row, holds[row])
+        if owner[row] >= 0:
+          running.setdefault(tuple(prompts[owner[row]]), row)
+      free.sort(key=lambda r: (holds[r] is not None, freed[r]))
+      filled, filling, copies, read = [], set(), [], set()
+      while waiting and free:
+        i = waiting[-1]
+        p = prompts[i]
+        if tuple(p) in running:
+          source, n = running[tuple(p)], len(p) - 1
+        else:
+          source = -1 if tuple(p) in filling else index.longest(p)[0]
+          n = common_prefix(p[:-1], holds[source][:-1]) if source >= 0 and holds[source] is not None else 0
+          source = source if 0 < self.share_prefix <= n else -1
+        if source >= 0:
+          row = source if source in free and len(holds[source]) - 1 - n <= n else free[0]
+        else:
+          row = next((r for r in free if r not in read), -1)
+          if row < 0:
+            break
+        waiting.pop()
+        free.remove(row)
+        owner[row], shown[row] = i, 0
+        if source >= 0:
           copies.append((row, i, source, n))
+          read.add(source)
+          holds[row], cached[i] = None, n  # what it holds now depends on the copy calls' order
         else:  # identical prompts prefilled in one call run once (`fill`)
           filled.append((row, i))
-          filling.add(p)
+          filling.add(tuple(p))
+          holds[row] = p
           index.add(row, p)
-      shared += sum(n for *_, n in copies)
       state = fill(state, filled) if filled else state
-      return copy(state, copies) if copies else state
+      state = copy(state, copies) if copies else state
+      for row, i, _, _ in copies:
+        holds[row] = prompts[i]
+      return state
 
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -340,6 +375,7 @@ class Generator:
           left.append(a)
           continue
         waiting.insert(0, len(prompts))  # taken last
+        cached.append(0)
         streams.append(a.stream or Stream(seed if isinstance(seed, int) else 0, len(prompts)))
         prompts.append(list(a.ids))
         limits.append(limit)
@@ -348,23 +384,25 @@ class Generator:
         logprobs.append([])
         stopped.append(False)
 
-    owner = [i if i < n else -1 for i in range(rows)]  # the prompt in each row (-1: none)
-    waiting = list(range(rows, n))[::-1]  # prompts without a row yet, next last
+    owner = [-1] * rows  # the prompt in each row (-1: none)
+    shown = [0] * rows  # the tokens of each row's prompt seen
+    waiting = list(range(n))[::-1]  # prompts without a row yet, next last
     cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
     with mesh_context(self.mesh), _out_of_memory_hint(
         f"out of device memory running {rows} rows x {cache_len} cache slots (KV cache {cache_gb:.2f} GB in all): "
         "decode fewer prompts at once (--batch-size) or prefill fewer per call (--prefill-rows)"):
       start = time.perf_counter()
-      if reused:  # the kept cache's row 0 holds the prompt's first `reused` ids: the rest runs over them
-        state = kept_state(kept[0].cache, keys([0]), jnp.asarray(stops), cache_len=cache_len,
+      if kept:  # its free rows hold the finished prompts and outputs of the last `keep` call
+        state = kept_state(kept[0].cache, prompt_keys(0, range(rows)), jnp.asarray(stops), cache_len=cache_len,
                            max_new=max_new, vocab=cfg.vocab_size, ops=ops)
+        holds, freed = kept[1], kept[2]
         kept = None  # the old cache, when it grew
-        state = copy(state, [(0, 0, 0, reused)])
       else:
         state = empty_state(prompt_keys(0, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
                             cache_len=cache_len, max_new=max_new, dtype=self.cache_dtype, ops=ops)
-        state = place(state, [(row, i) for row, i in enumerate(owner) if i >= 0])
-      shown = [0] * rows
+        holds, freed = [None] * rows, [0.0] * rows  # per row: the ids it holds (the last one's keys and values
+        # may be missing: it is still to run, or a finished row's last token); when it was freed
+      state = place(state)
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
         count, done, new, new_lp = jax.device_get((state.count, state.done, state.tokens, state.logprobs))
@@ -383,31 +421,26 @@ class Generator:
             if on_tokens and fresh:
               on_tokens(i, fresh)
           if i >= 0 and (done[row] or stopped[i]):
-            owner[row] = -1
+            owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], time.monotonic()
             if on_done:
-              on_done(i, outputs[i], logprobs[i], finish_reason(i))
+              on_done(i, outputs[i], logprobs[i], finish_reason(i), cached[i])
         if arrivals and not left:
           admit(arrivals())
-        freed = []  # (row, the waiting prompt it takes): continuous batching
-        for row in range(rows):
-          if owner[row] < 0 and waiting:
-            owner[row], shown[row] = waiting.pop(), 0
-            freed.append((row, owner[row]))
+        if waiting and -1 in owner:  # continuous batching; read again after: a refilled row may be done at once
+          state = place(state)
+          continue
         if all(i < 0 for i in owner):
           break
-        if freed:  # read again after: a refilled row may be done at once (a stop id, or one token wanted)
-          state = place(state, freed)
-          continue
         refill = np.bool_(bool(waiting))  # stop at the first finished row, to hand it the next prompt
         state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, ops=ops)(
           self.params, state, refill)
       end = time.perf_counter() - self._compile_seconds
-    if keep and n == 1:
-      self._kept = state, list(prompts[0]) + outputs[0][:-1]  # the last token was never fed back: not cached
+    if keep:
+      self._kept = state, holds, freed
     reasons = [finish_reason(i) for i in range(len(prompts))]
     return Result(outputs, logprobs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
                   compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
-                  decode_seconds=end - prefilled, reused_tokens=reused, shared_tokens=shared,
+                  decode_seconds=end - prefilled, cached_tokens=cached,
                   finish_reasons=reasons, left=left)
 
 

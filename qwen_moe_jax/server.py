@@ -5,9 +5,11 @@ One engine thread owns the device and runs generate calls back to back; the HTTP
 ThreadingHTTPServer) parse requests into jobs (a prompt and its settings: a request with "n" samples or several
 prompts makes several), queue them and wait for their results. A job that arrives while a call runs joins it as
 its rows free (Generator.generate's `arrivals`, polled every decode chunk), so requests do not wait for each other
-(continuous batching). Every call has the same shapes (`rows` rows, a cache of `slots` slots), so the decode
-program compiles once; the sampling steps it holds only grow (a request asking for one it lacks waits for the
-running call to drain, and the next call compiles it in).
+(continuous batching). Calls keep their KV cache (`keep`): a finished request's row holds its prompt and reply
+until a new request takes it, so a conversation's next turn runs only its new tokens (usage's
+`prompt_tokens_details.cached_tokens` counts the others). Every call has the same shapes (`rows` rows, a cache of
+`slots` slots), so the decode program compiles once; the sampling steps it holds only grow (a request asking for
+one it lacks waits for the running call to drain, and the next call compiles it in).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class BadRequest(Exception):
 class Job:
   """One prompt of a request, generated as one row (or scored: `echo` with `logprobs`); its events go to the
   request's queue tagged with `choice`: ("text", choice, piece) as text arrives (streamed requests), then ("done",
-  choice, ids, logprobs, reason, scores: PromptScores of a scored job, else None) or ("error", choice, message)."""
+  choice, ids, logprobs, reason, scores: PromptScores of a scored job, else None, cached: the prompt's ids not run)
+  or ("error", choice, message)."""
   ids: list[int]
   max_new_tokens: int
   sampling: Sampling
@@ -104,13 +107,14 @@ class Engine:
 
   def _score(self, jobs: list[Job]) -> None:
     """Scored jobs, in one `prompt_scores` call (prompts that begin alike run their common ids once)."""
+    self.generator.drop_kept()  # the rows' cache: its memory is the scoring pass's now
     try:  # an id after each prompt: where it is predicted, the greedy next token (its own score is not read)
       scores = prompt_scores(self.generator, [j.ids + [0] for j in jobs])
     except Exception as e:  # noqa: BLE001  (as in _call)
       return self._fail(jobs, e)
     for j, s in zip(jobs, scores, strict=True):
       new = slice(len(j.ids), len(j.ids) + j.max_new_tokens)
-      j.events.put(("done", j.choice, s.best[new], s.best_logprobs[new], "length", s))
+      j.events.put(("done", j.choice, s.best[new], s.best_logprobs[new], "length", s, 0))
 
   def _fail(self, jobs: list[Job], e: Exception) -> None:
     """Every job gets the error (out of memory, or a bug): the server goes on."""
@@ -144,17 +148,17 @@ class Engine:
         return len(ids)
       return j.stops.end(ids, new) if j.stops else None
 
-    def on_done(i: int, ids: list[int], logprobs: list[float], reason: str) -> None:
+    def on_done(i: int, ids: list[int], logprobs: list[float], reason: str, cached: int) -> None:
       j = job(i)
       if j.text is not None:
         j.events.put(("text", j.choice, j.text.close()))
-      j.events.put(("done", j.choice, list(ids), list(logprobs), reason, None))
+      j.events.put(("done", j.choice, list(ids), list(logprobs), reason, None, cached))
 
     try:
       result = self.generator.generate(
         [j.ids for j in jobs], [j.max_new_tokens for j in jobs], [j.sampling for j in jobs],
         [j.stream for j in jobs], self.stop_ids, on_tokens, stop_when=stop_when, on_done=on_done,
-        arrivals=arrivals, room=self.room)
+        keep=True, arrivals=arrivals, room=self.room)
     except Exception as e:  # noqa: BLE001  (out of memory, or a bug): this call's jobs fail, the server goes on
       return self._fail(jobs + offered, e)
     left = offered[len(offered) - len(result.left):]  # not admitted: they start the next call
@@ -250,13 +254,13 @@ class Api:
     return out
 
   def reply(self, kind: str, body: dict, results: list[tuple], prompts: list[list[int]]) -> dict:
-    """The whole reply once every job is done: results [(ids, logprobs, reason, scores or None)] by choice; with
+    """The whole reply once every job is done: results [(ids, logprobs, reason, scores or None, cached)] by choice; with
     `echo`, a completion's text, tokens and log-probabilities begin with the prompt's (its first token's None)."""
     choices, stops = [], _stops(self.tok, body.get("stop"))
     wants_logprobs = bool(body.get("logprobs")) if kind == "chat" else body.get("logprobs") is not None
     echo, per_prompt = bool(body.get("echo")), len(results) // len(prompts)
     piece = lambda t: self.tok.decode([t], skip_special_tokens=True)  # noqa: E731
-    for k, (ids, logprobs, reason, scores) in enumerate(results):
+    for k, (ids, logprobs, reason, scores, _) in enumerate(results):
       text = text_of(self.tok, ids, stops)
       prompt = prompts[k // per_prompt] if echo else []
       if kind == "chat":
@@ -313,9 +317,14 @@ def _top(scores, ids: list[int], piece) -> list[dict | None]:
 
 
 def _usage(prompts: list[list[int]], results: list[tuple]) -> dict:
+  """OpenAI's usage, each prompt counted once (not once per sample), its cached tokens those of its samples' that
+  ran the most (the keys and values of earlier requests' prompts and replies, which rows keep until taken)."""
   prompt = sum(map(len, prompts))
   completion = sum(len(r[0]) for r in results)
-  return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+  per_prompt = len(results) // len(prompts)
+  cached = sum(min(r[4] for r in results[k:k + per_prompt]) for k in range(0, len(results), per_prompt))
+  return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+          "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _number(body: dict, key: str, kind: type) -> int | float:

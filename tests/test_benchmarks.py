@@ -157,6 +157,22 @@ def test_serving_benchmark_runs():
   assert all(report[m]["latency_s"]["mean"] > 0 for m in ("waves", "join"))
 
 
+def test_conversations_benchmark_runs():
+  """benchmarks/conversations.py, small: the three ways give the same outputs (the script asserts it) and run the
+  prompt tokens they should: every one; all but the system prompt of every conversation but the first; and with
+  kept rows, after the first turn, each conversation's new message and the reply's last token (never fed)."""
+  c, t, system, user, reply = 2, 3, 80, 20, 6
+  res = subprocess.run([sys.executable, "benchmarks/conversations.py", "--conversations", str(c), "--turns", str(t),
+                        "--system", str(system), "--user", str(user), "--reply", str(reply)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr
+  report = json.loads(res.stdout.splitlines()[-1])
+  total = sum(c * (system + k * (user + reply) + user) for k in range(t))
+  assert report["same_outputs"] and report["prompt_tokens"] == total == report["rerun"]["prompt_tokens_run"]
+  assert report["shared"]["prompt_tokens_run"] == total - t * (c - 1) * system
+  assert report["kept"]["prompt_tokens_run"] == c * (system + user) - (c - 1) * system + (t - 1) * c * (user + 1)
+
+
 def test_data_prep_benchmark_runs():
   res = subprocess.run([sys.executable, "benchmarks/data_prep.py", "--lines", "40", "--seq-len", "512"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)

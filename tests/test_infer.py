@@ -179,7 +179,7 @@ def test_stop_when_ends_a_prompt_on_the_host(tiny):
   for engine in (gen, Generator(model, batch_size=2)):
     streamed, done = [[] for _ in prompts], []
     got = engine.generate(prompts, 24, stop_when=stop_when, on_tokens=lambda i, ids: streamed[i].extend(ids),
-                          on_done=lambda i, ids, lps, reason: done.append((i, list(ids), reason)))
+                          on_done=lambda i, ids, lps, reason, _: done.append((i, list(ids), reason)))
     assert got.output_ids == want and streamed == want and got.generated_tokens == sum(map(len, want))
     assert got.finish_reasons == ["stop" if i in ends else "length" for i in range(len(prompts))]
     assert sorted(done) == [(i, w, r) for i, (w, r) in enumerate(zip(want, got.finish_reasons))]
@@ -706,21 +706,61 @@ def test_kept_cache_gives_the_tokens_of_a_fresh_prefill(tiny):
   over the kept cache (which grows when the conversation outgrows it) and gives the tokens a fresh prefill gives,
   greedy and sampled with a repetition penalty; a prompt sharing nothing starts over."""
   _, model, gen, _ = tiny
-  chat = Generator(model)
+  chat = Generator(model, share_prefix=16)
   s = Sampling(temperature=1.1, top_k=6, repetition_penalty=1.4)
   for how, seed in ((Sampling(), 0), (s, 2)):
-    history, expected_reuse = [5, 7, 9, 11], 0
+    history, expected_reuse = list(range(20)), 0
     for extra in ([], [3, 1, 4], [2, 7] * 12, [8]):  # the third turn outgrows the first 32-slot cache
       prompt = history + extra
       got = chat.generate([prompt], 12, how, seed, keep=True)
       assert got.output_ids == gen.generate([prompt], 12, how, seed).output_ids
-      assert got.reused_tokens == expected_reuse
+      assert got.cached_tokens == [expected_reuse]
       expected_reuse = len(prompt) + len(got.output_ids[0]) - 1  # the reply's last token was never fed back
       history = prompt + got.output_ids[0]
-    other = chat.generate([[42, 43]], 12, how, seed, keep=True)
-    assert other.reused_tokens == 0 and other.output_ids == gen.generate([[42, 43]], 12, how, seed).output_ids
+    other = list(range(40, 60))
+    got = chat.generate([other], 12, how, seed, keep=True)
+    assert got.cached_tokens == [0] and got.output_ids == gen.generate([other], 12, how, seed).output_ids
     chat.generate([[1]], 2)  # a call without `keep` drops the kept cache
-    assert chat.generate([[42, 43, 1]], 4, keep=True).reused_tokens == 0
+    assert chat.generate([other + [1]], 4, keep=True).cached_tokens == [0]
+
+
+@pytest.mark.parametrize("cache", ["auto", "int8"])
+def test_a_finished_row_keeps_its_prompt_and_output(tiny, cache):
+  """A finished row holds its prompt's and output's keys and values until a prompt takes it: a prompt continuing
+  them (a conversation's next turn) runs only its new ids, in place, in the same call (continuous batching) or,
+  with `keep`, in the next; a prompt sharing only their first ids copies those into the row freed longest ago,
+  so the row keeps the rest for its own next turn. Each prompt gets the tokens and log-probabilities of
+  prefilling it alone (sampled, with a repetition penalty)."""
+  _, model, _, _ = tiny
+  rng = np.random.default_rng(3)
+  system = rng.integers(0, 100, 20).tolist()
+  a, b, d = (system + [100] + rng.integers(0, 100, n).tolist() for n in (29, 25, 29))  # 21 ids in common
+  s = Sampling(temperature=1.5, top_k=8, repetition_penalty=1.3)
+  alone = Generator(model, kv_cache_dtype=cache, share_prefix=0)
+
+  def check(got, prompts, limits, cached):  # each prompt against itself alone, with its random stream
+    assert got.cached_tokens == cached
+    for i, (p, m) in enumerate(zip(prompts, limits, strict=True)):
+      want = alone.generate([p], m, s, seed=[Stream(2, i)])
+      assert got.output_ids[i] == want.output_ids[0]
+      np.testing.assert_allclose(got.output_logprobs[i], want.output_logprobs[0], atol=1e-5)
+
+  out_a = alone.generate([a], 5, s, seed=[Stream(2, 0)]).output_ids[0]
+  turn = a + out_a + [7, 8, 9]
+  # rows [a, b (copies the 21 from a's row)]; a ends after 5 tokens, and its next turn takes its row in place
+  prompts, limits = [a, b, turn], [5, 12, 6]
+  check(Generator(model, batch_size=2, kv_cache_dtype=cache, share_prefix=16).generate(prompts, limits, s, seed=2),
+        prompts, limits, [0, 21, len(a) + 5 - 1])
+  chat = Generator(model, kv_cache_dtype=cache, share_prefix=16)
+  first = chat.generate([a, b], [3, 8], s, seed=2, keep=True)  # a's row is freed first
+  check(first, [a, b], [3, 8], [0, 21])
+  # d shares 21 ids with b's row (the last freed), which would lose its 32 others: it copies them into a's row (freed
+  # longest ago), and b's next turn takes b's row in place; a call without `keep` starts afresh
+  prompts = [d, b + first.output_ids[1] + [4]]
+  check(chat.generate(prompts, 4, s, seed=2, keep=True), prompts, [4, 4], [21, len(b) + 8 - 1])
+  prompts = [prompts[1] + [5]]
+  check(chat.generate(prompts, 4, s, seed=2), prompts, [4], [0])
+  assert chat._kept is None
 
 
 def test_out_of_device_memory_is_one_line_naming_the_flags(tiny, monkeypatch):

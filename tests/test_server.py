@@ -20,6 +20,7 @@ import pytest
 from qwen_moe_jax import checkpoint, convert, scoring
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.generate import Generator, Stream
+from qwen_moe_jax.prefixes import common_prefix
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.server import make_server
 from qwen_moe_jax.tokenizer import load_tokenizer
@@ -81,7 +82,7 @@ def test_completions_equal_the_engines_generation(served):
   assert choice["text"] == tok.decode(out, skip_special_tokens=True) and choice["finish_reason"] == reason
   np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], logprobs, atol=1e-5)
   assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(out),
-                            "total_tokens": len(ids) + len(out)}
+                            "total_tokens": len(ids) + len(out), "prompt_tokens_details": {"cached_tokens": 0}}
   status, both = post(url, {"prompt": [ids, [5, 6, 7]], "max_tokens": 6})
   assert [c["text"] for c in both["choices"]] == [tok.decode(expected(reference, tok, eos, p, 6)[0],
                                                              skip_special_tokens=True) for p in (ids, [5, 6, 7])]
@@ -152,6 +153,26 @@ def test_requests_join_a_running_batch(served):
           "top_k": expected(reference, tok, eos, short_ids, 3, Sampling(1.0, 5), Stream(2, 0))}
   for name, (out, _, _) in want.items():
     assert texts[name] == tok.decode(out, skip_special_tokens=True), name
+
+
+def test_a_conversations_next_turn_runs_only_its_new_tokens(served):
+  """A finished request's row keeps its prompt and reply (across the engine's calls): the conversation's next turn
+  copies them and runs only its new tokens, which usage reports as cached, and answers what it answers alone."""
+  url, tok, reference, eos, _ = served
+  system = "You are a careful assistant. " * 3  # the prompt: 108 tokens, over the 64 of --share-prefix
+  messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name three colours."}]
+  status, first = post(url, {"messages": messages, "max_tokens": 8}, "/v1/chat/completions")
+  ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+  out = expected(reference, tok, eos, ids, 8)[0]
+  assert status == 200 and first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0} and len(ids) > 64
+  messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+               {"role": "user", "content": "And three more?"}]
+  status, second = post(url, {"messages": messages, "max_tokens": 8}, "/v1/chat/completions")
+  turn = tok.apply_chat_template(messages, add_generation_prompt=True)
+  assert second["choices"][0]["message"]["content"] == tok.decode(expected(reference, tok, eos, turn, 8)[0],
+                                                                  skip_special_tokens=True)
+  cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+  assert cached == common_prefix(turn[:-1], (ids + out)[:-1]) >= len(ids)  # the first prompt at least
 
 
 def lm_eval_loglikelihood(choice: dict, ctxlen: int) -> tuple[float, bool]:

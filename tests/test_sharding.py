@@ -137,14 +137,15 @@ def test_kept_cache_turns_on_a_mesh(ckpt, kv_cache_dtype):
   folder = ckpt[0]
   one = Generator(checkpoint.restore(folder, dtype=jnp.float32), kv_cache_dtype=kv_cache_dtype)
   mesh = mesh_of("fsdp=2,expert=2,tensor=2")
-  chat = Generator(checkpoint.restore(folder, mesh, jnp.float32), mesh, kv_cache_dtype=kv_cache_dtype)
-  prompt = [1, 2, 3]
+  chat = Generator(checkpoint.restore(folder, mesh, jnp.float32), mesh, kv_cache_dtype=kv_cache_dtype,
+                   share_prefix=16)
+  prompt = list(range(1, 21))
   for extra in ([], [4] * 30):
     prompt = prompt + extra
     got = chat.generate([prompt], 8, PENALIZED, seed=1, keep=True)
     assert got.output_ids == one.generate([prompt], 8, PENALIZED, seed=1).output_ids
     prompt = prompt + got.output_ids[0]
-  assert got.reused_tokens > 0
+  assert got.cached_tokens[0] > 0
   if kv_cache_dtype == "int8":
     cache = chat._kept[0].cache
     assert cache.k[0].dtype == jnp.int8 and tuple(cache.k_scale[0].sharding.spec) == tuple(cache.k[0].sharding.spec)[:3]
