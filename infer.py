@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, runtime
 from qwen_moe_jax.errors import UserError, cli_main
-from qwen_moe_jax.generate import Generator
+from qwen_moe_jax.generate import Generator, Output
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--prompts-file", help='JSONL: one {prompt|chat|messages|input_ids} object per line, '
                                          'optionally with its own "max_new_tokens", "stop" and sampling settings '
                                          '("temperature", "top_k", "top_p", "min_p", "repetition_penalty", '
-                                         '"presence_penalty", "frequency_penalty")')
+                                         '"presence_penalty", "frequency_penalty", "top_logprobs")')
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--stop", action="append", default=[],
                   help="end the text where this string begins (repeatable; left out of the text, as OpenAI's stop)")
@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help='one {"input_ids", "output_ids", "text", "finish_reason"} object per prompt')
   ap.add_argument("--logprobs", action="store_true",
                   help='with --json: add "output_logprobs", the model\'s log-probability of each generated token')
+  ap.add_argument("--top-logprobs", type=int, metavar="N",
+                  help='with --json: add "output_top_logprobs", at each generated token the N likeliest ids and '
+                  'their log-probabilities, [[id, logprob], ...] best first (at most 20)')
   ap.add_argument("--prompt-logprobs", action="store_true",
                   help='with --json: add "prompt_logprobs", each prompt token\'s log-probability given the ones '
                   'before it, and "prompt_ranks", its rank among the vocabulary (1: the greedy choice; null for the '
@@ -111,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = ap.parse_args(argv)
   if bool(args.checkpoint) == bool(args.demo):
     ap.error("give exactly one of --checkpoint DIR or --demo")
-  for flag in ("logprobs", "prompt_logprobs"):
+  for flag in ("logprobs", "top_logprobs", "prompt_logprobs"):
     if getattr(args, flag) and not args.json:
       raise UserError(f"--{flag.replace('_', '-')} adds a key to the --json objects: give --json too")
   if args.max_new_tokens == 0 and not args.prompt_logprobs:
@@ -329,29 +332,29 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
                       "scores")
     if lead:
       for p, score in zip(prompts, scores):
-        print(json_line(p, [], "" if tok is not None else None, "length", prompt_scores=score))
+        print(json_line(p, Output([], [], "length", 0, []), "" if tok is not None else None, prompt_scores=score))
     return
   n = args.num_samples  # prompt i's sample j is generated as prompt i * n + j (its own random stream)
   each = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
   printer = Printer(tok, stops[0]) if lead and len(prompts) * n == 1 and not args.json and tok is not None else None
 
-  def report(k: int, out: list[int], logprobs: list[float], reason: str) -> None:  # prompt i's sample j, ended
+  def report(k: int, out: Output) -> None:  # prompt i's sample j, ended
     i, j = divmod(k, n)
-    text = text_of(tok, out, stops[i])
+    text = text_of(tok, out.ids, stops[i])
     if args.json:
-      print(json_line(prompts[i], out, text, reason, logprobs if args.logprobs else None,
-                      scores[i] if scores else None, sample=j if n > 1 else None), flush=True)
+      print(json_line(prompts[i], out, text, args.logprobs, scores[i] if scores else None,
+                      sample=j if n > 1 else None), flush=True)
     elif not printer:
       print(f"--- [{i + 1}{f'.{j + 1}' if n > 1 else ''}] ---")
-      print(text if text is not None else ",".join(map(str, out)), flush=True)
+      print(text if text is not None else ",".join(map(str, out.ids)), flush=True)
 
   progress = tqdm(total=len(prompts) * n, unit="prompt", file=sys.stderr,
                   disable=not lead or printer is not None or not sys.stderr.isatty())
   in_order = InOrder(report)
 
-  def on_done(k: int, out: list[int], logprobs: list[float], reason: str, _cached: int) -> None:
+  def on_done(k: int, out: Output) -> None:
     progress.update()
-    in_order(k, out, logprobs, reason)
+    in_order(k, out)
 
   result = generator.generate(each(prompts), each(limits), each([r.sampling for r in requests]), args.seed,
                               stop_ids(cfg, gen, tok), printer,
@@ -412,16 +415,18 @@ def _write(text: str) -> None:
   sys.stdout.flush()
 
 
-def json_line(prompt: list[int], output: list[int], text: str | None, finish_reason: str,
-              logprobs: list[float] | None = None, prompt_scores: PromptScores | None = None,
-              sample: int | None = None) -> str:
-  """One --json object: {"input_ids", "output_ids", "text", "finish_reason"}, and "output_logprobs" /
-  "prompt_logprobs" and "prompt_ranks" / "sample" (of --num-samples) when given."""
-  obj = {"input_ids": prompt, "output_ids": output, "text": text, "finish_reason": finish_reason}
+def json_line(prompt: list[int], output: Output, text: str | None, logprobs: bool = False,
+              prompt_scores: PromptScores | None = None, sample: int | None = None) -> str:
+  """One --json object: {"input_ids", "output_ids", "text", "finish_reason"}, and "output_logprobs" (`logprobs`) /
+  "output_top_logprobs" (when the prompt asked for them) / "prompt_logprobs" and "prompt_ranks" / "sample" (of
+  --num-samples) when given."""
+  obj = {"input_ids": prompt, "output_ids": output.ids, "text": text, "finish_reason": output.reason}
   if sample is not None:
     obj["sample"] = sample
-  if logprobs is not None:
-    obj["output_logprobs"] = logprobs
+  if logprobs:
+    obj["output_logprobs"] = output.logprobs
+  if output.top:
+    obj["output_top_logprobs"] = output.top
   if prompt_scores is not None:
     obj["prompt_logprobs"], obj["prompt_ranks"] = prompt_scores.logprobs, prompt_scores.ranks
   return json.dumps(obj, ensure_ascii=False)
@@ -484,11 +489,10 @@ def chat(args, generator: Generator, tok, sampling: Sampling, eos: list[int]) ->
     except UserError as e:
       print(f"error: {e}; /reset starts a new conversation", file=sys.stderr)
       continue
-    out = result.output_ids[0]
-    reply = text_of(tok, out, stops)
+    out = result.outputs[0]
+    reply = text_of(tok, out.ids, stops)
     if args.json:
-      logprobs = result.output_logprobs[0] if args.logprobs else None
-      print(json_line(prompt, out, reply, result.finish_reasons[0], logprobs), flush=True)
+      print(json_line(prompt, out, reply, args.logprobs), flush=True)
     else:
       printer.close()
     messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -24,7 +24,7 @@ import numpy as np
 from continuous_batching import long_tailed  # the same workload
 
 from qwen_moe_jax.demo import demo_model
-from qwen_moe_jax.generate import Arrival, Generator, Room
+from qwen_moe_jax.generate import Arrival, Generator, Output, Room
 
 
 class Schedule:
@@ -58,8 +58,8 @@ def run(gen: Generator, schedule: Schedule, rows: int, slots: int, join: bool) -
       order.extend(new)
       return [Arrival(schedule.prompts[r], schedule.limits[r]) for r in new]
 
-    def on_done(i: int, ids: list[int], *_) -> None:
-      outputs[order[i]], ended[order[i]] = list(ids), time.perf_counter() - schedule.start
+    def on_done(i: int, out: Output) -> None:
+      outputs[order[i]], ended[order[i]] = list(out.ids), time.perf_counter() - schedule.start
 
     result = gen.generate([schedule.prompts[r] for r in order], [schedule.limits[r] for r in order],
                           on_done=on_done, arrivals=arrivals if join else None, room=Room(rows, slots, slots))

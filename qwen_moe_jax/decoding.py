@@ -17,7 +17,16 @@ from flax import nnx
 from qwen_moe_jax import sharding
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
-from qwen_moe_jax.sampling import RowSampling, Sampling, SamplingOps, chosen_logprob, count_generated, mark_seen, sample
+from qwen_moe_jax.sampling import (
+  RowSampling,
+  Sampling,
+  SamplingOps,
+  chosen_logprob,
+  count_generated,
+  likeliest,
+  mark_seen,
+  sample,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -36,6 +45,8 @@ class DecodeState:
   sampling: RowSampling  # [B] each row's prompt's sampling settings
   seen: jax.Array | None  # [B, V] bool: ids in each row's prompt and output (repetition penalty; else None)
   counts: jax.Array | None  # [B, V] int32: times each row generated each id (presence / frequency; else None)
+  top_ids: jax.Array | None  # [B, M, K] at each generated token, the K likeliest ids (ops.top_logprobs; else None)
+  top_logprobs: jax.Array | None  # [B, M, K] fp32 their log-probabilities (see likeliest)
 
   def laid_out(self) -> "DecodeState":
     """Fixed shardings under a mesh (cache by the rules, the rest replicated), the same in and out of decode."""
@@ -89,7 +100,15 @@ def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, ops: Sampli
     last=zeros, positions=zeros, done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids,
     limit=zeros, sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * rows)),
     seen=jnp.zeros((rows, vocab), bool) if ops.repetition else None,
-    counts=jnp.zeros((rows, vocab), jnp.int32) if ops.counted else None).laid_out()
+    counts=jnp.zeros((rows, vocab), jnp.int32) if ops.counted else None,
+    **_top_zeros(rows, max_new, ops)).laid_out()
+
+
+def _top_zeros(rows: int, max_new: int, ops: SamplingOps) -> dict:
+  """DecodeState's top_ids and top_logprobs for `rows` rows, zeros (None when no row reports any)."""
+  shape = (rows, max_new, ops.top_logprobs)
+  return {"top_ids": jnp.zeros(shape, jnp.int32) if ops.top_logprobs else None,
+          "top_logprobs": jnp.zeros(shape, jnp.float32) if ops.top_logprobs else None}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "ops"), donate_argnames=("state",))
@@ -122,6 +141,10 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
   first = sample(logits, _step_keys(keys, jnp.int32(0)), ops, settings, seen, counts)
   done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (length == 0)
   tokens_out = jnp.zeros((len(first), state.tokens.shape[1]), jnp.int32).at[:, 0].set(first)
+  top = _top_zeros(len(first), state.tokens.shape[1], ops)
+  if ops.top_logprobs:
+    ids, lps = likeliest(logits, ops.top_logprobs)
+    top = {"top_ids": top["top_ids"].at[:, 0].set(ids), "top_logprobs": top["top_logprobs"].at[:, 0].set(lps)}
 
   def put(whole, part):  # part [R, ...] -> rows `rows` of whole [B, ...]
     part = part.astype(whole.dtype)
@@ -134,7 +157,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
     count=put(state.count, length > 0), limit=put(state.limit, limits), keys=put(state.keys, keys),
     sampling=jax.tree.map(put, state.sampling, settings),
     seen=None if seen is None else put(state.seen, mark_seen(seen, first, length > 0)),
-    counts=None if counts is None else put(state.counts, count_generated(counts, first, length > 0))).laid_out()
+    counts=None if counts is None else put(state.counts, count_generated(counts, first, length > 0)),
+    **{name: None if x is None else put(getattr(state, name), x) for name, x in top.items()}).laid_out()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "ops"), donate_argnames=("state",))
@@ -159,9 +183,13 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: Sampling
     count = s.count + live
     done = s.done | (live & jnp.isin(token, s.stop_ids)) | (count >= s.limit)
     at = jnp.where(live, s.count, width)  # done rows write nowhere
+    put = lambda whole, new: whole.at[jnp.arange(rows), at].set(new, mode="drop")  # noqa: E731
+    top = {}
+    if ops.top_logprobs:
+      ids, lps = likeliest(logits, ops.top_logprobs)
+      top = {"top_ids": put(s.top_ids, ids), "top_logprobs": put(s.top_logprobs, lps)}
     return i + 1, dataclasses.replace(
-      s, cache=out.cache, tokens=s.tokens.at[jnp.arange(rows), at].set(token, mode="drop"),
-      logprobs=s.logprobs.at[jnp.arange(rows), at].set(chosen_logprob(logits, token), mode="drop"),
+      s, cache=out.cache, tokens=put(s.tokens, token), logprobs=put(s.logprobs, chosen_logprob(logits, token)), **top,
       last=jnp.where(live, token, s.last), positions=s.positions + live, done=done, count=count,
       seen=mark_seen(s.seen, token, live), counts=count_generated(s.counts, token, live)).laid_out()
 

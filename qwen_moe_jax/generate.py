@@ -6,7 +6,8 @@ are bucketed (batch and max new tokens to powers of two, prompt and cache length
 requests rarely recompile; `prefill_rows` prompts at a time are prefilled straight into the cache, and
 identical prompts in one prefill call (the samples of a prompt) run once, their keys and values written to
 each of their rows. A prompt that begins with ids another row holds (a running sample of it, a shared
-few-shot or system prefix: prefixes.py) copies those slots from that row and runs only the rest (`fork`).
+few-shot or system prefix: prefixes.py; or a finished prompt and its output, which a row keeps until it is
+taken: a conversation's last turn) copies those slots from that row and runs only the rest (`fork`).
 The decode loop (decoding.py, with the other device programs) is a `lax.while_loop` over a chunk of steps with
 the state (KV cache included) donated, so the cache is updated in place; the host only wakes between chunks to
 stream the new tokens, to end rows at stop strings (`stop_when`) and, when there are more prompts than rows
@@ -95,21 +96,48 @@ class Room:
   ops: SamplingOps = SamplingOps()
 
 
+class Output(NamedTuple):
+  """A prompt's generation, as `on_done` gets it."""
+  ids: list[int]  # generated ids (a stop id included, as transformers does)
+  logprobs: list[float]  # each one's log-probability (see chosen_logprob)
+  reason: str  # "stop" (a stop id, or stop_when) or "length" (max_new_tokens or the context): OpenAI's finish_reason
+  cached: int  # the prompt's ids not run (see Result.cached_tokens)
+  top: list[list[tuple[int, float]]]  # at each generated id, the prompt's top_logprobs likeliest ids and their
+  # log-probabilities, best first (see sampling.likeliest; [] when it asked for none)
+
+
 @dataclasses.dataclass
 class Result:
-  output_ids: list[list[int]]  # per prompt, generated ids (a stop id included, as transformers does)
-  output_logprobs: list[list[float]]  # per prompt, each generated id's log-probability (see chosen_logprob)
+  outputs: list[Output]  # per prompt
   prompt_tokens: int
   generated_tokens: int
   compile_seconds: float  # compiling prefill and decode for these shapes (0 when already compiled)
   prefill_seconds: float  # the first rows' prompts, up to their first tokens (a copied prompt's: the next step's)
   decode_seconds: float  # the rest (with continuous batching, the prefills of queued prompts too)
-  cached_tokens: list[int] = dataclasses.field(default_factory=list)  # per prompt, its ids not run, their keys
-  # and values from another row: an identical prompt prefilled in the same call, or a row holding the prompt's
-  # first ids (Generator.generate's `place`: all but the last, for a sample of a running prompt)
-  finish_reasons: list[str] = dataclasses.field(default_factory=list)  # per prompt: "stop" (a stop id, or
-  # stop_when) or "length" (max_new_tokens or the context), as OpenAI's finish_reason
   left: list[Arrival] = dataclasses.field(default_factory=list)  # arrivals not admitted (Generator.generate)
+
+  @property
+  def output_ids(self) -> list[list[int]]:
+    return [o.ids for o in self.outputs]
+
+  @property
+  def output_logprobs(self) -> list[list[float]]:
+    return [o.logprobs for o in self.outputs]
+
+  @property
+  def finish_reasons(self) -> list[str]:
+    return [o.reason for o in self.outputs]
+
+  @property
+  def cached_tokens(self) -> list[int]:
+    """Per prompt, its ids not run, their keys and values from another row: an identical prompt prefilled in the
+    same call, or a row holding the prompt's first ids (Generator.generate's `place`: all but the last, for a
+    sample of a running prompt)."""
+    return [o.cached for o in self.outputs]
+
+  @property
+  def output_top_logprobs(self) -> list[list[list[tuple[int, float]]]]:
+    return [o.top for o in self.outputs]
 
   @property
   def shared_tokens(self) -> int:
@@ -194,9 +222,8 @@ class Generator:
     many of the ids to keep; the prompt then ends there (the host sees tokens between decode calls, so the
     row may have run a few steps further, which are dropped).
 
-    `on_done(prompt index, output ids, their logprobs, finish reason, cached ids)` is called once per prompt as
-    soon as it ends (a long run's results can be written as they complete); cached ids: how many of its prompt's
-    ids it did not run (Result.cached_tokens).
+    `on_done(prompt index, Output)` is called once per prompt as soon as it ends (a long run's results can be
+    written as they complete).
 
     A row that finishes keeps its prompt's and output's keys and values until another prompt takes it (rows are
     taken least recently freed first), and a prompt beginning with what such a row holds copies it like any
@@ -360,6 +387,7 @@ class Generator:
     self._compile_seconds = 0.0
     outputs: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
+    tops: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
     stopped = [False] * n  # ended by stop_when
 
     def finish_reason(i: int) -> str:
@@ -382,6 +410,7 @@ class Generator:
         settings.append(a.sampling)
         outputs.append([])
         logprobs.append([])
+        tops.append([])
         stopped.append(False)
 
     owner = [-1] * rows  # the prompt in each row (-1: none)
@@ -405,7 +434,8 @@ class Generator:
       state = place(state)
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
-        count, done, new, new_lp = jax.device_get((state.count, state.done, state.tokens, state.logprobs))
+        count, done, new, new_lp, top_ids, top_lps = jax.device_get(
+          (state.count, state.done, state.tokens, state.logprobs, state.top_ids, state.top_logprobs))
         if prefilled is None:
           prefilled = time.perf_counter() - self._compile_seconds
         for row, i in enumerate(owner):
@@ -413,17 +443,22 @@ class Generator:
             fresh = new[row, shown[row]:count[row]].tolist()
             outputs[i].extend(fresh)
             logprobs[i].extend(new_lp[row, shown[row]:count[row]].tolist())
+            if settings[i].top_logprobs:
+              k, at = settings[i].top_logprobs, slice(shown[row], count[row])
+              tops[i].extend(list(zip(*pair)) for pair in zip(top_ids[row, at, :k].tolist(),
+                                                              top_lps[row, at, :k].tolist()))
             shown[row] = int(count[row])
             keep_ids = stop_when(i, outputs[i], len(fresh)) if stop_when else None
             if keep_ids is not None:  # ended on the host: drop what follows, free the row
               del fresh[len(fresh) - (len(outputs[i]) - keep_ids):], outputs[i][keep_ids:], logprobs[i][keep_ids:]
+              del tops[i][keep_ids:]
               state, stopped[i] = end_row(state, np.int32(row)), True
             if on_tokens and fresh:
               on_tokens(i, fresh)
           if i >= 0 and (done[row] or stopped[i]):
             owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], time.monotonic()
             if on_done:
-              on_done(i, outputs[i], logprobs[i], finish_reason(i), cached[i])
+              on_done(i, Output(outputs[i], logprobs[i], finish_reason(i), cached[i], tops[i]))
         if arrivals and not left:
           admit(arrivals())
         if waiting and -1 in owner:  # continuous batching; read again after: a refilled row may be done at once
@@ -437,11 +472,9 @@ class Generator:
       end = time.perf_counter() - self._compile_seconds
     if keep:
       self._kept = state, holds, freed
-    reasons = [finish_reason(i) for i in range(len(prompts))]
-    return Result(outputs, logprobs, sum(len(p) for p in prompts), sum(len(o) for o in outputs),
-                  compile_seconds=self._compile_seconds, prefill_seconds=prefilled - start,
-                  decode_seconds=end - prefilled, cached_tokens=cached,
-                  finish_reasons=reasons, left=left)
+    return Result([Output(outputs[i], logprobs[i], finish_reason(i), cached[i], tops[i]) for i in range(len(prompts))],
+                  sum(len(p) for p in prompts), sum(len(o) for o in outputs), compile_seconds=self._compile_seconds,
+                  prefill_seconds=prefilled - start, decode_seconds=end - prefilled, left=left)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Sampling a next token from fp32 logits as transformers does: repetition penalty, temperature, top-k, top-p
 and min-p, with OpenAI's presence and frequency penalties after the repetition penalty (`process_logits`), then
 argmax or a draw, each row with its own settings; and what the decode state tracks for it (ids seen per row, ids
-generated counted, each drawn token's log-probability). Shapes: B rows, V vocabulary.
+generated counted, each drawn token's log-probability and the likeliest ids'). Shapes: B rows, V vocabulary.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class Sampling:
   min_p: float = 0.0  # 0: off; drop ids less likely than min_p x the likeliest (transformers' MinPLogitsWarper)
   presence_penalty: float = 0.0  # subtracted from the logit of each id the row has generated (OpenAI, vLLM)
   frequency_penalty: float = 0.0  # subtracted once per time the row has generated the id (OpenAI, vLLM)
+  top_logprobs: int = 0  # not a step: how many of the likeliest ids to report, with their log-probabilities, at
+  # each generated token (OpenAI's top_logprobs, vLLM's SamplingParams.logprobs; at most MAX_TOP_LOGPROBS)
 
   def validate(self, where: str | None = None) -> "Sampling":
     """Bad values are errors naming the flag, or the key in `where` (a file) when given."""
@@ -45,16 +47,20 @@ class Sampling:
     for field in ("presence_penalty", "frequency_penalty"):
       if not -2 <= getattr(self, field) <= 2:
         raise UserError(f"{name(field)} must be in [-2, 2] (OpenAI's range), got {getattr(self, field)}")
+    if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+      raise UserError(f"{name('top_logprobs')} must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
     return self
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's
 SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # the flags', file lines' and requests' names
+INTEGERS = ("top_k", "top_logprobs")
 
 
 def given_settings(obj: dict, keys: Sequence[str], where: str) -> dict:
   """The settings among `keys` that `obj` (a JSON object: a prompts file line, generation_config.json, a request)
   gives, as numbers of the field's type; a bad one is a UserError naming `where` and the key."""
-  return {k: json_number(obj[k], k == "top_k", f"{where}: {k}") for k in keys if obj.get(k) is not None}
+  return {k: json_number(obj[k], k in INTEGERS, f"{where}: {k}") for k in keys if obj.get(k) is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,7 @@ class SamplingOps:
   top_k: int = 0  # the largest top-k of a sampling row (0: none truncates by rank)
   top_p: bool = False
   min_p: bool = False
+  top_logprobs: int = 0  # the most ids some row reports at each token with their log-probabilities (0: none)
 
   @staticmethod
   def of(settings: Sequence[Sampling]) -> "SamplingOps":
@@ -75,7 +82,7 @@ class SamplingOps:
       repetition=any(s.repetition_penalty != 1 for s in settings),
       counted=any(s.presence_penalty or s.frequency_penalty for s in settings), draws=bool(drawn),
       top_k=max((s.top_k for s in drawn), default=0), top_p=any(s.top_p < 1 for s in drawn),
-      min_p=any(s.min_p > 0 for s in drawn))
+      min_p=any(s.min_p > 0 for s in drawn), top_logprobs=max(s.top_logprobs for s in settings))
 
   def __or__(self, other: "SamplingOps") -> "SamplingOps":
     """The steps either needs."""
@@ -90,7 +97,7 @@ class SamplingOps:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RowSampling:
-  """Each row's settings, [B] each (see Sampling)."""
+  """Each row's settings, [B] each (see Sampling; top_logprobs is only static, in SamplingOps)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
@@ -103,8 +110,8 @@ class RowSampling:
   def of(settings: Sequence[Sampling]) -> "RowSampling":
     """Host arrays [len(settings)]."""
     return RowSampling(**{f.name: np.array([getattr(s, f.name) for s in settings],
-                                           np.int32 if f.name == "top_k" else np.float32)
-                          for f in dataclasses.fields(Sampling)})
+                                           np.int32 if f.name in INTEGERS else np.float32)
+                          for f in dataclasses.fields(RowSampling)})
 
 
 def process_logits(logits: jax.Array, ops: SamplingOps, rs: RowSampling, seen: jax.Array | None = None,
@@ -157,6 +164,13 @@ def chosen_logprob(logits: jax.Array, token: jax.Array) -> jax.Array:
   """logits [B, V] fp32, token [B] -> log-probability [B] of each token under the model (before sampling's
   penalty, temperature and truncation, as vLLM and OpenAI report it)."""
   return jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
+
+def likeliest(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """logits [B, V] fp32 -> the k likeliest ids [B, k] (int32, best first) and their log-probabilities [B, k] under
+  the model (as chosen_logprob's)."""
+  values, ids = jax.lax.top_k(logits, k)
+  return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def mark_seen(seen: jax.Array | None, tokens: jax.Array, real: jax.Array | bool = True) -> jax.Array | None:

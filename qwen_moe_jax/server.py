@@ -26,8 +26,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from qwen_moe_jax.errors import UserError, json_number
-from qwen_moe_jax.generate import Arrival, Generator, Room, Stream, bucket
-from qwen_moe_jax.sampling import SETTINGS, Sampling, SamplingOps, given_settings
+from qwen_moe_jax.generate import Arrival, Generator, Output, Room, Stream, bucket
+from qwen_moe_jax.sampling import MAX_TOP_LOGPROBS, SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
@@ -48,8 +48,7 @@ class BadRequest(Exception):
 class Job:
   """One prompt of a request, generated as one row (or scored: `echo` with `logprobs`); its events go to the
   request's queue tagged with `choice`: ("text", choice, piece) as text arrives (streamed requests), then ("done",
-  choice, ids, logprobs, reason, scores: PromptScores of a scored job, else None, cached: the prompt's ids not run)
-  or ("error", choice, message)."""
+  choice, Output, scores: PromptScores of a scored job, else None) or ("error", choice, message)."""
   ids: list[int]
   max_new_tokens: int
   sampling: Sampling
@@ -114,7 +113,7 @@ class Engine:
       return self._fail(jobs, e)
     for j, s in zip(jobs, scores, strict=True):
       new = slice(len(j.ids), len(j.ids) + j.max_new_tokens)
-      j.events.put(("done", j.choice, s.best[new], s.best_logprobs[new], "length", s, 0))
+      j.events.put(("done", j.choice, Output(s.best[new], s.best_logprobs[new], "length", 0, []), s))
 
   def _fail(self, jobs: list[Job], e: Exception) -> None:
     """Every job gets the error (out of memory, or a bug): the server goes on."""
@@ -124,8 +123,10 @@ class Engine:
       j.events.put(("error", j.choice, message))
 
   def _call(self, jobs: list[Job]) -> None:
-    ops = SamplingOps.of([j.sampling for j in jobs])  # top-k rounded up: fewer programs for other values
-    ops = dataclasses.replace(ops, top_k=min(bucket(ops.top_k), self.generator.config.vocab_size) if ops.top_k else 0)
+    ops = SamplingOps.of([j.sampling for j in jobs])  # top-k and top_logprobs rounded up: fewer programs
+    k, top = ops.top_k, ops.top_logprobs
+    ops = dataclasses.replace(ops, top_k=min(bucket(k), self.generator.config.vocab_size) if k else 0,
+                              top_logprobs=min(bucket(top, 1), MAX_TOP_LOGPROBS) if top else 0)
     self.room = dataclasses.replace(self.room, ops=self.room.ops | ops)
     offered: list[Job] = []  # jobs handed to the call as arrivals: the admitted ones first, in order
 
@@ -148,11 +149,11 @@ class Engine:
         return len(ids)
       return j.stops.end(ids, new) if j.stops else None
 
-    def on_done(i: int, ids: list[int], logprobs: list[float], reason: str, cached: int) -> None:
+    def on_done(i: int, out: Output) -> None:
       j = job(i)
       if j.text is not None:
         j.events.put(("text", j.choice, j.text.close()))
-      j.events.put(("done", j.choice, list(ids), list(logprobs), reason, None, cached))
+      j.events.put(("done", j.choice, out, None))
 
     try:
       result = self.generator.generate(
@@ -195,10 +196,14 @@ class Api:
       raise BadRequest(f"n must be in [1, 128], got {n}", "n")
     seed = _number(body, "seed", int) if body.get("seed") is not None else None
     stops = _stops(self.tok, body.get("stop"))
-    alternatives = "top_logprobs" if kind == "chat" else "logprobs"
-    if body.get(alternatives) is not None and _number(body, alternatives, int) > (kind == "completions"):
-      raise BadRequest(f"{alternatives} above {int(kind == 'completions')} is not supported: the server gives each "
-                       "token's own log-probability, not its alternatives", alternatives)
+    if kind == "completions" and body.get("logprobs") is not None:  # its N likeliest ids at each token
+      sampling = dataclasses.replace(sampling, top_logprobs=_number(body, "logprobs", int))
+      if not 0 <= sampling.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {sampling.top_logprobs}", "logprobs")
+    if kind == "chat" and sampling.top_logprobs and not body.get("logprobs"):
+      raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    if body.get("stream") and _wants_logprobs(kind, body):
+      raise BadRequest("logprobs are not streamed: ask without stream", "logprobs")
     limit_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     echo = body.get("echo") not in (None, False)
@@ -254,25 +259,28 @@ class Api:
     return out
 
   def reply(self, kind: str, body: dict, results: list[tuple], prompts: list[list[int]]) -> dict:
-    """The whole reply once every job is done: results [(ids, logprobs, reason, scores or None, cached)] by choice; with
+    """The whole reply once every job is done: results [(Output, scores or None)] by choice; with
     `echo`, a completion's text, tokens and log-probabilities begin with the prompt's (its first token's None)."""
     choices, stops = [], _stops(self.tok, body.get("stop"))
-    wants_logprobs = bool(body.get("logprobs")) if kind == "chat" else body.get("logprobs") is not None
+    wants_logprobs = _wants_logprobs(kind, body)
     echo, per_prompt = bool(body.get("echo")), len(results) // len(prompts)
     piece = lambda t: self.tok.decode([t], skip_special_tokens=True)  # noqa: E731
-    for k, (ids, logprobs, reason, scores, _) in enumerate(results):
-      text = text_of(self.tok, ids, stops)
+    for k, (out, scores) in enumerate(results):
+      ids, text = out.ids, text_of(self.tok, out.ids, stops)
       prompt = prompts[k // per_prompt] if echo else []
+      tops = out.top or [[]] * len(ids)
       if kind == "chat":
         choice = {"message": {"role": "assistant", "content": text}, "logprobs": {"content": [
-          {"token": piece(t), "logprob": lp, "bytes": None, "top_logprobs": []} for t, lp in zip(ids, logprobs)]}
-          if wants_logprobs else None}
+          {"token": piece(t), "logprob": lp, "bytes": None, "top_logprobs": [
+            {"token": piece(a), "logprob": alp, "bytes": None} for a, alp in top]}
+          for t, lp, top in zip(ids, out.logprobs, tops)]} if wants_logprobs else None}
       else:  # a scored prompt's log-probabilities (echo with logprobs), then the generated ones
         choice = {"text": self.tok.decode(prompt, skip_special_tokens=True) + text, "logprobs": {
           "tokens": [piece(t) for t in prompt + ids], "token_logprobs": (scores.logprobs[:len(prompt)] if scores
-                                                                         else []) + logprobs,
-          "top_logprobs": _top(scores, prompt + ids, piece) if scores else None} if wants_logprobs else None}
-      choices.append({"index": k, "finish_reason": reason, **choice})
+                                                                         else []) + out.logprobs,
+          "top_logprobs": _top(scores, prompt + ids, piece) if scores else [
+            {piece(a): alp for a, alp in top} for top in out.top] or None} if wants_logprobs else None}
+      choices.append({"index": k, "finish_reason": out.reason, **choice})
     return self._head(kind, chunk=False) | {"choices": choices, "usage": _usage(prompts, results)}
 
   def _head(self, kind: str, chunk: bool) -> dict:
@@ -300,7 +308,7 @@ class Api:
         continue
       results[k] = event[2:]
       part = {"delta": {}} if kind == "chat" else {"text": ""}
-      yield head | {"choices": [{"index": k, **part, "finish_reason": event[4], "logprobs": None}]}
+      yield head | {"choices": [{"index": k, **part, "finish_reason": event[2].reason, "logprobs": None}]}
     if (body.get("stream_options") or {}).get("include_usage"):
       yield head | {"choices": [], "usage": _usage(prompts, results)}
 
@@ -316,13 +324,17 @@ def _top(scores, ids: list[int], piece) -> list[dict | None]:
   return top
 
 
+def _wants_logprobs(kind: str, body: dict) -> bool:
+  return bool(body.get("logprobs")) if kind == "chat" else body.get("logprobs") is not None
+
+
 def _usage(prompts: list[list[int]], results: list[tuple]) -> dict:
   """OpenAI's usage, each prompt counted once (not once per sample), its cached tokens those of its samples' that
   ran the most (the keys and values of earlier requests' prompts and replies, which rows keep until taken)."""
   prompt = sum(map(len, prompts))
-  completion = sum(len(r[0]) for r in results)
+  completion = sum(len(out.ids) for out, _ in results)
   per_prompt = len(results) // len(prompts)
-  cached = sum(min(r[4] for r in results[k:k + per_prompt]) for k in range(0, len(results), per_prompt))
+  cached = sum(min(out.cached for out, _ in results[k:k + per_prompt]) for k in range(0, len(results), per_prompt))
   return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
           "prompt_tokens_details": {"cached_tokens": cached}}
 

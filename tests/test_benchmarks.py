@@ -191,7 +191,10 @@ def test_prompt_sharing_benchmark_runs():
   assert res.returncode == 0, res.stderr
   runs = json.loads(res.stdout.splitlines()[-1])["runs"]
   assert runs["identical_all_rows"]["shared_tokens"] == 2 * 2 * 80  # 2 of each prompt's 3 copies
-  assert runs["identical_2_rows"]["shared_tokens"] == 2 * 80  # rows [p0, p0], [p0, p1], [p1, p1]
+  # rows [p0, p0] (run once); the third p0 takes a row holding p0 and its answer (all but its last id), and p1 is
+  # prefilled (a fill draws its first token a step before a copy: it ends first); the second p1 takes p1's row,
+  # and the third copies it from that running row
+  assert runs["identical_2_rows"]["shared_tokens"] == 80 + 3 * 79
   assert runs["identical_2_rows_varied_lengths"]["shared_tokens"] >= 2 * 80  # copied from running samples too
   for label in ("all_rows", "2_rows", "2_rows_varied_lengths"):
     assert runs[f"prefix_{label}"]["shared_tokens"] == 5 * 70  # the 6 prompts' first 70 tokens run once

@@ -179,7 +179,7 @@ def test_stop_when_ends_a_prompt_on_the_host(tiny):
   for engine in (gen, Generator(model, batch_size=2)):
     streamed, done = [[] for _ in prompts], []
     got = engine.generate(prompts, 24, stop_when=stop_when, on_tokens=lambda i, ids: streamed[i].extend(ids),
-                          on_done=lambda i, ids, lps, reason, _: done.append((i, list(ids), reason)))
+                          on_done=lambda i, out: done.append((i, list(out.ids), out.reason)))
     assert got.output_ids == want and streamed == want and got.generated_tokens == sum(map(len, want))
     assert got.finish_reasons == ["stop" if i in ends else "length" for i in range(len(prompts))]
     assert sorted(done) == [(i, w, r) for i, (w, r) in enumerate(zip(want, got.finish_reasons))]
@@ -566,6 +566,32 @@ def test_sampling_is_seeded_and_respects_top_k(tiny):
       gen.generate(PROMPTS, 12).output_ids
 
 
+def test_top_logprobs_are_the_models_likeliest_ids(tiny):
+  """A prompt asking for top_logprobs gets, at each generated token, that many likeliest ids with their
+  log-probabilities under the model (the log-softmax of its logits, best first), next to prompts asking for
+  other counts or none, through continuous batching and a stop ended on the host (which drops the tokens after
+  it); the tokens are those generated without them."""
+  _, model, gen, _ = tiny
+  settings = [Sampling(top_logprobs=3), Sampling(1.2, top_logprobs=5, repetition_penalty=1.3), Sampling()]
+  plain = gen.generate(PROMPTS, 10, [dataclasses.replace(s, top_logprobs=0) for s in settings], seed=4)
+  for engine in (gen, Generator(model, batch_size=1)):
+    got = engine.generate(PROMPTS, 10, settings, seed=4, stop_when=lambda i, ids, new: 7 if i == 1 and len(ids) >= 7
+                          else None)
+    assert got.output_ids[0] == plain.output_ids[0] and got.output_ids[1] == plain.output_ids[1][:7]
+    assert got.output_top_logprobs[2] == []
+    for prompt, out, lps, top, s in zip(PROMPTS, got.output_ids, got.output_logprobs, got.output_top_logprobs,
+                                        settings[:2]):
+      logp = np.asarray(jax.nn.log_softmax(prompt_logits(model, prompt + out), axis=-1))[len(prompt) - 1:]
+      assert len(top) == len(out) and all(len(t) == s.top_logprobs for t in top)
+      for t, (token, lp, pairs) in enumerate(zip(out, lps, top)):
+        ids, values = zip(*pairs)
+        assert list(ids) == np.argsort(-logp[t], kind="stable")[:s.top_logprobs].tolist()
+        np.testing.assert_allclose(values, logp[t, list(ids)], atol=1e-5)
+        assert token not in ids or lp == pytest.approx(values[ids.index(token)], abs=1e-6)
+      if s.temperature == 0:
+        assert [t[0][0] for t in top] == out  # greedy: the likeliest
+
+
 ROW_SETTINGS = [  # one batch's rows: greedy next to sampled, each truncation alone and combined
   Sampling(0.0, 0, 1.0, 1.3), Sampling(0.7, 0, 1.0, 1.3), Sampling(1.0, 7, 1.0, 0.8), Sampling(0.7, 20, 0.8, 1.05),
   Sampling(1.3, 0, 0.5), Sampling(0.9, min_p=0.1), Sampling(1.2, 30, 0.9, 1.1, min_p=0.05),
@@ -795,6 +821,8 @@ def test_stops_on_eos(tiny):
   (["--prefill-rows", "0"], "--prefill-rows"),
   (["--batch-size", "0"], "--batch-size"),
   (["--logprobs"], "--logprobs adds a key to the --json objects"),
+  (["--top-logprobs", "2"], "--top-logprobs adds a key to the --json objects"),
+  (["--top-logprobs", "21", "--json"], "--top-logprobs must be in [0, 20], got 21"),
   (["--attention", "cudnn"], "needs a GPU"),
   (["--attention", "splash"], "needs a TPU"),
   (["--decode-attention", "pallas"], "needs a GPU"),
@@ -862,7 +890,7 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
   over the flags'; bad lines are one error naming the line (and the key)."""
   _, model, gen, ckpt = tiny
   prompts = tmp_path / "prompts.jsonl"
-  sampled = {"temperature": 1.3, "top_k": 5, "frequency_penalty": 1.0, "min_p": 0.05}
+  sampled = {"temperature": 1.3, "top_k": 5, "frequency_penalty": 1.0, "min_p": 0.05, "top_logprobs": 2}
   prompts.write_text(json.dumps({"input_ids": PROMPTS[0], "max_new_tokens": 5}) + "\n\n" +
                      json.dumps({"input_ids": PROMPTS[2]}) + "\n" + json.dumps({"input_ids": PROMPTS[1], **sampled}))
   int8 = Generator(model, kv_cache_dtype="int8")
@@ -874,14 +902,21 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
     assert res.returncode == 0, res.stderr
     rows = [json.loads(x) for x in res.stdout.splitlines()]
     assert [r["input_ids"] for r in rows] == asked[0]  # flags first, then the file
-    assert [r["output_ids"] for r in rows] == gen.generate(*asked, seed=3).output_ids
+    want = gen.generate(*asked, seed=3)
+    assert [r["output_ids"] for r in rows] == want.output_ids
+    top, want_top = rows[3]["output_top_logprobs"], want.output_top_logprobs[3]
+    assert "output_top_logprobs" not in rows[0] and len(top) == len(want_top)
+    for pairs, want_pairs in zip(top, want_top):  # [[id, logprob], [id, logprob]] at each token
+      assert [i for i, _ in pairs] == [i for i, _ in want_pairs]
+      np.testing.assert_allclose([lp for _, lp in pairs], [lp for _, lp in want_pairs], atol=1e-5)
   assert rows[3]["output_ids"] != gen.generate([PROMPTS[1]], 20).output_ids[0]  # sampled, not greedy
   for bad, message in (('{"prompt": "a", "chat": "b"}', "expected an object with exactly one of"),
                        ('{"input_ids": [2], "max_new_tokens": 0}', "max_new_tokens must be an integer >= 1"),
                        ('{"input_ids": [2], "temperature": "hot"}', "temperature must be a number, got 'hot'"),
                        ('{"input_ids": [2], "top_k": 2.5}', "top_k must be an integer, got 2.5"),
                        ('{"input_ids": [2], "top_p": 0}', "top_p must be in (0, 1], got 0.0"),
-                       ('{"input_ids": [2], "presence_penalty": 9}', "presence_penalty must be in [-2, 2]")):
+                       ('{"input_ids": [2], "presence_penalty": 9}', "presence_penalty must be in [-2, 2]"),
+                       ('{"input_ids": [2], "top_logprobs": 25}', "top_logprobs must be in [0, 20], got 25")):
     prompts.write_text('{"input_ids": [1]}\n' + bad + "\n")
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
     assert res.returncode == 2 and f"prompts.jsonl:2: {message}" in res.stderr, res.stderr

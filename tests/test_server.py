@@ -175,6 +175,31 @@ def test_a_conversations_next_turn_runs_only_its_new_tokens(served):
   assert cached == common_prefix(turn[:-1], (ids + out)[:-1]) >= len(ids)  # the first prompt at least
 
 
+def test_top_logprobs_are_the_engines(served):
+  """Completions' `logprobs: N` and chat's `top_logprobs: N` (with `logprobs: true`) give, at each generated token,
+  the N likeliest tokens and their log-probabilities: the engine's (Output.top)."""
+  url, tok, reference, eos, _ = served
+  piece = lambda t: tok.decode([t], skip_special_tokens=True)  # noqa: E731
+  ids = tok.encode("Once upon a time")
+  want = reference.generate([ids], 6, Sampling(top_logprobs=3), stop_ids=eos).output_top_logprobs[0]
+  status, reply = post(url, {"prompt": ids, "max_tokens": 6, "logprobs": 3})
+  assert status == 200, reply
+  got = reply["choices"][0]["logprobs"]["top_logprobs"]
+  assert len(got) == len(want) and all(len(top) <= 3 for top in got)
+  for top, pairs in zip(got, want):  # tokens decoding alike share a key
+    for t, lp in pairs:
+      assert top[piece(t)] == pytest.approx(max(v for u, v in pairs if piece(u) == piece(t)), abs=1e-5)
+  messages = [{"role": "user", "content": "Hello"}]
+  ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+  want = reference.generate([ids], 5, Sampling(top_logprobs=2), stop_ids=eos).output_top_logprobs[0]
+  status, reply = post(url, {"messages": messages, "max_tokens": 5, "logprobs": True, "top_logprobs": 2},
+                       "/v1/chat/completions")
+  content = reply["choices"][0]["logprobs"]["content"]
+  assert [[a["token"] for a in c["top_logprobs"]] for c in content] == [[piece(t) for t, _ in p] for p in want]
+  np.testing.assert_allclose([[a["logprob"] for a in c["top_logprobs"]] for c in content],
+                             [[lp for _, lp in p] for p in want], atol=1e-5)
+
+
 def lm_eval_loglikelihood(choice: dict, ctxlen: int) -> tuple[float, bool]:
   """lm-eval's `local-completions` reading of an echo reply (LocalCompletionsAPI.parse_logprobs)."""
   logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
@@ -230,14 +255,18 @@ def reference_model(gen: Generator):
    "echo with logprobs scores", "echo"),
   ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, 400, "echo is for /v1/completions", "echo"),
   ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix is not supported", "suffix"),
-  ("/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, "logprobs above 1 is not supported", "logprobs"),
+  ("/v1/completions", {"prompt": "hi", "logprobs": 25}, 400, "logprobs must be in [0, 20], got 25", "logprobs"),
+  ("/v1/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, 400, "logprobs are not streamed",
+   "logprobs"),
   ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be in [1, 128]", "n"),
   ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop strings must be non-empty", "stop"),
   ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]",
    "presence_penalty"),
   ("/v1/chat/completions", {"messages": []}, 400, "messages must be a non-empty list", "messages"),
   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
-   "top_logprobs above 0 is not supported", "top_logprobs"),
+   "top_logprobs needs logprobs: true", "top_logprobs"),
+  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+   400, "top_logprobs must be in [0, 20], got 21", "top_logprobs"),
   ("/v1/embeddings", {"input": "hi"}, 404, "no such path", None),
 ])
 def test_bad_requests(served, path, body, status, message, param):
@@ -261,6 +290,9 @@ def test_openai_client(served):
   assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want
   completion = client.completions.create(model="demo", prompt=[3, 4, 5], max_tokens=4, logprobs=1)
   assert len(completion.choices[0].logprobs.token_logprobs) == completion.usage.completion_tokens
+  reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=3, logprobs=True, top_logprobs=2)
+  assert all(len(c.top_logprobs) == 2 for c in reply.choices[0].logprobs.content)
+  assert reply.usage.prompt_tokens_details.cached_tokens == 0  # under --share-prefix's 64 tokens
   with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
     client.completions.create(model="demo", prompt="hi", temperature=-1)
 
