@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--prompts-file", help='JSONL: one {prompt|chat|messages|input_ids} object per line, '
                                          'optionally with its own "max_new_tokens", "stop" and sampling settings '
                                          '("temperature", "top_k", "top_p", "min_p", "repetition_penalty", '
-                                         '"presence_penalty", "frequency_penalty", "top_logprobs")')
+                                         '"presence_penalty", "frequency_penalty", "logit_bias", "top_logprobs")')
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--stop", action="append", default=[],
                   help="end the text where this string begins (repeatable; left out of the text, as OpenAI's stop)")
@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="subtract from the logits of ids generated so far (OpenAI's; -2 to 2, 0: off; greedy too)")
   ap.add_argument("--frequency-penalty", type=float,
                   help="subtract, times the count, from the logits of ids generated so far (OpenAI's; -2 to 2)")
+  ap.add_argument("--logit-bias", metavar="ID=BIAS,...",
+                  help="add BIAS (-100 to 100: -100 bans the id, 100 forces it) to the logit of token ID before "
+                  "sampling, e.g. 151643=-100 (OpenAI's logit_bias)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--num-samples", type=int, default=1,
                   help="samples per prompt (sampling only; --json objects then carry \"sample\")")
@@ -257,7 +260,17 @@ def sampling_from(args: argparse.Namespace, gen: dict, folder: Path) -> Sampling
            if sampled or k == "repetition_penalty"}
   defaults = dataclasses.replace(Sampling(temperature=1.0) if sampled else Sampling(), **given).validate(where)
   flags = {f: getattr(args, f) for f in SETTINGS}
+  if args.logit_bias is not None:
+    flags["logit_bias"] = logit_bias_flag(args.logit_bias)
   return dataclasses.replace(defaults, **{f: v for f, v in flags.items() if v is not None}).validate()
+
+
+def logit_bias_flag(text: str) -> tuple[tuple[int, float], ...]:
+  """--logit-bias ID=BIAS,... as sorted (id, bias) pairs."""
+  try:
+    return tuple(sorted((int(token), float(bias)) for token, bias in (item.split("=") for item in text.split(","))))
+  except ValueError:
+    raise UserError(f"--logit-bias takes ID=BIAS,... (such as 151643=-100), got {text!r}") from None
 
 
 def stop_ids(cfg, gen: dict, tok) -> list[int]:

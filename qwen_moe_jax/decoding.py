@@ -98,7 +98,7 @@ def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, ops: Sampli
   return DecodeState(
     cache=cache, tokens=jnp.zeros((rows, max_new), jnp.int32), logprobs=jnp.zeros((rows, max_new), jnp.float32),
     last=zeros, positions=zeros, done=jnp.ones((rows,), bool), count=zeros, keys=keys, stop_ids=stop_ids,
-    limit=zeros, sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * rows)),
+    limit=zeros, sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * rows, ops)),
     seen=jnp.zeros((rows, vocab), bool) if ops.repetition else None,
     counts=jnp.zeros((rows, vocab), jnp.int32) if ops.counted else None,
     **_top_zeros(rows, max_new, ops)).laid_out()

@@ -188,8 +188,10 @@ class Generator:
       self._compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
-  def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> None:
-    """Prompts of ids in the vocabulary, each leaving room in the context for a new token; max_new_tokens >= 1."""
+  def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+               settings: Sequence[Sampling] = ()) -> None:
+    """Prompts of ids in the vocabulary, each leaving room in the context for a new token; max_new_tokens >= 1;
+    logit_bias ids in the vocabulary."""
     cfg = self.config
     if not prompts:
       raise UserError("no prompts given")
@@ -205,6 +207,10 @@ class Generator:
                       "positions (max_position_embeddings, or its rope scaling; 1 token must be generated)")
     if min(max_new_tokens) < 1:
       raise UserError(f"--max-new-tokens must be >= 1, got {min(max_new_tokens)}")
+    for i, s in enumerate(settings):
+      bad = [t for t, _ in s.logit_bias if t >= cfg.vocab_size]
+      if bad:
+        raise UserError(f"prompt {i + 1}: logit_bias id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                sampling: Sampling | Sequence[Sampling] = Sampling(), seed: int | Sequence[Stream] = 0,
@@ -246,7 +252,7 @@ class Generator:
                        "prompts")
     room = room or Room()
     ops = SamplingOps.of(settings) | room.ops
-    self.validate(prompts, wants)
+    self.validate(prompts, wants, settings)
     limits = [min(m, cfg.context_length - len(p)) for p, m in zip(prompts, wants)]  # [n]
     longest = max(len(p) for p in prompts)
     wanted = max(min(self.batch_size or n, n), room.rows)
@@ -271,7 +277,7 @@ class Generator:
       return min(bucket(max(map(len, ids))), t)
 
     def row_sampling(indices: list[int], r: int) -> RowSampling:  # prompts' settings, padded to r rows
-      return RowSampling.of([settings[i] for i in indices] + [Sampling()] * (r - len(indices)))
+      return RowSampling.of([settings[i] for i in indices] + [Sampling()] * (r - len(indices)), ops)
 
     def keys(indices: Sequence[int]) -> jax.Array:  # prompts' random streams
       return prompt_keys([streams[i].seed for i in indices], [streams[i].index for i in indices])

@@ -1,5 +1,6 @@
 """Sampling a next token from fp32 logits as transformers does: repetition penalty, temperature, top-k, top-p
-and min-p, with OpenAI's presence and frequency penalties after the repetition penalty (`process_logits`), then
+and min-p, after OpenAI's logit bias and with its presence and frequency penalties after the repetition penalty
+(`process_logits`), then
 argmax or a draw, each row with its own settings; and what the decode state tracks for it (ids seen per row, ids
 generated counted, each drawn token's log-probability and the likeliest ids'). Shapes: B rows, V vocabulary.
 """
@@ -28,6 +29,8 @@ class Sampling:
   frequency_penalty: float = 0.0  # subtracted once per time the row has generated the id (OpenAI, vLLM)
   top_logprobs: int = 0  # not a step: how many of the likeliest ids to report, with their log-probabilities, at
   # each generated token (OpenAI's top_logprobs, vLLM's SamplingParams.logprobs; at most MAX_TOP_LOGPROBS)
+  logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) pairs: the bias is added to the id's logit before
+  # every other step (OpenAI's logit_bias: -100 bans the id, 100 forces it; at most MAX_LOGIT_BIAS ids)
 
   def validate(self, where: str | None = None) -> "Sampling":
     """Bad values are errors naming the flag, or the key in `where` (a file) when given."""
@@ -49,10 +52,16 @@ class Sampling:
         raise UserError(f"{name(field)} must be in [-2, 2] (OpenAI's range), got {getattr(self, field)}")
     if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
       raise UserError(f"{name('top_logprobs')} must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+    if len(self.logit_bias) > MAX_LOGIT_BIAS:
+      raise UserError(f"{name('logit_bias')} may hold {MAX_LOGIT_BIAS} ids at most, got {len(self.logit_bias)}")
+    for token, bias in self.logit_bias:
+      if token < 0 or not -100 <= bias <= 100:
+        raise UserError(f"{name('logit_bias')} takes token ids >= 0 and biases in [-100, 100], got {token}: {bias}")
     return self
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's
+MAX_LOGIT_BIAS = 300  # OpenAI's
 SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # the flags', file lines' and requests' names
 INTEGERS = ("top_k", "top_logprobs")
 
@@ -60,7 +69,17 @@ INTEGERS = ("top_k", "top_logprobs")
 def given_settings(obj: dict, keys: Sequence[str], where: str) -> dict:
   """The settings among `keys` that `obj` (a JSON object: a prompts file line, generation_config.json, a request)
   gives, as numbers of the field's type; a bad one is a UserError naming `where` and the key."""
-  return {k: json_number(obj[k], k in INTEGERS, f"{where}: {k}") for k in keys if obj.get(k) is not None}
+  return {k: logit_bias(obj[k], f"{where}: {k}") if k == "logit_bias" else json_number(obj[k], k in INTEGERS,
+                                                                                      f"{where}: {k}")
+          for k in keys if obj.get(k) is not None}
+
+
+def logit_bias(value, name: str) -> tuple[tuple[int, float], ...]:
+  """OpenAI's logit_bias, a JSON object of token ids (as strings) to biases, as sorted (id, bias) pairs; else a
+  UserError naming it."""
+  if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() for k in value):
+    raise UserError(f"{name} must be an object of token ids to biases, such as {{\"151643\": -100}}, got {value!r}")
+  return tuple(sorted((int(k), json_number(v, False, f'{name}["{k}"]')) for k, v in value.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +92,7 @@ class SamplingOps:
   top_k: int = 0  # the largest top-k of a sampling row (0: none truncates by rank)
   top_p: bool = False
   min_p: bool = False
+  logit_bias: int = 0  # the most ids some row biases (0: none)
   top_logprobs: int = 0  # the most ids some row reports at each token with their log-probabilities (0: none)
 
   @staticmethod
@@ -82,7 +102,8 @@ class SamplingOps:
       repetition=any(s.repetition_penalty != 1 for s in settings),
       counted=any(s.presence_penalty or s.frequency_penalty for s in settings), draws=bool(drawn),
       top_k=max((s.top_k for s in drawn), default=0), top_p=any(s.top_p < 1 for s in drawn),
-      min_p=any(s.min_p > 0 for s in drawn), top_logprobs=max(s.top_logprobs for s in settings))
+      min_p=any(s.min_p > 0 for s in drawn), logit_bias=max(len(s.logit_bias) for s in settings),
+      top_logprobs=max(s.top_logprobs for s in settings))
 
   def __or__(self, other: "SamplingOps") -> "SamplingOps":
     """The steps either needs."""
@@ -105,13 +126,24 @@ class RowSampling:
   min_p: jax.Array
   presence_penalty: jax.Array
   frequency_penalty: jax.Array
+  bias_ids: jax.Array  # [B, K] int32 the ids each row biases (padded with NO_ID), K = SamplingOps.logit_bias
+  biases: jax.Array  # [B, K] fp32 their biases
 
   @staticmethod
-  def of(settings: Sequence[Sampling]) -> "RowSampling":
-    """Host arrays [len(settings)]."""
+  def of(settings: Sequence[Sampling], ops: SamplingOps | None = None) -> "RowSampling":
+    """Host arrays [len(settings)] ([len(settings), K], K from `ops`, else from the settings)."""
+    k = (ops or SamplingOps.of(settings)).logit_bias
+    bias_ids, biases = np.full((len(settings), k), NO_ID, np.int32), np.zeros((len(settings), k), np.float32)
+    for row, s in enumerate(settings):
+      for j, (token, bias) in enumerate(s.logit_bias):
+        bias_ids[row, j], biases[row, j] = token, bias
     return RowSampling(**{f.name: np.array([getattr(s, f.name) for s in settings],
                                            np.int32 if f.name in INTEGERS else np.float32)
-                          for f in dataclasses.fields(RowSampling)})
+                          for f in dataclasses.fields(RowSampling) if f.name not in ("bias_ids", "biases")},
+                       bias_ids=bias_ids, biases=biases)
+
+
+NO_ID = np.iinfo(np.int32).max  # a padding id past any vocabulary: scatters drop it
 
 
 def process_logits(logits: jax.Array, ops: SamplingOps, rs: RowSampling, seen: jax.Array | None = None,
@@ -120,8 +152,11 @@ def process_logits(logits: jax.Array, ops: SamplingOps, rs: RowSampling, seen: j
   the ids each row has seen (seen [B, V] bool: its prompt and output so far; positive logits divided by the
   penalty, negative ones multiplied), then the presence and frequency penalties on the ids it generated
   (counts [B, V], as vLLM applies them after the repetition penalty), then temperature, top-k, top-p and min-p,
-  which leave dropped ids at -inf. A greedy row (temperature 0) stops after the penalties."""
+  which leave dropped ids at -inf. A greedy row (temperature 0) stops after the penalties. First of all, each
+  row's logit bias is added (OpenAI's logit_bias)."""
   column = lambda x: x[:, None]  # noqa: E731  [B] -> [B, 1]
+  if ops.logit_bias:
+    logits = logits.at[jnp.arange(logits.shape[0])[:, None], rs.bias_ids].add(rs.biases, mode="drop")
   if ops.repetition:
     p = column(rs.repetition_penalty)
     logits = jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)

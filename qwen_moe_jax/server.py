@@ -32,7 +32,7 @@ from qwen_moe_jax.scoring import prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
 
-ACCEPTED = {"suffix": ("",), "logit_bias": ({},), "best_of": (1,), "tools": ([],), "functions": ([],),  # the values
+ACCEPTED = {"suffix": ("",), "best_of": (1,), "tools": ([],), "functions": ([],),  # the values
             "response_format": ({"type": "text"},)}  # of fields not implemented that we take
 
 
@@ -123,10 +123,11 @@ class Engine:
       j.events.put(("error", j.choice, message))
 
   def _call(self, jobs: list[Job]) -> None:
-    ops = SamplingOps.of([j.sampling for j in jobs])  # top-k and top_logprobs rounded up: fewer programs
-    k, top = ops.top_k, ops.top_logprobs
+    ops = SamplingOps.of([j.sampling for j in jobs])  # top-k, top_logprobs, logit_bias rounded up: fewer programs
+    k, top, biased = ops.top_k, ops.top_logprobs, ops.logit_bias
     ops = dataclasses.replace(ops, top_k=min(bucket(k), self.generator.config.vocab_size) if k else 0,
-                              top_logprobs=min(bucket(top, 1), MAX_TOP_LOGPROBS) if top else 0)
+                              top_logprobs=min(bucket(top, 1), MAX_TOP_LOGPROBS) if top else 0,
+                              logit_bias=bucket(biased, 1) if biased else 0)
     self.room = dataclasses.replace(self.room, ops=self.room.ops | ops)
     offered: list[Job] = []  # jobs handed to the call as arrivals: the admitted ones first, in order
 
@@ -190,7 +191,7 @@ class Api:
       sampling = dataclasses.replace(self.sampling, **given).validate("request")
     except UserError as e:
       message = str(e).removeprefix("request: ")
-      raise BadRequest(message, message.split(" ", 1)[0]) from None
+      raise BadRequest(message, next((k for k in SETTINGS if message.startswith(k)), None)) from None
     n = _number(body, "n", int) if body.get("n") is not None else 1
     if not 1 <= n <= 128:
       raise BadRequest(f"n must be in [1, 128], got {n}", "n")
@@ -226,9 +227,9 @@ class Api:
         raise BadRequest(f"{limit_key} must be in [{least}, {room}] (--max-model-len {self.slots} minus the prompt's "
                          f"{len(ids)} tokens), got {limit}", limit_key)
       try:
-        self.engine.generator.validate([ids], [max(limit, 1)])
+        self.engine.generator.validate([ids], [max(limit, 1)], [sampling])
       except UserError as e:
-        raise BadRequest(str(e), "prompt") from None
+        raise BadRequest(str(e), "logit_bias" if "logit_bias" in str(e) else "prompt") from None
       for j in range(n):
         with self.lock:
           stream = Stream(seed, j) if seed is not None else Stream(self.seed, next(self.counter))

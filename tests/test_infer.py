@@ -676,6 +676,33 @@ def test_presence_and_frequency_penalties_match_transformers_greedy(tiny):
                             logits_processor=[OpenAIPenalties(len(prompt), 0.5, 1.5)])
 
 
+def test_logit_bias_is_added_first(tiny):
+  """OpenAI's logit_bias: greedy rows biased each their own way in one batch equal transformers' greedy tokens
+  under the same bias (SequenceBiasLogitsProcessor), each alone; +100 forces an id, -100 bans it; the bias comes
+  before every other step (the repetition penalty sees biased logits, as in vLLM)."""
+  hf_model, _, gen, _ = tiny
+  from transformers.generation.logits_process import SequenceBiasLogitsProcessor
+  plain = gen.generate(PROMPTS, 12).output_ids
+  banned = sorted(set(plain[0][:3]))
+  settings = [Sampling(logit_bias=tuple((t, -100.0) for t in banned)), Sampling(logit_bias=((42, 100.0),)),
+              Sampling(), Sampling(logit_bias=((7, 3.0), (9, -2.5)))]
+  prompts = PROMPTS + [PROMPTS[0]]
+  got = gen.generate(prompts, 12, settings).output_ids
+  assert got[1] == [42] * 12 and not set(got[0]) & set(banned) and got[2] == plain[2]
+  for prompt, row, s in zip(prompts, got, settings):
+    bias = SequenceBiasLogitsProcessor(sequence_bias=[[[t], b] for t, b in s.logit_bias]) if s.logit_bias else None
+    assert row == hf_greedy(hf_model, prompt, 12, logits_processor=[bias] if bias else [])
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.normal(size=(2, 101)) * 3, jnp.float32)
+  seen = jnp.zeros((2, 101), bool).at[:, :50].set(True)
+  s = Sampling(1.0, top_k=20, repetition_penalty=1.5, logit_bias=((3, 5.0), (60, -4.0)))
+  ops = SamplingOps.of([s])
+  biased = logits.at[:, 3].add(5.0).at[:, 60].add(-4.0)
+  np.testing.assert_allclose(sampling.process_logits(logits, ops, RowSampling.of([s] * 2), seen),
+                             sampling.process_logits(biased, ops, RowSampling.of([dataclasses.replace(
+                               s, logit_bias=())] * 2, ops), seen), rtol=1e-6)
+
+
 def test_prompts_sample_with_their_own_settings(tiny):
   """Rows of one batch set differently (greedy next to sampled; top-k, top-p, min-p; each penalty; one prompt twice
   with other settings, its second row copied from the first's) each give what their prompt gives in a batch where
@@ -823,6 +850,9 @@ def test_stops_on_eos(tiny):
   (["--logprobs"], "--logprobs adds a key to the --json objects"),
   (["--top-logprobs", "2"], "--top-logprobs adds a key to the --json objects"),
   (["--top-logprobs", "21", "--json"], "--top-logprobs must be in [0, 20], got 21"),
+  (["--logit-bias", "5"], "--logit-bias takes ID=BIAS,... (such as 151643=-100), got '5'"),
+  (["--logit-bias", "5=300"], "--logit-bias takes token ids >= 0 and biases in [-100, 100], got 5: 300.0"),
+  (["--logit-bias", "1000=1"], "prompt 1: logit_bias id 1000 is outside the vocabulary [0, 101)"),
   (["--attention", "cudnn"], "needs a GPU"),
   (["--attention", "splash"], "needs a TPU"),
   (["--decode-attention", "pallas"], "needs a GPU"),
@@ -892,9 +922,11 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
   prompts = tmp_path / "prompts.jsonl"
   sampled = {"temperature": 1.3, "top_k": 5, "frequency_penalty": 1.0, "min_p": 0.05, "top_logprobs": 2}
   prompts.write_text(json.dumps({"input_ids": PROMPTS[0], "max_new_tokens": 5}) + "\n\n" +
-                     json.dumps({"input_ids": PROMPTS[2]}) + "\n" + json.dumps({"input_ids": PROMPTS[1], **sampled}))
+                     json.dumps({"input_ids": PROMPTS[2], "logit_bias": {"17": 100}}) + "\n" +
+                     json.dumps({"input_ids": PROMPTS[1], **sampled}))
   int8 = Generator(model, kv_cache_dtype="int8")
-  asked = [[3, 1, 4], PROMPTS[0], PROMPTS[2], PROMPTS[1]], [20, 5, 20, 20], [Sampling()] * 3 + [Sampling(**sampled)]
+  asked = [[3, 1, 4], PROMPTS[0], PROMPTS[2], PROMPTS[1]], [20, 5, 20, 20], [
+    Sampling(), Sampling(), Sampling(logit_bias=((17, 100.0),)), Sampling(**sampled)]
   # one batch, or one row that the prompts take in turn; an int8 cache
   for flags, gen in (([], gen), (["--batch-size", "1"], gen), (["--kv-cache-dtype", "int8"], int8)):
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts), "--input-ids", "3,1,4", "--dtype",
@@ -903,7 +935,7 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
     rows = [json.loads(x) for x in res.stdout.splitlines()]
     assert [r["input_ids"] for r in rows] == asked[0]  # flags first, then the file
     want = gen.generate(*asked, seed=3)
-    assert [r["output_ids"] for r in rows] == want.output_ids
+    assert [r["output_ids"] for r in rows] == want.output_ids and rows[2]["output_ids"] == [17] * 20
     top, want_top = rows[3]["output_top_logprobs"], want.output_top_logprobs[3]
     assert "output_top_logprobs" not in rows[0] and len(top) == len(want_top)
     for pairs, want_pairs in zip(top, want_top):  # [[id, logprob], [id, logprob]] at each token
@@ -916,7 +948,9 @@ def test_prompts_file_is_one_batch(tiny, tmp_path):
                        ('{"input_ids": [2], "top_k": 2.5}', "top_k must be an integer, got 2.5"),
                        ('{"input_ids": [2], "top_p": 0}', "top_p must be in (0, 1], got 0.0"),
                        ('{"input_ids": [2], "presence_penalty": 9}', "presence_penalty must be in [-2, 2]"),
-                       ('{"input_ids": [2], "top_logprobs": 25}', "top_logprobs must be in [0, 20], got 25")):
+                       ('{"input_ids": [2], "top_logprobs": 25}', "top_logprobs must be in [0, 20], got 25"),
+                       ('{"input_ids": [2], "logit_bias": [5]}', "logit_bias must be an object of token ids"),
+                       ('{"input_ids": [2], "logit_bias": {"5": "x"}}', 'logit_bias["5"] must be a number')):
     prompts.write_text('{"input_ids": [1]}\n' + bad + "\n")
     res = infer("--checkpoint", str(ckpt), "--prompts-file", str(prompts))
     assert res.returncode == 2 and f"prompts.jsonl:2: {message}" in res.stderr, res.stderr

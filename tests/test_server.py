@@ -86,6 +86,8 @@ def test_completions_equal_the_engines_generation(served):
   status, both = post(url, {"prompt": [ids, [5, 6, 7]], "max_tokens": 6})
   assert [c["text"] for c in both["choices"]] == [tok.decode(expected(reference, tok, eos, p, 6)[0],
                                                              skip_special_tokens=True) for p in (ids, [5, 6, 7])]
+  status, forced = post(url, {"prompt": ids, "max_tokens": 5, "logit_bias": {"42": 100}})  # OpenAI's
+  assert forced["choices"][0]["text"] == tok.decode([42] * 5, skip_special_tokens=True) != choice["text"]
   text = choice["text"]
   stop = text[len(text) // 2:len(text) // 2 + 2]  # two characters from the middle of the text
   status, cut = post(url, {"prompt": "The capital of France", "max_tokens": 12, "stop": stop})
@@ -255,6 +257,11 @@ def reference_model(gen: Generator):
    "echo with logprobs scores", "echo"),
   ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, 400, "echo is for /v1/completions", "echo"),
   ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix is not supported", "suffix"),
+  ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias must be an object of token ids",
+   "logit_bias"),
+  ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "biases in [-100, 100]", "logit_bias"),
+  ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "outside the vocabulary",
+   "logit_bias"),
   ("/v1/completions", {"prompt": "hi", "logprobs": 25}, 400, "logprobs must be in [0, 20], got 25", "logprobs"),
   ("/v1/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, 400, "logprobs are not streamed",
    "logprobs"),
