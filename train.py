@@ -4,7 +4,8 @@
                   [--seq-len 512] [--lr 1e-5] [--save-every 50] [--seed 0] [--mesh data=2,expert=4]
                   [--eval-data held_out.jsonl] [--eval-every 50]
 
-Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}.
+Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}; with
+--dpo-beta, preference pairs {"prompt": ..., "chosen": ..., "rejected": ...} (DPO against the starting model).
 Running the same command on the same --out resumes from the latest complete checkpoint and continues exactly
 as if never stopped. RUN_DIR/metrics.jsonl gets one object per step; RUN_DIR/loss.png at the end.
 `infer.py --checkpoint RUN_DIR` and `convert/orbax_to_hf.py RUN_DIR OUT` use the latest weights.
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -62,7 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "(default: 2 x rank)")
   ap.add_argument("--lora-targets", help=f"comma-separated groups whose weights get adapters (default: all of "
                   f"{', '.join(lora_lib.TARGETS)})")
-  ap.add_argument("--no-pack", action="store_true", help="one document per row instead of packing")
+  ap.add_argument("--dpo-beta", type=float, help="DPO (direct preference optimization) on preference-pair lines, "
+                  "with this beta (TRL's default: 0.1), the starting model as the reference")
+  ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
   ap.add_argument("--eval-data", help="held-out JSONL (same formats): its mean loss-token cross-entropy is logged "
@@ -93,7 +97,7 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     clip_norm=args.clip_norm, optimizer=args.optimizer, moments_dtype=args.moments_dtype,
     compute_dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
-    seed=args.seed, pack=not args.no_pack, lora=lora).validate()
+    seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:
@@ -142,12 +146,9 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   eos = tok.token_to_id("<|endoftext|>") if tok is not None else None
   tokens = run.folder / TOKENS_DIR
   write = jax.process_index() == 0
-  documents = data.read_cached(args.data, tok, tc.seq_len, eos, tokens, write, settings["data_fingerprint"])
-  stream = data.BatchStream(documents, tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack)
-  held_out = None
-  if args.eval_data:
-    held_out = data.BatchStream(data.read_cached(args.eval_data, tok, tc.seq_len, eos, tokens, write), tc.seq_len,
-                                tc.batch_size, seed=0, pack=tc.pack)
+  pairs = tc.dpo_beta is not None
+  files = [(args.data, settings["data_fingerprint"])] + ([(args.eval_data, None)] if args.eval_data else [])
+  documents = [data.read_cached(path, tok, tc.seq_len, eos, tokens, write, digest, pairs) for path, digest in files]
   eval_every = args.eval_every or args.save_every
 
   param_dtype = runtime.DTYPES[tc.param_dtype]
@@ -172,12 +173,20 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     else:
       wanted = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
       opt_state = run.load(start, OPT_STATE, wanted, cfg.num_experts)
+    references = [None] * len(files)
+    if pairs:  # every token's log-probability under the starting model, computed before its first step
+      references = [reference(path, docs, graphdef, abstract, tc, trainable, frozen, mesh, run, start)
+                    for (path, _), docs in zip(files, documents)]
+    stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
+                              references[0])
+    held_out = None if len(files) == 1 else data.BatchStream(documents[1], tc.seq_len, tc.batch_size, seed=0,
+                                                             pack=tc.pack, pairs=pairs, reference=references[1])
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
-    compiled = training.compile_step(step_fn, trainable, frozen, opt_state, training.batch_spec(mesh, shape))
+    compiled = training.compile_step(step_fn, trainable, frozen, opt_state, training.batch_spec(mesh, shape, pairs))
     if held_out is not None:
       eval_fn = jax.jit(training.make_eval_step(graphdef, abstract, tc)).lower(
-        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile()
+        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len), pairs)).compile()
     first = start or 0
     run.truncate_metrics(first)
     lr = training.schedule(tc)
@@ -186,16 +195,17 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     for step in bar:
       tick = time.perf_counter()
       rows = stream.batch(step)
-      host = {k: rows[k].reshape(shape) for k in data.FIELDS}
+      host = {k: v.reshape(shape) for k, v in rows.items()}
       trainable, opt_state, m = compiled(trainable, frozen, opt_state, training.device_batch(host, mesh))
       m = jax.device_get(m)
       seconds = time.perf_counter() - tick
       done = step + 1
-      record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss), "ce": float(m.ce),
+      record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss),
+                "dpo_loss" if pairs else "ce": float(m.value), **{k: float(v) for k, v in m.stats.items()},
                 "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm),
                 "tokens": int(m.tokens), "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
       if held_out is not None and (done % eval_every == 0 or done == tc.steps):
-        record.update(evaluate(eval_fn, trainable, frozen, held_out, mesh))
+        record.update(evaluate(eval_fn, trainable, frozen, held_out, mesh, pairs))
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
       run.log(record)
@@ -211,14 +221,37 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
         file=sys.stderr)
 
 
-def evaluate(eval_fn, trainable, frozen, held_out: data.BatchStream, mesh) -> dict:
-  """Mean cross-entropy over every loss token of the held-out data (summed over batches, then divided)."""
-  nll, tokens = 0.0, 0.0
+def evaluate(eval_fn, trainable, frozen, held_out: data.BatchStream, mesh, pairs: bool) -> dict:
+  """The objective's mean over the held-out data (summed over batches, then divided): cross-entropy over every
+  loss token, or DPO's loss over every pair."""
+  total, count = 0.0, 0.0
   for rows in held_out.one_pass():
     s, n = jax.device_get(eval_fn(trainable, frozen, training.device_batch({k: v[None] for k, v in rows.items()},
                                                                            mesh)))
-    nll, tokens = nll + float(s), tokens + float(n)
-  return {"eval_loss": nll / max(tokens, 1.0), "eval_tokens": int(tokens)}
+    total, count = total + float(s), count + float(n)
+  return {"eval_loss": total / max(count, 1.0), "eval_pairs" if pairs else "eval_tokens": int(count)}
+
+
+def reference(path: str, documents: data.Documents, graphdef, abstract, tc: training.TrainConfig, trainable, frozen,
+              mesh, run: RunDir, start: int | None) -> np.ndarray:
+  """DPO's reference log-probabilities of a data file's tokens: computed with the model as it starts (before the
+  first step), kept next to the file's tokens in the run folder, read back on resume."""
+  file = data.cached_file(path, tc.seq_len, run.folder / TOKENS_DIR, pairs=True).with_suffix(".reference.npz")
+  try:
+    with np.load(file, allow_pickle=False) as saved:
+      return saved["logprobs"]
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    if start is not None:
+      raise UserError(f"{file}: DPO's reference log-probabilities for {path} are missing or unreadable, and the "
+                      "starting model that gives them has been trained since: start a new run (a new --out)") from None
+  print(f"{path}: computing the reference log-probabilities (the starting model's)", file=sys.stderr)
+  fn = jax.jit(training.make_logprob_step(graphdef, abstract, tc)).lower(
+    trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile()
+  stream = data.BatchStream(documents, tc.seq_len, tc.batch_size, seed=0, pairs=True)
+  logprobs = training.reference_logprobs(fn, trainable, frozen, stream, len(documents.tokens), mesh)
+  if jax.process_index() == 0:
+    data.save_npz(file, logprobs=logprobs)
+  return logprobs
 
 
 if __name__ == "__main__":

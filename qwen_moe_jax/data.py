@@ -14,6 +14,12 @@ Each non-blank line is a JSON object with exactly one key:
 A document of n tokens gives n - 1 next-token targets. A text or input_ids document longer than a row is cut into
 rows of seq_len tokens that overlap by one (each starts with the token the previous one ends with), so every
 target is learned exactly once; a conversation must fit one row (it is never cut).
+
+For DPO (`pairs`), every line is a preference pair, {"prompt": ..., "chosen": ..., "rejected": ...} (TRL's
+formats): the prompt a string (each answer encoded after it, eos appended) or a list of messages (each answer
+rendered as the assistant's reply to them by the chat template, its end-of-turn tokens included); the answers
+strings, or lists of one assistant message. It makes two documents, the prompt and the chosen answer, then the
+prompt and the rejected one, loss on the answers' tokens only; a pair stays in one row (both must fit).
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.tokenizer import Tokenizer
 
 KINDS = ("messages", "text", "input_ids")
+PAIR_KEYS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "user", "assistant")
 FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+REFERENCE = "ref_logp"  # a DPO batch's fp32 [B, T]: the reference model's log-probability of each target
 INT32_LIMIT = 2**31  # batches are int32
 CACHED_EPOCHS = 4  # packings kept by a BatchStream; a training run only moves forward
 ENCODE_LINES = 1024  # read_jsonl: lines whose texts are encoded in one batch
@@ -95,11 +103,13 @@ def fingerprint(path: str | Path) -> str:
   return digest.hexdigest()[:16]
 
 
-def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None) -> Documents:
+def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None,
+               pairs: bool = False) -> Documents:
   """Every line parsed and checked; the first bad one is a UserError naming `path:line`.
 
   tokenizer may be None when the file has only input_ids lines; eos_id (or None) ends each text document. The
-  file is read ENCODE_LINES lines at a time, whose texts `tokenizers` encodes in one parallel batch.
+  file is read ENCODE_LINES lines at a time, whose texts `tokenizers` encodes in one parallel batch. `pairs`:
+  preference pairs, documents 2i and 2i + 1 the chosen and rejected answers of line i.
   """
   tokens, masks, lengths = [], [], []  # per chunk of lines: its rows' tokens and loss masks, concatenated
   chunk: list[tuple[str, list[str], Finish]] = []
@@ -108,11 +118,13 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
     encoded = tokenizer.encode_batch([t for _, texts, _ in chunk for t in texts]) if tokenizer else []
     rows, at = [], 0
     for where, texts, finish in chunk:
-      doc_tokens, doc_mask = finish(encoded[at:at + len(texts)])
+      docs = finish(encoded[at:at + len(texts)])
       at += len(texts)
-      if not doc_mask.any():
-        raise UserError(f"{where}: the document has no token to learn ({len(doc_tokens)} tokens, none a loss target)")
-      rows += split(doc_tokens, doc_mask, seq_len)
+      for doc_tokens, doc_mask in docs:
+        if not doc_mask.any():
+          raise UserError(f"{where}: the document has no token to learn ({len(doc_tokens)} tokens, none a loss "
+                          "target)")
+      rows += docs if pairs else split(*docs[0], seq_len)
     if rows:
       tokens.append(np.concatenate([t for t, _ in rows]))
       masks.append(np.concatenate([m for _, m in rows]))
@@ -126,8 +138,9 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
           continue
         where = f"{path}:{line_no}"
         try:
-          texts, finish = _prepare(_parse(raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw, where),
-                                   tokenizer, eos_id, seq_len, where)
+          record = _parse(raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw, where, pairs)
+          texts, finish = (_from_pair(record, tokenizer, eos_id, seq_len, where) if pairs else
+                           _prepare(record, tokenizer, eos_id, seq_len, where))
         except UserError:
           flush()  # a bad line is reported after any earlier line's own error
           raise
@@ -138,18 +151,19 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
     raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
   flush()
   if not lengths:
-    raise UserError(f"{path}: no documents (empty or blank file); expected JSON lines with one of {_keys(KINDS)}")
+    expected = f"the keys {_keys(PAIR_KEYS)}" if pairs else f"one of {_keys(KINDS)}"
+    raise UserError(f"{path}: no documents (empty or blank file); expected JSON lines with {expected}")
   return Documents(np.concatenate(tokens), np.concatenate(masks), np.concatenate([[0], np.cumsum(lengths)]))
 
 
 def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None, folder: Path,
-                write: bool, digest: str | None = None) -> Documents:
+                write: bool, digest: str | None = None, pairs: bool = False) -> Documents:
   """`read_jsonl`, its result kept in `folder` as FOLDER/<fingerprint>-<seq_len>.npz, so a resumed run reads
   tokens instead of tokenizing again. For a run folder, whose tokenizer (so eos_id) is fixed: the key is the data
   file's bytes and seq_len. `write`: this process saves the file (atomically; the others only read it). An
   unreadable file is ignored (and replaced). `digest`: the file's `fingerprint`, when the caller has it (hashing
   a large file again costs a full read)."""
-  file = folder / f"{digest or fingerprint(path)}-{seq_len}.npz"
+  file = cached_file(path, seq_len, folder, digest, pairs)
   try:
     with np.load(file, allow_pickle=False) as saved:
       docs = Documents(saved["tokens"], saved["loss_mask"], saved["offsets"])
@@ -157,17 +171,28 @@ def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos
     return docs
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
     pass
-  docs = read_jsonl(path, tokenizer, seq_len, eos_id)
+  docs = read_jsonl(path, tokenizer, seq_len, eos_id, pairs)
   if write:
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{file.name}.{os.getpid()}.partial"
-    with open(partial, "wb") as f:
-      np.savez(f, tokens=docs.tokens, loss_mask=docs.loss_mask, offsets=docs.offsets)
-    os.replace(partial, file)
+    save_npz(file, tokens=docs.tokens, loss_mask=docs.loss_mask, offsets=docs.offsets)
   return docs
 
 
-Finish = Callable[[list[list[int]]], tuple[np.ndarray, np.ndarray]]  # encoded texts -> (tokens, loss_mask)
+def cached_file(path: str | Path, seq_len: int, folder: Path, digest: str | None = None, pairs: bool = False) -> Path:
+  """Where `read_cached` keeps a data file's tokens."""
+  return folder / f"{digest or fingerprint(path)}-{seq_len}{'-pairs' if pairs else ''}.npz"
+
+
+def save_npz(file: Path, **arrays: np.ndarray) -> None:
+  """np.savez to `file`, atomically (written aside, then renamed)."""
+  file.parent.mkdir(parents=True, exist_ok=True)
+  partial = file.parent / f".{file.name}.{os.getpid()}.partial"
+  with open(partial, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(partial, file)
+
+
+Finish = Callable[[list[list[int]]], list[tuple[np.ndarray, np.ndarray]]]  # encoded texts -> documents (tokens,
+# loss_mask)
 
 
 def split(tokens: np.ndarray, mask: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -186,7 +211,7 @@ def _keys(keys) -> str:
   return ", ".join(repr(k) for k in keys) or "none"
 
 
-def _parse(raw: bytes, where: str) -> dict[str, Any]:
+def _parse(raw: bytes, where: str, pairs: bool = False) -> dict[str, Any]:
   try:
     record = json.loads(raw.decode("utf-8"))
   except UnicodeDecodeError:
@@ -195,8 +220,11 @@ def _parse(raw: bytes, where: str) -> dict[str, Any]:
     raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
   if not isinstance(record, dict):
     raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-  if len(record) != 1 or next(iter(record)) not in KINDS:
-    raise UserError(f"{where}: expected exactly one of the keys {_keys(KINDS)}; got {_keys(record)}")
+  if pairs and sorted(record) != sorted(PAIR_KEYS):
+    raise UserError(f"{where}: expected a preference pair, the keys {_keys(PAIR_KEYS)}; got {_keys(record)}")
+  if not pairs and (len(record) != 1 or next(iter(record)) not in KINDS):
+    hint = " (a preference pair: train with --dpo-beta)" if sorted(record) == sorted(PAIR_KEYS) else ""
+    raise UserError(f"{where}: expected exactly one of the keys {_keys(KINDS)}; got {_keys(record)}{hint}")
   return record
 
 
@@ -206,14 +234,64 @@ def _prepare(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | 
   ((kind, value),) = record.items()
   if kind == "input_ids":
     ids = _checked_ids(value, tokenizer, where)
-    return [], lambda _: _all_targets(ids)
+    return [], lambda _: [_all_targets(ids)]
   if tokenizer is None:
     raise UserError(f"{where}: a {kind!r} line needs a tokenizer, and none was given")
   if kind == "text":
     if not isinstance(value, str):
       raise UserError(f"{where}: 'text' must be a string, got {type(value).__name__}")
-    return [value], lambda encoded: _all_targets(encoded[0] + ([] if eos_id is None else [eos_id]))
-  return _from_messages(value, tokenizer, seq_len, where)
+    return [value], lambda encoded: [_all_targets(encoded[0] + ([] if eos_id is None else [eos_id]))]
+  pieces, finish = _from_messages(value, tokenizer, seq_len, where)
+  return pieces, lambda encoded: [finish(encoded)]
+
+
+def _from_pair(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | None, seq_len: int,
+               where: str) -> tuple[list[str], Finish]:
+  """(texts to encode, how their ids make the two documents) of a preference pair (see the module's docstring)."""
+  if tokenizer is None:
+    raise UserError(f"{where}: a preference pair needs a tokenizer, and none was given")
+  answers = [_answer(record[k], k, where) for k in ("chosen", "rejected")]
+  prompt = record["prompt"]
+  if isinstance(prompt, list):
+    if prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+      raise UserError(f"{where}: 'prompt' ends with an assistant message; the answers are its reply")
+    made = [_from_messages(prompt + [{"role": "assistant", "content": a}], tokenizer, seq_len, where, last_only=True)
+            for a in answers]
+    texts = made[0][0] + made[1][0]
+
+    def documents(encoded: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+      n = len(made[0][0])
+      return [made[0][1](encoded[:n]), made[1][1](encoded[n:])]
+  elif isinstance(prompt, str):
+    texts = [prompt, *answers]
+
+    def documents(encoded: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+      asked, end = encoded[0], [] if eos_id is None else [eos_id]
+      return [(np.array(asked + answer + end, np.int32),
+               np.array([0] * len(asked) + [1] * (len(answer) + len(end)), np.uint8)) for answer in encoded[1:]]
+  else:
+    raise UserError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+
+  def finish(encoded: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    docs = documents(encoded)
+    if sum(len(t) for t, _ in docs) > seq_len:
+      raise UserError(f"{where}: the pair has {len(docs[0][0])} + {len(docs[1][0])} tokens (chosen + rejected), more "
+                      f"than seq_len={seq_len}: a pair shares a row; shorten it or raise the sequence length")
+    for _, mask in docs:
+      mask[0] = 0
+    return docs
+
+  return texts, finish
+
+
+def _answer(value: Any, key: str, where: str) -> str:
+  """A pair's answer: a string, or a list of one assistant message (TRL's conversational format)."""
+  if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and \
+      value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
+    return value[0]["content"]
+  if not isinstance(value, str):
+    raise UserError(f"{where}: {key!r} must be a string or a list of one assistant message")
+  return value
 
 
 def _all_targets(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,10 +308,12 @@ def _checked_ids(ids: Any, tokenizer: Tokenizer | None, where: str) -> list[int]
   return ids
 
 
-def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str) -> tuple[list[str], Finish]:
+def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str, last_only: bool = False
+                   ) -> tuple[list[str], Callable[[list[list[int]]], tuple[np.ndarray, np.ndarray]]]:
   """The rendered conversation cut where each assistant message's text begins and ends (the renderings of
   messages[:i] with the generation prompt and of messages[:i + 1]), each piece encoded alone: an assistant
-  message's tokens are those generated after its prompt's tokens, as at inference."""
+  message's tokens are those generated after its prompt's tokens, as at inference. `last_only`: loss on the last
+  assistant message alone (a preference pair's answer)."""
   if not isinstance(messages, list) or not messages:
     raise UserError(f"{where}: 'messages' must be a non-empty list (an empty conversation has nothing to learn)")
   for k, m in enumerate(messages, 1):
@@ -265,7 +345,9 @@ def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str
     if len(tokens) > seq_len:
       raise UserError(f"{where}: the conversation has {len(tokens)} tokens, more than seq_len={seq_len} "
                       "(conversations are not cut); shorten it or raise the sequence length")
-    mask = np.concatenate([np.full(len(piece), j % 2, np.uint8) for j, piece in enumerate(encoded)])
+    last = 2 * len(turns) - 1  # the last assistant message's piece
+    mask = np.concatenate([np.full(len(piece), j % 2 and (j == last or not last_only), np.uint8)
+                           for j, piece in enumerate(encoded)])
     mask[0] = 0
     return np.array(tokens, np.int32), mask
 
@@ -294,17 +376,20 @@ def _pack(lengths: np.ndarray, seq_len: int) -> np.ndarray:
 class BatchStream:
   """Deterministic, resumable stream of packed batches.
 
-  Epoch e visits the documents in the order `default_rng([seed, e]).permutation(n)` and packs them greedily, in that
-  order, into rows of seq_len tokens (a new row when the next document does not fit; one document per row when
-  pack=False). The rows of consecutive epochs form one endless stream and batch s is rows [s*B, (s+1)*B): a pure
-  function of the arguments and s, so a resumed run sees exactly the batches of an uninterrupted one.
+  Epoch e visits the units (documents; with `pairs`, preference pairs: documents 2i and 2i + 1) in the order
+  `default_rng([seed, e]).permutation(n)` and packs them greedily, in that order, into rows of seq_len tokens (a new
+  row when the next unit does not fit; one unit per row when pack=False). The rows of consecutive epochs form one
+  endless stream and batch s is rows [s*B, (s+1)*B): a pure function of the arguments and s, so a resumed run sees
+  exactly the batches of an uninterrupted one. `reference` (DPO): each token's log-probability under the
+  reference model ([total] fp32, as Documents.tokens), given to the batches as REFERENCE.
   """
 
-  def __init__(self, documents: Documents, seq_len: int, batch_size: int, seed: int, pack: bool = True):
+  def __init__(self, documents: Documents, seq_len: int, batch_size: int, seed: int, pack: bool = True,
+               pairs: bool = False, reference: np.ndarray | None = None):
     if not len(documents) or batch_size < 1 or seed < 0:
       raise ValueError("BatchStream needs documents, batch_size >= 1 and seed >= 0")
-    self._documents = documents
-    self._lengths = documents.lengths  # [n]
+    self._documents, self._reference, self._group = documents, reference, 2 if pairs else 1
+    self._lengths = documents.lengths.reshape(-1, self._group).sum(axis=1)  # [n] of each unit
     if self._lengths.max() > seq_len:
       raise ValueError(f"a document has {self._lengths.max()} tokens, more than seq_len={seq_len}")
     self.seq_len, self.batch_size, self.seed, self.pack = seq_len, batch_size, seed, pack
@@ -337,8 +422,31 @@ class BatchStream:
         self._fill_row(out, b, order[bounds[r]:bounds[r + 1]])
       yield out
 
+  def every_unit(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Each unit once, in file order, one per row, batch_size rows a batch (the last completed with empty rows):
+    (batch, the units of its rows)."""
+    for first in range(0, len(self._lengths), self.batch_size):
+      units = np.arange(first, min(first + self.batch_size, len(self._lengths)))
+      out = self._empty()
+      for b, u in enumerate(units):
+        self._fill_row(out, b, units[b:b + 1])
+      yield out, units
+
+  def put_back(self, per_token: np.ndarray, rows: np.ndarray, units: np.ndarray) -> None:
+    """per_token [total] (as Documents.tokens) gets values rows [B, T] of `every_unit`'s rows of these units, each
+    at its target's position (a document's first token gets none)."""
+    for b, u in enumerate(units.tolist()):
+      t = 0
+      for d in range(u * self._group, (u + 1) * self._group):
+        start, end = self._documents.offsets[d], self._documents.offsets[d + 1]
+        per_token[start + 1:end] = rows[b, t:t + end - start - 1]
+        t += end - start
+
   def _empty(self) -> dict[str, np.ndarray]:
-    return {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in FIELDS}
+    out = {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in FIELDS}
+    if self._reference is not None:
+      out[REFERENCE] = np.zeros((self.batch_size, self.seq_len), np.float32)
+    return out
 
   def epoch_of(self, step: int) -> int:
     """The epoch of batch `step`'s first row (for logging)."""
@@ -361,14 +469,18 @@ class BatchStream:
     epoch = bisect.bisect_right(self._first_row, row) - 1
     return epoch, row - self._first_row[epoch]
 
-  def _fill_row(self, out: dict[str, np.ndarray], b: int, docs: np.ndarray):
+  def _fill_row(self, out: dict[str, np.ndarray], b: int, units: np.ndarray):
     t = 0
+    docs = (units[:, None] * self._group + np.arange(self._group)).reshape(-1)
     for segment, d in enumerate(docs.tolist(), 1):
-      start, n = self._documents.offsets[d], self._lengths[d]
-      tokens = self._documents.tokens[start:start + n]
+      start, end = self._documents.offsets[d], self._documents.offsets[d + 1]
+      n = end - start
+      tokens = self._documents.tokens[start:end]
       out["tokens"][b, t:t + n] = tokens
       out["targets"][b, t:t + n - 1] = tokens[1:]
-      out["loss_mask"][b, t:t + n - 1] = self._documents.loss_mask[start + 1:start + n]
+      out["loss_mask"][b, t:t + n - 1] = self._documents.loss_mask[start + 1:end]
       out["positions"][b, t:t + n] = np.arange(n)
       out["segment_ids"][b, t:t + n] = segment
+      if self._reference is not None:
+        out[REFERENCE][b, t:t + n - 1] = self._reference[start + 1:end]
       t += n

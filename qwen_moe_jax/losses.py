@@ -1,7 +1,8 @@
-"""Training loss: next-token cross-entropy (chunked over tokens) plus the router load-balancing loss.
+"""Training losses: next-token cross-entropy (chunked over tokens), or DPO's preference loss over pairs of
+answers, plus the router load-balancing loss.
 
-The cross-entropy never materialises fp32 logits for all tokens at once: tokens go through the LM head in
-chunks under `jax.checkpoint`, so the backward pass recomputes one chunk's [C, V] logits at a time.
+Neither materialises fp32 logits for all tokens at once: tokens go through the LM head in chunks under
+`jax.checkpoint`, so the backward pass recomputes one chunk's [C, V] logits at a time.
 """
 
 from __future__ import annotations
@@ -57,26 +58,66 @@ def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Ar
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LossParts:
-  total: jax.Array  # ce + router_aux_loss_coef * aux
-  ce: jax.Array  # mean next-token NLL over loss tokens
+  total: jax.Array  # value + router_aux_loss_coef * aux
+  value: jax.Array  # the objective's mean over `count`: next-token NLL per loss token, or DPO's loss per pair
   aux: jax.Array  # load-balancing loss (0 without sparse layers)
-  tokens: jax.Array  # number of loss tokens
+  count: jax.Array  # number of loss tokens, or of pairs
   expert_load: jax.Array | None  # [L, E] fraction of routed slots per expert and sparse layer
+  stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # sums over `count` to log as means (DPO's
+  # rewards)
 
 
 def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                    positions: jax.Array, segment_ids: jax.Array, remat: str = "none", packed: bool = True) -> LossParts:
   """tokens / targets / loss_mask / positions / segment_ids [B, T]; segment 0 is padding; `packed` False: one
-  document per row (see layers.Mask).
-
-  The aux loss covers every non-padding token (transformers masks padding the same way).
-  """
-  cfg = model.config
+  document per row (see layers.Mask)."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=packed)
   b, t, d = out.hidden.shape
   nll_sum, count = chunked_cross_entropy(out.hidden.reshape(b * t, d), model.lm_head[...],
                                          targets.reshape(-1), loss_mask.reshape(-1))
-  ce = nll_sum / jnp.maximum(count, 1.0)
+  return _with_router_loss(model, out, segment_ids, nll_sum / jnp.maximum(count, 1.0), count)
+
+
+PREFERENCE_STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")  # preference_loss's
+
+
+def preference_pairs(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids [..., B, T] of rows holding preference pairs (chosen, rejected as segments 2k + 1, 2k + 2) -> the
+  number of pairs."""
+  return jnp.sum(jnp.max(segment_ids, axis=-1) // 2).astype(F32)
+
+
+def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                    positions: jax.Array, segment_ids: jax.Array, ref_logp: jax.Array, beta: float,
+                    remat: str = "none", packed: bool = True) -> LossParts:
+  """DPO (Rafailov et al. 2023): -log sigmoid(beta ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) -
+  log ref(rejected)))), averaged over pairs. Arrays [B, T] as causal_lm_loss's, each row holding whole pairs (the
+  chosen answer's document, then the rejected one's, as segments 2k + 1 and 2k + 2); ref_logp [B, T] fp32: the
+  reference model's log-probability of each target. A sequence's log-probability sums its loss tokens' (the
+  answer's). `stats` sums each pair's reward accuracy (chosen above rejected), margin and rewards (beta times the
+  log-ratios), as TRL logs them."""
+  out = model(tokens, positions, segment_ids, remat=remat, packed=packed)
+  b, t, d = out.hidden.shape
+  logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1))  # [B T]
+  ratio = (logp - ref_logp.reshape(-1)) * loss_mask.reshape(-1).astype(F32)
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None] * (t + 1), (b, t))
+  per_segment = jax.ops.segment_sum(ratio, (rows + segment_ids).reshape(-1), num_segments=b * (t + 1))
+  per_segment = per_segment.reshape(b, t + 1)  # [B, S]: segment s of row b
+  pairs = t // 2
+  chosen, rejected = beta * per_segment[:, 1:2 * pairs:2], beta * per_segment[:, 2:2 * pairs + 1:2]  # [B, P]
+  real = (jnp.arange(pairs)[None] < (jnp.max(segment_ids, axis=-1) // 2)[:, None]).astype(F32)  # [B, P]
+  margin = chosen - rejected
+  count = jnp.sum(real)
+  stats = dict(zip(PREFERENCE_STATS, (jnp.sum(x * real) for x in (margin > 0, margin, chosen, rejected))))
+  value = jnp.sum(-jax.nn.log_sigmoid(margin) * real) / jnp.maximum(count, 1.0)
+  return _with_router_loss(model, out, segment_ids, value, count, stats)
+
+
+def _with_router_loss(model: QwenMoeForCausalLM, out, segment_ids: jax.Array, value: jax.Array, count: jax.Array,
+                      stats: dict[str, jax.Array] | None = None) -> LossParts:
+  """LossParts of an objective's value, with the load-balancing loss over every non-padding token (transformers
+  masks padding the same way) and the experts' load."""
+  cfg = model.config
   aux, load = jnp.zeros((), F32), None
   if out.router_logits is not None:
     real = (segment_ids.reshape(-1) > 0).astype(F32)
@@ -84,4 +125,4 @@ def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Ar
     chosen = jax.lax.top_k(out.router_logits.astype(F32), cfg.num_experts_per_tok)[1]  # [L, N, K]
     hits = jnp.einsum("LNKE,N->LE", jax.nn.one_hot(chosen, cfg.num_experts, dtype=F32), real)
     load = hits / jnp.maximum(jnp.sum(hits, axis=-1, keepdims=True), 1.0)
-  return LossParts(ce + cfg.router_aux_loss_coef * aux, ce, aux, count, load)
+  return LossParts(value + cfg.router_aux_loss_coef * aux, value, aux, count, load, stats or {})

@@ -112,12 +112,13 @@ class RunDir:
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     steps = np.array([r["step"] for r in records])
+    key, name = ("dpo_loss", "DPO loss") if "dpo_loss" in records[0] else ("ce", "cross-entropy")
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in records], label="loss (ce + coef x aux)")
-    ax.plot(steps, [r["ce"] for r in records], label="cross-entropy", alpha=0.7)
+    ax.plot(steps, [r["loss"] for r in records], label=f"loss ({key} + coef x aux)")
+    ax.plot(steps, [r[key] for r in records], label=name, alpha=0.7)
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if evals:
-      ax.plot(*zip(*evals), "o-", label="held-out cross-entropy")
+      ax.plot(*zip(*evals), "o-", label=f"held-out {name}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(self.folder.name)

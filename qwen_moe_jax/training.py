@@ -23,7 +23,7 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.layers import F32
 from qwen_moe_jax.lora import LoraConfig, is_adapter
-from qwen_moe_jax.losses import causal_lm_loss
+from qwen_moe_jax.losses import PREFERENCE_STATS, causal_lm_loss, preference_loss, preference_pairs, token_nll
 from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
 
 PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
@@ -74,6 +74,7 @@ class TrainConfig:
   seed: int = 0
   pack: bool = True
   lora: LoraConfig | None = None  # train LoRA adapters only, the rest frozen
+  dpo_beta: float | None = None  # DPO on preference pairs (losses.preference_loss) instead of next-token CE
 
   @property
   def warmup(self) -> int:
@@ -89,6 +90,8 @@ class TrainConfig:
       raise UserError("give --train-only or --freeze, not both")
     if self.optimizer not in OPTIMIZERS:
       raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+    if self.dpo_beta is not None and not self.dpo_beta > 0:
+      raise UserError(f"--dpo-beta must be > 0, got {self.dpo_beta}")
     if self.lora is not None:
       self.lora.validate()
       if self.train_only or self.freeze:
@@ -172,66 +175,114 @@ def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
 @dataclasses.dataclass
 class StepMetrics:
   loss: jax.Array
-  ce: jax.Array
+  value: jax.Array  # the objective (cross-entropy per loss token, or DPO's loss per pair)
   aux_loss: jax.Array
   grad_norm: jax.Array
   tokens: jax.Array  # non-padding tokens in the step
-  loss_tokens: jax.Array
+  count: jax.Array  # loss tokens, or pairs
   skipped: jax.Array  # steps skipped so far for a non-finite loss or gradient
   expert_load: jax.Array  # [L, E] fraction of routed slots per expert (zeros without sparse layers)
+  stats: dict[str, jax.Array]  # LossParts.stats as means over `count`
 
 
 def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig,
                     tx: optax.GradientTransformation, aux_coef: float):
   """step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, StepMetrics); batch arrays [K, B, T]."""
-  def micro_loss(trainable, frozen, micro, total_tokens):
+  def micro_loss(trainable, frozen, micro, total):
     parts = _loss(graphdef, abstract, tc, trainable, frozen, micro, tc.remat)
-    # CE summed over tokens / all tokens of the step (exact over micro-batches); aux averaged per micro-batch
-    objective = parts.ce * parts.tokens / jnp.maximum(total_tokens, 1.0) + aux_coef * parts.aux / tc.grad_accum
+    # the objective summed over loss tokens (or pairs) / all those of the step (exact over micro-batches); aux
+    # averaged per micro-batch
+    objective = parts.value * parts.count / jnp.maximum(total, 1.0) + aux_coef * parts.aux / tc.grad_accum
     return objective, parts
 
   def step(trainable, frozen, opt_state, batch):
-    total_tokens = jnp.sum(batch["loss_mask"].astype(F32))
+    total = _count(tc, batch)
 
     def accumulate(carry, micro):
       grads, sums = carry
-      (_, parts), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, frozen, micro, total_tokens)
+      (_, parts), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, frozen, micro, total)
       load = parts.expert_load if parts.expert_load is not None else jnp.zeros((1, 1), F32)
-      sums = jax.tree.map(jnp.add, sums, (parts.ce * parts.tokens, parts.aux, load,
-                                          jnp.sum((micro["segment_ids"] > 0).astype(F32))))
+      sums = jax.tree.map(jnp.add, sums, (parts.value * parts.count, parts.aux, load,
+                                          jnp.sum((micro["segment_ids"] > 0).astype(F32)), parts.stats))
       return (jax.tree.map(jnp.add, grads, g), sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    init_sums = (jnp.zeros((), F32), jnp.zeros((), F32), _zero_load(abstract), jnp.zeros((), F32))
-    (grads, (nll, aux, load, tokens)), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
-    ce, aux, load = nll / jnp.maximum(total_tokens, 1.0), aux / tc.grad_accum, load / tc.grad_accum
+    init_sums = (jnp.zeros((), F32), jnp.zeros((), F32), _zero_load(abstract), jnp.zeros((), F32),
+                 {k: jnp.zeros((), F32) for k in _stat_names(tc)})
+    (grads, (summed, aux, load, tokens, stats)), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
+    value, aux, load = summed / jnp.maximum(total, 1.0), aux / tc.grad_accum, load / tc.grad_accum
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = StepMetrics(loss=ce + aux_coef * aux, ce=ce, aux_loss=aux, grad_norm=optax.tree.norm(grads),
-                          tokens=tokens, loss_tokens=total_tokens, skipped=opt_state.total_notfinite,
-                          expert_load=load)
+    metrics = StepMetrics(loss=value + aux_coef * aux, value=value, aux_loss=aux, grad_norm=optax.tree.norm(grads),
+                          tokens=tokens, count=total, skipped=opt_state.total_notfinite, expert_load=load,
+                          stats={k: v / jnp.maximum(total, 1.0) for k, v in stats.items()})
     return trainable, opt_state, metrics
 
   return step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig):
-  """eval(trainable, frozen, batch) -> (summed NLL of the loss tokens, their number); batch arrays [1, B, T]."""
+  """eval(trainable, frozen, batch) -> (the objective summed over loss tokens, or pairs; their number); batch
+  arrays [1, B, T]."""
 
   def step(trainable, frozen, batch):
     parts = _loss(graphdef, abstract, tc, trainable, frozen, {k: v[0] for k, v in batch.items()}, "none")
-    return parts.ce * parts.tokens, parts.tokens
+    return parts.value * parts.count, parts.count
 
   return step
 
 
-def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: str):
-  """causal_lm_loss of the model made of these parameters, in the compute dtype; micro arrays [B, T]."""
+def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig):
+  """logprobs(trainable, frozen, batch) -> each target's log-probability [B, T] fp32 (DPO's reference: the model
+  before training); batch arrays [1, B, T]."""
+
+  def step(trainable, frozen, batch):
+    micro = {k: v[0] for k, v in batch.items()}
+    model = _model(graphdef, abstract, tc, trainable, frozen)
+    out = model(micro["tokens"], micro["positions"], micro["segment_ids"], packed=True)
+    b, t, d = out.hidden.shape
+    return -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], micro["targets"].reshape(-1)).reshape(b, t)
+
+  return step
+
+
+def reference_logprobs(logprob_fn, trainable, frozen, stream: data.BatchStream, total: int,
+                       mesh: jax.sharding.Mesh) -> np.ndarray:
+  """Each token's log-probability [total] fp32 under the model these parameters make (DPO's reference: the model
+  before training), its data's units one per row (`logprob_fn`: make_logprob_step's, compiled)."""
+  out = np.zeros(total, np.float32)
+  for rows, units in stream.every_unit():
+    logp = jax.device_get(logprob_fn(trainable, frozen, device_batch({k: v[None] for k, v in rows.items()}, mesh)))
+    stream.put_back(out, np.asarray(logp), units)
+  return out
+
+
+def _model(graphdef, abstract, tc: TrainConfig, trainable, frozen) -> QwenMoeForCausalLM:
+  """The model made of these parameters, in the compute dtype."""
   flat = checkpoint.flatten(trainable) | checkpoint.flatten(frozen)
   flat = {k: v.astype(tc.compute_dtype) for k, v in flat.items()}
-  model = nnx.merge(graphdef, checkpoint.unflatten_state(abstract, flat))
-  return causal_lm_loss(model, micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"],
-                        micro["segment_ids"], remat, tc.pack)
+  return nnx.merge(graphdef, checkpoint.unflatten_state(abstract, flat))
+
+
+def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: str):
+  """The objective (causal_lm_loss, or preference_loss with tc.dpo_beta) of the model made of these parameters;
+  micro arrays [B, T]."""
+  model = _model(graphdef, abstract, tc, trainable, frozen)
+  args = (micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"], micro["segment_ids"])
+  if tc.dpo_beta is not None:  # a row's pairs are its segments: always the packed mask
+    return preference_loss(model, *args, micro["ref_logp"], tc.dpo_beta, remat, packed=True)
+  return causal_lm_loss(model, *args, remat, tc.pack)
+
+
+def _count(tc: TrainConfig, batch) -> jax.Array:
+  """What the objective averages over in a batch [K, B, T]: loss tokens, or pairs."""
+  if tc.dpo_beta is not None:
+    return preference_pairs(batch["segment_ids"])
+  return jnp.sum(batch["loss_mask"].astype(F32))
+
+
+def _stat_names(tc: TrainConfig) -> tuple[str, ...]:
+  return PREFERENCE_STATS if tc.dpo_beta is not None else ()
 
 
 def _zero_load(abstract: nnx.State) -> jax.Array:
@@ -280,9 +331,12 @@ def batch_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, int, int]) -> jax.
   return jax.sharding.NamedSharding(mesh, sharding.spec_for((None, "batch", None), shape, mesh, "batch"))
 
 
-def batch_spec(mesh: jax.sharding.Mesh, shape: tuple[int, int, int]) -> dict[str, jax.ShapeDtypeStruct]:
-  """The abstract batch (every data.FIELDS array int32 [K, B, T], rows over the batch axes) to compile a step for."""
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, shape)) for k in data.FIELDS}
+def batch_spec(mesh: jax.sharding.Mesh, shape: tuple[int, int, int],
+               pairs: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The abstract batch (every data.FIELDS array int32 [K, B, T], and with `pairs` data.REFERENCE fp32, rows over
+  the batch axes) to compile a step for."""
+  fields = {k: jnp.int32 for k in data.FIELDS} | ({data.REFERENCE: jnp.float32} if pairs else {})
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape)) for k, dtype in fields.items()}
 
 
 def device_batch(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

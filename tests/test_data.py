@@ -375,3 +375,56 @@ def test_read_cached_tokenizes_once(tok, tmp_path, monkeypatch):
   assert sorted(p.name for p in cache.iterdir()) == [file.name]  # no partial file left
   named = data.read_cached(path, tok, 40, 7, tmp_path / "named", write=True, digest=fingerprint(path))
   assert _same(named, first) and [p.name for p in (tmp_path / "named").iterdir()] == [file.name]
+
+
+def test_preference_pairs_make_two_documents_sharing_a_row(tok, tmp_path):
+  """A preference line makes two documents, the prompt then each answer, loss on the answers only: a conversation's
+  answer rendered as the assistant's reply (its end-of-turn tokens learned, the prompt's earlier assistant turn
+  not), a text prompt's answers encoded after it with eos; TRL's one-message answers too. A batch row holds whole
+  pairs, chosen then rejected, with the reference log-probabilities at their targets' positions."""
+  prompt = CHAT[:-1]  # ends with the user's "2+2?"
+  path = _write(tmp_path, {"prompt": prompt, "chosen": "4", "rejected": [{"role": "assistant", "content": "5"}]},
+                {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."})
+  docs = read_jsonl(path, tok, 128, 7, pairs=True)
+  assert len(docs) == 4
+  for doc, answer in zip((docs[0], docs[1]), ("4", "5")):
+    assert doc.tokens == tuple(tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}],
+                                                       add_generation_prompt=False))
+    assert _loss_runs(tok, doc) == [f"{answer}<|im_end|>\n"]
+  for doc, answer in zip((docs[2], docs[3]), (" blue.", " green.")):
+    asked = tok.encode("The sky is")
+    assert doc.tokens == tuple(asked + tok.encode(answer) + [7])
+    assert doc.loss_mask == (0,) * len(asked) + (1,) * (len(doc.tokens) - len(asked))
+  reference = np.arange(len(docs.tokens), dtype=np.float32)  # each token's own index
+  stream = BatchStream(docs, 128, batch_size=2, seed=0, pairs=True, reference=reference)
+  assert [int(s.max()) for s in stream.batch(0)["segment_ids"]] == [4, 4]  # both pairs in a row (an epoch a row)
+  back = np.zeros_like(reference)
+  for batch, units in stream.every_unit():
+    assert [int(s.max()) for s in batch["segment_ids"]] == [2] * len(units)
+    stream.put_back(back, batch[data.REFERENCE], units)
+  firsts = docs.offsets[:-1]
+  np.testing.assert_array_equal(np.delete(back, firsts), np.delete(reference, firsts))  # a document's first token:
+  assert not back[firsts].any()  # no target there
+
+
+PAIR_LINES = {
+  "missing_key": ('{"prompt": "a", "chosen": "b"}', "expected a preference pair, the keys 'prompt', 'chosen'"),
+  "sft_line": ('{"text": "a"}', "expected a preference pair"),
+  "answer_not_string": ('{"prompt": "a", "chosen": 5, "rejected": "c"}',
+                        "'chosen' must be a string or a list of one assistant message"),
+  "prompt_ends_with_answer": (json.dumps({"prompt": CHAT, "chosen": "a", "rejected": "b"}),
+                              "'prompt' ends with an assistant message"),
+  "prompt_number": ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "'prompt' must be a string or a list"),
+  "too_long": (json.dumps({"prompt": "one two three", "chosen": " four five", "rejected": " six seven"}),
+               r"the pair has \d+ \+ \d+ tokens \(chosen \+ rejected\), more than seq_len=8"),
+}
+
+
+@pytest.mark.parametrize("name", PAIR_LINES)
+def test_bad_preference_line_names_file_and_line(tok, tmp_path, name):
+  line, message = PAIR_LINES[name]
+  path = _write(tmp_path, {"prompt": "a", "chosen": "b", "rejected": "c"}, line)
+  with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2: .*{message}"):
+    read_jsonl(path, tok, 8, 7, pairs=True)
+  with pytest.raises(UserError, match="a preference pair: train with --dpo-beta"):  # and without --dpo-beta
+    read_jsonl(path, tok, 8, 7)

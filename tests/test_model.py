@@ -17,13 +17,13 @@ from flax import nnx
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, layers, quantize, sharding
+from qwen_moe_jax import checkpoint, convert, data, layers, quantize, sharding
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.losses import causal_lm_loss
+from qwen_moe_jax.losses import causal_lm_loss, preference_loss
 from qwen_moe_jax.model import QwenMoeForCausalLM, create_model, param_count
 from qwen_moe_jax.moe import (
   ExpertLora,
@@ -162,6 +162,61 @@ def test_gradients_match_torch_autograd(tmp_path):
     np.testing.assert_allclose(ours, ref, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=b.hf)
     checked += 1
   assert checked >= 12
+
+
+def test_dpo_loss_and_gradients_match_torch(tmp_path):
+  """preference_loss over packed rows (two pairs in a row, one in another, padding) equals DPO computed in torch
+  pair by pair, each sequence alone through transformers (its answer tokens' log-probabilities summed, minus the
+  reference's), and so do its gradients (autograd); its stats are the pairs' rewards."""
+  hf_model = make_model(seed=6, num_hidden_layers=2, router_aux_loss_coef=0.0)
+  model = convert_and_restore(hf_model, tmp_path)
+  rng = np.random.default_rng(4)
+  docs = []
+  for n in (9, 7, 8, 11, 10, 6):  # three pairs: each document a prompt then an answer (the loss tokens)
+    tokens = rng.integers(0, hf_model.config.vocab_size, n)
+    docs.append(data.Document(tuple(tokens.tolist()), tuple(int(j >= n // 2) for j in range(n))))
+  documents = data.Documents.of(docs)
+  reference = rng.uniform(-4, -1, len(documents.tokens)).astype(np.float32)
+  batch = data.BatchStream(documents, 36, batch_size=2, seed=1, pairs=True, reference=reference).batch(0)
+  assert sorted(int(s.max()) for s in batch["segment_ids"]) == [2, 4]
+  beta = 0.3
+
+  hf_model.train()
+  logp = []
+  for doc, start in zip(docs, documents.offsets):
+    ids = torch.tensor([doc.tokens])
+    lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    mask = torch.tensor(doc.loss_mask[1:], dtype=torch.float32)
+    logp.append(((lp - torch.tensor(reference[start + 1:start + len(doc.tokens)])) * mask).sum())
+  chosen, rejected = beta * torch.stack(logp[0::2]), beta * torch.stack(logp[1::2])
+  loss = -F.logsigmoid(chosen - rejected).mean()
+  loss.backward()
+  torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
+
+  graphdef, params = nnx.split(model)
+
+  def loss_fn(params):
+    parts = preference_loss(nnx.merge(graphdef, params), *(jnp.asarray(batch[k]) for k in (
+      "tokens", "targets", "loss_mask", "positions", "segment_ids", data.REFERENCE)), beta)
+    return parts.total, parts
+
+  (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5)
+  assert float(parts.count) == 3
+  margin = (chosen - rejected).detach().numpy()
+  np.testing.assert_allclose(float(parts.stats["reward_margin"]), margin.sum(), rtol=1e-4, atol=1e-6)
+  assert float(parts.stats["reward_accuracy"]) == (margin > 0).sum()
+  flat = checkpoint.flatten(grads)
+  checked = 0
+  for b in convert.hub_bindings(model.config, checkpoint.param_shapes(model.config)):
+    if b.hf not in torch_grads or not any(s in b.hf for s in (
+        "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head")):
+      continue
+    ours = np.asarray(b.row.transform[1](np.asarray(flat[b.path])[b.part], b.heads(model.config)))
+    ref = torch_grads[b.hf]
+    np.testing.assert_allclose(ours, ref, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=b.hf)
+    checked += 1
+  assert checked >= 5
 
 
 def test_bf16_stays_close_to_fp32(tmp_path):
@@ -342,7 +397,7 @@ def test_mlp_in_token_blocks_equals_one_block(monkeypatch):
   np.testing.assert_allclose(b_hidden, hidden, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(b_logits, logits, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(b_parts.aux, parts.aux, rtol=1e-6)
-  np.testing.assert_allclose(b_parts.ce, parts.ce, rtol=1e-6)
+  np.testing.assert_allclose(b_parts.value, parts.value, rtol=1e-6)
   for a, e in zip(jax.tree.leaves(b_grads), jax.tree.leaves(grads), strict=True):
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)
   blocked = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens, positions).hidden)(params)

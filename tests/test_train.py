@@ -190,6 +190,70 @@ def test_bad_data_lines(base, tmp_path, line, message):
   assert message in res.stderr and "bad.jsonl" in res.stderr and "Traceback" not in res.stderr
 
 
+DPO = ["--dpo-beta", "0.5", "--lr", "2e-3", "--seq-len", "256"]
+
+
+def preference_lines() -> list[dict]:
+  """Pairs whose chosen answer adds, and whose rejected one refuses; a raw-text pair and TRL's one-message answers
+  among them."""
+  lines = [{"prompt": [{"role": "user", "content": f"add {i % 7} and {i % 5}"}], "chosen": f"It is {i % 7 + i % 5}.",
+            "rejected": [{"role": "assistant", "content": "I will not add numbers."}]} for i in range(30)]
+  return lines + [{"prompt": "The sky is", "chosen": " blue.", "rejected": " a carpet."}]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(base):
+  (base / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in preference_lines()))
+  (base / "held_pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in preference_lines()[::5]))
+  run = base / "dpo"
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "pairs.jsonl"), "--out", str(run), *TRAIN,
+              *DPO, "--eval-data", str(base / "held_pairs.jsonl"), "--eval-every", "8")
+  assert res.returncode == 0, res.stderr
+  assert res.stderr.count("computing the reference log-probabilities") == 2  # the data's and the held-out's
+  return run
+
+
+def test_dpo_learns_the_preferences(base, dpo_run):
+  """--dpo-beta: the first step's policy is the reference (loss log 2, rewards 0); the loss falls and the chosen
+  answers' reward rises above the rejected ones' (held out too); SFT lines are refused."""
+  m = metrics(dpo_run)
+  assert [r["step"] for r in m] == list(range(1, 17))
+  assert m[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-4) and abs(m[0]["reward_margin"]) < 1e-3
+  last = m[-3:]
+  print(f"DPO loss {m[0]['dpo_loss']:.3f} -> {np.mean([r['dpo_loss'] for r in last]):.3f}, reward accuracy "
+        f"{np.mean([r['reward_accuracy'] for r in last]):.2f}")
+  assert np.mean([r["dpo_loss"] for r in last]) < 0.3 and min(r["reward_accuracy"] for r in last) == 1.0
+  assert all(r["chosen_reward"] > r["rejected_reward"] for r in last)
+  assert [r["step"] for r in m if "eval_loss" in r] == [8, 16] and m[-1]["eval_pairs"] == 7
+  assert m[-1]["eval_loss"] < 0.5 * np.log(2)
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out",
+              str(base / "dpo-bad"), *TRAIN, *DPO)
+  assert res.returncode == 2 and "data.jsonl:1: expected a preference pair" in res.stderr
+
+
+def test_dpo_resumes_with_its_reference(base, dpo_run, tmp_path):
+  """A DPO run resumed from a checkpoint reads its reference log-probabilities back (the starting model is gone
+  from the run by then) and gives the uninterrupted losses; without them it cannot resume."""
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "pairs.jsonl"), *TRAIN, *DPO,
+          "--eval-data", str(base / "held_pairs.jsonl"), "--eval-every", "8"]
+  for gone in ("", "reference"):
+    run = tmp_path / f"run{gone}"
+    shutil.copytree(dpo_run, run)
+    for step in (12, 16):  # back to step 8
+      shutil.rmtree(run / "checkpoints" / str(step))
+    for file in (run / "tokens").glob(f"*{gone}.npz" if gone else "none"):
+      file.unlink()
+    res = train(*args, "--out", str(run))
+    if gone:
+      assert res.returncode == 2 and "DPO's reference log-probabilities" in res.stderr and "start a new run" in \
+          res.stderr, res.stderr
+      continue
+    assert res.returncode == 0, res.stderr
+    assert "resuming" in res.stderr and "computing the reference" not in res.stderr
+    for x, y in zip(metrics(dpo_run), metrics(run), strict=True):
+      assert (x["loss"], x["grad_norm"], x.get("eval_loss")) == (y["loss"], y["grad_norm"], y.get("eval_loss"))
+
+
 LORA = ["--lora-rank", "4", "--lora-alpha", "16"]
 
 
@@ -525,7 +589,7 @@ def test_grad_accumulation_equals_one_big_batch(step_case, one_device_step):
   big = {k: v.reshape(1, 8, 16) for k, v in batch.items()}
   tc2 = dataclasses.replace(tc, grad_accum=1, batch_size=8)
   m2, _ = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc2, big)
-  np.testing.assert_allclose(m1.ce, m2.ce, rtol=1e-6)
+  np.testing.assert_allclose(m1.value, m2.value, rtol=1e-6)
   np.testing.assert_allclose(m1.tokens, m2.tokens)
   # aux is averaged per micro-batch (a nonlinear statistic), so the gradients differ only through its 0.001 share
   np.testing.assert_allclose(m1.grad_norm, m2.grad_norm, rtol=1e-3)
