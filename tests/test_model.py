@@ -149,19 +149,24 @@ def test_gradients_match_torch_autograd(tmp_path):
   np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-5)
   np.testing.assert_allclose(float(parts.aux), float(out.aux_loss.detach()), rtol=1e-5)
 
+  assert_grads_match(model, grads, torch_grads, (
+    "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "shared_expert_gate",
+    "layers.0.mlp.up_proj", "lm_head", "layers.3.input_layernorm", "self_attn.k_proj.bias"), least=12)
+
+
+def assert_grads_match(model, grads, torch_grads: dict, names: tuple[str, ...], least: int) -> None:
+  """Our gradients (nested, as nnx.split's params) of the HF parameters whose names contain one of `names` equal
+  torch's (in its layout); at least `least` of them are checked."""
   flat = checkpoint.flatten(grads)
-  shapes = checkpoint.param_shapes(model.config)
   checked = 0
-  for b in convert.hub_bindings(model.config, shapes):
-    if b.hf not in torch_grads or not any(s in b.hf for s in (
-        "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "shared_expert_gate",
-        "layers.0.mlp.up_proj", "lm_head", "layers.3.input_layernorm", "self_attn.k_proj.bias")):
+  for b in convert.hub_bindings(model.config, checkpoint.param_shapes(model.config)):
+    if b.hf not in torch_grads or not any(s in b.hf for s in names):
       continue
     ours = np.asarray(b.row.transform[1](np.asarray(flat[b.path])[b.part], b.heads(model.config)))
     ref = torch_grads[b.hf]
     np.testing.assert_allclose(ours, ref, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=b.hf)
     checked += 1
-  assert checked >= 12
+  assert checked >= least
 
 
 def test_dpo_loss_and_gradients_match_torch(tmp_path):
@@ -206,17 +211,8 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path):
   margin = (chosen - rejected).detach().numpy()
   np.testing.assert_allclose(float(parts.stats["reward_margin"]), margin.sum(), rtol=1e-4, atol=1e-6)
   assert float(parts.stats["reward_accuracy"]) == (margin > 0).sum()
-  flat = checkpoint.flatten(grads)
-  checked = 0
-  for b in convert.hub_bindings(model.config, checkpoint.param_shapes(model.config)):
-    if b.hf not in torch_grads or not any(s in b.hf for s in (
-        "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head")):
-      continue
-    ours = np.asarray(b.row.transform[1](np.asarray(flat[b.path])[b.part], b.heads(model.config)))
-    ref = torch_grads[b.hf]
-    np.testing.assert_allclose(ours, ref, atol=1e-5 * max(1e-3, np.abs(ref).max()), err_msg=b.hf)
-    checked += 1
-  assert checked >= 5
+  assert_grads_match(model, grads, torch_grads, (
+    "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 
 
 def test_bf16_stays_close_to_fp32(tmp_path):

@@ -463,7 +463,7 @@ def _step_outputs(model, mesh, tc, batch, kernels=Kernels()):
     trainable, frozen = training.split_params(model, tc)
     opt_state = training.compile_init(tx, trainable)(trainable)
     step = training.make_train_step(graphdef, abstract, tc, tx, model.config.router_aux_loss_coef)
-    spec = training.batch_spec(mesh, batch["tokens"].shape)
+    spec = training.batch_spec(mesh, batch["tokens"].shape, pairs=data.REFERENCE in batch)
     compiled = training.compile_step(step, trainable, frozen, opt_state, spec)
     trainable, _, m = compiled(trainable, frozen, opt_state, training.device_batch(batch, mesh))
   flat = checkpoint.unpadded(model.config, checkpoint.flatten(trainable))
@@ -501,6 +501,25 @@ def test_train_step_same_on_every_mesh(step_case, one_device_step, spec):
   mesh = sharding.make_mesh(spec)
   m, p = _step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch)
   assert_same_step((m, p), one_device_step, tc)
+
+
+def test_dpo_step_same_on_every_mesh(step_case):
+  """A DPO step (pairs packed into rows, two micro-batches) on a mesh splitting rows, experts and heads gives the
+  one-device step."""
+  ckpt, _, tc = step_case
+  rng = np.random.default_rng(3)
+  docs = data.Documents.of([data.Document(tuple(rng.integers(0, 101, n).tolist()), tuple(int(j >= 2) for j in range(n)))
+                            for n in rng.integers(3, 8, 24)])
+  reference = rng.uniform(-5, -1, len(docs.tokens)).astype(np.float32)
+  rows = data.BatchStream(docs, 16, 8, seed=0, pairs=True, reference=reference).batch(0)
+  batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
+  tc = dataclasses.replace(tc, dpo_beta=0.2)
+  one = sharding.make_mesh({}, jax.devices()[:1])
+  want = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc, batch)
+  assert want[0].count >= 8 and np.isfinite(want[0].loss) and set(want[0].stats) == {
+    "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"}
+  mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
+  assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
 
 
 @pytest.fixture(scope="module")
