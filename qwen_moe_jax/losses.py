@@ -89,14 +89,14 @@ def preference_pairs(segment_ids: jax.Array) -> jax.Array:
 
 def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                     positions: jax.Array, segment_ids: jax.Array, ref_logp: jax.Array, beta: float,
-                    remat: str = "none", packed: bool = True) -> LossParts:
+                    remat: str = "none") -> LossParts:
   """DPO (Rafailov et al. 2023): -log sigmoid(beta ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) -
   log ref(rejected)))), averaged over pairs. Arrays [B, T] as causal_lm_loss's, each row holding whole pairs (the
   chosen answer's document, then the rejected one's, as segments 2k + 1 and 2k + 2); ref_logp [B, T] fp32: the
   reference model's log-probability of each target. A sequence's log-probability sums its loss tokens' (the
   answer's). `stats` sums each pair's reward accuracy (chosen above rejected), margin and rewards (beta times the
-  log-ratios), as TRL logs them."""
-  out = model(tokens, positions, segment_ids, remat=remat, packed=packed)
+  log-ratios), as TRL logs them. The two documents of a pair always share a row: the segments' mask."""
+  out = model(tokens, positions, segment_ids, remat=remat, packed=True)
   b, t, d = out.hidden.shape
   logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1))  # [B T]
   ratio = (logp - ref_logp.reshape(-1)) * loss_mask.reshape(-1).astype(F32)

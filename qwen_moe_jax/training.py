@@ -269,8 +269,8 @@ def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: 
   micro arrays [B, T]."""
   model = _model(graphdef, abstract, tc, trainable, frozen)
   args = (micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"], micro["segment_ids"])
-  if tc.dpo_beta is not None:  # a row's pairs are its segments: always the packed mask
-    return preference_loss(model, *args, micro["ref_logp"], tc.dpo_beta, remat, packed=True)
+  if tc.dpo_beta is not None:
+    return preference_loss(model, *args, micro[data.REFERENCE], tc.dpo_beta, remat)
   return causal_lm_loss(model, *args, remat, tc.pack)
 
 
