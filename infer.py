@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--prompts-file", help='JSONL: one {prompt|chat|messages|input_ids} object per line, '
                                          'optionally with its own "max_new_tokens", "stop" and sampling settings '
                                          '("temperature", "top_k", "top_p", "min_p", "repetition_penalty", '
-                                         '"presence_penalty", "frequency_penalty", "logit_bias", "top_logprobs")')
+                                         '"presence_penalty", "frequency_penalty", "min_tokens", "logit_bias", '
+                                         '"top_logprobs")')
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--stop", action="append", default=[],
                   help="end the text where this string begins (repeatable; left out of the text, as OpenAI's stop)")
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="subtract from the logits of ids generated so far (OpenAI's; -2 to 2, 0: off; greedy too)")
   ap.add_argument("--frequency-penalty", type=float,
                   help="subtract, times the count, from the logits of ids generated so far (OpenAI's; -2 to 2)")
+  ap.add_argument("--min-tokens", type=int, metavar="N",
+                  help="no stop id (EOS) before N new tokens (vLLM's min_tokens; 0: off)")
   ap.add_argument("--logit-bias", metavar="ID=BIAS,...",
                   help="add BIAS (-100 to 100: -100 bans the id, 100 forces it) to the logit of token ID before "
                   "sampling, e.g. 151643=-100 (OpenAI's logit_bias)")

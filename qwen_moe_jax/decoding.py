@@ -138,7 +138,8 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
   logits, length = model.logits(last_hidden)[source], lengths[source]  # [R, V], [R]
   seen = None if seen is None else seen[source]
   counts = None if state.counts is None else jnp.zeros((len(source), state.counts.shape[1]), jnp.int32)
-  first = sample(logits, _step_keys(keys, jnp.int32(0)), ops, settings, seen, counts)
+  first = sample(logits, _step_keys(keys, jnp.int32(0)), ops, settings, seen, counts,
+                 jnp.zeros(len(source), jnp.int32), state.stop_ids)
   done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (length == 0)
   tokens_out = jnp.zeros((len(first), state.tokens.shape[1]), jnp.int32).at[:, 0].set(first)
   top = _top_zeros(len(first), state.tokens.shape[1], ops)
@@ -178,7 +179,7 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: Sampling
     i, s = carry
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
     logits = model.logits(out.hidden[:, 0])
-    token = sample(logits, _step_keys(s.keys, s.count), ops, s.sampling, s.seen, s.counts)
+    token = sample(logits, _step_keys(s.keys, s.count), ops, s.sampling, s.seen, s.counts, s.count, s.stop_ids)
     live = ~s.done
     count = s.count + live
     done = s.done | (live & jnp.isin(token, s.stop_ids)) | (count >= s.limit)

@@ -29,6 +29,8 @@ class Sampling:
   frequency_penalty: float = 0.0  # subtracted once per time the row has generated the id (OpenAI, vLLM)
   top_logprobs: int = 0  # not a step: how many of the likeliest ids to report, with their log-probabilities, at
   # each generated token (OpenAI's top_logprobs, vLLM's SamplingParams.logprobs; at most MAX_TOP_LOGPROBS)
+  min_tokens: int = 0  # the stop ids are not drawn until the row has generated this many tokens (vLLM's
+  # min_tokens, transformers' min_new_tokens)
   logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) pairs: the bias is added to the id's logit before
   # every other step (OpenAI's logit_bias: -100 bans the id, 100 forces it; at most MAX_LOGIT_BIAS ids)
 
@@ -50,6 +52,8 @@ class Sampling:
     for field in ("presence_penalty", "frequency_penalty"):
       if not -2 <= getattr(self, field) <= 2:
         raise UserError(f"{name(field)} must be in [-2, 2] (OpenAI's range), got {getattr(self, field)}")
+    if self.min_tokens < 0:
+      raise UserError(f"{name('min_tokens')} must be >= 0, got {self.min_tokens}")
     if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
       raise UserError(f"{name('top_logprobs')} must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
     if len(self.logit_bias) > MAX_LOGIT_BIAS:
@@ -63,7 +67,7 @@ class Sampling:
 MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's
 MAX_LOGIT_BIAS = 300  # OpenAI's
 SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # the flags', file lines' and requests' names
-INTEGERS = ("top_k", "top_logprobs")
+INTEGERS = ("top_k", "top_logprobs", "min_tokens")
 
 
 def given_settings(obj: dict, keys: Sequence[str], where: str) -> dict:
@@ -92,6 +96,7 @@ class SamplingOps:
   top_k: int = 0  # the largest top-k of a sampling row (0: none truncates by rank)
   top_p: bool = False
   min_p: bool = False
+  min_tokens: bool = False  # some row holds its stop ids back for its first tokens
   logit_bias: int = 0  # the most ids some row biases (0: none)
   top_logprobs: int = 0  # the most ids some row reports at each token with their log-probabilities (0: none)
 
@@ -102,7 +107,8 @@ class SamplingOps:
       repetition=any(s.repetition_penalty != 1 for s in settings),
       counted=any(s.presence_penalty or s.frequency_penalty for s in settings), draws=bool(drawn),
       top_k=max((s.top_k for s in drawn), default=0), top_p=any(s.top_p < 1 for s in drawn),
-      min_p=any(s.min_p > 0 for s in drawn), logit_bias=max(len(s.logit_bias) for s in settings),
+      min_p=any(s.min_p > 0 for s in drawn), min_tokens=any(s.min_tokens > 0 for s in settings),
+      logit_bias=max(len(s.logit_bias) for s in settings),
       top_logprobs=max(s.top_logprobs for s in settings))
 
   def __or__(self, other: "SamplingOps") -> "SamplingOps":
@@ -126,6 +132,7 @@ class RowSampling:
   min_p: jax.Array
   presence_penalty: jax.Array
   frequency_penalty: jax.Array
+  min_tokens: jax.Array
   bias_ids: jax.Array  # [B, K] int32 the ids each row biases (padded with NO_ID), K = SamplingOps.logit_bias
   biases: jax.Array  # [B, K] fp32 their biases
 
@@ -184,9 +191,16 @@ def process_logits(logits: jax.Array, ops: SamplingOps, rs: RowSampling, seen: j
 
 
 def sample(logits: jax.Array, keys: jax.Array, ops: SamplingOps, rs: RowSampling, seen: jax.Array | None = None,
-           counts: jax.Array | None = None) -> jax.Array:
+           counts: jax.Array | None = None, generated: jax.Array | None = None,
+           stop_ids: jax.Array | None = None) -> jax.Array:
   """logits [B, V] fp32, keys [B], seen / counts [B, V] (with those penalties) -> token ids [B]: the argmax of a
-  greedy row's logits, a draw from a sampling row's."""
+  greedy row's logits, a draw from a sampling row's. With ops.min_tokens, a row that has generated [B] fewer
+  tokens than its min_tokens cannot draw the stop ids [S] (-1: unused)."""
+  if ops.min_tokens:
+    held = (generated < rs.min_tokens)[:, None]  # the token drawn now is the row's (generated + 1)-th
+    rows = jnp.arange(logits.shape[0])[:, None]
+    logits = logits.at[rows, jnp.where(held & (stop_ids >= 0)[None], stop_ids[None], NO_ID)].set(-jnp.inf,
+                                                                                                  mode="drop")
   logits = process_logits(logits, ops, rs, seen, counts)
   best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if not ops.draws:

@@ -230,10 +230,11 @@ class Api:
         self.engine.generator.validate([ids], [max(limit, 1)], [sampling])
       except UserError as e:
         raise BadRequest(str(e), "logit_bias" if "logit_bias" in str(e) else "prompt") from None
+      held = dataclasses.replace(sampling, min_tokens=limit) if body.get("ignore_eos") else sampling  # vLLM's
       for j in range(n):
         with self.lock:
           stream = Stream(seed, j) if seed is not None else Stream(self.seed, next(self.counter))
-        out.append(Job(ids, limit, sampling, stream, stops, p * n + j, events,
+        out.append(Job(ids, limit, held, stream, stops, p * n + j, events,
                        TextStream(self.tok, stops) if body.get("stream") else None, score=score))
     return out, prompts
 

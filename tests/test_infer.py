@@ -703,6 +703,24 @@ def test_logit_bias_is_added_first(tiny):
                                s, logit_bias=())] * 2, ops), seen), rtol=1e-6)
 
 
+def test_min_tokens_holds_the_stop_ids_back(tiny):
+  """min_tokens: a row draws no stop id until it has generated that many tokens, then may (transformers' greedy
+  generate with min_new_tokens gives the same tokens), next to a row without it that stops where it stops alone."""
+  hf_model, _, gen, _ = tiny
+  plain = gen.generate(PROMPTS, 12).output_ids
+  stop = plain[0][2]  # the third token of the first prompt's greedy answer
+  first = plain[0].index(stop) + 1  # where that prompt stops without min_tokens
+  got = gen.generate(PROMPTS[:2], 12, [Sampling(min_tokens=6), Sampling()], stop_ids=[stop])
+  assert len(got.output_ids[0]) > 6 > first and stop not in got.output_ids[0][:6]
+  assert got.output_ids[1] == gen.generate([PROMPTS[1]], 12, stop_ids=[stop]).output_ids[0]
+  ids = torch.tensor([PROMPTS[0]])
+  with torch.no_grad():
+    want = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=6,
+                             do_sample=False, eos_token_id=stop, pad_token_id=stop)[0, len(PROMPTS[0]):].tolist()
+  assert got.output_ids[0] == want[:len(got.output_ids[0])] and got.finish_reasons[0] == ("stop" if stop in want
+                                                                                            else "length")
+
+
 def test_prompts_sample_with_their_own_settings(tiny):
   """Rows of one batch set differently (greedy next to sampled; top-k, top-p, min-p; each penalty; one prompt twice
   with other settings, its second row copied from the first's) each give what their prompt gives in a batch where
@@ -850,6 +868,7 @@ def test_stops_on_eos(tiny):
   (["--logprobs"], "--logprobs adds a key to the --json objects"),
   (["--top-logprobs", "2"], "--top-logprobs adds a key to the --json objects"),
   (["--top-logprobs", "21", "--json"], "--top-logprobs must be in [0, 20], got 21"),
+  (["--min-tokens", "-1"], "--min-tokens must be >= 0, got -1"),
   (["--logit-bias", "5"], "--logit-bias takes ID=BIAS,... (such as 151643=-100), got '5'"),
   (["--logit-bias", "5=300"], "--logit-bias takes token ids >= 0 and biases in [-100, 100], got 5: 300.0"),
   (["--logit-bias", "1000=1"], "prompt 1: logit_bias id 1000 is outside the vocabulary [0, 101)"),

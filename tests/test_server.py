@@ -88,6 +88,12 @@ def test_completions_equal_the_engines_generation(served):
                                                              skip_special_tokens=True) for p in (ids, [5, 6, 7])]
   status, forced = post(url, {"prompt": ids, "max_tokens": 5, "logit_bias": {"42": 100}})  # OpenAI's
   assert forced["choices"][0]["text"] == tok.decode([42] * 5, skip_special_tokens=True) != choice["text"]
+  ends = {"prompt": ids, "max_tokens": 5, "logit_bias": {str(eos[0]): 100}}  # EOS forced first
+  assert post(url, ends)[1]["usage"]["completion_tokens"] == 1
+  for held in ({"min_tokens": 3}, {"ignore_eos": True}):  # vLLM's: EOS held back for 3 tokens, or for all
+    reply = post(url, ends | held)[1]
+    assert reply["usage"]["completion_tokens"] == held.get("min_tokens", 4) + 1, held
+    assert reply["choices"][0]["finish_reason"] == ("stop" if "min_tokens" in held else "length")
   text = choice["text"]
   stop = text[len(text) // 2:len(text) // 2 + 2]  # two characters from the middle of the text
   status, cut = post(url, {"prompt": "The capital of France", "max_tokens": 12, "stop": stop})
