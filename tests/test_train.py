@@ -231,6 +231,18 @@ def test_dpo_learns_the_preferences(base, dpo_run):
   assert res.returncode == 2 and "data.jsonl:1: expected a preference pair" in res.stderr
 
 
+def test_dpo_with_lora_takes_the_base_as_reference(base, dpo_run, tmp_path):
+  """DPO over LoRA adapters: the reference is the base (the adapters start at zero), so the first step's loss is
+  log 2, and the loss falls as the adapters train."""
+  run = tmp_path / "lora-dpo"
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "pairs.jsonl"), "--out", str(run), *TRAIN,
+              *DPO, "--steps", "6", "--lr", "1e-2", *LORA)
+  assert res.returncode == 0, res.stderr
+  m = metrics(run)
+  assert m[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-4) and m[-1]["dpo_loss"] < 0.9 * np.log(2)
+  assert (run / checkpoint.LORA_FILE).is_file()
+
+
 def test_dpo_resumes_with_its_reference(base, dpo_run, tmp_path):
   """A DPO run resumed from a checkpoint reads its reference log-probabilities back (the starting model is gone
   from the run by then) and gives the uninterrupted losses; without them it cannot resume."""
