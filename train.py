@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import jax
@@ -147,7 +147,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   tokens = run.folder / TOKENS_DIR
   write = jax.process_index() == 0
   pairs = tc.dpo_beta is not None
-  files = [(args.data, settings["data_fingerprint"])] + ([(args.eval_data, None)] if args.eval_data else [])
+  files = [(args.data, settings["data_fingerprint"])] + ([(args.eval_data, data.fingerprint(args.eval_data))]
+                                                         if args.eval_data else [])
   documents = [data.read_cached(path, tok, tc.seq_len, eos, tokens, write, digest, pairs) for path, digest in files]
   eval_every = args.eval_every or args.save_every
 
@@ -175,8 +176,11 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       opt_state = run.load(start, OPT_STATE, wanted, cfg.num_experts)
     references = [None] * len(files)
     if pairs:  # every token's log-probability under the starting model, computed before its first step
-      references = [reference(path, docs, graphdef, abstract, tc, trainable, frozen, mesh, run, start)
-                    for (path, _), docs in zip(files, documents)]
+      logprob_fn = functools.cache(lambda: jax.jit(training.make_logprob_step(graphdef, abstract, tc)).lower(
+        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile())  # when needed
+      references = [reference(path, digest, docs, tc, run, start,
+                              lambda s, n: training.reference_logprobs(logprob_fn(), trainable, frozen, s, n, mesh))
+                    for (path, digest), docs in zip(files, documents)]
     stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
                               references[0])
     held_out = None if len(files) == 1 else data.BatchStream(documents[1], tc.seq_len, tc.batch_size, seed=0,
@@ -232,23 +236,20 @@ def evaluate(eval_fn, trainable, frozen, held_out: data.BatchStream, mesh, pairs
   return {"eval_loss": total / max(count, 1.0), "eval_pairs" if pairs else "eval_tokens": int(count)}
 
 
-def reference(path: str, documents: data.Documents, graphdef, abstract, tc: training.TrainConfig, trainable, frozen,
-              mesh, run: RunDir, start: int | None) -> np.ndarray:
-  """DPO's reference log-probabilities of a data file's tokens: computed with the model as it starts (before the
-  first step), kept next to the file's tokens in the run folder, read back on resume."""
-  file = data.cached_file(path, tc.seq_len, run.folder / TOKENS_DIR, pairs=True).with_suffix(".reference.npz")
-  try:
-    with np.load(file, allow_pickle=False) as saved:
-      return saved["logprobs"]
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-    if start is not None:
-      raise UserError(f"{file}: DPO's reference log-probabilities for {path} are missing or unreadable, and the "
-                      "starting model that gives them has been trained since: start a new run (a new --out)") from None
+def reference(path: str, digest: str, documents: data.Documents, tc: training.TrainConfig, run: RunDir,
+              start: int | None, compute) -> np.ndarray:
+  """DPO's reference log-probabilities of a data file's tokens (`digest`: its fingerprint): computed with the model
+  as it starts (before the first step; compute(stream, total): training.reference_logprobs), kept next to the
+  file's tokens in the run folder, read back on resume."""
+  file = data.cached_file(path, tc.seq_len, run.folder / TOKENS_DIR, digest, pairs=True).with_suffix(".reference.npz")
+  saved = data.load_npz(file, "logprobs")
+  if saved is not None:
+    return saved[0]
+  if start is not None:
+    raise UserError(f"{file}: DPO's reference log-probabilities for {path} are missing or unreadable, and the "
+                    "starting model that gives them has been trained since: start a new run (a new --out)")
   print(f"{path}: computing the reference log-probabilities (the starting model's)", file=sys.stderr)
-  fn = jax.jit(training.make_logprob_step(graphdef, abstract, tc)).lower(
-    trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile()
-  stream = data.BatchStream(documents, tc.seq_len, tc.batch_size, seed=0, pairs=True)
-  logprobs = training.reference_logprobs(fn, trainable, frozen, stream, len(documents.tokens), mesh)
+  logprobs = compute(data.BatchStream(documents, tc.seq_len, tc.batch_size, seed=0, pairs=True), len(documents.tokens))
   if jax.process_index() == 0:
     data.save_npz(file, logprobs=logprobs)
   return logprobs

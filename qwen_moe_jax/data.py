@@ -164,13 +164,10 @@ def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos
   unreadable file is ignored (and replaced). `digest`: the file's `fingerprint`, when the caller has it (hashing
   a large file again costs a full read)."""
   file = cached_file(path, seq_len, folder, digest, pairs)
-  try:
-    with np.load(file, allow_pickle=False) as saved:
-      docs = Documents(saved["tokens"], saved["loss_mask"], saved["offsets"])
+  saved = load_npz(file, "tokens", "loss_mask", "offsets")
+  if saved is not None:
     print(f"{path}: tokens read from {file}", file=sys.stderr)
-    return docs
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-    pass
+    return Documents(*saved)
   docs = read_jsonl(path, tokenizer, seq_len, eos_id, pairs)
   if write:
     save_npz(file, tokens=docs.tokens, loss_mask=docs.loss_mask, offsets=docs.offsets)
@@ -180,6 +177,15 @@ def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos
 def cached_file(path: str | Path, seq_len: int, folder: Path, digest: str | None = None, pairs: bool = False) -> Path:
   """Where `read_cached` keeps a data file's tokens."""
   return folder / f"{digest or fingerprint(path)}-{seq_len}{'-pairs' if pairs else ''}.npz"
+
+
+def load_npz(file: Path, *names: str) -> list[np.ndarray] | None:
+  """The arrays `names` of a file `save_npz` wrote, or None when it is missing or unreadable."""
+  try:
+    with np.load(file, allow_pickle=False) as saved:
+      return [saved[name] for name in names]
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    return None
 
 
 def save_npz(file: Path, **arrays: np.ndarray) -> None:
