@@ -396,8 +396,9 @@ class Generator:
     tops: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
     stopped = [False] * n  # ended by stop_when
 
-    def finish_reason(i: int) -> str:
-      return "stop" if stopped[i] or (outputs[i] and outputs[i][-1] in stop_ids) else "length"
+    def output(i: int) -> Output:
+      reason = "stop" if stopped[i] or (outputs[i] and outputs[i][-1] in stop_ids) else "length"
+      return Output(outputs[i], logprobs[i], reason, cached[i], tops[i])
 
     left: list[Arrival] = []  # arrivals not admitted (see the docstring)
 
@@ -464,7 +465,7 @@ class Generator:
           if i >= 0 and (done[row] or stopped[i]):
             owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], time.monotonic()
             if on_done:
-              on_done(i, Output(outputs[i], logprobs[i], finish_reason(i), cached[i], tops[i]))
+              on_done(i, output(i))
         if arrivals and not left:
           admit(arrivals())
         if waiting and -1 in owner:  # continuous batching; read again after: a refilled row may be done at once
@@ -478,8 +479,8 @@ class Generator:
       end = time.perf_counter() - self._compile_seconds
     if keep:
       self._kept = state, holds, freed
-    return Result([Output(outputs[i], logprobs[i], finish_reason(i), cached[i], tops[i]) for i in range(len(prompts))],
-                  sum(len(p) for p in prompts), sum(len(o) for o in outputs), compile_seconds=self._compile_seconds,
+    return Result([output(i) for i in range(len(prompts))], sum(len(p) for p in prompts),
+                  sum(len(o) for o in outputs), compile_seconds=self._compile_seconds,
                   prefill_seconds=prefilled - start, decode_seconds=end - prefilled, left=left)
 
 
