@@ -434,7 +434,7 @@ class BatchStream:
     for first in range(0, len(self._lengths), self.batch_size):
       units = np.arange(first, min(first + self.batch_size, len(self._lengths)))
       out = self._empty()
-      for b, u in enumerate(units):
+      for b in range(len(units)):
         self._fill_row(out, b, units[b:b + 1])
       yield out, units
 

@@ -1,8 +1,8 @@
 """Sampling a next token from fp32 logits as transformers does: repetition penalty, temperature, top-k, top-p
 and min-p, after OpenAI's logit bias and with its presence and frequency penalties after the repetition penalty
-(`process_logits`), then
-argmax or a draw, each row with its own settings; and what the decode state tracks for it (ids seen per row, ids
-generated counted, each drawn token's log-probability and the likeliest ids'). Shapes: B rows, V vocabulary.
+(`process_logits`), then argmax or a draw, each row with its own settings; and what the decode state tracks for
+it (ids seen per row, ids generated counted, each drawn token's log-probability and the likeliest ids').
+Shapes: B rows, V vocabulary.
 """
 
 from __future__ import annotations
