@@ -29,6 +29,7 @@ from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.checkpoint import PARAMS_ITEM
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.kernels import Kernels
+from qwen_moe_jax.losses import DPO_LOSSES
 from qwen_moe_jax.model import REMAT_POLICIES, abstract_model
 from qwen_moe_jax.run_dir import OPT_STATE, TOKENS_DIR, RunDir
 from qwen_moe_jax.tokenizer import load_tokenizer
@@ -66,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                   f"{', '.join(lora_lib.TARGETS)})")
   ap.add_argument("--dpo-beta", type=float, help="DPO (direct preference optimization) on preference-pair lines, "
                   "with this beta (TRL's default: 0.1), the starting model as the reference")
+  ap.add_argument("--dpo-loss", choices=DPO_LOSSES, default="sigmoid",
+                  help="with --dpo-beta, TRL's loss types: sigmoid (DPO), hinge (SLiC), ipo (IPO: log-probabilities "
+                  "averaged over each answer's tokens)")
+  ap.add_argument("--dpo-label-smoothing", type=float, default=0.0,
+                  help="with --dpo-loss sigmoid: the chance a pair's labels are flipped (cDPO; 0 to 0.5)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -97,7 +103,8 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     clip_norm=args.clip_norm, optimizer=args.optimizer, moments_dtype=args.moments_dtype,
     compute_dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
-    seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta).validate()
+    seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta,
+    dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:

@@ -78,6 +78,7 @@ def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Ar
   return _with_router_loss(model, out, segment_ids, nll_sum / jnp.maximum(count, 1.0), count)
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo")  # preference_loss's kinds (TRL's loss_type names)
 PREFERENCE_STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")  # preference_loss's
 
 
@@ -89,13 +90,17 @@ def preference_pairs(segment_ids: jax.Array) -> jax.Array:
 
 def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                     positions: jax.Array, segment_ids: jax.Array, ref_logp: jax.Array, beta: float,
-                    remat: str = "none") -> LossParts:
-  """DPO (Rafailov et al. 2023): -log sigmoid(beta ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) -
-  log ref(rejected)))), averaged over pairs. Arrays [B, T] as causal_lm_loss's, each row holding whole pairs (the
-  chosen answer's document, then the rejected one's, as segments 2k + 1 and 2k + 2); ref_logp [B, T] fp32: the
-  reference model's log-probability of each target. A sequence's log-probability sums its loss tokens' (the
-  answer's). `stats` sums each pair's reward accuracy (chosen above rejected), margin and rewards (beta times the
-  log-ratios), as TRL logs them. The two documents of a pair always share a row: the segments' mask."""
+                    remat: str = "none", kind: str = "sigmoid", label_smoothing: float = 0.0) -> LossParts:
+  """DPO (Rafailov et al. 2023), averaged over pairs, of the margin m = beta ((log pi(chosen) - log ref(chosen)) -
+  (log pi(rejected) - log ref(rejected))), as TRL's DPOTrainer computes its loss types (`kind`): "sigmoid", DPO's
+  -log sigmoid(m), with `label_smoothing` e (cDPO: the labels flipped with probability e) -(1 - e) log sigmoid(m)
+  - e log sigmoid(-m); "hinge" (SLiC) relu(1 - m); "ipo" (Azar et al. 2023) (m / beta - 1 / (2 beta))^2, its
+  log-probabilities averaged over the answer's tokens instead of summed.
+  Arrays [B, T] as causal_lm_loss's, each row holding whole pairs (the chosen answer's document, then the rejected
+  one's, as segments 2k + 1 and 2k + 2); ref_logp [B, T] fp32: the reference model's log-probability of each
+  target. A sequence's log-probability sums its loss tokens' (the answer's). `stats` sums each pair's reward
+  accuracy (chosen above rejected), margin and rewards (beta times the log-ratios), as TRL logs them. The two
+  documents of a pair always share a row: the segments' mask."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=True)
   b, t, d = out.hidden.shape
   logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1))  # [B T]
@@ -103,13 +108,23 @@ def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.A
   rows = jnp.broadcast_to(jnp.arange(b)[:, None] * (t + 1), (b, t))
   per_segment = jax.ops.segment_sum(ratio, (rows + segment_ids).reshape(-1), num_segments=b * (t + 1))
   per_segment = per_segment.reshape(b, t + 1)  # [B, S]: segment s of row b
+  if kind == "ipo":  # each answer's mean log-ratio
+    tokens = jax.ops.segment_sum(loss_mask.reshape(-1).astype(F32), (rows + segment_ids).reshape(-1), b * (t + 1))
+    per_segment = per_segment / jnp.maximum(tokens.reshape(b, t + 1), 1.0)
   pairs = t // 2
   chosen, rejected = beta * per_segment[:, 1:2 * pairs:2], beta * per_segment[:, 2:2 * pairs + 1:2]  # [B, P]
   real = (jnp.arange(pairs)[None] < (jnp.max(segment_ids, axis=-1) // 2)[:, None]).astype(F32)  # [B, P]
   margin = chosen - rejected
   count = jnp.sum(real)
   stats = dict(zip(PREFERENCE_STATS, (jnp.sum(x * real) for x in (margin > 0, margin, chosen, rejected))))
-  value = jnp.sum(-jax.nn.log_sigmoid(margin) * real) / jnp.maximum(count, 1.0)
+  if kind == "sigmoid":
+    losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(margin) - label_smoothing * jax.nn.log_sigmoid(-margin)
+  elif kind == "hinge":
+    losses = jax.nn.relu(1 - margin)
+  else:
+    assert kind == "ipo", kind
+    losses = (margin / beta - 1 / (2 * beta)) ** 2
+  value = jnp.sum(losses * real) / jnp.maximum(count, 1.0)
   return _with_router_loss(model, out, segment_ids, value, count, stats)
 
 

@@ -23,7 +23,14 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.layers import F32
 from qwen_moe_jax.lora import LoraConfig, is_adapter
-from qwen_moe_jax.losses import PREFERENCE_STATS, causal_lm_loss, preference_loss, preference_pairs, token_nll
+from qwen_moe_jax.losses import (
+  DPO_LOSSES,
+  PREFERENCE_STATS,
+  causal_lm_loss,
+  preference_loss,
+  preference_pairs,
+  token_nll,
+)
 from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
 
 PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
@@ -75,6 +82,8 @@ class TrainConfig:
   pack: bool = True
   lora: LoraConfig | None = None  # train LoRA adapters only, the rest frozen
   dpo_beta: float | None = None  # DPO on preference pairs (losses.preference_loss) instead of next-token CE
+  dpo_loss: str = "sigmoid"  # its kind (losses.DPO_LOSSES)
+  dpo_label_smoothing: float = 0.0  # cDPO's, for the sigmoid kind
 
   @property
   def warmup(self) -> int:
@@ -92,6 +101,13 @@ class TrainConfig:
       raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
     if self.dpo_beta is not None and not self.dpo_beta > 0:
       raise UserError(f"--dpo-beta must be > 0, got {self.dpo_beta}")
+    if self.dpo_beta is None and (self.dpo_loss != "sigmoid" or self.dpo_label_smoothing):
+      raise UserError("--dpo-loss and --dpo-label-smoothing shape DPO's loss: give --dpo-beta too")
+    if self.dpo_loss not in DPO_LOSSES:
+      raise UserError(f"--dpo-loss must be one of {', '.join(DPO_LOSSES)}, got '{self.dpo_loss}'")
+    if not 0 <= self.dpo_label_smoothing < 0.5 or (self.dpo_label_smoothing and self.dpo_loss != "sigmoid"):
+      raise UserError(f"--dpo-label-smoothing must be in [0, 0.5), with --dpo-loss sigmoid, got "
+                      f"{self.dpo_label_smoothing} with {self.dpo_loss}")
     if self.lora is not None:
       self.lora.validate()
       if self.train_only or self.freeze:
@@ -270,7 +286,8 @@ def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: 
   model = _model(graphdef, abstract, tc, trainable, frozen)
   args = (micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"], micro["segment_ids"])
   if tc.dpo_beta is not None:
-    return preference_loss(model, *args, micro[data.REFERENCE], tc.dpo_beta, remat)
+    return preference_loss(model, *args, micro[data.REFERENCE], tc.dpo_beta, remat, tc.dpo_loss,
+                           tc.dpo_label_smoothing)
   return causal_lm_loss(model, *args, remat, tc.pack)
 
 

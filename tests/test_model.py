@@ -169,10 +169,12 @@ def assert_grads_match(model, grads, torch_grads: dict, names: tuple[str, ...], 
   assert checked >= least
 
 
-def test_dpo_loss_and_gradients_match_torch(tmp_path):
+@pytest.mark.parametrize("kind,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
+def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
   """preference_loss over packed rows (two pairs in a row, one in another, padding) equals DPO computed in torch
   pair by pair, each sequence alone through transformers (its answer tokens' log-probabilities summed, minus the
-  reference's), and so do its gradients (autograd); its stats are the pairs' rewards."""
+  reference's; averaged for IPO), and so do its gradients (autograd); its stats are the pairs' rewards. Each of
+  TRL's loss types we take, by TRL's formulas: sigmoid (with cDPO's label smoothing), hinge, ipo."""
   hf_model = make_model(seed=6, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(4)
@@ -192,9 +194,12 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path):
     ids = torch.tensor([doc.tokens])
     lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
     mask = torch.tensor(doc.loss_mask[1:], dtype=torch.float32)
-    logp.append(((lp - torch.tensor(reference[start + 1:start + len(doc.tokens)])) * mask).sum())
+    ratio = ((lp - torch.tensor(reference[start + 1:start + len(doc.tokens)])) * mask).sum()
+    logp.append(ratio / mask.sum() if kind == "ipo" else ratio)
   chosen, rejected = beta * torch.stack(logp[0::2]), beta * torch.stack(logp[1::2])
-  loss = -F.logsigmoid(chosen - rejected).mean()
+  m = chosen - rejected
+  loss = {"sigmoid": -(1 - smoothing) * F.logsigmoid(m) - smoothing * F.logsigmoid(-m), "hinge": torch.relu(1 - m),
+          "ipo": (m / beta - 1 / (2 * beta)) ** 2}[kind].mean()
   loss.backward()
   torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
 
@@ -202,7 +207,8 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path):
 
   def loss_fn(params):
     parts = preference_loss(nnx.merge(graphdef, params), *(jnp.asarray(batch[k]) for k in (
-      "tokens", "targets", "loss_mask", "positions", "segment_ids", data.REFERENCE)), beta)
+      "tokens", "targets", "loss_mask", "positions", "segment_ids", data.REFERENCE)), beta, kind=kind,
+      label_smoothing=smoothing)
     return parts.total, parts
 
   (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

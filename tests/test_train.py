@@ -231,15 +231,16 @@ def test_dpo_learns_the_preferences(base, dpo_run):
   assert res.returncode == 2 and "data.jsonl:1: expected a preference pair" in res.stderr
 
 
-def test_dpo_with_lora_takes_the_base_as_reference(base, dpo_run, tmp_path):
-  """DPO over LoRA adapters: the reference is the base (the adapters start at zero), so the first step's loss is
-  log 2, and the loss falls as the adapters train."""
+@pytest.mark.parametrize("kind,first", [("sigmoid", np.log(2)), ("ipo", 1.0)])
+def test_dpo_with_lora_takes_the_base_as_reference(base, dpo_run, tmp_path, kind, first):
+  """DPO over LoRA adapters: the reference is the base (the adapters start at zero), so the first step's margin
+  is 0 (the loss log 2; IPO's (1 / (2 beta))^2 = 1 at beta 0.5), and the loss falls as the adapters train."""
   run = tmp_path / "lora-dpo"
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "pairs.jsonl"), "--out", str(run), *TRAIN,
-              *DPO, "--steps", "6", "--lr", "1e-2", *LORA)
+              *DPO, "--steps", "6", "--lr", "1e-2", *LORA, "--dpo-loss", kind)
   assert res.returncode == 0, res.stderr
   m = metrics(run)
-  assert m[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-4) and m[-1]["dpo_loss"] < 0.9 * np.log(2)
+  assert m[0]["dpo_loss"] == pytest.approx(first, abs=1e-4) and m[-1]["dpo_loss"] < 0.9 * first
   assert (run / checkpoint.LORA_FILE).is_file()
 
 
@@ -442,8 +443,12 @@ def test_lora_over_int8_experts(base, lora_run, tmp_path, capsys):
   (["--lora-rank", "4", "--lora-targets", ","], "--lora-targets: unknown group ''"),
   (["--lora-alpha", "8"], "--lora-alpha / --lora-targets need --lora-rank"),
   (["--expert-dtype", "int8"], "--expert-dtype int8 holds the routed experts frozen as int8"),
+  (["--dpo-loss", "ipo"], "--dpo-loss and --dpo-label-smoothing shape DPO's loss: give --dpo-beta too"),
+  (["--dpo-beta", "0.1", "--dpo-label-smoothing", "0.5"], "--dpo-label-smoothing must be in [0, 0.5)"),
+  (["--dpo-beta", "0.1", "--dpo-loss", "hinge", "--dpo-label-smoothing", "0.1"], "with --dpo-loss sigmoid, got 0.1 "
+   "with hinge"),
 ])
-def test_bad_lora_flags(base, tmp_path, flags, message):
+def test_bad_lora_and_dpo_flags(base, tmp_path, flags, message):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "r"),
               *TRAIN, *flags)
   assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
