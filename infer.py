@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, runtime
 from qwen_moe_jax.errors import UserError, cli_main
-from qwen_moe_jax.generate import Generator, Output
+from qwen_moe_jax.generate import Generator, Output, Piece
+from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
@@ -64,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          'optionally with its own "max_new_tokens", "stop" and sampling settings '
                                          '("temperature", "top_k", "top_p", "min_p", "repetition_penalty", '
                                          '"presence_penalty", "frequency_penalty", "min_tokens", "logit_bias", '
-                                         '"top_logprobs")')
+                                         '"top_logprobs") and structured output ("regex", "json_schema" or '
+                                         '"choice")')
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--stop", action="append", default=[],
                   help="end the text where this string begins (repeatable; left out of the text, as OpenAI's stop)")
@@ -83,6 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--logit-bias", metavar="ID=BIAS,...",
                   help="add BIAS (-100 to 100: -100 bans the id, 100 forces it) to the logit of token ID before "
                   "sampling, e.g. 151643=-100 (OpenAI's logit_bias)")
+  ap.add_argument("--regex", help="structured output: the text matches this regular expression whole (Rust's "
+                  "syntax, close to Python's)")
+  ap.add_argument("--json-schema", metavar="FILE|JSON",
+                  help="structured output: the text is JSON following this JSON Schema (a file, or the schema "
+                  "itself); '{\"type\": \"object\"}': any JSON object")
+  ap.add_argument("--choice", action="append", default=[],
+                  help="structured output: the text is exactly one of these strings (repeatable)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--num-samples", type=int, default=1,
                   help="samples per prompt (sampling only; --json objects then carry \"sample\")")
@@ -137,6 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = [f for f, v in values.items() if (v > 1 if f == "--num-samples" else v)]
     if getattr(args, mode) and given:
       raise UserError(f"--{mode} {why}: drop {', '.join(given)}")
+  if args.serve and (args.regex or args.json_schema or args.choice):
+    raise UserError("--serve takes structured output per request (response_format, or vLLM's guided_json, "
+                    "guided_regex, guided_choice): drop --regex, --json-schema, --choice")
   if (args.max_model_len is not None or args.served_model_name) and not args.serve:
     raise UserError("--max-model-len and --served-model-name are --serve's")
   if args.max_model_len is not None and args.max_model_len < 2:
@@ -154,7 +166,7 @@ class Request:
   where: str  # the flag or file line it came from
 
 
-def read_prompts(args: argparse.Namespace, tok, sampling: Sampling) -> list[Request]:
+def read_prompts(args: argparse.Namespace, tok, sampling: Sampling, grammars: Grammars) -> list[Request]:
   """Every prompt, in the order given (flags first, then the prompts file)."""
   specs: list[tuple[str, object, str]] = []  # (kind, value, where)
   specs += [("prompt", p, "--prompt") for p in args.prompt]
@@ -163,11 +175,13 @@ def read_prompts(args: argparse.Namespace, tok, sampling: Sampling) -> list[Requ
   flag_stops = stop_strings(tok, args.stop, "--stop")
   asked = [(args.max_new_tokens, flag_stops, sampling)] * len(specs)
   if args.prompts_file:
-    for spec, limit, stop, settings in _prompts_file(Path(args.prompts_file)):
+    for spec, limit, stop, settings, obj in _prompts_file(Path(args.prompts_file)):
       specs.append(spec)
+      grammar = grammars.pick(obj, spec[2])
       asked.append((args.max_new_tokens if limit is None else limit,
                     flag_stops if stop is None else stop_strings(tok, stop, spec[2]),
-                    dataclasses.replace(sampling, **settings).validate(spec[2])))
+                    dataclasses.replace(sampling, **settings, **{"grammar": grammar} if grammar else {}
+                                        ).validate(spec[2])))
   if args.demo and not specs:
     specs.append(("chat", DEMO_CHAT, "--demo"))
     asked.append((args.max_new_tokens, flag_stops, sampling))
@@ -208,9 +222,9 @@ def _ids(value, where: str) -> list[int]:
   return ids
 
 
-def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None, list[str] | None, dict]]:
-  """((kind, value, where), max_new_tokens or None, stop strings or None, sampling settings given) per non-empty
-  line."""
+def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None, list[str] | None, dict, dict]]:
+  """((kind, value, where), max_new_tokens or None, stop strings or None, sampling settings given, the line) per
+  non-empty line."""
   try:
     lines = path.read_text().splitlines()
   except (FileNotFoundError, UnicodeDecodeError) as e:
@@ -234,7 +248,7 @@ def _prompts_file(path: Path) -> list[tuple[tuple[str, object, str], int | None,
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
                                                           all(isinstance(x, str) for x in stop))):
       raise UserError(f"{where}: stop must be a string or a list of strings, got {stop!r}")
-    specs.append(((kinds[0], obj[kinds[0]], where), limit, stop, given_settings(obj, SETTINGS, where)))
+    specs.append(((kinds[0], obj[kinds[0]], where), limit, stop, given_settings(obj, SETTINGS, where), obj))
   return specs
 
 
@@ -255,9 +269,10 @@ def generation_config(folder: Path) -> dict:
   return gen
 
 
-def sampling_from(args: argparse.Namespace, gen: dict, folder: Path) -> Sampling:
+def sampling_from(args: argparse.Namespace, gen: dict, folder: Path, grammars: Grammars) -> Sampling:
   """Flags win; else generation_config.json's sampling if it samples; else greedy. Its repetition_penalty
-  applies either way, as in transformers (Qwen's chat models ship 1.05)."""
+  applies either way, as in transformers (Qwen's chat models ship 1.05). The structured-output flags give the
+  grammar."""
   sampled, where = bool(gen.get("do_sample")), str(folder / "generation_config.json")
   given = {k: v for k, v in given_settings(gen, GENERATION_CONFIG_KEYS, where).items()
            if sampled or k == "repetition_penalty"}
@@ -265,6 +280,14 @@ def sampling_from(args: argparse.Namespace, gen: dict, folder: Path) -> Sampling
   flags = {f: getattr(args, f) for f in SETTINGS}
   if args.logit_bias is not None:
     flags["logit_bias"] = logit_bias_flag(args.logit_bias)
+  schema = args.json_schema
+  if schema is not None and not schema.lstrip().startswith("{"):  # a file
+    try:
+      schema = Path(schema).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"--json-schema: cannot read {schema} ({e})") from None
+  flags["grammar"] = grammars.pick({"regex": args.regex, "json-schema": schema, "choice": args.choice or None}, None,
+                                   {"regex": "regex", "json-schema": "json_schema", "choice": "choice"})
   return dataclasses.replace(defaults, **{f: v for f, v in flags.items() if v is not None}).validate()
 
 
@@ -316,8 +339,9 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if live and (tok is None or jax.process_count() > 1):
     raise UserError(f"{live} needs tokenizer.json in the checkpoint folder and a single process")
   gen = generation_config(folder)
-  sampling = sampling_from(args, gen, folder)
-  requests = [] if live else read_prompts(args, tok, sampling)
+  grammars = Grammars(tok)
+  sampling = sampling_from(args, gen, folder, grammars)
+  requests = [] if live else read_prompts(args, tok, sampling, grammars)
   prompts, limits, stops = ([r.ids for r in requests], [r.max_new_tokens for r in requests],
                             [r.stops for r in requests])
   if args.dump_logits and len(prompts) != 1:
@@ -418,8 +442,8 @@ class Printer:
   def __init__(self, tok, stops: StopStrings | None):
     self.stream = TextStream(tok, stops)
 
-  def __call__(self, row: int, ids: list[int]) -> None:
-    _write(self.stream.push(ids))
+  def __call__(self, row: int, piece: Piece) -> None:
+    _write(self.stream.push(piece.ids))
 
   def close(self) -> None:
     _write(self.stream.close())

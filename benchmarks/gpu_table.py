@@ -12,6 +12,8 @@ Stages, in order (A2.7B config, random bf16 weights):
   throughput   ours: 1000-token prompts, exactly 1000 new tokens each, as many at once as the memory holds
                (prompt + generated tokens per second; prefill in groups of 16 rows)
   prefill      ours, 16 x 1024 tokens
+  grammar      the decode rows with every row under a grammar the size of a 5-field JSON schema's over Qwen2's
+               vocabulary (370 states x 278 classes, random): what structured output costs a step
   parity       our kernels vs the reference kernels, and ours vs transformers: logits on 2 prompts (after the
                timed rows, as it compiles two more programs)
   train        ours, the same fine-tuning shape as hf_train (bf16 parameters and moments, no remat)
@@ -62,15 +64,17 @@ from qwen_moe_jax import checkpoint, convert, data, decode_attention, layers, mo
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.demo import demo_config  # noqa: E402
 from qwen_moe_jax.generate import Generator, cache_bucket  # noqa: E402
+from qwen_moe_jax.grammar import STOP, Grammar  # noqa: E402
 from qwen_moe_jax.kernels import Kernels, default_kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import KVCache  # noqa: E402
 from qwen_moe_jax.lora import LoraConfig  # noqa: E402
 from qwen_moe_jax.model import abstract_model, create_model  # noqa: E402
+from qwen_moe_jax.sampling import Sampling  # noqa: E402
 from qwen_moe_jax.scoring import prompt_logits  # noqa: E402
 
 GB = 1e9
-STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "profile", "train",
-          "fit", "lora", "pallas_decode", "kernels", "int8_cache", "int8_experts", "qlora", "qlora_big")
+STAGES = ("machine", "hf_train", "parity", "hf_inference", "decode", "throughput", "prefill", "grammar", "profile",
+          "train", "fit", "lora", "pallas_decode", "kernels", "int8_cache", "int8_experts", "qlora", "qlora_big")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +385,25 @@ def our_decode(run: Run, plan: Plan, gen: Generator, prompts: dict, stage: str =
              kv_cache_dtype=str(gen.cache_dtype), compile_s=round(first.compile_seconds, 1))
 
 
+def grammar_decode(run: Run, plan: Plan, gen: Generator, prompts: dict) -> None:
+  """The decode rows with every row following a random grammar of a JSON schema's size (370 states x 278 classes,
+  about 70% of the classes allowed in each state, none accepting: the rows run all their steps), against
+  `decode`'s: the per-step cost of the mask and the state update (a [rows, V] gather)."""
+  r = np.random.default_rng(3)
+  states, classes = 370, 278
+  table = np.where(r.random((states, classes)) < 0.7, r.integers(0, states, (states, classes)), -1).astype(np.int32)
+  table[:, :STOP + 1] = -1
+  grammar = Grammar(r.integers(STOP + 1, classes, plan.cfg.vocab_size).astype(np.int32), table, 0, "random")
+  for batch, prompt, new in plan.decode:
+    ids, settings = prompts[(batch, prompt)], Sampling(grammar=grammar)
+    first = gen.generate(ids, new, settings, stop_ids=[0])
+    got = gen.generate(ids, new, settings, stop_ids=[0])
+    assert all(len(o) == new for o in got.output_ids)
+    run.emit(stage="grammar", impl="ours", batch=batch, ctx=prompt, new_tokens=new,
+             ms_per_step=round(1e3 * got.decode_seconds / (new - 1), 3), grammar_cells=grammar.cells,
+             compile_s=round(first.compile_seconds, 1))
+
+
 def fitting_batch(plan: Plan, flat: dict, step: int, cache_dtype: jnp.dtype) -> int:
   """Rows of (prompt + new) cache that fit in what the device has left after the weights, a multiple of `step`."""
   stats = jax.devices()[0].memory_stats() or {}
@@ -567,7 +590,7 @@ def main() -> None:
   kernels = probe(run, plan, default_kernels(args.experts, args.attention))
   run.stage("hf_train", hf_train, run, plan, peak)
 
-  if any(run.wants(s) for s in ("parity", "hf_inference", "decode", "throughput", "prefill", "profile")):
+  if any(run.wants(s) for s in ("parity", "hf_inference", "decode", "throughput", "prefill", "grammar", "profile")):
     mesh = sharding.make_mesh({}, jax.devices()[:1])
     model = create_model(plan.cfg, mesh, jnp.dtype(plan.dtype), kernels, seed=0)
     flat = checkpoint.flatten(nnx.state(model, nnx.Param))
@@ -586,6 +609,7 @@ def main() -> None:
     run.stage("decode", our_decode, run, plan, gen, prompts)
     run.stage("throughput", our_throughput, run, plan, model, flat, rng)
     run.stage("prefill", our_prefill, run, plan, gen, prompts)
+    run.stage("grammar", grammar_decode, run, plan, gen, prompts)
     run.stage("parity", parity, run, plan, kernels, model, theirs, parity_prompts)  # two more compiles: after the rows
     if args.trace:
       run.stage("profile", trace_decode, run, gen, prompts[plan.decode[0][:2]], args.trace)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen_moe_jax import sharding
+from qwen_moe_jax.grammar import Tables, loaded, successors
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.sampling import (
@@ -47,6 +48,8 @@ class DecodeState:
   counts: jax.Array | None  # [B, V] int32: times each row generated each id (presence / frequency; else None)
   top_ids: jax.Array | None  # [B, M, K] at each generated token, the K likeliest ids (ops.top_logprobs; else None)
   top_logprobs: jax.Array | None  # [B, M, K] fp32 their log-probabilities (see likeliest)
+  grammars: Tables | None  # the grammars rows follow (ops.grammars; else None), see grammar.py
+  grammar_at: jax.Array | None  # [B] int32 the cell of each row's grammar state
 
   def laid_out(self) -> "DecodeState":
     """Fixed shardings under a mesh (cache by the rules, the rest replicated), the same in and out of decode."""
@@ -101,7 +104,9 @@ def _state(cache: KVCache, keys, stop_ids, max_new: int, vocab: int, ops: Sampli
     limit=zeros, sampling=jax.tree.map(jnp.asarray, RowSampling.of([Sampling()] * rows, ops)),
     seen=jnp.zeros((rows, vocab), bool) if ops.repetition else None,
     counts=jnp.zeros((rows, vocab), jnp.int32) if ops.counted else None,
-    **_top_zeros(rows, max_new, ops)).laid_out()
+    **_top_zeros(rows, max_new, ops),
+    grammars=Tables.empty(ops.grammars, ops.grammar_cells, vocab) if ops.grammars else None,
+    grammar_at=zeros if ops.grammars else None).laid_out()
 
 
 def _top_zeros(rows: int, max_new: int, ops: SamplingOps) -> dict:
@@ -138,8 +143,9 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
   logits, length = model.logits(last_hidden)[source], lengths[source]  # [R, V], [R]
   seen = None if seen is None else seen[source]
   counts = None if state.counts is None else jnp.zeros((len(source), state.counts.shape[1]), jnp.int32)
+  nexts = successors(state.grammars, settings.grammar_slot, settings.grammar_start) if ops.grammars else None
   first = sample(logits, _step_keys(keys, jnp.int32(0)), ops, settings, seen, counts,
-                 jnp.zeros(len(source), jnp.int32), state.stop_ids)
+                 jnp.zeros(len(source), jnp.int32), state.stop_ids, None if nexts is None else nexts >= 0)
   done = jnp.isin(first, state.stop_ids) | (limits <= 1) | (length == 0)
   tokens_out = jnp.zeros((len(first), state.tokens.shape[1]), jnp.int32).at[:, 0].set(first)
   top = _top_zeros(len(first), state.tokens.shape[1], ops)
@@ -159,6 +165,7 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
     sampling=jax.tree.map(put, state.sampling, settings),
     seen=None if seen is None else put(state.seen, mark_seen(seen, first, length > 0)),
     counts=None if counts is None else put(state.counts, count_generated(counts, first, length > 0)),
+    grammar_at=None if nexts is None else put(state.grammar_at, _taken(nexts, first)),
     **{name: None if x is None else put(getattr(state, name), x) for name, x in top.items()}).laid_out()
 
 
@@ -179,7 +186,9 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: Sampling
     i, s = carry
     out = model(s.last[:, None], s.positions[:, None], cache=s.cache, attend_cache=True)
     logits = model.logits(out.hidden[:, 0])
-    token = sample(logits, _step_keys(s.keys, s.count), ops, s.sampling, s.seen, s.counts, s.count, s.stop_ids)
+    nexts = successors(s.grammars, s.sampling.grammar_slot, s.grammar_at) if ops.grammars else None
+    token = sample(logits, _step_keys(s.keys, s.count), ops, s.sampling, s.seen, s.counts, s.count, s.stop_ids,
+                   None if nexts is None else nexts >= 0)
     live = ~s.done
     count = s.count + live
     done = s.done | (live & jnp.isin(token, s.stop_ids)) | (count >= s.limit)
@@ -192,7 +201,8 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: Sampling
     return i + 1, dataclasses.replace(
       s, cache=out.cache, tokens=put(s.tokens, token), logprobs=put(s.logprobs, chosen_logprob(logits, token)), **top,
       last=jnp.where(live, token, s.last), positions=s.positions + live, done=done, count=count,
-      seen=mark_seen(s.seen, token, live), counts=count_generated(s.counts, token, live)).laid_out()
+      seen=mark_seen(s.seen, token, live), counts=count_generated(s.counts, token, live),
+      grammar_at=None if nexts is None else jnp.where(live, _taken(nexts, token), s.grammar_at)).laid_out()
 
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state.laid_out()))[1].laid_out()
 
@@ -234,8 +244,19 @@ def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys, settings: 
     positions=put(state.positions, length - 1), done=put(state.done, jnp.zeros_like(rows, bool)),
     count=put(state.count, jnp.zeros_like(rows)), limit=put(state.limit, limits), keys=put(state.keys, keys),
     sampling=jax.tree.map(put, state.sampling, settings), seen=None if seen is None else put(state.seen, seen),
-    counts=None if state.counts is None else put(state.counts, jnp.zeros((len(rows), state.counts.shape[1])))
-  ).laid_out()
+    counts=None if state.counts is None else put(state.counts, jnp.zeros((len(rows), state.counts.shape[1]))),
+    grammar_at=None if state.grammar_at is None else put(state.grammar_at, settings.grammar_start)).laid_out()
+
+
+def _taken(nexts: jax.Array, token: jax.Array) -> jax.Array:
+  """nexts [B, V] (see grammar.successors), token [B] -> the cell [B] each row's token leads to."""
+  return jnp.take_along_axis(nexts, token[:, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def load_grammar(state: DecodeState, slot, classes, base, cells) -> DecodeState:
+  """The state with a grammar in its tables (grammar.Registry.payloads)."""
+  return dataclasses.replace(state, grammars=loaded(state.grammars, slot, classes, base, cells)).laid_out()
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))

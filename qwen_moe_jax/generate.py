@@ -36,12 +36,14 @@ from qwen_moe_jax.decoding import (
   end_row,
   fork,
   kept_state,
+  load_grammar,
   prefill,
   prefix_slots,
   prompt_keys,
   prompt_slots,
 )
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.grammar import Registry
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.prefixes import PrefixIndex, common_prefix
@@ -104,6 +106,14 @@ class Output(NamedTuple):
   cached: int  # the prompt's ids not run (see Result.cached_tokens)
   top: list[list[tuple[int, float]]]  # at each generated id, the prompt's top_logprobs likeliest ids and their
   # log-probabilities, best first (see sampling.likeliest; [] when it asked for none)
+
+
+class Piece(NamedTuple):
+  """A prompt's newest generated ids, as `on_tokens` gets them (streaming), with their log-probabilities and
+  likeliest ids (as in Output)."""
+  ids: list[int]
+  logprobs: list[float]
+  top: list[list[tuple[int, float]]]
 
 
 @dataclasses.dataclass
@@ -191,7 +201,7 @@ class Generator:
   def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                settings: Sequence[Sampling] = ()) -> None:
     """Prompts of ids in the vocabulary, each leaving room in the context for a new token; max_new_tokens >= 1;
-    logit_bias ids in the vocabulary."""
+    logit_bias ids in the vocabulary, grammars over no more ids than it has."""
     cfg = self.config
     if not prompts:
       raise UserError("no prompts given")
@@ -211,18 +221,21 @@ class Generator:
       bad = [t for t, _ in s.logit_bias if t >= cfg.vocab_size]
       if bad:
         raise UserError(f"prompt {i + 1}: logit_bias id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+      if s.grammar is not None and len(s.grammar.classes) > cfg.vocab_size:
+        raise UserError(f"prompt {i + 1}: the {s.grammar.source} is over a tokenizer of {len(s.grammar.classes)} ids, "
+                        f"more than the model's vocabulary of {cfg.vocab_size}")
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                sampling: Sampling | Sequence[Sampling] = Sampling(), seed: int | Sequence[Stream] = 0,
                stop_ids: Sequence[int] = (),
-               on_tokens: Callable[[int, list[int]], None] | None = None, keep: bool = False,
+               on_tokens: Callable[[int, Piece], None] | None = None, keep: bool = False,
                stop_when: Callable[[int, list[int], int], int | None] | None = None,
                on_done: Callable[[int, list[int], list[float], str], None] | None = None,
                arrivals: Callable[[], Sequence[Arrival]] | None = None, room: Room | None = None) -> Result:
     """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
     context; `sampling`: one for all, or one per prompt (the rows of one batch may sample differently); `seed`:
     prompt i draws from stream (seed, i), or from its own `Stream` (seed, index) when one per prompt is given;
-    `on_tokens(prompt index, new_ids)` is called as tokens arrive (streaming).
+    `on_tokens(prompt index, Piece)` is called as tokens arrive (streaming).
 
     `stop_when(prompt index, output ids so far, how many of them are new)` (stop strings): None to go on, or how
     many of the ids to keep; the prompt then ends there (the host sees tokens between decode calls, so the
@@ -253,6 +266,9 @@ class Generator:
     room = room or Room()
     ops = SamplingOps.of(settings) | room.ops
     self.validate(prompts, wants, settings)
+    if not len(stop_ids) and any(s.grammar is not None for s in settings):
+      raise UserError("structured output needs a stop id to end on (an EOS id: the config's, generation_config.json's "
+                      "or the tokenizer's), and none is known")
     limits = [min(m, cfg.context_length - len(p)) for p, m in zip(prompts, wants)]  # [n]
     longest = max(len(p) for p in prompts)
     wanted = max(min(self.batch_size or n, n), room.rows)
@@ -264,6 +280,8 @@ class Generator:
     if arrivals:
       t = cache_len  # an arrival's prompt may be as long as the cache holds
     max_new = bucket(max(max(limits), room.max_new))
+    grammars = Registry(ops.grammars, ops.grammar_cells, cfg.vocab_size, stop_ids)
+    assert all(grammars.reserve(s.grammar) for s in settings)  # ops holds them all
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     kept, self._kept = self._kept, None
@@ -277,7 +295,7 @@ class Generator:
       return min(bucket(max(map(len, ids))), t)
 
     def row_sampling(indices: list[int], r: int) -> RowSampling:  # prompts' settings, padded to r rows
-      return RowSampling.of([settings[i] for i in indices] + [Sampling()] * (r - len(indices)), ops)
+      return RowSampling.of([settings[i] for i in indices] + [Sampling()] * (r - len(indices)), ops, grammars)
 
     def keys(indices: Sequence[int]) -> jax.Array:  # prompts' random streams
       return prompt_keys([streams[i].seed for i in indices], [streams[i].index for i in indices])
@@ -384,6 +402,8 @@ class Generator:
           filling.add(tuple(p))
           holds[row] = p
           index.add(row, p)
+      for payload in grammars.payloads():  # the grammars of prompts admitted since the last placement
+        state = self._compiled(load_grammar, (state, *payload), model=False)(state, *payload)
       state = fill(state, filled) if filled else state
       state = copy(state, copies) if copies else state
       for row, i, _, _ in copies:
@@ -406,7 +426,8 @@ class Generator:
       """Arrivals join the prompts waiting for a row, or, from the first the call has no room for, `left`."""
       for a in new:
         limit = min(a.max_new_tokens, cfg.context_length - len(a.ids))
-        if left or len(a.ids) + limit > cache_len or limit > max_new or not ops.covers(SamplingOps.of([a.sampling])):
+        if (left or len(a.ids) + limit > cache_len or limit > max_new or not ops.covers(SamplingOps.of([a.sampling]))
+            or not grammars.reserve(a.sampling.grammar)):
           left.append(a)
           continue
         waiting.insert(0, len(prompts))  # taken last
@@ -461,7 +482,7 @@ class Generator:
               del tops[i][keep_ids:]
               state, stopped[i] = end_row(state, np.int32(row)), True
             if on_tokens and fresh:
-              on_tokens(i, fresh)
+              on_tokens(i, Piece(fresh, logprobs[i][-len(fresh):], tops[i][-len(fresh):]))
           if i >= 0 and (done[row] or stopped[i]):
             owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], time.monotonic()
             if on_done:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_moe_jax.errors import UserError, json_number
+from qwen_moe_jax.grammar import Grammar, Registry, grammar_room
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Sampling:
   # min_tokens, transformers' min_new_tokens)
   logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias) pairs: the bias is added to the id's logit before
   # every other step (OpenAI's logit_bias: -100 bans the id, 100 forces it; at most MAX_LOGIT_BIAS ids)
+  grammar: Grammar | None = None  # structured output: only ids its automaton allows are drawn, before all else
+  # (grammar.py; not a flag's or a key's name: --regex, --json-schema, --choice and response_format give it)
 
   def validate(self, where: str | None = None) -> "Sampling":
     """Bad values are errors naming the flag, or the key in `where` (a file) when given."""
@@ -61,12 +64,16 @@ class Sampling:
     for token, bias in self.logit_bias:
       if token < 0 or not -100 <= bias <= 100:
         raise UserError(f"{name('logit_bias')} takes token ids >= 0 and biases in [-100, 100], got {token}: {bias}")
+    if self.grammar is not None and self.min_tokens:
+      raise UserError(f"{name('min_tokens')} cannot hold the stop ids back under structured output (the grammar "
+                      "says where the output may end)")
     return self
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's
 MAX_LOGIT_BIAS = 300  # OpenAI's
-SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling))  # the flags', file lines' and requests' names
+SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling) if f.name != "grammar")  # the flags', file lines'
+# and requests' names
 INTEGERS = ("top_k", "top_logprobs", "min_tokens")
 
 
@@ -99,6 +106,8 @@ class SamplingOps:
   min_tokens: bool = False  # some row holds its stop ids back for its first tokens
   logit_bias: int = 0  # the most ids some row biases (0: none)
   top_logprobs: int = 0  # the most ids some row reports at each token with their log-probabilities (0: none)
+  grammars: int = 0  # grammar slots G (slot 0: none; 0: no row follows a grammar), see grammar.py
+  grammar_cells: int = 0  # their cells N
 
   @staticmethod
   def of(settings: Sequence[Sampling]) -> "SamplingOps":
@@ -109,7 +118,7 @@ class SamplingOps:
       top_k=max((s.top_k for s in drawn), default=0), top_p=any(s.top_p < 1 for s in drawn),
       min_p=any(s.min_p > 0 for s in drawn), min_tokens=any(s.min_tokens > 0 for s in settings),
       logit_bias=max(len(s.logit_bias) for s in settings),
-      top_logprobs=max(s.top_logprobs for s in settings))
+      top_logprobs=max(s.top_logprobs for s in settings), **grammar_room({s.grammar for s in settings} - {None}))
 
   def __or__(self, other: "SamplingOps") -> "SamplingOps":
     """The steps either needs."""
@@ -135,19 +144,25 @@ class RowSampling:
   min_tokens: jax.Array
   bias_ids: jax.Array  # [B, K] int32 the ids each row biases (padded with NO_ID), K = SamplingOps.logit_bias
   biases: jax.Array  # [B, K] fp32 their biases
+  grammar_slot: jax.Array  # [B] int32 the grammar each row follows (0: none)
+  grammar_start: jax.Array  # [B] int32 the cell of its first state (see grammar.py)
 
   @staticmethod
-  def of(settings: Sequence[Sampling], ops: SamplingOps | None = None) -> "RowSampling":
-    """Host arrays [len(settings)] ([len(settings), K], K from `ops`, else from the settings)."""
+  def of(settings: Sequence[Sampling], ops: SamplingOps | None = None,
+         grammars: Registry | None = None) -> "RowSampling":
+    """Host arrays [len(settings)] ([len(settings), K], K from `ops`, else from the settings); `grammars` places
+    the rows' grammars (reserved there)."""
     k = (ops or SamplingOps.of(settings)).logit_bias
+    starts = np.array([grammars.start(s.grammar) if grammars else (0, 0) for s in settings], np.int32).reshape(-1, 2)
     bias_ids, biases = np.full((len(settings), k), NO_ID, np.int32), np.zeros((len(settings), k), np.float32)
     for row, s in enumerate(settings):
       for j, (token, bias) in enumerate(s.logit_bias):
         bias_ids[row, j], biases[row, j] = token, bias
     return RowSampling(**{f.name: np.array([getattr(s, f.name) for s in settings],
                                            np.int32 if f.name in INTEGERS else np.float32)
-                          for f in dataclasses.fields(RowSampling) if f.name not in ("bias_ids", "biases")},
-                       bias_ids=bias_ids, biases=biases)
+                          for f in dataclasses.fields(RowSampling)
+                          if f.name not in ("bias_ids", "biases", "grammar_slot", "grammar_start")},
+                       bias_ids=bias_ids, biases=biases, grammar_slot=starts[:, 0], grammar_start=starts[:, 1])
 
 
 NO_ID = np.iinfo(np.int32).max  # a padding id past any vocabulary: scatters drop it
@@ -192,10 +207,13 @@ def process_logits(logits: jax.Array, ops: SamplingOps, rs: RowSampling, seen: j
 
 def sample(logits: jax.Array, keys: jax.Array, ops: SamplingOps, rs: RowSampling, seen: jax.Array | None = None,
            counts: jax.Array | None = None, generated: jax.Array | None = None,
-           stop_ids: jax.Array | None = None) -> jax.Array:
+           stop_ids: jax.Array | None = None, allowed: jax.Array | None = None) -> jax.Array:
   """logits [B, V] fp32, keys [B], seen / counts [B, V] (with those penalties) -> token ids [B]: the argmax of a
   greedy row's logits, a draw from a sampling row's. With ops.min_tokens, a row that has generated [B] fewer
-  tokens than its min_tokens cannot draw the stop ids [S] (-1: unused)."""
+  tokens than its min_tokens cannot draw the stop ids [S] (-1: unused). With ops.grammars, only the ids its
+  grammar allows [B, V] (bool) are drawn."""
+  if ops.grammars:
+    logits = jnp.where(allowed, logits, -jnp.inf)
   if ops.min_tokens:
     held = (generated < rs.min_tokens)[:, None]  # the token drawn now is the row's (generated + 1)-th
     rows = jnp.arange(logits.shape[0])[:, None]

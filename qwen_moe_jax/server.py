@@ -26,14 +26,17 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from qwen_moe_jax.errors import UserError, json_number
-from qwen_moe_jax.generate import Arrival, Generator, Output, Room, Stream, bucket
+from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, bucket
+from qwen_moe_jax.grammar import Grammar, Grammars
 from qwen_moe_jax.sampling import MAX_TOP_LOGPROBS, SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
 
-ACCEPTED = {"suffix": ("",), "best_of": (1,), "tools": ([],), "functions": ([],),  # the values
-            "response_format": ({"type": "text"},)}  # of fields not implemented that we take
+ACCEPTED = {"suffix": ("",), "best_of": (1,), "tools": ([],), "functions": ([],)}  # the values of fields not
+# implemented that we take
+GUIDED = {"guided_regex": "regex", "guided_json": "json_schema", "guided_choice": "choice",  # vLLM's
+          "response_format": "json_schema"}  # OpenAI's (see Api.grammar)
 
 
 class BadRequest(Exception):
@@ -47,8 +50,9 @@ class BadRequest(Exception):
 @dataclasses.dataclass
 class Job:
   """One prompt of a request, generated as one row (or scored: `echo` with `logprobs`); its events go to the
-  request's queue tagged with `choice`: ("text", choice, piece) as text arrives (streamed requests), then ("done",
-  choice, Output, scores: PromptScores of a scored job, else None) or ("error", choice, message)."""
+  request's queue tagged with `choice`: ("text", choice, text, Piece: the ids it came from, None at the end) as
+  text arrives (streamed requests), then ("done", choice, Output, scores: PromptScores of a scored job, else None)
+  or ("error", choice, message)."""
   ids: list[int]
   max_new_tokens: int
   sampling: Sampling
@@ -59,6 +63,10 @@ class Job:
   text: TextStream | None = None  # streamed requests: the text shown so far
   cancelled: bool = False  # the client went away: the row ends at the next return to the host
   score: bool = False  # the prompt's scores, and with max_new_tokens 1 its greedy next token, from one forward pass
+
+
+GRAMMAR_SLOTS, GRAMMAR_CELLS = 8, 1 << 21  # room a call keeps for grammars once one came (see grammar.py): 7
+# schemas, or a generic JSON object (1 << 19 cells) and a few small ones; 8 MB of cells, 8 x V classes
 
 
 class Engine:
@@ -127,7 +135,9 @@ class Engine:
     k, top, biased = ops.top_k, ops.top_logprobs, ops.logit_bias
     ops = dataclasses.replace(ops, top_k=min(bucket(k), self.generator.config.vocab_size) if k else 0,
                               top_logprobs=min(bucket(top, 1), MAX_TOP_LOGPROBS) if top else 0,
-                              logit_bias=bucket(biased, 1) if biased else 0)
+                              logit_bias=bucket(biased, 1) if biased else 0,
+                              grammars=max(ops.grammars, GRAMMAR_SLOTS) if ops.grammars else 0,
+                              grammar_cells=max(ops.grammar_cells, GRAMMAR_CELLS) if ops.grammars else 0)
     self.room = dataclasses.replace(self.room, ops=self.room.ops | ops)
     offered: list[Job] = []  # jobs handed to the call as arrivals: the admitted ones first, in order
 
@@ -139,10 +149,10 @@ class Engine:
       offered.extend(new)
       return [Arrival(j.ids, j.max_new_tokens, j.sampling, j.stream) for j in new]
 
-    def on_tokens(i: int, ids: list[int]) -> None:
+    def on_tokens(i: int, piece: Piece) -> None:
       j = job(i)
       if j.text is not None:
-        j.events.put(("text", j.choice, j.text.push(ids)))
+        j.events.put(("text", j.choice, j.text.push(piece.ids), piece))
 
     def stop_when(i: int, ids: list[int], new: int) -> int | None:
       j = job(i)
@@ -153,7 +163,7 @@ class Engine:
     def on_done(i: int, out: Output) -> None:
       j = job(i)
       if j.text is not None:
-        j.events.put(("text", j.choice, j.text.close()))
+        j.events.put(("text", j.choice, j.text.close(), None))
       j.events.put(("done", j.choice, out, None))
 
     try:
@@ -173,6 +183,7 @@ class Api:
 
   def __init__(self, engine: Engine, tok: Tokenizer, name: str, sampling: Sampling, seed: int, slots: int):
     self.engine, self.tok, self.name, self.sampling, self.slots = engine, tok, name, sampling, slots
+    self.grammars = Grammars(tok)
     self.seed, self.counter, self.lock = seed, itertools.count(), threading.Lock()
 
   def jobs(self, kind: str, body: dict, events: queue.Queue) -> tuple[list[Job], list[list[int]]]:
@@ -192,6 +203,12 @@ class Api:
     except UserError as e:
       message = str(e).removeprefix("request: ")
       raise BadRequest(message, next((k for k in SETTINGS if message.startswith(k)), None)) from None
+    grammar = self.grammar(body)
+    if grammar is not None:
+      if sampling.min_tokens or body.get("ignore_eos"):
+        raise BadRequest("min_tokens and ignore_eos cannot hold the stop ids back under structured output (the "
+                         "grammar says where the output ends)", "min_tokens")
+      sampling = dataclasses.replace(sampling, grammar=grammar)
     n = _number(body, "n", int) if body.get("n") is not None else 1
     if not 1 <= n <= 128:
       raise BadRequest(f"n must be in [1, 128], got {n}", "n")
@@ -203,8 +220,6 @@ class Api:
         raise BadRequest(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {sampling.top_logprobs}", "logprobs")
     if kind == "chat" and sampling.top_logprobs and not body.get("logprobs"):
       raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-    if body.get("stream") and _wants_logprobs(kind, body):
-      raise BadRequest("logprobs are not streamed: ask without stream", "logprobs")
     limit_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
         else "max_tokens"
     echo = body.get("echo") not in (None, False)
@@ -238,6 +253,29 @@ class Api:
                        TextStream(self.tok, stops) if body.get("stream") else None, score=score))
     return out, prompts
 
+  def grammar(self, body: dict) -> Grammar | None:
+    """The structured output a request asks for: OpenAI's response_format ({"type": "json_object"}: any JSON
+    object; {"type": "json_schema", "json_schema": {"schema": ...}}), or vLLM's guided_json, guided_regex or
+    guided_choice."""
+    given = {k: body.get(k) for k in GUIDED}
+    fmt = given.pop("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is not None and kind not in ("text", "json_object", "json_schema"):
+      raise BadRequest('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                       f'"json_schema", "json_schema": {{"schema": ...}}}}, got {fmt!r}', "response_format")
+    if kind == "json_object":
+      given["response_format"] = {"type": "object"}
+    elif kind == "json_schema":
+      schema = fmt.get("json_schema")
+      given["response_format"] = schema.get("schema") if isinstance(schema, dict) else None
+      if not isinstance(given["response_format"], dict):
+        raise BadRequest("response_format.json_schema.schema must be a JSON schema object", "response_format")
+    try:
+      return self.grammars.pick(given, "request", GUIDED)
+    except UserError as e:
+      raise BadRequest(str(e).removeprefix("request: "), next(k for k in GUIDED if given.get(k) is not None)) \
+        from None
+
   def _prompts(self, kind: str, body: dict) -> list[list[int]]:
     if kind == "chat":
       messages = body.get("messages")
@@ -266,24 +304,32 @@ class Api:
     choices, stops = [], _stops(self.tok, body.get("stop"))
     wants_logprobs = _wants_logprobs(kind, body)
     echo, per_prompt = bool(body.get("echo")), len(results) // len(prompts)
-    piece = lambda t: self.tok.decode([t], skip_special_tokens=True)  # noqa: E731
+    piece = self._piece
     for k, (out, scores) in enumerate(results):
       ids, text = out.ids, text_of(self.tok, out.ids, stops)
       prompt = prompts[k // per_prompt] if echo else []
-      tops = out.top or [[]] * len(ids)
+      logprobs = self._logprobs(kind, Piece(out.ids, out.logprobs, out.top)) if wants_logprobs else None
       if kind == "chat":
-        choice = {"message": {"role": "assistant", "content": text}, "logprobs": {"content": [
-          {"token": piece(t), "logprob": lp, "bytes": None, "top_logprobs": [
-            {"token": piece(a), "logprob": alp, "bytes": None} for a, alp in top]}
-          for t, lp, top in zip(ids, out.logprobs, tops)]} if wants_logprobs else None}
+        choice = {"message": {"role": "assistant", "content": text}, "logprobs": logprobs}
       else:  # a scored prompt's log-probabilities (echo with logprobs), then the generated ones
         choice = {"text": self.tok.decode(prompt, skip_special_tokens=True) + text, "logprobs": {
-          "tokens": [piece(t) for t in prompt + ids], "token_logprobs": (scores.logprobs[:len(prompt)] if scores
-                                                                         else []) + out.logprobs,
-          "top_logprobs": _top(scores, prompt + ids, piece) if scores else [
-            {piece(a): alp for a, alp in top} for top in out.top] or None} if wants_logprobs else None}
+          "tokens": [piece(t) for t in prompt + ids], "token_logprobs": scores.logprobs[:len(prompt)] + out.logprobs,
+          "top_logprobs": _top(scores, prompt + ids, piece)} if scores else logprobs}
       choices.append({"index": k, "finish_reason": out.reason, **choice})
     return self._head(kind, chunk=False) | {"choices": choices, "usage": _usage(prompts, results)}
+
+  def _piece(self, token: int) -> str:
+    return self.tok.decode([token], skip_special_tokens=True)
+
+  def _logprobs(self, kind: str, new: Piece) -> dict:
+    """OpenAI's logprobs object for generated ids: chat's {"content": [...]}, completions' {"tokens", ...}."""
+    tops = new.top or [[]] * len(new.ids)
+    if kind == "chat":
+      return {"content": [{"token": self._piece(t), "logprob": lp, "bytes": None, "top_logprobs": [
+        {"token": self._piece(a), "logprob": alp, "bytes": None} for a, alp in top]}
+        for t, lp, top in zip(new.ids, new.logprobs, tops)]}
+    return {"tokens": [self._piece(t) for t in new.ids], "token_logprobs": new.logprobs,
+            "top_logprobs": [{self._piece(a): alp for a, alp in top} for top in new.top] or None}
 
   def _head(self, kind: str, chunk: bool) -> dict:
     obj = ("chat.completion.chunk" if chunk else "chat.completion") if kind == "chat" else "text_completion"
@@ -291,9 +337,20 @@ class Api:
             "created": int(time.time()), "model": self.name}
 
   def chunks(self, kind: str, body: dict, events: queue.Queue, total: int, prompts: list[list[int]]):
-    """The streamed reply: a chunk per piece of text of each choice, its finish reason, [usage], then [DONE]."""
+    """The streamed reply: a chunk per piece of text of each choice, its finish reason, [usage], then [DONE].
+    With logprobs, a chunk carries those of the ids since the last chunk (ids whose text is held back, a stop
+    string's first characters or part of a character, wait for the next; the finish chunk has the rest)."""
     head = self._head(kind, chunk=True)
     results: list[tuple | None] = [None] * total
+    wants = _wants_logprobs(kind, body)
+    unsent = [Piece([], [], []) for _ in range(total)]  # per choice: ids whose log-probabilities are not out yet
+
+    def logprobs(k: int) -> dict | None:
+      if not wants or not unsent[k].ids:
+        return None
+      out, unsent[k] = self._logprobs(kind, unsent[k]), Piece([], [], [])
+      return out
+
     if kind == "chat":
       for k in range(total):
         yield head | {"choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
@@ -304,13 +361,15 @@ class Api:
       if event[0] == "error":
         raise RuntimeError(event[2])
       if event[0] == "text":
+        if event[3] is not None:
+          unsent[k] = Piece(*(a + b for a, b in zip(unsent[k], event[3])))
         if event[2]:
           part = {"delta": {"content": event[2]}} if kind == "chat" else {"text": event[2]}
-          yield head | {"choices": [{"index": k, **part, "finish_reason": None, "logprobs": None}]}
+          yield head | {"choices": [{"index": k, **part, "finish_reason": None, "logprobs": logprobs(k)}]}
         continue
       results[k] = event[2:]
       part = {"delta": {}} if kind == "chat" else {"text": ""}
-      yield head | {"choices": [{"index": k, **part, "finish_reason": event[2].reason, "logprobs": None}]}
+      yield head | {"choices": [{"index": k, **part, "finish_reason": event[2].reason, "logprobs": logprobs(k)}]}
     if (body.get("stream_options") or {}).get("include_usage"):
       yield head | {"choices": [], "usage": _usage(prompts, results)}
 

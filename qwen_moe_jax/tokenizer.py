@@ -129,6 +129,20 @@ class Tokenizer:
   def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
     return StreamDecoder(self, skip_special_tokens)
 
+  def token_bytes(self) -> dict[bytes, list[int]]:
+    """The ids by the bytes each spells (what a grammar matches text against), added tokens left out: a grammar
+    never writes `<|im_end|>` as text. A UserError unless the tokenizer is byte-level (Qwen2's)."""
+    added, out = set(self._backend.get_added_tokens_decoder()), {}
+    for i in range(self.vocab_size):
+      token = self._backend.id_to_token(i)
+      if i in added or token is None:
+        continue
+      if any(c not in _BYTE_OF for c in token):
+        raise UserError(f"structured output needs a byte-level BPE tokenizer (Qwen2's); token {i} ({token!r}) is "
+                        "not spelled in byte-level characters")
+      out.setdefault(bytes(_BYTE_OF[c] for c in token), []).append(i)
+    return out
+
   def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                           tokenize: bool = True, **kwargs) -> list[int] | str:
     """transformers' `apply_chat_template(messages, add_generation_prompt=..., tokenize=..., **kwargs)`."""
@@ -154,6 +168,16 @@ class Tokenizer:
       raise UserError(f"{self._source}: invalid jinja at line {e.lineno}: {e.message}") from None
     except Exception as e:  # noqa: BLE001
       raise UserError(f"{self._source}: failed to render: {type(e).__name__}: {e}") from None
+
+
+def _byte_alphabet() -> dict[str, int]:
+  """GPT-2's byte-level alphabet, which spells each byte with a printable character: character -> byte."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  rest = [b for b in range(256) if b not in printable]
+  return {chr(c): b for b, c in [*zip(printable, printable), *zip(rest, range(256, 256 + len(rest)))]}
+
+
+_BYTE_OF = _byte_alphabet()
 
 
 class StreamDecoder:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"int8_cache", "int8_experts", "machine", "probe", "hf_train", "parity", "hf_decode", "hf_prefill",
-          "hf_throughput", "decode", "throughput", "prefill", "profile", "pallas_decode", "train", "fit", "lora",
-          "kernels", "qlora", "qlora_big", "done"}
+          "hf_throughput", "decode", "throughput", "prefill", "grammar", "profile", "pallas_decode", "train", "fit",
+          "lora", "kernels", "qlora", "qlora_big", "done"}
 
 
 def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
@@ -36,6 +36,7 @@ def test_gpu_table_runs_every_stage_on_cpu(tmp_path):
   assert all(r["max_abs_diff_over_scale"] < 1e-5 and r["argmax_agreement"] == 1.0 for r in parity)
   rows = {(r["stage"], r.get("batch")): r for r in records}
   assert rows[("decode", 1)]["ms_per_step"] > 0 and rows[("decode", 4)]["ms_per_step"] > 0
+  assert rows[("grammar", 1)]["ms_per_step"] > 0 and rows[("grammar", 4)]["ms_per_step"] > 0
   assert rows[("throughput", 8)]["new_tokens"] == 24 and rows[("throughput", 8)]["tokens_per_s"] > 0
   pallas = [r for r in records if r["stage"] == "pallas_decode"]
   assert [r.get("batch") for r in pallas] == [1, 4, 8] and all(r.get("ms_per_step", 1) > 0 for r in pallas)
@@ -171,6 +172,20 @@ def test_conversations_benchmark_runs():
   assert report["same_outputs"] and report["prompt_tokens"] == total == report["rerun"]["prompt_tokens_run"]
   assert report["shared"]["prompt_tokens_run"] == total - t * (c - 1) * system
   assert report["kept"]["prompt_tokens_run"] == c * (system + user) - (c - 1) * system + (t - 1) * c * (user + 1)
+
+
+def test_structured_output_benchmark_runs():
+  """benchmarks/structured_output.py, small: each grammar's build over Qwen2's vocabulary is reported with its size,
+  and the constrained rows ran every step (the script asserts both decodes generated all their tokens)."""
+  res = subprocess.run([sys.executable, "benchmarks/structured_output.py", "--rows", "2", "--new", "8"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr
+  report = json.loads(res.stdout.splitlines()[-1])
+  built = report["build_qwen2_vocabulary"]
+  assert [b["what"] for b in built][1:] == ["regex (ISO date)", "JSON schema (5 fields, nested)", "JSON object (any)"]
+  assert all(b["states"] > 1 and b["classes"] > 2 and b["device_cells"] >= b["states"] for b in built[1:])
+  decode = report["decode_demo_model"]
+  assert decode["free"]["decode_tokens_per_s"] > 0 and decode["grammar"]["decode_tokens_per_s"] > 0
 
 
 def test_data_prep_benchmark_runs():

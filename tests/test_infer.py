@@ -36,7 +36,8 @@ from qwen_moe_jax import (
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config, demo_model, write_hf_demo
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Arrival, Generator, Room, Stream, cache_bucket
+from qwen_moe_jax.generate import Arrival, Generator, Piece, Room, Stream, cache_bucket
+from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import abstract_model, create_model
@@ -153,7 +154,7 @@ def test_continuous_batching_equals_one_batch(tiny):
   for rows, prefill_rows in ((1, None), (2, None), (3, 2)):
     queued = Generator(model, batch_size=rows, prefill_rows=prefill_rows)
     streamed = [[] for _ in prompts]
-    got = queued.generate(prompts, 24, stop_ids=stops, on_tokens=lambda i, ids: streamed[i].extend(ids))
+    got = queued.generate(prompts, 24, stop_ids=stops, on_tokens=lambda i, piece: streamed[i].extend(piece.ids))
     assert got.output_ids == want[0] and streamed == want[0]
     for lp, ref in zip(got.output_logprobs, one_batch.output_logprobs, strict=True):
       np.testing.assert_allclose(lp, ref, atol=1e-5)
@@ -178,7 +179,7 @@ def test_stop_when_ends_a_prompt_on_the_host(tiny):
   want = [row[:ends.get(i, 24)] for i, row in enumerate(free.output_ids)]
   for engine in (gen, Generator(model, batch_size=2)):
     streamed, done = [[] for _ in prompts], []
-    got = engine.generate(prompts, 24, stop_when=stop_when, on_tokens=lambda i, ids: streamed[i].extend(ids),
+    got = engine.generate(prompts, 24, stop_when=stop_when, on_tokens=lambda i, piece: streamed[i].extend(piece.ids),
                           on_done=lambda i, out: done.append((i, list(out.ids), out.reason)))
     assert got.output_ids == want and streamed == want and got.generated_tokens == sum(map(len, want))
     assert got.finish_reasons == ["stop" if i in ends else "length" for i in range(len(prompts))]
@@ -893,14 +894,15 @@ def test_sampling_settings_from_generation_config(tmp_path):
 
   qwen_chat = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
   flags = cli.parse_args(["--demo"])
-  assert cli.sampling_from(flags, qwen_chat, tmp_path) == Sampling(0.7, 20, 0.8, 1.05)
-  assert cli.sampling_from(flags, dict(qwen_chat, do_sample=False), tmp_path) == Sampling(repetition_penalty=1.05)
-  assert cli.sampling_from(flags, {}, tmp_path) == Sampling()
-  assert cli.sampling_from(flags, dict(qwen_chat, min_p=0.05), tmp_path) == Sampling(0.7, 20, 0.8, 1.05, min_p=0.05)
+  sampling_from = lambda flags, gen: cli.sampling_from(flags, gen, tmp_path, Grammars(None))  # noqa: E731
+  assert sampling_from(flags, qwen_chat) == Sampling(0.7, 20, 0.8, 1.05)
+  assert sampling_from(flags, dict(qwen_chat, do_sample=False)) == Sampling(repetition_penalty=1.05)
+  assert sampling_from(flags, {}) == Sampling()
+  assert sampling_from(flags, dict(qwen_chat, min_p=0.05)) == Sampling(0.7, 20, 0.8, 1.05, min_p=0.05)
   with pytest.raises(UserError, match="generation_config.json: min_p must be in"):
-    cli.sampling_from(flags, dict(qwen_chat, min_p=2), tmp_path)
+    sampling_from(flags, dict(qwen_chat, min_p=2))
   flags = cli.parse_args(["--demo", "--temperature", "0", "--repetition-penalty", "1.2"])
-  assert cli.sampling_from(flags, qwen_chat, tmp_path) == Sampling(0.0, 20, 0.8, 1.2)
+  assert sampling_from(flags, qwen_chat) == Sampling(0.0, 20, 0.8, 1.2)
 
 
 def test_generation_config_repetition_penalty(tiny, tmp_path):
@@ -1030,7 +1032,7 @@ def test_streaming_holds_back_what_may_begin_a_stop_string(demo_ckpt, capsys):
   for stop, shown in (("router decide", "the experts and the "), ("each tokens", text), ("e", "th")):
     printer = cli.Printer(tok, StopStrings(tok, [stop]))
     for i in tok.encode(text):
-      printer(0, [i])
+      printer(0, Piece([i], [0.0], []))
     printer.close()
     assert capsys.readouterr().out == shown + "\n"
 

@@ -5,6 +5,7 @@ bad requests are one 400 line naming the field."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import pytest
 from qwen_moe_jax import checkpoint, convert, scoring
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.generate import Generator, Stream
+from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.prefixes import common_prefix
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.server import make_server
@@ -208,6 +210,36 @@ def test_top_logprobs_are_the_engines(served):
                              [[lp for _, lp in p] for p in want], atol=1e-5)
 
 
+def test_logprobs_stream_with_the_text(served):
+  """Streamed, each chunk carries the log-probabilities of the ids since the last one (a stop string's held-back
+  ids later, the EOS id in the finish chunk); joined, they are the whole reply's (chat with top_logprobs,
+  completions with logprobs: N, n = 2), and OpenAI's client reads them."""
+  import openai
+
+  url, tok, reference, eos, _ = served
+  messages = [{"role": "user", "content": "Tell me a story"}]
+  for path, body, key in (
+      ("/v1/chat/completions", {"messages": messages, "max_tokens": 24, "logprobs": True, "top_logprobs": 2,
+                                "temperature": 1.0, "seed": 4, "n": 2, "stop": ["e"]}, "content"),
+      ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24, "logprobs": 2, "temperature": 1.0,
+                           "seed": 4, "n": 2}, "token_logprobs")):
+    whole = post(url, body, path)[1]["choices"]
+    chunks = [c for c in stream(url, body, path)[:-1] if c["choices"]]
+    for k, choice in enumerate(whole):
+      parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["index"] == k]
+      got = {name: [x for p in parts if p for x in p[name] or []] for name in choice["logprobs"]}
+      assert got == {name: value or [] for name, value in choice["logprobs"].items()}, (path, k)
+      if "stop" not in body:  # 24 tokens: over several chunks
+        assert len(got[key]) > 1 and sum(1 for p in parts if p) > 1, parts
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+  streamed = client.chat.completions.create(model="demo", messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=1, stream=True)
+  entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+  whole = client.chat.completions.create(model="demo", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=1)
+  assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+
+
 def lm_eval_loglikelihood(choice: dict, ctxlen: int) -> tuple[float, bool]:
   """lm-eval's `local-completions` reading of an echo reply (LocalCompletionsAPI.parse_logprobs)."""
   logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
@@ -244,6 +276,43 @@ def test_echo_scores_prompts_as_lm_eval_asks(served):
     expected(reference, tok, eos, tok.encode("Once upon"), 4)[0], skip_special_tokens=True)
 
 
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+          "required": ["color", "ok"]}
+
+
+def test_structured_output(served):
+  """OpenAI's response_format (json_schema, json_object) and vLLM's guided_regex / guided_choice give what the
+  engine gives under that grammar, whole or streamed, through OpenAI's client too."""
+  import openai
+
+  url, tok, reference, eos, _ = served
+  grammars = Grammars(tok)
+  messages = [{"role": "user", "content": "Color?"}]
+  ids = tok.apply_chat_template(messages)
+  for fmt, schema in (({"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}, SCHEMA),
+                      ({"type": "json_object"}, {"type": "object"})):
+    body = {"messages": messages, "max_tokens": 60, "temperature": 0, "response_format": fmt}
+    want = expected(reference, tok, eos, ids, 60, Sampling(grammar=grammars.json_schema(schema, "t")))
+    status, reply = post(url, body, "/v1/chat/completions")
+    text = reply["choices"][0]["message"]["content"]
+    assert status == 200 and text == tok.decode(want[0], skip_special_tokens=True)
+    assert reply["choices"][0]["finish_reason"] == want[2]
+    chunks = stream(url, body, "/v1/chat/completions")
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"]) == text
+    assert want[2] == "length" or isinstance(json.loads(text), dict)
+  value = json.loads(post(url, {"messages": messages, "max_tokens": 60, "response_format": {
+    "type": "json_schema", "json_schema": {"schema": SCHEMA}}}, "/v1/chat/completions")[1]["choices"][0]["message"][
+      "content"])
+  assert value["color"] in ("red", "green") and isinstance(value["ok"], bool)
+  status, reply = post(url, {"prompt": "Digits:", "max_tokens": 20, "guided_regex": "[0-9]{2,4}!", "n": 3,
+                             "temperature": 1.0, "seed": 3})
+  assert status == 200 and all(re.fullmatch("[0-9]{2,4}!", c["text"]) for c in reply["choices"])
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+  reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=10, temperature=1.0, n=4,
+                                         extra_body={"guided_choice": ["red", "green", "blue sky"]})
+  assert {c.message.content for c in reply.choices} <= {"red", "green", "blue sky"}
+
+
 def reference_model(gen: Generator):
   from flax import nnx
   return nnx.merge(gen.graphdef, gen.params)
@@ -269,8 +338,6 @@ def reference_model(gen: Generator):
   ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "outside the vocabulary",
    "logit_bias"),
   ("/v1/completions", {"prompt": "hi", "logprobs": 25}, 400, "logprobs must be in [0, 20], got 25", "logprobs"),
-  ("/v1/completions", {"prompt": "hi", "logprobs": 1, "stream": True}, 400, "logprobs are not streamed",
-   "logprobs"),
   ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be in [1, 128]", "n"),
   ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop strings must be non-empty", "stop"),
   ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]",
@@ -280,6 +347,21 @@ def reference_model(gen: Generator):
    "top_logprobs needs logprobs: true", "top_logprobs"),
   ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
    400, "top_logprobs must be in [0, 20], got 21", "top_logprobs"),
+  ("/v1/completions", {"prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format must be",
+   "response_format"),
+  ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+   400, "response_format.json_schema.schema must be a JSON schema object", "response_format"),
+  ("/v1/completions", {"prompt": "hi", "guided_regex": "("}, 400, "guided_regex: cannot build the regex '('",
+   "guided_regex"),
+  ("/v1/completions", {"prompt": "hi", "guided_choice": "yes"}, 400, "guided_choice: choice must be a non-empty list",
+   "guided_choice"),
+  ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "wat"}}, 400, "guided_json: unsupported JSON schema",
+   "guided_json"),
+  ("/v1/completions", {"prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}, 400,
+   "give only one of guided_regex, guided_json, guided_choice, response_format (got guided_regex and guided_choice)",
+   "guided_regex"),
+  ("/v1/completions", {"prompt": "hi", "guided_regex": "a", "ignore_eos": True}, 400,
+   "min_tokens and ignore_eos cannot hold the stop ids back", "min_tokens"),
   ("/v1/embeddings", {"input": "hi"}, 404, "no such path", None),
 ])
 def test_bad_requests(served, path, body, status, message, param):

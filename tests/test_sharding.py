@@ -23,6 +23,7 @@ from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator
+from qwen_moe_jax.grammar import automaton
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import create_model, embed_lookup
 from qwen_moe_jax.sampling import Sampling
@@ -105,6 +106,25 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
   # scored, the prompts with the prefix run it once into a cache split over devices, their rests over copies
   for got, want in zip(prompt_scores(Generator(model, mesh, share_prefix=16), FEW_SHOT), ref_scores, strict=True):
     np.testing.assert_allclose(got.logprobs[1:], want.logprobs[1:], atol=1e-5)
+
+
+def test_grammar_rows_on_a_mesh(ckpt):
+  """Rows under a grammar (sampled, queued for 2 rows, a prompt's samples sharing its prefill) draw the same ids
+  on an 8-device mesh as on one device, and follow it: an even id under 50, then one to three ids in [60, 70),
+  then the stop id."""
+  folder = ckpt[0]
+  transitions = {0: dict.fromkeys(range(0, 50, 2), 1), **{s: dict.fromkeys(range(60, 70), s + 1) for s in (1, 2, 3)}}
+  grammar = automaton(transitions, 0, [2, 3, 4], vocab=101, ignore=-1, source="hand")
+  settings = [Sampling(temperature=1.0, grammar=grammar)] * 3 + [Sampling()]
+  prompts, stop = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]], [7]
+  one = Generator(checkpoint.restore(folder, dtype=jnp.float32), batch_size=2).generate(prompts, 8, settings, 5, stop)
+  mesh = mesh_of("data=2,expert=4")
+  got = Generator(checkpoint.restore(folder, mesh, jnp.float32), mesh, batch_size=2).generate(prompts, 8, settings,
+                                                                                              5, stop)
+  assert got.output_ids == one.output_ids
+  for ids in one.output_ids[:3]:
+    assert ids[0] % 2 == 0 and ids[0] < 50 and ids[-1] == 7 and 2 <= len(ids) - 1 <= 4
+    assert all(60 <= t < 70 for t in ids[1:-1])
 
 
 @pytest.mark.parametrize("spec", ["expert=8", "fsdp=2,expert=2,tensor=2", "data=2,expert=4"])

@@ -1,0 +1,247 @@
+"""Structured output: a regular expression, a JSON schema or a list of choices turned into an automaton over token
+ids, which the decode loop follows on the device (no host round trip per token), masking every id the automaton
+does not allow (vLLM's guided decoding, OpenAI's response_format).
+
+outlines-core builds the token-level automaton (`Index`: its states, and for each the ids allowed and the state
+each leads to). `Grammar` compresses it: ids that act alike in every state (most of a 150k vocabulary does, in a
+JSON schema: ordinary text inside a string) share a class, so the automaton is a [states, classes] table (a
+generic JSON object: 1623 x 225 cells) plus each id's class [V], instead of [states, V]. Class 0 is never allowed
+(special tokens, ids past the tokenizer's), class 1 holds the stop ids, allowed in accepting states only.
+
+On the device (`Tables`), a decode state holds G grammars: each slot's classes of every id [G, V], and the
+grammars' cells flattened into one array [N], where a state's row of cells starts at its *cell* (`base + s * C`)
+and a cell holds the cell of the state it leads to (-1: not allowed). A row follows its grammar with two
+numbers, its slot and its state's cell; slot 0 is no grammar (every id class 0, cell 0 leading to itself).
+Shapes: B rows, V vocabulary, G slots, N cells.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import threading
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_moe_jax.errors import UserError
+
+NEVER, STOP = 0, 1  # the classes every grammar has (see the module's docstring)
+KINDS = ("regex", "json_schema", "choice")  # what structured output is asked with (flags', keys' names)
+
+
+class Grammar:
+  """A token automaton: `classes` [V'] int32 each id's class (V' the tokenizer's ids), `table` [S, C] int32 the
+  state each class leads to from each state (-1: not allowed; column STOP leads back to the state where it may
+  end), `initial` the first state. Equal grammars are the same object (`Grammars` caches them)."""
+
+  def __init__(self, classes: np.ndarray, table: np.ndarray, initial: int, source: str):
+    self.classes, self.table, self.initial, self.source = classes, table, initial, source
+
+  @property
+  def cells(self) -> int:
+    """Its cells on the device: the table padded to a power of two (see Registry)."""
+    return _pow2(self.table.size)
+
+  def __repr__(self) -> str:
+    return f"Grammar({self.source}, {self.table.shape[0]} states x {self.table.shape[1]} classes)"
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def grammar_room(grammars: set[Grammar]) -> dict[str, int]:
+  """SamplingOps' `grammars` and `grammar_cells` that hold these grammars (none: zeros, no tables)."""
+  if not grammars:
+    return {"grammars": 0, "grammar_cells": 0}
+  return {"grammars": _pow2(len(grammars) + 1), "grammar_cells": _pow2(1 + sum(g.cells for g in grammars))}
+
+
+def automaton(transitions: dict[int, dict[int, int]], initial: int, final: Sequence[int], vocab: int,
+              ignore: int, source: str) -> Grammar:
+  """outlines-core's Index as a Grammar: transitions {state: {id: next state}} over ids < vocab (`ignore`: its
+  EOS id, which STOP replaces). Ids alike in every state are found by a random linear hash of their columns (one
+  pass over the transitions), then the table is checked against every transition and allowed count."""
+  states = sorted(set(transitions) | {t for row in transitions.values() for t in row.values()} | {initial})
+  number = {s: k for k, s in enumerate(states)}
+  columns, rng = [], np.random.default_rng(0)
+  hashes = np.zeros(vocab, np.uint64)
+  for s in states:
+    row = {t: n for t, n in transitions.get(s, {}).items() if t != ignore and 0 <= t < vocab}
+    ids = np.fromiter(row, np.int64, len(row))
+    nexts = np.fromiter((number[n] for n in row.values()), np.int64, len(row))
+    columns.append((ids, nexts))
+    hashes[ids] += rng.integers(1, 2**63, dtype=np.uint64) * (nexts.astype(np.uint64) + np.uint64(1))
+  unique, inverse = np.unique(hashes, return_inverse=True)
+  labels = np.where(unique == 0, NEVER, np.cumsum(unique != 0) + STOP)  # sorted: 0 (never allowed) first
+  classes = labels[inverse].astype(np.int32)
+  table = np.full((len(states), int(labels.max(initial=STOP)) + 1), -1, np.int32)
+  sizes = np.bincount(classes, minlength=table.shape[1])
+  sizes[:STOP + 1] = 0
+  for k, (ids, nexts) in enumerate(columns):
+    table[k, classes[ids]] = nexts
+    if not (np.array_equal(table[k, classes[ids]], nexts) and sizes[table[k] >= 0].sum() == len(ids)):
+      raise RuntimeError(f"{source}: two ids that act differently hashed alike (state {k})")  # ~2^-64
+  finals = [number[s] for s in final if s in number]
+  table[finals, STOP] = finals
+  return Grammar(classes, table, number[initial], source)
+
+
+class Grammars:
+  """Grammars over one tokenizer's ids, built on request (outlines-core) and cached: the most recent `size` by
+  their source, so the requests of one schema share one Grammar (and one slot on the device)."""
+
+  def __init__(self, tok, size: int = 64):
+    self.tok, self.size = tok, size
+    self._cache: collections.OrderedDict[tuple, Grammar] = collections.OrderedDict()
+    self._lock = threading.Lock()  # the server's request threads build them
+
+  @functools.cached_property
+  def _vocabulary(self):
+    import outlines_core  # imported on first use: structured output is optional at run time
+
+    ids = self.tok.token_bytes()
+    eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.vocab_size
+    return outlines_core.Vocabulary(eos, ids), eos, self.tok.vocab_size
+
+  def pick(self, given: dict, where: str | None, names: dict[str, str] | None = None) -> Grammar | None:
+    """The grammar that `given` (a file line or request `where`, else the flags) asks for with one of `names`
+    (key -> kind, one of KINDS; default: the kinds' own names), None when it asks for none; more than one is a
+    UserError."""
+    names = names or {k: k for k in KINDS}
+    shown = (lambda k: k) if where else (lambda k: f"--{k}")  # noqa: E731
+    label = (lambda k: f"{where}: {k}") if where else shown  # noqa: E731
+    asked = [k for k in names if given.get(k) is not None]
+    if len(asked) > 1:
+      raise UserError(f"{where + ': ' if where else ''}give only one of {', '.join(map(shown, names))} (got "
+                      f"{' and '.join(map(shown, asked))})")
+    if not asked:
+      return None
+    if self.tok is None:
+      raise UserError(f"{label(asked[0])}: structured output needs tokenizer.json in the checkpoint folder")
+    return getattr(self, names[asked[0]])(given[asked[0]], label(asked[0]))
+
+  def regex(self, pattern: str, where: str) -> Grammar:
+    """Output that matches `pattern` whole (Rust's regex syntax, close to Python's)."""
+    if not isinstance(pattern, str) or not pattern:
+      raise UserError(f"{where}: a regex must be a non-empty string, got {pattern!r}")
+    return self._build(("regex", pattern), pattern, f"regex {pattern!r}", where)
+
+  def json_schema(self, schema: Any, where: str) -> Grammar:
+    """JSON that follows `schema` (a dict, or its JSON text), as outlines-core reads JSON Schema (whitespace: at
+    most one space between tokens; {"type": "object"}: any object, nested a few levels deep)."""
+    if isinstance(schema, str):
+      try:
+        schema = json.loads(schema)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{where}: the JSON schema is not valid JSON ({e.msg})") from None
+    if not isinstance(schema, dict):
+      raise UserError(f"{where}: a JSON schema must be a JSON object, got {schema!r}")
+    text = json.dumps(schema, sort_keys=True)
+    try:
+      from outlines_core.json_schema import build_regex_from_schema
+      pattern = build_regex_from_schema(text)
+    except ValueError as e:
+      raise UserError(f"{where}: unsupported JSON schema: {e}") from None
+    return self._build(("json", text), pattern, "JSON schema", where)
+
+  def choice(self, options: Any, where: str) -> Grammar:
+    """Output that is exactly one of the strings in `options`."""
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
+      raise UserError(f"{where}: choice must be a non-empty list of non-empty strings, got {options!r}")
+    pattern = "|".join(f"({_escape(o)})" for o in options)
+    return self._build(("choice", *options), pattern, f"choice of {len(options)}", where)
+
+  def _build(self, key: tuple, pattern: str, source: str, where: str) -> Grammar:
+    with self._lock:
+      if key in self._cache:
+        self._cache.move_to_end(key)
+        return self._cache[key]
+      import outlines_core
+
+      vocabulary, eos, size = self._vocabulary
+      try:
+        index = outlines_core.Index(pattern, vocabulary)
+      except ValueError as e:
+        raise UserError(f"{where}: cannot build the {source}: {e}") from None
+      grammar = automaton(index.get_transitions(), index.get_initial_state(), index.get_final_states(), size, eos,
+                          source)
+      self._cache[key] = grammar
+      if len(self._cache) > self.size:
+        self._cache.popitem(last=False)
+      return grammar
+
+
+def _escape(text: str) -> str:
+  """`text` as a literal in Rust's regex syntax."""
+  return "".join("\\" + c if c in r"\.+*?()|[]{}^$#&-~" else c for c in text)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Tables:
+  """The grammars a decode state holds (see the module's docstring)."""
+  classes: jax.Array  # [G, V] int32
+  cells: jax.Array  # [N] int32
+
+  @staticmethod
+  def empty(slots: int, cells: int, vocab: int) -> "Tables":
+    """Only slot 0 (no grammar): every id class 0 and cell 0 leading to itself."""
+    return Tables(jnp.zeros((slots, vocab), jnp.int32), jnp.full((cells,), -1, jnp.int32).at[0].set(0))
+
+
+def successors(tables: Tables, slot: jax.Array, at: jax.Array) -> jax.Array:
+  """slot, at [B] (each row's grammar and state's cell) -> [B, V] the cell each id leads to (-1: not allowed)."""
+  return tables.cells[at[:, None] + tables.classes[slot]]
+
+
+def loaded(tables: Tables, slot, classes, base, cells) -> Tables:
+  """`tables` with a grammar in `slot`: its classes [V] and its cells [K] at cells [base, base + K)."""
+  return Tables(tables.classes.at[slot].set(classes), jax.lax.dynamic_update_slice(tables.cells, cells, (base,)))
+
+
+class Registry:
+  """Which grammar each slot of a decode state's Tables holds, filled as prompts are admitted (a call's slots are
+  not freed: a grammar that finds no room waits for the next call)."""
+
+  def __init__(self, slots: int, cells: int, vocab: int, stop_ids: Sequence[int]):
+    self.slots, self.cells, self.vocab, self.stop_ids = slots, cells, vocab, list(stop_ids)
+    self.placed: dict[Grammar, tuple[int, int]] = {}  # grammar -> (slot, base)
+    self.waiting: list[Grammar] = []  # reserved, not yet on the device
+    self.used = 1  # cell 0: slot 0's
+
+  def reserve(self, grammar: Grammar | None) -> bool:
+    """Room for `grammar` (None, or one already reserved: always)."""
+    if grammar is None or grammar in self.placed:
+      return True
+    if len(self.placed) + 1 >= self.slots or self.used + grammar.cells > self.cells:
+      return False
+    self.placed[grammar] = (len(self.placed) + 1, self.used)
+    self.used += grammar.cells
+    self.waiting.append(grammar)
+    return True
+
+  def start(self, grammar: Grammar | None) -> tuple[int, int]:
+    """A row's (slot, cell of its first state) for `grammar` (reserved); (0, 0) for none."""
+    if grammar is None:
+      return 0, 0
+    slot, base = self.placed[grammar]
+    return slot, base + grammar.initial * grammar.table.shape[1]
+
+  def payloads(self):
+    """(slot, classes [V], base, cells [K]) of each reserved grammar not yet on the device (decoding.load_grammar
+    puts one there)."""
+    for g in self.waiting:
+      slot, base = self.placed[g]
+      classes = np.zeros(self.vocab, np.int32)
+      classes[:len(g.classes)] = g.classes
+      classes[[i for i in self.stop_ids if 0 <= i < self.vocab]] = STOP
+      cells = np.full(g.cells, -1, np.int32)
+      cells[:g.table.size] = np.where(g.table >= 0, base + g.table * g.table.shape[1], -1).ravel()
+      yield np.int32(slot), classes, np.int32(base), cells
+    self.waiting = []
