@@ -154,7 +154,7 @@ class Grammars:
     """Output that is exactly one of the strings in `options`."""
     if not isinstance(options, list) or not options or not all(isinstance(o, str) and o for o in options):
       raise UserError(f"{where}: choice must be a non-empty list of non-empty strings, got {options!r}")
-    pattern = "|".join(f"({_escape(o)})" for o in options)
+    pattern = "|".join(f"({literal(o)})" for o in options)
     return self._build(("choice", *options), pattern, f"choice of {len(options)}", where)
 
   def _build(self, key: tuple, pattern: str, source: str, where: str) -> Grammar:
@@ -177,7 +177,7 @@ class Grammars:
       return grammar
 
 
-def _escape(text: str) -> str:
+def literal(text: str) -> str:
   """`text` as a literal in Rust's regex syntax."""
   return "".join("\\" + c if c in r"\.+*?()|[]{}^$#&-~" else c for c in text)
 

@@ -25,6 +25,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from qwen_moe_jax import tool_calls
 from qwen_moe_jax.errors import UserError, json_number
 from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, bucket
 from qwen_moe_jax.grammar import Grammar, Grammars
@@ -33,8 +34,8 @@ from qwen_moe_jax.scoring import prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
 
-ACCEPTED = {"suffix": ("",), "best_of": (1,), "tools": ([],), "functions": ([],)}  # the values of fields not
-# implemented that we take
+ACCEPTED = {"suffix": ("",), "best_of": (1,), "functions": ([],)}  # the values of fields not implemented that we
+# take
 GUIDED = {"guided_regex": "regex", "guided_json": "json_schema", "guided_choice": "choice",  # vLLM's
           "response_format": "json_schema"}  # OpenAI's (see Api.grammar)
 
@@ -203,7 +204,7 @@ class Api:
     except UserError as e:
       message = str(e).removeprefix("request: ")
       raise BadRequest(message, next((k for k in SETTINGS if message.startswith(k)), None)) from None
-    grammar = self.grammar(body)
+    grammar = self.grammar(kind, body)
     if grammar is not None:
       if sampling.min_tokens or body.get("ignore_eos"):
         raise BadRequest("min_tokens and ignore_eos cannot hold the stop ids back under structured output (the "
@@ -253,36 +254,63 @@ class Api:
                        TextStream(self.tok, stops) if body.get("stream") else None, score=score))
     return out, prompts
 
-  def grammar(self, body: dict) -> Grammar | None:
+  def grammar(self, kind: str, body: dict) -> Grammar | None:
     """The structured output a request asks for: OpenAI's response_format ({"type": "json_object"}: any JSON
-    object; {"type": "json_schema", "json_schema": {"schema": ...}}), or vLLM's guided_json, guided_regex or
-    guided_choice."""
+    object; {"type": "json_schema", "json_schema": {"schema": ...}}), vLLM's guided_json, guided_regex or
+    guided_choice, or a chat's tool_choice forcing a call."""
     given = {k: body.get(k) for k in GUIDED}
     fmt = given.pop("response_format")
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if fmt is not None and kind not in ("text", "json_object", "json_schema"):
+    form = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is not None and form not in ("text", "json_object", "json_schema"):
       raise BadRequest('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
                        f'"json_schema", "json_schema": {{"schema": ...}}}}, got {fmt!r}', "response_format")
-    if kind == "json_object":
+    if form == "json_object":
       given["response_format"] = {"type": "object"}
-    elif kind == "json_schema":
+    elif form == "json_schema":
       schema = fmt.get("json_schema")
       given["response_format"] = schema.get("schema") if isinstance(schema, dict) else None
       if not isinstance(given["response_format"], dict):
         raise BadRequest("response_format.json_schema.schema must be a JSON schema object", "response_format")
+    names = GUIDED
+    tools = self._tools(body) if kind == "chat" else None
+    if tools:  # tool_choice "required" or a named function: the reply is the call (its arguments' schema followed)
+      try:
+        pattern = tool_calls.forced(tools, body.get("tool_choice"), body.get("parallel_tool_calls") is not False)
+      except UserError as e:
+        raise BadRequest(str(e), "tool_choice") from None
+      given, names = given | {"tool_choice": pattern}, GUIDED | {"tool_choice": "regex"}
     try:
-      return self.grammars.pick(given, "request", GUIDED)
+      return self.grammars.pick(given, "request", names)
     except UserError as e:
-      raise BadRequest(str(e).removeprefix("request: "), next(k for k in GUIDED if given.get(k) is not None)) \
+      raise BadRequest(str(e).removeprefix("request: "), next(k for k in names if given.get(k) is not None)) \
         from None
+
+  def _tools(self, body: dict) -> list[dict] | None:
+    """A chat request's `tools` (checked), or None when it gives none or its tool_choice is "none"."""
+    tools = body.get("tools")
+    if tools is None or tools == []:
+      if body.get("tool_choice") not in (None, "none", "auto"):
+        raise BadRequest("tool_choice needs tools", "tool_choice")
+      return None
+    try:
+      tools = tool_calls.check_tools(tools)
+    except UserError as e:
+      raise BadRequest(str(e), "tools") from None
+    if not self.tok.takes("tools"):
+      raise BadRequest("the chat template does not take tools: give the checkpoint a template that does (Qwen's "
+                       "Hermes-style <tool_call> format, as Qwen2.5's)", "tools")
+    return None if body.get("tool_choice") == "none" else tools
 
   def _prompts(self, kind: str, body: dict) -> list[list[int]]:
     if kind == "chat":
       messages = body.get("messages")
       if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
+      tools = self._tools(body)
+      messages = [_template_form(m) for m in messages]
       try:
-        return [self.tok.apply_chat_template(messages, add_generation_prompt=True)]
+        return [self.tok.apply_chat_template(messages, add_generation_prompt=True,
+                                             **({"tools": tools} if tools else {}))]
       except UserError as e:
         raise BadRequest(str(e), "messages") from None
     prompt = body.get("prompt")
@@ -304,18 +332,21 @@ class Api:
     choices, stops = [], _stops(self.tok, body.get("stop"))
     wants_logprobs = _wants_logprobs(kind, body)
     echo, per_prompt = bool(body.get("echo")), len(results) // len(prompts)
-    piece = self._piece
+    tools, piece = kind == "chat" and self._tools(body), self._piece
     for k, (out, scores) in enumerate(results):
-      ids, text = out.ids, text_of(self.tok, out.ids, stops)
+      ids, text, reason = out.ids, text_of(self.tok, out.ids, stops), out.reason
       prompt = prompts[k // per_prompt] if echo else []
       logprobs = self._logprobs(kind, Piece(out.ids, out.logprobs, out.top)) if wants_logprobs else None
       if kind == "chat":
-        choice = {"message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+        content, calls = tool_calls.parse(text) if tools else (text, [])
+        reason = "tool_calls" if calls else reason
+        choice = {"message": {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})},
+                  "logprobs": logprobs}
       else:  # a scored prompt's log-probabilities (echo with logprobs), then the generated ones
         choice = {"text": self.tok.decode(prompt, skip_special_tokens=True) + text, "logprobs": {
           "tokens": [piece(t) for t in prompt + ids], "token_logprobs": scores.logprobs[:len(prompt)] + out.logprobs,
           "top_logprobs": _top(scores, prompt + ids, piece)} if scores else logprobs}
-      choices.append({"index": k, "finish_reason": out.reason, **choice})
+      choices.append({"index": k, "finish_reason": reason, **choice})
     return self._head(kind, chunk=False) | {"choices": choices, "usage": _usage(prompts, results)}
 
   def _piece(self, token: int) -> str:
@@ -339,11 +370,22 @@ class Api:
   def chunks(self, kind: str, body: dict, events: queue.Queue, total: int, prompts: list[list[int]]):
     """The streamed reply: a chunk per piece of text of each choice, its finish reason, [usage], then [DONE].
     With logprobs, a chunk carries those of the ids since the last chunk (ids whose text is held back, a stop
-    string's first characters or part of a character, wait for the next; the finish chunk has the rest)."""
+    string's first characters or part of a character, wait for the next; the finish chunk has the rest). With
+    tools, text streams as content up to where a tool call could begin; the calls come whole, in one chunk at the
+    end (OpenAI's clients join a call's deltas, so one delta is a whole call)."""
     head = self._head(kind, chunk=True)
     results: list[tuple | None] = [None] * total
-    wants = _wants_logprobs(kind, body)
+    wants, tools = _wants_logprobs(kind, body), kind == "chat" and self._tools(body)
     unsent = [Piece([], [], []) for _ in range(total)]  # per choice: ids whose log-probabilities are not out yet
+    texts, sent = [""] * total, [0] * total  # with tools: each choice's text so far, and how much of it went out
+
+    def content(k: int, final: bool) -> str:  # what choice k's text may send now
+      if not tools:
+        new, texts[k] = texts[k], ""
+        return new
+      upto = len(texts[k]) if final else tool_calls.streamable(texts[k])
+      new, sent[k] = texts[k][sent[k]:max(upto, sent[k])], max(upto, sent[k])
+      return new
 
     def logprobs(k: int) -> dict | None:
       if not wants or not unsent[k].ids:
@@ -363,15 +405,42 @@ class Api:
       if event[0] == "text":
         if event[3] is not None:
           unsent[k] = Piece(*(a + b for a, b in zip(unsent[k], event[3])))
-        if event[2]:
-          part = {"delta": {"content": event[2]}} if kind == "chat" else {"text": event[2]}
+        texts[k] += event[2]
+        new = content(k, final=False)
+        if new:
+          part = {"delta": {"content": new}} if kind == "chat" else {"text": new}
           yield head | {"choices": [{"index": k, **part, "finish_reason": None, "logprobs": logprobs(k)}]}
         continue
-      results[k] = event[2:]
+      results[k], reason = event[2:], event[2].reason
+      calls = tool_calls.parse(texts[k])[1] if tools else []
+      if calls:
+        reason = "tool_calls"
+        yield head | {"choices": [{"index": k, "delta": {"tool_calls": [
+          {"index": j, **call} for j, call in enumerate(calls)]}, "finish_reason": None, "logprobs": None}]}
+      rest = content(k, final=True) if tools and not calls else ""  # held back, and no call after all: content
+      if rest:
+        yield head | {"choices": [{"index": k, "delta": {"content": rest}, "finish_reason": None, "logprobs": None}]}
       part = {"delta": {}} if kind == "chat" else {"text": ""}
-      yield head | {"choices": [{"index": k, **part, "finish_reason": event[2].reason, "logprobs": logprobs(k)}]}
+      yield head | {"choices": [{"index": k, **part, "finish_reason": reason, "logprobs": logprobs(k)}]}
     if (body.get("stream_options") or {}).get("include_usage"):
       yield head | {"choices": [], "usage": _usage(prompts, results)}
+
+
+def _template_form(message):
+  """An OpenAI chat message as chat templates read it: an assistant's tool calls with their arguments as objects
+  (OpenAI sends JSON text) and its content "" when it has none (as vLLM passes them)."""
+  if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
+    return message
+  calls = []
+  for call in message["tool_calls"]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+      try:
+        call = call | {"function": function | {"arguments": json.loads(function["arguments"])}}
+      except json.JSONDecodeError:
+        pass  # left as text, as given
+    calls.append(call)
+  return message | {"content": message.get("content") or "", "tool_calls": calls}
 
 
 def _top(scores, ids: list[int], piece) -> list[dict | None]:

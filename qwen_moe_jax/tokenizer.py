@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.sandbox
 import jinja2.utils
 import tokenizers
@@ -153,6 +154,13 @@ class Tokenizer:
     variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
     text = self._render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     return self.encode(text) if tokenize else text
+
+  def takes(self, variable: str) -> bool:
+    """Whether the chat template reads `variable` (such as "tools"); False when it does not parse."""
+    try:
+      return variable in jinja2.meta.find_undeclared_variables(_ENV.parse(self.chat_template))
+    except jinja2.exceptions.TemplateSyntaxError:
+      return False
 
   def _render(self, **variables) -> str:
     # The template is untrusted code: whatever it raises is reported as its failure, never as ours.

