@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP server over one Generator (`infer.py --serve`): POST /v1/completions and
-/v1/chat/completions (one JSON reply, or server-sent events with "stream": true), GET /v1/models and /health.
+/v1/chat/completions (one JSON reply, or server-sent events with "stream": true), vLLM's /tokenize and
+/detokenize, GET /v1/models and /health.
 
 One engine thread owns the device and runs generate calls back to back; the HTTP threads (the standard library's
 ThreadingHTTPServer) parse requests into jobs (a prompt and its settings: a request with "n" samples or several
@@ -301,6 +302,24 @@ class Api:
                        "Hermes-style <tool_call> format, as Qwen2.5's)", "tools")
     return None if body.get("tool_choice") == "none" else tools
 
+  def tokenize(self, body: dict) -> dict:
+    """vLLM's /tokenize: a completion's "prompt" or a chat's "messages" (through the chat template, with its
+    "tools") as the ids a request would run, their count and --max-model-len."""
+    if not isinstance(body, dict):
+      raise BadRequest("the request body must be a JSON object")
+    ids = self._prompts("chat" if "messages" in body else "completions", body)
+    if len(ids) != 1:
+      raise BadRequest("tokenize takes one prompt", "prompt")
+    return {"count": len(ids[0]), "max_model_len": self.slots, "tokens": ids[0]}
+
+  def detokenize(self, body: dict) -> dict:
+    """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": their text}."""
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and
+                                               0 <= t < self.engine.generator.config.vocab_size for t in tokens):
+      raise BadRequest("tokens must be a list of token ids in the vocabulary", "tokens")
+    return {"prompt": self.tok.decode(tokens)}
+
   def _prompts(self, kind: str, body: dict) -> list[list[int]]:
     if kind == "chat":
       messages = body.get("messages")
@@ -502,11 +521,14 @@ class Handler(BaseHTTPRequestHandler):
     self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
 
   def do_POST(self) -> None:  # noqa: N802
-    kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(self.path)
+    kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/tokenize": "tokenize",
+            "/detokenize": "detokenize"}.get(self.path)
     if kind is None:
       return self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
     try:
       body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+      if kind in ("tokenize", "detokenize"):
+        return self._json(200, getattr(self.api, kind)(body))
       events: queue.Queue = queue.Queue()
       jobs, prompts = self.api.jobs(kind, body, events)
     except ValueError as e:  # a bad Content-Length, or JSON

@@ -497,6 +497,25 @@ def test_openai_client(served):
     client.completions.create(model="demo", prompt="hi", temperature=-1)
 
 
+def test_tokenize_and_detokenize(served, tool_server):
+  """vLLM's /tokenize gives the ids a request runs (a prompt's, a chat's through the template, with its tools);
+  /detokenize their text; bad bodies are a 400 naming the field."""
+  url, tok, *_ = served
+  status, reply = post(url, {"prompt": "Hello there"}, "/tokenize")
+  assert status == 200 and reply == {"count": len(tok.encode("Hello there")), "max_model_len": SLOTS,
+                                     "tokens": tok.encode("Hello there")}
+  messages = [{"role": "user", "content": "Hi"}]
+  assert post(url, {"messages": messages}, "/tokenize")[1]["tokens"] == tok.apply_chat_template(messages)
+  tool_url, tool_tok = tool_server
+  assert post(tool_url, {"messages": messages, "tools": [TIME]}, "/tokenize")[1]["tokens"] == \
+      tool_tok.apply_chat_template(messages, tools=[TIME])
+  assert post(url, {"tokens": tok.encode("Hello there")}, "/detokenize")[1] == {"prompt": "Hello there"}
+  for path, body, param in (("/detokenize", {"tokens": [-1]}, "tokens"), ("/tokenize", {"prompt": ""}, "prompt"),
+                            ("/tokenize", {"prompt": ["a", "b"]}, "prompt")):
+    status, reply = post(url, body, path)
+    assert status == 400 and reply["error"]["param"] == param, reply
+
+
 def test_models_and_health(served):
   url = served[0]
   with urllib.request.urlopen(url + "/v1/models") as r:
