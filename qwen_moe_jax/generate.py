@@ -230,7 +230,7 @@ class Generator:
                stop_ids: Sequence[int] = (),
                on_tokens: Callable[[int, Piece], None] | None = None, keep: bool = False,
                stop_when: Callable[[int, list[int], int], int | None] | None = None,
-               on_done: Callable[[int, list[int], list[float], str], None] | None = None,
+               on_done: Callable[[int, Output], None] | None = None,
                arrivals: Callable[[], Sequence[Arrival]] | None = None, room: Room | None = None) -> Result:
     """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
     context; `sampling`: one for all, or one per prompt (the rows of one batch may sample differently); `seed`:
@@ -281,7 +281,8 @@ class Generator:
       t = cache_len  # an arrival's prompt may be as long as the cache holds
     max_new = bucket(max(max(limits), room.max_new))
     grammars = Registry(ops.grammars, ops.grammar_cells, cfg.vocab_size, stop_ids)
-    assert all(grammars.reserve(s.grammar) for s in settings)  # ops holds them all
+    reserved = [grammars.reserve(s.grammar) for s in settings]
+    assert all(reserved), "the grammars' tables hold fewer grammars than the prompts bring"  # ops is sized for all
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     kept, self._kept = self._kept, None

@@ -142,13 +142,8 @@ class Grammars:
         raise UserError(f"{where}: the JSON schema is not valid JSON ({e.msg})") from None
     if not isinstance(schema, dict):
       raise UserError(f"{where}: a JSON schema must be a JSON object, got {schema!r}")
-    text = json.dumps(schema, sort_keys=True)
-    try:
-      from outlines_core.json_schema import build_regex_from_schema
-      pattern = build_regex_from_schema(text)
-    except ValueError as e:
-      raise UserError(f"{where}: unsupported JSON schema: {e}") from None
-    return self._build(("json", text), pattern, "JSON schema", where)
+    return self._build(("json", json.dumps(schema, sort_keys=True)), schema_regex(schema, where), "JSON schema",
+                       where)
 
   def choice(self, options: Any, where: str) -> Grammar:
     """Output that is exactly one of the strings in `options`."""
@@ -175,6 +170,17 @@ class Grammars:
       if len(self._cache) > self.size:
         self._cache.popitem(last=False)
       return grammar
+
+
+def schema_regex(schema: dict, where: str) -> str:
+  """The regex of the JSON that follows `schema` (outlines-core's reading of JSON Schema), else a UserError naming
+  `where`."""
+  from outlines_core.json_schema import build_regex_from_schema  # imported on first use, as in Grammars
+
+  try:
+    return build_regex_from_schema(json.dumps(schema, sort_keys=True))
+  except ValueError as e:
+    raise UserError(f"{where}: unsupported JSON schema: {e}") from None
 
 
 def literal(text: str) -> str:

@@ -109,8 +109,9 @@ def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.A
   per_segment = jax.ops.segment_sum(ratio, (rows + segment_ids).reshape(-1), num_segments=b * (t + 1))
   per_segment = per_segment.reshape(b, t + 1)  # [B, S]: segment s of row b
   if kind == "ipo":  # each answer's mean log-ratio
-    tokens = jax.ops.segment_sum(loss_mask.reshape(-1).astype(F32), (rows + segment_ids).reshape(-1), b * (t + 1))
-    per_segment = per_segment / jnp.maximum(tokens.reshape(b, t + 1), 1.0)
+    answer_tokens = jax.ops.segment_sum(loss_mask.reshape(-1).astype(F32), (rows + segment_ids).reshape(-1),
+                                        b * (t + 1))
+    per_segment = per_segment / jnp.maximum(answer_tokens.reshape(b, t + 1), 1.0)
   pairs = t // 2
   chosen, rejected = beta * per_segment[:, 1:2 * pairs:2], beta * per_segment[:, 2:2 * pairs + 1:2]  # [B, P]
   real = (jnp.arange(pairs)[None] < (jnp.max(segment_ids, axis=-1) // 2)[:, None]).astype(F32)  # [B, P]

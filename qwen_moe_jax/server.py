@@ -396,14 +396,11 @@ class Api:
     results: list[tuple | None] = [None] * total
     wants, tools = _wants_logprobs(kind, body), kind == "chat" and self._tools(body)
     unsent = [Piece([], [], []) for _ in range(total)]  # per choice: ids whose log-probabilities are not out yet
-    texts, sent = [""] * total, [0] * total  # with tools: each choice's text so far, and how much of it went out
+    texts, sent = [""] * total, [0] * total  # each choice's text so far, and how much of it went out
 
-    def content(k: int, final: bool) -> str:  # what choice k's text may send now
-      if not tools:
-        new, texts[k] = texts[k], ""
-        return new
-      upto = len(texts[k]) if final else tool_calls.streamable(texts[k])
-      new, sent[k] = texts[k][sent[k]:max(upto, sent[k])], max(upto, sent[k])
+    def content(k: int, final: bool) -> str:  # what choice k's text may send now (with tools: not a call's start)
+      upto = tool_calls.streamable(texts[k]) if tools and not final else len(texts[k])  # never less than sent[k]
+      new, sent[k] = texts[k][sent[k]:upto], upto
       return new
 
     def logprobs(k: int) -> dict | None:

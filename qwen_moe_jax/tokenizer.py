@@ -8,6 +8,7 @@ as transformers does unless `sanitize_control_tokens=True`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from datetime import datetime
@@ -157,10 +158,15 @@ class Tokenizer:
 
   def takes(self, variable: str) -> bool:
     """Whether the chat template reads `variable` (such as "tools"); False when it does not parse."""
+    return variable in self._variables
+
+  @functools.cached_property
+  def _variables(self) -> frozenset[str]:
+    """The variables the chat template reads (parsed once; none when it does not parse)."""
     try:
-      return variable in jinja2.meta.find_undeclared_variables(_ENV.parse(self.chat_template))
+      return frozenset(jinja2.meta.find_undeclared_variables(_ENV.parse(self.chat_template)))
     except jinja2.exceptions.TemplateSyntaxError:
-      return False
+      return frozenset()
 
   def _render(self, **variables) -> str:
     # The template is untrusted code: whatever it raises is reported as its failure, never as ours.

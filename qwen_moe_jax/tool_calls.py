@@ -12,10 +12,8 @@ import re
 import uuid
 from typing import Any
 
-from outlines_core.json_schema import build_regex_from_schema
-
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.grammar import literal
+from qwen_moe_jax.grammar import literal, schema_regex
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
@@ -56,10 +54,7 @@ def forced(tools: list[dict], choice: Any, parallel: bool) -> str | None:
 
 def _call(function: dict) -> str:
   schema = function.get("parameters") or {"type": "object", "properties": {}}
-  try:
-    arguments = build_regex_from_schema(json.dumps(schema, sort_keys=True))
-  except ValueError as e:
-    raise UserError(f"tools: {function['name']}'s parameters: unsupported JSON schema: {e}") from None
+  arguments = schema_regex(schema, f"tools: {function['name']}'s parameters")
   head = literal(OPEN + '\n{"name": ' + json.dumps(function["name"]) + ', "arguments": ')
   return head + f"({arguments})" + literal("}\n" + CLOSE)
 
