@@ -5,7 +5,8 @@
                   [--eval-data held_out.jsonl] [--eval-every 50]
 
 Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}; with
---dpo-beta, preference pairs {"prompt": ..., "chosen": ..., "rejected": ...} (DPO against the starting model).
+--dpo-beta, preference pairs {"prompt": ..., "chosen": ..., "rejected": ...} (DPO against the starting model, or
+SimPO / ORPO with --dpo-loss, reference-free).
 Running the same command on the same --out resumes from the latest complete checkpoint and continues exactly
 as if never stopped. RUN_DIR/metrics.jsonl gets one object per step; RUN_DIR/loss.png at the end.
 `infer.py --checkpoint RUN_DIR` and `convert/orbax_to_hf.py RUN_DIR OUT` use the latest weights.
@@ -69,9 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "with this beta (TRL's default: 0.1), the starting model as the reference")
   ap.add_argument("--dpo-loss", choices=DPO_LOSSES, default="sigmoid",
                   help="with --dpo-beta, TRL's loss types: sigmoid (DPO), hinge (SLiC), ipo (IPO: log-probabilities "
-                  "averaged over each answer's tokens)")
+                  "averaged over each answer's tokens); or reference-free, no reference pass: simpo (SimPO; the "
+                  "paper's beta: 2 to 2.5) or orpo (ORPO: the chosen answers' NLL plus beta, ORPO's lambda (TRL: "
+                  "0.1), times the odds ratio's loss)")
   ap.add_argument("--dpo-label-smoothing", type=float, default=0.0,
-                  help="with --dpo-loss sigmoid: the chance a pair's labels are flipped (cDPO; 0 to 0.5)")
+                  help="with --dpo-loss sigmoid or simpo: the chance a pair's labels are flipped (cDPO; 0 to 0.5)")
+  ap.add_argument("--simpo-gamma", type=float, default=training.TrainConfig.simpo_gamma,
+                  help="with --dpo-loss simpo: the target reward margin (TRL's default: 0.5)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -104,7 +109,7 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     compute_dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
     seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta,
-    dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing).validate()
+    dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:
@@ -182,7 +187,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       wanted = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
       opt_state = run.load(start, OPT_STATE, wanted, cfg.num_experts)
     references = [None] * len(files)
-    if pairs:  # every token's log-probability under the starting model, computed before its first step
+    if tc.reference:  # every token's log-probability under the starting model, computed before its first step
       logprob_fn = functools.cache(lambda: jax.jit(training.make_logprob_step(graphdef, abstract, tc)).lower(
         trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile())  # when needed
       references = [reference(path, digest, docs, tc, run, start,
@@ -194,10 +199,11 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
                                                              pack=tc.pack, pairs=pairs, reference=references[1])
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
-    compiled = training.compile_step(step_fn, trainable, frozen, opt_state, training.batch_spec(mesh, shape, pairs))
+    spec = training.batch_spec(mesh, shape, tc.reference)
+    compiled = training.compile_step(step_fn, trainable, frozen, opt_state, spec)
     if held_out is not None:
       eval_fn = jax.jit(training.make_eval_step(graphdef, abstract, tc)).lower(
-        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len), pairs)).compile()
+        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len), tc.reference)).compile()
     first = start or 0
     run.truncate_metrics(first)
     lr = training.schedule(tc)
@@ -212,7 +218,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       seconds = time.perf_counter() - tick
       done = step + 1
       record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss),
-                "dpo_loss" if pairs else "ce": float(m.value), **{k: float(v) for k, v in m.stats.items()},
+                tc.objective: float(m.value), **{k: float(v) for k, v in m.stats.items()},
                 "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm),
                 "tokens": int(m.tokens), "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
       if held_out is not None and (done % eval_every == 0 or done == tc.steps):
@@ -234,7 +240,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
 
 def evaluate(eval_fn, trainable, frozen, held_out: data.BatchStream, mesh, pairs: bool) -> dict:
   """The objective's mean over the held-out data (summed over batches, then divided): cross-entropy over every
-  loss token, or DPO's loss over every pair."""
+  loss token, or the preference loss over every pair."""
   total, count = 0.0, 0.0
   for rows in held_out.one_pass():
     s, n = jax.device_get(eval_fn(trainable, frozen, training.device_batch({k: v[None] for k, v in rows.items()},

@@ -1,5 +1,5 @@
-"""Training losses: next-token cross-entropy (chunked over tokens), or DPO's preference loss over pairs of
-answers, plus the router load-balancing loss.
+"""Training losses: next-token cross-entropy (chunked over tokens), or a preference loss over pairs of answers
+(DPO and its kin), plus the router load-balancing loss.
 
 Neither materialises fp32 logits for all tokens at once: tokens go through the LM head in chunks under
 `jax.checkpoint`, so the backward pass recomputes one chunk's [C, V] logits at a time.
@@ -59,12 +59,12 @@ def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Ar
 @dataclasses.dataclass
 class LossParts:
   total: jax.Array  # value + router_aux_loss_coef * aux
-  value: jax.Array  # the objective's mean over `count`: next-token NLL per loss token, or DPO's loss per pair
+  value: jax.Array  # the objective's mean over `count`: next-token NLL per loss token, or a preference loss per pair
   aux: jax.Array  # load-balancing loss (0 without sparse layers)
   count: jax.Array  # number of loss tokens, or of pairs
   expert_load: jax.Array | None  # [L, E] fraction of routed slots per expert and sparse layer
-  stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # sums over `count` to log as means (DPO's
-  # rewards)
+  stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # sums over `count` to log as means
+  # (preference_stats)
 
 
 def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
@@ -78,8 +78,15 @@ def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Ar
   return _with_router_loss(model, out, segment_ids, nll_sum / jnp.maximum(count, 1.0), count)
 
 
-DPO_LOSSES = ("sigmoid", "hinge", "ipo")  # preference_loss's kinds (TRL's loss_type names)
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")  # preference_loss's kinds (TRL's loss_type names)
+REFERENCE_FREE = ("simpo", "orpo")  # the kinds without a reference model
 PREFERENCE_STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")  # preference_loss's
+ORPO_STATS = ("nll_loss", "log_odds_ratio")  # and ORPO's, as TRL's ORPOTrainer logs them
+
+
+def preference_stats(kind: str) -> tuple[str, ...]:
+  """The stats preference_loss of this kind sums."""
+  return PREFERENCE_STATS + (ORPO_STATS if kind == "orpo" else ())
 
 
 def preference_pairs(segment_ids: jax.Array) -> jax.Array:
@@ -89,44 +96,64 @@ def preference_pairs(segment_ids: jax.Array) -> jax.Array:
 
 
 def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                    positions: jax.Array, segment_ids: jax.Array, ref_logp: jax.Array, beta: float,
-                    remat: str = "none", kind: str = "sigmoid", label_smoothing: float = 0.0) -> LossParts:
-  """DPO (Rafailov et al. 2023), averaged over pairs, of the margin m = beta ((log pi(chosen) - log ref(chosen)) -
-  (log pi(rejected) - log ref(rejected))), as TRL's DPOTrainer computes its loss types (`kind`): "sigmoid", DPO's
-  -log sigmoid(m), with `label_smoothing` e (cDPO: the labels flipped with probability e) -(1 - e) log sigmoid(m)
-  - e log sigmoid(-m); "hinge" (SLiC) relu(1 - m); "ipo" (Azar et al. 2023) (m / beta - 1 / (2 beta))^2, its
-  log-probabilities averaged over the answer's tokens instead of summed.
+                    positions: jax.Array, segment_ids: jax.Array, ref_logp: jax.Array | None, beta: float,
+                    remat: str = "none", kind: str = "sigmoid", label_smoothing: float = 0.0,
+                    gamma: float = 0.0) -> LossParts:
+  """A preference loss averaged over pairs, as TRL computes it (`kind`). DPO's (Rafailov et al. 2023) are losses of
+  the margin m = beta ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))): "sigmoid",
+  DPO's -log sigmoid(m), with `label_smoothing` e (cDPO: the labels flipped with probability e) -(1 - e)
+  log sigmoid(m) - e log sigmoid(-m); "hinge" (SLiC) relu(1 - m); "ipo" (Azar et al. 2023)
+  (m / beta - 1 / (2 beta))^2, its log-probabilities averaged over the answer's tokens instead of summed.
+  The reference-free kinds (ref_logp None) take each answer's mean token log-probability lp: "simpo" (Meng et al.
+  2024; TRL's CPOTrainer) is the sigmoid loss of beta (lp(chosen) - lp(rejected)) - `gamma`, label smoothing too;
+  "orpo" (Hong et al. 2024; `beta` its lambda) -lp(chosen) - beta log sigmoid(log odds(chosen) - log odds(rejected)),
+  odds(y) = p / (1 - p) of p = exp lp(y): the chosen answer's NLL plus the odds ratio's loss, per pair (the paper's
+  mean; TRL's ORPOTrainer averages the NLL over the batch's chosen tokens instead).
   Arrays [B, T] as causal_lm_loss's, each row holding whole pairs (the chosen answer's document, then the rejected
   one's, as segments 2k + 1 and 2k + 2); ref_logp [B, T] fp32: the reference model's log-probability of each
   target. A sequence's log-probability sums its loss tokens' (the answer's). `stats` sums each pair's reward
-  accuracy (chosen above rejected), margin and rewards (beta times the log-ratios), as TRL logs them. The two
-  documents of a pair always share a row: the segments' mask."""
+  accuracy (chosen above rejected), margin and rewards (beta times the log-ratios, or SimPO's and ORPO's beta times
+  the mean log-probabilities), and ORPO's NLL and log odds ratio, as TRL logs them. The two documents of a pair
+  always share a row: the segments' mask."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=True)
   b, t, d = out.hidden.shape
   logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1))  # [B T]
-  ratio = (logp - ref_logp.reshape(-1)) * loss_mask.reshape(-1).astype(F32)
+  if ref_logp is not None:
+    logp = logp - ref_logp.reshape(-1)
+  mask = loss_mask.reshape(-1).astype(F32)
   rows = jnp.broadcast_to(jnp.arange(b)[:, None] * (t + 1), (b, t))
-  per_segment = jax.ops.segment_sum(ratio, (rows + segment_ids).reshape(-1), num_segments=b * (t + 1))
-  per_segment = per_segment.reshape(b, t + 1)  # [B, S]: segment s of row b
-  if kind == "ipo":  # each answer's mean log-ratio
-    answer_tokens = jax.ops.segment_sum(loss_mask.reshape(-1).astype(F32), (rows + segment_ids).reshape(-1),
-                                        b * (t + 1))
-    per_segment = per_segment / jnp.maximum(answer_tokens.reshape(b, t + 1), 1.0)
+  segments = (rows + segment_ids).reshape(-1)
+  per_segment = jax.ops.segment_sum(logp * mask, segments, num_segments=b * (t + 1)).reshape(b, t + 1)  # [B, S]:
+  # segment s of row b
+  if kind in ("ipo",) + REFERENCE_FREE:  # each answer's mean
+    per_segment = per_segment / jnp.maximum(jax.ops.segment_sum(mask, segments, b * (t + 1)).reshape(b, t + 1), 1.0)
   pairs = t // 2
-  chosen, rejected = beta * per_segment[:, 1:2 * pairs:2], beta * per_segment[:, 2:2 * pairs + 1:2]  # [B, P]
+  chosen_lp, rejected_lp = per_segment[:, 1:2 * pairs:2], per_segment[:, 2:2 * pairs + 1:2]  # [B, P]
+  chosen, rejected = beta * chosen_lp, beta * rejected_lp
   real = (jnp.arange(pairs)[None] < (jnp.max(segment_ids, axis=-1) // 2)[:, None]).astype(F32)  # [B, P]
   margin = chosen - rejected
   count = jnp.sum(real)
   stats = dict(zip(PREFERENCE_STATS, (jnp.sum(x * real) for x in (margin > 0, margin, chosen, rejected))))
-  if kind == "sigmoid":
-    losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(margin) - label_smoothing * jax.nn.log_sigmoid(-margin)
+  if kind in ("sigmoid", "simpo"):
+    z = margin - (gamma if kind == "simpo" else 0.0)
+    losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
   elif kind == "hinge":
     losses = jax.nn.relu(1 - margin)
-  else:
-    assert kind == "ipo", kind
+  elif kind == "ipo":
     losses = (margin / beta - 1 / (2 * beta)) ** 2
+  else:
+    assert kind == "orpo", kind
+    ratio = _log_odds(chosen_lp) - _log_odds(rejected_lp)
+    losses = -chosen_lp - beta * jax.nn.log_sigmoid(ratio)
+    stats |= {"nll_loss": jnp.sum(-chosen_lp * real), "log_odds_ratio": jnp.sum(ratio * real)}
   value = jnp.sum(losses * real) / jnp.maximum(count, 1.0)
   return _with_router_loss(model, out, segment_ids, value, count, stats)
+
+
+def _log_odds(lp: jax.Array) -> jax.Array:
+  """log(p / (1 - p)) of p = exp(lp), p held below 1 (an answer of certain tokens would give inf)."""
+  lp = jnp.minimum(lp, -1e-6)
+  return lp - jnp.log(-jnp.expm1(lp))
 
 
 def _with_router_loss(model: QwenMoeForCausalLM, out, segment_ids: jax.Array, value: jax.Array, count: jax.Array,

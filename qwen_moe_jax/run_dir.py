@@ -29,6 +29,8 @@ from qwen_moe_jax.errors import UserError
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
+OBJECTIVES = {"ce": "cross-entropy", "dpo_loss": "DPO loss", "simpo_loss": "SimPO loss",
+              "orpo_loss": "ORPO loss"}  # the objective's metric (TrainConfig.objective) and its name in the plot
 OPT_STATE = "opt_state"  # checkpointable name of the optimizer state in a step
 TOKENS_DIR = "tokens"
 
@@ -112,7 +114,7 @@ class RunDir:
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     steps = np.array([r["step"] for r in records])
-    key, name = ("dpo_loss", "DPO loss") if "dpo_loss" in records[0] else ("ce", "cross-entropy")
+    key, name = next((k, n) for k, n in OBJECTIVES.items() if k in records[0])
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], label=f"loss ({key} + coef x aux)")
     ax.plot(steps, [r[key] for r in records], label=name, alpha=0.7)

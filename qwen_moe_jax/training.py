@@ -25,10 +25,11 @@ from qwen_moe_jax.layers import F32
 from qwen_moe_jax.lora import LoraConfig, is_adapter
 from qwen_moe_jax.losses import (
   DPO_LOSSES,
-  PREFERENCE_STATS,
+  REFERENCE_FREE,
   causal_lm_loss,
   preference_loss,
   preference_pairs,
+  preference_stats,
   token_nll,
 )
 from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
@@ -81,9 +82,22 @@ class TrainConfig:
   seed: int = 0
   pack: bool = True
   lora: LoraConfig | None = None  # train LoRA adapters only, the rest frozen
-  dpo_beta: float | None = None  # DPO on preference pairs (losses.preference_loss) instead of next-token CE
+  dpo_beta: float | None = None  # DPO (or a kin) on preference pairs (losses.preference_loss) instead of next-token CE
   dpo_loss: str = "sigmoid"  # its kind (losses.DPO_LOSSES)
-  dpo_label_smoothing: float = 0.0  # cDPO's, for the sigmoid kind
+  dpo_label_smoothing: float = 0.0  # cDPO's, for the sigmoid and simpo kinds
+  simpo_gamma: float = 0.5  # SimPO's target margin (TRL's default)
+
+  @property
+  def reference(self) -> bool:
+    """Whether the objective reads a reference model's log-probabilities (DPO's kinds but the reference-free)."""
+    return self.dpo_beta is not None and self.dpo_loss not in REFERENCE_FREE
+
+  @property
+  def objective(self) -> str:
+    """The objective's name in metrics.jsonl."""
+    if self.dpo_beta is None:
+      return "ce"
+    return f"{self.dpo_loss}_loss" if self.dpo_loss in REFERENCE_FREE else "dpo_loss"
 
   @property
   def warmup(self) -> int:
@@ -105,9 +119,14 @@ class TrainConfig:
       raise UserError("--dpo-loss and --dpo-label-smoothing shape DPO's loss: give --dpo-beta too")
     if self.dpo_loss not in DPO_LOSSES:
       raise UserError(f"--dpo-loss must be one of {', '.join(DPO_LOSSES)}, got '{self.dpo_loss}'")
-    if not 0 <= self.dpo_label_smoothing < 0.5 or (self.dpo_label_smoothing and self.dpo_loss != "sigmoid"):
-      raise UserError(f"--dpo-label-smoothing must be in [0, 0.5), with --dpo-loss sigmoid, got "
+    smoothed = self.dpo_loss in ("sigmoid", "simpo")  # the kinds with label smoothing
+    if not 0 <= self.dpo_label_smoothing < 0.5 or (self.dpo_label_smoothing and not smoothed):
+      raise UserError(f"--dpo-label-smoothing must be in [0, 0.5), with --dpo-loss sigmoid or simpo, got "
                       f"{self.dpo_label_smoothing} with {self.dpo_loss}")
+    if self.simpo_gamma != TrainConfig.simpo_gamma and (self.dpo_beta is None or self.dpo_loss != "simpo"):
+      raise UserError("--simpo-gamma is SimPO's margin: give --dpo-beta and --dpo-loss simpo too")
+    if not self.simpo_gamma >= 0:
+      raise UserError(f"--simpo-gamma must be >= 0, got {self.simpo_gamma}")
     if self.lora is not None:
       self.lora.validate()
       if self.train_only or self.freeze:
@@ -191,7 +210,7 @@ def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
 @dataclasses.dataclass
 class StepMetrics:
   loss: jax.Array
-  value: jax.Array  # the objective (cross-entropy per loss token, or DPO's loss per pair)
+  value: jax.Array  # the objective (cross-entropy per loss token, or a preference loss per pair)
   aux_loss: jax.Array
   grad_norm: jax.Array
   tokens: jax.Array  # non-padding tokens in the step
@@ -286,8 +305,8 @@ def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: 
   model = _model(graphdef, abstract, tc, trainable, frozen)
   args = (micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"], micro["segment_ids"])
   if tc.dpo_beta is not None:
-    return preference_loss(model, *args, micro[data.REFERENCE], tc.dpo_beta, remat, tc.dpo_loss,
-                           tc.dpo_label_smoothing)
+    return preference_loss(model, *args, micro.get(data.REFERENCE), tc.dpo_beta, remat, tc.dpo_loss,
+                           tc.dpo_label_smoothing, tc.simpo_gamma)
   return causal_lm_loss(model, *args, remat, tc.pack)
 
 
@@ -299,7 +318,7 @@ def _count(tc: TrainConfig, batch) -> jax.Array:
 
 
 def _stat_names(tc: TrainConfig) -> tuple[str, ...]:
-  return PREFERENCE_STATS if tc.dpo_beta is not None else ()
+  return preference_stats(tc.dpo_loss) if tc.dpo_beta is not None else ()
 
 
 def _zero_load(abstract: nnx.State) -> jax.Array:
@@ -349,10 +368,10 @@ def batch_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, int, int]) -> jax.
 
 
 def batch_spec(mesh: jax.sharding.Mesh, shape: tuple[int, int, int],
-               pairs: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-  """The abstract batch (every data.FIELDS array int32 [K, B, T], and with `pairs` data.REFERENCE fp32, rows over
-  the batch axes) to compile a step for."""
-  fields = {k: jnp.int32 for k in data.FIELDS} | ({data.REFERENCE: jnp.float32} if pairs else {})
+               reference: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The abstract batch (every data.FIELDS array int32 [K, B, T], and with `reference` data.REFERENCE fp32, rows
+  over the batch axes) to compile a step for."""
+  fields = {k: jnp.int32 for k in data.FIELDS} | ({data.REFERENCE: jnp.float32} if reference else {})
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape)) for k, dtype in fields.items()}
 
 

@@ -23,7 +23,7 @@ from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.losses import causal_lm_loss, preference_loss
+from qwen_moe_jax.losses import causal_lm_loss, preference_loss, preference_stats
 from qwen_moe_jax.model import QwenMoeForCausalLM, create_model, param_count
 from qwen_moe_jax.moe import (
   ExpertLora,
@@ -169,12 +169,15 @@ def assert_grads_match(model, grads, torch_grads: dict, names: tuple[str, ...], 
   assert checked >= least
 
 
-@pytest.mark.parametrize("kind,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize("kind,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0),
+                                             ("simpo", 0.0), ("simpo", 0.1), ("orpo", 0.0)])
 def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
   """preference_loss over packed rows (two pairs in a row, one in another, padding) equals DPO computed in torch
   pair by pair, each sequence alone through transformers (its answer tokens' log-probabilities summed, minus the
-  reference's; averaged for IPO), and so do its gradients (autograd); its stats are the pairs' rewards. Each of
-  TRL's loss types we take, by TRL's formulas: sigmoid (with cDPO's label smoothing), hinge, ipo."""
+  reference's; averaged for IPO, and without a reference for SimPO and ORPO), and so do its gradients (autograd);
+  its stats are the pairs' rewards (and ORPO's NLL and log odds ratio). Each of TRL's loss types we take, by TRL's
+  formulas: sigmoid (with cDPO's label smoothing), hinge, ipo, CPOTrainer's simpo (with label smoothing) and
+  ORPOTrainer's odds ratio (its NLL the paper's, per pair)."""
   hf_model = make_model(seed=6, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(4)
@@ -183,10 +186,11 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
     tokens = rng.integers(0, hf_model.config.vocab_size, n)
     docs.append(data.Document(tuple(tokens.tolist()), tuple(int(j >= n // 2) for j in range(n))))
   documents = data.Documents.of(docs)
-  reference = rng.uniform(-4, -1, len(documents.tokens)).astype(np.float32)
+  free = kind in ("simpo", "orpo")
+  reference = None if free else rng.uniform(-4, -1, len(documents.tokens)).astype(np.float32)
   batch = data.BatchStream(documents, 36, batch_size=2, seed=1, pairs=True, reference=reference).batch(0)
-  assert sorted(int(s.max()) for s in batch["segment_ids"]) == [2, 4]
-  beta = 0.3
+  assert sorted(int(s.max()) for s in batch["segment_ids"]) == [2, 4] and (data.REFERENCE in batch) != free
+  beta, gamma = 0.3, 0.4
 
   hf_model.train()
   logp = []
@@ -194,12 +198,15 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
     ids = torch.tensor([doc.tokens])
     lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
     mask = torch.tensor(doc.loss_mask[1:], dtype=torch.float32)
-    ratio = ((lp - torch.tensor(reference[start + 1:start + len(doc.tokens)])) * mask).sum()
-    logp.append(ratio / mask.sum() if kind == "ipo" else ratio)
-  chosen, rejected = beta * torch.stack(logp[0::2]), beta * torch.stack(logp[1::2])
-  m = chosen - rejected
-  loss = {"sigmoid": -(1 - smoothing) * F.logsigmoid(m) - smoothing * F.logsigmoid(-m), "hinge": torch.relu(1 - m),
-          "ipo": (m / beta - 1 / (2 * beta)) ** 2}[kind].mean()
+    ratio = ((lp - (0 if free else torch.tensor(reference[start + 1:start + len(doc.tokens)]))) * mask).sum()
+    logp.append(ratio / mask.sum() if kind in ("ipo", "simpo", "orpo") else ratio)
+  lc, lr = torch.stack(logp[0::2]), torch.stack(logp[1::2])
+  m = beta * (lc - lr)
+  z = m - gamma if kind == "simpo" else m
+  log_odds = (lc - lr) - (torch.log1p(-torch.exp(lc)) - torch.log1p(-torch.exp(lr)))
+  loss = {"sigmoid": -(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z), "hinge": torch.relu(1 - m),
+          "ipo": (m / beta - 1 / (2 * beta)) ** 2, "orpo": -lc - beta * F.logsigmoid(log_odds)}[
+    "sigmoid" if kind == "simpo" else kind].mean()
   loss.backward()
   torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
 
@@ -207,16 +214,21 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
 
   def loss_fn(params):
     parts = preference_loss(nnx.merge(graphdef, params), *(jnp.asarray(batch[k]) for k in (
-      "tokens", "targets", "loss_mask", "positions", "segment_ids", data.REFERENCE)), beta, kind=kind,
-      label_smoothing=smoothing)
+      "tokens", "targets", "loss_mask", "positions", "segment_ids")), batch.get(data.REFERENCE), beta, kind=kind,
+      label_smoothing=smoothing, gamma=gamma)
     return parts.total, parts
 
   (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5)
   assert float(parts.count) == 3
-  margin = (chosen - rejected).detach().numpy()
+  margin = m.detach().numpy()
   np.testing.assert_allclose(float(parts.stats["reward_margin"]), margin.sum(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(parts.stats["chosen_reward"]), beta * lc.sum().item(), rtol=1e-4, atol=1e-6)
   assert float(parts.stats["reward_accuracy"]) == (margin > 0).sum()
+  assert set(parts.stats) == set(preference_stats(kind))
+  if kind == "orpo":
+    np.testing.assert_allclose(float(parts.stats["nll_loss"]), -lc.sum().item(), rtol=1e-5)
+    np.testing.assert_allclose(float(parts.stats["log_odds_ratio"]), log_odds.sum().item(), rtol=1e-4, atol=1e-6)
   assert_grads_match(model, grads, torch_grads, (
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 

@@ -244,6 +244,29 @@ def test_dpo_with_lora_takes_the_base_as_reference(base, dpo_run, tmp_path, kind
   assert (run / checkpoint.LORA_FILE).is_file()
 
 
+@pytest.mark.parametrize("kind,beta", [("simpo", "2.0"), ("orpo", "0.5")])
+def test_reference_free_preferences_learn(base, dpo_run, tmp_path, kind, beta):
+  """--dpo-loss simpo / orpo: no reference pass (nothing computed, nothing kept); the loss falls (held out too) and
+  the margin between the chosen answers' reward and the rejected ones' grows; ORPO logs its NLL (below its loss,
+  falling) and log odds ratio (rising)."""
+  run = tmp_path / kind
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "pairs.jsonl"), "--out", str(run), *TRAIN,
+              *DPO, "--dpo-beta", beta, "--dpo-loss", kind, "--eval-data", str(base / "held_pairs.jsonl"))
+  assert res.returncode == 0, res.stderr
+  assert "computing the reference" not in res.stderr and not list((run / "tokens").glob("*.reference.npz"))
+  m, key = metrics(run), f"{kind}_loss"
+  last, falls = m[-3:], {"simpo": 0.2, "orpo": 0.8}[kind]  # ORPO's loss is mostly the chosen answers' NLL
+  print(f"{kind} loss {m[0][key]:.3f} -> {np.mean([r[key] for r in last]):.3f}, reward margin "
+        f"{m[0]['reward_margin']:.3f} -> {np.mean([r['reward_margin'] for r in last]):.3f}")
+  assert np.mean([r[key] for r in last]) < falls * m[0][key] and m[-1]["eval_loss"] < falls * m[0][key]
+  assert min(r["reward_margin"] for r in last) > m[0]["reward_margin"] + 0.1
+  assert min(r["reward_accuracy"] for r in last) == 1.0 and m[-1]["eval_pairs"] == 7
+  if kind == "orpo":
+    assert all(r["nll_loss"] < r[key] for r in m) and last[-1]["nll_loss"] < 0.8 * m[0]["nll_loss"]
+    assert last[-1]["log_odds_ratio"] > m[0]["log_odds_ratio"] + 0.5
+  assert (run / "loss.png").is_file()
+
+
 def test_dpo_resumes_with_its_reference(base, dpo_run, tmp_path):
   """A DPO run resumed from a checkpoint reads its reference log-probabilities back (the starting model is gone
   from the run by then) and gives the uninterrupted losses; without them it cannot resume."""
@@ -445,8 +468,11 @@ def test_lora_over_int8_experts(base, lora_run, tmp_path, capsys):
   (["--expert-dtype", "int8"], "--expert-dtype int8 holds the routed experts frozen as int8"),
   (["--dpo-loss", "ipo"], "--dpo-loss and --dpo-label-smoothing shape DPO's loss: give --dpo-beta too"),
   (["--dpo-beta", "0.1", "--dpo-label-smoothing", "0.5"], "--dpo-label-smoothing must be in [0, 0.5)"),
-  (["--dpo-beta", "0.1", "--dpo-loss", "hinge", "--dpo-label-smoothing", "0.1"], "with --dpo-loss sigmoid, got 0.1 "
-   "with hinge"),
+  (["--dpo-beta", "0.1", "--dpo-loss", "hinge", "--dpo-label-smoothing", "0.1"],
+   "with --dpo-loss sigmoid or simpo, got 0.1 with hinge"),
+  (["--dpo-beta", "0.1", "--simpo-gamma", "1"],
+   "--simpo-gamma is SimPO's margin: give --dpo-beta and --dpo-loss simpo"),
+  (["--dpo-beta", "2", "--dpo-loss", "simpo", "--simpo-gamma", "-1"], "--simpo-gamma must be >= 0, got -1.0"),
 ])
 def test_bad_lora_and_dpo_flags(base, tmp_path, flags, message):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "r"),
@@ -480,7 +506,7 @@ def _step_outputs(model, mesh, tc, batch, kernels=Kernels()):
     trainable, frozen = training.split_params(model, tc)
     opt_state = training.compile_init(tx, trainable)(trainable)
     step = training.make_train_step(graphdef, abstract, tc, tx, model.config.router_aux_loss_coef)
-    spec = training.batch_spec(mesh, batch["tokens"].shape, pairs=data.REFERENCE in batch)
+    spec = training.batch_spec(mesh, batch["tokens"].shape, reference=data.REFERENCE in batch)
     compiled = training.compile_step(step, trainable, frozen, opt_state, spec)
     trainable, _, m = compiled(trainable, frozen, opt_state, training.device_batch(batch, mesh))
   flat = checkpoint.unpadded(model.config, checkpoint.flatten(trainable))
@@ -520,21 +546,23 @@ def test_train_step_same_on_every_mesh(step_case, one_device_step, spec):
   assert_same_step((m, p), one_device_step, tc)
 
 
-def test_dpo_step_same_on_every_mesh(step_case):
+@pytest.mark.parametrize("kind", ["sigmoid", "orpo"])
+def test_dpo_step_same_on_every_mesh(step_case, kind):
   """A DPO step (pairs packed into rows, two micro-batches) on a mesh splitting rows, experts and heads gives the
-  one-device step."""
+  one-device step; so does a reference-free ORPO step (no reference log-probabilities in its batch)."""
   ckpt, _, tc = step_case
   rng = np.random.default_rng(3)
   docs = data.Documents.of([data.Document(tuple(rng.integers(0, 101, n).tolist()), tuple(int(j >= 2) for j in range(n)))
                             for n in rng.integers(3, 8, 24)])
-  reference = rng.uniform(-5, -1, len(docs.tokens)).astype(np.float32)
+  tc = dataclasses.replace(tc, dpo_beta=0.2, dpo_loss=kind)
+  reference = rng.uniform(-5, -1, len(docs.tokens)).astype(np.float32) if tc.reference else None
   rows = data.BatchStream(docs, 16, 8, seed=0, pairs=True, reference=reference).batch(0)
   batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
-  tc = dataclasses.replace(tc, dpo_beta=0.2)
   one = sharding.make_mesh({}, jax.devices()[:1])
   want = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc, batch)
   assert want[0].count >= 8 and np.isfinite(want[0].loss) and set(want[0].stats) == {
-    "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"}
+    "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} | (
+    {"nll_loss", "log_odds_ratio"} if kind == "orpo" else set())
   mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
 
