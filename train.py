@@ -6,7 +6,7 @@
 
 Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}; with
 --dpo-beta, preference pairs {"prompt": ..., "chosen": ..., "rejected": ...} (DPO against the starting model, or
-SimPO / ORPO with --dpo-loss, reference-free).
+SimPO / ORPO with --dpo-loss, reference-free); with --grpo-reward, prompts {"prompt": ..., ...} (GRPO).
 Running the same command on the same --out resumes from the latest complete checkpoint and continues exactly
 as if never stopped. RUN_DIR/metrics.jsonl gets one object per step; RUN_DIR/loss.png at the end.
 `infer.py --checkpoint RUN_DIR` and `convert/orbax_to_hf.py RUN_DIR OUT` use the latest weights.
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from qwen_moe_jax import checkpoint, data, runtime, sharding, training
+from qwen_moe_jax import checkpoint, data, grpo, runtime, sharding, training
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.checkpoint import PARAMS_ITEM
 from qwen_moe_jax.errors import UserError, cli_main
@@ -77,6 +77,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="with --dpo-loss sigmoid or simpo: the chance a pair's labels are flipped (cDPO; 0 to 0.5)")
   ap.add_argument("--simpo-gamma", type=float, default=training.TrainConfig.simpo_gamma,
                   help="with --dpo-loss simpo: the target reward margin (TRL's default: 0.5)")
+  ap.add_argument("--grpo-reward", action="append", default=[], metavar="FILE.py:FUNCTION",
+                  help="GRPO (reinforcement learning) on prompt lines {\"prompt\": ..., other keys}, scored by this "
+                  "function (TRL's reward functions: f(prompts, completions, completion_ids, **other keys) -> a "
+                  "number per completion); repeat to add several (their sum is the reward)")
+  ap.add_argument("--grpo-group", type=int, default=d.grpo_group,
+                  help="completions sampled per prompt (--batch-size x --grad-accum rows a step, one per completion)")
+  ap.add_argument("--grpo-max-new", type=int, default=d.grpo_max_new, help="the most tokens a completion has")
+  ap.add_argument("--grpo-temperature", type=float, default=d.grpo_temperature,
+                  help="the completions' sampling temperature")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -109,7 +118,9 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     compute_dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
     seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta,
-    dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma).validate()
+    dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma,
+    grpo_rewards=tuple(args.grpo_reward), grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
+    grpo_temperature=args.grpo_temperature).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:
@@ -117,6 +128,7 @@ def recordable(tc: training.TrainConfig, data_path: str) -> dict:
   d["train_only"] = sorted(tc.train_only) if tc.train_only else None
   d["freeze"] = sorted(tc.freeze) if tc.freeze else None
   d["lora"] = tc.lora.to_dict() if tc.lora else None
+  d["grpo_rewards"] = list(tc.grpo_rewards)
   return {**d, "data": str(data_path), "data_fingerprint": data.fingerprint(data_path)}
 
 
@@ -161,7 +173,13 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   pairs = tc.dpo_beta is not None
   files = [(args.data, settings["data_fingerprint"])] + ([(args.eval_data, data.fingerprint(args.eval_data))]
                                                          if args.eval_data else [])
-  documents = [data.read_cached(path, tok, tc.seq_len, eos, tokens, write, digest, pairs) for path, digest in files]
+  if tc.grpo:  # prompts instead of documents
+    if args.eval_data:
+      raise UserError("--eval-data: GRPO has no held-out evaluation yet (each step logs its completions' rewards)")
+    prompts = grpo.read_prompts(args.data, tok, tc.seq_len - tc.grpo_max_new)
+    rewards = grpo.load_rewards(tc.grpo_rewards)
+  else:
+    documents = [data.read_cached(path, tok, tc.seq_len, eos, tokens, write, digest, pairs) for path, digest in files]
   eval_every = args.eval_every or args.save_every
 
   param_dtype = runtime.DTYPES[tc.param_dtype]
@@ -193,17 +211,21 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       references = [reference(path, digest, docs, tc, run, start,
                               lambda s, n: training.reference_logprobs(logprob_fn(), trainable, frozen, s, n, mesh))
                     for (path, digest), docs in zip(files, documents)]
-    stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
-                              references[0])
+    if tc.grpo:
+      stream = grpo.Rollouts(prompts, rewards, tok, tc.grpo_group, tc.batch_size * tc.grad_accum // tc.grpo_group,
+                             tc.grpo_max_new, tc.grpo_temperature, tc.seq_len, tc.seed, stop_ids(cfg, tok), mesh)
+    else:
+      stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
+                                references[0])
     held_out = None if len(files) == 1 else data.BatchStream(documents[1], tc.seq_len, tc.batch_size, seed=0,
                                                              pack=tc.pack, pairs=pairs, reference=references[1])
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
-    spec = training.batch_spec(mesh, shape, tc.reference)
+    spec = training.batch_spec(mesh, shape, tc.floats)
     compiled = training.compile_step(step_fn, trainable, frozen, opt_state, spec)
     if held_out is not None:
       eval_fn = jax.jit(training.make_eval_step(graphdef, abstract, tc)).lower(
-        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len), tc.reference)).compile()
+        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len), tc.floats)).compile()
     first = start or 0
     run.truncate_metrics(first)
     lr = training.schedule(tc)
@@ -211,7 +233,10 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
                disable=jax.process_index() != 0 or None)
     for step in bar:
       tick = time.perf_counter()
-      rows = stream.batch(step)
+      if tc.grpo:  # completions of the model as it is
+        rows, rollout = stream.batch(step, training.model_of(graphdef, abstract, tc, trainable, frozen))
+      else:
+        rows, rollout = stream.batch(step), {}
       host = {k: v.reshape(shape) for k, v in rows.items()}
       trainable, opt_state, m = compiled(trainable, frozen, opt_state, training.device_batch(host, mesh))
       m = jax.device_get(m)
@@ -220,7 +245,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       record = {"step": done, "epoch": stream.epoch_of(step), "loss": float(m.loss),
                 tc.objective: float(m.value), **{k: float(v) for k, v in m.stats.items()},
                 "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm),
-                "tokens": int(m.tokens), "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped)}
+                "tokens": int(m.tokens), "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped),
+                **rollout}
       if held_out is not None and (done % eval_every == 0 or done == tc.steps):
         record.update(evaluate(eval_fn, trainable, frozen, held_out, mesh, pairs))
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
@@ -236,6 +262,12 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   plot = run.plot()
   print(f"trained to step {tc.steps}; run folder {run.folder}" + (f", loss curve {plot}" if plot else ""),
         file=sys.stderr)
+
+
+def stop_ids(cfg, tok) -> list[int]:
+  """Where GRPO's completions end: the config's EOS ids, the tokenizer's EOS token and ChatML's end of turn."""
+  ids = {*cfg.stop_ids(), tok.eos_token_id, tok.token_to_id("<|im_end|>")}
+  return sorted(i for i in ids if i is not None and 0 <= i < cfg.vocab_size)
 
 
 def evaluate(eval_fn, trainable, frozen, held_out: data.BatchStream, mesh, pairs: bool) -> dict:

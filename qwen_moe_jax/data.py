@@ -46,6 +46,7 @@ PAIR_KEYS = ("prompt", "chosen", "rejected")
 ROLES = ("system", "user", "assistant")
 FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 REFERENCE = "ref_logp"  # a DPO batch's fp32 [B, T]: the reference model's log-probability of each target
+ADVANTAGE = "advantage"  # a GRPO batch's fp32 [B, T]: each target's advantage (its completion's; grpo.py)
 INT32_LIMIT = 2**31  # batches are int32
 CACHED_EPOCHS = 4  # packings kept by a BatchStream; a training run only moves forward
 ENCODE_LINES = 1024  # read_jsonl: lines whose texts are encoded in one batch
@@ -131,29 +132,34 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
       lengths.extend(len(t) for t, _ in rows)
     chunk.clear()
 
-  try:
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, 1):
-        if not raw.strip():
-          continue
-        where = f"{path}:{line_no}"
-        try:
-          record = _parse(raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw, where, pairs)
-          texts, finish = (_from_pair(record, tokenizer, eos_id, seq_len, where) if pairs else
-                           _prepare(record, tokenizer, eos_id, seq_len, where))
-        except UserError:
-          flush()  # a bad line is reported after any earlier line's own error
-          raise
-        chunk.append((where, texts, finish))
-        if len(chunk) == ENCODE_LINES:
-          flush()
-  except OSError as e:
-    raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
+  for where, raw in lines(path):
+    try:
+      record = _parse(raw, where, pairs)
+      texts, finish = (_from_pair(record, tokenizer, eos_id, seq_len, where) if pairs else
+                       _prepare(record, tokenizer, eos_id, seq_len, where))
+    except UserError:
+      flush()  # a bad line is reported after any earlier line's own error
+      raise
+    chunk.append((where, texts, finish))
+    if len(chunk) == ENCODE_LINES:
+      flush()
   flush()
   if not lengths:
     expected = f"the keys {_keys(PAIR_KEYS)}" if pairs else f"one of {_keys(KINDS)}"
     raise UserError(f"{path}: no documents (empty or blank file); expected JSON lines with {expected}")
   return Documents(np.concatenate(tokens), np.concatenate(masks), np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def lines(path: str | Path) -> Iterator[tuple[str, bytes]]:
+  """("path:line", the line's bytes) of each non-blank line of a JSONL file, a UTF-8 BOM dropped; an unreadable
+  file is a UserError."""
+  try:
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, 1):
+        if raw.strip():
+          yield f"{path}:{line_no}", raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw
+  except OSError as e:
+    raise UserError(f"{path}: cannot read the data file ({e.strerror})") from None
 
 
 def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None, folder: Path,
@@ -217,7 +223,8 @@ def _keys(keys) -> str:
   return ", ".join(repr(k) for k in keys) or "none"
 
 
-def _parse(raw: bytes, where: str, pairs: bool = False) -> dict[str, Any]:
+def parse_object(raw: bytes, where: str) -> dict[str, Any]:
+  """A JSONL line's object; a UserError naming `where` when it is not one."""
   try:
     record = json.loads(raw.decode("utf-8"))
   except UnicodeDecodeError:
@@ -226,6 +233,11 @@ def _parse(raw: bytes, where: str, pairs: bool = False) -> dict[str, Any]:
     raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
   if not isinstance(record, dict):
     raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  return record
+
+
+def _parse(raw: bytes, where: str, pairs: bool = False) -> dict[str, Any]:
+  record = parse_object(raw, where)
   if pairs and sorted(record) != sorted(PAIR_KEYS):
     raise UserError(f"{where}: expected a preference pair, the keys {_keys(PAIR_KEYS)}; got {_keys(record)}")
   if not pairs and (len(record) != 1 or next(iter(record)) not in KINDS):
@@ -322,23 +334,17 @@ def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str
   assistant message alone (a preference pair's answer)."""
   if not isinstance(messages, list) or not messages:
     raise UserError(f"{where}: 'messages' must be a non-empty list (an empty conversation has nothing to learn)")
-  for k, m in enumerate(messages, 1):
-    if not isinstance(m, dict) or sorted(m) != ["content", "role"]:
-      raise UserError(f"{where}: message {k} must be an object with exactly the keys 'role' and 'content'")
-    if m["role"] not in ROLES:
-      raise UserError(f"{where}: message {k} has role {m['role']!r}; expected one of {_keys(ROLES)}")
-    if not isinstance(m["content"], str):
-      raise UserError(f"{where}: message {k} content must be a string, got {type(m['content']).__name__}")
+  check_messages(messages, where)
   turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
   if not turns:
     raise UserError(f"{where}: no assistant message, so nothing to learn")
   if turns[0] == 0:
     raise UserError(f"{where}: message 1 is an assistant message; a conversation must open with a system or user one")
   messages = messages[:turns[-1] + 1]
-  text = _render(tokenizer, messages, False, where)
+  text = render(tokenizer, messages, False, where)
   cuts = [0]  # pieces text[cuts[j]:cuts[j + 1]]: odd ones are assistant messages
   for i in turns:
-    prompt, turn = _render(tokenizer, messages[:i], True, where), _render(tokenizer, messages[:i + 1], False, where)
+    prompt, turn = render(tokenizer, messages[:i], True, where), render(tokenizer, messages[:i + 1], False, where)
     if not (text.startswith(turn) and turn.startswith(prompt) and len(prompt) >= cuts[-1]):
       raise UserError(f"{where}: the chat template is not prefix-stable at assistant message {i + 1} (rendering "
                       "the conversation up to it does not extend the earlier turns' text), so its tokens cannot "
@@ -360,7 +366,21 @@ def _from_messages(messages: Any, tokenizer: Tokenizer, seq_len: int, where: str
   return pieces, finish
 
 
-def _render(tokenizer: Tokenizer, messages: list[dict[str, str]], prompt: bool, where: str) -> str:
+def check_messages(messages: list, where: str) -> None:
+  """Each message an object of exactly 'role' (one of ROLES) and 'content' (a string); else a UserError naming
+  `where` and the message."""
+  for k, m in enumerate(messages, 1):
+    if not isinstance(m, dict) or sorted(m) != ["content", "role"]:
+      raise UserError(f"{where}: message {k} must be an object with exactly the keys 'role' and 'content'")
+    if m["role"] not in ROLES:
+      raise UserError(f"{where}: message {k} has role {m['role']!r}; expected one of {_keys(ROLES)}")
+    if not isinstance(m["content"], str):
+      raise UserError(f"{where}: message {k} content must be a string, got {type(m['content']).__name__}")
+
+
+def render(tokenizer: Tokenizer, messages: list[dict[str, str]], prompt: bool, where: str) -> str:
+  """The chat template's text of these messages (`prompt`: with the generation prompt); its own complaints name
+  `where`."""
   try:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
   except UserError as e:  # the template's own complaint, e.g. roles that must alternate

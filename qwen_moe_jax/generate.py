@@ -183,6 +183,12 @@ class Generator:
     self._compile_seconds = 0.0
     self._kept: tuple[DecodeState, list, list[float]] | None = None  # (state, holds, freed), see `generate`
 
+  def load(self, model: QwenMoeForCausalLM) -> None:
+    """Takes new weights of the same shapes and shardings (a training step's): the compiled programs stay; a kept
+    cache goes (it was computed with the old weights)."""
+    self.graphdef, self.params = nnx.split(model)
+    self._kept = None
+
   def drop_kept(self) -> None:
     """Frees the KV cache a `keep` call kept (for work that needs the memory)."""
     self._kept = None

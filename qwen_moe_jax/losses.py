@@ -1,5 +1,5 @@
-"""Training losses: next-token cross-entropy (chunked over tokens), or a preference loss over pairs of answers
-(DPO and its kin), plus the router load-balancing loss.
+"""Training losses: next-token cross-entropy (chunked over tokens), a preference loss over pairs of answers (DPO
+and its kin), or GRPO's policy-gradient loss over sampled completions, plus the router load-balancing loss.
 
 Neither materialises fp32 logits for all tokens at once: tokens go through the LM head in chunks under
 `jax.checkpoint`, so the backward pass recomputes one chunk's [C, V] logits at a time.
@@ -76,6 +76,24 @@ def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Ar
   nll_sum, count = chunked_cross_entropy(out.hidden.reshape(b * t, d), model.lm_head[...],
                                          targets.reshape(-1), loss_mask.reshape(-1))
   return _with_router_loss(model, out, segment_ids, nll_sum / jnp.maximum(count, 1.0), count)
+
+
+def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                         positions: jax.Array, segment_ids: jax.Array, advantage: jax.Array,
+                         remat: str = "none") -> LossParts:
+  """GRPO's loss as TRL's GRPOTrainer computes it with one update per generation and no KL term (its beta 0),
+  normalised over all the completion tokens (its loss_type "dapo"): -sum of A pi / pi_old over the loss tokens,
+  divided by their number, pi / pi_old = exp(log pi - stop_gradient(log pi)), which is 1 at the policy that
+  sampled them: the value is the tokens' mean -A, the gradient the policy gradient -sum A grad log pi / n.
+  Arrays [B, T] as causal_lm_loss's, one completion per row (grpo.rows); advantage [B, T] fp32: each target's."""
+  out = model(tokens, positions, segment_ids, remat=remat, packed=False)
+  b, t, d = out.hidden.shape
+  logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1))  # [B T]
+  mask = loss_mask.reshape(-1).astype(F32)
+  ratio = jnp.exp(logp - jax.lax.stop_gradient(logp))
+  count = jnp.sum(mask)
+  value = -jnp.sum(advantage.reshape(-1) * ratio * mask) / jnp.maximum(count, 1.0)
+  return _with_router_loss(model, out, segment_ids, value, count)
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")  # preference_loss's kinds (TRL's loss_type names)

@@ -29,8 +29,8 @@ from qwen_moe_jax.errors import UserError
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-OBJECTIVES = {"ce": "cross-entropy", "dpo_loss": "DPO loss", "simpo_loss": "SimPO loss",
-              "orpo_loss": "ORPO loss"}  # the objective's metric (TrainConfig.objective) and its name in the plot
+OBJECTIVES = {"ce": "cross-entropy", "dpo_loss": "DPO loss", "simpo_loss": "SimPO loss", "orpo_loss": "ORPO loss",
+              "grpo_loss": "GRPO loss"}  # the objective's metric (TrainConfig.objective) and its name in the plot
 OPT_STATE = "opt_state"  # checkpointable name of the optimizer state in a step
 TOKENS_DIR = "tokens"
 
@@ -118,6 +118,8 @@ class RunDir:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in records], label=f"loss ({key} + coef x aux)")
     ax.plot(steps, [r[key] for r in records], label=name, alpha=0.7)
+    if "reward" in records[0]:  # GRPO's
+      ax.plot(steps, [r["reward"] for r in records], label="mean reward")
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if evals:
       ax.plot(*zip(*evals), "o-", label=f"held-out {name}")

@@ -27,6 +27,7 @@ from qwen_moe_jax.losses import (
   DPO_LOSSES,
   REFERENCE_FREE,
   causal_lm_loss,
+  policy_gradient_loss,
   preference_loss,
   preference_pairs,
   preference_stats,
@@ -86,6 +87,10 @@ class TrainConfig:
   dpo_loss: str = "sigmoid"  # its kind (losses.DPO_LOSSES)
   dpo_label_smoothing: float = 0.0  # cDPO's, for the sigmoid and simpo kinds
   simpo_gamma: float = 0.5  # SimPO's target margin (TRL's default)
+  grpo_rewards: tuple[str, ...] = ()  # GRPO (grpo.py) with these reward functions (FILE.py:FUNCTION) instead
+  grpo_group: int = 8  # completions per prompt (TRL's num_generations)
+  grpo_max_new: int = 256  # the most tokens a completion has (TRL's max_completion_length)
+  grpo_temperature: float = 1.0  # the completions' sampling temperature (TRL's)
 
   @property
   def reference(self) -> bool:
@@ -93,8 +98,19 @@ class TrainConfig:
     return self.dpo_beta is not None and self.dpo_loss not in REFERENCE_FREE
 
   @property
+  def grpo(self) -> bool:
+    return bool(self.grpo_rewards)
+
+  @property
+  def floats(self) -> tuple[str, ...]:
+    """The fp32 [B, T] batch arrays the objective reads besides data.FIELDS."""
+    return (data.REFERENCE,) * self.reference + (data.ADVANTAGE,) * self.grpo
+
+  @property
   def objective(self) -> str:
     """The objective's name in metrics.jsonl."""
+    if self.grpo:
+      return "grpo_loss"
     if self.dpo_beta is None:
       return "ce"
     return f"{self.dpo_loss}_loss" if self.dpo_loss in REFERENCE_FREE else "dpo_loss"
@@ -127,11 +143,32 @@ class TrainConfig:
       raise UserError("--simpo-gamma is SimPO's margin: give --dpo-beta and --dpo-loss simpo too")
     if not self.simpo_gamma >= 0:
       raise UserError(f"--simpo-gamma must be >= 0, got {self.simpo_gamma}")
+    if self.grpo:
+      self._validate_grpo()
+    elif (self.grpo_group, self.grpo_max_new, self.grpo_temperature) != (TrainConfig.grpo_group,
+                                                                          TrainConfig.grpo_max_new,
+                                                                          TrainConfig.grpo_temperature):
+      raise UserError("--grpo-group, --grpo-max-new and --grpo-temperature shape GRPO: give --grpo-reward too")
     if self.lora is not None:
       self.lora.validate()
       if self.train_only or self.freeze:
         raise UserError("--lora-rank trains the adapters and freezes every weight; drop --train-only / --freeze")
     return self
+
+  def _validate_grpo(self) -> None:
+    if self.dpo_beta is not None:
+      raise UserError("give --grpo-reward or --dpo-beta, not both")
+    if self.grpo_group < 2:
+      raise UserError(f"--grpo-group must be >= 2 (advantages compare a prompt's completions), got {self.grpo_group}")
+    rows = self.batch_size * self.grad_accum
+    if rows % self.grpo_group:
+      raise UserError(f"--batch-size x --grad-accum ({rows} rows, a completion each) must be a multiple of "
+                      f"--grpo-group ({self.grpo_group})")
+    if not 1 <= self.grpo_max_new < self.seq_len:
+      raise UserError(f"--grpo-max-new must be in [1, --seq-len), got {self.grpo_max_new} with --seq-len "
+                      f"{self.seq_len}")
+    if not self.grpo_temperature > 0:
+      raise UserError(f"--grpo-temperature must be > 0 (completions are sampled), got {self.grpo_temperature}")
 
   def trainable(self, path: str) -> bool:
     if self.lora is not None:
@@ -273,7 +310,7 @@ def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConf
 
   def step(trainable, frozen, batch):
     micro = {k: v[0] for k, v in batch.items()}
-    model = _model(graphdef, abstract, tc, trainable, frozen)
+    model = model_of(graphdef, abstract, tc, trainable, frozen)
     out = model(micro["tokens"], micro["positions"], micro["segment_ids"], packed=True)
     b, t, d = out.hidden.shape
     return -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], micro["targets"].reshape(-1)).reshape(b, t)
@@ -292,7 +329,7 @@ def reference_logprobs(logprob_fn, trainable, frozen, stream: data.BatchStream, 
   return out
 
 
-def _model(graphdef, abstract, tc: TrainConfig, trainable, frozen) -> QwenMoeForCausalLM:
+def model_of(graphdef, abstract, tc: TrainConfig, trainable, frozen) -> QwenMoeForCausalLM:
   """The model made of these parameters, in the compute dtype."""
   flat = checkpoint.flatten(trainable) | checkpoint.flatten(frozen)
   flat = {k: v.astype(tc.compute_dtype) for k, v in flat.items()}
@@ -300,10 +337,13 @@ def _model(graphdef, abstract, tc: TrainConfig, trainable, frozen) -> QwenMoeFor
 
 
 def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: str):
-  """The objective (causal_lm_loss, or preference_loss with tc.dpo_beta) of the model made of these parameters;
+  """The objective (causal_lm_loss, preference_loss with tc.dpo_beta, policy_gradient_loss with tc.grpo) of the
+  model made of these parameters;
   micro arrays [B, T]."""
-  model = _model(graphdef, abstract, tc, trainable, frozen)
+  model = model_of(graphdef, abstract, tc, trainable, frozen)
   args = (micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"], micro["segment_ids"])
+  if tc.grpo:
+    return policy_gradient_loss(model, *args, micro[data.ADVANTAGE], remat)
   if tc.dpo_beta is not None:
     return preference_loss(model, *args, micro.get(data.REFERENCE), tc.dpo_beta, remat, tc.dpo_loss,
                            tc.dpo_label_smoothing, tc.simpo_gamma)
@@ -368,10 +408,10 @@ def batch_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, int, int]) -> jax.
 
 
 def batch_spec(mesh: jax.sharding.Mesh, shape: tuple[int, int, int],
-               reference: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
-  """The abstract batch (every data.FIELDS array int32 [K, B, T], and with `reference` data.REFERENCE fp32, rows
+               floats: tuple[str, ...] = ()) -> dict[str, jax.ShapeDtypeStruct]:
+  """The abstract batch (every data.FIELDS array int32 [K, B, T], and the `floats` fp32 (TrainConfig.floats), rows
   over the batch axes) to compile a step for."""
-  fields = {k: jnp.int32 for k in data.FIELDS} | ({data.REFERENCE: jnp.float32} if reference else {})
+  fields = {k: jnp.int32 for k in data.FIELDS} | {k: jnp.float32 for k in floats}
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, shape)) for k, dtype in fields.items()}
 
 

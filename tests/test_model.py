@@ -17,13 +17,13 @@ from flax import nnx
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, data, layers, quantize, sharding
+from qwen_moe_jax import checkpoint, convert, data, grpo, layers, quantize, sharding
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.losses import causal_lm_loss, preference_loss, preference_stats
+from qwen_moe_jax.losses import causal_lm_loss, policy_gradient_loss, preference_loss, preference_stats
 from qwen_moe_jax.model import QwenMoeForCausalLM, create_model, param_count
 from qwen_moe_jax.moe import (
   ExpertLora,
@@ -229,6 +229,47 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
   if kind == "orpo":
     np.testing.assert_allclose(float(parts.stats["nll_loss"]), -lc.sum().item(), rtol=1e-5)
     np.testing.assert_allclose(float(parts.stats["log_odds_ratio"]), log_odds.sum().item(), rtol=1e-4, atol=1e-6)
+  assert_grads_match(model, grads, torch_grads, (
+    "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
+
+
+def test_grpo_loss_and_gradients_match_torch(tmp_path):
+  """GRPO: the advantages are TRL's ((r - the group's mean) / (its torch.std + 1e-4)); policy_gradient_loss over
+  grpo.rows (a completion per row, padding) equals TRL's loss at one update per generation, computed in torch
+  through transformers on each sequence alone: -sum of A exp(lp - lp.detach()) over every completion token / their
+  number (-their mean A), and so do its gradients (the policy gradient)."""
+  hf_model = make_model(seed=9, num_hidden_layers=2, router_aux_loss_coef=0.0)
+  model = convert_and_restore(hf_model, tmp_path)
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(0, hf_model.config.vocab_size, n).tolist() for n in (5, 5, 5, 7, 7, 7)]
+  completions = [rng.integers(0, hf_model.config.vocab_size, n).tolist() for n in (4, 9, 1, 6, 3, 8)]
+  rewards = rng.normal(size=6)
+  advantage = grpo.advantages(rewards, group=3)
+  r = torch.tensor(rewards).reshape(2, 3)
+  want = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).reshape(-1).numpy()
+  np.testing.assert_allclose(advantage, want, rtol=1e-6)
+  batch = grpo.rows(prompts, completions, advantage, seq_len=20)
+
+  hf_model.train()
+  terms = []
+  for p, c, a in zip(prompts, completions, advantage):
+    ids = torch.tensor([p + c])
+    lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0][len(p) - 1:]
+    terms.append(a * torch.exp(lp - lp.detach()))
+  loss = -torch.cat(terms).sum() / sum(len(c) for c in completions)
+  loss.backward()
+  torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
+
+  graphdef, params = nnx.split(model)
+
+  def loss_fn(params):
+    parts = policy_gradient_loss(nnx.merge(graphdef, params), *(jnp.asarray(batch[k]) for k in (
+      "tokens", "targets", "loss_mask", "positions", "segment_ids", data.ADVANTAGE)))
+    return parts.total, parts
+
+  (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5, atol=1e-7)
+  assert float(parts.count) == sum(len(c) for c in completions)
   assert_grads_match(model, grads, torch_grads, (
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 

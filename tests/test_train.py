@@ -21,7 +21,7 @@ from flax import nnx
 from transformers import Qwen2MoeForCausalLM
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, data, sharding, training
+from qwen_moe_jax import checkpoint, convert, data, grpo, sharding, training
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.demo import build_tokenizer
 from qwen_moe_jax.errors import UserError
@@ -290,6 +290,115 @@ def test_dpo_resumes_with_its_reference(base, dpo_run, tmp_path):
       assert (x["loss"], x["grad_norm"], x.get("eval_loss")) == (y["loss"], y["grad_norm"], y.get("eval_loss"))
 
 
+GRPO = ["--steps", "24", "--batch-size", "16", "--seq-len", "128", "--lr", "2e-2", "--warmup-steps", "2",
+        "--dtype", "float32", "--save-every", "8", "--grpo-group", "8", "--grpo-max-new", "16"]
+REWARDS = """
+def low_ids(prompts, completions, completion_ids, answer, **kwargs):  # learnable by a tiny model in a few steps
+  assert len(prompts) == len(completions) == len(completion_ids) == len(answer)
+  return [sum(i < 150 for i in ids) / len(ids) for ids in completion_ids]
+
+
+def mentions(completions, answer, **kwargs):  # a chat prompt's completion is one assistant message, as in TRL
+  texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+  return [float(str(a) in t) for a, t in zip(answer, texts)]
+
+
+def miscounted(completions, **kwargs):
+  return [1.0]
+"""
+
+
+@pytest.fixture(scope="module")
+def grpo_run(base):
+  """GRPO on prompt lines (chat and text) with two reward functions, one reading a column of the data."""
+  lines = [{"prompt": [{"role": "user", "content": f"add {i % 7} and {i % 5}"}], "answer": i % 7 + i % 5}
+           for i in range(12)]
+  (base / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines + [{"prompt": "The sky is",
+                                                                                        "answer": 0}]))
+  (base / "rewards.py").write_text(REWARDS)
+  run = base / "grpo"
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), "--out", str(run), *GRPO,
+              "--grpo-reward", f"{base / 'rewards.py'}:low_ids", "--grpo-reward", f"{base / 'rewards.py'}:mentions")
+  assert res.returncode == 0, res.stderr
+  return run
+
+
+def test_grpo_learns_from_its_rewards(grpo_run):
+  """--grpo-reward: each step samples 8 completions of 2 prompts with the model as it is, and the mean reward
+  climbs (the low ids' share, from about half); the reward is the functions' sum, each logged; completions stop at
+  --grpo-max-new."""
+  m = metrics(grpo_run)
+  rewards = [r["reward"] for r in m]
+  print("GRPO mean reward by step:", " ".join(f"{x:.2f}" for x in rewards))
+  assert np.mean(rewards[:4]) < 0.7 and np.mean(rewards[-4:]) > 0.9
+  for r in m:
+    assert r["reward"] == pytest.approx(r["reward_low_ids"] + r["reward_mentions"])
+    assert 1 <= r["completion_tokens"] <= 16 and 0 <= r["clipped_ratio"] <= 1 and r["reward_std"] >= 0
+    assert "grpo_loss" in r and np.isfinite(r["grad_norm"])
+  assert (grpo_run / "loss.png").is_file()
+
+
+def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
+  """A GRPO run resumed from a checkpoint samples the completions an uninterrupted run samples (each from its own
+  stream of the seed and the step), so its losses and rewards are the same; with LoRA on a mesh its first step
+  (adapters at zero: the same model) samples the same completions as on one device."""
+  run = tmp_path / "resumed"
+  shutil.copytree(grpo_run, run)
+  for step in (16, 24):
+    shutil.rmtree(run / "checkpoints" / str(step))
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), *GRPO,
+          "--grpo-reward", f"{base / 'rewards.py'}:low_ids", "--grpo-reward", f"{base / 'rewards.py'}:mentions"]
+  res = train(*args, "--out", str(run))
+  assert res.returncode == 0 and "resuming" in res.stderr, res.stderr
+  for x, y in zip(metrics(grpo_run), metrics(run), strict=True):
+    assert (x["loss"], x["grad_norm"], x["reward"]) == (y["loss"], y["grad_norm"], y["reward"])
+  res = train(*args, "--out", str(tmp_path / "lora"), "--steps", "1", *LORA, "--mesh", "data=2,expert=4")
+  assert res.returncode == 0, res.stderr
+  first = metrics(tmp_path / "lora")[0]
+  assert (first["reward"], first["completion_tokens"]) == (metrics(grpo_run)[0]["reward"],
+                                                           metrics(grpo_run)[0]["completion_tokens"])
+
+
+@pytest.mark.parametrize("flags,message", [
+  (["--grpo-group", "4"], "--grpo-group, --grpo-max-new and --grpo-temperature shape GRPO: give --grpo-reward too"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "3"], "(4 rows, a completion each) must be a multiple of "
+   "--grpo-group (3)"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--dpo-beta", "0.1"], "give --grpo-reward or "
+   "--dpo-beta, not both"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-temperature", "0"],
+   "--grpo-temperature must be > 0"),
+  (["--grpo-reward", "{rewards}", "--grpo-group", "4"], "--grpo-reward takes FILE.py:FUNCTION, got"),
+  (["--grpo-reward", "{base}/gone.py:f", "--grpo-group", "4"], "gone.py: no such reward file"),
+  (["--grpo-reward", "{rewards}:nope", "--grpo-group", "4"], "rewards.py: no function 'nope'"),
+  (["--grpo-reward", "{base}/broken.py:low_ids", "--grpo-group", "4"], "broken.py: importing it failed "
+   "(ZeroDivisionError: division by zero)"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--data", "{base}/data.jsonl"],
+   "data.jsonl:1: expected a 'prompt' (a string or a list of messages), got the keys 'messages'"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-max-new", "120"],
+   "prompts.jsonl:1: the prompt has"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--eval-data", "{base}/prompts.jsonl"],
+   "--eval-data: GRPO has no held-out evaluation yet"),
+])
+def test_bad_grpo_flags_and_data(base, grpo_run, tmp_path, flags, message):
+  (base / "broken.py").write_text("1 / 0\n")
+  flags = [f.format(base=base, rewards=base / "rewards.py") for f in flags]
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), "--out",
+              str(tmp_path / "r"), *TRAIN, "--grpo-max-new", "16", *flags)
+  assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+  assert not (tmp_path / "r").exists() or not any((tmp_path / "r" / "checkpoints").glob("*"))
+
+
+def test_grpo_reward_of_the_wrong_length(base, grpo_run, tmp_path):
+  """A reward function that does not give a number per completion stops the run at its first step, naming it;
+  no checkpoint is written."""
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), "--out",
+              str(tmp_path / "r"), *TRAIN, "--grpo-reward", f"{base / 'rewards.py'}:miscounted", "--grpo-group", "4",
+              "--grpo-max-new", "16")
+  assert res.returncode == 2 and "reward function 'miscounted': expected a finite number for each of the 4 " \
+      "completions" in res.stderr and "Traceback" not in res.stderr, res.stderr
+  assert not any((tmp_path / "r" / "checkpoints").glob("*"))
+
+
 LORA = ["--lora-rank", "4", "--lora-alpha", "16"]
 
 
@@ -506,7 +615,7 @@ def _step_outputs(model, mesh, tc, batch, kernels=Kernels()):
     trainable, frozen = training.split_params(model, tc)
     opt_state = training.compile_init(tx, trainable)(trainable)
     step = training.make_train_step(graphdef, abstract, tc, tx, model.config.router_aux_loss_coef)
-    spec = training.batch_spec(mesh, batch["tokens"].shape, reference=data.REFERENCE in batch)
+    spec = training.batch_spec(mesh, batch["tokens"].shape, tuple(k for k in batch if k not in data.FIELDS))
     compiled = training.compile_step(step, trainable, frozen, opt_state, spec)
     trainable, _, m = compiled(trainable, frozen, opt_state, training.device_batch(batch, mesh))
   flat = checkpoint.unpadded(model.config, checkpoint.flatten(trainable))
@@ -563,6 +672,23 @@ def test_dpo_step_same_on_every_mesh(step_case, kind):
   assert want[0].count >= 8 and np.isfinite(want[0].loss) and set(want[0].stats) == {
     "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} | (
     {"nll_loss", "log_odds_ratio"} if kind == "orpo" else set())
+  mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
+  assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
+
+
+def test_grpo_step_same_on_a_mesh(step_case):
+  """A GRPO step (a completion per row with its advantage, two micro-batches) on a mesh splitting rows, experts
+  and heads gives the one-device step."""
+  ckpt, _, tc = step_case
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 101, n).tolist() for n in rng.integers(2, 7, 8)]
+  completions = [rng.integers(0, 101, n).tolist() for n in rng.integers(1, 9, 8)]
+  rows = grpo.rows(prompts, completions, grpo.advantages(rng.normal(size=8), group=4), seq_len=16)
+  batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
+  tc = dataclasses.replace(tc, grpo_rewards=("unused.py:f",), grpo_group=4, grpo_max_new=8)
+  one = sharding.make_mesh({}, jax.devices()[:1])
+  want = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc, batch)
+  assert want[0].count == sum(len(c) for c in completions) and np.isfinite(want[0].loss)
   mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
 

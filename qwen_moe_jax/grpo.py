@@ -1,0 +1,193 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer): reinforcement learning from reward functions.
+
+Each step takes P prompts from the data, in an order drawn per epoch from the seed (as BatchStream's), samples G
+completions of each with the model as it is (generate.Generator: the KV-cache decode engine, on the training
+mesh), scores every completion with the reward functions (summed), and turns the scores into advantages within
+each prompt's group, A = (r - mean) / (std + 1e-4). The rows (prompt + completion, loss on the completion) go
+to losses.policy_gradient_loss. Completion j of step s draws from the stream (seed, s R + j), so a resumed run
+generates, and trains on, exactly what an uninterrupted one would.
+
+Data lines: {"prompt": "text" or [messages], ...}; messages are rendered by the chat template with its generation
+prompt. The other keys (an answer to check, say) go to the reward functions, as TRL gives a dataset's columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from qwen_moe_jax import data
+from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.generate import Generator, Stream
+from qwen_moe_jax.model import QwenMoeForCausalLM
+from qwen_moe_jax.sampling import Sampling
+from qwen_moe_jax.tokenizer import Tokenizer
+
+STD_EPS = 1e-4  # TRL's, in (r - mean) / (std + eps)
+Reward = Callable[..., Sequence[float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  ids: tuple[int, ...]  # the prompt's tokens, as generation continues them
+  prompt: Any  # the line's "prompt" (text, or messages), as reward functions get it
+  columns: dict[str, Any]  # the line's other keys
+
+
+def read_prompts(path: str | Path, tok: Tokenizer | None, room: int) -> list[Prompt]:
+  """Every line of a JSONL file as a Prompt; `room`: the most tokens a prompt may have (--seq-len less the new
+  tokens). The first bad line is a UserError naming `path:line`."""
+  if tok is None:
+    raise UserError(f"{path}: GRPO's prompts need a tokenizer (tokenizer.json in the checkpoint), and none was given")
+  prompts = []
+  for where, raw in data.lines(path):
+    record = data.parse_object(raw, where)
+    if "prompt" not in record:
+      raise UserError(f"{where}: expected a 'prompt' (a string or a list of messages), got the keys "
+                      f"{', '.join(repr(k) for k in record) or 'none'}")
+    ids = _prompt_ids(record["prompt"], tok, where)
+    if not 0 < len(ids) <= room:
+      raise UserError(f"{where}: the prompt has {len(ids)} tokens; 1 to {room} leave room for --grpo-max-new "
+                      "tokens in --seq-len")
+    prompts.append(Prompt(tuple(ids), record["prompt"], {k: v for k, v in record.items() if k != "prompt"}))
+  if not prompts:
+    raise UserError(f"{path}: no prompts (empty or blank file); expected JSON lines with a 'prompt'")
+  return prompts
+
+
+def _prompt_ids(prompt: Any, tok: Tokenizer, where: str) -> list[int]:
+  if isinstance(prompt, str):
+    return tok.encode(prompt)
+  if not isinstance(prompt, list) or not prompt:
+    raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
+  data.check_messages(prompt, where)
+  if prompt[-1]["role"] == "assistant":
+    raise UserError(f"{where}: 'prompt' ends with an assistant message; the completions are its reply")
+  return tok.encode(data.render(tok, prompt, True, where))
+
+
+def load_rewards(specs: Sequence[str]) -> list[tuple[str, Reward]]:
+  """Each `FILE.py:FUNCTION` as (FUNCTION, the function): TRL's reward functions, called with the step's
+  completions as f(prompts=[...], completions=[...], completion_ids=[...], **columns) -> a number per completion.
+  Completions are texts, or a list of one assistant message where the prompt is messages (as TRL gives them)."""
+  rewards = []
+  for i, spec in enumerate(specs):
+    file, _, name = spec.rpartition(":")
+    if not file.endswith(".py") or not name.isidentifier():
+      raise UserError(f"--grpo-reward takes FILE.py:FUNCTION, got {spec!r}")
+    if not Path(file).is_file():
+      raise UserError(f"{file}: no such reward file (--grpo-reward {spec})")
+    module_spec = importlib.util.spec_from_file_location(f"grpo_reward_{i}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+      module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's module: its failure in one line
+      raise UserError(f"{file}: importing it failed ({type(e).__name__}: {e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+      raise UserError(f"{file}: no function {name!r} (--grpo-reward {spec})")
+    rewards.append((name, fn))
+  return rewards
+
+
+def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
+  """rewards [R] (R = P x group, a prompt's completions adjacent) -> [R] (r - its group's mean) / (its group's std
+  + STD_EPS), the std with Bessel's correction (torch.std's, as TRL)."""
+  r = rewards.reshape(-1, group)
+  return ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + STD_EPS)).reshape(-1)
+
+
+def rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], advantage: np.ndarray,
+         seq_len: int) -> dict[str, np.ndarray]:
+  """Each completion a row [seq_len] of data.FIELDS (int32) and data.ADVANTAGE (fp32): its prompt's tokens then
+  its own, the targets after the prompt's last token learned, each with the completion's advantage; padding is
+  segment 0."""
+  shape = (len(completions), seq_len)
+  out = {k: np.zeros(shape, np.int32) for k in data.FIELDS} | {data.ADVANTAGE: np.zeros(shape, np.float32)}
+  for j, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+    ids, start = [*p, *c], len(p) - 1  # target `start` is the completion's first token
+    t = len(ids)
+    out["tokens"][j, :t] = ids
+    out["targets"][j, :t - 1] = ids[1:]
+    out["loss_mask"][j, start:t - 1] = 1
+    out["positions"][j, :t] = np.arange(t)
+    out["segment_ids"][j, :t] = 1
+    out[data.ADVANTAGE][j, start:t - 1] = advantage[j]
+  return out
+
+
+class Rollouts:
+  """Step s's training rows: its prompts' completions by the model as it is, scored (see the module's docstring)."""
+
+  def __init__(self, prompts: list[Prompt], rewards: list[tuple[str, Reward]], tok: Tokenizer, group: int,
+               per_step: int, max_new: int, temperature: float, seq_len: int, seed: int, stop_ids: Sequence[int],
+               mesh):
+    self.prompts, self.rewards, self.tok, self.group = prompts, rewards, tok, group
+    self.per_step, self.max_new, self.seq_len, self.seed = per_step, max_new, seq_len, seed
+    self.sampling = Sampling(temperature=temperature).validate()
+    self.stop_ids, self.mesh = list(stop_ids), mesh
+    self._generator: Generator | None = None
+    self._orders: dict[int, np.ndarray] = {}  # epoch -> its order of the prompts
+
+  def order(self, step: int) -> list[int]:
+    """The indices of step `step`'s prompts: epoch e visits them in the order default_rng([seed, e]).permutation."""
+    n = len(self.prompts)
+    return [int(self._permutation(at // n)[at % n]) for at in range(step * self.per_step, (step + 1) * self.per_step)]
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # a run only moves forward
+      self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+    return self._orders[epoch]
+
+  def epoch_of(self, step: int) -> int:
+    return step * self.per_step // len(self.prompts)
+
+  def batch(self, step: int, model: QwenMoeForCausalLM) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """(rows [P G, seq_len], metrics: the mean reward (and each function's), the groups' mean std, completion
+    tokens, the share cut at --grpo-max-new, seconds generating and scoring)."""
+    tick = time.perf_counter()
+    if self._generator is None:
+      self._generator = Generator(model, self.mesh)
+    else:
+      self._generator.load(model)
+    asked = [self.prompts[i] for i in self.order(step) for _ in range(self.group)]
+    total = len(asked)
+    result = self._generator.generate([p.ids for p in asked], self.max_new, self.sampling,
+                                      [Stream(self.seed, step * total + j) for j in range(total)], self.stop_ids)
+    completions = result.output_ids
+    scores = self.score(asked, completions)  # [F, R]
+    reward = scores.sum(axis=0)
+    out = rows([p.ids for p in asked], completions, advantages(reward, self.group), self.seq_len)
+    metrics = {"reward": float(reward.mean()),
+               **({f"reward_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
+                  if len(self.rewards) > 1 else {}),
+               "reward_std": float(reward.reshape(-1, self.group).std(axis=1, ddof=1).mean()),
+               "completion_tokens": float(np.mean([len(c) for c in completions])),
+               "clipped_ratio": float(np.mean([r == "length" for r in result.finish_reasons])),
+               "rollout_s": time.perf_counter() - tick}
+    return out, metrics
+
+  def score(self, asked: list[Prompt], completions: list[list[int]]) -> np.ndarray:
+    """[F, R]: each reward function's number for each completion."""
+    texts = [self.tok.decode(c, skip_special_tokens=True) for c in completions]
+    given = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t for p, t in zip(asked, texts)]
+    keys = sorted({k for p in asked for k in p.columns})
+    columns = {k: [p.columns.get(k) for p in asked] for k in keys}
+    out = []
+    for name, fn in self.rewards:
+      values = fn(prompts=[p.prompt for p in asked], completions=given, completion_ids=completions, **columns)
+      try:
+        values = np.asarray(values, np.float64)
+      except (TypeError, ValueError):
+        values = None
+      if values is None or values.shape != (len(asked),) or not np.isfinite(values).all():
+        raise UserError(f"reward function {name!r}: expected a finite number for each of the {len(asked)} "
+                        "completions")
+      out.append(values)
+    return np.stack(out)
