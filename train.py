@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--grpo-max-new", type=int, default=d.grpo_max_new, help="the most tokens a completion has")
   ap.add_argument("--grpo-temperature", type=float, default=d.grpo_temperature,
                   help="the completions' sampling temperature")
+  ap.add_argument("--grpo-beta", type=float, default=d.grpo_beta,
+                  help="the KL penalty's weight (TRL's beta; DeepSeekMath's 0.04), against the LoRA base (needs "
+                  "--lora-rank)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -120,7 +123,7 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta,
     dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma,
     grpo_rewards=tuple(args.grpo_reward), grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
-    grpo_temperature=args.grpo_temperature).validate()
+    grpo_temperature=args.grpo_temperature, grpo_beta=args.grpo_beta).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:
@@ -174,9 +177,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   files = [(args.data, settings["data_fingerprint"])] + ([(args.eval_data, data.fingerprint(args.eval_data))]
                                                          if args.eval_data else [])
   if tc.grpo:  # prompts instead of documents
-    if args.eval_data:
-      raise UserError("--eval-data: GRPO has no held-out evaluation yet (each step logs its completions' rewards)")
-    prompts = grpo.read_prompts(args.data, tok, tc.seq_len - tc.grpo_max_new)
+    prompts = [grpo.read_prompts(path, tok, tc.seq_len - tc.grpo_max_new) for path, _ in files]
     rewards = grpo.load_rewards(tc.grpo_rewards)
   else:
     documents = [data.read_cached(path, tok, tc.seq_len, eos, tokens, write, digest, pairs) for path, digest in files]
@@ -204,20 +205,22 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     else:
       wanted = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
       opt_state = run.load(start, OPT_STATE, wanted, cfg.num_experts)
+    logprob_fn = functools.cache(lambda: jax.jit(training.make_logprob_step(graphdef, abstract, tc)).lower(
+      trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile())  # when needed
     references = [None] * len(files)
-    if tc.reference:  # every token's log-probability under the starting model, computed before its first step
-      logprob_fn = functools.cache(lambda: jax.jit(training.make_logprob_step(graphdef, abstract, tc)).lower(
-        trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile())  # when needed
+    if tc.reference and not tc.grpo:  # every token's log-probability under the starting model, before step 1
       references = [reference(path, digest, docs, tc, run, start,
                               lambda s, n: training.reference_logprobs(logprob_fn(), trainable, frozen, s, n, mesh))
                     for (path, digest), docs in zip(files, documents)]
     if tc.grpo:
-      stream = grpo.Rollouts(prompts, rewards, tok, tc.grpo_group, tc.batch_size * tc.grad_accum // tc.grpo_group,
+      base = jax.tree.map(lambda v: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding), trainable)  # the
+      # adapters at zero: the KL penalty's reference (--grpo-beta needs LoRA: trainable holds only adapters)
+      stream = grpo.Rollouts(prompts[0], rewards, tok, tc.grpo_group, tc.batch_size * tc.grad_accum // tc.grpo_group,
                              tc.grpo_max_new, tc.grpo_temperature, tc.seq_len, tc.seed, stop_ids(cfg, tok), mesh)
     else:
       stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
                                 references[0])
-    held_out = None if len(files) == 1 else data.BatchStream(documents[1], tc.seq_len, tc.batch_size, seed=0,
+    held_out = None if len(files) == 1 or tc.grpo else data.BatchStream(documents[1], tc.seq_len, tc.batch_size, seed=0,
                                                              pack=tc.pack, pairs=pairs, reference=references[1])
     step_fn = training.make_train_step(graphdef, abstract, tc, tx, cfg.router_aux_loss_coef)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
@@ -235,6 +238,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       tick = time.perf_counter()
       if tc.grpo:  # completions of the model as it is
         rows, rollout = stream.batch(step, training.model_of(graphdef, abstract, tc, trainable, frozen))
+        if tc.reference:  # the KL penalty's: the LoRA base's log-probabilities
+          rows[data.REFERENCE] = training.row_logprobs(logprob_fn(), base, frozen, rows, tc.batch_size, mesh)
       else:
         rows, rollout = stream.batch(step), {}
       host = {k: v.reshape(shape) for k, v in rows.items()}
@@ -247,8 +252,9 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
                 "aux_loss": float(m.aux_loss), "lr": float(lr(step)), "grad_norm": float(m.grad_norm),
                 "tokens": int(m.tokens), "tokens_per_s": float(m.tokens) / seconds, "skipped_steps": int(m.skipped),
                 **rollout}
-      if held_out is not None and (done % eval_every == 0 or done == tc.steps):
-        record.update(evaluate(eval_fn, trainable, frozen, held_out, mesh, pairs))
+      if len(files) > 1 and (done % eval_every == 0 or done == tc.steps):
+        record.update(stream.evaluate(prompts[1], training.model_of(graphdef, abstract, tc, trainable, frozen))
+                      if tc.grpo else evaluate(eval_fn, trainable, frozen, held_out, mesh, pairs))
       if args.expert_load_every and done % args.expert_load_every == 0 and cfg.moe_layers:
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
       run.log(record)

@@ -152,10 +152,7 @@ class Rollouts:
     """(rows [P G, seq_len], metrics: the mean reward (and each function's), the groups' mean std, completion
     tokens, the share cut at --grpo-max-new, seconds generating and scoring)."""
     tick = time.perf_counter()
-    if self._generator is None:
-      self._generator = Generator(model, self.mesh)
-    else:
-      self._generator.load(model)
+    self._load(model)
     asked = [self.prompts[i] for i in self.order(step) for _ in range(self.group)]
     total = len(asked)
     result = self._generator.generate([p.ids for p in asked], self.max_new, self.sampling,
@@ -172,6 +169,23 @@ class Rollouts:
                "clipped_ratio": float(np.mean([r == "length" for r in result.finish_reasons])),
                "rollout_s": time.perf_counter() - tick}
     return out, metrics
+
+  def evaluate(self, prompts: list[Prompt], model: QwenMoeForCausalLM) -> dict[str, float]:
+    """The mean reward (and each function's, with several) of the greedy completions of held-out prompts, one
+    each, as many at once as a step's completions."""
+    self._load(model)
+    result = self._generator.generate([p.ids for p in prompts], self.max_new, Sampling(), 0, self.stop_ids)
+    scores = self.score(prompts, result.output_ids)
+    return {"eval_reward": float(scores.sum(axis=0).mean()),
+            **({f"eval_reward_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
+               if len(self.rewards) > 1 else {}),
+            "eval_prompts": len(prompts)}
+
+  def _load(self, model: QwenMoeForCausalLM) -> None:
+    if self._generator is None:
+      self._generator = Generator(model, self.mesh, batch_size=self.per_step * self.group)
+    else:
+      self._generator.load(model)
 
   def score(self, asked: list[Prompt], completions: list[list[int]]) -> np.ndarray:
     """[F, R]: each reward function's number for each completion."""

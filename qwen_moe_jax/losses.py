@@ -80,20 +80,28 @@ def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Ar
 
 def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                          positions: jax.Array, segment_ids: jax.Array, advantage: jax.Array,
-                         remat: str = "none") -> LossParts:
-  """GRPO's loss as TRL's GRPOTrainer computes it with one update per generation and no KL term (its beta 0),
-  normalised over all the completion tokens (its loss_type "dapo"): -sum of A pi / pi_old over the loss tokens,
-  divided by their number, pi / pi_old = exp(log pi - stop_gradient(log pi)), which is 1 at the policy that
-  sampled them: the value is the tokens' mean -A, the gradient the policy gradient -sum A grad log pi / n.
+                         ref_logp: jax.Array | None = None, beta: float = 0.0, remat: str = "none") -> LossParts:
+  """GRPO's loss as TRL's GRPOTrainer computes it with one update per generation, normalised over all the
+  completion tokens (its loss_type "dapo"): the sum over the loss tokens of -A pi / pi_old + beta KL, divided by
+  their number, pi / pi_old = exp(log pi - stop_gradient(log pi)), which is 1 at the policy that sampled them (so
+  the first term's value is the tokens' mean -A, its gradient the policy gradient -sum A grad log pi / n), and KL
+  the estimate exp(r) - r - 1 of r = log ref - log pi (Schulman's k3; with beta > 0 and ref_logp, the reference
+  model's log-probability of each target [B, T] fp32). `stats` sums the tokens' KL ("kl") when it is computed.
   Arrays [B, T] as causal_lm_loss's, one completion per row (grpo.rows); advantage [B, T] fp32: each target's."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=False)
   b, t, d = out.hidden.shape
   logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1))  # [B T]
   mask = loss_mask.reshape(-1).astype(F32)
-  ratio = jnp.exp(logp - jax.lax.stop_gradient(logp))
+  per_token = -advantage.reshape(-1) * jnp.exp(logp - jax.lax.stop_gradient(logp))
+  stats = {}
+  if ref_logp is not None:
+    r = ref_logp.reshape(-1) - logp
+    kl = jnp.exp(r) - r - 1
+    per_token = per_token + beta * kl
+    stats["kl"] = jnp.sum(kl * mask)
   count = jnp.sum(mask)
-  value = -jnp.sum(advantage.reshape(-1) * ratio * mask) / jnp.maximum(count, 1.0)
-  return _with_router_loss(model, out, segment_ids, value, count)
+  return _with_router_loss(model, out, segment_ids, jnp.sum(per_token * mask) / jnp.maximum(count, 1.0), count,
+                           stats)
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")  # preference_loss's kinds (TRL's loss_type names)

@@ -46,6 +46,7 @@ PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
   "mlp": lambda p: p.endswith((".mlp.wi", ".mlp.wo")),  # dense-MLP layers
 }
 OPTIMIZERS = ("adamw", "adafactor")
+GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_beta")  # TrainConfig's, besides the rewards
 
 
 def param_group(path: str) -> str:
@@ -91,11 +92,13 @@ class TrainConfig:
   grpo_group: int = 8  # completions per prompt (TRL's num_generations)
   grpo_max_new: int = 256  # the most tokens a completion has (TRL's max_completion_length)
   grpo_temperature: float = 1.0  # the completions' sampling temperature (TRL's)
+  grpo_beta: float = 0.0  # the KL penalty's weight against the reference (the LoRA base; TRL's default 0)
 
   @property
   def reference(self) -> bool:
-    """Whether the objective reads a reference model's log-probabilities (DPO's kinds but the reference-free)."""
-    return self.dpo_beta is not None and self.dpo_loss not in REFERENCE_FREE
+    """Whether the objective reads a reference model's log-probabilities (DPO's kinds but the reference-free, and
+    GRPO with a KL penalty)."""
+    return (self.dpo_beta is not None and self.dpo_loss not in REFERENCE_FREE) or self.grpo_beta > 0
 
   @property
   def grpo(self) -> bool:
@@ -145,10 +148,9 @@ class TrainConfig:
       raise UserError(f"--simpo-gamma must be >= 0, got {self.simpo_gamma}")
     if self.grpo:
       self._validate_grpo()
-    elif (self.grpo_group, self.grpo_max_new, self.grpo_temperature) != (TrainConfig.grpo_group,
-                                                                          TrainConfig.grpo_max_new,
-                                                                          TrainConfig.grpo_temperature):
-      raise UserError("--grpo-group, --grpo-max-new and --grpo-temperature shape GRPO: give --grpo-reward too")
+    elif any(getattr(self, k) != getattr(TrainConfig, k) for k in GRPO_SETTINGS):
+      raise UserError("--grpo-group, --grpo-max-new, --grpo-temperature and --grpo-beta shape GRPO: give "
+                      "--grpo-reward too")
     if self.lora is not None:
       self.lora.validate()
       if self.train_only or self.freeze:
@@ -169,6 +171,11 @@ class TrainConfig:
                       f"{self.seq_len}")
     if not self.grpo_temperature > 0:
       raise UserError(f"--grpo-temperature must be > 0 (completions are sampled), got {self.grpo_temperature}")
+    if not self.grpo_beta >= 0:
+      raise UserError(f"--grpo-beta must be >= 0, got {self.grpo_beta}")
+    if self.grpo_beta and self.lora is None:
+      raise UserError("--grpo-beta: the KL penalty's reference is a LoRA run's base (the adapters at zero); give "
+                      "--lora-rank (a full fine-tune would hold a second copy of the model)")
 
   def trainable(self, path: str) -> bool:
     if self.lora is not None:
@@ -306,7 +313,7 @@ def make_eval_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig)
 
 def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig):
   """logprobs(trainable, frozen, batch) -> each target's log-probability [B, T] fp32 (DPO's reference: the model
-  before training); batch arrays [1, B, T]."""
+  before training; GRPO's: the LoRA base); batch arrays [1, B, T]."""
 
   def step(trainable, frozen, batch):
     micro = {k: v[0] for k, v in batch.items()}
@@ -316,6 +323,17 @@ def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConf
     return -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], micro["targets"].reshape(-1)).reshape(b, t)
 
   return step
+
+
+def row_logprobs(logprob_fn, trainable, frozen, rows: dict[str, np.ndarray], batch_size: int,
+                 mesh: jax.sharding.Mesh) -> np.ndarray:
+  """Each target's log-probability [R, T] fp32 in rows [R, T] (R a multiple of batch_size), under the model these
+  parameters make, batch_size rows per call (`logprob_fn`: make_logprob_step's, compiled)."""
+  out = []
+  for i in range(0, len(rows["tokens"]), batch_size):
+    micro = {k: rows[k][None, i:i + batch_size] for k in data.FIELDS}
+    out.append(np.asarray(jax.device_get(logprob_fn(trainable, frozen, device_batch(micro, mesh)))))
+  return np.concatenate(out)
 
 
 def reference_logprobs(logprob_fn, trainable, frozen, stream: data.BatchStream, total: int,
@@ -343,7 +361,7 @@ def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: 
   model = model_of(graphdef, abstract, tc, trainable, frozen)
   args = (micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"], micro["segment_ids"])
   if tc.grpo:
-    return policy_gradient_loss(model, *args, micro[data.ADVANTAGE], remat)
+    return policy_gradient_loss(model, *args, micro[data.ADVANTAGE], micro.get(data.REFERENCE), tc.grpo_beta, remat)
   if tc.dpo_beta is not None:
     return preference_loss(model, *args, micro.get(data.REFERENCE), tc.dpo_beta, remat, tc.dpo_loss,
                            tc.dpo_label_smoothing, tc.simpo_gamma)
@@ -358,6 +376,8 @@ def _count(tc: TrainConfig, batch) -> jax.Array:
 
 
 def _stat_names(tc: TrainConfig) -> tuple[str, ...]:
+  if tc.grpo:
+    return ("kl",) if tc.reference else ()
   return preference_stats(tc.dpo_loss) if tc.dpo_beta is not None else ()
 
 

@@ -233,11 +233,13 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 
 
-def test_grpo_loss_and_gradients_match_torch(tmp_path):
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_grpo_loss_and_gradients_match_torch(tmp_path, beta):
   """GRPO: the advantages are TRL's ((r - the group's mean) / (its torch.std + 1e-4)); policy_gradient_loss over
   grpo.rows (a completion per row, padding) equals TRL's loss at one update per generation, computed in torch
-  through transformers on each sequence alone: -sum of A exp(lp - lp.detach()) over every completion token / their
-  number (-their mean A), and so do its gradients (the policy gradient)."""
+  through transformers on each sequence alone: the sum of -A exp(lp - lp.detach()) + beta (exp(ref - lp) - (ref -
+  lp) - 1) over every completion token / their number, and so do its gradients (the policy gradient, and the KL
+  penalty's); its stats sum the tokens' KL."""
   hf_model = make_model(seed=9, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(5)
@@ -249,14 +251,17 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path):
   want = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).reshape(-1).numpy()
   np.testing.assert_allclose(advantage, want, rtol=1e-6)
   batch = grpo.rows(prompts, completions, advantage, seq_len=20)
+  reference = rng.uniform(-6, -3, batch["tokens"].shape).astype(np.float32)
 
   hf_model.train()
-  terms = []
-  for p, c, a in zip(prompts, completions, advantage):
+  terms, kls = [], []
+  for j, (p, c, a) in enumerate(zip(prompts, completions, advantage)):
     ids = torch.tensor([p + c])
     lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0][len(p) - 1:]
-    terms.append(a * torch.exp(lp - lp.detach()))
-  loss = -torch.cat(terms).sum() / sum(len(c) for c in completions)
+    r = torch.tensor(reference[j, len(p) - 1:len(p) + len(c) - 1]) - lp
+    kls.append(torch.exp(r) - r - 1)
+    terms.append(-a * torch.exp(lp - lp.detach()) + beta * kls[-1])
+  loss = torch.cat(terms).sum() / sum(len(c) for c in completions)
   loss.backward()
   torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
 
@@ -264,12 +269,17 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path):
 
   def loss_fn(params):
     parts = policy_gradient_loss(nnx.merge(graphdef, params), *(jnp.asarray(batch[k]) for k in (
-      "tokens", "targets", "loss_mask", "positions", "segment_ids", data.ADVANTAGE)))
+      "tokens", "targets", "loss_mask", "positions", "segment_ids", data.ADVANTAGE)),
+      jnp.asarray(reference) if beta else None, beta)
     return parts.total, parts
 
   (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5, atol=1e-7)
   assert float(parts.count) == sum(len(c) for c in completions)
+  if beta:
+    np.testing.assert_allclose(float(parts.stats["kl"]), torch.cat(kls).sum().item(), rtol=1e-5)
+  else:
+    assert not parts.stats
   assert_grads_match(model, grads, torch_grads, (
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 

@@ -306,6 +306,8 @@ def mentions(completions, answer, **kwargs):  # a chat prompt's completion is on
 def miscounted(completions, **kwargs):
   return [1.0]
 """
+GRPO_RUN = [*GRPO, "--grpo-reward", "{base}/rewards.py:low_ids", "--grpo-reward", "{base}/rewards.py:mentions",
+            "--eval-data", "{base}/held_prompts.jsonl"]
 
 
 @pytest.fixture(scope="module")
@@ -315,10 +317,11 @@ def grpo_run(base):
            for i in range(12)]
   (base / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines + [{"prompt": "The sky is",
                                                                                         "answer": 0}]))
+  (base / "held_prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[::4]))
   (base / "rewards.py").write_text(REWARDS)
   run = base / "grpo"
-  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), "--out", str(run), *GRPO,
-              "--grpo-reward", f"{base / 'rewards.py'}:low_ids", "--grpo-reward", f"{base / 'rewards.py'}:mentions")
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), "--out", str(run),
+              *(f.format(base=base) for f in GRPO_RUN))
   assert res.returncode == 0, res.stderr
   return run
 
@@ -326,7 +329,7 @@ def grpo_run(base):
 def test_grpo_learns_from_its_rewards(grpo_run):
   """--grpo-reward: each step samples 8 completions of 2 prompts with the model as it is, and the mean reward
   climbs (the low ids' share, from about half); the reward is the functions' sum, each logged; completions stop at
-  --grpo-max-new."""
+  --grpo-max-new; the held-out prompts' greedy completions are scored every --eval-every steps."""
   m = metrics(grpo_run)
   rewards = [r["reward"] for r in m]
   print("GRPO mean reward by step:", " ".join(f"{x:.2f}" for x in rewards))
@@ -335,38 +338,49 @@ def test_grpo_learns_from_its_rewards(grpo_run):
     assert r["reward"] == pytest.approx(r["reward_low_ids"] + r["reward_mentions"])
     assert 1 <= r["completion_tokens"] <= 16 and 0 <= r["clipped_ratio"] <= 1 and r["reward_std"] >= 0
     assert "grpo_loss" in r and np.isfinite(r["grad_norm"])
+  evals = [(r["step"], r["eval_reward"]) for r in m if "eval_reward" in r]
+  print("GRPO held-out reward:", evals)
+  assert [s for s, _ in evals] == [8, 16, 24] and all(r["eval_prompts"] == 3 for r in m if "eval_reward" in r)
+  assert evals[-1][1] > 0.9 and all("eval_reward_low_ids" in r for r in m if "eval_reward" in r)
   assert (grpo_run / "loss.png").is_file()
 
 
 def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
   """A GRPO run resumed from a checkpoint samples the completions an uninterrupted run samples (each from its own
   stream of the seed and the step), so its losses and rewards are the same; with LoRA on a mesh its first step
-  (adapters at zero: the same model) samples the same completions as on one device."""
+  (adapters at zero: the same model) samples the same completions as on one device, and --grpo-beta's KL from the
+  base starts at 0 and grows."""
   run = tmp_path / "resumed"
   shutil.copytree(grpo_run, run)
   for step in (16, 24):
     shutil.rmtree(run / "checkpoints" / str(step))
-  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), *GRPO,
-          "--grpo-reward", f"{base / 'rewards.py'}:low_ids", "--grpo-reward", f"{base / 'rewards.py'}:mentions"]
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"),
+          *(f.format(base=base) for f in GRPO_RUN)]
   res = train(*args, "--out", str(run))
   assert res.returncode == 0 and "resuming" in res.stderr, res.stderr
   for x, y in zip(metrics(grpo_run), metrics(run), strict=True):
-    assert (x["loss"], x["grad_norm"], x["reward"]) == (y["loss"], y["grad_norm"], y["reward"])
-  res = train(*args, "--out", str(tmp_path / "lora"), "--steps", "1", *LORA, "--mesh", "data=2,expert=4")
+    assert (x["loss"], x["grad_norm"], x["reward"], x.get("eval_reward")) == (y["loss"], y["grad_norm"], y["reward"],
+                                                                              y.get("eval_reward"))
+  res = train(*args, "--out", str(tmp_path / "lora"), "--steps", "3", *LORA, "--mesh", "data=2,expert=4",
+              "--grpo-beta", "0.04")
   assert res.returncode == 0, res.stderr
-  first = metrics(tmp_path / "lora")[0]
-  assert (first["reward"], first["completion_tokens"]) == (metrics(grpo_run)[0]["reward"],
-                                                           metrics(grpo_run)[0]["completion_tokens"])
+  m = metrics(tmp_path / "lora")
+  assert (m[0]["reward"], m[0]["completion_tokens"]) == (metrics(grpo_run)[0]["reward"],
+                                                         metrics(grpo_run)[0]["completion_tokens"])
+  assert m[0]["kl"] == 0 and m[-1]["kl"] > 0  # the KL penalty's reference is the base: the adapters at zero
 
 
 @pytest.mark.parametrize("flags,message", [
-  (["--grpo-group", "4"], "--grpo-group, --grpo-max-new and --grpo-temperature shape GRPO: give --grpo-reward too"),
+  (["--grpo-beta", "0.1"], "--grpo-group, --grpo-max-new, --grpo-temperature and --grpo-beta shape GRPO: give "
+   "--grpo-reward too"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "3"], "(4 rows, a completion each) must be a multiple of "
    "--grpo-group (3)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--dpo-beta", "0.1"], "give --grpo-reward or "
    "--dpo-beta, not both"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-temperature", "0"],
    "--grpo-temperature must be > 0"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-beta", "0.1"], "--grpo-beta: the KL "
+   "penalty's reference is a LoRA run's base"),
   (["--grpo-reward", "{rewards}", "--grpo-group", "4"], "--grpo-reward takes FILE.py:FUNCTION, got"),
   (["--grpo-reward", "{base}/gone.py:f", "--grpo-group", "4"], "gone.py: no such reward file"),
   (["--grpo-reward", "{rewards}:nope", "--grpo-group", "4"], "rewards.py: no function 'nope'"),
@@ -376,8 +390,8 @@ def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
    "data.jsonl:1: expected a 'prompt' (a string or a list of messages), got the keys 'messages'"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-max-new", "120"],
    "prompts.jsonl:1: the prompt has"),
-  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--eval-data", "{base}/prompts.jsonl"],
-   "--eval-data: GRPO has no held-out evaluation yet"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--eval-data", "{base}/data.jsonl"],
+   "data.jsonl:1: expected a 'prompt'"),
 ])
 def test_bad_grpo_flags_and_data(base, grpo_run, tmp_path, flags, message):
   (base / "broken.py").write_text("1 / 0\n")
