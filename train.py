@@ -89,6 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--grpo-beta", type=float, default=d.grpo_beta,
                   help="the KL penalty's weight (TRL's beta; DeepSeekMath's 0.04), against the LoRA base (needs "
                   "--lora-rank)")
+  ap.add_argument("--grpo-scale-rewards", choices=training.GRPO_SCALES, default=d.grpo_scale_rewards,
+                  help="what divides GRPO's advantages (r - the group's mean): the group's reward std, the step's, or "
+                  "nothing (Dr. GRPO)")
+  ap.add_argument("--grpo-mask-truncated", action="store_true",
+                  help="no loss on completions cut at --grpo-max-new (DAPO)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -123,7 +128,8 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta,
     dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma,
     grpo_rewards=tuple(args.grpo_reward), grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
-    grpo_temperature=args.grpo_temperature, grpo_beta=args.grpo_beta).validate()
+    grpo_temperature=args.grpo_temperature, grpo_beta=args.grpo_beta, grpo_scale_rewards=args.grpo_scale_rewards,
+    grpo_mask_truncated=args.grpo_mask_truncated).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:
@@ -215,8 +221,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     if tc.grpo:
       base = jax.tree.map(lambda v: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding), trainable)  # the
       # adapters at zero: the KL penalty's reference (--grpo-beta needs LoRA: trainable holds only adapters)
-      stream = grpo.Rollouts(prompts[0], rewards, tok, tc.grpo_group, tc.batch_size * tc.grad_accum // tc.grpo_group,
-                             tc.grpo_max_new, tc.grpo_temperature, tc.seq_len, tc.seed, stop_ids(cfg, tok), mesh)
+      stream = grpo.Rollouts(prompts[0], rewards, tok, tc, stop_ids(cfg, tok), mesh)
     else:
       stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
                                 references[0])

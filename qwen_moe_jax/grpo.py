@@ -27,6 +27,7 @@ from qwen_moe_jax.generate import Generator, Stream
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.tokenizer import Tokenizer
+from qwen_moe_jax.training import TrainConfig
 
 STD_EPS = 1e-4  # TRL's, in (r - mean) / (std + eps)
 Reward = Callable[..., Sequence[float]]
@@ -95,18 +96,23 @@ def load_rewards(specs: Sequence[str]) -> list[tuple[str, Reward]]:
   return rewards
 
 
-def advantages(rewards: np.ndarray, group: int) -> np.ndarray:
-  """rewards [R] (R = P x group, a prompt's completions adjacent) -> [R] (r - its group's mean) / (its group's std
-  + STD_EPS), the std with Bessel's correction (torch.std's, as TRL)."""
+def advantages(rewards: np.ndarray, group: int, scale: str = "group") -> np.ndarray:
+  """rewards [R] (R = P x group, a prompt's completions adjacent) -> [R] r - its group's mean, divided by (the std +
+  STD_EPS) of its group's rewards (`scale` "group"), of the step's ("batch") or not at all ("none": Dr. GRPO's),
+  as TRL's scale_rewards; the std with Bessel's correction (torch.std's, as TRL)."""
   r = rewards.reshape(-1, group)
-  return ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + STD_EPS)).reshape(-1)
+  centered = r - r.mean(1, keepdims=True)
+  if scale == "none":
+    return centered.reshape(-1)
+  std = r.std(1, ddof=1, keepdims=True) if scale == "group" else rewards.std(ddof=1)
+  return (centered / (std + STD_EPS)).reshape(-1)
 
 
 def rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], advantage: np.ndarray,
-         seq_len: int) -> dict[str, np.ndarray]:
+         seq_len: int, learned: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
   """Each completion a row [seq_len] of data.FIELDS (int32) and data.ADVANTAGE (fp32): its prompt's tokens then
-  its own, the targets after the prompt's last token learned, each with the completion's advantage; padding is
-  segment 0."""
+  its own, the targets after the prompt's last token learned (unless `learned` says not), each with the
+  completion's advantage; padding is segment 0."""
   shape = (len(completions), seq_len)
   out = {k: np.zeros(shape, np.int32) for k in data.FIELDS} | {data.ADVANTAGE: np.zeros(shape, np.float32)}
   for j, (p, c) in enumerate(zip(prompts, completions, strict=True)):
@@ -114,7 +120,7 @@ def rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     t = len(ids)
     out["tokens"][j, :t] = ids
     out["targets"][j, :t - 1] = ids[1:]
-    out["loss_mask"][j, start:t - 1] = 1
+    out["loss_mask"][j, start:t - 1] = learned is None or learned[j]
     out["positions"][j, :t] = np.arange(t)
     out["segment_ids"][j, :t] = 1
     out[data.ADVANTAGE][j, start:t - 1] = advantage[j]
@@ -124,12 +130,11 @@ def rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
 class Rollouts:
   """Step s's training rows: its prompts' completions by the model as it is, scored (see the module's docstring)."""
 
-  def __init__(self, prompts: list[Prompt], rewards: list[tuple[str, Reward]], tok: Tokenizer, group: int,
-               per_step: int, max_new: int, temperature: float, seq_len: int, seed: int, stop_ids: Sequence[int],
-               mesh):
-    self.prompts, self.rewards, self.tok, self.group = prompts, rewards, tok, group
-    self.per_step, self.max_new, self.seq_len, self.seed = per_step, max_new, seq_len, seed
-    self.sampling = Sampling(temperature=temperature).validate()
+  def __init__(self, prompts: list[Prompt], rewards: list[tuple[str, Reward]], tok: Tokenizer, tc: TrainConfig,
+               stop_ids: Sequence[int], mesh):
+    self.prompts, self.rewards, self.tok, self.tc = prompts, rewards, tok, tc
+    self.group, self.per_step = tc.grpo_group, tc.batch_size * tc.grad_accum // tc.grpo_group
+    self.sampling = Sampling(temperature=tc.grpo_temperature).validate()
     self.stop_ids, self.mesh = list(stop_ids), mesh
     self._generator: Generator | None = None
     self._orders: dict[int, np.ndarray] = {}  # epoch -> its order of the prompts
@@ -142,7 +147,7 @@ class Rollouts:
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
       self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # a run only moves forward
-      self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+      self._orders[epoch] = np.random.default_rng([self.tc.seed, epoch]).permutation(len(self.prompts))
     return self._orders[epoch]
 
   def epoch_of(self, step: int) -> int:
@@ -155,12 +160,15 @@ class Rollouts:
     self._load(model)
     asked = [self.prompts[i] for i in self.order(step) for _ in range(self.group)]
     total = len(asked)
-    result = self._generator.generate([p.ids for p in asked], self.max_new, self.sampling,
-                                      [Stream(self.seed, step * total + j) for j in range(total)], self.stop_ids)
+    result = self._generator.generate([p.ids for p in asked], self.tc.grpo_max_new, self.sampling,
+                                      [Stream(self.tc.seed, step * total + j) for j in range(total)], self.stop_ids)
     completions = result.output_ids
     scores = self.score(asked, completions)  # [F, R]
     reward = scores.sum(axis=0)
-    out = rows([p.ids for p in asked], completions, advantages(reward, self.group), self.seq_len)
+    learned = [r != "length" for r in result.finish_reasons] if self.tc.grpo_mask_truncated else None  # DAPO's:
+    # completions cut at --grpo-max-new teach nothing
+    out = rows([p.ids for p in asked], completions, advantages(reward, self.group, self.tc.grpo_scale_rewards),
+               self.tc.seq_len, learned)
     metrics = {"reward": float(reward.mean()),
                **({f"reward_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
                   if len(self.rewards) > 1 else {}),
@@ -174,7 +182,7 @@ class Rollouts:
     """The mean reward (and each function's, with several) of the greedy completions of held-out prompts, one
     each, as many at once as a step's completions."""
     self._load(model)
-    result = self._generator.generate([p.ids for p in prompts], self.max_new, Sampling(), 0, self.stop_ids)
+    result = self._generator.generate([p.ids for p in prompts], self.tc.grpo_max_new, Sampling(), 0, self.stop_ids)
     scores = self.score(prompts, result.output_ids)
     return {"eval_reward": float(scores.sum(axis=0).mean()),
             **({f"eval_reward_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}

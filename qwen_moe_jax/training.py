@@ -46,7 +46,9 @@ PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
   "mlp": lambda p: p.endswith((".mlp.wi", ".mlp.wo")),  # dense-MLP layers
 }
 OPTIMIZERS = ("adamw", "adafactor")
-GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_beta")  # TrainConfig's, besides the rewards
+GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_beta", "grpo_scale_rewards",
+                 "grpo_mask_truncated")  # TrainConfig's, besides the rewards
+GRPO_SCALES = ("group", "batch", "none")  # grpo.advantages' scales
 
 
 def param_group(path: str) -> str:
@@ -93,6 +95,8 @@ class TrainConfig:
   grpo_max_new: int = 256  # the most tokens a completion has (TRL's max_completion_length)
   grpo_temperature: float = 1.0  # the completions' sampling temperature (TRL's)
   grpo_beta: float = 0.0  # the KL penalty's weight against the reference (the LoRA base; TRL's default 0)
+  grpo_scale_rewards: str = "group"  # what divides the advantages (grpo.advantages; TRL's scale_rewards)
+  grpo_mask_truncated: bool = False  # no loss on completions cut at grpo_max_new (DAPO's; TRL's option)
 
   @property
   def reference(self) -> bool:
@@ -149,8 +153,8 @@ class TrainConfig:
     if self.grpo:
       self._validate_grpo()
     elif any(getattr(self, k) != getattr(TrainConfig, k) for k in GRPO_SETTINGS):
-      raise UserError("--grpo-group, --grpo-max-new, --grpo-temperature and --grpo-beta shape GRPO: give "
-                      "--grpo-reward too")
+      raise UserError("--grpo-group, --grpo-max-new, --grpo-temperature, --grpo-beta, --grpo-scale-rewards and "
+                      "--grpo-mask-truncated shape GRPO: give --grpo-reward too")
     if self.lora is not None:
       self.lora.validate()
       if self.train_only or self.freeze:
@@ -171,6 +175,8 @@ class TrainConfig:
                       f"{self.seq_len}")
     if not self.grpo_temperature > 0:
       raise UserError(f"--grpo-temperature must be > 0 (completions are sampled), got {self.grpo_temperature}")
+    if self.grpo_scale_rewards not in GRPO_SCALES:
+      raise UserError(f"--grpo-scale-rewards must be one of {', '.join(GRPO_SCALES)}, got '{self.grpo_scale_rewards}'")
     if not self.grpo_beta >= 0:
       raise UserError(f"--grpo-beta must be >= 0, got {self.grpo_beta}")
     if self.grpo_beta and self.lora is None:

@@ -235,7 +235,8 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
 
 @pytest.mark.parametrize("beta", [0.0, 0.3])
 def test_grpo_loss_and_gradients_match_torch(tmp_path, beta):
-  """GRPO: the advantages are TRL's ((r - the group's mean) / (its torch.std + 1e-4)); policy_gradient_loss over
+  """GRPO: the advantages are TRL's ((r - the group's mean) / (its torch.std + 1e-4), or the step's std, or
+  none: scale_rewards); a completion not learned has no loss tokens; policy_gradient_loss over
   grpo.rows (a completion per row, padding) equals TRL's loss at one update per generation, computed in torch
   through transformers on each sequence alone: the sum of -A exp(lp - lp.detach()) + beta (exp(ref - lp) - (ref -
   lp) - 1) over every completion token / their number, and so do its gradients (the policy gradient, and the KL
@@ -250,6 +251,11 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, beta):
   r = torch.tensor(rewards).reshape(2, 3)
   want = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).reshape(-1).numpy()
   np.testing.assert_allclose(advantage, want, rtol=1e-6)
+  centered = (r - r.mean(1, keepdim=True)).reshape(-1)
+  np.testing.assert_allclose(grpo.advantages(rewards, 3, "none"), centered.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(grpo.advantages(rewards, 3, "batch"), (centered / (r.std() + 1e-4)).numpy(), rtol=1e-6)
+  masked = grpo.rows(prompts, completions, advantage, 20, learned=[True, False, True, True, True, True])
+  assert masked["loss_mask"][1].sum() == 0 and masked["loss_mask"][0].sum() == len(completions[0])
   batch = grpo.rows(prompts, completions, advantage, seq_len=20)
   reference = rng.uniform(-6, -3, batch["tokens"].shape).astype(np.float32)
 

@@ -362,7 +362,7 @@ def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
     assert (x["loss"], x["grad_norm"], x["reward"], x.get("eval_reward")) == (y["loss"], y["grad_norm"], y["reward"],
                                                                               y.get("eval_reward"))
   res = train(*args, "--out", str(tmp_path / "lora"), "--steps", "3", *LORA, "--mesh", "data=2,expert=4",
-              "--grpo-beta", "0.04")
+              "--grpo-beta", "0.04", "--grpo-scale-rewards", "none", "--grpo-mask-truncated")
   assert res.returncode == 0, res.stderr
   m = metrics(tmp_path / "lora")
   assert (m[0]["reward"], m[0]["completion_tokens"]) == (metrics(grpo_run)[0]["reward"],
@@ -371,7 +371,7 @@ def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-  (["--grpo-beta", "0.1"], "--grpo-group, --grpo-max-new, --grpo-temperature and --grpo-beta shape GRPO: give "
+  (["--grpo-beta", "0.1"], "--grpo-beta, --grpo-scale-rewards and --grpo-mask-truncated shape GRPO: give "
    "--grpo-reward too"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "3"], "(4 rows, a completion each) must be a multiple of "
    "--grpo-group (3)"),
