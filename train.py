@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, data, grpo, runtime, sharding, training
@@ -211,8 +212,9 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     else:
       wanted = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
       opt_state = run.load(start, OPT_STATE, wanted, cfg.num_experts)
-    logprob_fn = functools.cache(lambda: jax.jit(training.make_logprob_step(graphdef, abstract, tc)).lower(
-      trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile())  # when needed
+    logprob_fn = functools.cache(lambda: jax.jit(  # compiled when needed; its output on every process
+      training.make_logprob_step(graphdef, abstract, tc), out_shardings=NamedSharding(mesh, PartitionSpec())).lower(
+      trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile())
     references = [None] * len(files)
     if tc.reference and not tc.grpo:  # every token's log-probability under the starting model, before step 1
       references = [reference(path, digest, docs, tc, run, start,

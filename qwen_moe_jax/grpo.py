@@ -3,9 +3,9 @@
 Each step takes P prompts from the data, in an order drawn per epoch from the seed (as BatchStream's), samples G
 completions of each with the model as it is (generate.Generator: the KV-cache decode engine, on the training
 mesh), scores every completion with the reward functions (summed), and turns the scores into advantages within
-each prompt's group, A = (r - mean) / (std + 1e-4). The rows (prompt + completion, loss on the completion) go
-to losses.policy_gradient_loss. Completion j of step s draws from the stream (seed, s R + j), so a resumed run
-generates, and trains on, exactly what an uninterrupted one would.
+each prompt's group, A = (r - mean) / (std + 1e-4) (`advantages`). The rows (prompt + completion, loss on the
+completion) go to losses.policy_gradient_loss. Completion j of step s draws from the stream (seed, s R + j), so
+a resumed run generates, and trains on, exactly what an uninterrupted one would.
 
 Data lines: {"prompt": "text" or [messages], ...}; messages are rendered by the chat template with its generation
 prompt. The other keys (an answer to check, say) go to the reward functions, as TRL gives a dataset's columns.
@@ -31,6 +31,7 @@ from qwen_moe_jax.training import TrainConfig
 
 STD_EPS = 1e-4  # TRL's, in (r - mean) / (std + eps)
 Reward = Callable[..., Sequence[float]]
+RESERVED = {"prompts", "completions", "completion_ids"}  # a reward function's arguments besides the lines' keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,9 @@ def read_prompts(path: str | Path, tok: Tokenizer | None, room: int) -> list[Pro
     if "prompt" not in record:
       raise UserError(f"{where}: expected a 'prompt' (a string or a list of messages), got the keys "
                       f"{', '.join(repr(k) for k in record) or 'none'}")
+    taken = sorted(RESERVED & set(record))
+    if taken:
+      raise UserError(f"{where}: the key {taken[0]!r} is a reward function's own argument; rename it")
     ids = _prompt_ids(record["prompt"], tok, where)
     if not 0 < len(ids) <= room:
       raise UserError(f"{where}: the prompt has {len(ids)} tokens; 1 to {room} leave room for --grpo-max-new "

@@ -21,6 +21,7 @@ from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, decode_attention, kv_cache, layers, sharding
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
+from qwen_moe_jax.demo import build_tokenizer
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.grammar import automaton
@@ -28,6 +29,7 @@ from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import create_model, embed_lookup
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.scoring import prompt_scores
+from qwen_moe_jax.tokenizer import CHATML_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -265,6 +267,48 @@ def test_two_processes_train_like_one(ckpt, tmp_path, lora):
   read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
   for a, b in zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dpo"])
+def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
+  """2 processes run GRPO (LoRA, with the KL penalty: each samples the same completions, scores them with the
+  reward function and takes the same step) and DPO (full: the reference log-probabilities on every process) as one
+  does."""
+  tok = build_tokenizer(vocab_size=300)
+  save(make_model(seed=4, vocab_size=320, std=0.05), tmp_path / "hf")
+  tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE,
+                                                                      "eos_token": "<|im_end|>"}))
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  data = tmp_path / "data.jsonl"
+  args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--steps", "3", "--batch-size", "8",
+          "--seq-len", "48", "--lr", "1e-2", "--warmup-steps", "1", "--dtype", "float32", "--mesh", "data=2,expert=4",
+          "--save-every", "3"]
+  if kind == "grpo":
+    data.write_text("".join(json.dumps({"prompt": f"count to {i}"}) + "\n" for i in range(6)))
+    (tmp_path / "rewards.py").write_text("def low(completion_ids, **kwargs):\n"
+                                         "  return [sum(i < 150 for i in c) / len(c) for c in completion_ids]\n")
+    args += ["--lora-rank", "4", "--grpo-reward", f"{tmp_path / 'rewards.py'}:low", "--grpo-group", "4",
+             "--grpo-max-new", "12", "--grpo-beta", "0.1"]
+  else:
+    data.write_text("".join(json.dumps({"prompt": f"count to {i}", "chosen": " one two", "rejected": " no"}) + "\n"
+                            for i in range(12)))
+    args += ["--dpo-beta", "0.5"]
+  results = _two_processes("train.py", args + ["--out", str(tmp_path / "multi")])
+  for r in results:
+    assert r.returncode == 0, r.stderr[-2000:]
+  single = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "single")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr
+  read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+  for a, b in zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True):
+    if kind == "grpo":
+      assert (a["reward"], a["completion_tokens"]) == (b["reward"], b["completion_tokens"])
+      np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-5, atol=1e-7)
+    else:
+      np.testing.assert_allclose(a["reward_margin"], b["reward_margin"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
 
 

@@ -388,6 +388,8 @@ def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
    "(ZeroDivisionError: division by zero)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--data", "{base}/data.jsonl"],
    "data.jsonl:1: expected a 'prompt' (a string or a list of messages), got the keys 'messages'"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--data", "{base}/reserved.jsonl"],
+   "reserved.jsonl:1: the key 'completions' is a reward function's own argument; rename it"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-max-new", "120"],
    "prompts.jsonl:1: the prompt has"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--eval-data", "{base}/data.jsonl"],
@@ -395,6 +397,7 @@ def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
 ])
 def test_bad_grpo_flags_and_data(base, grpo_run, tmp_path, flags, message):
   (base / "broken.py").write_text("1 / 0\n")
+  (base / "reserved.jsonl").write_text(json.dumps({"prompt": "hi", "completions": 3}) + "\n")
   flags = [f.format(base=base, rewards=base / "rewards.py") for f in flags]
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), "--out",
               str(tmp_path / "r"), *TRAIN, "--grpo-max-new", "16", *flags)
