@@ -13,6 +13,7 @@ padded on restore and sliced back on save, so checkpoints never show the padding
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -315,9 +316,22 @@ def unflatten_state(abstract: nnx.State, values: dict[str, jax.Array]) -> nnx.St
 
 
 def unpadded(cfg: QwenMoeConfig, tree: Any) -> Any:
-  """Drops padded experts: expert leaves (see is_expert_leaf) keep their first num_experts rows."""
-  return jax.tree_util.tree_map_with_path(
-    lambda p, x: x[: cfg.num_experts] if is_expert_leaf(p, x) else x, tree)
+  """Drops padded experts: expert leaves (see is_expert_leaf) keep their first num_experts rows. The padded leaves
+  are cut in one program (on several processes, a program per leaf would put many with collectives in flight at
+  once, which XLA:CPU's collectives can run in a different order on each process, and hang); the rest are returned
+  as they are."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  padded = [i for i, (p, x) in enumerate(leaves) if is_expert_leaf(p, x) and x.shape[0] > cfg.num_experts]
+  cut = _first_rows([leaves[i][1] for i in padded], cfg.num_experts)
+  out = [x for _, x in leaves]
+  for i, x in zip(padded, cut):
+    out[i] = x
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_rows(xs: list[jax.Array], n: int) -> list[jax.Array]:
+  return [x[:n] for x in xs]
 
 
 def save_params(path: str | Path, model: QwenMoeForCausalLM) -> None:
