@@ -221,8 +221,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
                               lambda s, n: training.reference_logprobs(logprob_fn(), trainable, frozen, s, n, mesh))
                     for (path, digest), docs in zip(files, documents)]
     if tc.grpo:
-      base = jax.tree.map(lambda v: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding), trainable)  # the
-      # adapters at zero: the KL penalty's reference (--grpo-beta needs LoRA: trainable holds only adapters)
+      base = jax.tree.map(lambda v: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding), trainable) \
+          if tc.reference else None  # the adapters at zero: the KL penalty's reference (--grpo-beta needs LoRA)
       stream = grpo.Rollouts(prompts[0], rewards, tok, tc, stop_ids(cfg, tok), mesh)
     else:
       stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,

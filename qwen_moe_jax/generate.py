@@ -189,6 +189,11 @@ class Generator:
     self.graphdef, self.params = nnx.split(model)
     self._kept = None
 
+  def drop_weights(self) -> None:
+    """Lets go of the weights until the next `load` (a training step's memory then holds no copy of them)."""
+    self.params = None
+    self._kept = None
+
   def drop_kept(self) -> None:
     """Frees the KV cache a `keep` call kept (for work that needs the memory)."""
     self._kept = None

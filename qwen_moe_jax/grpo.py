@@ -166,6 +166,7 @@ class Rollouts:
     total = len(asked)
     result = self._generator.generate([p.ids for p in asked], self.tc.grpo_max_new, self.sampling,
                                       [Stream(self.tc.seed, step * total + j) for j in range(total)], self.stop_ids)
+    self._generator.drop_weights()  # a full fine-tune's compute-dtype copy, not held through the step
     completions = result.output_ids
     scores = self.score(asked, completions)  # [F, R]
     reward = scores.sum(axis=0)
@@ -187,6 +188,7 @@ class Rollouts:
     each, as many at once as a step's completions."""
     self._load(model)
     result = self._generator.generate([p.ids for p in prompts], self.tc.grpo_max_new, Sampling(), 0, self.stop_ids)
+    self._generator.drop_weights()
     scores = self.score(prompts, result.output_ids)
     return {"eval_reward": float(scores.sum(axis=0).mean()),
             **({f"eval_reward_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
