@@ -109,8 +109,8 @@ def test_resume_after_sigkill_matches_uninterrupted(base, straight, tmp_path):
   proc = train(*args, "--out", str(killed), wait=False)
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
-    if (killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 7:
-      break
+    if (killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 7 and (killed / "checkpoints" / "4").is_dir():
+      break  # a step-4 checkpoint finished (saves are asynchronous: a loaded machine may lag behind the steps)
     time.sleep(0.05)
   assert proc.poll() is None, proc.stderr.read()
   os.kill(proc.pid, signal.SIGKILL)
