@@ -232,6 +232,18 @@ def _two_processes(script: str, args: list[str], timeout: int = 300) -> list[sub
   return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
+def _trained_both_ways(args: list[str], tmp_path: Path) -> list[tuple[dict, dict]]:
+  """train.py with `args` on 2 processes and on one: their metrics.jsonl records, step by step."""
+  results = _two_processes("train.py", args + ["--out", str(tmp_path / "multi")])
+  for r in results:
+    assert r.returncode == 0, r.stderr[-2000:]
+  single = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "single")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr
+  read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+  return list(zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True))
+
+
 def test_two_processes_form_one_mesh(ckpt, tmp_path):
   """2 processes x 4 CPU devices, experts split across both: infer.py gives the single-process numbers."""
   folder = ckpt[0]
@@ -258,14 +270,7 @@ def test_two_processes_train_like_one(ckpt, tmp_path, lora):
   data.write_text("".join(json.dumps({"input_ids": [(i * 7 + j) % 101 for j in range(12)]}) + "\n" for i in range(16)))
   args = ["--checkpoint", str(folder), "--data", str(data), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
           "--dtype", "float32", "--mesh", "data=2,expert=4", "--save-every", "3", *lora]
-  results = _two_processes("train.py", args + ["--out", str(tmp_path / "multi")])
-  for r in results:
-    assert r.returncode == 0, r.stderr[-2000:]
-  single = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "single")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-  assert single.returncode == 0, single.stderr
-  read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-  for a, b in zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True):
+  for a, b in _trained_both_ways(args, tmp_path):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
 
@@ -295,14 +300,7 @@ def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
     data.write_text("".join(json.dumps({"prompt": f"count to {i}", "chosen": " one two", "rejected": " no"}) + "\n"
                             for i in range(12)))
     args += ["--dpo-beta", "0.5"]
-  results = _two_processes("train.py", args + ["--out", str(tmp_path / "multi")])
-  for r in results:
-    assert r.returncode == 0, r.stderr[-2000:]
-  single = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "single")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-  assert single.returncode == 0, single.stderr
-  read = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-  for a, b in zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True):
+  for a, b in _trained_both_ways(args, tmp_path):
     if kind == "grpo":
       assert (a["reward"], a["completion_tokens"]) == (b["reward"], b["completion_tokens"])
       np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-5, atol=1e-7)
