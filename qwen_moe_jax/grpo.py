@@ -174,9 +174,7 @@ class Rollouts:
     # completions cut at --grpo-max-new teach nothing
     out = rows([p.ids for p in asked], completions, advantages(reward, self.group, self.tc.grpo_scale_rewards),
                self.tc.seq_len, learned)
-    metrics = {"reward": float(reward.mean()),
-               **({f"reward_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
-                  if len(self.rewards) > 1 else {}),
+    metrics = {**self._means(scores, "reward"),
                "reward_std": float(reward.reshape(-1, self.group).std(axis=1, ddof=1).mean()),
                "completion_tokens": float(np.mean([len(c) for c in completions])),
                "clipped_ratio": float(np.mean([r == "length" for r in result.finish_reasons])),
@@ -190,10 +188,14 @@ class Rollouts:
     result = self._generator.generate([p.ids for p in prompts], self.tc.grpo_max_new, Sampling(), 0, self.stop_ids)
     self._generator.drop_weights()
     scores = self.score(prompts, result.output_ids)
-    return {"eval_reward": float(scores.sum(axis=0).mean()),
-            **({f"eval_reward_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
-               if len(self.rewards) > 1 else {}),
-            "eval_prompts": len(prompts)}
+    return {**self._means(scores, "eval_reward"), "eval_prompts": len(prompts)}
+
+  def _means(self, scores: np.ndarray, key: str) -> dict[str, float]:
+    """scores [F, R] -> {key: the mean summed reward} and, with several functions, {key_NAME: each one's mean}."""
+    out = {key: float(scores.sum(axis=0).mean())}
+    if len(self.rewards) > 1:
+      out |= {f"{key}_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
+    return out
 
   def _load(self, model: QwenMoeForCausalLM) -> None:
     if self._generator is None:
