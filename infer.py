@@ -42,7 +42,7 @@ from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
 from qwen_moe_jax.server import make_server
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
-from qwen_moe_jax.tokenizer import load_tokenizer
+from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
 DEMO_CHAT = "Tell me about mixture-of-experts language models."
 SERVE_ROWS, SERVE_SLOTS = 16, 4096  # --serve's default --batch-size and largest default --max-model-len
@@ -299,16 +299,6 @@ def logit_bias_flag(text: str) -> tuple[tuple[int, float], ...]:
     raise UserError(f"--logit-bias takes ID=BIAS,... (such as 151643=-100), got {text!r}") from None
 
 
-def stop_ids(cfg, gen: dict, tok) -> list[int]:
-  """The config's EOS ids, generation_config.json's, and the tokenizer's EOS token."""
-  ids = list(cfg.stop_ids())
-  eos = gen.get("eos_token_id")
-  ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-  if tok is not None and tok.eos_token_id is not None:
-    ids.append(tok.eos_token_id)
-  return sorted({i for i in ids if isinstance(i, int) and 0 <= i < cfg.vocab_size})
-
-
 def prepare_demo(workdir: Path) -> Path:
   """Random HF checkpoint -> converter -> checkpoint folder, the path a real model takes."""
   from qwen_moe_jax.convert import import_hf
@@ -360,9 +350,9 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
                         batch_size=args.batch_size or (SERVE_ROWS if args.serve else None),
                         kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix)
   if args.interactive:
-    return chat(args, generator, tok, sampling, stop_ids(cfg, gen, tok))
+    return chat(args, generator, tok, sampling, stop_ids(cfg, tok, gen))
   if args.serve:
-    return serve(args, generator, folder, tok, sampling, stop_ids(cfg, gen, tok))
+    return serve(args, generator, folder, tok, sampling, stop_ids(cfg, tok, gen))
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
   scores = prompt_scores(generator, prompts) if args.prompt_logprobs else None
@@ -397,7 +387,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     in_order(k, out)
 
   result = generator.generate(each(prompts), each(limits), each([r.sampling for r in requests]), args.seed,
-                              stop_ids(cfg, gen, tok), printer,
+                              stop_ids(cfg, tok, gen), printer,
                               stop_when=stop_when(each(stops)), on_done=on_done if lead else None)
   progress.close()
   if printer:

@@ -34,7 +34,7 @@ from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.losses import DPO_LOSSES
 from qwen_moe_jax.model import REMAT_POLICIES, abstract_model
 from qwen_moe_jax.run_dir import OPT_STATE, TOKENS_DIR, RunDir
-from qwen_moe_jax.tokenizer import load_tokenizer
+from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -223,7 +223,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     if tc.grpo:
       base = jax.tree.map(lambda v: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding), trainable) \
           if tc.reference else None  # the adapters at zero: the KL penalty's reference (--grpo-beta needs LoRA)
-      stream = grpo.Rollouts(prompts[0], rewards, tok, tc, stop_ids(cfg, tok), mesh)
+      stream = grpo.Rollouts(prompts[0], rewards, tok, tc, stop_ids(cfg, tok, chat_end=True), mesh)
     else:
       stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
                                 references[0])
@@ -275,12 +275,6 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   plot = run.plot()
   print(f"trained to step {tc.steps}; run folder {run.folder}" + (f", loss curve {plot}" if plot else ""),
         file=sys.stderr)
-
-
-def stop_ids(cfg, tok) -> list[int]:
-  """Where GRPO's completions end: the config's EOS ids, the tokenizer's EOS token and ChatML's end of turn."""
-  ids = {*cfg.stop_ids(), tok.eos_token_id, tok.token_to_id("<|im_end|>")}
-  return sorted(i for i in ids if i is not None and 0 <= i < cfg.vocab_size)
 
 
 def evaluate(eval_fn, trainable, frozen, held_out: data.BatchStream, mesh, pairs: bool) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ OBJECTIVES = {"ce": "cross-entropy", "dpo_loss": "DPO loss", "simpo_loss": "SimP
               "grpo_loss": "GRPO loss"}  # the objective's metric (TrainConfig.objective) and its name in the plot
 OPT_STATE = "opt_state"  # checkpointable name of the optimizer state in a step
 TOKENS_DIR = "tokens"
+WRITTEN = {"config.json", TRAIN_CONFIG, checkpoint.LORA_FILE, METRICS, PLOT, TOKENS_DIR, *hf_io.SIDE_FILES}
 
 
 class RunDir:
@@ -53,13 +55,19 @@ class RunDir:
 
   def start(self, source: Path, train_config: dict[str, Any], lora: dict[str, Any] | None = None) -> None:
     """A new run: copy config.json and tokenizer files from the source checkpoint; record the settings (and a
-    LoRA run's lora.json)."""
-    leftovers = [p.name for p in self.folder.iterdir() if p.name != checkpoint.RUN_CHECKPOINTS_DIR]
-    if leftovers:
-      raise UserError(f"{self.folder}: not a run folder of train.py and not empty ({leftovers[0]}); "
+    LoRA run's lora.json). A run folder that saved no checkpoint (killed or failed before its first save) starts
+    over, with any flags: what its earlier start wrote is removed first."""
+    leftovers = [p for p in self.folder.iterdir() if p.name != checkpoint.RUN_CHECKPOINTS_DIR]
+    unsaved = (self.folder / TRAIN_CONFIG).is_file() and all(p.name in WRITTEN for p in leftovers)
+    if leftovers and not unsaved:
+      raise UserError(f"{self.folder}: not a run folder of train.py and not empty ({leftovers[0].name}); "
                       f"choose a new --out")
     multihost_utils.sync_global_devices("run folder checked")  # every process looked before process 0 writes
     if jax.process_index() == 0:
+      if leftovers:
+        print(f"{self.folder}: a run that saved no checkpoint; starting it over", file=sys.stderr)
+      for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
       shutil.copyfile(hf_io.inside(source, "config.json", str(source)), self.folder / "config.json")
       hf_io.copy_side_files(source, self.folder)
       (self.folder / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")

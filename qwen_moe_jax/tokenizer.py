@@ -184,6 +184,17 @@ class Tokenizer:
       raise UserError(f"{self._source}: failed to render: {type(e).__name__}: {e}") from None
 
 
+def stop_ids(cfg, tok: Tokenizer | None, generation: dict | None = None, chat_end: bool = False) -> list[int]:
+  """Token ids that end a generation: the config's EOS ids, generation_config.json's `eos_token_id` (an id or a
+  list), the tokenizer's EOS token and, with chat_end, ChatML's end of turn (GRPO's completions end there even when
+  the model's own EOS is `<|endoftext|>`)."""
+  eos = (generation or {}).get("eos_token_id")
+  ids = [*cfg.stop_ids(), *(eos if isinstance(eos, list) else [eos])]
+  if tok is not None:
+    ids += [tok.eos_token_id, tok.token_to_id("<|im_end|>") if chat_end else None]
+  return sorted({i for i in ids if isinstance(i, int) and 0 <= i < cfg.vocab_size})
+
+
 def _byte_alphabet() -> dict[str, int]:
   """GPT-2's byte-level alphabet, which spells each byte with a printable character: character -> byte."""
   printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -315,3 +315,22 @@ def test_stop_strings_end_at_the_token_that_completes_them(tok):
   for bad in ([], [""], ["ok", 3]):
     with pytest.raises(UserError, match="--stop: stop strings must be non-empty strings"):
       StopStrings(tok, bad)
+
+
+def test_stop_ids_gather_every_source(tmp_path):
+  """The config's EOS ids, generation_config.json's (an id or a list), the tokenizer's EOS and, asked, ChatML's end
+  of turn (a base model's tokenizer ends at `<|endoftext|>`); ids outside the vocabulary dropped, each once."""
+  import dataclasses
+
+  from qwen_moe_jax.demo import demo_config
+  from qwen_moe_jax.tokenizer import stop_ids
+
+  base = load_tokenizer(_tiny_folder(tmp_path, {"eos_token": "<|endoftext|>"}))
+  eos, end = base.eos_token_id, base.token_to_id("<|im_end|>")
+  cfg = dataclasses.replace(demo_config(base.vocab_size), eos_token_ids=(3,))
+  assert stop_ids(cfg, None) == [3]
+  assert stop_ids(cfg, None, {"eos_token_id": [7, 3, 10**7]}) == [3, 7]
+  assert stop_ids(cfg, None, {"eos_token_id": 9}) == [3, 9]
+  assert stop_ids(cfg, base) == [3, eos]
+  assert stop_ids(cfg, base, chat_end=True) == [3, eos, end]
+  assert stop_ids(dataclasses.replace(cfg, vocab_size=eos), base, chat_end=True) == [3]

@@ -190,6 +190,26 @@ def test_bad_data_lines(base, tmp_path, line, message):
   assert message in res.stderr and "bad.jsonl" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_run_that_saved_no_checkpoint_starts_over(base, straight, tmp_path):
+  """A run that stopped before its first save (here a LoRA run on a bad data line) reruns in place with other
+  flags: its folder starts over and the run equals one in a new folder; a folder holding other files is refused."""
+  run, bad = tmp_path / "run", tmp_path / "bad.jsonl"
+  bad.write_text('{"wrong": 1}\n')
+  args = ["--checkpoint", str(base / "ckpt"), "--out", str(run), *TRAIN]
+  res = train(*args, "--data", str(bad), "--lora-rank", "4")
+  assert res.returncode == 2 and (run / "lora.json").is_file() and not (run / "checkpoints" / "4").exists()
+  res = train(*args, "--data", str(base / "data.jsonl"))
+  assert res.returncode == 0, res.stderr
+  assert "saved no checkpoint; starting it over" in res.stderr and not (run / "lora.json").exists()
+  assert [(r["loss"], r["grad_norm"]) for r in metrics(run)] == [(r["loss"], r["grad_norm"]) for r in metrics(straight)]
+
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  res = train(*args[:-len(TRAIN) - 2], "--out", str(tmp_path / "mine"), *TRAIN, "--data", str(base / "data.jsonl"))
+  assert res.returncode == 2 and "notes.txt); choose a new --out" in res.stderr and "Traceback" not in res.stderr
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 DPO = ["--dpo-beta", "0.5", "--lr", "2e-3", "--seq-len", "256"]
 
 
