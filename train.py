@@ -31,7 +31,7 @@ from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.checkpoint import PARAMS_ITEM
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.losses import DPO_LOSSES
+from qwen_moe_jax.losses import DPO_LOSSES, GRPO_LOSS_TYPES, IMPORTANCE_LEVELS
 from qwen_moe_jax.model import REMAT_POLICIES, abstract_model
 from qwen_moe_jax.run_dir import OPT_STATE, TOKENS_DIR, RunDir
 from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
@@ -95,6 +95,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "nothing (Dr. GRPO)")
   ap.add_argument("--grpo-mask-truncated", action="store_true",
                   help="no loss on completions cut at --grpo-max-new (DAPO)")
+  ap.add_argument("--grpo-generation-steps", type=int, default=d.grpo_generation_steps,
+                  help="optimizer steps one generation serves: it samples their prompts' completions at once, and "
+                  "each step trains on its own share (TRL's steps_per_generation = this x --grad-accum)")
+  ap.add_argument("--grpo-iterations", type=int, default=d.grpo_iterations,
+                  help="times each generation is trained on (TRL's num_iterations, the paper's mu)")
+  ap.add_argument("--grpo-epsilon", type=float, default=d.grpo_epsilon,
+                  help="the ratio pi / pi_old is clipped to [1 - this, 1 + --grpo-epsilon-high] (TRL's epsilon; "
+                  "it acts once the policy has moved: with --grpo-generation-steps or --grpo-iterations > 1)")
+  ap.add_argument("--grpo-epsilon-high", type=float,
+                  help="the clipping range above 1 (default: --grpo-epsilon; DAPO's clip-higher: 0.28)")
+  ap.add_argument("--grpo-importance", choices=IMPORTANCE_LEVELS, default=d.grpo_importance,
+                  help="the ratio per token (GRPO) or per completion, the geometric mean of its tokens' (GSPO, the "
+                  "Qwen team's for MoE models: with --grpo-loss-type grpo and --grpo-epsilon 3e-4 "
+                  "--grpo-epsilon-high 4e-4)")
+  ap.add_argument("--grpo-loss-type", choices=GRPO_LOSS_TYPES, default=d.grpo_loss_type,
+                  help="how the loss averages: over the step's completion tokens (dapo), over each completion's "
+                  "tokens then the completions (grpo), over the completions' --grpo-max-new slots (dr_grpo)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -130,7 +147,9 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma,
     grpo_rewards=tuple(args.grpo_reward), grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
     grpo_temperature=args.grpo_temperature, grpo_beta=args.grpo_beta, grpo_scale_rewards=args.grpo_scale_rewards,
-    grpo_mask_truncated=args.grpo_mask_truncated).validate()
+    grpo_mask_truncated=args.grpo_mask_truncated, grpo_generation_steps=args.grpo_generation_steps,
+    grpo_iterations=args.grpo_iterations, grpo_epsilon=args.grpo_epsilon, grpo_epsilon_high=args.grpo_epsilon_high,
+    grpo_importance=args.grpo_importance, grpo_loss_type=args.grpo_loss_type).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:
@@ -150,6 +169,9 @@ def main() -> None:
     raise UserError(f"--save-every must be >= 1, got {args.save_every}")
   if args.eval_every is not None and args.eval_every < 1:
     raise UserError(f"--eval-every must be >= 1, got {args.eval_every}")
+  if tc.grpo and args.save_every % tc.grpo_cycle:  # a resume starts at a generation
+    raise UserError(f"--save-every ({args.save_every}) must be a multiple of --grpo-generation-steps x "
+                    f"--grpo-iterations ({tc.grpo_cycle}): a run resumes where a generation starts")
   mesh, _, kernels = runtime.setup(args)
   run = RunDir(args.out, keep=args.keep)
   try:
@@ -237,16 +259,24 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       eval_fn = jax.jit(training.make_eval_step(graphdef, abstract, tc)).lower(
         trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len), tc.floats)).compile()
     first = start or 0
+    generation = None  # GRPO's: the rows and metrics of the steps its latest generation serves
     run.truncate_metrics(first)
     lr = training.schedule(tc)
     bar = tqdm(range(first, tc.steps), initial=first, total=tc.steps, desc="training", unit="step",
                disable=jax.process_index() != 0 or None)
     for step in bar:
       tick = time.perf_counter()
-      if tc.grpo:  # completions of the model as it is
-        rows, rollout = stream.batch(step, training.model_of(graphdef, abstract, tc, trainable, frozen))
-        if tc.reference:  # the KL penalty's: the LoRA base's log-probabilities
-          rows[data.REFERENCE] = training.row_logprobs(logprob_fn(), base, frozen, rows, tc.batch_size, mesh)
+      if tc.grpo:
+        if step % tc.grpo_cycle == 0 or generation is None:  # completions of the model as it is
+          generation = stream.generation(step, training.model_of(graphdef, abstract, tc, trainable, frozen))
+          for rows, _ in generation:
+            if tc.grpo_cycle > 1:  # the ratio's denominator: the sampling policy's log-probabilities
+              rows[data.OLD_LOGP] = training.row_logprobs(logprob_fn(), trainable, frozen, rows, tc.batch_size, mesh)
+            if tc.reference:  # the KL penalty's: the LoRA base's log-probabilities
+              rows[data.REFERENCE] = training.row_logprobs(logprob_fn(), base, frozen, rows, tc.batch_size, mesh)
+          rollout_s = time.perf_counter() - tick
+        rows, rollout = generation[step % tc.grpo_cycle % tc.grpo_generation_steps]
+        rollout = rollout | {"rollout_s": rollout_s if step % tc.grpo_cycle == 0 else 0.0}
       else:
         rows, rollout = stream.batch(step), {}
       host = {k: v.reshape(shape) for k, v in rows.items()}

@@ -47,6 +47,7 @@ ROLES = ("system", "user", "assistant")
 FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 REFERENCE = "ref_logp"  # a DPO batch's fp32 [B, T]: the reference model's log-probability of each target
 ADVANTAGE = "advantage"  # a GRPO batch's fp32 [B, T]: each target's advantage (its completion's; grpo.py)
+OLD_LOGP = "old_logp"  # and [B, T] each target's log-probability under the policy that sampled it
 INT32_LIMIT = 2**31  # batches are int32
 CACHED_EPOCHS = 4  # packings kept by a BatchStream; a training run only moves forward
 ENCODE_LINES = 1024  # read_jsonl: lines whose texts are encoded in one batch

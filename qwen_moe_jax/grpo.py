@@ -4,8 +4,10 @@ Each step takes P prompts from the data, in an order drawn per epoch from the se
 completions of each with the model as it is (generate.Generator: the KV-cache decode engine, on the training
 mesh), scores every completion with the reward functions (summed), and turns the scores into advantages within
 each prompt's group, A = (r - mean) / (std + 1e-4) (`advantages`). The rows (prompt + completion, loss on the
-completion) go to losses.policy_gradient_loss. Completion j of step s draws from the stream (seed, s R + j), so
-a resumed run generates, and trains on, exactly what an uninterrupted one would.
+completion) go to losses.policy_gradient_loss. A generation can serve several steps (TrainConfig.grpo_cycle): it
+samples the next K steps' prompts at once, and steps train on their share of it, over I iterations. Completion j
+of step s draws from the stream (seed, s R + j), so a resumed run (which starts at a generation) generates, and
+trains on, exactly what an uninterrupted one would.
 
 Data lines: {"prompt": "text" or [messages], ...}; messages are rendered by the chat template with its generation
 prompt. The other keys (an answer to check, say) go to the reward functions, as TRL gives a dataset's columns.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -138,15 +139,18 @@ class Rollouts:
                stop_ids: Sequence[int], mesh):
     self.prompts, self.rewards, self.tok, self.tc = prompts, rewards, tok, tc
     self.group, self.per_step = tc.grpo_group, tc.batch_size * tc.grad_accum // tc.grpo_group
+    self.steps = tc.grpo_generation_steps  # the steps one generation samples for
     self.sampling = Sampling(temperature=tc.grpo_temperature).validate()
     self.stop_ids, self.mesh = list(stop_ids), mesh
     self._generator: Generator | None = None
     self._orders: dict[int, np.ndarray] = {}  # epoch -> its order of the prompts
 
-  def order(self, step: int) -> list[int]:
-    """The indices of step `step`'s prompts: epoch e visits them in the order default_rng([seed, e]).permutation."""
+  def order(self, step: int, steps: int = 1) -> list[int]:
+    """The indices of the prompts of steps `step` to `step + steps - 1`: epoch e visits them in the order
+    default_rng([seed, e]).permutation."""
     n = len(self.prompts)
-    return [int(self._permutation(at // n)[at % n]) for at in range(step * self.per_step, (step + 1) * self.per_step)]
+    return [int(self._permutation(at // n)[at % n])
+            for at in range(step * self.per_step, (step + steps) * self.per_step)]
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
@@ -157,29 +161,32 @@ class Rollouts:
   def epoch_of(self, step: int) -> int:
     return step * self.per_step // len(self.prompts)
 
-  def batch(self, step: int, model: QwenMoeForCausalLM) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """(rows [P G, seq_len], metrics: the mean reward (and each function's), the groups' mean std, completion
-    tokens, the share cut at --grpo-max-new, seconds generating and scoring)."""
-    tick = time.perf_counter()
+  def generation(self, step: int, model: QwenMoeForCausalLM) -> list[tuple[dict[str, np.ndarray], dict[str, float]]]:
+    """Steps step to step + K - 1's (K: --grpo-generation-steps) (rows [P G, seq_len], metrics: their mean reward
+    (and each function's), the groups' mean std, completion tokens, the share cut at --grpo-max-new), sampled at
+    once; the advantages' "batch" scale is the generation's."""
     self._load(model)
-    asked = [self.prompts[i] for i in self.order(step) for _ in range(self.group)]
-    total = len(asked)
+    asked = [self.prompts[i] for i in self.order(step, self.steps) for _ in range(self.group)]
+    each = len(asked) // self.steps  # a step's rows
     result = self._generator.generate([p.ids for p in asked], self.tc.grpo_max_new, self.sampling,
-                                      [Stream(self.tc.seed, step * total + j) for j in range(total)], self.stop_ids)
+                                      [Stream(self.tc.seed, step * each + j) for j in range(len(asked))], self.stop_ids)
     self._generator.drop_weights()  # a full fine-tune's compute-dtype copy, not held through the step
-    completions = result.output_ids
-    scores = self.score(asked, completions)  # [F, R]
+    completions, truncated = result.output_ids, np.array([r == "length" for r in result.finish_reasons])
+    scores = self.score(asked, completions)  # [F, K R]
     reward = scores.sum(axis=0)
-    learned = [r != "length" for r in result.finish_reasons] if self.tc.grpo_mask_truncated else None  # DAPO's:
-    # completions cut at --grpo-max-new teach nothing
+    learned = ~truncated if self.tc.grpo_mask_truncated else None  # DAPO's: completions cut at --grpo-max-new
+    # teach nothing
     out = rows([p.ids for p in asked], completions, advantages(reward, self.group, self.tc.grpo_scale_rewards),
                self.tc.seq_len, learned)
-    metrics = {**self._means(scores, "reward"),
-               "reward_std": float(reward.reshape(-1, self.group).std(axis=1, ddof=1).mean()),
-               "completion_tokens": float(np.mean([len(c) for c in completions])),
-               "clipped_ratio": float(np.mean([r == "length" for r in result.finish_reasons])),
-               "rollout_s": time.perf_counter() - tick}
-    return out, metrics
+    steps = []
+    for share in np.split(np.arange(len(asked)), self.steps):
+      r = reward[share]
+      steps.append(({k: v[share] for k, v in out.items()},
+                    {**self._means(scores[:, share], "reward"),
+                     "reward_std": float(r.reshape(-1, self.group).std(axis=1, ddof=1).mean()),
+                     "completion_tokens": float(np.mean([len(completions[j]) for j in share])),
+                     "clipped_ratio": float(truncated[share].mean())}))
+    return steps
 
   def evaluate(self, prompts: list[Prompt], model: QwenMoeForCausalLM) -> dict[str, float]:
     """The mean reward (and each function's, with several) of the greedy completions of held-out prompts, one
@@ -199,7 +206,7 @@ class Rollouts:
 
   def _load(self, model: QwenMoeForCausalLM) -> None:
     if self._generator is None:
-      self._generator = Generator(model, self.mesh, batch_size=self.per_step * self.group)
+      self._generator = Generator(model, self.mesh, batch_size=self.steps * self.per_step * self.group)
     else:
       self._generator.load(model)
 

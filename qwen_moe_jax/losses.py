@@ -8,6 +8,7 @@ Neither materialises fp32 logits for all tokens at once: tokens go through the L
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -78,30 +79,68 @@ def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Ar
   return _with_router_loss(model, out, segment_ids, nll_sum / jnp.maximum(count, 1.0), count)
 
 
+IMPORTANCE_LEVELS = ("token", "sequence")  # PolicyGradient.importance's (TRL's importance_sampling_level)
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # PolicyGradient.loss_type's (TRL's loss_type names)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyGradient:
+  """GRPO's loss settings, as TRL's GRPOConfig names them."""
+  beta: float = 0.0  # the KL penalty's weight
+  epsilon: float = 0.2  # ratios below 1 - epsilon are clipped where the advantage is negative
+  epsilon_high: float = 0.2  # above 1 + epsilon_high where it is positive (DAPO's clip-higher: a larger one)
+  importance: str = "token"  # the ratio per token, or per completion ("sequence": GSPO's)
+  loss_type: str = "dapo"  # per_token's mean over the step's tokens (dapo), over each completion then the
+  # completions (grpo), or its sum over the completions' max_new slots (dr_grpo)
+  max_new: int = 256  # the most tokens a completion has (max_completion_length)
+
+
+def policy_gradient_count(loss_mask: jax.Array, pg: PolicyGradient) -> jax.Array:
+  """What GRPO's loss averages over in rows loss_mask [..., B, T] (a completion each): their loss tokens (dapo),
+  their completions (grpo) or their completions' max_new slots (dr_grpo)."""
+  if pg.loss_type == "dapo":
+    return jnp.sum(loss_mask.astype(F32))
+  return jnp.asarray(math.prod(loss_mask.shape[:-1]) * (pg.max_new if pg.loss_type == "dr_grpo" else 1), F32)
+
+
 def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                          positions: jax.Array, segment_ids: jax.Array, advantage: jax.Array,
-                         ref_logp: jax.Array | None = None, beta: float = 0.0, remat: str = "none") -> LossParts:
-  """GRPO's loss as TRL's GRPOTrainer computes it with one update per generation, normalised over all the
-  completion tokens (its loss_type "dapo"): the sum over the loss tokens of -A pi / pi_old + beta KL, divided by
-  their number, pi / pi_old = exp(log pi - stop_gradient(log pi)), which is 1 at the policy that sampled them (so
-  the first term's value is the tokens' mean -A, its gradient the policy gradient -sum A grad log pi / n), and KL
-  the estimate exp(r) - r - 1 of r = log ref - log pi (Schulman's k3; with beta > 0 and ref_logp, the reference
-  model's log-probability of each target [B, T] fp32). `stats` sums the tokens' KL ("kl") when it is computed.
-  Arrays [B, T] as causal_lm_loss's, one completion per row (grpo.rows); advantage [B, T] fp32: each target's."""
+                         old_logp: jax.Array | None = None, ref_logp: jax.Array | None = None,
+                         pg: PolicyGradient = PolicyGradient(), remat: str = "none") -> LossParts:
+  """GRPO's loss as TRL's GRPOTrainer computes it: each completion token's -min(w A, clip(w, 1 - epsilon, 1 +
+  epsilon_high) A) + beta KL, averaged as pg.loss_type says (policy_gradient_count). w = pi / pi_old: the token's
+  ratio exp(log pi - log pi_old), or with pg.importance "sequence" (GSPO) its completion's exp(mean over its tokens
+  of log pi - log pi_old). pi_old: old_logp [B, T] fp32, the log-probabilities of the policy that sampled them
+  (when it has since been updated: several steps per generation); without it, stop_gradient(log pi), so w = 1 and
+  the loss's gradient is the policy gradient -A grad log pi (averaged). KL: the estimate exp(r) - r - 1 of r =
+  log ref - log pi (Schulman's k3), ref_logp [B, T] fp32 the reference model's (with pg.beta > 0). `stats` sum over
+  the loss tokens their KL ("kl") and with old_logp whether their ratio was clipped ("clip_ratio", as TRL's
+  clip_ratio/region_mean). Arrays [B, T] as causal_lm_loss's, one completion per row (grpo.rows); advantage [B, T]
+  fp32: each target's."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=False)
   b, t, d = out.hidden.shape
-  logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1))  # [B T]
-  mask = loss_mask.reshape(-1).astype(F32)
-  per_token = -advantage.reshape(-1) * jnp.exp(logp - jax.lax.stop_gradient(logp))
+  logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1)).reshape(b, t)
+  mask = loss_mask.astype(F32)
+  log_ratio = logp - (jax.lax.stop_gradient(logp) if old_logp is None else old_logp)
+  if pg.importance == "sequence":  # [B, 1]: each completion's mean log-ratio weighs all its tokens
+    log_ratio = jnp.sum(log_ratio * mask, -1, keepdims=True) / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0)
+  ratio = jnp.exp(log_ratio)
+  per_token = -jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - pg.epsilon, 1 + pg.epsilon_high) * advantage)
   stats = {}
+  if old_logp is not None:
+    clipped = ((ratio < 1 - pg.epsilon) & (advantage < 0)) | ((ratio > 1 + pg.epsilon_high) & (advantage > 0))
+    stats["clip_ratio"] = jnp.sum(clipped * mask)
   if ref_logp is not None:
-    r = ref_logp.reshape(-1) - logp
+    r = ref_logp - logp
     kl = jnp.exp(r) - r - 1
-    per_token = per_token + beta * kl
+    per_token = per_token + pg.beta * kl
     stats["kl"] = jnp.sum(kl * mask)
-  count = jnp.sum(mask)
-  return _with_router_loss(model, out, segment_ids, jnp.sum(per_token * mask) / jnp.maximum(count, 1.0), count,
-                           stats)
+  if pg.loss_type == "grpo":  # each completion's mean, summed
+    summed = jnp.sum(jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0))
+  else:
+    summed = jnp.sum(per_token * mask)
+  count = policy_gradient_count(loss_mask, pg)
+  return _with_router_loss(model, out, segment_ids, summed / jnp.maximum(count, 1.0), count, stats)
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")  # preference_loss's kinds (TRL's loss_type names)

@@ -25,8 +25,12 @@ from qwen_moe_jax.layers import F32
 from qwen_moe_jax.lora import LoraConfig, is_adapter
 from qwen_moe_jax.losses import (
   DPO_LOSSES,
+  GRPO_LOSS_TYPES,
+  IMPORTANCE_LEVELS,
   REFERENCE_FREE,
+  PolicyGradient,
   causal_lm_loss,
+  policy_gradient_count,
   policy_gradient_loss,
   preference_loss,
   preference_pairs,
@@ -47,7 +51,8 @@ PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
 }
 OPTIMIZERS = ("adamw", "adafactor")
 GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_beta", "grpo_scale_rewards",
-                 "grpo_mask_truncated")  # TrainConfig's, besides the rewards
+                 "grpo_mask_truncated", "grpo_iterations", "grpo_generation_steps", "grpo_epsilon",
+                 "grpo_epsilon_high", "grpo_importance", "grpo_loss_type")  # TrainConfig's, besides the rewards
 GRPO_SCALES = ("group", "batch", "none")  # grpo.advantages' scales
 
 
@@ -97,6 +102,12 @@ class TrainConfig:
   grpo_beta: float = 0.0  # the KL penalty's weight against the reference (the LoRA base; TRL's default 0)
   grpo_scale_rewards: str = "group"  # what divides the advantages (grpo.advantages; TRL's scale_rewards)
   grpo_mask_truncated: bool = False  # no loss on completions cut at grpo_max_new (DAPO's; TRL's option)
+  grpo_generation_steps: int = 1  # optimizer steps one generation serves, each on its share of the completions
+  grpo_iterations: int = 1  # times each generation is trained on (TRL's num_iterations, the paper's mu)
+  grpo_epsilon: float = 0.2  # the ratio's clipping range below 1 (TRL's epsilon)
+  grpo_epsilon_high: float | None = None  # and above 1 (None: grpo_epsilon; DAPO's clip-higher: larger)
+  grpo_importance: str = "token"  # the ratio per token or per completion ("sequence": GSPO; losses.PolicyGradient)
+  grpo_loss_type: str = "dapo"  # how the loss averages (losses.GRPO_LOSS_TYPES)
 
   @property
   def reference(self) -> bool:
@@ -109,9 +120,21 @@ class TrainConfig:
     return bool(self.grpo_rewards)
 
   @property
+  def grpo_cycle(self) -> int:
+    """Optimizer steps between two generations: each of their grpo_generation_steps shares, grpo_iterations times."""
+    return self.grpo_generation_steps * self.grpo_iterations
+
+  @property
+  def policy(self) -> PolicyGradient:
+    return PolicyGradient(self.grpo_beta, self.grpo_epsilon, self.grpo_epsilon if self.grpo_epsilon_high is None
+                          else self.grpo_epsilon_high, self.grpo_importance, self.grpo_loss_type, self.grpo_max_new)
+
+  @property
   def floats(self) -> tuple[str, ...]:
-    """The fp32 [B, T] batch arrays the objective reads besides data.FIELDS."""
-    return (data.REFERENCE,) * self.reference + (data.ADVANTAGE,) * self.grpo
+    """The fp32 [B, T] batch arrays the objective reads besides data.FIELDS (GRPO's old log-probabilities when a
+    generation serves more than one step)."""
+    return ((data.REFERENCE,) * self.reference + (data.ADVANTAGE,) * self.grpo
+            + (data.OLD_LOGP,) * (self.grpo and self.grpo_cycle > 1))
 
   @property
   def objective(self) -> str:
@@ -153,8 +176,7 @@ class TrainConfig:
     if self.grpo:
       self._validate_grpo()
     elif any(getattr(self, k) != getattr(TrainConfig, k) for k in GRPO_SETTINGS):
-      raise UserError("--grpo-group, --grpo-max-new, --grpo-temperature, --grpo-beta, --grpo-scale-rewards and "
-                      "--grpo-mask-truncated shape GRPO: give --grpo-reward too")
+      raise UserError("the --grpo-* options shape GRPO: give --grpo-reward too")
     if self.lora is not None:
       self.lora.validate()
       if self.train_only or self.freeze:
@@ -179,6 +201,16 @@ class TrainConfig:
       raise UserError(f"--grpo-scale-rewards must be one of {', '.join(GRPO_SCALES)}, got '{self.grpo_scale_rewards}'")
     if not self.grpo_beta >= 0:
       raise UserError(f"--grpo-beta must be >= 0, got {self.grpo_beta}")
+    for name in ("grpo_generation_steps", "grpo_iterations"):
+      if getattr(self, name) < 1:
+        raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+    if not 0 <= self.grpo_epsilon < 1 or not (self.grpo_epsilon_high or 0) >= 0:
+      raise UserError(f"--grpo-epsilon must be in [0, 1) and --grpo-epsilon-high >= 0, got {self.grpo_epsilon} and "
+                      f"{self.grpo_epsilon_high}")
+    if self.grpo_importance not in IMPORTANCE_LEVELS:
+      raise UserError(f"--grpo-importance must be one of {', '.join(IMPORTANCE_LEVELS)}, got '{self.grpo_importance}'")
+    if self.grpo_loss_type not in GRPO_LOSS_TYPES:
+      raise UserError(f"--grpo-loss-type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{self.grpo_loss_type}'")
     if self.grpo_beta and self.lora is None:
       raise UserError("--grpo-beta: the KL penalty's reference is a LoRA run's base (the adapters at zero); give "
                       "--lora-rank (a full fine-tune would hold a second copy of the model)")
@@ -267,7 +299,7 @@ class StepMetrics:
   count: jax.Array  # loss tokens, or pairs
   skipped: jax.Array  # steps skipped so far for a non-finite loss or gradient
   expert_load: jax.Array  # [L, E] fraction of routed slots per expert (zeros without sparse layers)
-  stats: dict[str, jax.Array]  # LossParts.stats as means over `count`
+  stats: dict[str, jax.Array]  # LossParts.stats as means over `count` (GRPO's: over loss tokens)
 
 
 def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig,
@@ -296,11 +328,12 @@ def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig
                  {k: jnp.zeros((), F32) for k in _stat_names(tc)})
     (grads, (summed, aux, load, tokens, stats)), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
     value, aux, load = summed / jnp.maximum(total, 1.0), aux / tc.grad_accum, load / tc.grad_accum
+    per = jnp.sum(batch["loss_mask"].astype(F32)) if tc.grpo else total  # GRPO's stats: means per loss token
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = StepMetrics(loss=value + aux_coef * aux, value=value, aux_loss=aux, grad_norm=optax.tree.norm(grads),
                           tokens=tokens, count=total, skipped=opt_state.total_notfinite, expert_load=load,
-                          stats={k: v / jnp.maximum(total, 1.0) for k, v in stats.items()})
+                          stats={k: v / jnp.maximum(per, 1.0) for k, v in stats.items()})
     return trainable, opt_state, metrics
 
   return step
@@ -319,12 +352,13 @@ def make_eval_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig)
 
 def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig):
   """logprobs(trainable, frozen, batch) -> each target's log-probability [B, T] fp32 (DPO's reference: the model
-  before training; GRPO's: the LoRA base); batch arrays [1, B, T]."""
+  before training; GRPO's: the LoRA base, and the policy that sampled the completions); batch arrays [1, B, T].
+  GRPO's rows (a completion each) take the loss's unpacked attention, so the ratio starts at 1 up to rounding."""
 
   def step(trainable, frozen, batch):
     micro = {k: v[0] for k, v in batch.items()}
     model = model_of(graphdef, abstract, tc, trainable, frozen)
-    out = model(micro["tokens"], micro["positions"], micro["segment_ids"], packed=True)
+    out = model(micro["tokens"], micro["positions"], micro["segment_ids"], packed=not tc.grpo)
     b, t, d = out.hidden.shape
     return -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], micro["targets"].reshape(-1)).reshape(b, t)
 
@@ -367,7 +401,8 @@ def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: 
   model = model_of(graphdef, abstract, tc, trainable, frozen)
   args = (micro["tokens"], micro["targets"], micro["loss_mask"], micro["positions"], micro["segment_ids"])
   if tc.grpo:
-    return policy_gradient_loss(model, *args, micro[data.ADVANTAGE], micro.get(data.REFERENCE), tc.grpo_beta, remat)
+    return policy_gradient_loss(model, *args, micro[data.ADVANTAGE], micro.get(data.OLD_LOGP),
+                                micro.get(data.REFERENCE), tc.policy, remat)
   if tc.dpo_beta is not None:
     return preference_loss(model, *args, micro.get(data.REFERENCE), tc.dpo_beta, remat, tc.dpo_loss,
                            tc.dpo_label_smoothing, tc.simpo_gamma)
@@ -375,15 +410,17 @@ def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: 
 
 
 def _count(tc: TrainConfig, batch) -> jax.Array:
-  """What the objective averages over in a batch [K, B, T]: loss tokens, or pairs."""
+  """What the objective averages over in a batch [K, B, T]: loss tokens, or pairs (GRPO: see policy_gradient_count)."""
   if tc.dpo_beta is not None:
     return preference_pairs(batch["segment_ids"])
+  if tc.grpo:
+    return policy_gradient_count(batch["loss_mask"], tc.policy)
   return jnp.sum(batch["loss_mask"].astype(F32))
 
 
 def _stat_names(tc: TrainConfig) -> tuple[str, ...]:
   if tc.grpo:
-    return ("kl",) if tc.reference else ()
+    return ("clip_ratio",) * (tc.grpo_cycle > 1) + ("kl",) * tc.reference
   return preference_stats(tc.dpo_loss) if tc.dpo_beta is not None else ()
 
 

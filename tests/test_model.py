@@ -23,7 +23,13 @@ from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
 from qwen_moe_jax.demo import demo_config
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.losses import causal_lm_loss, policy_gradient_loss, preference_loss, preference_stats
+from qwen_moe_jax.losses import (
+  PolicyGradient,
+  causal_lm_loss,
+  policy_gradient_loss,
+  preference_loss,
+  preference_stats,
+)
 from qwen_moe_jax.model import QwenMoeForCausalLM, create_model, param_count
 from qwen_moe_jax.moe import (
   ExpertLora,
@@ -233,14 +239,28 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.3])
-def test_grpo_loss_and_gradients_match_torch(tmp_path, beta):
+GRPO_CASES = {  # (beta, old log-probabilities, PolicyGradient's importance and loss_type)
+  "on_policy": (0.0, False, "token", "dapo"),
+  "kl": (0.3, False, "token", "dapo"),
+  "clipped": (0.0, True, "token", "dapo"),
+  "gspo": (0.3, True, "sequence", "grpo"),
+  "gspo_on_policy": (0.0, False, "sequence", "grpo"),
+  "dr_grpo": (0.0, True, "token", "dr_grpo"),
+}
+
+
+@pytest.mark.parametrize("case", GRPO_CASES)
+def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   """GRPO: the advantages are TRL's ((r - the group's mean) / (its torch.std + 1e-4), or the step's std, or
   none: scale_rewards); a completion not learned has no loss tokens; policy_gradient_loss over
-  grpo.rows (a completion per row, padding) equals TRL's loss at one update per generation, computed in torch
-  through transformers on each sequence alone: the sum of -A exp(lp - lp.detach()) + beta (exp(ref - lp) - (ref -
-  lp) - 1) over every completion token / their number, and so do its gradients (the policy gradient, and the KL
-  penalty's); its stats sum the tokens' KL."""
+  grpo.rows (a completion per row, padding) equals TRL's loss computed in torch through transformers on each
+  sequence alone: -min(w A, clip(w, 1 - eps, 1 + eps_high) A) + beta (exp(ref - lp) - (ref - lp) - 1) with w =
+  exp(lp - old) per token, or per completion exp(mean(lp - old)) (GSPO), old = lp.detach() (one update per
+  generation) or given (the policy has moved: some tokens clipped), averaged over every completion token (dapo),
+  per completion (grpo) or over the completions' max_new slots (dr_grpo); so do its gradients (the policy
+  gradient, the KL penalty's); its stats sum the tokens' KL and clipped ratios."""
+  beta, moved, importance, loss_type = GRPO_CASES[case]
+  pg = PolicyGradient(beta, 0.1, 0.15, importance, loss_type, max_new=12)
   hf_model = make_model(seed=9, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(5)
@@ -258,16 +278,23 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, beta):
   assert masked["loss_mask"][1].sum() == 0 and masked["loss_mask"][0].sum() == len(completions[0])
   batch = grpo.rows(prompts, completions, advantage, seq_len=20)
   reference = rng.uniform(-6, -3, batch["tokens"].shape).astype(np.float32)
+  old = np.zeros_like(reference)
 
   hf_model.train()
-  terms, kls = [], []
+  terms, kls, clipped = [], [], 0
   for j, (p, c, a) in enumerate(zip(prompts, completions, advantage)):
-    ids = torch.tensor([p + c])
+    ids, at = torch.tensor([p + c]), slice(len(p) - 1, len(p) + len(c) - 1)
     lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0][len(p) - 1:]
-    r = torch.tensor(reference[j, len(p) - 1:len(p) + len(c) - 1]) - lp
+    old[j, at] = lp.detach().numpy() + rng.normal(0, 0.3, len(c)) * moved
+    log_ratio = lp - torch.tensor(old[j, at]) if moved else lp - lp.detach()
+    w = torch.exp(log_ratio.mean() if importance == "sequence" else log_ratio)
+    r = torch.tensor(reference[j, at]) - lp
     kls.append(torch.exp(r) - r - 1)
-    terms.append(-a * torch.exp(lp - lp.detach()) + beta * kls[-1])
-  loss = torch.cat(terms).sum() / sum(len(c) for c in completions)
+    terms.append(-torch.min(w * a, torch.clamp(w, 1 - 0.1, 1 + 0.15) * a) + beta * kls[-1])
+    clipped += int(torch.broadcast_to((w < 0.9) & bool(a < 0) | (w > 1.15) & bool(a > 0), lp.shape).sum())
+  loss = {"dapo": torch.cat(terms).sum() / sum(len(c) for c in completions),
+          "grpo": torch.stack([t.mean() for t in terms]).mean(),
+          "dr_grpo": torch.cat(terms).sum() / (len(completions) * 12)}[loss_type]
   loss.backward()
   torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
 
@@ -276,16 +303,18 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, beta):
   def loss_fn(params):
     parts = policy_gradient_loss(nnx.merge(graphdef, params), *(jnp.asarray(batch[k]) for k in (
       "tokens", "targets", "loss_mask", "positions", "segment_ids", data.ADVANTAGE)),
-      jnp.asarray(reference) if beta else None, beta)
+      jnp.asarray(old) if moved else None, jnp.asarray(reference) if beta else None, pg)
     return parts.total, parts
 
   (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5, atol=1e-7)
-  assert float(parts.count) == sum(len(c) for c in completions)
+  assert float(parts.count) == {"dapo": sum(len(c) for c in completions), "grpo": 6, "dr_grpo": 72}[loss_type]
+  assert set(parts.stats) == {k for k, on in (("kl", beta), ("clip_ratio", moved)) if on}
   if beta:
     np.testing.assert_allclose(float(parts.stats["kl"]), torch.cat(kls).sum().item(), rtol=1e-5)
-  else:
-    assert not parts.stats
+  if moved:
+    assert float(parts.stats["clip_ratio"]) == clipped
+    assert importance == "sequence" or 0 < clipped < sum(len(c) for c in completions) / 2  # some clipped, most not
   assert_grads_match(model, grads, torch_grads, (
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 

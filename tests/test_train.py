@@ -390,9 +390,51 @@ def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
   assert m[0]["kl"] == 0 and m[-1]["kl"] > 0  # the KL penalty's reference is the base: the adapters at zero
 
 
+GSPO = ["--grpo-generation-steps", "2", "--grpo-iterations", "2", "--grpo-importance", "sequence",
+        "--grpo-loss-type", "grpo"]
+
+
+def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_run, tmp_path):
+  """--grpo-generation-steps 2 --grpo-iterations 2 (GSPO's sequence ratios, grpo averaging): a generation every 4
+  steps samples 2 steps' prompts at once, and steps 1-4 train on shares 1, 2, 1, 2: the ratio starts at 1 (nothing
+  clipped) and is clipped once the policy has moved; the reward climbs; a resumed run (from a generation) has the
+  uninterrupted losses and rewards. --save-every must be a multiple of the 4."""
+  run = tmp_path / "gspo"
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"),
+          *(f.format(base=base) for f in GRPO_RUN), *GSPO]
+  res = train(*args, "--out", str(run))
+  assert res.returncode == 0, res.stderr
+  m = metrics(run)
+  rewards = [r["reward"] for r in m]
+  print("GSPO mean reward by step:", " ".join(f"{x:.2f}" for x in rewards))
+  print("GSPO clip ratio by step:", " ".join(f"{r['clip_ratio']:.2f}" for r in m))
+  assert np.mean(rewards[:4]) < 0.6 and np.mean(rewards[-4:]) > 0.75  # 0.52 -> 0.81 measured: 6 generations
+  for cycle in range(0, 24, 4):
+    a, b, c, d = m[cycle:cycle + 4]
+    assert a["rollout_s"] > 0 and b["rollout_s"] == c["rollout_s"] == d["rollout_s"] == 0
+    assert (a["reward"], b["reward"]) == (c["reward"], d["reward"]) and a["clip_ratio"] == 0
+  assert max(r["clip_ratio"] for r in m) > 0
+
+  resumed = tmp_path / "resumed"
+  shutil.copytree(run, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "24")
+  shutil.rmtree(resumed / "checkpoints" / "16")
+  res = train(*args, "--out", str(resumed))
+  assert res.returncode == 0 and "resuming" in res.stderr, res.stderr
+  for x, y in zip(m, metrics(resumed), strict=True):
+    assert (x["loss"], x["grad_norm"], x["reward"], x["clip_ratio"]) == (y["loss"], y["grad_norm"], y["reward"],
+                                                                         y["clip_ratio"])
+
+
 @pytest.mark.parametrize("flags,message", [
-  (["--grpo-beta", "0.1"], "--grpo-beta, --grpo-scale-rewards and --grpo-mask-truncated shape GRPO: give "
-   "--grpo-reward too"),
+  (["--grpo-beta", "0.1"], "the --grpo-* options shape GRPO: give --grpo-reward too"),
+  (["--grpo-iterations", "2"], "the --grpo-* options shape GRPO: give --grpo-reward too"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-iterations", "3"], "--save-every (4) must be "
+   "a multiple of --grpo-generation-steps x --grpo-iterations (3)"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-generation-steps", "0"],
+   "--grpo-generation-steps must be >= 1"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-epsilon", "1"], "--grpo-epsilon must be in "
+   "[0, 1)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "3"], "(4 rows, a completion each) must be a multiple of "
    "--grpo-group (3)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--dpo-beta", "0.1"], "give --grpo-reward or "
@@ -713,19 +755,25 @@ def test_dpo_step_same_on_every_mesh(step_case, kind):
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
 
 
-def test_grpo_step_same_on_a_mesh(step_case):
+@pytest.mark.parametrize("gspo", [False, True])
+def test_grpo_step_same_on_a_mesh(step_case, gspo):
   """A GRPO step (a completion per row with its advantage, two micro-batches) on a mesh splitting rows, experts
-  and heads gives the one-device step."""
+  and heads gives the one-device step; and so does GSPO's, a later step of a generation (old log-probabilities,
+  sequence ratios, clipped, averaged per completion)."""
   ckpt, _, tc = step_case
   rng = np.random.default_rng(4)
   prompts = [rng.integers(0, 101, n).tolist() for n in rng.integers(2, 7, 8)]
   completions = [rng.integers(0, 101, n).tolist() for n in rng.integers(1, 9, 8)]
   rows = grpo.rows(prompts, completions, grpo.advantages(rng.normal(size=8), group=4), seq_len=16)
-  batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
   tc = dataclasses.replace(tc, grpo_rewards=("unused.py:f",), grpo_group=4, grpo_max_new=8)
+  if gspo:
+    rows[data.OLD_LOGP] = rng.uniform(-5, -4, rows["tokens"].shape).astype(np.float32)
+    tc = dataclasses.replace(tc, grpo_iterations=2, grpo_importance="sequence", grpo_loss_type="grpo")
+  batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
   one = sharding.make_mesh({}, jax.devices()[:1])
   want = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc, batch)
-  assert want[0].count == sum(len(c) for c in completions) and np.isfinite(want[0].loss)
+  assert want[0].count == (8 if gspo else sum(len(c) for c in completions)) and np.isfinite(want[0].loss)
+  assert ("clip_ratio" in want[0].stats) == gspo
   mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
 
@@ -803,6 +851,9 @@ def assert_same_step(got, ref, tc) -> None:
   (m, p), (ref_m, ref_p) = got, ref
   np.testing.assert_allclose(m.loss, ref_m.loss, rtol=1e-5)
   np.testing.assert_allclose(m.grad_norm, ref_m.grad_norm, rtol=1e-4)
+  assert set(m.stats) == set(ref_m.stats)
+  for k in ref_m.stats:
+    np.testing.assert_allclose(m.stats[k], ref_m.stats[k], rtol=1e-5, atol=1e-7, err_msg=k)
   # Adam's first step moves each weight by about lr * sign(gradient): gradients within rounding noise of zero
   # may move differently, so allow 5% of lr (a wrong or missing gradient moves a weight by ~lr)
   for k in ref_p:
