@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="GRPO (reinforcement learning) on prompt lines {\"prompt\": ..., other keys}, scored by this "
                   "function (TRL's reward functions: f(prompts, completions, completion_ids, **other keys) -> a "
                   "number per completion); repeat to add several (their sum is the reward)")
+  ap.add_argument("--grpo-reward-weights", type=float_list, default=(),
+                  help="comma-separated weights of the --grpo-reward functions, in their order (TRL's reward_weights; "
+                  "default: 1 each)")
   ap.add_argument("--grpo-group", type=int, default=d.grpo_group,
                   help="completions sampled per prompt (--batch-size x --grad-accum rows a step, one per completion)")
   ap.add_argument("--grpo-max-new", type=int, default=d.grpo_max_new, help="the most tokens a completion has")
@@ -124,6 +127,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   return ap.parse_args(argv)
 
 
+def float_list(value: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in value.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
 def train_config(args: argparse.Namespace) -> training.TrainConfig:
   train_only = training.parse_groups(args.train_only, "--train-only")
   freeze = training.parse_groups(args.freeze, "--freeze")
@@ -145,7 +155,8 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
     seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta,
     dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma,
-    grpo_rewards=tuple(args.grpo_reward), grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
+    grpo_rewards=tuple(args.grpo_reward), grpo_reward_weights=args.grpo_reward_weights,
+    grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
     grpo_temperature=args.grpo_temperature, grpo_beta=args.grpo_beta, grpo_scale_rewards=args.grpo_scale_rewards,
     grpo_mask_truncated=args.grpo_mask_truncated, grpo_generation_steps=args.grpo_generation_steps,
     grpo_iterations=args.grpo_iterations, grpo_epsilon=args.grpo_epsilon, grpo_epsilon_high=args.grpo_epsilon_high,
@@ -158,6 +169,7 @@ def recordable(tc: training.TrainConfig, data_path: str) -> dict:
   d["freeze"] = sorted(tc.freeze) if tc.freeze else None
   d["lora"] = tc.lora.to_dict() if tc.lora else None
   d["grpo_rewards"] = list(tc.grpo_rewards)
+  d["grpo_reward_weights"] = list(tc.grpo_reward_weights)
   return {**d, "data": str(data_path), "data_fingerprint": data.fingerprint(data_path)}
 
 

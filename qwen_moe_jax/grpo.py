@@ -2,12 +2,12 @@
 
 Each step takes P prompts from the data, in an order drawn per epoch from the seed (as BatchStream's), samples G
 completions of each with the model as it is (generate.Generator: the KV-cache decode engine, on the training
-mesh), scores every completion with the reward functions (summed), and turns the scores into advantages within
-each prompt's group, A = (r - mean) / (std + 1e-4) (`advantages`). The rows (prompt + completion, loss on the
-completion) go to losses.policy_gradient_loss. A generation can serve several steps (TrainConfig.grpo_cycle): it
-samples the next K steps' prompts at once, and steps train on their share of it, over I iterations. Completion j
-of step s draws from the stream (seed, s R + j), so a resumed run (which starts at a generation) generates, and
-trains on, exactly what an uninterrupted one would.
+mesh), scores every completion with the reward functions (their weighted sum), and turns the scores into
+advantages within each prompt's group, A = (r - mean) / (std + 1e-4) (`advantages`). The rows (prompt +
+completion, loss on the completion) go to losses.policy_gradient_loss. A generation can serve several steps
+(TrainConfig.grpo_cycle): it samples the next K steps' prompts at once, and steps train on their share of it, over
+I iterations. Completion j of step s draws from the stream (seed, s R + j), so a resumed run (which starts at a
+generation) generates, and trains on, exactly what an uninterrupted one would.
 
 Data lines: {"prompt": "text" or [messages], ...}; messages are rendered by the chat template with its generation
 prompt. The other keys (an answer to check, say) go to the reward functions, as TRL gives a dataset's columns.
@@ -173,7 +173,7 @@ class Rollouts:
     self._generator.drop_weights()  # a full fine-tune's compute-dtype copy, not held through the step
     completions, truncated = result.output_ids, np.array([r == "length" for r in result.finish_reasons])
     scores = self.score(asked, completions)  # [F, K R]
-    reward = scores.sum(axis=0)
+    reward = self.total(scores)
     learned = ~truncated if self.tc.grpo_mask_truncated else None  # DAPO's: completions cut at --grpo-max-new
     # teach nothing
     out = rows([p.ids for p in asked], completions, advantages(reward, self.group, self.tc.grpo_scale_rewards),
@@ -197,11 +197,18 @@ class Rollouts:
     scores = self.score(prompts, result.output_ids)
     return {**self._means(scores, "eval_reward"), "eval_prompts": len(prompts)}
 
-  def _means(self, scores: np.ndarray, key: str) -> dict[str, float]:
-    """scores [F, R] -> {key: the mean summed reward} and, with several functions, {key_NAME: each one's mean}."""
-    out = {key: float(scores.sum(axis=0).mean())}
+  def total(self, scores: np.ndarray) -> np.ndarray:
+    """scores [F, R] -> [R] the reward: the functions' scores weighted by --grpo-reward-weights and summed, a
+    function's None left out (TRL's nansum)."""
+    return np.nansum(scores * np.asarray(self.tc.grpo_weights)[:, None], axis=0)
+
+  def _means(self, scores: np.ndarray, key: str) -> dict[str, float | None]:
+    """scores [F, R] -> {key: the mean reward} and, with several functions, {key_NAME: the mean of each one's
+    scores (unweighted; None where it gave none)}."""
+    out = {key: float(self.total(scores).mean())}
     if len(self.rewards) > 1:
-      out |= {f"{key}_{name}": float(s.mean()) for (name, _), s in zip(self.rewards, scores)}
+      out |= {f"{key}_{name}": float(np.nanmean(s)) if not np.isnan(s).all() else None
+              for (name, _), s in zip(self.rewards, scores)}
     return out
 
   def _load(self, model: QwenMoeForCausalLM) -> None:
@@ -211,7 +218,8 @@ class Rollouts:
       self._generator.load(model)
 
   def score(self, asked: list[Prompt], completions: list[list[int]]) -> np.ndarray:
-    """[F, R]: each reward function's number for each completion."""
+    """[F, R]: each reward function's number for each completion, NaN where it gave None (TRL's way for a function
+    to pass over a completion it does not judge, another task's, say)."""
     texts = [self.tok.decode(c, skip_special_tokens=True) for c in completions]
     given = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t for p, t in zip(asked, texts)]
     keys = sorted({k for p in asked for k in p.columns})
@@ -220,11 +228,11 @@ class Rollouts:
     for name, fn in self.rewards:
       values = fn(prompts=[p.prompt for p in asked], completions=given, completion_ids=completions, **columns)
       try:
-        values = np.asarray(values, np.float64)
+        values = np.asarray([np.nan if v is None else v for v in values], np.float64)
       except (TypeError, ValueError):
         values = None
-      if values is None or values.shape != (len(asked),) or not np.isfinite(values).all():
-        raise UserError(f"reward function {name!r}: expected a finite number for each of the {len(asked)} "
-                        "completions")
+      if values is None or values.shape != (len(asked),) or np.isinf(values).any():
+        raise UserError(f"reward function {name!r}: expected a finite number (or None) for each of the "
+                        f"{len(asked)} completions")
       out.append(values)
     return np.stack(out)

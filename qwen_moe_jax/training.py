@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -52,7 +53,8 @@ PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
 OPTIMIZERS = ("adamw", "adafactor")
 GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_beta", "grpo_scale_rewards",
                  "grpo_mask_truncated", "grpo_iterations", "grpo_generation_steps", "grpo_epsilon",
-                 "grpo_epsilon_high", "grpo_importance", "grpo_loss_type")  # TrainConfig's, besides the rewards
+                 "grpo_epsilon_high", "grpo_importance", "grpo_loss_type",
+                 "grpo_reward_weights")  # TrainConfig's, besides the rewards
 GRPO_SCALES = ("group", "batch", "none")  # grpo.advantages' scales
 
 
@@ -96,6 +98,7 @@ class TrainConfig:
   dpo_label_smoothing: float = 0.0  # cDPO's, for the sigmoid and simpo kinds
   simpo_gamma: float = 0.5  # SimPO's target margin (TRL's default)
   grpo_rewards: tuple[str, ...] = ()  # GRPO (grpo.py) with these reward functions (FILE.py:FUNCTION) instead
+  grpo_reward_weights: tuple[float, ...] = ()  # one per reward function (TRL's reward_weights; none: all 1)
   grpo_group: int = 8  # completions per prompt (TRL's num_generations)
   grpo_max_new: int = 256  # the most tokens a completion has (TRL's max_completion_length)
   grpo_temperature: float = 1.0  # the completions' sampling temperature (TRL's)
@@ -118,6 +121,10 @@ class TrainConfig:
   @property
   def grpo(self) -> bool:
     return bool(self.grpo_rewards)
+
+  @property
+  def grpo_weights(self) -> tuple[float, ...]:
+    return self.grpo_reward_weights or (1.0,) * len(self.grpo_rewards)
 
   @property
   def grpo_cycle(self) -> int:
@@ -186,6 +193,10 @@ class TrainConfig:
   def _validate_grpo(self) -> None:
     if self.dpo_beta is not None:
       raise UserError("give --grpo-reward or --dpo-beta, not both")
+    if self.grpo_reward_weights and (len(self.grpo_reward_weights) != len(self.grpo_rewards)
+                                     or not all(math.isfinite(w) for w in self.grpo_reward_weights)):
+      raise UserError(f"--grpo-reward-weights: expected a finite number per --grpo-reward ({len(self.grpo_rewards)}), "
+                      f"got {', '.join(map(str, self.grpo_reward_weights))}")
     if self.grpo_group < 2:
       raise UserError(f"--grpo-group must be >= 2 (advantages compare a prompt's completions), got {self.grpo_group}")
     rows = self.batch_size * self.grad_accum

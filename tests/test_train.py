@@ -429,6 +429,10 @@ def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_ru
 @pytest.mark.parametrize("flags,message", [
   (["--grpo-beta", "0.1"], "the --grpo-* options shape GRPO: give --grpo-reward too"),
   (["--grpo-iterations", "2"], "the --grpo-* options shape GRPO: give --grpo-reward too"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-reward-weights", "1,2"],
+   "--grpo-reward-weights: expected a finite number per --grpo-reward (1), got 1.0, 2.0"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-reward-weights", "one"],
+   "expected comma-separated numbers, got 'one'"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-iterations", "3"], "--save-every (4) must be "
    "a multiple of --grpo-generation-steps x --grpo-iterations (3)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-generation-steps", "0"],
@@ -473,9 +477,39 @@ def test_grpo_reward_of_the_wrong_length(base, grpo_run, tmp_path):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "prompts.jsonl"), "--out",
               str(tmp_path / "r"), *TRAIN, "--grpo-reward", f"{base / 'rewards.py'}:miscounted", "--grpo-group", "4",
               "--grpo-max-new", "16")
-  assert res.returncode == 2 and "reward function 'miscounted': expected a finite number for each of the 4 " \
+  assert res.returncode == 2 and "reward function 'miscounted': expected a finite number (or None) for each of the 4 " \
       "completions" in res.stderr and "Traceback" not in res.stderr, res.stderr
   assert not any((tmp_path / "r" / "checkpoints").glob("*"))
+
+
+def test_grpo_reward_weights_and_none(base):
+  """--grpo-reward-weights weigh the functions' scores in the reward; a function's None (a completion it does not
+  judge, as TRL allows) is left out of the sum and of its mean (None when it judged none); an infinite or
+  non-numeric score is one error line."""
+  def length(completion_ids, **kwargs):
+    return [float(len(c)) for c in completion_ids]
+
+  def text_only(prompts, **kwargs):
+    return [None if isinstance(p, list) else 1.0 for p in prompts]
+
+  def infinite(prompts, **kwargs):
+    return [float("inf")] * len(prompts)
+
+  tc = training.TrainConfig(batch_size=4, grpo_rewards=("r.py:length", "r.py:text_only"), grpo_group=2,
+                            grpo_reward_weights=(0.5, 2.0))
+  rollouts = grpo.Rollouts([], [("length", length), ("text_only", text_only)], load_tokenizer(base / "ckpt"), tc, [],
+                           mesh=None)
+  text, chat = grpo.Prompt((1,), "text", {}), grpo.Prompt((1,), [{"role": "user", "content": "x"}], {})
+  scores = rollouts.score([text, chat], [[5, 6], [7]])
+  np.testing.assert_array_equal(scores, [[2.0, 1.0], [1.0, np.nan]])
+  np.testing.assert_array_equal(rollouts.total(scores), [3.0, 0.5])
+  assert rollouts._means(scores, "reward") == {"reward": 1.75, "reward_length": 1.5, "reward_text_only": 1.0}
+  assert rollouts._means(rollouts.score([chat], [[7]]), "r") == {"r": 0.5, "r_length": 1.0, "r_text_only": None}
+  for bad in (infinite, lambda prompts, **kwargs: ["high"] * len(prompts)):
+    rollouts.rewards = [("bad", bad)]
+    with pytest.raises(UserError, match="reward function 'bad': expected a finite number \\(or None\\) for each of "
+                       "the 2 completions"):
+      rollouts.score([text, chat], [[5, 6], [7]])
 
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "16"]
