@@ -6,7 +6,8 @@
 
 Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}; with
 --dpo-beta, preference pairs {"prompt": ..., "chosen": ..., "rejected": ...} (DPO against the starting model, or
-SimPO / ORPO with --dpo-loss, reference-free); with --grpo-reward, prompts {"prompt": ..., ...} (GRPO).
+SimPO / ORPO with --dpo-loss, reference-free), or with --dpo-loss kto unpaired examples {"prompt": ...,
+"completion": ..., "label": true / false} (KTO); with --grpo-reward, prompts {"prompt": ..., ...} (GRPO).
 Running the same command on the same --out resumes from the latest complete checkpoint and continues exactly
 as if never stopped. RUN_DIR/metrics.jsonl gets one object per step; RUN_DIR/loss.png at the end.
 `infer.py --checkpoint RUN_DIR` and `convert/orbax_to_hf.py RUN_DIR OUT` use the latest weights.
@@ -73,9 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="with --dpo-beta, TRL's loss types: sigmoid (DPO), hinge (SLiC), ipo (IPO: log-probabilities "
                   "averaged over each answer's tokens); or reference-free, no reference pass: simpo (SimPO; the "
                   "paper's beta: 2 to 2.5) or orpo (ORPO: the chosen answers' NLL plus beta, ORPO's lambda (TRL: "
-                  "0.1), times the odds ratio's loss)")
+                  "0.1), times the odds ratio's loss); or kto (KTO, on unpaired lines {\"prompt\", \"completion\", "
+                  "\"label\": true/false}; TRL's beta 0.1)")
   ap.add_argument("--dpo-label-smoothing", type=float, default=0.0,
                   help="with --dpo-loss sigmoid or simpo: the chance a pair's labels are flipped (cDPO; 0 to 0.5)")
+  ap.add_argument("--kto-desirable-weight", type=float, default=1.0,
+                  help="with --dpo-loss kto: the weight of a desirable completion's loss (TRL's desirable_weight)")
+  ap.add_argument("--kto-undesirable-weight", type=float, default=1.0,
+                  help="with --dpo-loss kto: an undesirable one's (KTO's paper: keep w_d n_d / (w_u n_u) in [1, 4/3])")
   ap.add_argument("--simpo-gamma", type=float, default=training.TrainConfig.simpo_gamma,
                   help="with --dpo-loss simpo: the target reward margin (TRL's default: 0.5)")
   ap.add_argument("--grpo-reward", action="append", default=[], metavar="FILE.py:FUNCTION",
@@ -155,6 +161,7 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,
     seed=args.seed, pack=not args.no_pack, lora=lora, dpo_beta=args.dpo_beta,
     dpo_loss=args.dpo_loss, dpo_label_smoothing=args.dpo_label_smoothing, simpo_gamma=args.simpo_gamma,
+    kto_weights=(args.kto_desirable_weight, args.kto_undesirable_weight),
     grpo_rewards=tuple(args.grpo_reward), grpo_reward_weights=args.grpo_reward_weights,
     grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
     grpo_temperature=args.grpo_temperature, grpo_beta=args.grpo_beta, grpo_scale_rewards=args.grpo_scale_rewards,
@@ -170,6 +177,7 @@ def recordable(tc: training.TrainConfig, data_path: str) -> dict:
   d["lora"] = tc.lora.to_dict() if tc.lora else None
   d["grpo_rewards"] = list(tc.grpo_rewards)
   d["grpo_reward_weights"] = list(tc.grpo_reward_weights)
+  d["kto_weights"] = list(tc.kto_weights)
   return {**d, "data": str(data_path), "data_fingerprint": data.fingerprint(data_path)}
 
 
@@ -221,7 +229,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     prompts = [grpo.read_prompts(path, tok, tc.seq_len - tc.grpo_max_new) for path, _ in files]
     rewards = grpo.load_rewards(tc.grpo_rewards)
   else:
-    documents = [data.read_cached(path, tok, tc.seq_len, eos, tokens, write, digest, pairs) for path, digest in files]
+    documents = [data.read_cached(path, tok, tc.seq_len, eos, tokens, write, digest, pairs, tc.kto)
+                 for path, digest in files]
   eval_every = args.eval_every or args.save_every
 
   param_dtype = runtime.DTYPES[tc.param_dtype]

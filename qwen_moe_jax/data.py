@@ -20,6 +20,12 @@ formats): the prompt a string (each answer encoded after it, eos appended) or a 
 rendered as the assistant's reply to them by the chat template, its end-of-turn tokens included); the answers
 strings, or lists of one assistant message. It makes two documents, the prompt and the chosen answer, then the
 prompt and the rejected one, loss on the answers' tokens only; a pair stays in one row (both must fit).
+
+For KTO (`kto`), every line is an unpaired example, {"prompt": ..., "completion": ..., "label": true or false}
+(TRL's format: the completion desirable or not). It makes two documents as a pair's: the prompt and its
+completion, then the prompt and the completion of another line (the one before; the first line takes the second's),
+the mismatched pair whose log-ratio estimates KTO's KL term (TRL pairs each prompt with a batch neighbour's
+completion). Documents.labels holds each line's label.
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ from qwen_moe_jax.tokenizer import Tokenizer
 
 KINDS = ("messages", "text", "input_ids")
 PAIR_KEYS = ("prompt", "chosen", "rejected")
+KTO_KEYS = ("prompt", "completion", "label")
 ROLES = ("system", "user", "assistant")
 FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 REFERENCE = "ref_logp"  # a DPO batch's fp32 [B, T]: the reference model's log-probability of each target
 ADVANTAGE = "advantage"  # a GRPO batch's fp32 [B, T]: each target's advantage (its completion's; grpo.py)
 OLD_LOGP = "old_logp"  # and [B, T] each target's log-probability under the policy that sampled it
+LABEL = "kto_label"  # a KTO batch's fp32 [B, T]: 1 on a desirable completion's unit, 0 on an undesirable one's
 INT32_LIMIT = 2**31  # batches are int32
 CACHED_EPOCHS = 4  # packings kept by a BatchStream; a training run only moves forward
 ENCODE_LINES = 1024  # read_jsonl: lines whose texts are encoded in one batch
@@ -69,6 +77,7 @@ class Documents:
   tokens: np.ndarray  # [total] int32
   loss_mask: np.ndarray  # [total] uint8
   offsets: np.ndarray  # [n + 1] int64
+  labels: np.ndarray | None = None  # KTO's: [n / 2] uint8, 1 where line i's completion is desirable
 
   @classmethod
   def of(cls, docs: Iterable[Document]) -> "Documents":
@@ -106,13 +115,15 @@ def fingerprint(path: str | Path) -> str:
 
 
 def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None,
-               pairs: bool = False) -> Documents:
+               pairs: bool = False, kto: bool = False) -> Documents:
   """Every line parsed and checked; the first bad one is a UserError naming `path:line`.
 
   tokenizer may be None when the file has only input_ids lines; eos_id (or None) ends each text document. The
   file is read ENCODE_LINES lines at a time, whose texts `tokenizers` encodes in one parallel batch. `pairs`:
-  preference pairs, documents 2i and 2i + 1 the chosen and rejected answers of line i.
+  preference pairs, documents 2i and 2i + 1 the chosen and rejected answers of line i; `kto`: KTO's lines,
+  documents 2i and 2i + 1 line i's completion and the mismatched one (see the module's docstring).
   """
+  pairs = pairs or kto
   tokens, masks, lengths = [], [], []  # per chunk of lines: its rows' tokens and loss masks, concatenated
   chunk: list[tuple[str, list[str], Finish]] = []
 
@@ -133,11 +144,27 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
       lengths.extend(len(t) for t, _ in rows)
     chunk.clear()
 
+  labels, previous = [], None  # KTO's: each line's label; the completion the next line's KL document takes
+  if kto:  # the first line takes the second's completion
+    head = [(_parse(raw, where, kto=True), where) for where, raw in itertools.islice(lines(path), 2)]
+    if len(head) < 2:
+      raise UserError(f"{path}: KTO needs at least 2 lines (its KL estimate pairs each prompt with another line's "
+                      "completion)")
+    previous = _answer(head[1][0]["completion"], "completion", head[1][1])
   for where, raw in lines(path):
     try:
-      record = _parse(raw, where, pairs)
-      texts, finish = (_from_pair(record, tokenizer, eos_id, seq_len, where) if pairs else
-                       _prepare(record, tokenizer, eos_id, seq_len, where))
+      record = _parse(raw, where, pairs, kto)
+      if kto:
+        answer = _answer(record["completion"], "completion", where)
+        texts, finish = _from_answers(record["prompt"], [answer, previous], tokenizer, eos_id, seq_len, where,
+                                      "the completion + another line's (KTO's KL estimate)")
+        previous = answer
+        labels.append(record["label"])
+      elif pairs:
+        texts, finish = _from_answers(record["prompt"], [_answer(record[k], k, where) for k in ("chosen", "rejected")],
+                                      tokenizer, eos_id, seq_len, where, "chosen + rejected")
+      else:
+        texts, finish = _prepare(record, tokenizer, eos_id, seq_len, where)
     except UserError:
       flush()  # a bad line is reported after any earlier line's own error
       raise
@@ -148,7 +175,8 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
   if not lengths:
     expected = f"the keys {_keys(PAIR_KEYS)}" if pairs else f"one of {_keys(KINDS)}"
     raise UserError(f"{path}: no documents (empty or blank file); expected JSON lines with {expected}")
-  return Documents(np.concatenate(tokens), np.concatenate(masks), np.concatenate([[0], np.cumsum(lengths)]))
+  return Documents(np.concatenate(tokens), np.concatenate(masks), np.concatenate([[0], np.cumsum(lengths)]),
+                   np.array(labels, np.uint8) if kto else None)
 
 
 def lines(path: str | Path) -> Iterator[tuple[str, bytes]]:
@@ -164,25 +192,26 @@ def lines(path: str | Path) -> Iterator[tuple[str, bytes]]:
 
 
 def read_cached(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_id: int | None, folder: Path,
-                write: bool, digest: str | None = None, pairs: bool = False) -> Documents:
+                write: bool, digest: str | None = None, pairs: bool = False, kto: bool = False) -> Documents:
   """`read_jsonl`, its result kept in `folder` as FOLDER/<fingerprint>-<seq_len>.npz, so a resumed run reads
   tokens instead of tokenizing again. For a run folder, whose tokenizer (so eos_id) is fixed: the key is the data
   file's bytes and seq_len. `write`: this process saves the file (atomically; the others only read it). An
   unreadable file is ignored (and replaced). `digest`: the file's `fingerprint`, when the caller has it (hashing
   a large file again costs a full read)."""
-  file = cached_file(path, seq_len, folder, digest, pairs)
-  saved = load_npz(file, "tokens", "loss_mask", "offsets")
+  file = cached_file(path, seq_len, folder, digest, pairs or kto)
+  names = ("tokens", "loss_mask", "offsets") + ("labels",) * kto
+  saved = load_npz(file, *names)
   if saved is not None:
     print(f"{path}: tokens read from {file}", file=sys.stderr)
     return Documents(*saved)
-  docs = read_jsonl(path, tokenizer, seq_len, eos_id, pairs)
+  docs = read_jsonl(path, tokenizer, seq_len, eos_id, pairs, kto)
   if write:
-    save_npz(file, tokens=docs.tokens, loss_mask=docs.loss_mask, offsets=docs.offsets)
+    save_npz(file, **{k: getattr(docs, k) for k in names})
   return docs
 
 
 def cached_file(path: str | Path, seq_len: int, folder: Path, digest: str | None = None, pairs: bool = False) -> Path:
-  """Where `read_cached` keeps a data file's tokens."""
+  """Where `read_cached` keeps a data file's tokens (a KTO file's: as pairs, since its lines are no pairs' lines)."""
   return folder / f"{digest or fingerprint(path)}-{seq_len}{'-pairs' if pairs else ''}.npz"
 
 
@@ -237,8 +266,14 @@ def parse_object(raw: bytes, where: str) -> dict[str, Any]:
   return record
 
 
-def _parse(raw: bytes, where: str, pairs: bool = False) -> dict[str, Any]:
+def _parse(raw: bytes, where: str, pairs: bool = False, kto: bool = False) -> dict[str, Any]:
   record = parse_object(raw, where)
+  if kto:
+    if sorted(record) != sorted(KTO_KEYS):
+      raise UserError(f"{where}: expected a KTO example, the keys {_keys(KTO_KEYS)}; got {_keys(record)}")
+    if not isinstance(record["label"], bool):
+      raise UserError(f"{where}: 'label' must be true (a desirable completion) or false, got {record['label']!r}")
+    return record
   if pairs and sorted(record) != sorted(PAIR_KEYS):
     raise UserError(f"{where}: expected a preference pair, the keys {_keys(PAIR_KEYS)}; got {_keys(record)}")
   if not pairs and (len(record) != 1 or next(iter(record)) not in KINDS):
@@ -264,13 +299,12 @@ def _prepare(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | 
   return pieces, lambda encoded: [finish(encoded)]
 
 
-def _from_pair(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | None, seq_len: int,
-               where: str) -> tuple[list[str], Finish]:
-  """(texts to encode, how their ids make the two documents) of a preference pair (see the module's docstring)."""
+def _from_answers(prompt: Any, answers: list[str], tokenizer: Tokenizer | None, eos_id: int | None, seq_len: int,
+                  where: str, what: str) -> tuple[list[str], Finish]:
+  """(texts to encode, how their ids make the two documents, the prompt then each answer) of a preference pair or
+  a KTO line (see the module's docstring); `what`: the two answers, for the too-long message."""
   if tokenizer is None:
-    raise UserError(f"{where}: a preference pair needs a tokenizer, and none was given")
-  answers = [_answer(record[k], k, where) for k in ("chosen", "rejected")]
-  prompt = record["prompt"]
+    raise UserError(f"{where}: a prompt and answers need a tokenizer, and none was given")
   if isinstance(prompt, list):
     if prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
       raise UserError(f"{where}: 'prompt' ends with an assistant message; the answers are its reply")
@@ -294,8 +328,8 @@ def _from_pair(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int 
   def finish(encoded: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     docs = documents(encoded)
     if sum(len(t) for t, _ in docs) > seq_len:
-      raise UserError(f"{where}: the pair has {len(docs[0][0])} + {len(docs[1][0])} tokens (chosen + rejected), more "
-                      f"than seq_len={seq_len}: a pair shares a row; shorten it or raise the sequence length")
+      raise UserError(f"{where}: the line makes {len(docs[0][0])} + {len(docs[1][0])} tokens ({what}), more than "
+                      f"seq_len={seq_len}: the two share a row; shorten it or raise the sequence length")
     for _, mask in docs:
       mask[0] = 0
     return docs
@@ -408,7 +442,8 @@ class BatchStream:
   row when the next unit does not fit; one unit per row when pack=False). The rows of consecutive epochs form one
   endless stream and batch s is rows [s*B, (s+1)*B): a pure function of the arguments and s, so a resumed run sees
   exactly the batches of an uninterrupted one. `reference` (DPO): each token's log-probability under the
-  reference model ([total] fp32, as Documents.tokens), given to the batches as REFERENCE.
+  reference model ([total] fp32, as Documents.tokens), given to the batches as REFERENCE; KTO's documents' labels
+  are given as LABEL.
   """
 
   def __init__(self, documents: Documents, seq_len: int, batch_size: int, seed: int, pack: bool = True,
@@ -471,8 +506,9 @@ class BatchStream:
 
   def _empty(self) -> dict[str, np.ndarray]:
     out = {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in FIELDS}
-    if self._reference is not None:
-      out[REFERENCE] = np.zeros((self.batch_size, self.seq_len), np.float32)
+    for name, given in ((REFERENCE, self._reference), (LABEL, self._documents.labels)):
+      if given is not None:
+        out[name] = np.zeros((self.batch_size, self.seq_len), np.float32)
     return out
 
   def epoch_of(self, step: int) -> int:
@@ -510,4 +546,6 @@ class BatchStream:
       out["segment_ids"][b, t:t + n] = segment
       if self._reference is not None:
         out[REFERENCE][b, t:t + n - 1] = self._reference[start + 1:end]
+      if self._documents.labels is not None:
+        out[LABEL][b, t:t + n] = self._documents.labels[d // self._group]
       t += n

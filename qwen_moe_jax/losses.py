@@ -143,14 +143,17 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
   return _with_router_loss(model, out, segment_ids, summed / jnp.maximum(count, 1.0), count, stats)
 
 
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")  # preference_loss's kinds (TRL's loss_type names)
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo", "kto")  # preference_loss's kinds (TRL's loss_type names)
 REFERENCE_FREE = ("simpo", "orpo")  # the kinds without a reference model
 PREFERENCE_STATS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")  # preference_loss's
 ORPO_STATS = ("nll_loss", "log_odds_ratio")  # and ORPO's, as TRL's ORPOTrainer logs them
+KTO_STATS = ("reward_accuracy", "kl")  # KTO's instead
 
 
 def preference_stats(kind: str) -> tuple[str, ...]:
   """The stats preference_loss of this kind sums."""
+  if kind == "kto":
+    return KTO_STATS
   return PREFERENCE_STATS + (ORPO_STATS if kind == "orpo" else ())
 
 
@@ -163,7 +166,8 @@ def preference_pairs(segment_ids: jax.Array) -> jax.Array:
 def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
                     positions: jax.Array, segment_ids: jax.Array, ref_logp: jax.Array | None, beta: float,
                     remat: str = "none", kind: str = "sigmoid", label_smoothing: float = 0.0,
-                    gamma: float = 0.0) -> LossParts:
+                    gamma: float = 0.0, label: jax.Array | None = None,
+                    kto_weights: tuple[float, float] = (1.0, 1.0)) -> LossParts:
   """A preference loss averaged over pairs, as TRL computes it (`kind`). DPO's (Rafailov et al. 2023) are losses of
   the margin m = beta ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))): "sigmoid",
   DPO's -log sigmoid(m), with `label_smoothing` e (cDPO: the labels flipped with probability e) -(1 - e)
@@ -174,6 +178,12 @@ def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.A
   "orpo" (Hong et al. 2024; `beta` its lambda) -lp(chosen) - beta log sigmoid(log odds(chosen) - log odds(rejected)),
   odds(y) = p / (1 - p) of p = exp lp(y): the chosen answer's NLL plus the odds ratio's loss, per pair (the paper's
   mean; TRL's ORPOTrainer averages the NLL over the batch's chosen tokens instead).
+  "kto" (Ethayarajh et al. 2024; TRL's KTOTrainer): a unit is a line's completion z (its log-ratio log pi - log ref)
+  and, in place of the rejected answer, the line's prompt with another line's completion, whose log-ratios' mean
+  over the batch, at least 0 and without gradient, estimates the KL term; the loss of a desirable completion
+  (`label` [B, T] fp32 1 on its unit) is w_d (1 - sigmoid(beta (z - KL))), of an undesirable one w_u (1 -
+  sigmoid(beta (KL - z))), `kto_weights` (w_d, w_u); its stats (KTO_STATS) the units ranked right (z above KL for
+  desirable completions, below for undesirable ones) and the KL estimate (times the units).
   Arrays [B, T] as causal_lm_loss's, each row holding whole pairs (the chosen answer's document, then the rejected
   one's, as segments 2k + 1 and 2k + 2); ref_logp [B, T] fp32: the reference model's log-probability of each
   target. A sequence's log-probability sums its loss tokens' (the answer's). `stats` sums each pair's reward
@@ -206,6 +216,13 @@ def preference_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.A
     losses = jax.nn.relu(1 - margin)
   elif kind == "ipo":
     losses = (margin / beta - 1 / (2 * beta)) ** 2
+  elif kind == "kto":
+    desirable = jax.ops.segment_sum(label.reshape(-1), segments, b * (t + 1)).reshape(b, t + 1)[:, 1:2 * pairs:2] > 0
+    kl = jax.lax.stop_gradient(jnp.maximum(jnp.sum(rejected_lp * real) / jnp.maximum(count, 1.0), 0.0))
+    z = chosen_lp - kl
+    losses = jnp.where(desirable, kto_weights[0] * (1 - jax.nn.sigmoid(beta * z)),
+                       kto_weights[1] * (1 - jax.nn.sigmoid(-beta * z)))
+    stats = {"reward_accuracy": jnp.sum(jnp.where(desirable, z > 0, z < 0) * real), "kl": kl * count}
   else:
     assert kind == "orpo", kind
     ratio = _log_odds(chosen_lp) - _log_odds(rejected_lp)

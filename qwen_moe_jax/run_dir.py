@@ -31,6 +31,7 @@ TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 OBJECTIVES = {"ce": "cross-entropy", "dpo_loss": "DPO loss", "simpo_loss": "SimPO loss", "orpo_loss": "ORPO loss",
+              "kto_loss": "KTO loss",
               "grpo_loss": "GRPO loss"}  # the objective's metric (TrainConfig.objective) and its name in the plot
 OPT_STATE = "opt_state"  # checkpointable name of the optimizer state in a step
 TOKENS_DIR = "tokens"

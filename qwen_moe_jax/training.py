@@ -97,6 +97,7 @@ class TrainConfig:
   dpo_loss: str = "sigmoid"  # its kind (losses.DPO_LOSSES)
   dpo_label_smoothing: float = 0.0  # cDPO's, for the sigmoid and simpo kinds
   simpo_gamma: float = 0.5  # SimPO's target margin (TRL's default)
+  kto_weights: tuple[float, float] = (1.0, 1.0)  # KTO's desirable and undesirable losses' weights (TRL's)
   grpo_rewards: tuple[str, ...] = ()  # GRPO (grpo.py) with these reward functions (FILE.py:FUNCTION) instead
   grpo_reward_weights: tuple[float, ...] = ()  # one per reward function (TRL's reward_weights; none: all 1)
   grpo_group: int = 8  # completions per prompt (TRL's num_generations)
@@ -123,6 +124,10 @@ class TrainConfig:
     return bool(self.grpo_rewards)
 
   @property
+  def kto(self) -> bool:
+    return self.dpo_beta is not None and self.dpo_loss == "kto"
+
+  @property
   def grpo_weights(self) -> tuple[float, ...]:
     return self.grpo_reward_weights or (1.0,) * len(self.grpo_rewards)
 
@@ -141,7 +146,7 @@ class TrainConfig:
     """The fp32 [B, T] batch arrays the objective reads besides data.FIELDS (GRPO's old log-probabilities when a
     generation serves more than one step)."""
     return ((data.REFERENCE,) * self.reference + (data.ADVANTAGE,) * self.grpo
-            + (data.OLD_LOGP,) * (self.grpo and self.grpo_cycle > 1))
+            + (data.OLD_LOGP,) * (self.grpo and self.grpo_cycle > 1) + (data.LABEL,) * self.kto)
 
   @property
   def objective(self) -> str:
@@ -150,7 +155,7 @@ class TrainConfig:
       return "grpo_loss"
     if self.dpo_beta is None:
       return "ce"
-    return f"{self.dpo_loss}_loss" if self.dpo_loss in REFERENCE_FREE else "dpo_loss"
+    return f"{self.dpo_loss}_loss" if self.dpo_loss in REFERENCE_FREE + ("kto",) else "dpo_loss"
 
   @property
   def warmup(self) -> int:
@@ -180,6 +185,11 @@ class TrainConfig:
       raise UserError("--simpo-gamma is SimPO's margin: give --dpo-beta and --dpo-loss simpo too")
     if not self.simpo_gamma >= 0:
       raise UserError(f"--simpo-gamma must be >= 0, got {self.simpo_gamma}")
+    if self.kto_weights != TrainConfig.kto_weights and not self.kto:
+      raise UserError("--kto-desirable-weight / --kto-undesirable-weight weigh KTO's losses: give --dpo-beta and "
+                      "--dpo-loss kto too")
+    if not all(w > 0 for w in self.kto_weights):
+      raise UserError(f"--kto-desirable-weight and --kto-undesirable-weight must be > 0, got {self.kto_weights}")
     if self.grpo:
       self._validate_grpo()
     elif any(getattr(self, k) != getattr(TrainConfig, k) for k in GRPO_SETTINGS):
@@ -393,7 +403,7 @@ def reference_logprobs(logprob_fn, trainable, frozen, stream: data.BatchStream, 
   before training), its data's units one per row (`logprob_fn`: make_logprob_step's, compiled)."""
   out = np.zeros(total, np.float32)
   for rows, units in stream.every_unit():
-    logp = jax.device_get(logprob_fn(trainable, frozen, device_batch({k: v[None] for k, v in rows.items()}, mesh)))
+    logp = jax.device_get(logprob_fn(trainable, frozen, device_batch({k: rows[k][None] for k in data.FIELDS}, mesh)))
     stream.put_back(out, np.asarray(logp), units)
   return out
 
@@ -416,7 +426,7 @@ def _loss(graphdef, abstract, tc: TrainConfig, trainable, frozen, micro, remat: 
                                 micro.get(data.REFERENCE), tc.policy, remat)
   if tc.dpo_beta is not None:
     return preference_loss(model, *args, micro.get(data.REFERENCE), tc.dpo_beta, remat, tc.dpo_loss,
-                           tc.dpo_label_smoothing, tc.simpo_gamma)
+                           tc.dpo_label_smoothing, tc.simpo_gamma, micro.get(data.LABEL), tc.kto_weights)
   return causal_lm_loss(model, *args, remat, tc.pack)
 
 

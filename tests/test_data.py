@@ -407,6 +407,62 @@ def test_preference_pairs_make_two_documents_sharing_a_row(tok, tmp_path):
   assert not back[firsts].any()  # no target there
 
 
+def test_kto_lines_make_a_completion_and_a_mismatched_one(tok, tmp_path):
+  """A KTO line makes two documents sharing a row: its prompt with its completion, then its prompt with the line
+  before's completion (the first line: the second's), loss on the completions; the labels go to every token of a
+  unit's row segments; the tokens cache keeps them."""
+  prompt = CHAT[:-1]
+  lines = [{"prompt": prompt, "completion": "4", "label": True},
+           {"prompt": "The sky is", "completion": [{"role": "assistant", "content": " green."}], "label": False},
+           {"prompt": "Grass is", "completion": " green.", "label": True}]
+  path = _write(tmp_path, *lines)
+  docs = read_jsonl(path, tok, 128, 7, kto=True)
+  assert len(docs) == 6 and docs.labels.tolist() == [1, 0, 1]
+  for doc, answer in zip((docs[0], docs[1]), ("4", " green.")):  # line 1 takes line 2's completion
+    assert doc.tokens == tuple(tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}],
+                                                       add_generation_prompt=False))
+    assert _loss_runs(tok, doc) == [f"{answer}<|im_end|>\n"]
+  for i, (asked, answers) in enumerate([("The sky is", (" green.", "4")), ("Grass is", (" green.", " green."))], 1):
+    for doc, answer in zip((docs[2 * i], docs[2 * i + 1]), answers):
+      assert doc.tokens == tuple(tok.encode(asked) + tok.encode(answer) + [7])
+  ((batch, units),) = BatchStream(docs, 128, batch_size=3, seed=0, pairs=True).every_unit()
+  for row, unit in enumerate(units):
+    real = batch["segment_ids"][row] > 0
+    assert int(batch["segment_ids"][row].max()) == 2 and batch["tokens"][row, 0] == docs[2 * unit].tokens[0]
+    assert (batch[data.LABEL][row][real] == docs.labels[unit]).all() and not batch[data.LABEL][row][~real].any()
+  data.read_cached(path, tok, 128, 7, tmp_path / "tokens", write=True, kto=True)
+  cached = data.read_cached(path, None, 128, 7, tmp_path / "tokens", write=False, kto=True)  # no tokenizer: the cache
+  assert cached.labels.tolist() == [1, 0, 1] and np.array_equal(cached.tokens, docs.tokens)
+
+
+KTO_LINES = {
+  "missing_key": ('{"prompt": "a", "completion": "b"}', "expected a KTO example, the keys 'prompt', 'completion', "
+                  "'label'"),
+  "pair_line": ('{"prompt": "a", "chosen": "b", "rejected": "c"}', "expected a KTO example"),
+  "label_not_bool": ('{"prompt": "a", "completion": "b", "label": 1}', r"'label' must be true \(a desirable "
+                     r"completion\) or false, got 1"),
+  "completion_number": ('{"prompt": "a", "completion": 5, "label": true}', "'completion' must be a string or a list "
+                        "of one assistant message"),
+  "too_long": (json.dumps({"prompt": "one two three", "completion": " four five six", "label": True}),
+               r"the line makes \d+ \+ \d+ tokens \(the completion \+ another line's \(KTO's KL estimate\)\), more "
+               r"than seq_len=8"),
+}
+
+
+@pytest.mark.parametrize("name", KTO_LINES)
+def test_bad_kto_line_names_file_and_line(tok, tmp_path, name):
+  line, message = KTO_LINES[name]
+  path = _write(tmp_path, {"prompt": "a", "completion": "b", "label": False}, line)
+  with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2: .*{message}"):
+    read_jsonl(path, tok, 8, 7, kto=True)
+
+
+def test_kto_needs_two_lines(tok, tmp_path):
+  path = _write(tmp_path, {"prompt": "a", "completion": "b", "label": True})
+  with pytest.raises(UserError, match="data.jsonl: KTO needs at least 2 lines"):
+    read_jsonl(path, tok, 8, 7, kto=True)
+
+
 PAIR_LINES = {
   "missing_key": ('{"prompt": "a", "chosen": "b"}', "expected a preference pair, the keys 'prompt', 'chosen'"),
   "sft_line": ('{"text": "a"}', "expected a preference pair"),
@@ -416,7 +472,7 @@ PAIR_LINES = {
                               "'prompt' ends with an assistant message"),
   "prompt_number": ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "'prompt' must be a string or a list"),
   "too_long": (json.dumps({"prompt": "one two three", "chosen": " four five", "rejected": " six seven"}),
-               r"the pair has \d+ \+ \d+ tokens \(chosen \+ rejected\), more than seq_len=8"),
+               r"the line makes \d+ \+ \d+ tokens \(chosen \+ rejected\), more than seq_len=8"),
 }
 
 

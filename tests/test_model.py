@@ -239,6 +239,62 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 
 
+@pytest.mark.parametrize("kl_above_zero", [True, False])
+def test_kto_loss_and_gradients_match_torch(tmp_path, kl_above_zero):
+  """KTO (preference_loss "kto") over packed units (a line's completion, then its prompt with another line's
+  completion) equals TRL's KTO loss computed in torch sequence by sequence through transformers: the KL estimate
+  the mean log-ratio of the mismatched sequences, at least 0, without gradient; desirable completions' loss w_d (1 -
+  sigmoid(beta (z - KL))), undesirable ones' w_u (1 - sigmoid(beta (KL - z))), averaged; so do its gradients; its
+  stats count the units ranked right and the KL."""
+  hf_model = make_model(seed=6, num_hidden_layers=2, router_aux_loss_coef=0.0)
+  model = convert_and_restore(hf_model, tmp_path)
+  rng = np.random.default_rng(4)
+  docs = []
+  for n in (9, 7, 8, 11, 10, 6):  # three units: each document a prompt then a completion (the loss tokens)
+    tokens = rng.integers(0, hf_model.config.vocab_size, n)
+    docs.append(data.Document(tuple(tokens.tolist()), tuple(int(j >= n // 2) for j in range(n))))
+  documents = dataclasses.replace(data.Documents.of(docs), labels=np.array([1, 0, 1], np.uint8))
+  low = -7.0 if kl_above_zero else -3.0  # the reference's log-probabilities, below the model's or above
+  reference = rng.uniform(low, low + 2, len(documents.tokens)).astype(np.float32)
+  batch = data.BatchStream(documents, 36, batch_size=2, seed=1, pairs=True, reference=reference).batch(0)
+  assert sorted(int(s.max()) for s in batch["segment_ids"]) == [2, 4]
+  beta, weights = 0.3, (1.0, 1.5)
+
+  hf_model.train()
+  ratios = []
+  for doc, start in zip(docs, documents.offsets):
+    ids = torch.tensor([doc.tokens])
+    lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    mask = torch.tensor(doc.loss_mask[1:], dtype=torch.float32)
+    ratios.append(((lp - torch.tensor(reference[start + 1:start + len(doc.tokens)])) * mask).sum())
+  z, mismatched = torch.stack(ratios[0::2]), torch.stack(ratios[1::2])
+  kl = mismatched.mean().clamp(min=0).detach()
+  assert (kl > 0) == kl_above_zero
+  desirable = torch.tensor([True, False, True])
+  losses = torch.where(desirable, weights[0] * (1 - torch.sigmoid(beta * (z - kl))),
+                       weights[1] * (1 - torch.sigmoid(beta * (kl - z))))
+  loss = losses.mean()
+  loss.backward()
+  torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
+
+  graphdef, params = nnx.split(model)
+
+  def loss_fn(params):
+    parts = preference_loss(nnx.merge(graphdef, params), *(jnp.asarray(batch[k]) for k in (
+      "tokens", "targets", "loss_mask", "positions", "segment_ids")), jnp.asarray(batch[data.REFERENCE]), beta,
+      kind="kto", label=jnp.asarray(batch[data.LABEL]), kto_weights=weights)
+    return parts.total, parts
+
+  (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5)
+  assert float(parts.count) == 3 and set(parts.stats) == set(preference_stats("kto"))
+  np.testing.assert_allclose(float(parts.stats["kl"]), 3 * kl.item(), rtol=1e-4, atol=1e-6)
+  right = torch.where(desirable, z > kl, z < kl).sum().item()
+  assert float(parts.stats["reward_accuracy"]) == right
+  assert_grads_match(model, grads, torch_grads, (
+    "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
+
+
 GRPO_CASES = {  # (beta, old log-probabilities, PolicyGradient's importance and loss_type)
   "on_policy": (0.0, False, "token", "dapo"),
   "kl": (0.3, False, "token", "dapo"),

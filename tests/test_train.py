@@ -287,6 +287,42 @@ def test_reference_free_preferences_learn(base, dpo_run, tmp_path, kind, beta):
   assert (run / "loss.png").is_file()
 
 
+def test_kto_learns_and_resumes(base, dpo_run, tmp_path):
+  """--dpo-loss kto on unpaired lines (each pair's answers as a desirable and an undesirable completion): the
+  reference pass covers the completions and the mismatched ones; each loss starts at 0.5 (the model is its
+  reference: z = KL = 0; x 1.2 for undesirable ones) and falls (held out too), the units ranked right climb to
+  all, the KL estimate is logged; a resumed run reads the labels and reference back and gives the uninterrupted
+  losses."""
+  def kto_lines(pairs):
+    return "".join(json.dumps({"prompt": x["prompt"], "completion": x[k], "label": k == "chosen"}) + "\n"
+                   for x in pairs for k in ("chosen", "rejected"))
+
+  (tmp_path / "kto.jsonl").write_text(kto_lines(preference_lines()))
+  (tmp_path / "held.jsonl").write_text(kto_lines(preference_lines()[::5]))
+  run = tmp_path / "kto"
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(tmp_path / "kto.jsonl"), *TRAIN, *DPO,
+          "--dpo-loss", "kto", "--kto-undesirable-weight", "1.2", "--eval-data", str(tmp_path / "held.jsonl")]
+  res = train(*args, "--out", str(run))
+  assert res.returncode == 0, res.stderr
+  assert res.stderr.count("computing the reference log-probabilities") == 2
+  m = metrics(run)
+  print("KTO loss by step:", " ".join(f"{r['kto_loss']:.3f}" for r in m))
+  assert 0.5 <= m[0]["kto_loss"] <= 0.6 and m[0]["kl"] < 1e-5  # 0.5 each, 0.6 weighted undesirable ones
+  last = m[-3:]
+  assert np.mean([r["kto_loss"] for r in last]) < 0.5 * m[0]["kto_loss"] and m[-1]["eval_loss"] < 0.5 * m[0]["kto_loss"]
+  assert min(r["reward_accuracy"] for r in last) == 1.0 and m[-1]["eval_pairs"] == 14
+  assert all(r["kl"] >= 0 for r in m) and (run / "loss.png").is_file()
+
+  resumed = tmp_path / "resumed"
+  shutil.copytree(run, resumed)
+  for step in (12, 16):
+    shutil.rmtree(resumed / "checkpoints" / str(step))
+  res = train(*args, "--out", str(resumed))
+  assert res.returncode == 0 and "resuming" in res.stderr and "computing the reference" not in res.stderr, res.stderr
+  for x, y in zip(m, metrics(resumed), strict=True):
+    assert (x["loss"], x["grad_norm"], x["kl"]) == (y["loss"], y["grad_norm"], y["kl"])
+
+
 def test_dpo_resumes_with_its_reference(base, dpo_run, tmp_path):
   """A DPO run resumed from a checkpoint reads its reference log-probabilities back (the starting model is gone
   from the run by then) and gives the uninterrupted losses; without them it cannot resume."""
@@ -695,6 +731,10 @@ def test_lora_over_int8_experts(base, lora_run, tmp_path, capsys):
   (["--dpo-beta", "0.1", "--simpo-gamma", "1"],
    "--simpo-gamma is SimPO's margin: give --dpo-beta and --dpo-loss simpo"),
   (["--dpo-beta", "2", "--dpo-loss", "simpo", "--simpo-gamma", "-1"], "--simpo-gamma must be >= 0, got -1.0"),
+  (["--dpo-beta", "0.1", "--kto-desirable-weight", "2"], "--kto-desirable-weight / --kto-undesirable-weight weigh "
+   "KTO's losses: give --dpo-beta and --dpo-loss kto too"),
+  (["--dpo-beta", "0.1", "--dpo-loss", "kto", "--kto-undesirable-weight", "0"], "--kto-desirable-weight and "
+   "--kto-undesirable-weight must be > 0, got (1.0, 0.0)"),
 ])
 def test_bad_lora_and_dpo_flags(base, tmp_path, flags, message):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "r"),
@@ -768,23 +808,26 @@ def test_train_step_same_on_every_mesh(step_case, one_device_step, spec):
   assert_same_step((m, p), one_device_step, tc)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "orpo"])
+@pytest.mark.parametrize("kind", ["sigmoid", "orpo", "kto"])
 def test_dpo_step_same_on_every_mesh(step_case, kind):
   """A DPO step (pairs packed into rows, two micro-batches) on a mesh splitting rows, experts and heads gives the
-  one-device step; so does a reference-free ORPO step (no reference log-probabilities in its batch)."""
+  one-device step; so do a reference-free ORPO step (no reference log-probabilities in its batch) and a KTO step
+  (its KL estimate a mean over the micro-batch's units, wherever their rows are)."""
   ckpt, _, tc = step_case
   rng = np.random.default_rng(3)
   docs = data.Documents.of([data.Document(tuple(rng.integers(0, 101, n).tolist()), tuple(int(j >= 2) for j in range(n)))
                             for n in rng.integers(3, 8, 24)])
+  if kind == "kto":
+    docs = dataclasses.replace(docs, labels=rng.integers(0, 2, 12).astype(np.uint8))
   tc = dataclasses.replace(tc, dpo_beta=0.2, dpo_loss=kind)
   reference = rng.uniform(-5, -1, len(docs.tokens)).astype(np.float32) if tc.reference else None
   rows = data.BatchStream(docs, 16, 8, seed=0, pairs=True, reference=reference).batch(0)
   batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
   one = sharding.make_mesh({}, jax.devices()[:1])
   want = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc, batch)
+  dpo = {"reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"}
   assert want[0].count >= 8 and np.isfinite(want[0].loss) and set(want[0].stats) == {
-    "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} | (
-    {"nll_loss", "log_odds_ratio"} if kind == "orpo" else set())
+    "sigmoid": dpo, "orpo": dpo | {"nll_loss", "log_odds_ratio"}, "kto": {"reward_accuracy", "kl"}}[kind]
   mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
 
