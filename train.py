@@ -288,16 +288,16 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     for step in bar:
       tick = time.perf_counter()
       if tc.grpo:
-        if step % tc.grpo_cycle == 0 or generation is None:  # completions of the model as it is
+        fresh = step % tc.grpo_cycle == 0 or generation is None
+        if fresh:  # completions of the model as it is
           generation = stream.generation(step, training.model_of(graphdef, abstract, tc, trainable, frozen))
           for rows, _ in generation:
-            if tc.grpo_cycle > 1:  # the ratio's denominator: the sampling policy's log-probabilities
+            if tc.grpo_old_logp:  # the ratio's denominator: the sampling policy's log-probabilities
               rows[data.OLD_LOGP] = training.row_logprobs(logprob_fn(), trainable, frozen, rows, tc.batch_size, mesh)
             if tc.reference:  # the KL penalty's: the LoRA base's log-probabilities
               rows[data.REFERENCE] = training.row_logprobs(logprob_fn(), base, frozen, rows, tc.batch_size, mesh)
-          rollout_s = time.perf_counter() - tick
         rows, rollout = generation[step % tc.grpo_cycle % tc.grpo_generation_steps]
-        rollout = rollout | {"rollout_s": rollout_s if step % tc.grpo_cycle == 0 else 0.0}
+        rollout = rollout | {"rollout_s": time.perf_counter() - tick if fresh else 0.0}
       else:
         rows, rollout = stream.batch(step), {}
       host = {k: v.reshape(shape) for k, v in rows.items()}

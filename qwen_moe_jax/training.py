@@ -137,6 +137,12 @@ class TrainConfig:
     return self.grpo_generation_steps * self.grpo_iterations
 
   @property
+  def grpo_old_logp(self) -> bool:
+    """Whether GRPO's rows carry the sampling policy's log-probabilities (the ratio's denominator): when the
+    policy moves before a generation's last step."""
+    return self.grpo and self.grpo_cycle > 1
+
+  @property
   def policy(self) -> PolicyGradient:
     return PolicyGradient(self.grpo_beta, self.grpo_epsilon, self.grpo_epsilon if self.grpo_epsilon_high is None
                           else self.grpo_epsilon_high, self.grpo_importance, self.grpo_loss_type, self.grpo_max_new)
@@ -146,7 +152,7 @@ class TrainConfig:
     """The fp32 [B, T] batch arrays the objective reads besides data.FIELDS (GRPO's old log-probabilities when a
     generation serves more than one step)."""
     return ((data.REFERENCE,) * self.reference + (data.ADVANTAGE,) * self.grpo
-            + (data.OLD_LOGP,) * (self.grpo and self.grpo_cycle > 1) + (data.LABEL,) * self.kto)
+            + (data.OLD_LOGP,) * self.grpo_old_logp + (data.LABEL,) * self.kto)
 
   @property
   def objective(self) -> str:
@@ -441,7 +447,7 @@ def _count(tc: TrainConfig, batch) -> jax.Array:
 
 def _stat_names(tc: TrainConfig) -> tuple[str, ...]:
   if tc.grpo:
-    return ("clip_ratio",) * (tc.grpo_cycle > 1) + ("kl",) * tc.reference
+    return ("clip_ratio",) * tc.grpo_old_logp + ("kl",) * tc.reference
   return preference_stats(tc.dpo_loss) if tc.dpo_beta is not None else ()
 
 

@@ -175,6 +175,36 @@ def assert_grads_match(model, grads, torch_grads: dict, names: tuple[str, ...], 
   assert checked >= least
 
 
+def _three_units(tmp_path):
+  """transformers' tiny model, ours converted from it, the rng that drew them, and six Documents, each a prompt
+  then an answer (its loss tokens): three units of two (DPO's pairs, KTO's completion and mismatched one)."""
+  hf_model = make_model(seed=6, num_hidden_layers=2, router_aux_loss_coef=0.0)
+  model = convert_and_restore(hf_model, tmp_path)
+  rng = np.random.default_rng(4)
+  docs = []
+  for n in (9, 7, 8, 11, 10, 6):
+    tokens = rng.integers(0, hf_model.config.vocab_size, n)
+    docs.append(data.Document(tuple(tokens.tolist()), tuple(int(j >= n // 2) for j in range(n))))
+  return hf_model, model, rng, data.Documents.of(docs)
+
+
+def _torch_answer_logps(hf_model, documents: data.Documents, reference: np.ndarray | None,
+                        mean: bool = False) -> list[torch.Tensor]:
+  """Each document alone through transformers (train mode, autograd on): its answer tokens' log-probabilities,
+  less the reference's (`reference` [total], as Documents.tokens; None: no reference), summed (or averaged)."""
+  hf_model.train()
+  out = []
+  for i, start in enumerate(documents.offsets[:-1]):
+    doc = documents[i]
+    ids = torch.tensor([doc.tokens])
+    lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    mask = torch.tensor(doc.loss_mask[1:], dtype=torch.float32)
+    ratio = ((lp - (0 if reference is None else torch.tensor(reference[start + 1:start + len(doc.tokens)])))
+             * mask).sum()
+    out.append(ratio / mask.sum() if mean else ratio)
+  return out
+
+
 @pytest.mark.parametrize("kind,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0),
                                              ("simpo", 0.0), ("simpo", 0.1), ("orpo", 0.0)])
 def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
@@ -184,28 +214,14 @@ def test_dpo_loss_and_gradients_match_torch(tmp_path, kind, smoothing):
   its stats are the pairs' rewards (and ORPO's NLL and log odds ratio). Each of TRL's loss types we take, by TRL's
   formulas: sigmoid (with cDPO's label smoothing), hinge, ipo, CPOTrainer's simpo (with label smoothing) and
   ORPOTrainer's odds ratio (its NLL the paper's, per pair)."""
-  hf_model = make_model(seed=6, num_hidden_layers=2, router_aux_loss_coef=0.0)
-  model = convert_and_restore(hf_model, tmp_path)
-  rng = np.random.default_rng(4)
-  docs = []
-  for n in (9, 7, 8, 11, 10, 6):  # three pairs: each document a prompt then an answer (the loss tokens)
-    tokens = rng.integers(0, hf_model.config.vocab_size, n)
-    docs.append(data.Document(tuple(tokens.tolist()), tuple(int(j >= n // 2) for j in range(n))))
-  documents = data.Documents.of(docs)
+  hf_model, model, rng, documents = _three_units(tmp_path)
   free = kind in ("simpo", "orpo")
   reference = None if free else rng.uniform(-4, -1, len(documents.tokens)).astype(np.float32)
   batch = data.BatchStream(documents, 36, batch_size=2, seed=1, pairs=True, reference=reference).batch(0)
   assert sorted(int(s.max()) for s in batch["segment_ids"]) == [2, 4] and (data.REFERENCE in batch) != free
   beta, gamma = 0.3, 0.4
 
-  hf_model.train()
-  logp = []
-  for doc, start in zip(docs, documents.offsets):
-    ids = torch.tensor([doc.tokens])
-    lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
-    mask = torch.tensor(doc.loss_mask[1:], dtype=torch.float32)
-    ratio = ((lp - (0 if free else torch.tensor(reference[start + 1:start + len(doc.tokens)]))) * mask).sum()
-    logp.append(ratio / mask.sum() if kind in ("ipo", "simpo", "orpo") else ratio)
+  logp = _torch_answer_logps(hf_model, documents, reference, mean=kind in ("ipo", "simpo", "orpo"))
   lc, lr = torch.stack(logp[0::2]), torch.stack(logp[1::2])
   m = beta * (lc - lr)
   z = m - gamma if kind == "simpo" else m
@@ -246,27 +262,15 @@ def test_kto_loss_and_gradients_match_torch(tmp_path, kl_above_zero):
   the mean log-ratio of the mismatched sequences, at least 0, without gradient; desirable completions' loss w_d (1 -
   sigmoid(beta (z - KL))), undesirable ones' w_u (1 - sigmoid(beta (KL - z))), averaged; so do its gradients; its
   stats count the units ranked right and the KL."""
-  hf_model = make_model(seed=6, num_hidden_layers=2, router_aux_loss_coef=0.0)
-  model = convert_and_restore(hf_model, tmp_path)
-  rng = np.random.default_rng(4)
-  docs = []
-  for n in (9, 7, 8, 11, 10, 6):  # three units: each document a prompt then a completion (the loss tokens)
-    tokens = rng.integers(0, hf_model.config.vocab_size, n)
-    docs.append(data.Document(tuple(tokens.tolist()), tuple(int(j >= n // 2) for j in range(n))))
-  documents = dataclasses.replace(data.Documents.of(docs), labels=np.array([1, 0, 1], np.uint8))
+  hf_model, model, rng, documents = _three_units(tmp_path)
+  documents = dataclasses.replace(documents, labels=np.array([1, 0, 1], np.uint8))
   low = -7.0 if kl_above_zero else -3.0  # the reference's log-probabilities, below the model's or above
   reference = rng.uniform(low, low + 2, len(documents.tokens)).astype(np.float32)
   batch = data.BatchStream(documents, 36, batch_size=2, seed=1, pairs=True, reference=reference).batch(0)
   assert sorted(int(s.max()) for s in batch["segment_ids"]) == [2, 4]
   beta, weights = 0.3, (1.0, 1.5)
 
-  hf_model.train()
-  ratios = []
-  for doc, start in zip(docs, documents.offsets):
-    ids = torch.tensor([doc.tokens])
-    lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
-    mask = torch.tensor(doc.loss_mask[1:], dtype=torch.float32)
-    ratios.append(((lp - torch.tensor(reference[start + 1:start + len(doc.tokens)])) * mask).sum())
+  ratios = _torch_answer_logps(hf_model, documents, reference)
   z, mismatched = torch.stack(ratios[0::2]), torch.stack(ratios[1::2])
   kl = mismatched.mean().clamp(min=0).detach()
   assert (kl > 0) == kl_above_zero
