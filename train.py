@@ -97,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--grpo-temperature", type=float, default=d.grpo_temperature,
                   help="the completions' sampling temperature")
   ap.add_argument("--grpo-beta", type=float, default=d.grpo_beta,
-                  help="the KL penalty's weight (TRL's beta; DeepSeekMath's 0.04), against the LoRA base (needs "
-                  "--lora-rank)")
+                  help="the KL penalty's weight (TRL's beta; DeepSeekMath's 0.04), against the starting weights (a "
+                  "LoRA run's: its base; a full fine-tune holds a copy of them in --dtype)")
   ap.add_argument("--grpo-scale-rewards", choices=training.GRPO_SCALES, default=d.grpo_scale_rewards,
                   help="what divides GRPO's advantages (r - the group's mean): the group's reward std, the step's, or "
                   "nothing (Dr. GRPO)")
@@ -209,7 +209,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     if tc.lora is not None and base.adapters is not None:
       raise UserError(f"{source}: a LoRA run; LoRA on top of it needs its merged weights: export them "
                       f"(convert/orbax_to_hf.py) and import them (convert/hf_to_orbax.py), or train from its base")
-    run.start(source, settings, checkpoint.lora_record(base, tc.lora) if tc.lora else None)
+    run.start(source, settings, checkpoint.lora_record(base, tc.lora) if tc.lora else None,
+              base if tc.grpo_reference_copy else None)
   else:
     source = run.folder
     changed = [k for k, v in run.recorded_config().items() if settings.get(k) != v and k != "data"]
@@ -217,6 +218,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
       raise UserError(f"{run.folder}: resuming with different settings ({', '.join(changed)}); "
                       f"use the original flags or a new --out")
     print(f"resuming {run.folder} from step {start}", file=sys.stderr)
+  kl_source = run.reference() if tc.grpo_reference_copy else None  # the starting weights
   cfg = checkpoint.load_config(run.folder)
   tok = load_tokenizer(run.folder) if (run.folder / "tokenizer.json").is_file() else None
   eos = tok.token_to_id("<|endoftext|>") if tok is not None else None
@@ -255,17 +257,26 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
     else:
       wanted = sharding.with_shardings(jax.eval_shape(tx.init, trainable), init.output_shardings)
       opt_state = run.load(start, OPT_STATE, wanted, cfg.num_experts)
-    logprob_fn = functools.cache(lambda: jax.jit(  # compiled when needed; its output on every process
-      training.make_logprob_step(graphdef, abstract, tc), out_shardings=NamedSharding(mesh, PartitionSpec())).lower(
-      trainable, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile())
+    def logprob_program(params):  # for these parameters' dtypes and shardings; its output on every process
+      return jax.jit(training.make_logprob_step(graphdef, abstract, tc),
+                     out_shardings=NamedSharding(mesh, PartitionSpec())).lower(
+        params, frozen, training.batch_spec(mesh, (1, tc.batch_size, tc.seq_len))).compile()
+
+    logprob_fn = functools.cache(lambda: logprob_program(trainable))  # compiled when needed
     references = [None] * len(files)
     if tc.reference and not tc.grpo:  # every token's log-probability under the starting model, before step 1
       references = [reference(path, digest, docs, tc, run, start,
                               lambda s, n: training.reference_logprobs(logprob_fn(), trainable, frozen, s, n, mesh))
                     for (path, digest), docs in zip(files, documents)]
     if tc.grpo:
-      base = jax.tree.map(lambda v: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding), trainable) \
-          if tc.reference else None  # the adapters at zero: the KL penalty's reference (--grpo-beta needs LoRA)
+      reference_params, reference_fn = None, None  # the KL penalty's reference and its log-probability program
+      if tc.grpo_reference_copy:  # the starting weights, read again, held in the compute dtype
+        reference_params = training.split_params(
+          checkpoint.restore(kl_source, mesh, runtime.DTYPES[tc.compute_dtype], kernels, cfg), tc)[0]
+        reference_fn = logprob_program(reference_params)
+      elif tc.reference:  # LoRA's base: the adapters at zero
+        reference_params = jax.tree.map(lambda v: jax.device_put(np.zeros(v.shape, v.dtype), v.sharding), trainable)
+        reference_fn = logprob_fn()
       stream = grpo.Rollouts(prompts[0], rewards, tok, tc, stop_ids(cfg, tok, chat_end=True), mesh)
     else:
       stream = data.BatchStream(documents[0], tc.seq_len, tc.batch_size * tc.grad_accum, tc.seed, tc.pack, pairs,
@@ -294,8 +305,9 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
           for rows, _ in generation:
             if tc.grpo_old_logp:  # the ratio's denominator: the sampling policy's log-probabilities
               rows[data.OLD_LOGP] = training.row_logprobs(logprob_fn(), trainable, frozen, rows, tc.batch_size, mesh)
-            if tc.reference:  # the KL penalty's: the LoRA base's log-probabilities
-              rows[data.REFERENCE] = training.row_logprobs(logprob_fn(), base, frozen, rows, tc.batch_size, mesh)
+            if tc.reference:  # the KL penalty's: the reference's log-probabilities
+              rows[data.REFERENCE] = training.row_logprobs(reference_fn, reference_params, frozen, rows, tc.batch_size,
+                                                           mesh)
         rows, rollout = generation[step % tc.grpo_cycle % tc.grpo_generation_steps]
         rollout = rollout | {"rollout_s": time.perf_counter() - tick if fresh else 0.0}
       else:

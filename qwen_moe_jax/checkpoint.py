@@ -117,6 +117,12 @@ def lora_base(folder: str | Path) -> Location:
   return base
 
 
+def reads(loc: Location) -> list[str | None]:
+  """What a located checkpoint is read from (its weights, and a LoRA run's adapters), as absolute paths: it changes
+  when a run folder saved a newer step, or was moved."""
+  return [str(loc.path.resolve()), loc.item, None if loc.adapters is None else str(loc.adapters.path.resolve())]
+
+
 def lora_record(base: Location, lora: lora_lib.LoraConfig) -> dict:
   """What a LoRA run's lora.json holds."""
   return {"base": str(base.path.resolve()), "base_item": base.item, **lora.to_dict()}

@@ -4,6 +4,7 @@ RUN_DIR/
   config.json, tokenizer files     copied from the source checkpoint (so infer.py / export take RUN_DIR)
   train_config.json                the hyper-parameters and data the run started with
   lora.json                        a LoRA run's adapter settings and its base checkpoint (checkpoint.LORA_FILE)
+  reference.json                   the checkpoint a full fine-tune's GRPO KL penalty compares with (REFERENCE)
   checkpoints/<step>/              params (unpadded; a LoRA run: adapters), opt_state (unpadded); Orbax renames a step
                                    into place only when complete, so a killed save is never the latest
   tokens/<fingerprint>-<L>.npz     the tokenized training (and eval) data, read again on resume (data.read_cached)
@@ -35,7 +36,8 @@ OBJECTIVES = {"ce": "cross-entropy", "dpo_loss": "DPO loss", "simpo_loss": "SimP
               "grpo_loss": "GRPO loss"}  # the objective's metric (TrainConfig.objective) and its name in the plot
 OPT_STATE = "opt_state"  # checkpointable name of the optimizer state in a step
 TOKENS_DIR = "tokens"
-WRITTEN = {"config.json", TRAIN_CONFIG, checkpoint.LORA_FILE, METRICS, PLOT, TOKENS_DIR, *hf_io.SIDE_FILES}
+REFERENCE = "reference.json"
+WRITTEN = {"config.json", TRAIN_CONFIG, checkpoint.LORA_FILE, REFERENCE, METRICS, PLOT, TOKENS_DIR, *hf_io.SIDE_FILES}
 
 
 class RunDir:
@@ -54,9 +56,11 @@ class RunDir:
     latest = self._ckpt.latest
     return None if latest is None else int(latest.step)
 
-  def start(self, source: Path, train_config: dict[str, Any], lora: dict[str, Any] | None = None) -> None:
+  def start(self, source: Path, train_config: dict[str, Any], lora: dict[str, Any] | None = None,
+            reference: checkpoint.Location | None = None) -> None:
     """A new run: copy config.json and tokenizer files from the source checkpoint; record the settings (and a
-    LoRA run's lora.json). A run folder that saved no checkpoint (killed or failed before its first save) starts
+    LoRA run's lora.json; with `reference`, the located source, whose weights a full fine-tune's KL penalty reads
+    again on every start). A run folder that saved no checkpoint (killed or failed before its first save) starts
     over, with any flags: what its earlier start wrote is removed first."""
     leftovers = [p for p in self.folder.iterdir() if p.name != checkpoint.RUN_CHECKPOINTS_DIR]
     unsaved = (self.folder / TRAIN_CONFIG).is_file() and all(p.name in WRITTEN for p in leftovers)
@@ -74,7 +78,29 @@ class RunDir:
       (self.folder / TRAIN_CONFIG).write_text(json.dumps(train_config, indent=2, sort_keys=True) + "\n")
       if lora is not None:
         (self.folder / checkpoint.LORA_FILE).write_text(json.dumps(lora, indent=2) + "\n")
+      if reference is not None:
+        record = {"checkpoint": str(source.resolve()), "reads": checkpoint.reads(reference)}
+        (self.folder / REFERENCE).write_text(json.dumps(record, indent=2) + "\n")
     multihost_utils.sync_global_devices("run folder written")
+
+  def reference(self) -> checkpoint.Location:
+    """The starting weights, as reference.json recorded them: the same files, or one line saying what changed."""
+    path = self.folder / REFERENCE
+    try:
+      d = json.loads(path.read_text())
+      source, then = Path(d["checkpoint"]), d["reads"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise UserError(f"{path}: unreadable or incomplete ({type(e).__name__}: {e})") from None
+    try:
+      loc = checkpoint.locate(source)
+    except UserError as e:
+      raise UserError(f"{path}: the KL penalty's reference, the run's starting weights: {e}") from None
+    now = checkpoint.reads(loc)
+    if now != then:
+      now, then = next(((a, b) for a, b in zip(now, then) if a != b), (now, then))
+      raise UserError(f"{path}: the KL penalty's reference {source} now reads {now}, not {then} as when this run "
+                      f"started; put those weights back, or start over in a new --out")
+    return loc
 
   def recorded_config(self) -> dict[str, Any]:
     return json.loads((self.folder / TRAIN_CONFIG).read_text())

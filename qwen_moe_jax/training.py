@@ -103,7 +103,7 @@ class TrainConfig:
   grpo_group: int = 8  # completions per prompt (TRL's num_generations)
   grpo_max_new: int = 256  # the most tokens a completion has (TRL's max_completion_length)
   grpo_temperature: float = 1.0  # the completions' sampling temperature (TRL's)
-  grpo_beta: float = 0.0  # the KL penalty's weight against the reference (the LoRA base; TRL's default 0)
+  grpo_beta: float = 0.0  # the KL penalty's weight against the starting weights (TRL's default 0)
   grpo_scale_rewards: str = "group"  # what divides the advantages (grpo.advantages; TRL's scale_rewards)
   grpo_mask_truncated: bool = False  # no loss on completions cut at grpo_max_new (DAPO's; TRL's option)
   grpo_generation_steps: int = 1  # optimizer steps one generation serves, each on its share of the completions
@@ -141,6 +141,12 @@ class TrainConfig:
     """Whether GRPO's rows carry the sampling policy's log-probabilities (the ratio's denominator): when the
     policy moves before a generation's last step."""
     return self.grpo and self.grpo_cycle > 1
+
+  @property
+  def grpo_reference_copy(self) -> bool:
+    """Whether GRPO's KL penalty holds a copy of the starting weights (a full or partial fine-tune; LoRA's
+    reference is its base: the adapters at zero)."""
+    return self.grpo and self.reference and self.lora is None
 
   @property
   def policy(self) -> PolicyGradient:
@@ -238,9 +244,6 @@ class TrainConfig:
       raise UserError(f"--grpo-importance must be one of {', '.join(IMPORTANCE_LEVELS)}, got '{self.grpo_importance}'")
     if self.grpo_loss_type not in GRPO_LOSS_TYPES:
       raise UserError(f"--grpo-loss-type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{self.grpo_loss_type}'")
-    if self.grpo_beta and self.lora is None:
-      raise UserError("--grpo-beta: the KL penalty's reference is a LoRA run's base (the adapters at zero); give "
-                      "--lora-rank (a full fine-tune would hold a second copy of the model)")
 
   def trainable(self, path: str) -> bool:
     if self.lora is not None:
@@ -379,7 +382,7 @@ def make_eval_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig)
 
 def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig):
   """logprobs(trainable, frozen, batch) -> each target's log-probability [B, T] fp32 (DPO's reference: the model
-  before training; GRPO's: the LoRA base, and the policy that sampled the completions); batch arrays [1, B, T].
+  before training; GRPO's: the starting weights, and the policy that sampled the completions); batch arrays [1, B, T].
   GRPO's rows (a completion each) take the loss's unpacked attention, so the ratio starts at 1 up to rounding."""
 
   def step(trainable, frozen, batch):

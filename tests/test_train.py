@@ -426,6 +426,51 @@ def test_grpo_resumes_exactly(base, grpo_run, tmp_path):
   assert m[0]["kl"] == 0 and m[-1]["kl"] > 0  # the KL penalty's reference is the base: the adapters at zero
 
 
+def test_grpo_kl_in_a_full_fine_tune_reads_the_starting_weights(base, straight, grpo_run, tmp_path):
+  """--grpo-beta without LoRA (on a mesh splitting rows and experts): the KL penalty's reference is a copy of the
+  starting weights (here an SFT run folder's step 12), so the KL starts at 0 and grows; a resume reads them again
+  (not the resumed weights): the uninterrupted losses and KLs. A resume whose starting weights changed (the SFT run
+  saved step 16) or are gone is one line, before anything is written."""
+  sft = tmp_path / "sft"
+  shutil.copytree(straight, sft)
+  shutil.rmtree(sft / "checkpoints" / "16")
+  run = tmp_path / "kl"
+  args = ["--checkpoint", str(sft), "--data", str(base / "prompts.jsonl"), *GRPO, "--grpo-reward",
+          f"{base}/rewards.py:low_ids", "--steps", "8", "--save-every", "4", "--grpo-beta", "0.04",
+          "--mesh", "data=2,expert=4"]
+  res = train(*args, "--out", str(run))
+  assert res.returncode == 0, res.stderr
+  m = metrics(run)
+  print("full fine-tune GRPO KL by step:", " ".join(f"{r['kl']:.2e}" for r in m))
+  assert m[0]["kl"] < 1e-6 and m[-1]["kl"] > 1e-3
+  assert json.loads((run / "reference.json").read_text())["reads"][0] == str((sft / "checkpoints" / "12").resolve())
+
+  def resumed(name: str):
+    folder = tmp_path / name
+    shutil.copytree(run, folder)
+    shutil.rmtree(folder / "checkpoints" / "8")
+    return folder, train(*args, "--out", str(folder))
+
+  folder, res = resumed("resumed")
+  assert res.returncode == 0 and "resuming" in res.stderr, res.stderr
+  for x, y in zip(m, metrics(folder), strict=True):
+    assert (x["loss"], x["grad_norm"], x["reward"], x["kl"]) == (y["loss"], y["grad_norm"], y["reward"], y["kl"])
+
+  shutil.copytree(straight / "checkpoints" / "16", sft / "checkpoints" / "16")  # the SFT run went on
+  folder, res = resumed("moved_on")
+  assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+  assert res.stderr.strip().splitlines()[-1].endswith(
+    f"reference.json: the KL penalty's reference {sft.resolve()} now reads {(sft / 'checkpoints' / '16').resolve()}, "
+    f"not {(sft / 'checkpoints' / '12').resolve()} as when this run started; put those weights back, or start over "
+    f"in a new --out")
+  assert metrics(folder) == m  # nothing written
+  shutil.rmtree(sft)
+  res = resumed("gone")[1]
+  assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].endswith(
+    f"reference.json: the KL penalty's reference, the run's starting weights: {sft.resolve()}: checkpoint folder not "
+    f"found"), res.stderr
+
+
 GSPO = ["--grpo-generation-steps", "2", "--grpo-iterations", "2", "--grpo-importance", "sequence",
         "--grpo-loss-type", "grpo"]
 
@@ -481,8 +526,6 @@ def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_ru
    "--dpo-beta, not both"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-temperature", "0"],
    "--grpo-temperature must be > 0"),
-  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-beta", "0.1"], "--grpo-beta: the KL "
-   "penalty's reference is a LoRA run's base"),
   (["--grpo-reward", "{rewards}", "--grpo-group", "4"], "--grpo-reward takes FILE.py:FUNCTION, got"),
   (["--grpo-reward", "{base}/gone.py:f", "--grpo-group", "4"], "gone.py: no such reward file"),
   (["--grpo-reward", "{rewards}:nope", "--grpo-group", "4"], "rewards.py: no function 'nope'"),
