@@ -4,7 +4,8 @@
                   [--seq-len 512] [--lr 1e-5] [--save-every 50] [--seed 0] [--mesh data=2,expert=4]
                   [--eval-data held_out.jsonl] [--eval-every 50]
 
-Data lines: {"messages": [...]} (loss on assistant tokens only), {"text": "..."} or {"input_ids": [...]}; with
+Data lines: {"messages": [...]} (loss on assistant tokens only), {"prompt": ..., "completion": ...} (loss on the
+completion only), {"text": "..."} or {"input_ids": [...]}; with
 --dpo-beta, preference pairs {"prompt": ..., "chosen": ..., "rejected": ...} (DPO against the starting model, or
 SimPO / ORPO with --dpo-loss, reference-free), or with --dpo-loss kto unpaired examples {"prompt": ...,
 "completion": ..., "label": true / false} (KTO); with --grpo-reward, prompts {"prompt": ..., ...} (GRPO).

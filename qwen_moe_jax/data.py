@@ -1,6 +1,6 @@
 """Training data: a JSONL file -> documents -> a deterministic, resumable stream of packed batches (numpy only).
 
-Each non-blank line is a JSON object with exactly one key:
+Each non-blank line is a JSON object with exactly one key, or a prompt and its completion:
   {"messages": [{"role": ..., "content": "..."}, ...]}  rendered with the tokenizer's chat template. Loss only on
       the tokens each assistant message adds: its content and the end-of-turn tokens after it (`<|im_end|>\\n` in
       ChatML, so the model learns to stop), never on system / user turns or the `<|im_start|>assistant\\n` header.
@@ -11,6 +11,10 @@ Each non-blank line is a JSON object with exactly one key:
       them). Messages after the last assistant message carry no loss and are dropped.
   {"text": "..."}          encoded, then eos appended (when an eos id is given); loss on every token.
   {"input_ids": [...]}     token ids as they are; loss on every token.
+  {"prompt": ..., "completion": ...}  TRL's prompt-completion format, loss on the completion only (TRL's
+      completion_only_loss): the prompt a string (the completion encoded after it, then eos) or a list of messages
+      (the completion rendered as the assistant's reply, its end-of-turn tokens included); the completion a string
+      or a list of one assistant message. It must fit one row, as a conversation.
 A document of n tokens gives n - 1 next-token targets. A text or input_ids document longer than a row is cut into
 rows of seq_len tokens that overlap by one (each starts with the token the previous one ends with), so every
 target is learned exactly once; a conversation must fit one row (it is never cut).
@@ -48,6 +52,7 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.tokenizer import Tokenizer
 
 KINDS = ("messages", "text", "input_ids")
+COMPLETION_KEYS = ("prompt", "completion")
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 KTO_KEYS = ("prompt", "completion", "label")
 ROLES = ("system", "user", "assistant")
@@ -163,6 +168,9 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer | None, seq_len: int, eos_
       elif pairs:
         texts, finish = _from_answers(record["prompt"], [_answer(record[k], k, where) for k in ("chosen", "rejected")],
                                       tokenizer, eos_id, seq_len, where, "chosen + rejected")
+      elif sorted(record) == sorted(COMPLETION_KEYS):
+        texts, finish = _from_answers(record["prompt"], [_answer(record["completion"], "completion", where)],
+                                      tokenizer, eos_id, seq_len, where, "prompt + completion")
       else:
         texts, finish = _prepare(record, tokenizer, eos_id, seq_len, where)
     except UserError:
@@ -276,9 +284,12 @@ def _parse(raw: bytes, where: str, pairs: bool = False, kto: bool = False) -> di
     return record
   if pairs and sorted(record) != sorted(PAIR_KEYS):
     raise UserError(f"{where}: expected a preference pair, the keys {_keys(PAIR_KEYS)}; got {_keys(record)}")
-  if not pairs and (len(record) != 1 or next(iter(record)) not in KINDS):
-    hint = " (a preference pair: train with --dpo-beta)" if sorted(record) == sorted(PAIR_KEYS) else ""
-    raise UserError(f"{where}: expected exactly one of the keys {_keys(KINDS)}; got {_keys(record)}{hint}")
+  keys = tuple(sorted(record))
+  if not pairs and (len(record) != 1 or next(iter(record)) not in KINDS) and keys != tuple(sorted(COMPLETION_KEYS)):
+    hint = {tuple(sorted(PAIR_KEYS)): " (a preference pair: train with --dpo-beta)",
+            tuple(sorted(KTO_KEYS)): " (a KTO example: train with --dpo-beta B --dpo-loss kto)"}.get(keys, "")
+    raise UserError(f"{where}: expected exactly one of the keys {_keys(KINDS)}, or "
+                    f"{' and '.join(map(repr, COMPLETION_KEYS))}; got {_keys(record)}{hint}")
   return record
 
 
@@ -301,8 +312,8 @@ def _prepare(record: dict[str, Any], tokenizer: Tokenizer | None, eos_id: int | 
 
 def _from_answers(prompt: Any, answers: list[str], tokenizer: Tokenizer | None, eos_id: int | None, seq_len: int,
                   where: str, what: str) -> tuple[list[str], Finish]:
-  """(texts to encode, how their ids make the two documents, the prompt then each answer) of a preference pair or
-  a KTO line (see the module's docstring); `what`: the two answers, for the too-long message."""
+  """(texts to encode, how their ids make the documents, the prompt then each answer) of a prompt-completion line, a
+  preference pair or a KTO line (see the module's docstring); `what`: the answers, for the too-long message."""
   if tokenizer is None:
     raise UserError(f"{where}: a prompt and answers need a tokenizer, and none was given")
   if isinstance(prompt, list):
@@ -310,11 +321,14 @@ def _from_answers(prompt: Any, answers: list[str], tokenizer: Tokenizer | None, 
       raise UserError(f"{where}: 'prompt' ends with an assistant message; the answers are its reply")
     made = [_from_messages(prompt + [{"role": "assistant", "content": a}], tokenizer, seq_len, where, last_only=True)
             for a in answers]
-    texts = made[0][0] + made[1][0]
+    texts = [t for pieces, _ in made for t in pieces]
 
     def documents(encoded: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-      n = len(made[0][0])
-      return [made[0][1](encoded[:n]), made[1][1](encoded[n:])]
+      out, at = [], 0
+      for pieces, finish in made:
+        out.append(finish(encoded[at:at + len(pieces)]))
+        at += len(pieces)
+      return out
   elif isinstance(prompt, str):
     texts = [prompt, *answers]
 
@@ -328,8 +342,9 @@ def _from_answers(prompt: Any, answers: list[str], tokenizer: Tokenizer | None, 
   def finish(encoded: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     docs = documents(encoded)
     if sum(len(t) for t, _ in docs) > seq_len:
-      raise UserError(f"{where}: the line makes {len(docs[0][0])} + {len(docs[1][0])} tokens ({what}), more than "
-                      f"seq_len={seq_len}: the two share a row; shorten it or raise the sequence length")
+      shared = ": the two share a row" if len(docs) > 1 else ""
+      raise UserError(f"{where}: the line makes {' + '.join(str(len(t)) for t, _ in docs)} tokens ({what}), more "
+                      f"than seq_len={seq_len}{shared}; shorten it or raise the sequence length")
     for _, mask in docs:
       mask[0] = 0
     return docs

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over one Generator (`infer.py --serve`): POST /v1/completions and
 /v1/chat/completions (one JSON reply, or server-sent events with "stream": true), vLLM's /tokenize and
-/detokenize, GET /v1/models and /health.
+/detokenize, GET /v1/models, /health and /metrics (Prometheus', serving_metrics.py).
 
 One engine thread owns the device and runs generate calls back to back; the HTTP threads (the standard library's
 ThreadingHTTPServer) parse requests into jobs (a prompt and its settings: a request with "n" samples or several
@@ -32,6 +32,7 @@ from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Strea
 from qwen_moe_jax.grammar import Grammar, Grammars
 from qwen_moe_jax.sampling import MAX_TOP_LOGPROBS, SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
+from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
 
@@ -65,6 +66,7 @@ class Job:
   text: TextStream | None = None  # streamed requests: the text shown so far
   cancelled: bool = False  # the client went away: the row ends at the next return to the host
   score: bool = False  # the prompt's scores, and with max_new_tokens 1 its greedy next token, from one forward pass
+  meter: Meter | None = dataclasses.field(default_factory=Meter)  # its times, from now (None: not counted)
 
 
 GRAMMAR_SLOTS, GRAMMAR_CELLS = 8, 1 << 21  # room a call keeps for grammars once one came (see grammar.py): 7
@@ -74,8 +76,8 @@ GRAMMAR_SLOTS, GRAMMAR_CELLS = 8, 1 << 21  # room a call keeps for grammars once
 class Engine:
   """Runs the jobs on one thread, in generate calls of fixed shapes (Room), joining running calls as they come."""
 
-  def __init__(self, generator: Generator, rows: int, slots: int, stop_ids: list[int]):
-    self.generator, self.stop_ids = generator, stop_ids
+  def __init__(self, generator: Generator, rows: int, slots: int, stop_ids: list[int], metrics: Metrics):
+    self.generator, self.stop_ids, self.metrics = generator, stop_ids, metrics
     self.room = Room(rows=rows, slots=slots, max_new=slots)
     self.pending: collections.deque[Job] = collections.deque()
     self.ready = threading.Condition()
@@ -85,12 +87,13 @@ class Engine:
     """Runs a one-id prompt for two tokens with `sampling` (the server's defaults), so that the first requests find
     the decode program compiled (and a short prompt's prefill)."""
     events: queue.Queue = queue.Queue()
-    self.submit([Job([0], 2, sampling, Stream(0, 0), None, 0, events)])
+    self.submit([Job([0], 2, sampling, Stream(0, 0), None, 0, events, meter=None)])
     event = events.get()
     if event[0] == "error":
       raise UserError(f"warming up the server: {event[2]}")
 
   def submit(self, jobs: list[Job]) -> None:
+    self.metrics.queued([j.meter for j in jobs])
     with self.ready:
       self.pending.extend(jobs)
       self.ready.notify()
@@ -123,14 +126,20 @@ class Engine:
       return self._fail(jobs, e)
     for j, s in zip(jobs, scores, strict=True):
       new = slice(len(j.ids), len(j.ids) + j.max_new_tokens)
-      j.events.put(("done", j.choice, Output(s.best[new], s.best_logprobs[new], "length", 0, []), s))
+      out = Output(s.best[new], s.best_logprobs[new], "length", 0, [])
+      self._finished(j, out)
+      j.events.put(("done", j.choice, out, s))
 
   def _fail(self, jobs: list[Job], e: Exception) -> None:
     """Every job gets the error (out of memory, or a bug): the server goes on."""
     message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
     print(f"error: {message}", file=sys.stderr)
     for j in jobs:
+      self.metrics.failed(j.meter)
       j.events.put(("error", j.choice, message))
+
+  def _finished(self, j: Job, out: Output) -> None:
+    self.metrics.finished(j.meter, len(j.ids), out.cached, len(out.ids), "abort" if j.cancelled else out.reason)
 
   def _call(self, jobs: list[Job]) -> None:
     ops = SamplingOps.of([j.sampling for j in jobs])  # top-k, top_logprobs, logit_bias rounded up: fewer programs
@@ -153,6 +162,7 @@ class Engine:
 
     def on_tokens(i: int, piece: Piece) -> None:
       j = job(i)
+      self.metrics.tokens(j.meter, len(piece.ids))
       if j.text is not None:
         j.events.put(("text", j.choice, j.text.push(piece.ids), piece))
 
@@ -164,6 +174,7 @@ class Engine:
 
     def on_done(i: int, out: Output) -> None:
       j = job(i)
+      self._finished(j, out)
       if j.text is not None:
         j.events.put(("text", j.choice, j.text.close(), None))
       j.events.put(("done", j.choice, out, None))
@@ -512,6 +523,8 @@ class Handler(BaseHTTPRequestHandler):
   def do_GET(self) -> None:  # noqa: N802
     if self.path == "/health":
       return self._json(200, {"status": "ok"})
+    if self.path == "/metrics":
+      return self._send(200, *self.api.engine.metrics.exposition())
     if self.path == "/v1/models":
       return self._json(200, {"object": "list", "data": [{"id": self.api.name, "object": "model",
                                                           "owned_by": "qwen-moe-jax", "created": 0}]})
@@ -567,9 +580,11 @@ class Handler(BaseHTTPRequestHandler):
     self.wfile.flush()
 
   def _json(self, status: int, obj: dict) -> None:
-    data = json.dumps(obj, ensure_ascii=False).encode()
+    self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+
+  def _send(self, status: int, data: bytes, content_type: str) -> None:
     self.send_response(status)
-    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Type", content_type)
     self.send_header("Content-Length", str(len(data)))
     self.end_headers()
     self.wfile.write(data)
@@ -582,7 +597,7 @@ def _error(message: str, kind: str = "invalid_request_error", param: str | None 
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
                 stop_ids: list[int], sampling: Sampling, seed: int) -> ThreadingHTTPServer:
   """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up."""
-  engine = Engine(generator, rows, slots, stop_ids)
+  engine = Engine(generator, rows, slots, stop_ids, Metrics(name))
   engine.warm_up(sampling)
   api = Api(engine, tok, name, sampling, seed, slots)
   server = ThreadingHTTPServer((host, port), type("BoundHandler", (Handler,), {"api": api}))

@@ -129,7 +129,19 @@ def test_document_may_fill_a_row(tmp_path):
 BAD_LINES = {
   "invalid_json": ('{"text": "a"', "invalid JSON"),
   "not_an_object": ("[1, 2]", "expected a JSON object, got list"),
-  "no_key": ("{}", "expected exactly one of the keys 'messages', 'text', 'input_ids'; got none"),
+  "no_key": ("{}", "expected exactly one of the keys 'messages', 'text', 'input_ids', or 'prompt' and 'completion'; "
+             "got none"),
+  "pair_in_sft": ('{"prompt": "a", "chosen": "b", "rejected": "c"}', r"\(a preference pair: train with --dpo-beta\)"),
+  "kto_in_sft": ('{"prompt": "a", "completion": "b", "label": true}',
+                 r"\(a KTO example: train with --dpo-beta B --dpo-loss kto\)"),
+  "completion_not_string": ('{"prompt": "a", "completion": 5}',
+                            "'completion' must be a string or a list of one assistant message"),
+  "completion_prompt_not_string": ('{"prompt": 5, "completion": "a"}',
+                                   "'prompt' must be a string or a list of messages, got int"),
+  "completion_after_assistant": (json.dumps({"prompt": CHAT, "completion": "ok"}),
+                                 "'prompt' ends with an assistant message; the answers are its reply"),
+  "too_long_completion": ('{"prompt": "one two three four five six seven", "completion": " eight nine ten"}',
+                          r"the line makes \d+ tokens \(prompt \+ completion\), more than seq_len=8; shorten it"),
   "unknown_key": ('{"txt": "a"}', "got 'txt'"),
   "two_keys": ('{"text": "a", "input_ids": [1, 2]}', "got 'text', 'input_ids'"),
   "empty_conversation": ('{"messages": []}', "empty conversation"),
@@ -375,6 +387,22 @@ def test_read_cached_tokenizes_once(tok, tmp_path, monkeypatch):
   assert sorted(p.name for p in cache.iterdir()) == [file.name]  # no partial file left
   named = data.read_cached(path, tok, 40, 7, tmp_path / "named", write=True, digest=fingerprint(path))
   assert _same(named, first) and [p.name for p in (tmp_path / "named").iterdir()] == [file.name]
+
+
+def test_prompt_completion_lines_learn_the_completion_only(tok, tmp_path):
+  """TRL's prompt-completion lines: a conversational one is its conversation with the completion as the assistant's
+  reply, loss on that reply only (not on the prompt's earlier assistant turn, as a messages line would); a text one
+  is the prompt's ids, the completion's and eos, loss on the last two; TRL's one-message completions too."""
+  prompt = CHAT[:-1]  # ends with the user's "2+2?"
+  path = _write(tmp_path, {"prompt": prompt, "completion": [{"role": "assistant", "content": "4"}]},
+                {"completion": " blue.", "prompt": "The sky is"})
+  docs = read_jsonl(path, tok, 128, 7)
+  assert len(docs) == 2
+  assert docs[0].tokens == tuple(tok.apply_chat_template(CHAT, add_generation_prompt=False))
+  assert _loss_runs(tok, docs[0]) == ["4<|im_end|>\n"]
+  asked = tok.encode("The sky is")
+  assert docs[1].tokens == tuple(asked + tok.encode(" blue.") + [7])
+  assert docs[1].loss_mask == (0,) * len(asked) + (1,) * (len(docs[1].tokens) - len(asked))
 
 
 def test_preference_pairs_make_two_documents_sharing_a_row(tok, tmp_path):

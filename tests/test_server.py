@@ -19,6 +19,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_moe_jax import checkpoint, convert, scoring, tool_calls
 from qwen_moe_jax.demo import write_hf_demo
@@ -524,9 +525,64 @@ def test_models_and_health(served):
     assert json.loads(r.read()) == {"status": "ok"}
 
 
+def scrape(url: str, model: str = "demo") -> dict[str, float]:
+  """GET /metrics: each sample by its name less the prefix, with its labels but the model's name (asserted)."""
+  with urllib.request.urlopen(url + "/metrics") as r:
+    assert r.headers["Content-Type"].startswith("text/plain; version=")
+    text = r.read().decode()
+  out = {}
+  for family in text_string_to_metric_families(text):
+    for sample in family.samples:
+      labels = dict(sample.labels)
+      assert labels.pop("model_name") == model, sample
+      name = sample.name.removeprefix("qwen_moe_jax:") + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items()))
+      out[name] = sample.value
+  return out
+
+
+def test_metrics(served):
+  """GET /metrics, Prometheus' text format with vLLM's names: the counters grow by what the replies' usage counts
+  (prompt, cached and generated ids), requests finish for length, stop and abort (a streaming client that went away:
+  its row ends), each job adds a sample to the latency histograms; a streamed request decoding counts as running,
+  and after the replies nothing runs or waits."""
+  url, tok = served[:2]
+  before = scrape(url)
+  _, first = post(url, {"prompt": [3, 4, 5], "max_tokens": 6, "n": 2})  # two jobs, each to its length
+  text = first["choices"][0]["text"]
+  _, stopped = post(url, {"prompt": [3, 4, 5], "max_tokens": 6, "stop": [text[1:3]]})
+  assert stopped["choices"][0]["finish_reason"] == "stop" and len(text[1:3]) == 2
+  body = {"prompt": [7, 8, 9], "max_tokens": SLOTS - 8, "stream": True}
+  r = urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode()),
+                             timeout=300)
+  r.readline()  # decoding
+  running = scrape(url)
+  assert (running["num_requests_running"], running["num_requests_waiting"]) == (1, 0)
+  r.close()  # the client goes away
+  deadline = time.monotonic() + 120
+  while scrape(url)["request_success_total{finished_reason=abort}"] == before[
+      "request_success_total{finished_reason=abort}"]:
+    assert time.monotonic() < deadline, "the abandoned request never ended"
+    time.sleep(0.2)
+  after = scrape(url)
+  grew = {k: after[k] - before[k] for k in after if k.split("{")[0].endswith(("_total", "_count"))}
+  usage = [first["usage"], stopped["usage"]]
+  assert grew["prompt_tokens_total"] == grew["prefix_cache_queries_total"] == 4 * 3  # per job: n = 2 counts twice
+  cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usage)  # usage: the fewest of a prompt's n
+  assert cached <= grew["prefix_cache_hits_total"] <= cached + 3 + 3
+  assert SLOTS - 8 > grew["generation_tokens_total"] - sum(u["completion_tokens"] for u in usage) >= 1
+  assert {k: v for k, v in grew.items() if k.startswith("request_")} == {
+    "request_success_total{finished_reason=length}": 2, "request_success_total{finished_reason=stop}": 1,
+    "request_success_total{finished_reason=abort}": 1, "request_errors_total": 0}
+  for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "time_per_output_token_seconds"):
+    assert grew[f"{name}_count"] == 4, name
+  assert after["time_to_first_token_seconds_sum"] - before["time_to_first_token_seconds_sum"] < (
+    after["e2e_request_latency_seconds_sum"] - before["e2e_request_latency_seconds_sum"])
+  assert (after["num_requests_running"], after["num_requests_waiting"]) == (0, 0)
+
+
 def test_cli_serve(served):
-  """`infer.py --serve 0` listens on a free port (printed on stderr) and answers; prompt flags next to it are
-  one error line."""
+  """`infer.py --serve 0` listens on a free port (printed on stderr) and answers (its warm-up run not in its
+  metrics); prompt flags next to it are one error line."""
   _, tok, reference, eos, ckpt = served
   proc = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "127.0.0.1:0",
                            "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64"], cwd=ROOT,
@@ -536,6 +592,9 @@ def test_cli_serve(served):
     line = proc.stderr.readline()
     assert line.startswith("serving ckpt on http://127.0.0.1:"), line
     url = line.split()[3]
+    fresh = scrape(url, "ckpt")
+    assert fresh["generation_tokens_total"] == fresh["time_to_first_token_seconds_count"] == 0
+    assert sum(v for k, v in fresh.items() if k.startswith("request_success_total")) == 0
     status, reply = post(url, {"prompt": [3, 4, 5], "max_tokens": 5})
     assert status == 200
     assert reply["choices"][0]["text"] == tok.decode(expected(reference, tok, eos, [3, 4, 5], 5)[0],
