@@ -91,7 +91,7 @@ def latest_step(run_dir: Path) -> Path | None:
 
 
 def locate(folder: str | Path) -> Location:
-  folder = Path(folder)
+  folder = Path(folder).absolute()  # Orbax takes absolute paths only
   if not folder.is_dir():
     raise UserError(f"{folder}: checkpoint folder not found")
   if (folder / LORA_FILE).is_file():
@@ -343,7 +343,7 @@ def _first_rows(xs: list[jax.Array], n: int) -> list[jax.Array]:
 def save_params(path: str | Path, model: QwenMoeForCausalLM) -> None:
   """Writes a model's parameters (unpadded) as a PyTree checkpoint at `path` (must not exist)."""
   flat = unpadded(model.config, flatten(nnx.state(model, nnx.Param)))
-  ocp.save(Path(path), unflatten(flat))
+  ocp.save(Path(path).absolute(), unflatten(flat))
 
 
 class StreamingWriter:
@@ -355,7 +355,7 @@ class StreamingWriter:
   """
 
   def __init__(self, path: str | Path):
-    self.path = Path(path)
+    self.path = Path(path).absolute()  # Orbax takes absolute paths only
     self.context = ocp.Context()
     self.context.memory.deepcopy_host_arrays = False
     self.context.array.saving.use_compression = False

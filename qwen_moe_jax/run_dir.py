@@ -42,7 +42,7 @@ WRITTEN = {"config.json", TRAIN_CONFIG, checkpoint.LORA_FILE, REFERENCE, METRICS
 
 class RunDir:
   def __init__(self, folder: str | Path, keep: int = 3):
-    self.folder = Path(folder)
+    self.folder = Path(folder).absolute()  # Orbax takes absolute paths only
     if self.folder.exists() and not self.folder.is_dir():
       raise UserError(f"{self.folder}: exists and is not a directory")
     self.folder.mkdir(parents=True, exist_ok=True)

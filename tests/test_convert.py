@@ -93,10 +93,10 @@ def snapshot(folder: Path, skip: Path | None = None) -> dict[str, tuple]:
   return out
 
 
-def cli(script: str, *args) -> subprocess.CompletedProcess:
+def cli(script: str, *args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
   """The real command in a fresh process."""
-  return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                        text=True, timeout=300)
 
 
 def cli_here(capfd, monkeypatch, script: str, *args: str) -> tuple[int, str]:
@@ -546,8 +546,9 @@ def test_export_refuses_bad_dtype_and_own_folder(ckpts, tmp_path, capfd, monkeyp
 # the success path, and stderr holding nothing but the error line).
 
 def test_cli_round_trip_loads_in_transformers(hf, model, tmp_path):
-  """hub layout -> Orbax -> hub layout with the real CLIs; transformers loads it and gives the same logits."""
-  for r in [cli(HF_TO_ORBAX, hf["hub"], tmp_path / "ckpt"), cli(ORBAX_TO_HF, tmp_path / "ckpt", tmp_path / "back")]:
+  """hub layout -> Orbax -> hub layout with the real CLIs, given paths relative to the working directory (Orbax takes
+  absolute ones only); transformers loads it and gives the same logits."""
+  for r in [cli(HF_TO_ORBAX, hf["hub"], "ckpt", cwd=tmp_path), cli(ORBAX_TO_HF, "ckpt", "back", cwd=tmp_path)]:
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
   assert_same_tensors(tensors(tmp_path / "back"), tensors(hf["hub"]))
   for name, text in SIDE_FILES.items():

@@ -213,6 +213,23 @@ def test_a_run_that_saved_no_checkpoint_starts_over(base, straight, tmp_path):
 DPO = ["--dpo-beta", "0.5", "--lr", "2e-3", "--seq-len", "256"]
 
 
+def test_paths_relative_to_the_working_directory(base, tmp_path):
+  """--checkpoint, --data and --out relative to the working directory (Orbax takes absolute paths only): a run, its
+  resume, and infer.py over the run folder."""
+  shutil.copytree(base / "ckpt", tmp_path / "ckpt")
+  shutil.copy(base / "data.jsonl", tmp_path / "data.jsonl")
+  args = [sys.executable, str(ROOT / "train.py"), "--checkpoint", "ckpt", "--data", "data.jsonl", "--out", "run",
+          *TRAIN, "--steps", "2", "--save-every", "1"]
+  for _ in range(2):  # the second time, resumed from step 1
+    res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "2")
+  assert "resuming" in res.stderr and len(metrics(tmp_path / "run")) == 2
+  res = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", "run", "--prompt", "add",
+                        "--max-new-tokens", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0 and "generated tokens: " in res.stderr, res.stderr
+
+
 def preference_lines() -> list[dict]:
   """Pairs whose chosen answer adds, and whose rejected one refuses; a raw-text pair and TRL's one-message answers
   among them."""
