@@ -20,7 +20,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from qwen_moe_jax import data
 from qwen_moe_jax.errors import UserError
@@ -219,7 +221,34 @@ class Rollouts:
 
   def score(self, asked: list[Prompt], completions: list[list[int]]) -> np.ndarray:
     """[F, R]: each reward function's number for each completion, NaN where it gave None (TRL's way for a function
-    to pass over a completion it does not judge, another task's, say)."""
+    to pass over a completion it does not judge, another task's, say). Every process has every completion; each
+    scores its share (TRL's way: a completion is judged once, however many processes, so a judge that is slow, or
+    not deterministic, runs once per completion), and the shares are gathered. A process whose reward functions fail
+    raises their error; the others, one line naming it (rather than wait for its share)."""
+    n, processes, me = len(asked), jax.process_count(), jax.process_index()
+    share = -(-n // processes)
+    mine = slice(me * share, (me + 1) * share)
+    local, error = np.full((len(self.rewards), share), np.nan), None
+    try:
+      if asked[mine]:
+        got = self._score(asked[mine], completions[mine])
+        local[:, :got.shape[1]] = got
+    except Exception as e:  # noqa: BLE001  (raised below, once every process knows)
+      error = e
+    if processes == 1:
+      if error is not None:
+        raise error
+      return local
+    failed = multihost_utils.process_allgather(np.bool_(error is not None))  # [P]
+    if error is not None:
+      raise error
+    if failed.any():
+      raise UserError(f"the reward functions failed on process {int(np.argmax(failed))} (its output has the error)")
+    gathered = multihost_utils.process_allgather(local.view(np.uint32)).view(np.float64)  # exact: jax's are float32
+    return np.concatenate(list(gathered), axis=1)[:, :n]  # [P, F, share] -> [F, R]
+
+  def _score(self, asked: list[Prompt], completions: list[list[int]]) -> np.ndarray:
+    """[F, len(asked)]: `score` on one process's share."""
     texts = [self.tok.decode(c, skip_special_tokens=True) for c in completions]
     given = [[{"role": "assistant", "content": t}] if isinstance(p.prompt, list) else t for p, t in zip(asked, texts)]
     keys = sorted({k for p in asked for k in p.columns})

@@ -275,11 +275,23 @@ def test_two_processes_train_like_one(ckpt, tmp_path, lora):
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
 
 
+REWARD_LOGGED = """import jax
+from pathlib import Path
+
+
+def low(completion_ids, **kwargs):  # each call's number of completions, in calls-<processes>-<process>.txt
+  with open(Path(__file__).parent / f"calls-{jax.process_count()}-{jax.process_index()}.txt", "a") as f:
+    f.write(f"{len(completion_ids)}\\n")
+  return [sum(i < 150 for i in c) / len(c) for c in completion_ids]
+"""
+
+
 @pytest.mark.parametrize("kind", ["grpo", "dpo"])
 def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
   """2 processes run GRPO (LoRA, with the KL penalty, a generation trained 3 times: each samples the same
-  completions, scores them with the reward function, has their old log-probabilities and takes the same steps) and
-  DPO (full: the reference log-probabilities on every process) as one does."""
+  completions, scores its half of them with the reward function and gathers the other's, has their old
+  log-probabilities and takes the same steps) and DPO (full: the reference log-probabilities on every process) as
+  one does."""
   tok = build_tokenizer(vocab_size=300)
   save(make_model(seed=4, vocab_size=320, std=0.05), tmp_path / "hf")
   tok.save(str(tmp_path / "hf" / "tokenizer.json"))
@@ -292,8 +304,7 @@ def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
           "--save-every", "3"]
   if kind == "grpo":
     data.write_text("".join(json.dumps({"prompt": f"count to {i}"}) + "\n" for i in range(6)))
-    (tmp_path / "rewards.py").write_text("def low(completion_ids, **kwargs):\n"
-                                         "  return [sum(i < 150 for i in c) / len(c) for c in completion_ids]\n")
+    (tmp_path / "rewards.py").write_text(REWARD_LOGGED)
     args += ["--lora-rank", "4", "--grpo-reward", f"{tmp_path / 'rewards.py'}:low", "--grpo-group", "4",
              "--grpo-max-new", "12", "--grpo-beta", "0.1", "--grpo-iterations", "3"]
   else:
@@ -308,6 +319,30 @@ def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
       np.testing.assert_allclose(a["reward_margin"], b["reward_margin"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+  if kind == "grpo":  # one generation of 8 completions: each judged once
+    calls = {f.stem: f.read_text().split() for f in tmp_path.glob("calls-*.txt")}
+    assert calls == {"calls-2-0": ["4"], "calls-2-1": ["4"], "calls-1-0": ["8"]}
+
+
+def test_two_processes_reward_function_failing_on_one(tmp_path):
+  """A reward function raising on one process of two: that process stops with its traceback, the other with one
+  line naming it (neither waits for the other's share)."""
+  (tmp_path / "rewards.py").write_text("import jax\n\n\ndef judge(completion_ids, **kwargs):\n"
+                                       "  if jax.process_index() == 1:\n"
+                                       "    raise ConnectionError('judge unreachable')\n"
+                                       "  return [0.0] * len(completion_ids)\n")
+  (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": f"count to {i}"}) + "\n" for i in range(4)))
+  tok = build_tokenizer(vocab_size=300)
+  save(make_model(seed=4, vocab_size=320, std=0.05), tmp_path / "hf")
+  tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  first, second = _two_processes("train.py", [
+    "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "run"),
+    "--steps", "1", "--batch-size", "8", "--seq-len", "48", "--dtype", "float32", "--mesh", "data=2,expert=4",
+    "--grpo-reward", f"{tmp_path / 'rewards.py'}:judge", "--grpo-group", "4", "--grpo-max-new", "8"])
+  assert first.returncode == 2 and first.stderr.strip().splitlines()[-1] == (
+    "error: the reward functions failed on process 1 (its output has the error)"), first.stderr[-2000:]
+  assert second.returncode == 1 and "ConnectionError: judge unreachable" in second.stderr, second.stderr[-2000:]
 
 
 @pytest.mark.parametrize("spec", ["fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2", "expert=2,tensor=2,fsdp=2"])
