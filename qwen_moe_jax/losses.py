@@ -20,11 +20,11 @@ from qwen_moe_jax.moe import load_balancing_loss
 LOSS_CHUNK = 1024  # tokens per LM-head chunk
 
 
-def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
-                 chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK,
+                 temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """hidden [N, D], lm_head [D, V], targets [N] -> (fp32 NLL of each target [N], its rank [N]: 1 + the ids with a
   higher logit, 1 for the greedy choice; the greedy choice [N] and its fp32 log-probability [N]), the LM head run
-  `chunk` tokens at a time."""
+  `chunk` tokens at a time; under `temperature`, of the fp32 logits divided by it."""
   n = hidden.shape[0]
   chunk = min(chunk, n)
   pad = -n % chunk
@@ -34,6 +34,8 @@ def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
   def score(args):
     h, t = args  # [C, D], [C]
     logits = jnp.einsum("CD,DV->CV", h, lm_head, preferred_element_type=F32)
+    if temperature != 1.0:
+      logits = logits / temperature
     target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]  # [C]
     lse = jax.nn.logsumexp(logits, axis=-1)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -44,9 +46,10 @@ def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
   return tuple(x.reshape(-1)[:n] for x in out)
 
 
-def token_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> jax.Array:
+def token_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK,
+              temperature: float = 1.0) -> jax.Array:
   """The NLL of `token_scores` (XLA drops the unused ranks and greedy choices: the compiled program is the same)."""
-  return token_scores(hidden, lm_head, targets, chunk)[0]
+  return token_scores(hidden, lm_head, targets, chunk, temperature)[0]
 
 
 def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
@@ -93,6 +96,8 @@ class PolicyGradient:
   loss_type: str = "dapo"  # per_token's mean over the step's tokens (dapo), over each completion then the
   # completions (grpo), or its sum over the completions' max_new slots (dr_grpo)
   max_new: int = 256  # the most tokens a completion has (max_completion_length)
+  temperature: float = 1.0  # the completions' sampling temperature: log pi is of the logits divided by it, the
+  # distribution they were drawn from (TRL's, and the old and reference log-probabilities' too)
 
 
 def policy_gradient_count(loss_mask: jax.Array, pg: PolicyGradient) -> jax.Array:
@@ -116,10 +121,11 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
   log ref - log pi (Schulman's k3), ref_logp [B, T] fp32 the reference model's (with pg.beta > 0). `stats` sum over
   the loss tokens their KL ("kl") and with old_logp whether their ratio was clipped ("clip_ratio", as TRL's
   clip_ratio/region_mean). Arrays [B, T] as causal_lm_loss's, one completion per row (grpo.rows); advantage [B, T]
-  fp32: each target's."""
+  fp32: each target's. log pi is the tempered distribution's (pg.temperature), as the completions were sampled."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=False)
   b, t, d = out.hidden.shape
-  logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1)).reshape(b, t)
+  logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1),
+                    temperature=pg.temperature).reshape(b, t)
   mask = loss_mask.astype(F32)
   log_ratio = logp - (jax.lax.stop_gradient(logp) if old_logp is None else old_logp)
   if pg.importance == "sequence":  # [B, 1]: each completion's mean log-ratio weighs all its tokens

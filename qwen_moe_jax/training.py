@@ -151,7 +151,8 @@ class TrainConfig:
   @property
   def policy(self) -> PolicyGradient:
     return PolicyGradient(self.grpo_beta, self.grpo_epsilon, self.grpo_epsilon if self.grpo_epsilon_high is None
-                          else self.grpo_epsilon_high, self.grpo_importance, self.grpo_loss_type, self.grpo_max_new)
+                          else self.grpo_epsilon_high, self.grpo_importance, self.grpo_loss_type, self.grpo_max_new,
+                          self.grpo_temperature)
 
   @property
   def floats(self) -> tuple[str, ...]:
@@ -383,14 +384,16 @@ def make_eval_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig)
 def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig):
   """logprobs(trainable, frozen, batch) -> each target's log-probability [B, T] fp32 (DPO's reference: the model
   before training; GRPO's: the starting weights, and the policy that sampled the completions); batch arrays [1, B, T].
-  GRPO's rows (a completion each) take the loss's unpacked attention, so the ratio starts at 1 up to rounding."""
+  GRPO's rows (a completion each) take the loss's unpacked attention and its temperature, so the ratio starts at 1
+  up to rounding."""
 
   def step(trainable, frozen, batch):
     micro = {k: v[0] for k, v in batch.items()}
     model = model_of(graphdef, abstract, tc, trainable, frozen)
     out = model(micro["tokens"], micro["positions"], micro["segment_ids"], packed=not tc.grpo)
     b, t, d = out.hidden.shape
-    return -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], micro["targets"].reshape(-1)).reshape(b, t)
+    return -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], micro["targets"].reshape(-1),
+                      temperature=tc.policy.temperature if tc.grpo else 1.0).reshape(b, t)
 
   return step
 

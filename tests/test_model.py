@@ -299,13 +299,14 @@ def test_kto_loss_and_gradients_match_torch(tmp_path, kl_above_zero):
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 
 
-GRPO_CASES = {  # (beta, old log-probabilities, PolicyGradient's importance and loss_type)
-  "on_policy": (0.0, False, "token", "dapo"),
-  "kl": (0.3, False, "token", "dapo"),
-  "clipped": (0.0, True, "token", "dapo"),
-  "gspo": (0.3, True, "sequence", "grpo"),
-  "gspo_on_policy": (0.0, False, "sequence", "grpo"),
-  "dr_grpo": (0.0, True, "token", "dr_grpo"),
+GRPO_CASES = {  # (beta, old log-probabilities, PolicyGradient's importance, loss_type and temperature)
+  "on_policy": (0.0, False, "token", "dapo", 1.0),
+  "kl": (0.3, False, "token", "dapo", 1.0),
+  "clipped": (0.0, True, "token", "dapo", 1.0),
+  "gspo": (0.3, True, "sequence", "grpo", 1.0),
+  "gspo_on_policy": (0.0, False, "sequence", "grpo", 1.0),
+  "dr_grpo": (0.0, True, "token", "dr_grpo", 1.0),
+  "tempered": (0.3, True, "token", "dapo", 0.7),
 }
 
 
@@ -317,10 +318,11 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   sequence alone: -min(w A, clip(w, 1 - eps, 1 + eps_high) A) + beta (exp(ref - lp) - (ref - lp) - 1) with w =
   exp(lp - old) per token, or per completion exp(mean(lp - old)) (GSPO), old = lp.detach() (one update per
   generation) or given (the policy has moved: some tokens clipped), averaged over every completion token (dapo),
-  per completion (grpo) or over the completions' max_new slots (dr_grpo); so do its gradients (the policy
-  gradient, the KL penalty's); its stats sum the tokens' KL and clipped ratios."""
-  beta, moved, importance, loss_type = GRPO_CASES[case]
-  pg = PolicyGradient(beta, 0.1, 0.15, importance, loss_type, max_new=12)
+  per completion (grpo) or over the completions' max_new slots (dr_grpo); lp of the logits divided by the sampling
+  temperature (TRL's); so do its gradients (the policy gradient, the KL penalty's); its stats sum the tokens' KL and
+  clipped ratios."""
+  beta, moved, importance, loss_type, temperature = GRPO_CASES[case]
+  pg = PolicyGradient(beta, 0.1, 0.15, importance, loss_type, max_new=12, temperature=temperature)
   hf_model = make_model(seed=9, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(5)
@@ -344,7 +346,8 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   terms, kls, clipped = [], [], 0
   for j, (p, c, a) in enumerate(zip(prompts, completions, advantage)):
     ids, at = torch.tensor([p + c]), slice(len(p) - 1, len(p) + len(c) - 1)
-    lp = torch.log_softmax(hf_model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0][len(p) - 1:]
+    logits = hf_model(ids).logits[0, :-1].float() / temperature
+    lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0][len(p) - 1:]
     old[j, at] = lp.detach().numpy() + rng.normal(0, 0.3, len(c)) * moved
     log_ratio = lp - torch.tensor(old[j, at]) if moved else lp - lp.detach()
     w = torch.exp(log_ratio.mean() if importance == "sequence" else log_ratio)

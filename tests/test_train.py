@@ -489,7 +489,7 @@ def test_grpo_kl_in_a_full_fine_tune_reads_the_starting_weights(base, straight, 
 
 
 GSPO = ["--grpo-generation-steps", "2", "--grpo-iterations", "2", "--grpo-importance", "sequence",
-        "--grpo-loss-type", "grpo"]
+        "--grpo-loss-type", "grpo", "--grpo-temperature", "0.9"]
 
 
 def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_run, tmp_path):
@@ -913,6 +913,34 @@ def test_grpo_step_same_on_a_mesh(step_case, gspo):
   assert ("clip_ratio" in want[0].stats) == gspo
   mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
+
+
+def test_grpo_old_logprobs_are_scored_as_the_loss_scores(step_case):
+  """The log-probability program (a generation's old log-probabilities, and the KL reference's) scores GRPO's rows
+  as the loss does, at the sampling temperature (TRL's tempered log-probabilities): a later step of a generation
+  given them has ratios of 1, nothing clipped even within 1e-3, and equals the on-policy step; at temperature 1
+  they would differ."""
+  ckpt, _, tc = step_case
+  rng = np.random.default_rng(6)
+  prompts = [rng.integers(0, 101, n).tolist() for n in rng.integers(2, 7, 8)]
+  completions = [rng.integers(0, 101, n).tolist() for n in rng.integers(1, 9, 8)]
+  rows = grpo.rows(prompts, completions, grpo.advantages(rng.normal(size=8), group=4), seq_len=16)
+  tc = dataclasses.replace(tc, grpo_rewards=("unused.py:f",), grpo_group=4, grpo_max_new=8, grpo_temperature=0.3)
+  one = sharding.make_mesh({}, jax.devices()[:1])
+  model = checkpoint.restore(ckpt, one, jnp.float32)
+  graphdef, abstract = abstract_model(model.config, jnp.float32)
+  trainable, frozen = training.split_params(model, tc)
+  logp = {t: training.row_logprobs(jax.jit(training.make_logprob_step(
+    graphdef, abstract, dataclasses.replace(tc, grpo_temperature=t))), trainable, frozen, rows, 4, one)
+    for t in (0.3, 1.0)}
+  assert np.abs(logp[0.3] - logp[1.0]).max() > 0.1
+  batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
+  on_policy = _step_outputs(model, one, tc, batch)
+  later = dataclasses.replace(tc, grpo_iterations=2, grpo_epsilon=1e-3)
+  m, _ = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, later,
+                            batch | {data.OLD_LOGP: logp[0.3].reshape(2, 4, 16)})
+  assert m.stats["clip_ratio"] == 0
+  np.testing.assert_allclose([m.loss, m.grad_norm], [on_policy[0].loss, on_policy[0].grad_norm], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
