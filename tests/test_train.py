@@ -506,7 +506,7 @@ def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_ru
   rewards = [r["reward"] for r in m]
   print("GSPO mean reward by step:", " ".join(f"{x:.2f}" for x in rewards))
   print("GSPO clip ratio by step:", " ".join(f"{r['clip_ratio']:.2f}" for r in m))
-  assert np.mean(rewards[:4]) < 0.6 and np.mean(rewards[-4:]) > 0.75  # 0.52 -> 0.81 measured: 6 generations
+  assert np.mean(rewards[:4]) < 0.6 and np.mean(rewards[-4:]) > 0.75  # 0.52 -> 0.79 measured: 6 generations
   for cycle in range(0, 24, 4):
     a, b, c, d = m[cycle:cycle + 4]
     assert a["rollout_s"] > 0 and b["rollout_s"] == c["rollout_s"] == d["rollout_s"] == 0
