@@ -36,6 +36,7 @@ class Meter:
   submitted: float = dataclasses.field(default_factory=time.monotonic)
   first_token: float | None = None
   counted: int = 0
+  ended: bool = False  # finished or failed (a call failing after some of its jobs finished fails them all)
 
 
 class Metrics:
@@ -79,7 +80,7 @@ class Metrics:
   def finished(self, meter: Meter | None, prompt: int, cached: int, generated: int, reason: str) -> None:
     """A job done: `prompt` ids (`cached` of them not run), `generated` ids in all (a scored job's come only
     here), ended for `reason` (FINISHED_REASONS)."""
-    if meter is None:
+    if meter is None or meter.ended:
       return
     if generated > meter.counted:
       self.tokens(meter, generated - meter.counted)
@@ -94,11 +95,12 @@ class Metrics:
       self.per_token.observe((now - meter.first_token) / (generated - 1))
 
   def failed(self, meter: Meter | None) -> None:
-    if meter is not None:
+    if meter is not None and not meter.ended:
       self._leave(meter)
       self.errors.inc()
 
   def _leave(self, meter: Meter) -> None:
+    meter.ended = True
     (self.waiting if meter.first_token is None else self.running).dec()
 
   def exposition(self) -> tuple[bytes, str]:

@@ -28,6 +28,7 @@ from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.prefixes import common_prefix
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.server import make_server
+from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -578,6 +579,25 @@ def test_metrics(served):
   assert after["time_to_first_token_seconds_sum"] - before["time_to_first_token_seconds_sum"] < (
     after["e2e_request_latency_seconds_sum"] - before["e2e_request_latency_seconds_sum"])
   assert (after["num_requests_running"], after["num_requests_waiting"]) == (0, 0)
+
+
+def test_metrics_end_a_job_once():
+  """A call failing after some of its jobs finished fails them all (Engine._fail): a finished job stays counted as
+  finished, the gauges do not go below 0, and only the unfinished job counts as an error."""
+  metrics = Metrics("demo")
+  done, waiting = Meter(), Meter()
+  metrics.queued([done, waiting, None])  # None: the warm-up's, not counted
+  metrics.tokens(done, 3)
+  metrics.finished(done, prompt=5, cached=2, generated=3, reason="stop")
+  for meter in (done, waiting, None):
+    metrics.failed(meter)
+  samples = {s.name + str(sorted(s.labels.items())): s.value
+             for f in text_string_to_metric_families(metrics.exposition()[0].decode()) for s in f.samples}
+  one = str([("model_name", "demo")])
+  assert samples["qwen_moe_jax:num_requests_running" + one] == samples["qwen_moe_jax:num_requests_waiting" + one] == 0
+  assert samples["qwen_moe_jax:request_errors_total" + one] == 1
+  assert samples["qwen_moe_jax:generation_tokens_total" + one] == 3
+  assert samples["qwen_moe_jax:prefix_cache_hits_total" + one] == 2
 
 
 def test_cli_serve(served):
