@@ -97,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--grpo-max-new", type=int, default=d.grpo_max_new, help="the most tokens a completion has")
   ap.add_argument("--grpo-temperature", type=float, default=d.grpo_temperature,
                   help="the completions' sampling temperature")
+  ap.add_argument("--grpo-top-k", type=int, default=d.grpo_top_k, help="and top-k (0: off)")
+  ap.add_argument("--grpo-top-p", type=float, default=d.grpo_top_p, help="and top-p (1: off)")
+  ap.add_argument("--grpo-min-p", type=float, default=d.grpo_min_p, help="and min-p (0: off)")
+  ap.add_argument("--grpo-repetition-penalty", type=float, default=d.grpo_repetition_penalty,
+                  help="and repetition penalty (1: off; TRL's generation settings)")
   ap.add_argument("--grpo-beta", type=float, default=d.grpo_beta,
                   help="the KL penalty's weight (TRL's beta; DeepSeekMath's 0.04), against the starting weights (a "
                   "LoRA run's: its base; a full fine-tune holds a copy of them in --dtype)")
@@ -165,7 +170,9 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     kto_weights=(args.kto_desirable_weight, args.kto_undesirable_weight),
     grpo_rewards=tuple(args.grpo_reward), grpo_reward_weights=args.grpo_reward_weights,
     grpo_group=args.grpo_group, grpo_max_new=args.grpo_max_new,
-    grpo_temperature=args.grpo_temperature, grpo_beta=args.grpo_beta, grpo_scale_rewards=args.grpo_scale_rewards,
+    grpo_temperature=args.grpo_temperature, grpo_top_k=args.grpo_top_k, grpo_top_p=args.grpo_top_p,
+    grpo_min_p=args.grpo_min_p, grpo_repetition_penalty=args.grpo_repetition_penalty, grpo_beta=args.grpo_beta,
+    grpo_scale_rewards=args.grpo_scale_rewards,
     grpo_mask_truncated=args.grpo_mask_truncated, grpo_generation_steps=args.grpo_generation_steps,
     grpo_iterations=args.grpo_iterations, grpo_epsilon=args.grpo_epsilon, grpo_epsilon_high=args.grpo_epsilon_high,
     grpo_importance=args.grpo_importance, grpo_loss_type=args.grpo_loss_type).validate()

@@ -142,7 +142,7 @@ class Rollouts:
     self.prompts, self.rewards, self.tok, self.tc = prompts, rewards, tok, tc
     self.group, self.per_step = tc.grpo_group, tc.batch_size * tc.grad_accum // tc.grpo_group
     self.steps = tc.grpo_generation_steps  # the steps one generation samples for
-    self.sampling = Sampling(temperature=tc.grpo_temperature).validate()
+    self.sampling = tc.grpo_sampling
     self.stop_ids, self.mesh = list(stop_ids), mesh
     self._generator: Generator | None = None
     self._orders: dict[int, np.ndarray] = {}  # epoch -> its order of the prompts

@@ -37,10 +37,11 @@ class Sampling:
   grammar: Grammar | None = None  # structured output: only ids its automaton allows are drawn, before all else
   # (grammar.py; not a flag's or a key's name: --regex, --json-schema, --choice and response_format give it)
 
-  def validate(self, where: str | None = None) -> "Sampling":
-    """Bad values are errors naming the flag, or the key in `where` (a file) when given."""
+  def validate(self, where: str | None = None, flags: str = "") -> "Sampling":
+    """Bad values are errors naming the flag (`flags` its prefix: train.py's "grpo-"), or the key in `where` (a
+    file) when given."""
     def name(field: str) -> str:
-      return f"{where}: {field}" if where else "--" + field.replace("_", "-")
+      return f"{where}: {field}" if where else "--" + flags + field.replace("_", "-")
 
     if not self.temperature >= 0:
       raise UserError(f"{name('temperature')} must be >= 0, got {self.temperature}")

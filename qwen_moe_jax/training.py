@@ -39,6 +39,7 @@ from qwen_moe_jax.losses import (
   token_nll,
 )
 from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
+from qwen_moe_jax.sampling import Sampling
 
 PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
   "embed": lambda p: p == "embed",
@@ -51,7 +52,8 @@ PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
   "mlp": lambda p: p.endswith((".mlp.wi", ".mlp.wo")),  # dense-MLP layers
 }
 OPTIMIZERS = ("adamw", "adafactor")
-GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_beta", "grpo_scale_rewards",
+GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_top_k", "grpo_top_p", "grpo_min_p",
+                 "grpo_repetition_penalty", "grpo_beta", "grpo_scale_rewards",
                  "grpo_mask_truncated", "grpo_iterations", "grpo_generation_steps", "grpo_epsilon",
                  "grpo_epsilon_high", "grpo_importance", "grpo_loss_type",
                  "grpo_reward_weights")  # TrainConfig's, besides the rewards
@@ -103,6 +105,10 @@ class TrainConfig:
   grpo_group: int = 8  # completions per prompt (TRL's num_generations)
   grpo_max_new: int = 256  # the most tokens a completion has (TRL's max_completion_length)
   grpo_temperature: float = 1.0  # the completions' sampling temperature (TRL's)
+  grpo_top_k: int = 0  # and TRL's other generation settings (0, 1, 0, 1: off); the log-probabilities are the
+  grpo_top_p: float = 1.0  # tempered distribution's, not the one these cut (as TRL's)
+  grpo_min_p: float = 0.0
+  grpo_repetition_penalty: float = 1.0
   grpo_beta: float = 0.0  # the KL penalty's weight against the starting weights (TRL's default 0)
   grpo_scale_rewards: str = "group"  # what divides the advantages (grpo.advantages; TRL's scale_rewards)
   grpo_mask_truncated: bool = False  # no loss on completions cut at grpo_max_new (DAPO's; TRL's option)
@@ -141,6 +147,12 @@ class TrainConfig:
     """Whether GRPO's rows carry the sampling policy's log-probabilities (the ratio's denominator): when the
     policy moves before a generation's last step."""
     return self.grpo and self.grpo_cycle > 1
+
+  @property
+  def grpo_sampling(self) -> Sampling:
+    """How GRPO samples its completions."""
+    return Sampling(temperature=self.grpo_temperature, top_k=self.grpo_top_k, top_p=self.grpo_top_p,
+                    min_p=self.grpo_min_p, repetition_penalty=self.grpo_repetition_penalty)
 
   @property
   def grpo_reference_copy(self) -> bool:
@@ -231,6 +243,7 @@ class TrainConfig:
                       f"{self.seq_len}")
     if not self.grpo_temperature > 0:
       raise UserError(f"--grpo-temperature must be > 0 (completions are sampled), got {self.grpo_temperature}")
+    self.grpo_sampling.validate(flags="grpo-")
     if self.grpo_scale_rewards not in GRPO_SCALES:
       raise UserError(f"--grpo-scale-rewards must be one of {', '.join(GRPO_SCALES)}, got '{self.grpo_scale_rewards}'")
     if not self.grpo_beta >= 0:

@@ -288,7 +288,8 @@ def low(completion_ids, **kwargs):  # each call's number of completions, in call
 
 @pytest.mark.parametrize("kind", ["grpo", "dpo"])
 def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
-  """2 processes run GRPO (LoRA, with the KL penalty, a generation trained 3 times: each samples the same
+  """2 processes run GRPO (LoRA, with the KL penalty, a generation trained 3 times, sampled at temperature 0.8 with
+  top-k and top-p: each samples the same
   completions, scores its half of them with the reward function and gathers the other's, has their old
   log-probabilities and takes the same steps) and DPO (full: the reference log-probabilities on every process) as
   one does."""
@@ -306,7 +307,8 @@ def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
     data.write_text("".join(json.dumps({"prompt": f"count to {i}"}) + "\n" for i in range(6)))
     (tmp_path / "rewards.py").write_text(REWARD_LOGGED)
     args += ["--lora-rank", "4", "--grpo-reward", f"{tmp_path / 'rewards.py'}:low", "--grpo-group", "4",
-             "--grpo-max-new", "12", "--grpo-beta", "0.1", "--grpo-iterations", "3"]
+             "--grpo-max-new", "12", "--grpo-beta", "0.1", "--grpo-iterations", "3", "--grpo-temperature", "0.8",
+             "--grpo-top-k", "40", "--grpo-top-p", "0.95"]
   else:
     data.write_text("".join(json.dumps({"prompt": f"count to {i}", "chosen": " one two", "rejected": " no"}) + "\n"
                             for i in range(12)))
