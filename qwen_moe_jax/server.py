@@ -20,6 +20,8 @@ import dataclasses
 import itertools
 import json
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -69,6 +71,7 @@ class Job:
   meter: Meter | None = dataclasses.field(default_factory=Meter)  # its times, from now (None: not counted)
 
 
+CLIENT_CHECK_S = 0.5  # how often a request waiting for its whole reply checks that its client is still there
 GRAMMAR_SLOTS, GRAMMAR_CELLS = 8, 1 << 21  # room a call keeps for grammars once one came (see grammar.py): 7
 # schemas, or a generic JSON object (1 << 19 cells) and a few small ones; 8 MB of cells, 8 x V classes
 
@@ -550,7 +553,15 @@ class Handler(BaseHTTPRequestHandler):
       return self._stream(kind, body, events, jobs, prompts)
     results: list[tuple | None] = [None] * len(jobs)
     while any(r is None for r in results):
-      event = events.get()
+      try:
+        event = events.get(timeout=CLIENT_CHECK_S)
+      except queue.Empty:
+        if self._client_gone():  # it timed out, say: free its rows rather than generate for no one
+          for j in jobs:
+            j.cancelled = True
+          self.close_connection = True
+          return
+        continue
       if event[0] == "error":
         return self._json(500, _error(event[2], "server_error"))
       if event[0] == "done":
@@ -574,6 +585,15 @@ class Handler(BaseHTTPRequestHandler):
     except (BrokenPipeError, ConnectionResetError):  # the client went away: free its rows
       for j in jobs:
         j.cancelled = True
+
+  def _client_gone(self) -> bool:
+    """Whether the client closed the connection while waiting for its reply (it sends nothing meanwhile, so the
+    socket reads as ready only at its end)."""
+    ready, _, _ = select.select([self.connection], [], [], 0)
+    try:
+      return bool(ready) and not self.connection.recv(1, socket.MSG_PEEK)
+    except OSError:  # reset
+      return True
 
   def _event(self, data: str) -> None:
     self.wfile.write(f"data: {data}\n\n".encode())

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -578,6 +579,27 @@ def test_metrics(served):
     assert grew[f"{name}_count"] == 4, name
   assert after["time_to_first_token_seconds_sum"] - before["time_to_first_token_seconds_sum"] < (
     after["e2e_request_latency_seconds_sum"] - before["e2e_request_latency_seconds_sum"])
+  assert (after["num_requests_running"], after["num_requests_waiting"]) == (0, 0)
+
+
+def test_a_client_that_stops_waiting_frees_its_row(served):
+  """A client that stops waiting for a whole (not streamed) reply, its timeout say, has its row freed: the job ends
+  as aborted long before its max_tokens, and nothing runs after."""
+  url = served[0]
+  before = scrape(url)
+  body = json.dumps({"prompt": [5, 6, 7], "max_tokens": SLOTS - 8}).encode()
+  with socket.create_connection(tuple(url.removeprefix("http://").split(":"))) as client:
+    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(0.2)
+  deadline = time.monotonic() + 120
+  while (after := scrape(url))["request_success_total{finished_reason=abort}"] == before[
+      "request_success_total{finished_reason=abort}"]:
+    assert time.monotonic() < deadline, "the abandoned request never ended"
+    time.sleep(0.2)
+  assert after["generation_tokens_total"] - before["generation_tokens_total"] < SLOTS - 8
+  length = "request_success_total{finished_reason=length}"
+  assert after[length] == before[length]
   assert (after["num_requests_running"], after["num_requests_waiting"]) == (0, 0)
 
 
