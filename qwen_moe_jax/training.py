@@ -406,7 +406,7 @@ def make_logprob_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConf
     out = model(micro["tokens"], micro["positions"], micro["segment_ids"], packed=not tc.grpo)
     b, t, d = out.hidden.shape
     return -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], micro["targets"].reshape(-1),
-                      temperature=tc.policy.temperature if tc.grpo else 1.0).reshape(b, t)
+                      temperature=tc.grpo_temperature if tc.grpo else 1.0).reshape(b, t)
 
   return step
 

@@ -528,10 +528,15 @@ def test_models_and_health(served):
 
 
 def scrape(url: str, model: str = "demo") -> dict[str, float]:
-  """GET /metrics: each sample by its name less the prefix, with its labels but the model's name (asserted)."""
+  """GET /metrics: `samples` of its text."""
   with urllib.request.urlopen(url + "/metrics") as r:
     assert r.headers["Content-Type"].startswith("text/plain; version=")
-    text = r.read().decode()
+    return samples(r.read().decode(), model)
+
+
+def samples(text: str, model: str = "demo") -> dict[str, float]:
+  """Prometheus' text format: each sample by its name less the prefix, with its labels but the model's name
+  (asserted)."""
   out = {}
   for family in text_string_to_metric_families(text):
     for sample in family.samples:
@@ -540,6 +545,15 @@ def scrape(url: str, model: str = "demo") -> dict[str, float]:
       name = sample.name.removeprefix("qwen_moe_jax:") + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items()))
       out[name] = sample.value
   return out
+
+
+def aborted(url: str, before: dict[str, float]) -> dict[str, float]:
+  """The metrics once a job more than in `before` has ended as aborted (its client went away): within 120 s."""
+  abort, deadline = "request_success_total{finished_reason=abort}", time.monotonic() + 120
+  while (now := scrape(url))[abort] == before[abort]:
+    assert time.monotonic() < deadline, "the abandoned request never ended"
+    time.sleep(0.2)
+  return now
 
 
 def test_metrics(served):
@@ -560,12 +574,7 @@ def test_metrics(served):
   running = scrape(url)
   assert (running["num_requests_running"], running["num_requests_waiting"]) == (1, 0)
   r.close()  # the client goes away
-  deadline = time.monotonic() + 120
-  while scrape(url)["request_success_total{finished_reason=abort}"] == before[
-      "request_success_total{finished_reason=abort}"]:
-    assert time.monotonic() < deadline, "the abandoned request never ended"
-    time.sleep(0.2)
-  after = scrape(url)
+  after = aborted(url, before)
   grew = {k: after[k] - before[k] for k in after if k.split("{")[0].endswith(("_total", "_count"))}
   usage = [first["usage"], stopped["usage"]]
   assert grew["prompt_tokens_total"] == grew["prefix_cache_queries_total"] == 4 * 3  # per job: n = 2 counts twice
@@ -592,11 +601,7 @@ def test_a_client_that_stops_waiting_frees_its_row(served):
     client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     time.sleep(0.2)
-  deadline = time.monotonic() + 120
-  while (after := scrape(url))["request_success_total{finished_reason=abort}"] == before[
-      "request_success_total{finished_reason=abort}"]:
-    assert time.monotonic() < deadline, "the abandoned request never ended"
-    time.sleep(0.2)
+  after = aborted(url, before)
   assert after["generation_tokens_total"] - before["generation_tokens_total"] < SLOTS - 8
   length = "request_success_total{finished_reason=length}"
   assert after[length] == before[length]
@@ -613,13 +618,11 @@ def test_metrics_end_a_job_once():
   metrics.finished(done, prompt=5, cached=2, generated=3, reason="stop")
   for meter in (done, waiting, None):
     metrics.failed(meter)
-  samples = {s.name + str(sorted(s.labels.items())): s.value
-             for f in text_string_to_metric_families(metrics.exposition()[0].decode()) for s in f.samples}
-  one = str([("model_name", "demo")])
-  assert samples["qwen_moe_jax:num_requests_running" + one] == samples["qwen_moe_jax:num_requests_waiting" + one] == 0
-  assert samples["qwen_moe_jax:request_errors_total" + one] == 1
-  assert samples["qwen_moe_jax:generation_tokens_total" + one] == 3
-  assert samples["qwen_moe_jax:prefix_cache_hits_total" + one] == 2
+  got = samples(metrics.exposition()[0].decode())
+  assert got["num_requests_running"] == got["num_requests_waiting"] == 0
+  assert got["request_errors_total"] == 1
+  assert got["generation_tokens_total"] == 3
+  assert got["prefix_cache_hits_total"] == 2
 
 
 def test_cli_serve(served):

@@ -275,6 +275,16 @@ def test_two_processes_train_like_one(ckpt, tmp_path, lora):
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
 
 
+def _chat_checkpoint(tmp_path: Path) -> None:
+  """tmp_path/ckpt: a tiny model learnable in a few steps, with a byte-level BPE tokenizer and a ChatML template."""
+  tok = build_tokenizer(vocab_size=300)
+  save(make_model(seed=4, vocab_size=320, std=0.05), tmp_path / "hf")
+  tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE,
+                                                                      "eos_token": "<|im_end|>"}))
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+
+
 REWARD_LOGGED = """import jax
 from pathlib import Path
 
@@ -293,12 +303,7 @@ def test_two_processes_grpo_and_dpo_like_one(tmp_path, kind):
   completions, scores its half of them with the reward function and gathers the other's, has their old
   log-probabilities and takes the same steps) and DPO (full: the reference log-probabilities on every process) as
   one does."""
-  tok = build_tokenizer(vocab_size=300)
-  save(make_model(seed=4, vocab_size=320, std=0.05), tmp_path / "hf")
-  tok.save(str(tmp_path / "hf" / "tokenizer.json"))
-  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE,
-                                                                      "eos_token": "<|im_end|>"}))
-  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  _chat_checkpoint(tmp_path)
   data = tmp_path / "data.jsonl"
   args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--steps", "3", "--batch-size", "8",
           "--seq-len", "48", "--lr", "1e-2", "--warmup-steps", "1", "--dtype", "float32", "--mesh", "data=2,expert=4",
@@ -334,10 +339,7 @@ def test_two_processes_reward_function_failing_on_one(tmp_path):
                                        "    raise ConnectionError('judge unreachable')\n"
                                        "  return [0.0] * len(completion_ids)\n")
   (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": f"count to {i}"}) + "\n" for i in range(4)))
-  tok = build_tokenizer(vocab_size=300)
-  save(make_model(seed=4, vocab_size=320, std=0.05), tmp_path / "hf")
-  tok.save(str(tmp_path / "hf" / "tokenizer.json"))
-  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  _chat_checkpoint(tmp_path)
   first, second = _two_processes("train.py", [
     "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "run"),
     "--steps", "1", "--batch-size", "8", "--seq-len", "48", "--dtype", "float32", "--mesh", "data=2,expert=4",
