@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from qwen_moe_jax import checkpoint, runtime
+from qwen_moe_jax import checkpoint, hf_io, runtime
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, Output, Piece
 from qwen_moe_jax.grammar import Grammars
@@ -50,7 +50,8 @@ SERVE_ROWS, SERVE_SLOTS = 16, 4096  # --serve's default --batch-size and largest
 
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", help="checkpoint folder or train.py run folder")
+  ap.add_argument("--checkpoint", help="checkpoint folder, train.py run folder, or Hugging Face model folder (read "
+                  "in place), also as a repo id in the Hugging Face cache (Qwen/Qwen1.5-MoE-A2.7B-Chat)")
   ap.add_argument("--demo", action="store_true",
                   help="build a small RANDOM-weight qwen2_moe checkpoint (HF layout + tokenizer), convert it, "
                        "and generate from it: shows the whole pipeline and its speed, no files needed")
@@ -318,7 +319,7 @@ def main() -> None:
   args = parse_args()
   mesh, dtype, kernels = runtime.setup(args)
   with tempfile.TemporaryDirectory(prefix="qwen-moe-demo-") as tmp:
-    folder = prepare_demo(Path(tmp)) if args.demo else Path(args.checkpoint)
+    folder = prepare_demo(Path(tmp)) if args.demo else hf_io.model_folder(args.checkpoint)
     run(args, folder, mesh, dtype, kernels)
 
 

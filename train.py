@@ -21,14 +21,13 @@ import dataclasses
 import functools
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qwen_moe_jax import checkpoint, data, grpo, runtime, sharding, training
+from qwen_moe_jax import checkpoint, data, grpo, hf_io, runtime, sharding, training
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.checkpoint import PARAMS_ITEM
 from qwen_moe_jax.errors import UserError, cli_main
@@ -41,7 +40,8 @@ from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True, help="checkpoint folder to start from (ignored when resuming)")
+  ap.add_argument("--checkpoint", required=True, help="checkpoint, run or Hugging Face model folder (or a repo id in "
+                  "the Hugging Face cache) to start from (ignored when resuming)")
   ap.add_argument("--data", required=True, help="training data, JSONL")
   ap.add_argument("--out", required=True, help="run folder (created, or resumed if it holds checkpoints)")
   d = training.TrainConfig()
@@ -212,7 +212,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   settings = recordable(tc, args.data)
   start = run.latest_step
   if start is None:
-    source = Path(args.checkpoint)
+    source = hf_io.model_folder(args.checkpoint)
     base = checkpoint.locate(source)  # fail early on a bad checkpoint folder
     if tc.lora is not None and base.adapters is not None:
       raise UserError(f"{source}: a LoRA run; LoRA on top of it needs its merged weights: export them "

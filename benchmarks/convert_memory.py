@@ -1,4 +1,5 @@
-"""Peak memory of convert/hf_to_orbax.py on a multi-GB checkpoint: one group at a time, not the whole model.
+"""Peak memory of convert/hf_to_orbax.py on a multi-GB checkpoint (one group at a time, not the whole model), and
+the time and memory of restoring the model from the converted checkpoint and from the HF folder read in place.
 
 Builds a synthetic Hugging Face folder with Qwen1.5-MoE-A2.7B widths (random bfloat16 values, one
 safetensors shard per decoder layer plus one for the embeddings / norm / head) but only --layers layers,
@@ -6,7 +7,8 @@ converts it in a child process and prints one JSON object: the child's peak RSS 
 checkpoint size on disk, the sizes of the largest layer, group and tensor, and the peak RSS of a child that
 only imports the converter. The converter holds one group (a decoder layer, or the embeddings + norm +
 lm_head) plus the tensor being copied into it, so expect peak ~ baseline + largest group + largest tensor,
-whatever --layers is.
+whatever --layers is. The restores (`checkpoint.restore` in bfloat16 onto the CPU, so the restored model itself is
+in the peak) each run in a fresh child, both folders as warm in the page cache as the writes left them.
 
 python benchmarks/convert_memory.py [--layers 4] [--workdir DIR] [--seed 0]
 """
@@ -113,10 +115,15 @@ def main() -> None:
       sizes = pool.apply(build, (hf_dir, args.layers, args.seed))
     seconds, peak = measured([sys.executable, "convert/hf_to_orbax.py", str(hf_dir), str(out_dir)])
     _, baseline = measured([sys.executable, "-c", "import jax, qwen_moe_jax.convert; jax.devices('cpu')"])
+    restore = "import sys; from qwen_moe_jax import checkpoint; checkpoint.restore(sys.argv[1])"
+    restores = {}
+    for name, folder in (("orbax", out_dir), ("hf_in_place", hf_dir)):
+      restore_seconds, restore_peak = measured([sys.executable, "-c", restore, str(folder)])
+      restores |= {f"restore_{name}_seconds": round(restore_seconds, 2), f"restore_{name}_peak_rss_bytes": restore_peak}
     print(json.dumps({
       "benchmark": "convert_memory", "layers": args.layers, "checkpoint_bytes": disk_bytes(out_dir),
       "hf_bytes": disk_bytes(hf_dir), **sizes, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
-      "seconds": round(seconds, 2), "machine": machine(),
+      "seconds": round(seconds, 2), **restores, "machine": machine(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }))
   finally:

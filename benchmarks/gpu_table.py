@@ -60,7 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qwen_moe_jax import checkpoint, convert, data, decode_attention, layers, moe, sharding, training  # noqa: E402
+from qwen_moe_jax import checkpoint, data, decode_attention, hf_layout, layers, moe, sharding, training  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.demo import demo_config  # noqa: E402
 from qwen_moe_jax.generate import Generator, cache_bucket  # noqa: E402
@@ -258,11 +258,11 @@ def hf_model(cfg: QwenMoeConfig, dtype: str, flat: dict[str, jax.Array] | None =
     host: dict[str, np.ndarray] = {}
     with torch.no_grad():
       for name, p in model.named_parameters():
-        b = convert.bind(name, shapes)
+        b = hf_layout.bind(name, shapes)
         if b.path not in host:
           host.clear()  # one parameter (e.g. one layer's experts) on the host at a time
           host[b.path] = np.asarray(jax.device_get(flat[b.path]))
-        value = np.ascontiguousarray(convert.hf_tensor(cfg, b, host[b.path]))
+        value = np.ascontiguousarray(hf_layout.hf_tensor(cfg, b, host[b.path]))
         src = torch.from_numpy(value.view(np.uint16)).view(torch.bfloat16) if value.dtype.name == "bfloat16" \
             else torch.from_numpy(value)
         p.copy_(src.to(p.device, p.dtype))

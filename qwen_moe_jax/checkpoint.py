@@ -5,7 +5,8 @@ Orbax PyTree checkpoint of the parameters as nested dicts with string keys ({"la
 A training run folder holds the same side files and `checkpoints/<step>/` with a `params` item; every
 function here that takes a folder accepts either (a run folder means its latest complete step). A LoRA run
 folder's steps hold an `adapters` item instead, and its `lora.json` names the frozen base checkpoint: reading
-it gives the base weights with the adapters merged in (lora.merge).
+it gives the base weights with the adapters merged in (lora.merge). A Hugging Face model folder (config.json and
+model*.safetensors, no params/) is read in place, through hf_layout's table, a layer at a time like the rest.
 Experts are stored unpadded; a model built for an expert axis that does not divide the expert count is
 padded on restore and sliced back on save, so checkpoints never show the padding.
 """
@@ -26,12 +27,12 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from qwen_moe_jax import hf_layout, quantize, sharding
 from qwen_moe_jax import lora as lora_lib
-from qwen_moe_jax import quantize, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model
+from qwen_moe_jax.model import QwenMoeForCausalLM, abstract_model, group_of
 
 PARAMS_DIR = "params"
 RUN_CHECKPOINTS_DIR = "checkpoints"
@@ -63,12 +64,6 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   return tree
 
 
-def group_of(path: str) -> str:
-  """Parameters are written and read one group at a time: 'top' or 'layers.<i>'."""
-  parts = path.split(".")
-  return ".".join(parts[:2]) if parts[0] == "layers" else "top"
-
-
 def param_shapes(cfg: QwenMoeConfig, lora: lora_lib.LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
   """Checkpoint (unpadded) shape of every parameter, or with `lora` of every adapter."""
   flat = flatten(abstract_model(cfg, lora=lora)[1])
@@ -81,6 +76,7 @@ class Location:
   item: str | None  # checkpointable name (None: the PyTree checkpoint's own)
   adapters: Location | None = None  # a LoRA run's latest step, whose adapters are merged into these weights
   lora: lora_lib.LoraConfig | None = None
+  hf: bool = False  # `path` is a Hugging Face folder, its safetensors read in place
 
 
 def latest_step(run_dir: Path) -> Path | None:
@@ -105,13 +101,16 @@ def locate(folder: str | Path) -> Location:
   step = latest_step(folder)
   if step is not None:
     return Location(step, PARAMS_ITEM)
-  raise UserError(f"{folder}: no finished parameter checkpoint ({PARAMS_DIR}/ or {RUN_CHECKPOINTS_DIR}/<step>/)")
+  if (folder / "config.json").is_file() and not any((folder / d).exists() for d in (PARAMS_DIR, RUN_CHECKPOINTS_DIR)):
+    return Location(folder, None, hf=True)  # its safetensors (or their absence) are checked when read
+  raise UserError(f"{folder}: no finished parameter checkpoint ({PARAMS_DIR}/ or {RUN_CHECKPOINTS_DIR}/<step>/, or "
+                  f"a Hugging Face folder's config.json and safetensors)")
 
 
 def lora_base(folder: str | Path) -> Location:
   """The frozen base weights of a LoRA run folder, as its lora.json records them."""
   base = _read_lora_file(folder)[0]
-  if not ocp.is_orbax_checkpoint(base.path):
+  if not (base.path.is_dir() if base.hf else ocp.is_orbax_checkpoint(base.path)):
     raise UserError(f"{Path(folder) / LORA_FILE}: base checkpoint {base.path} not found (the LoRA run's frozen "
                     f"weights; put it back there or edit 'base')")
   return base
@@ -125,7 +124,8 @@ def reads(loc: Location) -> list[str | None]:
 
 def lora_record(base: Location, lora: lora_lib.LoraConfig) -> dict:
   """What a LoRA run's lora.json holds."""
-  return {"base": str(base.path.resolve()), "base_item": base.item, **lora.to_dict()}
+  return {"base": str(base.path.resolve()), "base_item": base.item, "base_format": "hf" if base.hf else "orbax",
+          **lora.to_dict()}
 
 
 def _read_lora_file(folder: str | Path) -> tuple[Location, lora_lib.LoraConfig]:
@@ -133,7 +133,8 @@ def _read_lora_file(folder: str | Path) -> tuple[Location, lora_lib.LoraConfig]:
   path = Path(folder) / LORA_FILE
   try:
     d = json.loads(path.read_text())
-    return Location(Path(d["base"]), d["base_item"]), lora_lib.LoraConfig.from_dict(d)
+    base = Location(Path(d["base"]), d["base_item"], hf=d.get("base_format") == "hf")  # absent: orbax
+    return base, lora_lib.LoraConfig.from_dict(d)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f"{path}: unreadable or incomplete ({type(e).__name__}: {e})") from None
 
@@ -143,7 +144,13 @@ def load_config(folder: str | Path) -> QwenMoeConfig:
 
 
 def stored_shapes(loc: Location) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  meta = ocp.metadata(loc.path, **({"checkpointable_name": loc.item} if loc.item else {})).metadata
+  if loc.hf:
+    weights = _hf_weights(loc)
+    return {k: (weights.shapes[k], dtype) for k, dtype in weights.dtypes().items()}
+  try:
+    meta = ocp.metadata(loc.path, **({"checkpointable_name": loc.item} if loc.item else {})).metadata
+  except ocp.errors.InvalidLayoutError:  # Orbax takes any folder for a checkpoint until it reads one
+    raise UserError(f"{loc.path}: not a finished parameter checkpoint (no Orbax PyTree found there)") from None
   return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(meta).items()}
 
 
@@ -172,6 +179,12 @@ def check_shapes(stored: dict[str, tuple[tuple[int, ...], Any]], expected: dict[
     raise UserError(f"{where}: parameter '{extra[0]}' is not part of this config's model")
 
 
+def _hf_weights(loc: Location) -> hf_layout.HfWeights:
+  """An HF folder's tensors bound to its own config's parameters, every check the headers allow done."""
+  cfg = load_config(loc.path)
+  return hf_layout.HfWeights(loc.path, cfg, param_shapes(cfg))
+
+
 def _load(loc: Location, abstract: dict[str, Any]) -> dict[str, Any]:
   ctx = ocp.Context()
   ctx.pytree.loading.partial_load = True
@@ -183,7 +196,7 @@ def _load(loc: Location, abstract: dict[str, Any]) -> dict[str, Any]:
 def read_group(loc: Location, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], group: str) -> dict[str, np.ndarray]:
   """One group's parameters as host numpy arrays in their stored dtype (with a LoRA run's adapters merged)."""
   abstract = {k: np.empty(shape, dtype) for k, (shape, dtype) in shapes.items() if group_of(k) == group}
-  params = _load(loc, abstract) if abstract else {}
+  params = _hf_weights(loc).read(group) if loc.hf else _load(loc, abstract) if abstract else {}
   if loc.adapters is None:
     return params
   adapters = read_group(loc.adapters, stored_shapes(loc.adapters), group)
@@ -250,6 +263,12 @@ def load_sharded(loc: Location, wanted: dict[str, jax.ShapeDtypeStruct], num_exp
 def load_groups(loc: Location, wanted: dict[str, jax.ShapeDtypeStruct],
                 num_experts: int) -> Iterator[dict[str, jax.Array]]:
   """`load_sharded` a group (top-level, then each layer) at a time (see `read_groups`)."""
+  if loc.hf:
+    weights = _hf_weights(loc)
+    for group in dict.fromkeys(group_of(k) for k in wanted):
+      host = weights.read(group, {k: np.dtype(w.dtype) for k, w in wanted.items() if group_of(k) == group})
+      yield {k: _put(x, wanted[k]) for k, x in host.items()}
+    return
   item = {"checkpointable_name": loc.item} if loc.item else {}
   for part in read_groups(lambda request: ocp.load(loc.path, request, **item), unflatten(wanted), num_experts):
     yield {path_str(p): x for p, x in part}
@@ -306,6 +325,14 @@ def read_groups(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> It
     yield [(p, _pad_to(x, target[jax.tree_util.keystr(p)]))
            for p, x in jax.tree_util.tree_flatten_with_path(part, is_leaf=lambda x: x is ocp.PLACEHOLDER)[0]
            if x is not ocp.PLACEHOLDER]
+
+
+def _put(x: np.ndarray, want: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array in `want`'s shape and sharding (expert rows past x's, the padding, are zeros); each process
+  copies only the blocks its devices hold."""
+  if x.shape != want.shape:
+    x = np.pad(x, [(0, t - s) for s, t in zip(x.shape, want.shape)])
+  return jax.make_array_from_callback(want.shape, want.sharding, lambda index: x[index])
 
 
 def _pad_to(x: jax.Array, want: jax.ShapeDtypeStruct) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qwen_moe_jax import checkpoint, convert, sharding
+from qwen_moe_jax import checkpoint, convert, hf_layout, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.model import QwenMoeForCausalLM, create_model
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE
@@ -75,7 +75,7 @@ def write_hf_demo(folder: str | Path, seed: int = 0) -> QwenMoeConfig:
   rng = np.random.default_rng(seed)
   shapes = checkpoint.param_shapes(cfg)
 
-  def tensors(group: str, bindings: list[convert.Binding]) -> dict[str, np.ndarray]:
+  def tensors(group: str, bindings: list[hf_layout.Binding]) -> dict[str, np.ndarray]:
     made = {}
     for b in bindings:
       shape = b.hf_shape(cfg, shapes)

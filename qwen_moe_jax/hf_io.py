@@ -1,7 +1,9 @@
 """Safe reading and writing of Hugging Face model folders (config, safetensors shards, tokenizer files).
 
-Reading refuses pickle checkpoints, shard paths that leave the folder (`../`, absolute paths, symlinks out),
-tensors listed in the index but missing from their shard (or the reverse), and truncated or corrupt files.
+Reading refuses pickle checkpoints, shard paths that leave the folder (`../`, absolute paths, symlinks out, save
+the Hugging Face cache's links from a snapshot into its own repo's blobs), tensors listed in the index but missing
+from their shard (or the reverse), and truncated or corrupt files. A folder may be named by its repo id once the
+Hugging Face cache holds it (`model_folder`).
 Writing goes to a staging folder inside the output folder, moved into place only when complete.
 """
 
@@ -10,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 import ml_dtypes
 import numpy as np
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -32,15 +37,32 @@ SIDE_FILES = (
   "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
   "special_tokens_map.json", "added_tokens.json",
 )
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "Qwen/Qwen1.5-MoE-A2.7B-Chat"
+
+
+def model_folder(name: str) -> Path:
+  """The folder `name` names: a path, or a Hugging Face repo id whose snapshot the local Hugging Face cache holds
+  (`hf download REPO` puts it there; nothing is downloaded here)."""
+  path = Path(name)
+  if path.exists() or not REPO_ID.fullmatch(name):
+    return path
+  try:
+    return Path(snapshot_download(name, local_files_only=True))
+  except LocalEntryNotFoundError:
+    raise UserError(f"{name}: no such folder, nor a snapshot of that Hugging Face repo in the cache "
+                    f"{constants.HF_HUB_CACHE}; download it (`hf download {name}`) or give its folder") from None
 
 
 def inside(folder: Path, name: str, what: str) -> Path:
-  """folder / name, refusing absolute names, `..` and symlinks that resolve outside `folder`."""
+  """folder / name, refusing absolute names, `..` and symlinks that resolve outside `folder`, save the Hugging Face
+  cache's: a file of <repo>/snapshots/<revision>/ links to <repo>/blobs/<hash>."""
   if not name or os.path.isabs(name) or ".." in Path(name).parts:
     raise UserError(f"{what}: path '{name}' must be a plain relative path inside {folder}")
   path = folder / name
-  if not path.resolve().is_relative_to(folder.resolve()):
-    raise UserError(f"{what}: '{name}' resolves to {path.resolve()}, outside {folder}")
+  target, root = path.resolve(), folder.resolve()
+  cached = root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+  if not (target.is_relative_to(root) or cached):
+    raise UserError(f"{what}: '{name}' resolves to {target}, outside {folder}")
   return path
 
 
@@ -117,6 +139,9 @@ class SafetensorsReader:
 
   def shape(self, name: str) -> tuple[int, ...]:
     return self.info[name][1]
+
+  def dtype(self, name: str) -> np.dtype:
+    return self.info[name][0]
 
   def read(self, name: str) -> np.ndarray:
     """One tensor as a fresh host numpy array (bfloat16 via ml_dtypes), read straight from the file."""

@@ -208,5 +208,11 @@ def create_model(cfg: QwenMoeConfig, mesh: jax.sharding.Mesh, dtype: jnp.dtype =
   return nnx.merge(graphdef, init())
 
 
+def group_of(path: str) -> str:
+  """Parameters are read and written one group at a time: 'top' (embeddings, final norm, head) or 'layers.<i>'."""
+  parts = path.split(".")
+  return ".".join(parts[:2]) if parts[0] == "layers" else "top"
+
+
 def param_count(state: nnx.State) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(state))

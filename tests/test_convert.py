@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -24,12 +25,13 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 import pytest
 import torch
+from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2MoeForCausalLM
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, hf_io
+from qwen_moe_jax import checkpoint, hf_io, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.convert import export_hf, import_hf
 from qwen_moe_jax.errors import UserError
@@ -93,10 +95,10 @@ def snapshot(folder: Path, skip: Path | None = None) -> dict[str, tuple]:
   return out
 
 
-def cli(script: str, *args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-  """The real command in a fresh process."""
+def cli(script: str, *args, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+  """The real command in a fresh process (`env`: variables set for it)."""
   return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def cli_here(capfd, monkeypatch, script: str, *args: str) -> tuple[int, str]:
@@ -541,6 +543,93 @@ def test_export_refuses_bad_dtype_and_own_folder(ckpts, tmp_path, capfd, monkeyp
   assert snapshot(ckpts["hub"]) == before and not (tmp_path / "out").exists()
 
 
+# ---------------------------------------------------------------------------------------------- HF folders in place
+
+def params(model) -> dict:
+  return checkpoint.flatten(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("source", ["fused", "sharded", "bf16"])
+def test_hf_folder_reads_in_place_as_converted(source, hf, ckpts):
+  """An HF folder restores without converting: the arrays, dtypes and shardings of its conversion, on one device and
+  on a mesh whose expert axis pads the 7 experts to 8."""
+  for mesh in (None, sharding.make_mesh({"expert": 2, "data": 4})):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      got, want = params(checkpoint.restore(hf[source], mesh, dtype)), params(checkpoint.restore(ckpts[source], mesh,
+                                                                                                   dtype))
+      assert sorted(got) == sorted(want)
+      for k, x in want.items():
+        assert got[k].dtype == x.dtype and got[k].sharding == x.sharding, k
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=k)
+  assert checkpoint.locate(hf[source]) == checkpoint.Location(hf[source], None, hf=True)
+
+
+def hub_cache(root: Path, repo: str, folder: Path) -> None:
+  """`folder` as the Hugging Face cache under `root` stores a download of `repo`: the files in blobs/, named by
+  their hash, linked from snapshots/<commit>/ (`../../blobs/<hash>`), refs/main naming the commit."""
+  storage = root / f"models--{repo.replace('/', '--')}"
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  snapshot = storage / "snapshots" / commit
+  for d in (storage / "blobs", storage / "refs", snapshot):
+    d.mkdir(parents=True)
+  (storage / "refs" / "main").write_text(commit)
+  for f in folder.iterdir():
+    blob = hashlib.sha256(f.read_bytes()).hexdigest()
+    shutil.copyfile(f, storage / "blobs" / blob)
+    (snapshot / f.name).symlink_to(Path("../../blobs") / blob)
+
+
+def test_hf_folders_in_place_and_from_the_cache(hf, ckpts, model, tmp_path):
+  """infer.py reads an HF folder in place, here named by its repo id in a Hugging Face cache (the snapshot's files
+  link into blobs/): it generates what it generates from the conversion, and what transformers does greedily. The
+  converter takes the repo id too; one the cache lacks is one line. The exporter turns transformers v5's fused
+  experts into the hub's per-expert layout with no Orbax step."""
+  hub_cache(tmp_path / "cache", "Qwen/Tiny-MoE", hf["sharded"])
+  env = {"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+  ids = [5, 17, 99, 3, 42]
+  args = ["--input-ids", ",".join(map(str, ids)), "--temperature", "0", "--max-new-tokens", "6", "--json"]
+  outputs = []
+  for name in ("Qwen/Tiny-MoE", ckpts["sharded"]):
+    r = cli("infer.py", "--checkpoint", name, *args, "--dtype", "float32", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    outputs.append(json.loads(r.stdout)["output_ids"])
+  with torch.no_grad():
+    want = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+  assert outputs == [want, want]
+  r = cli(HF_TO_ORBAX, "Qwen/Tiny-MoE", tmp_path / "ckpt", cwd=tmp_path, env=env)
+  assert r.returncode == 0, r.stderr
+  restores_to(tmp_path / "ckpt", hf["sharded"])
+  r = cli("infer.py", "--checkpoint", "Qwen/Absent", *args, cwd=tmp_path, env=env)
+  assert_one_error(r.returncode, r.stderr, "Qwen/Absent: no such folder", str(tmp_path / "cache"), "hf download")
+  hub_cache(tmp_path / "cache", "Qwen/Escape", hf["bf16"])  # a snapshot linking outside its repo's blobs/
+  shutil.copyfile(hf["bf16"] / hf_io.SINGLE_FILE, tmp_path / "outside.safetensors")
+  link = next((tmp_path / "cache" / "models--Qwen--Escape" / "snapshots").iterdir()) / hf_io.SINGLE_FILE
+  link.unlink()
+  link.symlink_to(Path("../../../../outside.safetensors"))
+  r = cli("infer.py", "--checkpoint", "Qwen/Escape", *args, cwd=tmp_path, env=env)
+  assert_one_error(r.returncode, r.stderr, hf_io.SINGLE_FILE, f"resolves to {tmp_path / 'outside.safetensors'}")
+
+  r = cli(ORBAX_TO_HF, hf["fused"], tmp_path / "hub")
+  assert r.returncode == 0, r.stderr
+  assert_same_tensors(tensors(tmp_path / "hub"), per_expert(tensors(hf["fused"])))
+
+
+IN_PLACE_BAD = sorted(set(BAD_CASES) - {"out_not_empty", "bogus_dtype", "config_dtype",  # the converter's own
+                                        "side_file_symlink_out"})  # infer.py reads no tokenizer here
+
+
+@pytest.mark.parametrize("name", IN_PLACE_BAD)
+def test_bad_hf_folder_read_in_place(name, hf, tmp_path, capfd, monkeypatch):
+  """The converter's bad inputs, given to infer.py to read in place: the same one line, nothing written."""
+  root = tmp_path / "case"
+  root.mkdir()
+  build, _, fragments = BAD_CASES[name]
+  folder = build(root, hf)
+  (folder / "tokenizer.json").unlink(missing_ok=True)  # the dummy one (its prompt is given as ids)
+  case = Case(root, folder, root / "out", fragments=tuple(fragments))
+  case.check_failed(*cli_here(capfd, monkeypatch, "infer.py", "--checkpoint", case.folder, "--input-ids", "1,2,3"))
+
+
 # ---------------------------------------------------------------------------------------------- fresh processes
 # The real CLIs in fresh interpreters (about three seconds each, so only where a fresh process adds something:
 # the success path, and stderr holding nothing but the error line).
@@ -578,14 +667,18 @@ def test_bad_last_layer_with_force_keeps_old_checkpoint(hf, ckpts, tmp_path):
 
 
 def test_export_refuses_non_checkpoint(hf, tmp_path, capfd, monkeypatch):
-  r = cli(ORBAX_TO_HF, hf["hub"], tmp_path / "out")  # an HF folder: config.json but no params/
-  assert_one_error(r.returncode, r.stderr, str(hf["hub"]), "checkpoint")
+  unfinished = tmp_path / "unfinished"  # config.json and a params/ that Orbax never finalised
+  unfinished.mkdir()
+  shutil.copyfile(hf["hub"] / "config.json", unfinished / "config.json")
+  (unfinished / checkpoint.PARAMS_DIR).mkdir()
+  r = cli(ORBAX_TO_HF, unfinished, tmp_path / "out")
+  assert_one_error(r.returncode, r.stderr, str(unfinished / checkpoint.PARAMS_DIR), "not a finished parameter checkpoint")
   (tmp_path / "empty").mkdir()
   code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, tmp_path / "empty", tmp_path / "out")
   assert_one_error(code, err, "config.json")
   code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, tmp_path / "absent", tmp_path / "out")
   assert_one_error(code, err, "absent")
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "unfinished"]
 
 
 # ---------------------------------------------------------------------------------------------- peft adapters

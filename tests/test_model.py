@@ -17,7 +17,7 @@ from flax import nnx
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from hf_models import make_model, save
-from qwen_moe_jax import checkpoint, convert, data, grpo, layers, quantize, sharding
+from qwen_moe_jax import checkpoint, convert, data, grpo, hf_layout, layers, quantize, sharding
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import PRESETS
@@ -165,7 +165,7 @@ def assert_grads_match(model, grads, torch_grads: dict, names: tuple[str, ...], 
   torch's (in its layout); at least `least` of them are checked."""
   flat = checkpoint.flatten(grads)
   checked = 0
-  for b in convert.hub_bindings(model.config, checkpoint.param_shapes(model.config)):
+  for b in hf_layout.hub_bindings(model.config, checkpoint.param_shapes(model.config)):
     if b.hf not in torch_grads or not any(s in b.hf for s in names):
       continue
     ours = np.asarray(b.row.transform[1](np.asarray(flat[b.path])[b.part], b.heads(model.config)))

@@ -823,6 +823,24 @@ def test_lora_run_with_its_base_gone_or_as_a_lora_base(base, lora_run, tmp_path)
     checkpoint.locate(moved)
 
 
+def test_lora_over_a_hf_folder_read_in_place(base, lora_run, tmp_path):
+  """A LoRA run straight from the HF folder (no conversion) trains as over its conversion: the same losses and
+  weights read back; lora.json records the folder, and the folder gone is one line."""
+  run = tmp_path / "run"
+  res = train("--checkpoint", str(base / "hf"), "--data", str(base / "data.jsonl"), "--out", str(run), *TRAIN, *LORA)
+  assert res.returncode == 0, res.stderr
+  assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(lora_run)]
+  record = json.loads((run / checkpoint.LORA_FILE).read_text())
+  assert (record["base"], record["base_item"], record["base_format"]) == (str((base / "hf").resolve()), None, "hf")
+  got = checkpoint.flatten(nnx.state(checkpoint.restore(run, dtype=jnp.float32), nnx.Param))
+  want = checkpoint.flatten(nnx.state(checkpoint.restore(lora_run, dtype=jnp.float32), nnx.Param))
+  for k, x in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=k)
+  (run / checkpoint.LORA_FILE).write_text(json.dumps(record | {"base": str(tmp_path / "gone")}))
+  with pytest.raises(UserError, match=f"base checkpoint {tmp_path / 'gone'} not found"):
+    checkpoint.locate(run)
+
+
 def _step_outputs(model, mesh, tc, batch, kernels=Kernels()):
   """One train step on `mesh`: (metrics, updated trainable params) as host values."""
   graphdef, abstract = abstract_model(model.config, jnp.float32, sharding.expert_shards(mesh), kernels, tc.lora)
