@@ -250,7 +250,8 @@ class Generator:
 
     `stop_when(prompt index, output ids so far, how many of them are new)` (stop strings): None to go on, or how
     many of the ids to keep; the prompt then ends there (the host sees tokens between decode calls, so the
-    row may have run a few steps further, which are dropped).
+    row may have run a few steps further, which are dropped). It is asked of each waiting prompt too (ids [], 0
+    new) at every return to the host: one it ends then (a server's request whose client left) never runs.
 
     `on_done(prompt index, Output)` is called once per prompt as soon as it ends (a long run's results can be
     written as they complete).
@@ -453,6 +454,14 @@ class Generator:
         tops.append([])
         stopped.append(False)
 
+    def drop_ended() -> None:
+      """Waiting prompts that stop_when ends before they start end without running."""
+      for i in [i for i in waiting if stop_when(i, [], 0) is not None] if stop_when else []:
+        waiting.remove(i)
+        stopped[i] = True
+        if on_done:
+          on_done(i, output(i))
+
     owner = [-1] * rows  # the prompt in each row (-1: none)
     shown = [0] * rows  # the tokens of each row's prompt seen
     waiting = list(range(n))[::-1]  # prompts without a row yet, next last
@@ -471,6 +480,7 @@ class Generator:
                             cache_len=cache_len, max_new=max_new, dtype=self.cache_dtype, ops=ops)
         holds, freed = [None] * rows, [0.0] * rows  # per row: the ids it holds (the last one's keys and values
         # may be missing: it is still to run, or a finished row's last token); when it was freed
+      drop_ended()
       state = place(state)
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
       while True:
@@ -501,6 +511,7 @@ class Generator:
               on_done(i, output(i))
         if arrivals and not left:
           admit(arrivals())
+        drop_ended()
         if waiting and -1 in owner:  # continuous batching; read again after: a refilled row may be done at once
           state = place(state)
           continue

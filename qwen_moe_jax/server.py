@@ -66,7 +66,7 @@ class Job:
   choice: int
   events: queue.Queue
   text: TextStream | None = None  # streamed requests: the text shown so far
-  cancelled: bool = False  # the client went away: the row ends at the next return to the host
+  cancelled: bool = False  # the client went away: its row ends, or it never starts, at the next return to the host
   score: bool = False  # the prompt's scores, and with max_new_tokens 1 its greedy next token, from one forward pass
   meter: Meter | None = dataclasses.field(default_factory=Meter)  # its times, from now (None: not counted)
 

@@ -672,7 +672,8 @@ def test_export_refuses_non_checkpoint(hf, tmp_path, capfd, monkeypatch):
   shutil.copyfile(hf["hub"] / "config.json", unfinished / "config.json")
   (unfinished / checkpoint.PARAMS_DIR).mkdir()
   r = cli(ORBAX_TO_HF, unfinished, tmp_path / "out")
-  assert_one_error(r.returncode, r.stderr, str(unfinished / checkpoint.PARAMS_DIR), "not a finished parameter checkpoint")
+  assert_one_error(r.returncode, r.stderr, str(unfinished / checkpoint.PARAMS_DIR),
+                   "not a finished parameter checkpoint")
   (tmp_path / "empty").mkdir()
   code, err = cli_here(capfd, monkeypatch, ORBAX_TO_HF, tmp_path / "empty", tmp_path / "out")
   assert_one_error(code, err, "config.json")

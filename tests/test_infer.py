@@ -190,6 +190,19 @@ def test_stop_when_ends_a_prompt_on_the_host(tiny):
       np.testing.assert_allclose(lp, ref[:len(row)], atol=1e-5)
 
 
+def test_a_prompt_ended_before_it_starts_never_runs(tiny):
+  """`stop_when` is asked of waiting prompts too (ids [], 0 new): one it ends then (a server's request whose client
+  left while queued) is done with nothing generated and never runs: no row holds its ids after."""
+  _, model, _, _ = tiny
+  engine = Generator(model, batch_size=1)
+  first, gone = PROMPTS[0], PROMPTS[1]
+  done = []
+  got = engine.generate([first, gone], 6, stop_when=lambda i, ids, new: 0 if i == 1 else None, keep=True,
+                        on_done=lambda i, out: done.append((i, list(out.ids), out.reason)))
+  assert done == [(1, [], "stop"), (0, got.output_ids[0], "length")] and len(got.output_ids[0]) == 6
+  assert engine.generate([gone], 6, keep=True).cached_tokens == [0]  # ran, it would hold all but its last id
+
+
 def test_prompts_beginning_alike_are_scored_sharing_their_prefix(tiny, monkeypatch):
   """Scoring with share_prefix: the choices of a question (one of them the question's prefix alone, one a single
   id longer, two identical), more of them than rows (split), a few-shot pair, prompts of one id and prompts
