@@ -266,7 +266,8 @@ def load_groups(loc: Location, wanted: dict[str, jax.ShapeDtypeStruct],
   if loc.hf:
     weights = _hf_weights(loc)
     for group in dict.fromkeys(group_of(k) for k in wanted):
-      host = weights.read(group, {k: np.dtype(w.dtype) for k, w in wanted.items() if group_of(k) == group})
+      here = {k: w for k, w in wanted.items() if group_of(k) == group}
+      host = weights.read(group, {k: np.dtype(w.dtype) for k, w in here.items()}, _held_experts(here))
       yield {k: _put(x, wanted[k]) for k, x in host.items()}
     return
   item = {"checkpointable_name": loc.item} if loc.item else {}
@@ -325,6 +326,16 @@ def read_groups(load: Callable[[Any], Any], wanted: Any, num_experts: int) -> It
     yield [(p, _pad_to(x, target[jax.tree_util.keystr(p)]))
            for p, x in jax.tree_util.tree_flatten_with_path(part, is_leaf=lambda x: x is ocp.PLACEHOLDER)[0]
            if x is not ocp.PLACEHOLDER]
+
+
+def _held_experts(wanted: dict[str, jax.ShapeDtypeStruct]) -> set[int]:
+  """The experts whose rows this process's devices hold in `wanted`'s expert leaves (all of them on one host)."""
+  held: set[int] = set()
+  for k, w in wanted.items():
+    if is_expert_leaf((jax.tree_util.DictKey(k),), w):
+      for index in w.sharding.addressable_devices_indices_map(w.shape).values():
+        held.update(range(*index[0].indices(w.shape[0])))
+  return held
 
 
 def _put(x: np.ndarray, want: jax.ShapeDtypeStruct) -> jax.Array:

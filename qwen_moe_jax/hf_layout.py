@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import jax
 import ml_dtypes  # noqa: F401  (gives numpy the bfloat16 dtype)
@@ -167,15 +167,6 @@ def _check_group(cfg, reader: hf_io.SafetensorsReader, group: str, bindings: lis
       raise UserError(f"tensor '{first}' is missing (parameter {path} is incomplete)")
 
 
-def _fill_group(cfg, reader: hf_io.SafetensorsReader, bindings: list[Binding], shapes,
-                targets: dict[str, np.dtype]) -> dict[str, np.ndarray]:
-  """Reads one (checked) group's HF tensors into freshly allocated parameters, each of its `targets` dtype."""
-  params = {path: np.empty(shapes[path], targets[path]) for path in dict.fromkeys(b.path for b in bindings)}
-  for b in bindings:
-    copy_into(params[b.path][b.part], b.row.transform[0](reader.read(b.hf), b.heads(cfg)))
-  return params
-
-
 def copy_into(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:
   """dst[...] = src (casting to dst's dtype) in blocks of dst's last axis, so transposed copies stay in cache."""
   for i in range(0, dst.shape[-1], block):
@@ -211,9 +202,17 @@ class HfWeights:
         stored.setdefault(b.path, self.reader.dtype(b.hf))
     return stored
 
-  def read(self, group: str, dtypes: dict[str, np.dtype] | None = None) -> dict[str, np.ndarray]:
-    """One group's parameters as host arrays, each in its `dtypes` entry (default: as stored)."""
+  def read(self, group: str, dtypes: dict[str, np.dtype] | None = None,
+           experts: Collection[int] | None = None) -> dict[str, np.ndarray]:
+    """One group's parameters as host arrays, each in its `dtypes` entry (default: as stored). With `experts`, of
+    the hub layout's per-expert tensors only those experts' are read (the rest of their rows stay 0): the ones a
+    process's devices hold."""
     targets = dtypes or self.dtypes()
-    return _fill_group(self.cfg, self.reader, self.by_group[group], self.shapes, targets)
+    bindings = self.by_group[group]
+    params = {path: np.zeros(self.shapes[path], targets[path]) for path in dict.fromkeys(b.path for b in bindings)}
+    for b in bindings:
+      if experts is None or "e" not in b.row.part or b.part[0] in experts:
+        copy_into(params[b.path][b.part], b.row.transform[0](self.reader.read(b.hf), b.heads(self.cfg)))
+    return params
 
 

@@ -35,6 +35,7 @@ from qwen_moe_jax import checkpoint, hf_io, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.convert import export_hf, import_hf
 from qwen_moe_jax.errors import UserError
+from qwen_moe_jax.hf_layout import HfWeights
 from qwen_moe_jax.scoring import prompt_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -562,6 +563,26 @@ def test_hf_folder_reads_in_place_as_converted(source, hf, ckpts):
         assert got[k].dtype == x.dtype and got[k].sharding == x.sharding, k
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=k)
   assert checkpoint.locate(hf[source]) == checkpoint.Location(hf[source], None, hf=True)
+
+
+def test_hf_folder_reads_only_the_experts_asked(hf):
+  """A process reads of each layer's per-expert tensors only those of the experts its devices hold (the rest of
+  those rows stay 0), and everything else whole; one host holds and reads them all."""
+  cfg = checkpoint.load_config(hf["hub"])
+  weights = HfWeights(hf["hub"], cfg, checkpoint.param_shapes(cfg))
+  full = weights.read("layers.1")
+  read, real = [], weights.reader.read
+  weights.reader.read = lambda name: read.append(name) or real(name)
+  part = weights.read("layers.1", experts={1, 5})
+  assert sorted({n.split(".")[5] for n in read if ".experts." in n}) == ["1", "5"]
+  assert {n for n in read if ".experts." not in n} == {b.hf for b in weights.by_group["layers.1"]
+                                                       if ".experts." not in b.hf}
+  for k, x in full.items():
+    if "experts_" in k:
+      np.testing.assert_array_equal(part[k][[1, 5]], x[[1, 5]], err_msg=k)
+      assert not part[k][[0, 2, 3, 4, 6]].any()
+    else:
+      np.testing.assert_array_equal(part[k], x, err_msg=k)
 
 
 def hub_cache(root: Path, repo: str, folder: Path) -> None:

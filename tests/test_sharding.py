@@ -244,16 +244,19 @@ def _trained_both_ways(args: list[str], tmp_path: Path) -> list[tuple[dict, dict
   return list(zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True))
 
 
-def test_two_processes_form_one_mesh(ckpt, tmp_path):
-  """2 processes x 4 CPU devices, experts split across both: infer.py gives the single-process numbers."""
-  folder = ckpt[0]
-  args = ["--checkpoint", str(folder), "--input-ids", "1,2,3,4,5", "--max-new-tokens", "12", "--dtype", "float32",
-          "--json", "--prompt-logprobs", "--mesh", "data=2,expert=4", "--dump-logits", str(tmp_path / "multi.npy")]
-  results = _two_processes("infer.py", args)
+@pytest.mark.parametrize("source,mesh", [("ckpt", "data=2,expert=4"), ("hf", "expert=8")])
+def test_two_processes_form_one_mesh(ckpt, tmp_path, source, mesh):
+  """2 processes x 4 CPU devices: infer.py gives the single-process numbers (of the converted checkpoint), also
+  reading the HF folder in place with the experts split across the processes (each reads the experts it holds:
+  0-7, and 8-11 with the padding)."""
+  args = ["--input-ids", "1,2,3,4,5", "--max-new-tokens", "12", "--dtype", "float32", "--json", "--prompt-logprobs",
+          "--mesh", mesh, "--dump-logits"]
+  results = _two_processes("infer.py", ["--checkpoint", str(ckpt[0].parent / source), *args,
+                                        str(tmp_path / "multi.npy")])
   for r in results:
     assert r.returncode == 0, r.stderr[-2000:]
-  single = subprocess.run([sys.executable, "infer.py", *args[:-1], str(tmp_path / "single.npy")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+  single = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt[0]), *args,
+                           str(tmp_path / "single.npy")], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr
   json_lines = lambda out: [json.loads(x) for x in out.splitlines() if x.startswith("{")]  # noqa: E731 (gloo logs)
   (multi,), (one,), rest = json_lines(results[0].stdout), json_lines(single.stdout), json_lines(results[1].stdout)
