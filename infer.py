@@ -122,7 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--max-model-len", type=int,
                   help="with --serve: cache slots per row, a request's prompt and new tokens (default: the model's "
                   "context, at most 4096)")
-  ap.add_argument("--served-model-name", help="with --serve: the model's name in replies (default: the folder's)")
+  ap.add_argument("--served-model-name", help="with --serve: the model's name in replies (default: the folder's, or "
+                  "the repo id --checkpoint gave)")
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
                   "bf16's bytes: twice the rows or context)")
@@ -472,7 +473,8 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   slots = args.max_model_len or min(context, SERVE_SLOTS)
   if slots > context:
     raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
-  name = args.served_model_name or folder.resolve().name
+  named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
+  name = args.served_model_name or (args.checkpoint if named else folder.resolve().name)
   print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots", file=sys.stderr, flush=True)
   try:
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),

@@ -6,7 +6,9 @@ a wrong router, a swapped gate/up or a mis-ordered head split then changes the o
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,3 +61,18 @@ def save(model: Qwen2MoeForCausalLM, folder: str | Path, layout: str = "hub", st
       d.pop("qkv_bias", None)  # transformers v4 always had q/k/v bias and no such key
     path.write_text(json.dumps(d, indent=2))
   return folder
+
+
+def hub_cache(root: Path, repo: str, folder: Path) -> None:
+  """`folder` as the Hugging Face cache under `root` stores a download of `repo`: the files in blobs/, named by
+  their hash, linked from snapshots/<commit>/ (`../../blobs/<hash>`), refs/main naming the commit."""
+  storage = root / f"models--{repo.replace('/', '--')}"
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  snapshot = storage / "snapshots" / commit
+  for d in (storage / "blobs", storage / "refs", snapshot):
+    d.mkdir(parents=True)
+  (storage / "refs" / "main").write_text(commit)
+  for f in folder.iterdir():
+    blob = hashlib.sha256(f.read_bytes()).hexdigest()
+    shutil.copyfile(f, storage / "blobs" / blob)
+    (snapshot / f.name).symlink_to(Path("../../blobs") / blob)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2MoeForCausalLM
 
-from hf_models import make_model, save
+from hf_models import hub_cache, make_model, save
 from qwen_moe_jax import checkpoint, hf_io, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.convert import export_hf, import_hf
@@ -583,21 +582,6 @@ def test_hf_folder_reads_only_the_experts_asked(hf):
       assert not part[k][[0, 2, 3, 4, 6]].any()
     else:
       np.testing.assert_array_equal(part[k], x, err_msg=k)
-
-
-def hub_cache(root: Path, repo: str, folder: Path) -> None:
-  """`folder` as the Hugging Face cache under `root` stores a download of `repo`: the files in blobs/, named by
-  their hash, linked from snapshots/<commit>/ (`../../blobs/<hash>`), refs/main naming the commit."""
-  storage = root / f"models--{repo.replace('/', '--')}"
-  commit = "0123456789abcdef0123456789abcdef01234567"
-  snapshot = storage / "snapshots" / commit
-  for d in (storage / "blobs", storage / "refs", snapshot):
-    d.mkdir(parents=True)
-  (storage / "refs" / "main").write_text(commit)
-  for f in folder.iterdir():
-    blob = hashlib.sha256(f.read_bytes()).hexdigest()
-    shutil.copyfile(f, storage / "blobs" / blob)
-    (snapshot / f.name).symlink_to(Path("../../blobs") / blob)
 
 
 def test_hf_folders_in_place_and_from_the_cache(hf, ckpts, model, tmp_path):

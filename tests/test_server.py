@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import socket
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hf_models import hub_cache
 from qwen_moe_jax import checkpoint, convert, scoring, tool_calls
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.generate import Generator, Stream
@@ -625,19 +627,22 @@ def test_metrics_end_a_job_once():
   assert got["prefix_cache_hits_total"] == 2
 
 
-def test_cli_serve(served):
+def test_cli_serve(served, tmp_path):
   """`infer.py --serve 0` listens on a free port (printed on stderr) and answers (its warm-up run not in its
-  metrics); prompt flags next to it are one error line."""
+  metrics), here over the HF folder read in place, named by its repo id in a Hugging Face cache: the name it
+  serves; prompt flags next to it are one error line."""
   _, tok, reference, eos, ckpt = served
-  proc = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "127.0.0.1:0",
-                           "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64"], cwd=ROOT,
+  hub_cache(tmp_path, "Qwen/Demo-MoE", ckpt.parent / "hf")
+  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+  proc = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", "Qwen/Demo-MoE", "--serve", "127.0.0.1:0",
+                           "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64"], cwd=ROOT, env=env,
                           stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stderr.readline().startswith("compiling the decode program for 2 rows x 64 slots")
     line = proc.stderr.readline()
-    assert line.startswith("serving ckpt on http://127.0.0.1:"), line
+    assert line.startswith("serving Qwen/Demo-MoE on http://127.0.0.1:"), line
     url = line.split()[3]
-    fresh = scrape(url, "ckpt")
+    fresh = scrape(url, "Qwen/Demo-MoE")
     assert fresh["generation_tokens_total"] == fresh["time_to_first_token_seconds_count"] == 0
     assert sum(v for k, v in fresh.items() if k.startswith("request_success_total")) == 0
     status, reply = post(url, {"prompt": [3, 4, 5], "max_tokens": 5})
