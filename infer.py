@@ -1,7 +1,9 @@
-"""Generate text from a qwen2_moe checkpoint folder (from convert/hf_to_orbax.py, or a train.py run folder).
+"""Generate text from a qwen2_moe checkpoint folder (from convert/hf_to_orbax.py, or a train.py run folder), or from
+a Hugging Face model folder read in place (also named by its repo id once in the Hugging Face cache).
 
   python infer.py --demo
   python infer.py --checkpoint DIR --chat "Why is the sky blue?" [--system TEXT]
+  python infer.py --checkpoint Qwen/Qwen1.5-MoE-A2.7B-Chat --peft ADAPTER_DIR --chat "Hello"
   python infer.py --checkpoint DIR --prompt "def fib(n):" --prompt "Once upon a time" --max-new-tokens 64
   python infer.py --checkpoint DIR --input-ids 1,2,3 --temperature 0 --json --dump-logits logits.npy
   python infer.py --checkpoint DIR --interactive [--system TEXT]
@@ -52,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--checkpoint", help="checkpoint folder, train.py run folder, or Hugging Face model folder (read "
                   "in place), also as a repo id in the Hugging Face cache (Qwen/Qwen1.5-MoE-A2.7B-Chat)")
+  ap.add_argument("--peft", metavar="ADAPTER_DIR",
+                  help="a peft LoRA adapter folder (or repo id in the Hugging Face cache) trained on the model, merged "
+                  "into the weights as the Hugging Face folder --checkpoint names is read")
   ap.add_argument("--demo", action="store_true",
                   help="build a small RANDOM-weight qwen2_moe checkpoint (HF layout + tokenizer), convert it, "
                        "and generate from it: shows the whole pipeline and its speed, no files needed")
@@ -347,7 +352,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     if jax.process_index() == 0:
       print(f"note: {folder} trained its LoRA adapters over int8 experts: run so, the adapters unmerged "
             f"(--expert-dtype auto merges them into float experts)", file=sys.stderr)
-  model = checkpoint.restore(folder, mesh, dtype, kernels, cfg)
+  model = checkpoint.restore(folder, mesh, dtype, kernels, cfg, args.peft and hf_io.model_folder(args.peft))
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows,
                         batch_size=args.batch_size or (SERVE_ROWS if args.serve else None),
                         kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix)

@@ -77,6 +77,7 @@ class Location:
   adapters: Location | None = None  # a LoRA run's latest step, whose adapters are merged into these weights
   lora: lora_lib.LoraConfig | None = None
   hf: bool = False  # `path` is a Hugging Face folder, its safetensors read in place
+  peft: Path | None = None  # a peft LoRA adapter folder merged into an HF folder's weights as they are read
 
 
 def latest_step(run_dir: Path) -> Path | None:
@@ -182,7 +183,7 @@ def check_shapes(stored: dict[str, tuple[tuple[int, ...], Any]], expected: dict[
 def _hf_weights(loc: Location) -> hf_layout.HfWeights:
   """An HF folder's tensors bound to its own config's parameters, every check the headers allow done."""
   cfg = load_config(loc.path)
-  return hf_layout.HfWeights(loc.path, cfg, param_shapes(cfg))
+  return hf_layout.HfWeights(loc.path, cfg, param_shapes(cfg), loc.peft)
 
 
 def _load(loc: Location, abstract: dict[str, Any]) -> dict[str, Any]:
@@ -210,13 +211,20 @@ def merged(params: dict[str, Any], adapters: dict[str, Any], lora: lora_lib.Lora
 
 
 def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
-            kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
+            kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None,
+            peft: str | Path | None = None) -> QwenMoeForCausalLM:
   """Builds the model from a checkpoint or run folder (a LoRA run's adapters merged into its base), or from a
   Location (`cfg` then required), every parameter created directly in its sharding, a layer at a time; with
   `kernels.expert_dtype` int8 the routed experts are quantized as their layer is read (after the merge). A LoRA
-  run trained over int8 experts, read with int8 experts, keeps its adapters unmerged: the model it trained."""
+  run trained over int8 experts, read with int8 experts, keeps its adapters unmerged: the model it trained. `peft`:
+  a peft LoRA adapter folder, merged into a Hugging Face folder's weights a layer at a time as they are read."""
   cfg = cfg or load_config(source)
   loc, _ = checked(source, cfg)
+  if peft is not None:
+    if not loc.hf:
+      raise UserError(f"--peft {peft}: merges into a Hugging Face folder as it is read, and {loc.path} is an Orbax "
+                      "checkpoint; merge it when converting (hf_to_orbax.py --peft), or read the HF folder")
+    loc = dataclasses.replace(loc, peft=Path(peft))
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   int8 = kernels.expert_dtype == "int8"
   unmerged = loc.adapters is not None and loc.lora.int8_experts and int8

@@ -7,7 +7,6 @@ given. Export writes the hub's per-expert layout, one safetensors shard per grou
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -18,9 +17,8 @@ from tqdm import tqdm
 from qwen_moe_jax import checkpoint, hf_io
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.hf_layout import Binding, HfWeights, bind, copy_into, hf_tensor, hub_bindings
+from qwen_moe_jax.hf_layout import Binding, HfWeights, hf_tensor, hub_bindings
 from qwen_moe_jax.model import group_of
-from qwen_moe_jax.peft_import import LoraAdapter
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,
@@ -36,9 +34,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
   cfg = QwenMoeConfig.from_hf_dict(config_dict, source=str(hf_dir / "config.json"))
   target = np.dtype(dtype_name(dtype) if dtype else dtype_name(cfg.torch_dtype, f"{hf_dir / 'config.json'}: dtype"))
   shapes = checkpoint.param_shapes(cfg)
-  weights = HfWeights(hf_dir, cfg, shapes)  # every check the headers allow
-  adapter = LoraAdapter(peft) if peft else None
-  merges = _bind_adapter(cfg, adapter, shapes) if adapter else {}
+  weights = HfWeights(hf_dir, cfg, shapes, peft)  # every check the headers allow
 
   with hf_io.staged_output(out_dir, force, protect=(hf_dir,) + ((Path(peft),) if peft else ())) as staging:
     hf_io.copy_side_files(hf_dir, staging)  # first: a bad side file fails before the long part
@@ -47,47 +43,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     writer = checkpoint.StreamingWriter(staging / checkpoint.PARAMS_DIR)
     for group in tqdm(weights.groups, desc="converting", unit="group", disable=not progress):
-      params = weights.read(group, dict.fromkeys(shapes, target))
-      if adapter:
-        _merge(cfg, adapter, merges.get(group, []), params)
-      writer.write(params)
+      writer.write(weights.read(group, dict.fromkeys(shapes, target)))
     writer.finish()
   return cfg
-
-
-def _bind_adapter(cfg, adapter: LoraAdapter, shapes) -> dict[str, list[tuple[Binding, str | None]]]:
-  """Each full weight and LoRA pair of the adapter bound to the parameter part it changes, its shapes checked
-  against the config: by group, [(binding, the full weight's key, or None for a pair)], full weights first."""
-  merges: dict[str, list[tuple[Binding, str | None]]] = {}
-  for name, key in [*adapter.full.items(), *((n, None) for n in adapter.pairs)]:
-    keys = [key] if key else adapter.pairs[name].keys
-    try:
-      b = bind(name, shapes)
-    except UserError as e:
-      raise UserError(f"{adapter.file}: tensor '{keys[0]}': {e}") from None
-    want = b.hf_shape(cfg, shapes)
-    experts = want[0] if not key and adapter.pairs[name].kind == "experts" else 1
-    got = adapter.reader.shape(key) if key else adapter.shape(name, experts)
-    if got != want or adapter.reader.shape(keys[0])[0] % experts:
-      shown = " and ".join(f"'{k}' {adapter.reader.shape(k)}" for k in keys)
-      raise UserError(f"{adapter.file}: {shown} {'do' if len(keys) > 1 else 'does'} not fit '{name}' {want} of "
-                      "this config"
-                      + ("" if key else ": expected A [r, in] and B [out, r]"))
-    merges.setdefault(group_of(b.path), []).append((b, key))
-  return merges
-
-
-def _merge(cfg, adapter: LoraAdapter, merges: list[tuple[Binding, str | None]], params: dict) -> None:
-  """One group's parameters with the adapter's full weights put in, then its updates added in float32."""
-  for b, key in merges:  # full weights first (_bind_adapter's order)
-    dst, to_ours = params[b.path][b.part], functools.partial(b.row.transform[0], n=b.heads(cfg))
-    if key:
-      copy_into(dst, to_ours(adapter.reader.read(key)))
-    elif adapter.pairs[b.hf].kind == "experts":  # [E, out, in], one expert at a time
-      for e, d in enumerate(adapter.expert_deltas(b.hf, dst.shape[0])):
-        copy_into(dst[e], dst[e].astype(np.float32) + to_ours(d[None])[0])
-    else:
-      copy_into(dst, dst.astype(np.float32) + to_ours(adapter.delta(b.hf)))
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None, force: bool = False,

@@ -3,8 +3,8 @@
 Each row maps an HF tensor name template to a parameter path, the part of that parameter it fills, and a
 layout transform (PyTorch Linear weights are [out, in]; ours are [in, ...out]). Reading is strict: every HF
 tensor is bound exactly once and every parameter is filled exactly once, with shapes checked on both sides from
-the headers alone (`HfWeights`, before any tensor is read). The hub layout has one tensor per expert; transformers
-v5 saves fused experts, read as well.
+the headers alone (`HfWeights`, before any tensor is read), and so is a peft LoRA adapter merged into them as they
+are read. The hub layout has one tensor per expert; transformers v5 saves fused experts, read as well.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from qwen_moe_jax import hf_io
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.model import group_of
+from qwen_moe_jax.peft_import import LoraAdapter
 
 ALL = slice(None)
 
@@ -181,9 +182,11 @@ def _overlaps(a: tuple, b: tuple) -> bool:
 class HfWeights:
   """The tensors of an HF folder (safetensors shards), bound to the parameters of `cfg` (`shapes`: their
   unpadded shapes, checkpoint.param_shapes) and checked, all from the headers, when made; then read a group (the
-  embeddings / norm / head, or one decoder layer) at a time."""
+  embeddings / norm / head, or one decoder layer) at a time. `peft`: a peft LoRA adapter folder, bound and checked
+  as well, merged into each group as it is read (in float32, then cast)."""
 
-  def __init__(self, folder: str | Path, cfg: QwenMoeConfig, shapes: dict[str, tuple[int, ...]]):
+  def __init__(self, folder: str | Path, cfg: QwenMoeConfig, shapes: dict[str, tuple[int, ...]],
+               peft: str | Path | None = None):
     self.cfg, self.shapes = cfg, shapes
     self.reader = hf_io.SafetensorsReader(folder)
     self.by_group: dict[str, list[Binding]] = {}
@@ -193,6 +196,8 @@ class HfWeights:
     self.groups = list(dict.fromkeys(group_of(k) for k in shapes))  # top, then layers in order
     for group in self.groups:
       _check_group(cfg, self.reader, group, self.by_group.get(group, []), shapes)
+    self.adapter = LoraAdapter(peft) if peft else None
+    self.merges = _bind_adapter(cfg, self.adapter, shapes) if self.adapter else {}
 
   def dtypes(self) -> dict[str, np.dtype]:
     """Each parameter's dtype as stored (that of the first tensor filling it)."""
@@ -213,6 +218,43 @@ class HfWeights:
     for b in bindings:
       if experts is None or "e" not in b.row.part or b.part[0] in experts:
         copy_into(params[b.path][b.part], b.row.transform[0](self.reader.read(b.hf), b.heads(self.cfg)))
+    if self.adapter:
+      _merge(self.cfg, self.adapter, self.merges.get(group, []), params)
     return params
+
+
+def _bind_adapter(cfg, adapter: LoraAdapter, shapes) -> dict[str, list[tuple[Binding, str | None]]]:
+  """Each full weight and LoRA pair of the adapter bound to the parameter part it changes, its shapes checked
+  against the config: by group, [(binding, the full weight's key, or None for a pair)], full weights first."""
+  merges: dict[str, list[tuple[Binding, str | None]]] = {}
+  for name, key in [*adapter.full.items(), *((n, None) for n in adapter.pairs)]:
+    keys = [key] if key else adapter.pairs[name].keys
+    try:
+      b = bind(name, shapes)
+    except UserError as e:
+      raise UserError(f"{adapter.file}: tensor '{keys[0]}': {e}") from None
+    want = b.hf_shape(cfg, shapes)
+    experts = want[0] if not key and adapter.pairs[name].kind == "experts" else 1
+    got = adapter.reader.shape(key) if key else adapter.shape(name, experts)
+    if got != want or adapter.reader.shape(keys[0])[0] % experts:
+      shown = " and ".join(f"'{k}' {adapter.reader.shape(k)}" for k in keys)
+      raise UserError(f"{adapter.file}: {shown} {'do' if len(keys) > 1 else 'does'} not fit '{name}' {want} of "
+                      "this config"
+                      + ("" if key else ": expected A [r, in] and B [out, r]"))
+    merges.setdefault(group_of(b.path), []).append((b, key))
+  return merges
+
+
+def _merge(cfg, adapter: LoraAdapter, merges: list[tuple[Binding, str | None]], params: dict) -> None:
+  """One group's parameters with the adapter's full weights put in, then its updates added in float32."""
+  for b, key in merges:  # full weights first (_bind_adapter's order)
+    dst, to_ours = params[b.path][b.part], functools.partial(b.row.transform[0], n=b.heads(cfg))
+    if key:
+      copy_into(dst, to_ours(adapter.reader.read(key)))
+    elif adapter.pairs[b.hf].kind == "experts":  # [E, out, in], one expert at a time
+      for e, d in enumerate(adapter.expert_deltas(b.hf, dst.shape[0])):
+        copy_into(dst[e], dst[e].astype(np.float32) + to_ours(d[None])[0])
+    else:
+      copy_into(dst, dst.astype(np.float32) + to_ours(adapter.delta(b.hf)))
 
 

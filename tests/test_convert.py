@@ -727,6 +727,28 @@ def test_peft_adapter_merges_while_converting(base, rslora, model, hf, tmp_path)
   np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
 
 
+def test_peft_adapter_merges_as_a_hf_folder_is_read(model, hf, tmp_path):
+  """infer.py --peft: the adapter merges into the HF folder's weights as they are read in place, exactly as when
+  converting (per-expert and fused bases); an Orbax checkpoint with --peft, and a bad adapter, are one line."""
+  peft_adapter(model, tmp_path / "adapter")
+  for base in ("hub", "fused"):
+    import_hf(hf[base], tmp_path / base, peft=tmp_path / "adapter", progress=False)
+    got = params(checkpoint.restore(hf[base], dtype=jnp.float32, peft=tmp_path / "adapter"))
+    want = params(checkpoint.restore(tmp_path / base, dtype=jnp.float32))
+    for k, x in want.items():
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=f"{base}: {k}")
+  args = ["--input-ids", "5,17,99,3", "--temperature", "0", "--max-new-tokens", "5", "--json", "--dtype", "float32"]
+  outputs = [cli("infer.py", "--checkpoint", hf["sharded"], "--peft", tmp_path / "adapter", *args),
+             cli("infer.py", "--checkpoint", tmp_path / "fused", *args)]
+  assert [r.returncode for r in outputs] == [0, 0], outputs[1].stderr
+  assert json.loads(outputs[0].stdout)["output_ids"] == json.loads(outputs[1].stdout)["output_ids"]
+  r = cli("infer.py", "--checkpoint", tmp_path / "fused", "--peft", tmp_path / "adapter", *args)
+  assert_one_error(r.returncode, r.stderr, "--peft", "Orbax checkpoint", "hf_to_orbax.py --peft")
+  (tmp_path / "adapter" / "adapter_config.json").unlink()
+  r = cli("infer.py", "--checkpoint", hf["sharded"], "--peft", tmp_path / "adapter", *args)
+  assert_one_error(r.returncode, r.stderr, "adapter_config.json", "not found")
+
+
 def test_peft_adapter_on_per_expert_modules(hf, tmp_path):
   """Under transformers 4 the experts and the router were Linear modules, so peft adapters trained there name
   each expert (`mlp.experts.N.gate_proj`) and `mlp.gate`: merged, every weight equals W + (alpha / r) B A
