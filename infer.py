@@ -352,7 +352,8 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     if jax.process_index() == 0:
       print(f"note: {folder} trained its LoRA adapters over int8 experts: run so, the adapters unmerged "
             f"(--expert-dtype auto merges them into float experts)", file=sys.stderr)
-  model = checkpoint.restore(folder, mesh, dtype, kernels, cfg, args.peft and hf_io.model_folder(args.peft))
+  model = checkpoint.restore(checkpoint.locate(folder, args.peft and hf_io.model_folder(args.peft)), mesh, dtype,
+                             kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows,
                         batch_size=args.batch_size or (SERVE_ROWS if args.serve else None),
                         kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix)

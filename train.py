@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   groups = ", ".join(training.PARAM_GROUPS)
   ap.add_argument("--train-only", help=f"comma-separated groups to train, the rest frozen ({groups})")
   ap.add_argument("--freeze", help="comma-separated groups to freeze, the rest trained")
+  ap.add_argument("--peft", metavar="ADAPTER_DIR",
+                  help="a peft LoRA adapter folder (or repo id in the Hugging Face cache) merged into the weights of "
+                  "the Hugging Face folder --checkpoint names as they are read: the run starts from the merged model")
   ap.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights, which stay "
                   "frozen (in --dtype); checkpoints hold only the adapters")
   ap.add_argument("--lora-alpha", type=float, help="LoRA scale numerator: updates are (alpha / rank) A B "
@@ -213,14 +217,15 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
   start = run.latest_step
   if start is None:
     source = hf_io.model_folder(args.checkpoint)
-    base = checkpoint.locate(source)  # fail early on a bad checkpoint folder
+    base = checkpoint.locate(source, args.peft and hf_io.model_folder(args.peft))  # fail early on a bad folder
     if tc.lora is not None and base.adapters is not None:
       raise UserError(f"{source}: a LoRA run; LoRA on top of it needs its merged weights: export them "
                       f"(convert/orbax_to_hf.py) and import them (convert/hf_to_orbax.py), or train from its base")
     run.start(source, settings, checkpoint.lora_record(base, tc.lora) if tc.lora else None,
               base if tc.grpo_reference_copy else None)
+    weights: Path | checkpoint.Location = base
   else:
-    source = run.folder
+    weights = run.folder
     changed = [k for k, v in run.recorded_config().items() if settings.get(k) != v and k != "data"]
     if changed:
       raise UserError(f"{run.folder}: resuming with different settings ({', '.join(changed)}); "
@@ -245,7 +250,7 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
 
   param_dtype = runtime.DTYPES[tc.param_dtype]
   if tc.lora is None:
-    model = checkpoint.restore(source, mesh, param_dtype, kernels, cfg)
+    model = checkpoint.restore(weights, mesh, param_dtype, kernels, cfg)
   else:  # the frozen base straight in the compute dtype; the adapters new, or restored
     model = checkpoint.restore(checkpoint.lora_base(run.folder), mesh, runtime.DTYPES[tc.compute_dtype], kernels, cfg)
     adapters = None

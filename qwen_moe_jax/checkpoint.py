@@ -87,7 +87,16 @@ def latest_step(run_dir: Path) -> Path | None:
   return max(steps, key=lambda p: int(p.name)) if steps else None
 
 
-def locate(folder: str | Path) -> Location:
+def locate(folder: str | Path, peft: str | Path | None = None) -> Location:
+  """The weights a folder holds (see the module's docstring); `peft`: a peft LoRA adapter folder to merge into a
+  Hugging Face folder's weights as they are read."""
+  if peft is not None:
+    loc = locate(folder)
+    if not loc.hf or loc.adapters is not None:
+      raise UserError(f"--peft {peft}: merges into a Hugging Face model folder as it is read, and {folder} is an "
+                      "Orbax checkpoint or run; merge it while converting (hf_to_orbax.py --peft), or give the "
+                      "HF folder")
+    return dataclasses.replace(loc, peft=Path(peft).absolute())
   folder = Path(folder).absolute()  # Orbax takes absolute paths only
   if not folder.is_dir():
     raise UserError(f"{folder}: checkpoint folder not found")
@@ -118,15 +127,16 @@ def lora_base(folder: str | Path) -> Location:
 
 
 def reads(loc: Location) -> list[str | None]:
-  """What a located checkpoint is read from (its weights, and a LoRA run's adapters), as absolute paths: it changes
-  when a run folder saved a newer step, or was moved."""
-  return [str(loc.path.resolve()), loc.item, None if loc.adapters is None else str(loc.adapters.path.resolve())]
+  """What a located checkpoint is read from (its weights, a LoRA run's adapters, a peft adapter merged in), as
+  absolute paths: it changes when a run folder saved a newer step, or was moved."""
+  return [str(loc.path.resolve()), loc.item, None if loc.adapters is None else str(loc.adapters.path.resolve()),
+          *([str(loc.peft.resolve())] if loc.peft else [])]
 
 
 def lora_record(base: Location, lora: lora_lib.LoraConfig) -> dict:
   """What a LoRA run's lora.json holds."""
   return {"base": str(base.path.resolve()), "base_item": base.item, "base_format": "hf" if base.hf else "orbax",
-          **lora.to_dict()}
+          "base_peft": base.peft and str(base.peft.resolve()), **lora.to_dict()}
 
 
 def _read_lora_file(folder: str | Path) -> tuple[Location, lora_lib.LoraConfig]:
@@ -134,7 +144,8 @@ def _read_lora_file(folder: str | Path) -> tuple[Location, lora_lib.LoraConfig]:
   path = Path(folder) / LORA_FILE
   try:
     d = json.loads(path.read_text())
-    base = Location(Path(d["base"]), d["base_item"], hf=d.get("base_format") == "hf")  # absent: orbax
+    base = Location(Path(d["base"]), d["base_item"], hf=d.get("base_format") == "hf",  # absent: orbax
+                    peft=d.get("base_peft") and Path(d["base_peft"]))
     return base, lora_lib.LoraConfig.from_dict(d)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f"{path}: unreadable or incomplete ({type(e).__name__}: {e})") from None
@@ -211,20 +222,13 @@ def merged(params: dict[str, Any], adapters: dict[str, Any], lora: lora_lib.Lora
 
 
 def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None, dtype: jnp.dtype = jnp.bfloat16,
-            kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None,
-            peft: str | Path | None = None) -> QwenMoeForCausalLM:
+            kernels: Kernels = Kernels(), cfg: QwenMoeConfig | None = None) -> QwenMoeForCausalLM:
   """Builds the model from a checkpoint or run folder (a LoRA run's adapters merged into its base), or from a
   Location (`cfg` then required), every parameter created directly in its sharding, a layer at a time; with
   `kernels.expert_dtype` int8 the routed experts are quantized as their layer is read (after the merge). A LoRA
-  run trained over int8 experts, read with int8 experts, keeps its adapters unmerged: the model it trained. `peft`:
-  a peft LoRA adapter folder, merged into a Hugging Face folder's weights a layer at a time as they are read."""
-  cfg = cfg or load_config(source)
+  run trained over int8 experts, read with int8 experts, keeps its adapters unmerged: the model it trained."""
+  cfg = cfg or load_config(source.path if isinstance(source, Location) else source)
   loc, _ = checked(source, cfg)
-  if peft is not None:
-    if not loc.hf:
-      raise UserError(f"--peft {peft}: merges into a Hugging Face folder as it is read, and {loc.path} is an Orbax "
-                      "checkpoint; merge it when converting (hf_to_orbax.py --peft), or read the HF folder")
-    loc = dataclasses.replace(loc, peft=Path(peft))
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   int8 = kernels.expert_dtype == "int8"
   unmerged = loc.adapters is not None and loc.lora.int8_experts and int8

@@ -79,7 +79,8 @@ class RunDir:
       if lora is not None:
         (self.folder / checkpoint.LORA_FILE).write_text(json.dumps(lora, indent=2) + "\n")
       if reference is not None:
-        record = {"checkpoint": str(source.resolve()), "reads": checkpoint.reads(reference)}
+        record = {"checkpoint": str(source.resolve()), "peft": reference.peft and str(reference.peft),
+                  "reads": checkpoint.reads(reference)}
         (self.folder / REFERENCE).write_text(json.dumps(record, indent=2) + "\n")
     multihost_utils.sync_global_devices("run folder written")
 
@@ -88,11 +89,11 @@ class RunDir:
     path = self.folder / REFERENCE
     try:
       d = json.loads(path.read_text())
-      source, then = Path(d["checkpoint"]), d["reads"]
+      source, peft, then = Path(d["checkpoint"]), d.get("peft"), d["reads"]
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise UserError(f"{path}: unreadable or incomplete ({type(e).__name__}: {e})") from None
     try:
-      loc = checkpoint.locate(source)
+      loc = checkpoint.locate(source, peft)
     except UserError as e:
       raise UserError(f"{path}: the KL penalty's reference, the run's starting weights: {e}") from None
     now = checkpoint.reads(loc)

@@ -1,4 +1,5 @@
-"""Random tiny transformers Qwen2MoeForCausalLM checkpoints, built and saved in the tests (no downloads).
+"""Random tiny transformers Qwen2MoeForCausalLM checkpoints, built and saved in the tests (no downloads), a folder
+laid out as the Hugging Face cache holds a download (hub_cache), and a random peft LoRA adapter (peft_adapter).
 
 Weights are drawn wider than transformers' init (std 0.08) so routing is decisive and logits are peaked:
 a wrong router, a swapped gate/up or a mis-ordered head split then changes the outputs visibly.
@@ -6,6 +7,7 @@ a wrong router, a swapped gate/up or a mis-ordered head split then changes the o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -76,3 +78,23 @@ def hub_cache(root: Path, repo: str, folder: Path) -> None:
     blob = hashlib.sha256(f.read_bytes()).hexdigest()
     shutil.copyfile(f, storage / "blobs" / blob)
     (snapshot / f.name).symlink_to(Path("../../blobs") / blob)
+
+
+PEFT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate",
+                "embed_tokens"]
+
+
+def peft_adapter(model: Qwen2MoeForCausalLM, folder: Path, **config):
+  """A peft LoRA adapter with random A and B (as if trained) on a copy of `model`, saved to `folder`: attention,
+  the shared-expert MLPs, their gate and the embeddings as modules, the fused experts through target_parameters,
+  and lm_head as a changed full copy (modules_to_save)."""
+  from peft import LoraConfig, get_peft_model
+  torch.manual_seed(3)
+  peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+    r=3, lora_alpha=5, init_lora_weights=False, target_modules=PEFT_MODULES, modules_to_save=["lm_head"],
+    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], **config))
+  with torch.no_grad():
+    head = peft_model.base_model.model.lm_head.modules_to_save["default"].weight
+    head.add_(0.05 * torch.randn_like(head))
+  peft_model.save_pretrained(folder)
+  return peft_model.eval()

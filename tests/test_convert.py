@@ -8,7 +8,6 @@ subprocess. The HF checkpoints are built once per module.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -29,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2MoeForCausalLM
 
-from hf_models import hub_cache, make_model, save
+from hf_models import hub_cache, make_model, peft_adapter, save
 from qwen_moe_jax import checkpoint, hf_io, sharding
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.convert import export_hf, import_hf
@@ -689,26 +688,6 @@ def test_export_refuses_non_checkpoint(hf, tmp_path, capfd, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- peft adapters
 
-PEFT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate",
-                "embed_tokens"]
-
-
-def peft_adapter(model: Qwen2MoeForCausalLM, folder: Path, **config):
-  """A peft LoRA adapter with random A and B (as if trained) on a copy of `model`, saved to `folder`: attention,
-  the shared-expert MLPs, their gate and the embeddings as modules, the fused experts through target_parameters,
-  and lm_head as a changed full copy (modules_to_save)."""
-  from peft import LoraConfig, get_peft_model
-  torch.manual_seed(3)
-  peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-    r=3, lora_alpha=5, init_lora_weights=False, target_modules=PEFT_MODULES, modules_to_save=["lm_head"],
-    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], **config))
-  with torch.no_grad():
-    head = peft_model.base_model.model.lm_head.modules_to_save["default"].weight
-    head.add_(0.05 * torch.randn_like(head))
-  peft_model.save_pretrained(folder)
-  return peft_model.eval()
-
-
 @pytest.mark.parametrize("base,rslora", [("hub", False), ("fused", True)])
 def test_peft_adapter_merges_while_converting(base, rslora, model, hf, tmp_path):
   """hf_to_orbax.py --peft: an adapter trained with peft on the base is merged into the weights as they convert,
@@ -733,7 +712,7 @@ def test_peft_adapter_merges_as_a_hf_folder_is_read(model, hf, tmp_path):
   peft_adapter(model, tmp_path / "adapter")
   for base in ("hub", "fused"):
     import_hf(hf[base], tmp_path / base, peft=tmp_path / "adapter", progress=False)
-    got = params(checkpoint.restore(hf[base], dtype=jnp.float32, peft=tmp_path / "adapter"))
+    got = params(checkpoint.restore(checkpoint.locate(hf[base], tmp_path / "adapter"), dtype=jnp.float32))
     want = params(checkpoint.restore(tmp_path / base, dtype=jnp.float32))
     for k, x in want.items():
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=f"{base}: {k}")
@@ -743,7 +722,7 @@ def test_peft_adapter_merges_as_a_hf_folder_is_read(model, hf, tmp_path):
   assert [r.returncode for r in outputs] == [0, 0], outputs[1].stderr
   assert json.loads(outputs[0].stdout)["output_ids"] == json.loads(outputs[1].stdout)["output_ids"]
   r = cli("infer.py", "--checkpoint", tmp_path / "fused", "--peft", tmp_path / "adapter", *args)
-  assert_one_error(r.returncode, r.stderr, "--peft", "Orbax checkpoint", "hf_to_orbax.py --peft")
+  assert_one_error(r.returncode, r.stderr, "--peft", "Orbax checkpoint or run", "hf_to_orbax.py --peft")
   (tmp_path / "adapter" / "adapter_config.json").unlink()
   r = cli("infer.py", "--checkpoint", hf["sharded"], "--peft", tmp_path / "adapter", *args)
   assert_one_error(r.returncode, r.stderr, "adapter_config.json", "not found")

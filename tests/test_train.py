@@ -20,7 +20,7 @@ import torch
 from flax import nnx
 from transformers import Qwen2MoeForCausalLM
 
-from hf_models import make_model, save
+from hf_models import make_model, peft_adapter, save
 from qwen_moe_jax import checkpoint, convert, data, grpo, sharding, training
 from qwen_moe_jax import lora as lora_lib
 from qwen_moe_jax.demo import build_tokenizer
@@ -29,6 +29,7 @@ from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import abstract_model
 from qwen_moe_jax.peft_export import export_peft
+from qwen_moe_jax.run_dir import RunDir
 from qwen_moe_jax.scoring import prompt_logits
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
@@ -839,6 +840,35 @@ def test_lora_over_a_hf_folder_read_in_place(base, lora_run, tmp_path):
   (run / checkpoint.LORA_FILE).write_text(json.dumps(record | {"base": str(tmp_path / "gone")}))
   with pytest.raises(UserError, match=f"base checkpoint {tmp_path / 'gone'} not found"):
     checkpoint.locate(run)
+
+
+def test_peft_adapter_merged_into_a_hf_base(base, tmp_path):
+  """train.py --peft: a LoRA run over the HF folder with a peft adapter merged as it is read trains as one over the
+  folder converted with that adapter (same losses and weights read back); lora.json records the adapter with its
+  base. A full fine-tune's KL reference records it too and locates it again; the adapter gone is one line."""
+  peft_adapter(make_model(seed=4, vocab_size=320, std=0.05), tmp_path / "adapter")  # the base fixture's model
+  convert.import_hf(base / "hf", tmp_path / "merged", peft=tmp_path / "adapter", progress=False)
+  for source, run, extra in ((base / "hf", "run", ["--peft", str(tmp_path / "adapter")]),
+                             (tmp_path / "merged", "reference", [])):
+    res = train("--checkpoint", str(source), *extra, "--data", str(base / "data.jsonl"), "--out", str(tmp_path / run),
+                *TRAIN, "--steps", "4", *LORA)
+    assert res.returncode == 0, res.stderr
+  assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "reference")]
+  record = json.loads((tmp_path / "run" / checkpoint.LORA_FILE).read_text())
+  assert (record["base"], record["base_peft"]) == (str((base / "hf").resolve()), str(tmp_path / "adapter"))
+  got = checkpoint.flatten(nnx.state(checkpoint.restore(tmp_path / "run", dtype=jnp.float32), nnx.Param))
+  want = checkpoint.flatten(nnx.state(checkpoint.restore(tmp_path / "reference", dtype=jnp.float32), nnx.Param))
+  for k, x in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=k)
+
+  run = RunDir(tmp_path / "full")
+  located = checkpoint.locate(base / "hf", tmp_path / "adapter")
+  run.start(base / "hf", {}, reference=located)
+  assert run.reference() == located
+  shutil.rmtree(tmp_path / "adapter")
+  with pytest.raises(UserError, match="adapter_config.json.*not found"):
+    checkpoint.restore(run.reference())
+  run.close()
 
 
 def _step_outputs(model, mesh, tc, batch, kernels=Kernels()):
