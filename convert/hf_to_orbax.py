@@ -25,10 +25,11 @@ def main() -> None:
   ap.add_argument("out_dir", help="checkpoint folder to write (params/, config.json, tokenizer files)")
   ap.add_argument("--dtype", help="parameter dtype to store (default: the checkpoint's own)")
   ap.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT_DIR")
-  ap.add_argument("--peft", metavar="ADAPTER_DIR", help="a peft LoRA adapter folder to merge into the weights")
+  ap.add_argument("--peft", metavar="ADAPTER_DIR",
+                  help="a peft LoRA adapter folder (or repo id in the Hugging Face cache) to merge into the weights")
   args = ap.parse_args()
   cfg = import_hf(model_folder(args.hf_dir), args.out_dir, args.dtype, args.force, progress=sys.stderr.isatty(),
-                  peft=args.peft)
+                  peft=args.peft and model_folder(args.peft))
   print(f"wrote {args.out_dir} ({cfg.num_hidden_layers} layers, {cfg.num_experts} experts)", file=sys.stderr)
 
 
