@@ -227,7 +227,7 @@ def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None
   Location (`cfg` then required), every parameter created directly in its sharding, a layer at a time; with
   `kernels.expert_dtype` int8 the routed experts are quantized as their layer is read (after the merge). A LoRA
   run trained over int8 experts, read with int8 experts, keeps its adapters unmerged: the model it trained."""
-  cfg = cfg or load_config(source.path if isinstance(source, Location) else source)
+  cfg = cfg or load_config(source)
   loc, _ = checked(source, cfg)
   mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
   int8 = kernels.expert_dtype == "int8"

@@ -20,7 +20,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -48,6 +48,8 @@ def model_folder(name: str) -> Path:
     return path
   try:
     return Path(snapshot_download(name, local_files_only=True))
+  except HFValidationError:  # not a valid repo id ("runs/a--b"): a path, which does not exist
+    return path
   except LocalEntryNotFoundError:
     raise UserError(f"{name}: no such folder, nor a snapshot of that Hugging Face repo in the cache "
                     f"{constants.HF_HUB_CACHE}; download it (`hf download {name}`) or give its folder") from None

@@ -605,6 +605,8 @@ def test_hf_folders_in_place_and_from_the_cache(hf, ckpts, model, tmp_path):
   restores_to(tmp_path / "ckpt", hf["sharded"])
   r = cli("infer.py", "--checkpoint", "Qwen/Absent", *args, cwd=tmp_path, env=env)
   assert_one_error(r.returncode, r.stderr, "Qwen/Absent: no such folder", str(tmp_path / "cache"), "hf download")
+  r = cli("infer.py", "--checkpoint", "runs/a--b", *args, cwd=tmp_path, env=env)  # no repo id: a missing path
+  assert_one_error(r.returncode, r.stderr, "runs/a--b", "not found")
   hub_cache(tmp_path / "cache", "Qwen/Escape", hf["bf16"])  # a snapshot linking outside its repo's blobs/
   shutil.copyfile(hf["bf16"] / hf_io.SINGLE_FILE, tmp_path / "outside.safetensors")
   link = next((tmp_path / "cache" / "models--Qwen--Escape" / "snapshots").iterdir()) / hf_io.SINGLE_FILE
@@ -712,7 +714,8 @@ def test_peft_adapter_merges_as_a_hf_folder_is_read(model, hf, tmp_path):
   peft_adapter(model, tmp_path / "adapter")
   for base in ("hub", "fused"):
     import_hf(hf[base], tmp_path / base, peft=tmp_path / "adapter", progress=False)
-    got = params(checkpoint.restore(checkpoint.locate(hf[base], tmp_path / "adapter"), dtype=jnp.float32))
+    got = params(checkpoint.restore(checkpoint.locate(hf[base], tmp_path / "adapter"), dtype=jnp.float32,
+                                    cfg=checkpoint.load_config(hf[base])))
     want = params(checkpoint.restore(tmp_path / base, dtype=jnp.float32))
     for k, x in want.items():
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=f"{base}: {k}")

@@ -867,7 +867,7 @@ def test_peft_adapter_merged_into_a_hf_base(base, tmp_path):
   assert run.reference() == located
   shutil.rmtree(tmp_path / "adapter")
   with pytest.raises(UserError, match="adapter_config.json.*not found"):
-    checkpoint.restore(run.reference())
+    checkpoint.restore(run.reference(), cfg=checkpoint.load_config(base / "hf"))
   run.close()
 
 
