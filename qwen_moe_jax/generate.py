@@ -456,7 +456,9 @@ class Generator:
 
     def drop_ended() -> None:
       """Waiting prompts that stop_when ends before they start end without running."""
-      for i in [i for i in waiting if stop_when(i, [], 0) is not None] if stop_when else []:
+      if stop_when is None:
+        return
+      for i in [i for i in waiting if stop_when(i, [], 0) is not None]:
         waiting.remove(i)
         stopped[i] = True
         if on_done:

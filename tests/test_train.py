@@ -824,6 +824,13 @@ def test_lora_run_with_its_base_gone_or_as_a_lora_base(base, lora_run, tmp_path)
     checkpoint.locate(moved)
 
 
+def assert_same_weights(run: Path, other: Path) -> None:
+  """The two run folders read back (LoRA adapters merged) to the same float32 weights."""
+  got, want = (checkpoint.flatten(nnx.state(checkpoint.restore(r, dtype=jnp.float32), nnx.Param)) for r in (run, other))
+  for k, x in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=k)
+
+
 def test_lora_over_a_hf_folder_read_in_place(base, lora_run, tmp_path):
   """A LoRA run straight from the HF folder (no conversion) trains as over its conversion: the same losses and
   weights read back; lora.json records the folder, and the folder gone is one line."""
@@ -833,10 +840,7 @@ def test_lora_over_a_hf_folder_read_in_place(base, lora_run, tmp_path):
   assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(lora_run)]
   record = json.loads((run / checkpoint.LORA_FILE).read_text())
   assert (record["base"], record["base_item"], record["base_format"]) == (str((base / "hf").resolve()), None, "hf")
-  got = checkpoint.flatten(nnx.state(checkpoint.restore(run, dtype=jnp.float32), nnx.Param))
-  want = checkpoint.flatten(nnx.state(checkpoint.restore(lora_run, dtype=jnp.float32), nnx.Param))
-  for k, x in want.items():
-    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=k)
+  assert_same_weights(run, lora_run)
   (run / checkpoint.LORA_FILE).write_text(json.dumps(record | {"base": str(tmp_path / "gone")}))
   with pytest.raises(UserError, match=f"base checkpoint {tmp_path / 'gone'} not found"):
     checkpoint.locate(run)
@@ -856,10 +860,7 @@ def test_peft_adapter_merged_into_a_hf_base(base, tmp_path):
   assert [r["loss"] for r in metrics(tmp_path / "run")] == [r["loss"] for r in metrics(tmp_path / "reference")]
   record = json.loads((tmp_path / "run" / checkpoint.LORA_FILE).read_text())
   assert (record["base"], record["base_peft"]) == (str((base / "hf").resolve()), str(tmp_path / "adapter"))
-  got = checkpoint.flatten(nnx.state(checkpoint.restore(tmp_path / "run", dtype=jnp.float32), nnx.Param))
-  want = checkpoint.flatten(nnx.state(checkpoint.restore(tmp_path / "reference", dtype=jnp.float32), nnx.Param))
-  for k, x in want.items():
-    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(x), err_msg=k)
+  assert_same_weights(tmp_path / "run", tmp_path / "reference")
 
   run = RunDir(tmp_path / "full")
   located = checkpoint.locate(base / "hf", tmp_path / "adapter")
