@@ -78,6 +78,8 @@ class Location:
   lora: lora_lib.LoraConfig | None = None
   hf: bool = False  # `path` is a Hugging Face folder, its safetensors read in place
   peft: Path | None = None  # a peft LoRA adapter folder merged into an HF folder's weights as they are read
+  # an HF folder's tensors bound and checked (by `checked`), then read from
+  weights: hf_layout.HfWeights | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def latest_step(run_dir: Path) -> Path | None:
@@ -169,8 +171,11 @@ def stored_shapes(loc: Location) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 def checked(source: str | Path | Location,
             cfg: QwenMoeConfig) -> tuple[Location, dict[str, tuple[tuple[int, ...], np.dtype]]]:
   """(location, stored shapes and dtypes) of a folder's (or a Location's) weights, strictly checked against
-  `cfg` (and those of a LoRA run's adapters against its lora.json)."""
+  `cfg` (and those of a LoRA run's adapters against its lora.json). An HF folder's Location comes back holding
+  its checked tensors, which reads of it use."""
   loc = source if isinstance(source, Location) else locate(source)
+  if loc.hf:
+    loc = dataclasses.replace(loc, weights=_hf_weights(loc))
   stored = stored_shapes(loc)
   check_shapes(stored, param_shapes(cfg), str(loc.path))
   if loc.adapters is not None:
@@ -192,7 +197,10 @@ def check_shapes(stored: dict[str, tuple[tuple[int, ...], Any]], expected: dict[
 
 
 def _hf_weights(loc: Location) -> hf_layout.HfWeights:
-  """An HF folder's tensors bound to its own config's parameters, every check the headers allow done."""
+  """An HF folder's tensors bound to its own config's parameters, every check the headers allow done (once:
+  `checked` keeps them in the Location)."""
+  if loc.weights is not None:
+    return loc.weights
   cfg = load_config(loc.path)
   return hf_layout.HfWeights(loc.path, cfg, param_shapes(cfg), loc.peft)
 

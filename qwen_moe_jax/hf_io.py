@@ -145,9 +145,13 @@ class SafetensorsReader:
   def dtype(self, name: str) -> np.dtype:
     return self.info[name][0]
 
-  def read(self, name: str) -> np.ndarray:
-    """One tensor as a fresh host numpy array (bfloat16 via ml_dtypes), read straight from the file."""
+  def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """One tensor as a fresh host numpy array (bfloat16 via ml_dtypes), read straight from the file; with
+    `rows` (start, stop), only those rows of its leading axis (contiguous in the file)."""
     dtype, shape, offset = self.info[name]
+    if rows:
+      offset += rows[0] * int(np.prod(shape[1:])) * dtype.itemsize
+      shape = (rows[1] - rows[0], *shape[1:])
     count = int(np.prod(shape))
     try:
       x = np.fromfile(self.where[name], dtype, count, offset=offset)

@@ -50,7 +50,7 @@ class Row:
   part: tuple  # index into our parameter; "e" stands for the expert number
   transform: Transform
   heads: str = ""  # config field with the head count the transform splits by
-  hub: bool = True  # part of the layout we export (False: transformers v5's fused experts)
+  hub: bool = True  # part of the layout we export (False: transformers v5's fused experts, experts first)
 
 
 L = "model.layers.{i}."
@@ -210,17 +210,34 @@ class HfWeights:
   def read(self, group: str, dtypes: dict[str, np.dtype] | None = None,
            experts: Collection[int] | None = None) -> dict[str, np.ndarray]:
     """One group's parameters as host arrays, each in its `dtypes` entry (default: as stored). With `experts`, of
-    the hub layout's per-expert tensors only those experts' are read (the rest of their rows stay 0): the ones a
-    process's devices hold."""
+    the expert tensors (per-expert, or fused: experts first) only those experts' are read (the rest of their rows
+    stay 0): the ones a process's devices hold."""
     targets = dtypes or self.dtypes()
     bindings = self.by_group[group]
     params = {path: np.zeros(self.shapes[path], targets[path]) for path in dict.fromkeys(b.path for b in bindings)}
     for b in bindings:
-      if experts is None or "e" not in b.row.part or b.part[0] in experts:
-        copy_into(params[b.path][b.part], b.row.transform[0](self.reader.read(b.hf), b.heads(self.cfg)))
+      for rows in _rows_to_read(b, experts, self.shapes[b.path][0]):
+        dst = params[b.path][b.part] if rows is None else params[b.path][rows[0]:rows[1]]
+        copy_into(dst, b.row.transform[0](self.reader.read(b.hf, rows), b.heads(self.cfg)))
     if self.adapter:
       _merge(self.cfg, self.adapter, self.merges.get(group, []), params)
     return params
+
+
+def _rows_to_read(b: Binding, experts: Collection[int] | None, num_experts: int) -> list[tuple[int, int] | None]:
+  """What to read of `b`'s tensor for `experts` (None: all): [None] (all of it), [] (nothing: another expert's), or
+  a fused tensor's runs of consecutive experts as (start, stop) rows."""
+  if experts is None or (b.row.hub and "e" not in b.row.part):
+    return [None]
+  if b.row.hub:
+    return [None] if b.part[0] in experts else []
+  runs: list[list[int]] = []
+  for e in sorted(e for e in experts if e < num_experts):  # held experts past num_experts are the mesh's padding
+    if runs and runs[-1][1] == e:
+      runs[-1][1] = e + 1
+    else:
+      runs.append([e, e + 1])
+  return [(start, stop) for start, stop in runs]
 
 
 def _bind_adapter(cfg, adapter: LoraAdapter, shapes) -> dict[str, list[tuple[Binding, str | None]]]:

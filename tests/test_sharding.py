@@ -57,7 +57,9 @@ def logits_on(model, mesh, ids):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("shard")
-  save(make_model(seed=9, num_experts=12, num_experts_per_tok=3), tmp / "hf")  # 12 experts: expert=8 pads to 16
+  torch_model = make_model(seed=9, num_experts=12, num_experts_per_tok=3)  # 12 experts: expert=8 pads to 16
+  save(torch_model, tmp / "hf")
+  save(torch_model, tmp / "hf-fused", layout="fused")
   convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
   ids = np.random.default_rng(0).integers(0, 101, (8, 10))
   model = checkpoint.restore(tmp / "ckpt", dtype=jnp.float32)
@@ -244,11 +246,11 @@ def _trained_both_ways(args: list[str], tmp_path: Path) -> list[tuple[dict, dict
   return list(zip(read(tmp_path / "multi"), read(tmp_path / "single"), strict=True))
 
 
-@pytest.mark.parametrize("source,mesh", [("ckpt", "data=2,expert=4"), ("hf", "expert=8")])
+@pytest.mark.parametrize("source,mesh", [("ckpt", "data=2,expert=4"), ("hf", "expert=8"), ("hf-fused", "expert=8")])
 def test_two_processes_form_one_mesh(ckpt, tmp_path, source, mesh):
   """2 processes x 4 CPU devices: infer.py gives the single-process numbers (of the converted checkpoint), also
-  reading the HF folder in place with the experts split across the processes (each reads the experts it holds:
-  0-7, and 8-11 with the padding)."""
+  reading an HF folder in place (per-expert or fused expert tensors) with the experts split across the processes
+  (each reads the experts it holds: 0-7, and 8-11 with the padding)."""
   args = ["--input-ids", "1,2,3,4,5", "--max-new-tokens", "12", "--dtype", "float32", "--json", "--prompt-logprobs",
           "--mesh", mesh, "--dump-logits"]
   results = _two_processes("infer.py", ["--checkpoint", str(ckpt[0].parent / source), *args,
