@@ -48,7 +48,7 @@ class Metrics:
 
     self.running = make(Gauge, "num_requests_running", "Jobs generating (a token out).")
     self.waiting = make(Gauge, "num_requests_waiting", "Jobs without a token out yet (queued or prefilling).")
-    self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt ids of finished jobs.")
+    self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt ids of finished jobs (not aborted unstarted).")
     self.cache_queries = make(Counter, "prefix_cache_queries", "Prompt ids looked up in the kept rows.")
     self.cache_hits = make(Counter, "prefix_cache_hits", "Prompt ids a kept row held (not run).")
     self.generation_tokens = make(Counter, "generation_tokens", "Generated ids.")
@@ -79,16 +79,18 @@ class Metrics:
 
   def finished(self, meter: Meter | None, prompt: int, cached: int, generated: int, reason: str) -> None:
     """A job done: `prompt` ids (`cached` of them not run), `generated` ids in all (a scored job's come only
-    here), ended for `reason` (FINISHED_REASONS)."""
+    here), ended for `reason` (FINISHED_REASONS). One aborted before it started ran no prompt ids: counted only
+    as a request."""
     if meter is None or meter.ended:
       return
     if generated > meter.counted:
       self.tokens(meter, generated - meter.counted)
     self._leave(meter)
     now = time.monotonic()
-    self.prompt_tokens.inc(prompt)
-    self.cache_queries.inc(prompt)
-    self.cache_hits.inc(cached)
+    if meter.first_token is not None or reason != "abort":
+      self.prompt_tokens.inc(prompt)
+      self.cache_queries.inc(prompt)
+      self.cache_hits.inc(cached)
     self.success[reason].inc()
     self.latency.observe(now - meter.submitted)
     if generated > 1:

@@ -627,6 +627,22 @@ def test_metrics_end_a_job_once():
   assert got["prefix_cache_hits_total"] == 2
 
 
+def test_metrics_of_a_job_aborted_before_it_started():
+  """A job whose client left while it waited (ended without running, Engine's stop_when) counts as an aborted
+  request, not as prompt ids run or looked up; one aborted after its first tokens counts its prompt."""
+  metrics = Metrics("demo")
+  queued, started = Meter(), Meter()
+  metrics.queued([queued, started])
+  metrics.finished(queued, prompt=7, cached=0, generated=0, reason="abort")
+  metrics.tokens(started, 2)
+  metrics.finished(started, prompt=5, cached=1, generated=2, reason="abort")
+  got = samples(metrics.exposition()[0].decode())
+  assert got["request_success_total{finished_reason=abort}"] == 2
+  assert got["prompt_tokens_total"] == got["prefix_cache_queries_total"] == 5
+  assert got["prefix_cache_hits_total"] == 1
+  assert got["num_requests_running"] == got["num_requests_waiting"] == 0
+
+
 def test_cli_serve(served, tmp_path):
   """`infer.py --serve 0` listens on a free port (printed on stderr) and answers (its warm-up run not in its
   metrics), here over the HF folder read in place, named by its repo id in a Hugging Face cache: the name it
