@@ -121,6 +121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="a prompt whose first N or more tokens another row holds (a common few-shot or system "
                   "prefix) copies their keys and values instead of running them; --prompt-logprobs runs the first "
                   "tokens prompts have in common once (0: only a prompt's samples share)")
+  ap.add_argument("--prefix-pool", type=int, default=0, metavar="N",
+                  help="keep, in N cache rows past the decode rows, what finished rows held when other prompts take "
+                  "their rows (least recently used out first), for prompts beginning with it to copy as a row's "
+                  "(--share-prefix): a served conversation's next turn runs only its new tokens although its row was "
+                  "taken; costs N rows of --max-model-len slots of memory, no decode time")
   ap.add_argument("--serve", metavar="[HOST:]PORT",
                   help="serve OpenAI's /v1/completions and /v1/chat/completions on this port (host default "
                   "127.0.0.1; port 0: any free one), --batch-size rows (default 16) at once")
@@ -143,6 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     raise UserError("--max-new-tokens 0 generates nothing: it scores the prompts, with --json --prompt-logprobs")
   if args.share_prefix < 0:
     raise UserError(f"--share-prefix must be >= 0, got {args.share_prefix}")
+  if args.prefix_pool < 0 or (args.prefix_pool and not args.share_prefix):
+    raise UserError(f"--prefix-pool must be >= 0 and needs --share-prefix > 0, got {args.prefix_pool} and "
+                    f"{args.share_prefix}")
   for flag in ("batch_size", "prefill_rows", "num_samples"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -356,7 +364,8 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
                              kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows,
                         batch_size=args.batch_size or (SERVE_ROWS if args.serve else None),
-                        kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix)
+                        kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix,
+                        prefix_pool=args.prefix_pool)
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, tok, gen))
   if args.serve:

@@ -7,8 +7,11 @@ shapes (what `infer.py --serve`'s engine runs when C users send their k-th messa
 `rerun` (--share-prefix 0: every prompt runs whole), `shared` (the default --share-prefix 64 without kept rows:
 each call runs the system prompt once and copies it, but the history again) and `kept` (what the server does:
 `keep=True`, each finished row holding its prompt and reply, so a conversation's next turn copies them and runs
-only its new message). Outputs are checked equal. Runs a demo-sized random model on whatever device jax finds
-(compilation excluded: each way runs twice, the second timed) and prints one JSON object.
+only its new message). Then with half as many rows as conversations, so that each call's second half of
+conversations takes the rows of its first half: `kept_few_rows` (what the rows keep is lost to the next prompts)
+and `pooled_few_rows` (`--prefix-pool` of that many rows keeps it). Outputs are checked equal. Runs a demo-sized
+random model on whatever device jax finds (compilation excluded: each way runs twice, the second timed) and prints
+one JSON object.
 
 python benchmarks/conversations.py [--conversations 8] [--turns 4] [--system 500] [--user 60] [--reply 24]
 """
@@ -60,20 +63,26 @@ def main() -> None:
   messages = [[rng.integers(0, cfg.vocab_size, args.user).tolist() for _ in range(args.conversations)]
               for _ in range(args.turns)]
   slots = cache_bucket(args.system + args.turns * (args.user + args.reply))
-  room = Room(rows=args.conversations, slots=slots, max_new=args.reply)
+  few = args.conversations // 2
   report, outputs = {}, {}
-  for way, share, keep in (("rerun", 0, False), ("shared", 64, False), ("kept", 64, True)):
-    gen = Generator(model, mesh, share_prefix=share)
+  for way, share, keep, rows, pool in (("rerun", 0, False, args.conversations, 0),
+                                       ("shared", 64, False, args.conversations, 0),
+                                       ("kept", 64, True, args.conversations, 0),
+                                       ("kept_few_rows", 64, True, few, 0), ("pooled_few_rows", 64, True, few, few)):
+    gen = Generator(model, mesh, share_prefix=share, batch_size=rows, prefix_pool=pool)
+    room = Room(rows=rows, slots=slots, max_new=args.reply)
     for _ in range(2):  # the first compiles
       outputs[way], seconds, run = chat(gen, system, messages, args.reply, room, keep)
-    report[way] = {"seconds": round(seconds, 3), "prompt_tokens_run": run}
-  assert outputs["kept"] == outputs["shared"] == outputs["rerun"], "the ways gave different outputs"
+    report[way] = {"seconds": round(seconds, 3), "prompt_tokens_run": run, "rows": rows, "prefix_pool": pool}
+  assert all(out == outputs["rerun"] for out in outputs.values()), "the ways gave different outputs"
   print(json.dumps({
     "benchmark": "conversations", "conversations": args.conversations, "turns": args.turns,
     "system_tokens": args.system, "user_tokens": args.user, "reply_tokens": args.reply, "cache_slots": slots,
     "prompt_tokens": sum(args.conversations * (args.system + k * (args.user + args.reply) + args.user)
                          for k in range(args.turns)),
     **report, "kept_speedup_over_rerun": round(report["rerun"]["seconds"] / report["kept"]["seconds"], 2),
+    "pooled_speedup_over_kept_few_rows": round(
+      report["kept_few_rows"]["seconds"] / report["pooled_few_rows"]["seconds"], 2),
     "same_outputs": True, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
     "machine": platform.machine(), "jax": jax.__version__,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

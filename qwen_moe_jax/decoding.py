@@ -1,7 +1,8 @@
 """The device side of generation: the decode state (KV cache, tokens so far, each row's settings) and the jitted
 programs over it, each donating the state so the cache is updated in place: `prefill` (prompts into rows),
 `decode` (a `lax.while_loop` of steps that stays on the device), `prompt_slots` / `prefix_slots` and `fork` (a row
-takes another row's prefix), `end_row`. generate.py drives them from the host.
+takes another row's prefix), `exchange` (the prefix pool's saves and loads), `end_row`. generate.py drives them
+from the host.
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: Sampling
 def prompt_slots(cache: KVCache, sources, prompt) -> KVCache:
   """Slots [0, P) of cache rows `sources` [R] (prompt [R, P]: only its width is used): what `fork` copies,
   read in a program of its own so that `fork` writes its (donated) cache in place."""
-  return jax.tree.map(lambda c: c[sources, :, :prompt.shape[1]], cache)
+  return cache.slots(sources, prompt.shape[1])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -234,9 +235,7 @@ def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys, settings: 
   length, and the ids a repetition penalty sees); limits, keys, settings [R]; rows past the state's: unused."""
   length = jnp.sum(prompt >= 0, axis=1)
   put = lambda whole, part: whole.at[rows].set(part.astype(whole.dtype), mode="drop")  # noqa: E731
-  at = (rows[:, None], slice(None), jnp.arange(prompt.shape[1])[None])  # [R, P] first, as LayerKV.write indexes
-  cache = jax.tree.map(lambda c, x: c.at[at].set(jnp.moveaxis(x, 2, 1), unique_indices=True, mode="drop"),
-                       state.cache, kv)
+  cache = state.cache.put(rows, kv)
   seen = None if state.seen is None else mark_seen(jnp.zeros((len(rows), state.seen.shape[1]), bool),
                                                     jnp.maximum(prompt, 0), prompt >= 0)
   return dataclasses.replace(
@@ -246,6 +245,27 @@ def fork(state: DecodeState, rows, kv: KVCache, prompt, limits, keys, settings: 
     sampling=jax.tree.map(put, state.sampling, settings), seen=None if seen is None else put(state.seen, seen),
     counts=None if state.counts is None else put(state.counts, jnp.zeros((len(rows), state.counts.shape[1]))),
     grammar_at=None if state.grammar_at is None else put(state.grammar_at, settings.grammar_start)).laid_out()
+
+
+@functools.partial(jax.jit, static_argnames=("save_width", "load_width"), donate_argnames=("cache", "pool"))
+def exchange(cache: KVCache, pool: KVCache, save_rows, save_entries, load_entries, load_rows, *, save_width: int,
+             load_width: int) -> tuple[KVCache, KVCache]:
+  """(cache, pool) with slots [0, save_width) of cache rows `save_rows` [S] saved to prefix pool entries
+  `save_entries` [S], and slots [0, load_width) of pool entries `load_entries` [L] loaded into cache rows
+  `load_rows` [L] (indices past the arrays: dropped), every read before any write: a row can take an entry's ids
+  while what it held takes that entry's place (generate.py)."""
+  saved, loaded = cache.slots(save_rows, save_width), pool.slots(load_entries, load_width)
+  return cache.put(load_rows, loaded).laid_out(), pool.put(save_entries, saved).laid_out()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rows", "length", "dtype"))
+def empty_cache(*, cfg, rows, length, dtype) -> KVCache:
+  return KVCache.zeros(cfg, rows, length, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("length",), donate_argnames=("cache",))
+def grown_cache(cache: KVCache, *, length: int) -> KVCache:
+  return cache.grown(length).laid_out()
 
 
 def _taken(nexts: jax.Array, token: jax.Array) -> jax.Array:

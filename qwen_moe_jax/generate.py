@@ -32,9 +32,12 @@ from flax import nnx
 from qwen_moe_jax.decoding import (
   DecodeState,
   decode,
+  empty_cache,
   empty_state,
   end_row,
+  exchange,
   fork,
+  grown_cache,
   kept_state,
   load_grammar,
   prefill,
@@ -46,7 +49,7 @@ from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.grammar import Registry
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
-from qwen_moe_jax.prefixes import PrefixIndex, common_prefix
+from qwen_moe_jax.prefixes import Pool, PrefixIndex, common_prefix
 from qwen_moe_jax.sampling import RowSampling, Sampling, SamplingOps
 
 MIN_BUCKET = 16
@@ -164,13 +167,15 @@ class Generator:
 
   def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16,
                prefill_rows: int | None = None, batch_size: int | None = None, kv_cache_dtype: str = "auto",
-               share_prefix: int = 64):
+               share_prefix: int = 64, prefix_pool: int = 0):
     """`chunk`: decode steps per device call (the host streams tokens between calls). `prefill_rows`: prompts
     per prefill call (default: all rows at once); fewer bound the prefill's activations when the batch is large.
     `batch_size`: most rows decoded at once (rounded up like the batch); more prompts wait and are prefilled
     into rows as they finish (default: every prompt gets a row). `kv_cache_dtype`: "auto" (the model's dtype)
     or "int8" (quantized, see kv_cache.py). `share_prefix`: a prompt whose first `share_prefix` or more ids
-    another row holds copies them from it (0: only samples of one prompt share)."""
+    another row holds copies them from it (0: only samples of one prompt share). `prefix_pool`: cache rows past
+    the decode rows that keep what finished rows held when other prompts take those rows (least recently used
+    out first), for later prompts to copy as a row's (see `generate`); they cost memory, not decode time."""
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
@@ -178,25 +183,27 @@ class Generator:
     self.prefill_rows = prefill_rows
     self.batch_size = batch_size
     self.share_prefix = share_prefix
+    self.prefix_pool = prefix_pool if share_prefix else 0
     self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache_dtype == "int8" else model.embed[...].dtype
     self._executables: dict = {}
     self._compile_seconds = 0.0
     self._kept: tuple[DecodeState, list, list[float]] | None = None  # (state, holds, freed), see `generate`
+    self._pool: tuple[KVCache, Pool] | None = None  # the prefix pool's cache [prefix_pool rows] and entries
 
   def load(self, model: QwenMoeForCausalLM) -> None:
     """Takes new weights of the same shapes and shardings (a training step's): the compiled programs stay; a kept
     cache goes (it was computed with the old weights)."""
     self.graphdef, self.params = nnx.split(model)
-    self._kept = None
+    self.drop_kept()
 
   def drop_weights(self) -> None:
     """Lets go of the weights until the next `load` (a training step's memory then holds no copy of them)."""
     self.params = None
-    self._kept = None
+    self.drop_kept()
 
   def drop_kept(self) -> None:
-    """Frees the KV cache a `keep` call kept (for work that needs the memory)."""
-    self._kept = None
+    """Frees the KV cache a `keep` call kept and the prefix pool (for work that needs the memory)."""
+    self._kept = self._pool = None
 
   def _compiled(self, fn, args: tuple, model: bool = True, **statics):
     """Ahead-of-time compiled `fn` for these argument shapes (cached), so timings exclude compilation; `model`:
@@ -298,6 +305,8 @@ class Generator:
     stops = np.full(bucket(len(stop_ids), minimum=4), -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
     kept, self._kept = self._kept, None
+    pool_cache, pool = self._pool or (None, None)
+    self._pool = None  # given back at the end of a `keep` call
     if kept and (not keep or kept[0].last.shape[0] != rows):
       kept = None
     if kept:
@@ -371,23 +380,32 @@ class Generator:
         state = self._compiled(fork, (state, *args), model=False)(state, *args)
       return state
 
+    def held(source: int) -> list[int] | None:  # what a row, or past the rows a pool entry, holds
+      return holds[source] if source < rows else pool.holds[source - rows]
+
     def place(state: DecodeState) -> DecodeState:
       """Waiting prompts take the free rows, in order. A prompt that a running row holds whole (a sample of it),
       or that begins with at least `share_prefix` ids a row holds (a running row's prompt, a prompt's filled before
-      it here, or a finished prompt and its output, which its free row holds until taken), copies them (`copy`);
-      the others are prefilled (`fill`). A prompt takes the free row holding its prefix when that row loses fewer
-      ids than the prompt reuses (a conversation's next turn: in place), else the free row that has held nothing
-      or was freed longest ago. Fills run before the copies (in the order planned): a row a copy reads is not
-      filled here (the prompt waits), and a row a copy writes is read by no later copy."""
+      it here, or a finished prompt and its output, which its free row holds until taken) or a prefix pool entry
+      holds, copies them (`copy`; a pool entry's are loaded into the row first); the others are prefilled
+      (`fill`). A prompt takes the free row holding its prefix when that row loses fewer ids than the prompt
+      reuses (a conversation's next turn: in place), else the free row that has held nothing or was freed longest
+      ago; what a row loses the pool then keeps (`Pool.target`), and a pool entry a row takes is free again. The
+      pool's saves and loads run first (`moved`), then the fills, then the copies (in the order planned): a row a
+      copy reads is not filled or loaded here (the prompt waits), and a row a copy writes is read by no later copy."""
       index, running = PrefixIndex(), {}  # running: a running row of each prompt
       free = [row for row in range(rows) if owner[row] < 0]
       for row in [r for r in range(rows) if owner[r] >= 0] + sorted(free, key=lambda r: -freed[r]):
-        if holds[row] is not None:  # running rows, then free ones, most recently freed first
+        if holds[row] is not None:  # running rows, then free ones, most recently freed first, then the pool's
           index.add(row, holds[row])
         if owner[row] >= 0:
           running.setdefault(tuple(prompts[owner[row]]), row)
+      for e in sorted(range(len(pool.holds)) if pool else [], key=lambda e: -pool.used[e]):
+        if pool.holds[e] is not None:
+          index.add(rows + e, pool.holds[e])
       free.sort(key=lambda r: (holds[r] is not None, freed[r]))
-      filled, filling, copies, read = [], set(), [], set()
+      filled, filling, copies, read, saves, loads = [], set(), [], set(), [], []
+      saved = set()  # pool entries saved to here: read before the saves write, so not loaded
       while waiting and free:
         i = waiting[-1]
         p = prompts[i]
@@ -395,17 +413,28 @@ class Generator:
           source, n = running[tuple(p)], len(p) - 1
         else:
           source = -1 if tuple(p) in filling else index.longest(p)[0]
-          n = common_prefix(p[:-1], holds[source][:-1]) if source >= 0 and holds[source] is not None else 0
-          source = source if 0 < self.share_prefix <= n else -1
-        if source >= 0:
+          n = common_prefix(p[:-1], held(source)[:-1]) if source >= 0 and held(source) is not None else 0
+          source = source if 0 < self.share_prefix <= n and source - rows not in saved else -1
+        if 0 <= source < rows:
           row = source if source in free and len(holds[source]) - 1 - n <= n else free[0]
-        else:
+        else:  # prefilled, or loaded from the pool
           row = next((r for r in free if r not in read), -1)
           if row < 0:
             break
         waiting.pop()
         free.remove(row)
         owner[row], shown[row] = i, 0
+        # what the row holds goes (to the pool, if it keeps it), or some of it, taken in place
+        taken = row != source or len(holds[row]) - 1 > n
+        if source >= rows:  # the row will hold all the entry holds and more: the entry is free again
+          loads.append((source - rows, row, n))
+          pool.holds[source - rows], source = None, row
+        if pool and taken and holds[row] is not None and len(holds[row]) > self.share_prefix:
+          e = pool.target(holds[row], freed[row], saved)
+          if e >= 0:
+            saves.append((e, row))
+            saved.add(e)
+            pool.holds[e], pool.used[e] = holds[row], freed[row]
         if source >= 0:
           copies.append((row, i, source, n))
           read.add(source)
@@ -415,6 +444,7 @@ class Generator:
           filling.add(tuple(p))
           holds[row] = p
           index.add(row, p)
+      state = moved(state, saves, loads)
       for payload in grammars.payloads():  # the grammars of prompts admitted since the last placement
         state = self._compiled(load_grammar, (state, *payload), model=False)(state, *payload)
       state = fill(state, filled) if filled else state
@@ -464,14 +494,41 @@ class Generator:
         if on_done:
           on_done(i, output(i))
 
+    def moved(state: DecodeState, saves: list[tuple[int, int]], loads: list[tuple[int, int, int]]) -> DecodeState:
+      """The prefix pool's entries saved from rows, saves [(entry, row)], and loaded into rows, loads [(entry, row,
+      n ids used)], in one call (`exchange`)."""
+      nonlocal pool_cache
+      if not saves and not loads:
+        return state
+
+      def padded(values: list[int], past: int | None = None) -> np.ndarray:  # to a bucket (none: none) with reads
+        # of index 0, or writes to distinct indices from `past` on (dropped: the arrays' ends)
+        extra = range((bucket(len(values), minimum=1) if values else 0) - len(values))
+        return np.array(values + [0 if past is None else past + k for k in extra], np.int32)
+
+      save_rows, save_entries = padded([r for _, r in saves]), padded([e for e, _ in saves], self.prefix_pool)
+      load_entries, load_rows = padded([e for e, _, _ in loads]), padded([r for _, r, _ in loads], rows)
+      widths = {"save_width": min(bucket(max([len(pool.holds[e]) for e, _ in saves], default=1)), cache_len),
+                "load_width": min(bucket(max([n for _, _, n in loads], default=1)), cache_len)}
+      args = (state.cache, pool_cache, save_rows, save_entries, load_entries, load_rows)
+      cache, pool_cache = self._compiled(exchange, args, model=False, **widths)(*args)
+      return dataclasses.replace(state, cache=cache)
+
     owner = [-1] * rows  # the prompt in each row (-1: none)
     shown = [0] * rows  # the tokens of each row's prompt seen
     waiting = list(range(n))[::-1]  # prompts without a row yet, next last
-    cache_gb = KVCache.nbytes(cfg, rows, cache_len, self.cache_dtype) / 1e9
+    cache_gb = KVCache.nbytes(cfg, rows + self.prefix_pool, cache_len, self.cache_dtype) / 1e9
+    pooled = f", its {self.prefix_pool} prefix pool rows included" if self.prefix_pool else ""
     with mesh_context(self.mesh), _out_of_memory_hint(
-        f"out of device memory running {rows} rows x {cache_len} cache slots (KV cache {cache_gb:.2f} GB in all): "
-        "decode fewer prompts at once (--batch-size) or prefill fewer per call (--prefill-rows)"):
+        f"out of device memory running {rows} rows x {cache_len} cache slots (KV cache {cache_gb:.2f} GB in all"
+        f"{pooled}): decode fewer prompts at once (--batch-size), prefill fewer per call (--prefill-rows)"
+        + (" or pool fewer (--prefix-pool)" if self.prefix_pool else "")):
       start = time.perf_counter()
+      if self.prefix_pool and pool is None:
+        pool_cache, pool = self._compiled(empty_cache, (), model=False, cfg=cfg, rows=self.prefix_pool,
+                                          length=cache_len, dtype=self.cache_dtype)(), Pool(self.prefix_pool)
+      elif pool is not None and pool_cache.length < cache_len:
+        pool_cache = self._compiled(grown_cache, (pool_cache,), model=False, length=cache_len)(pool_cache)
       if kept:  # its free rows hold the finished prompts and outputs of the last `keep` call
         state = kept_state(kept[0].cache, prompt_keys(0, range(rows)), jnp.asarray(stops), cache_len=cache_len,
                            max_new=max_new, vocab=cfg.vocab_size, ops=ops)
@@ -525,6 +582,7 @@ class Generator:
       end = time.perf_counter() - self._compile_seconds
     if keep:
       self._kept = state, holds, freed
+      self._pool = (pool_cache, pool) if pool else None
     return Result([output(i) for i in range(len(prompts))], sum(len(p) for p in prompts),
                   sum(len(o) for o in outputs), compile_seconds=self._compile_seconds,
                   prefill_seconds=prefilled - start, decode_seconds=end - prefilled, left=left)

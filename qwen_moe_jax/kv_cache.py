@@ -107,6 +107,17 @@ class KVCache:
                    v=tuple(sharding.constrain(x, CACHE_AXES) for x in self.v),
                    k_scale=scales(self.k_scale), v_scale=scales(self.v_scale))
 
+  def slots(self, rows: jax.Array, width: int) -> "KVCache":
+    """Slots [0, width) of rows `rows` [R]: a cache of R rows."""
+    return jax.tree.map(lambda c: c[rows, :, :width], self)
+
+  def put(self, rows: jax.Array, part: "KVCache") -> "KVCache":
+    """The cache with `part` (R rows of `slots`) written to its slots [0, width) of rows `rows` [R] (rows past the
+    cache: dropped), a scatter as in LayerKV.write."""
+    at = (rows[:, None], slice(None), jnp.arange(part.length)[None])  # [R, width] first, as LayerKV.write indexes
+    return jax.tree.map(lambda c, x: c.at[at].set(jnp.moveaxis(x, 2, 1).astype(c.dtype), unique_indices=True,
+                                                  mode="drop"), self, part)
+
   def grown(self, length: int) -> "KVCache":
     """The cache with its slots (axis 2 of buffers and scales) padded (empty) to `length`."""
     pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, length - self.length)) + ((0, 0),) * (x.ndim - 3))  # noqa: E731

@@ -1,5 +1,6 @@
 """Which cache row holds the longest prefix of a prompt, so that a new prompt copies those slots instead of
-running them (generate.py: few-shot prompts, one document asked several questions, a long system prompt).
+running them (generate.py: few-shot prompts, one document asked several questions, a long system prompt), and
+which prefix pool entry keeps what a taken row held (`Pool`).
 
 Prompts are indexed by their leading blocks of BLOCK ids, each block keyed by a hash chained over the blocks
 before it (vLLM's prefix cache keys its blocks the same way), so a lookup costs one dict probe per block; the
@@ -57,6 +58,34 @@ class PrefixIndex:
       return -1, 0
     row, other = hit
     return row, common_prefix(prompt[:-1], other[:-1])
+
+
+class Pool:
+  """What the prefix pool's entries hold (`Generator(prefix_pool=N)`: keys and values of finished rows kept past
+  the decode rows, for a conversation whose row was taken by another prompt): entry e holds the keys and values of
+  holds[e][:-1] (None: nothing), saved from a row freed at used[e] (time.monotonic)."""
+
+  def __init__(self, size: int):
+    self.holds: list[list[int] | None] = [None] * size
+    self.used = [0.0] * size
+
+  def target(self, ids: list[int], freed: float, busy: set[int]) -> int:
+    """The entry to save a row holding `ids` (freed at `freed`) into, none of `busy` (read or written in this
+    placement): one whose ids it extends (an earlier turn of its conversation), else an empty one, else the least
+    recently used if used before `freed`; -1: none (an entry holds `ids` already, or each holds something used
+    later)."""
+    if any(held is not None and common_prefix(held[:-1], ids[:-1]) == len(ids) - 1 for held in self.holds):
+      return -1
+    free = [e for e in range(len(self.holds)) if e not in busy]
+    for e in free:
+      held = self.holds[e]
+      if held is not None and common_prefix(held[:-1], ids[:-1]) == len(held) - 1:
+        return e
+    empty = [e for e in free if self.holds[e] is None]
+    if empty:
+      return empty[0]
+    oldest = min(free, key=lambda e: self.used[e], default=-1)
+    return oldest if oldest >= 0 and self.used[oldest] < freed else -1
 
 
 def families(prompts: Sequence[Sequence[int]], least: int, most: int) -> list[tuple[int, list[int]]]:

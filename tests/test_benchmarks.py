@@ -159,9 +159,10 @@ def test_serving_benchmark_runs():
 
 
 def test_conversations_benchmark_runs():
-  """benchmarks/conversations.py, small: the three ways give the same outputs (the script asserts it) and run the
+  """benchmarks/conversations.py, small: the ways give the same outputs (the script asserts it) and run the
   prompt tokens they should: every one; all but the system prompt of every conversation but the first; and with
-  kept rows, after the first turn, each conversation's new message and the reply's last token (never fed)."""
+  kept rows, after the first turn, each conversation's new message and the reply's last token (never fed); with
+  half the rows, as many with a prefix pool of the other half, more without."""
   c, t, system, user, reply = 2, 3, 80, 20, 6
   res = subprocess.run([sys.executable, "benchmarks/conversations.py", "--conversations", str(c), "--turns", str(t),
                         "--system", str(system), "--user", str(user), "--reply", str(reply)], cwd=ROOT,
@@ -172,6 +173,9 @@ def test_conversations_benchmark_runs():
   assert report["same_outputs"] and report["prompt_tokens"] == total == report["rerun"]["prompt_tokens_run"]
   assert report["shared"]["prompt_tokens_run"] == total - t * (c - 1) * system
   assert report["kept"]["prompt_tokens_run"] == c * (system + user) - (c - 1) * system + (t - 1) * c * (user + 1)
+  # one row for the two conversations: with a pool of one, a turn's row and the pool's entry trade places
+  assert report["pooled_few_rows"]["prompt_tokens_run"] == report["kept"]["prompt_tokens_run"]
+  assert report["kept_few_rows"]["prompt_tokens_run"] > report["kept"]["prompt_tokens_run"] + (t - 1) * user
 
 
 def test_structured_output_benchmark_runs():

@@ -41,7 +41,7 @@ from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import abstract_model, create_model
-from qwen_moe_jax.prefixes import PrefixIndex
+from qwen_moe_jax.prefixes import Pool, PrefixIndex
 from qwen_moe_jax.sampling import RowSampling, Sampling, SamplingOps
 from qwen_moe_jax.scoring import prompt_logits, prompt_scores
 from qwen_moe_jax.stop_strings import StopStrings
@@ -846,6 +846,62 @@ def test_a_finished_row_keeps_its_prompt_and_output(tiny, cache):
   prompts = [prompts[1] + [5]]
   check(chat.generate(prompts, 4, s, seed=2), prompts, [4], [0])
   assert chat._kept is None
+
+
+@pytest.mark.parametrize("cache", ["auto", "int8"])
+def test_prefix_pool_keeps_what_taken_rows_held(tiny, cache):
+  """With one decode row, each prompt takes the row another conversation's turn left: the prefix pool keeps what
+  the row held, so a conversation's next turn copies its history from the pool (as from a row) and runs only its
+  new ids, with the tokens and log-probabilities of prefilling it alone, while what the row held takes the entry's
+  place. Without the pool every turn runs whole. In one call too: X, then Y (X's row saved), then X's next turn."""
+  _, model, _, _ = tiny
+  rng = np.random.default_rng(5)
+  s = Sampling(temperature=1.5, top_k=8, repetition_penalty=1.3)
+  alone = Generator(model, kv_cache_dtype=cache, share_prefix=0)
+  pooled = Generator(model, batch_size=1, kv_cache_dtype=cache, share_prefix=16, prefix_pool=2)
+  unpooled = Generator(model, batch_size=1, kv_cache_dtype=cache, share_prefix=16)
+  histories = {c: rng.integers(0, 100, 30).tolist() for c in "ABC"}
+
+  def turn(c: str, cached: int, unpooled_cached: int = 0) -> None:  # conversation c's next turn, checked
+    prompt = histories[c] + rng.integers(0, 100, 3).tolist()
+    got = pooled.generate([prompt], 6, s, seed=[Stream(4, 0)], keep=True)
+    want = alone.generate([prompt], 6, s, seed=[Stream(4, 0)])
+    assert got.output_ids == want.output_ids and got.cached_tokens == [cached]
+    np.testing.assert_allclose(got.output_logprobs[0], want.output_logprobs[0], atol=1e-5)
+    assert unpooled.generate([prompt], 6, s, seed=[Stream(4, 0)], keep=True).cached_tokens == [unpooled_cached]
+    histories[c] = prompt + got.output_ids[0]
+
+  turn("A", 0)
+  turn("B", 0)  # takes A's row: the pool keeps A
+  turn("A", len(histories["A"]) - 1)  # from the pool (the reply's last token was never fed back): the row and
+  turn("C", 0)  # A's entry trade places (B in the pool); now A's row goes to the other entry
+  turn("B", len(histories["B"]) - 1)  # three conversations take turns in one row and two entries
+  turn("A", len(histories["A"]) - 1)
+  turn("C", len(histories["C"]) - 1)
+  turn("C", len(histories["C"]) - 1, len(histories["C"]) - 1)  # the row holds it: in place, pool or not
+  x, y = rng.integers(0, 100, 30).tolist(), rng.integers(0, 100, 30).tolist()
+  out_x = alone.generate([x], 4, s, seed=[Stream(4, 0)]).output_ids[0]
+  prompts = [x, y, x + out_x + [7]]
+  got = pooled.generate(prompts, 4, s, seed=4)
+  assert got.cached_tokens == [0, 0, len(x) + 4 - 1]
+  for i, p in enumerate(prompts):
+    assert got.output_ids[i] == alone.generate([p], 4, s, seed=[Stream(4, i)]).output_ids[0]
+  assert pooled._pool is None  # a call without `keep` drops it
+
+
+def test_pool_entry_to_save_into():
+  """Pool.target: an entry a row's ids extend (its conversation's earlier turn), else an empty one, else the
+  least recently used if used before the row was freed; none when an entry holds the ids already, or every
+  entry free of this placement holds something more recent."""
+  pool = Pool(3)
+  pool.holds, pool.used = [[1, 2, 3], None, [7, 8]], [5.0, 0.0, 1.0]
+  assert pool.target([1, 2, 3, 4, 5], 2.0, busy=set()) == 0
+  assert pool.target([1, 2, 3, 4, 5], 2.0, busy={0}) == 1
+  assert pool.target([1, 2], 2.0, busy=set()) == -1  # entry 0 holds [1, 2] already
+  pool.holds[1], pool.used[1] = [9, 9], 3.0
+  assert pool.target([4, 4, 4], 2.0, busy=set()) == 2  # least recently used, before 2.0
+  assert pool.target([4, 4, 4], 0.5, busy=set()) == -1  # each entry was used after it
+  assert pool.target([4, 4, 4], 9.0, busy={2}) == 1
 
 
 def test_out_of_device_memory_is_one_line_naming_the_flags(tiny, monkeypatch):

@@ -646,12 +646,14 @@ def test_metrics_of_a_job_aborted_before_it_started():
 def test_cli_serve(served, tmp_path):
   """`infer.py --serve 0` listens on a free port (printed on stderr) and answers (its warm-up run not in its
   metrics), here over the HF folder read in place, named by its repo id in a Hugging Face cache: the name it
-  serves; prompt flags next to it are one error line."""
+  serves; prompt flags next to it are one error line. With `--prefix-pool`, a conversation whose row two others
+  took since finds its prefix in the pool."""
   _, tok, reference, eos, ckpt = served
   hub_cache(tmp_path, "Qwen/Demo-MoE", ckpt.parent / "hf")
   env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
   proc = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", "Qwen/Demo-MoE", "--serve", "127.0.0.1:0",
-                           "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64"], cwd=ROOT, env=env,
+                           "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64", "--share-prefix", "16",
+                           "--prefix-pool", "2"], cwd=ROOT, env=env,
                           stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stderr.readline().startswith("compiling the decode program for 2 rows x 64 slots")
@@ -665,6 +667,11 @@ def test_cli_serve(served, tmp_path):
     assert status == 200
     assert reply["choices"][0]["text"] == tok.decode(expected(reference, tok, eos, [3, 4, 5], 5)[0],
                                                      skip_special_tokens=True)
+    a, b, c = ([k] * 20 for k in (7, 8, 9))  # a's row is taken by c (freed longest ago), b holds the other one
+    for prompt in (a, b, c, a + [11]):
+      status, reply = post(url, {"prompt": prompt, "max_tokens": 5})
+      assert status == 200
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == len(a)  # from the pool
   finally:
     proc.terminate()
     proc.wait(timeout=60)

@@ -112,6 +112,20 @@ def test_same_logits_and_tokens_on_every_mesh(ckpt, spec, monkeypatch):
     np.testing.assert_allclose(got.logprobs[1:], want.logprobs[1:], atol=1e-5)
 
 
+def test_prefix_pool_on_a_mesh(ckpt):
+  """On a data=2 x expert=4 mesh (the pool's rows split over the data axis as the cache's), a prompt continuing one
+  whose row another prompt took copies what the row held from the prefix pool, with one device's tokens."""
+  folder = ckpt[0]
+  first, other = HEAD + [1, 2], PROMPTS[1]
+  one = Generator(checkpoint.restore(folder, dtype=jnp.float32), share_prefix=0)
+  follow_up = first + one.generate([first], 5).output_ids[0] + [7]
+  prompts = [first, other, follow_up]
+  model = checkpoint.restore(folder, mesh_of("data=2,expert=4"), jnp.float32)
+  got = Generator(model, mesh_of("data=2,expert=4"), batch_size=1, share_prefix=16, prefix_pool=2).generate(prompts, 5)
+  assert got.cached_tokens == [0, 0, len(first) + 5 - 1]
+  assert got.output_ids == [one.generate([p], 5).output_ids[0] for p in prompts]
+
+
 def test_grammar_rows_on_a_mesh(ckpt):
   """Rows under a grammar (sampled, queued for 2 rows, a prompt's samples sharing its prefill) draw the same ids
   on an 8-device mesh as on one device, and follow it: an even id under 50, then one to three ids in [60, 70),
