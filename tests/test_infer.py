@@ -935,6 +935,8 @@ def test_stops_on_eos(tiny):
   (["--max-new-tokens", "0", "--input-ids", "1"], "--max-new-tokens"),
   (["--prefill-rows", "0"], "--prefill-rows"),
   (["--batch-size", "0"], "--batch-size"),
+  (["--prefix-pool", "-1"], "--prefix-pool must be >= 0 and needs --share-prefix > 0, got -1 and 64"),
+  (["--prefix-pool", "4", "--share-prefix", "0"], "--prefix-pool must be >= 0 and needs --share-prefix > 0, got 4"),
   (["--logprobs"], "--logprobs adds a key to the --json objects"),
   (["--top-logprobs", "2"], "--top-logprobs adds a key to the --json objects"),
   (["--top-logprobs", "21", "--json"], "--top-logprobs must be in [0, 20], got 21"),
