@@ -263,7 +263,7 @@ def empty_cache(*, cfg, rows, length, dtype) -> KVCache:
   return KVCache.zeros(cfg, rows, length, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("length",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("length",))  # (a donated cache could not hold the longer one)
 def grown_cache(cache: KVCache, *, length: int) -> KVCache:
   return cache.grown(length).laid_out()
 

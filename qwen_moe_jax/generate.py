@@ -501,9 +501,9 @@ class Generator:
       if not saves and not loads:
         return state
 
-      def padded(values: list[int], past: int | None = None) -> np.ndarray:  # to a bucket (none: none) with reads
-        # of index 0, or writes to distinct indices from `past` on (dropped: the arrays' ends)
-        extra = range((bucket(len(values), minimum=1) if values else 0) - len(values))
+      def padded(values: list[int], past: int | None = None) -> np.ndarray:  # to a bucket (none: one, so that each
+        # donated cache is written) with reads of index 0, or writes to distinct indices from `past` on (dropped)
+        extra = range(bucket(len(values), minimum=1) - len(values))
         return np.array(values + [0 if past is None else past + k for k in extra], np.int32)
 
       save_rows, save_entries = padded([r for _, r in saves]), padded([e for e, _ in saves], self.prefix_pool)

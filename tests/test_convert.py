@@ -510,11 +510,11 @@ def test_failure_mid_conversion_keeps_old_checkpoint(hf, old_checkpoint, tmp_pat
   read = hf_io.SafetensorsReader.read
   staged = []
 
-  def failing_read(self, name):
+  def failing_read(self, name, rows=None):
     if name.startswith("model.layers.2."):
       staged.extend(old_checkpoint.glob(".staging-*/params*"))
       raise UserError(f"{self.where[name]}: cannot read tensor '{name}' (simulated I/O error)")
-    return read(self, name)
+    return read(self, name, rows)
 
   monkeypatch.setattr(hf_io.SafetensorsReader, "read", failing_read)
   case.check_failed(*cli_here(capfd, monkeypatch, HF_TO_ORBAX, case.folder, case.out, *case.args))
@@ -523,7 +523,7 @@ def test_failure_mid_conversion_keeps_old_checkpoint(hf, old_checkpoint, tmp_pat
 
 
 def test_interrupt_mid_conversion_keeps_old_checkpoint(hf, old_checkpoint, capfd, monkeypatch):
-  def interrupted(self, name):
+  def interrupted(self, name, rows=None):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(hf_io.SafetensorsReader, "read", interrupted)
