@@ -490,7 +490,9 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
     raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
   named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
   name = args.served_model_name or (args.checkpoint if named else folder.resolve().name)
-  print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots", file=sys.stderr, flush=True)
+  pool = f", {generator.prefix_pool} prefix pool rows besides" if generator.prefix_pool else ""
+  print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots{pool}", file=sys.stderr,
+        flush=True)
   try:
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
                          rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed)

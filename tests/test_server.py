@@ -656,7 +656,7 @@ def test_cli_serve(served, tmp_path):
                            "--prefix-pool", "2"], cwd=ROOT, env=env,
                           stderr=subprocess.PIPE, text=True)
   try:
-    assert proc.stderr.readline().startswith("compiling the decode program for 2 rows x 64 slots")
+    assert proc.stderr.readline() == "compiling the decode program for 2 rows x 64 slots, 2 prefix pool rows besides\n"
     line = proc.stderr.readline()
     assert line.startswith("serving Qwen/Demo-MoE on http://127.0.0.1:"), line
     url = line.split()[3]
