@@ -404,18 +404,37 @@ class Api:
     """The streamed reply: a chunk per piece of text of each choice, its finish reason, [usage], then [DONE].
     With logprobs, a chunk carries those of the ids since the last chunk (ids whose text is held back, a stop
     string's first characters or part of a character, wait for the next; the finish chunk has the rest). With
-    tools, text streams as content up to where a tool call could begin; the calls come whole, in one chunk at the
-    end (OpenAI's clients join a call's deltas, so one delta is a whole call)."""
+    tools, text streams as content up to where a tool call could begin; then each call as OpenAI streams them: its
+    id, type and name once its name is out, then its arguments' text in pieces as they come (`tool_calls.begun`),
+    the rest (and calls not of the usual form, whole) when the reply ends. A reply whose calls turn out not to be
+    calls (a block that is no JSON object) ends with its text from the first block on as content."""
     head = self._head(kind, chunk=True)
     results: list[tuple | None] = [None] * total
     wants, tools = _wants_logprobs(kind, body), kind == "chat" and self._tools(body)
     unsent = [Piece([], [], []) for _ in range(total)]  # per choice: ids whose log-probabilities are not out yet
     texts, sent = [""] * total, [0] * total  # each choice's text so far, and how much of it went out
+    sent_arguments: list[list[int]] = [[] for _ in range(total)]  # per choice, per call begun: its arguments sent
 
     def content(k: int, final: bool) -> str:  # what choice k's text may send now (with tools: not a call's start)
       upto = tool_calls.streamable(texts[k]) if tools and not final else len(texts[k])  # never less than sent[k]
       new, sent[k] = texts[k][sent[k]:upto], upto
       return new
+
+    def call_deltas(k: int) -> list[dict]:  # what of choice k's calls has not gone out yet
+      deltas = []
+      for j, (name, arguments) in enumerate(tool_calls.begun(texts[k])):
+        if j == len(sent_arguments[k]):
+          deltas.append({"index": j, "id": tool_calls.call_id(), "type": "function",
+                         "function": {"name": name, "arguments": arguments}})
+          sent_arguments[k].append(len(arguments))
+        elif len(arguments) > sent_arguments[k][j]:  # (each a prefix of the final text: it grows)
+          deltas.append({"index": j, "function": {"arguments": arguments[sent_arguments[k][j]:]}})
+          sent_arguments[k][j] = len(arguments)
+      return deltas
+
+    def calls_chunk(k: int, deltas: list[dict]) -> dict:
+      return head | {"choices": [{"index": k, "delta": {"tool_calls": deltas}, "finish_reason": None,
+                                  "logprobs": None}]}
 
     def logprobs(k: int) -> dict | None:
       if not wants or not unsent[k].ids:
@@ -440,13 +459,18 @@ class Api:
         if new:
           part = {"delta": {"content": new}} if kind == "chat" else {"text": new}
           yield head | {"choices": [{"index": k, **part, "finish_reason": None, "logprobs": logprobs(k)}]}
+        deltas = call_deltas(k) if tools else []
+        if deltas:
+          yield calls_chunk(k, deltas)
         continue
       results[k], reason = event[2:], event[2].reason
       calls = tool_calls.parse(texts[k])[1] if tools else []
       if calls:
         reason = "tool_calls"
-        yield head | {"choices": [{"index": k, "delta": {"tool_calls": [
-          {"index": j, **call} for j, call in enumerate(calls)]}, "finish_reason": None, "logprobs": None}]}
+        deltas = call_deltas(k)  # the begun calls' rest, then the others whole
+        deltas += [{"index": j, **call} for j, call in enumerate(calls) if j >= len(sent_arguments[k])]
+        if deltas:
+          yield calls_chunk(k, deltas)
       rest = content(k, final=True) if tools and not calls else ""  # held back, and no call after all: content
       if rest:
         yield head | {"choices": [{"index": k, "delta": {"content": rest}, "finish_reason": None, "logprobs": None}]}

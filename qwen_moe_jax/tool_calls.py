@@ -2,7 +2,8 @@
 `tools` lists them in the system turn and asks for `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`
 blocks): the tools a request gives, checked; the regex that forces a call (`tool_choice` "required" or a named
 function: structured output over the function's parameters schema); a reply's text split into its content and
-its calls; and how much of a streamed reply may go out as content before a call could begin.
+its calls; how much of a streamed reply may go out as content before a call could begin, and what of its calls
+(their names, their arguments as they come) may go out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from qwen_moe_jax.grammar import literal, schema_regex
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')  # a block's start
 
 
 def check_tools(tools: Any) -> list[dict]:
@@ -72,12 +74,49 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
       return text, []
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
       return text, []
-    calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {
+    calls.append({"id": call_id(), "type": "function", "function": {
       "name": call["name"], "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False)}})
   if not calls:
     return text, []
   content = text[:text.index(OPEN)]
   return content if content.strip() else None, calls
+
+
+def call_id() -> str:
+  return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def begun(text: str) -> list[tuple[str, str]]:
+  """The calls a streamed reply has begun, in order: (name, the leading text of its arguments that is surely
+  theirs) for each `<tool_call>` block from when its `{"name": ..., "arguments": ` is out (a block not of that
+  form, and those after it, come whole at the end). Arguments that are an object come as they are written, but for
+  their last `}` and what follows it (it may close the call), until the object is whole: each text given is a
+  prefix of the arguments' final text. Other arguments come once their block is closed."""
+  calls: list[tuple[str, str]] = []
+  at = text.find(OPEN)
+  while at >= 0:
+    end = text.find(CLOSE, at)
+    block = text[at + len(OPEN):] if end < 0 else text[at + len(OPEN):end]
+    head = _HEAD.match(block)
+    try:
+      name = json.loads(head[1]) if head else None
+    except json.JSONDecodeError:
+      name = None
+    if name is None:
+      break
+    arguments = block[head.end():]
+    try:
+      whole = arguments[:json.JSONDecoder().raw_decode(arguments)[1]]
+    except json.JSONDecodeError:
+      whole = None
+    if whole is not None and (whole.startswith("{") or end >= 0):
+      calls.append((name, whole))
+    elif arguments.startswith("{"):
+      calls.append((name, arguments[:arguments.rfind("}")].rstrip() if "}" in arguments else arguments))
+    else:
+      calls.append((name, ""))
+    at = text.find(OPEN, end) if end >= 0 else -1
+  return calls
 
 
 def streamable(text: str) -> int:

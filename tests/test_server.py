@@ -350,7 +350,8 @@ def tool_server(served, tmp_path_factory):
 def test_tool_calls(tool_server):
   """OpenAI's tools: the template lists them; tool_choice naming a function or "required" makes the reply a call
   whose arguments follow the function's parameters (structured output), returned as message.tool_calls with
-  finish_reason "tool_calls", streamed as one delta per call, read by OpenAI's client; the call and the tool's
+  finish_reason "tool_calls", streamed as OpenAI streams calls (id, type and name first, then pieces of the
+  arguments), read by OpenAI's client; the call and the tool's
   answer go back into the next turn through the template (arguments sent as JSON text, rendered as objects)."""
   import openai
 
@@ -368,8 +369,11 @@ def test_tool_calls(tool_server):
   assert arguments["city"] in ("Paris", "Oslo") and arguments["unit"] in ("C", "F")
   assert reply["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages, tools=[WEATHER, TIME]))
   chunks = [c for c in stream(url, body, "/v1/chat/completions")[:-1] if c["choices"]]
-  deltas = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
-  assert [[d["function"] for d in delta] for delta in deltas] == [[call["function"]]]
+  deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
+  assert {d["index"] for d in deltas} == {0} and deltas[0]["function"]["name"] == "get_weather"
+  assert deltas[0]["id"].startswith("call_") and deltas[0]["type"] == "function"
+  assert all(d.keys() == {"index", "function"} and d["function"].keys() == {"arguments"} for d in deltas[1:])
+  assert json.loads("".join(d["function"]["arguments"] for d in deltas)) == arguments
   assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
   status, reply = post(url, body | {"tool_choice": "required", "n": 3}, "/v1/chat/completions")
   for choice in reply["choices"]:
@@ -415,6 +419,31 @@ def test_tool_call_text():
   assert tool_calls.parse("plain") == ("plain", [])
   so_far = ("Hello <tool", "Hello <tool_call>{", "Hi <", "Hi", "a<b")
   assert [tool_calls.streamable(t) for t in so_far] == [6, 6, 3, 2, 3]
+
+
+def test_tool_calls_stream_as_they_come():
+  """`tool_calls.begun` over every prefix of a reply with three calls (arguments with nested objects, braces and
+  escaped quotes inside strings, a number as arguments): a call appears once its name is out, its arguments only
+  grow, each a prefix of their final text (never the call's closing brace or what follows), and whole at the end,
+  where a number comes once its block closes; the joined pieces parse as `parse` reads the calls."""
+  first = '{"path": "a}b.py", "edit": {"find": "x {", "with": "\\"}\\""}}'
+  text = (f'Sure.\n<tool_call>\n{{"name": "write", "arguments": {first}}}\n</tool_call>\n<tool_call>\n'
+          '{"name": "ping", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "n", "arguments": 12}\n</tool_call>')
+  names, sent = ["write", "ping", "n"], []
+  for end in range(len(text) + 1):
+    calls = tool_calls.begun(text[:end])
+    assert [name for name, _ in calls] == names[:len(calls)]
+    for j, (_, arguments) in enumerate(calls):
+      if j == len(sent):
+        sent.append("")
+      if len(arguments) > len(sent[j]):
+        assert arguments.startswith(sent[j])
+        sent[j] = arguments
+  assert sent == [first, "{}", "12"]
+  assert tool_calls.begun(text[:text.index('"name": "ping"') + 10]) == [("write", first)]  # its name not out yet
+  assert tool_calls.begun(text[:text.index("12") + 1]) == [("write", first), ("ping", "{}"), ("n", "")]
+  assert [json.loads(a) for a in sent] == [json.loads(c["function"]["arguments"]) for c in tool_calls.parse(text)[1]]
+  assert tool_calls.begun('<tool_call>\n{"arguments": {}, "name": "f"}') == []  # not the usual form: whole at the end
 
 
 def test_tools_need_a_template_that_takes_them(served):
