@@ -70,7 +70,7 @@ class Pool:
     self.used = [0.0] * size
 
   def target(self, ids: list[int], freed: float, busy: set[int]) -> int:
-    """The entry to save a row holding `ids` (freed at `freed`) into, none of `busy` (read or written in this
+    """The entry to save a row holding `ids` (freed at `freed`) into, none of `busy` (saved to in this
     placement): one whose ids it extends (an earlier turn of its conversation), else an empty one, else the least
     recently used if used before `freed`; -1: none (an entry holds `ids` already, or each holds something used
     later)."""
