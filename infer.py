@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -48,6 +49,7 @@ from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
 DEMO_CHAT = "Tell me about mixture-of-experts language models."
 SERVE_ROWS, SERVE_SLOTS = 16, 4096  # --serve's default --batch-size and largest default --max-model-len
+API_KEY_VARIABLE = "QWEN_MOE_JAX_API_KEY"  # --serve's default --api-key
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,6 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "context, at most 4096)")
   ap.add_argument("--served-model-name", help="with --serve: the model's name in replies (default: the folder's, or "
                   "the repo id --checkpoint gave)")
+  ap.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE) or None,
+                  help=f"with --serve: requests (but /health and /metrics) must send 'Authorization: Bearer KEY', as "
+                  f"OpenAI's clients send their api_key (default: ${API_KEY_VARIABLE}, which keeps the key out of "
+                  f"the process list; unset: no key asked)")
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
                   "bf16's bytes: twice the rows or context)")
@@ -495,7 +501,8 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
         flush=True)
   try:
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
-                         rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed)
+                         rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed,
+                         api_key=args.api_key)
   except OSError as e:
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
   address, bound = server.server_address[:2]

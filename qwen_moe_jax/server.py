@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hmac
 import itertools
 import json
 import queue
@@ -542,12 +543,26 @@ def _stops(tok: Tokenizer, stop) -> StopStrings | None:
 
 class Handler(BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"
-  api: Api  # set by `serve`
+  api: Api  # set by `make_server`
+  api_key: str | None = None  # set by `make_server`: what every request but /health and /metrics must bear
+
+  def _refused(self) -> bool:
+    """Answers 401 to a request without `Authorization: Bearer <api_key>` (when the server has a key)."""
+    if self.api_key is None or self.path in ("/health", "/metrics"):
+      return False
+    given = self.headers.get("Authorization", "")
+    if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+      return False
+    self.close_connection = True  # (its body unread)
+    self._json(401, _error("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"))
+    return True
 
   def log_message(self, format: str, *args) -> None:  # noqa: A002  (one line per request on stderr)
     sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
   def do_GET(self) -> None:  # noqa: N802
+    if self._refused():
+      return
     if self.path == "/health":
       return self._json(200, {"status": "ok"})
     if self.path == "/metrics":
@@ -560,6 +575,8 @@ class Handler(BaseHTTPRequestHandler):
   def do_POST(self) -> None:  # noqa: N802
     kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/tokenize": "tokenize",
             "/detokenize": "detokenize"}.get(self.path)
+    if self._refused():
+      return
     if kind is None:
       return self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
     try:
@@ -639,11 +656,13 @@ def _error(message: str, kind: str = "invalid_request_error", param: str | None 
 
 
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
-                stop_ids: list[int], sampling: Sampling, seed: int) -> ThreadingHTTPServer:
-  """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up."""
+                stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None) -> ThreadingHTTPServer:
+  """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up; with
+  `api_key`, requests but /health and /metrics must bear it (`Authorization: Bearer <api_key>`, as OpenAI's clients
+  send their api_key)."""
   engine = Engine(generator, rows, slots, stop_ids, Metrics(name))
   engine.warm_up(sampling)
   api = Api(engine, tok, name, sampling, seed, slots)
-  server = ThreadingHTTPServer((host, port), type("BoundHandler", (Handler,), {"api": api}))
+  server = ThreadingHTTPServer((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key}))
   server.daemon_threads = True
   return server

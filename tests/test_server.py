@@ -56,10 +56,10 @@ def served(tmp_path_factory):
   server.shutdown()
 
 
-def post(url: str, body, path: str = "/v1/completions") -> tuple[int, dict]:
+def post(url: str, body, path: str = "/v1/completions", headers: dict | None = None) -> tuple[int, dict]:
   data = body if isinstance(body, bytes) else json.dumps(body).encode()
   try:
-    with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=300) as r:
+    with urllib.request.urlopen(urllib.request.Request(url + path, data=data, headers=headers or {}), timeout=300) as r:
       return r.status, json.loads(r.read())
   except urllib.error.HTTPError as e:
     return e.code, json.loads(e.read())
@@ -676,10 +676,14 @@ def test_cli_serve(served, tmp_path):
   """`infer.py --serve 0` listens on a free port (printed on stderr) and answers (its warm-up run not in its
   metrics), here over the HF folder read in place, named by its repo id in a Hugging Face cache: the name it
   serves; prompt flags next to it are one error line. With `--prefix-pool`, a conversation whose row two others
-  took since finds its prefix in the pool."""
+  took since finds its prefix in the pool. With an API key (here from $QWEN_MOE_JAX_API_KEY), a request without it,
+  or with another, is a 401 (OpenAI's client with it is answered); /health and /metrics ask none."""
+  import openai
+
   _, tok, reference, eos, ckpt = served
   hub_cache(tmp_path, "Qwen/Demo-MoE", ckpt.parent / "hf")
-  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "QWEN_MOE_JAX_API_KEY": "sesame"}
+  key = {"Authorization": "Bearer sesame"}
   proc = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", "Qwen/Demo-MoE", "--serve", "127.0.0.1:0",
                            "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64", "--share-prefix", "16",
                            "--prefix-pool", "2"], cwd=ROOT, env=env,
@@ -692,13 +696,22 @@ def test_cli_serve(served, tmp_path):
     fresh = scrape(url, "Qwen/Demo-MoE")
     assert fresh["generation_tokens_total"] == fresh["time_to_first_token_seconds_count"] == 0
     assert sum(v for k, v in fresh.items() if k.startswith("request_success_total")) == 0
-    status, reply = post(url, {"prompt": [3, 4, 5], "max_tokens": 5})
+    for headers in (None, {"Authorization": "Bearer open"}):
+      status, reply = post(url, {"prompt": [3, 4, 5], "max_tokens": 5}, headers=headers)
+      assert status == 401 and reply["error"]["type"] == "authentication_error", reply
+    status, reply = post(url, {"prompt": [3, 4, 5], "max_tokens": 5}, headers=key)
     assert status == 200
     assert reply["choices"][0]["text"] == tok.decode(expected(reference, tok, eos, [3, 4, 5], 5)[0],
                                                      skip_special_tokens=True)
+    with urllib.request.urlopen(url + "/health") as r:
+      assert r.status == 200
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sesame")
+    assert client.models.list().data[0].id == "Qwen/Demo-MoE"
+    with pytest.raises(openai.AuthenticationError):
+      openai.OpenAI(base_url=url + "/v1", api_key="open").models.list()
     a, b, c = ([k] * 20 for k in (7, 8, 9))  # a's row is taken by c (freed longest ago), b holds the other one
     for prompt in (a, b, c, a + [11]):
-      status, reply = post(url, {"prompt": prompt, "max_tokens": 5})
+      status, reply = post(url, {"prompt": prompt, "max_tokens": 5}, headers=key)
       assert status == 200
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == len(a)  # from the pool
   finally:
