@@ -404,8 +404,8 @@ class Generator:
         if pool.holds[e] is not None:
           index.add(rows + e, pool.holds[e])
       free.sort(key=lambda r: (holds[r] is not None, freed[r]))
-      filled, filling, copies, read, saves, loads = [], set(), [], set(), [], []
-      saved = set()  # pool entries saved to here: read before the saves write, so not loaded
+      filled, filling, copies, read, loads = [], set(), [], set(), []
+      saves: dict[int, int] = {}  # pool entry -> the row saved to it (read before the saves write: not loaded)
       while waiting and free:
         i = waiting[-1]
         p = prompts[i]
@@ -414,7 +414,7 @@ class Generator:
         else:
           source = -1 if tuple(p) in filling else index.longest(p)[0]
           n = common_prefix(p[:-1], held(source)[:-1]) if source >= 0 and held(source) is not None else 0
-          source = source if 0 < self.share_prefix <= n and source - rows not in saved else -1
+          source = source if 0 < self.share_prefix <= n and source - rows not in saves else -1
         if 0 <= source < rows:
           row = source if source in free and len(holds[source]) - 1 - n <= n else free[0]
         else:  # prefilled, or loaded from the pool
@@ -430,10 +430,9 @@ class Generator:
           loads.append((source - rows, row, n))
           pool.holds[source - rows], source = None, row
         if pool and taken and holds[row] is not None and len(holds[row]) > self.share_prefix:
-          e = pool.target(holds[row], freed[row], saved)
+          e = pool.target(holds[row], freed[row], set(saves))
           if e >= 0:
-            saves.append((e, row))
-            saved.add(e)
+            saves[e] = row
             pool.holds[e], pool.used[e] = holds[row], freed[row]
         if source >= 0:
           copies.append((row, i, source, n))
@@ -494,8 +493,8 @@ class Generator:
         if on_done:
           on_done(i, output(i))
 
-    def moved(state: DecodeState, saves: list[tuple[int, int]], loads: list[tuple[int, int, int]]) -> DecodeState:
-      """The prefix pool's entries saved from rows, saves [(entry, row)], and loaded into rows, loads [(entry, row,
+    def moved(state: DecodeState, saves: dict[int, int], loads: list[tuple[int, int, int]]) -> DecodeState:
+      """The prefix pool's entries saved from rows, saves {entry: row}, and loaded into rows, loads [(entry, row,
       n ids used)], in one call (`exchange`)."""
       nonlocal pool_cache
       if not saves and not loads:
@@ -506,9 +505,9 @@ class Generator:
         extra = range(bucket(len(values), minimum=1) - len(values))
         return np.array(values + [0 if past is None else past + k for k in extra], np.int32)
 
-      save_rows, save_entries = padded([r for _, r in saves]), padded([e for e, _ in saves], self.prefix_pool)
+      save_rows, save_entries = padded(list(saves.values())), padded(list(saves), self.prefix_pool)
       load_entries, load_rows = padded([e for e, _, _ in loads]), padded([r for _, r, _ in loads], rows)
-      widths = {"save_width": min(bucket(max([len(pool.holds[e]) for e, _ in saves], default=1)), cache_len),
+      widths = {"save_width": min(bucket(max([len(pool.holds[e]) for e in saves], default=1)), cache_len),
                 "load_width": min(bucket(max([n for _, _, n in loads], default=1)), cache_len)}
       args = (state.cache, pool_cache, save_rows, save_entries, load_entries, load_rows)
       cache, pool_cache = self._compiled(exchange, args, model=False, **widths)(*args)
