@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +44,7 @@ from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
-from qwen_moe_jax.server import make_server
+from qwen_moe_jax.server import follow, make_server
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
@@ -347,8 +348,10 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   cfg = checkpoint.load_config(folder)
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
   live = "--serve" if args.serve else "--interactive" if args.interactive else None
-  if live and (tok is None or jax.process_count() > 1):
-    raise UserError(f"{live} needs tokenizer.json in the checkpoint folder and a single process")
+  if live and tok is None:
+    raise UserError(f"{live} needs tokenizer.json in the checkpoint folder")
+  if args.interactive and jax.process_count() > 1:
+    raise UserError("--interactive needs a single process (--serve serves from several)")
   gen = generation_config(folder)
   grammars = Grammars(tok)
   sampling = sampling_from(args, gen, folder, grammars)
@@ -496,6 +499,8 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
     raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
   named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
   name = args.served_model_name or (args.checkpoint if named else folder.resolve().name)
+  if jax.process_index() > 0:  # process 0 serves HTTP; this one runs the same engine, as process 0's tells it
+    return follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos)
   pool = f", {generator.prefix_pool} prefix pool rows besides" if generator.prefix_pool else ""
   print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots{pool}", file=sys.stderr,
         flush=True)
@@ -506,15 +511,21 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   except OSError as e:
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
   address, bound = server.server_address[:2]
+  processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
   print(f"serving {name} on http://{address}:{bound} (/v1/completions, /v1/chat/completions, /v1/models): "
-        f"{generator.batch_size} rows x {slots} slots; the first requests of other shapes compile",
+        f"{generator.batch_size} rows x {slots} slots{processes}; the first requests of other shapes compile",
         file=sys.stderr, flush=True)
+  signal.signal(signal.SIGTERM, _interrupted)  # stopped as by Ctrl-C: the engine (and any follower) ends
   try:
     server.serve_forever()
   except KeyboardInterrupt:
     pass
   finally:
     server.server_close()
+
+
+def _interrupted(signum, frame) -> None:
+  raise KeyboardInterrupt
 
 
 def chat(args, generator: Generator, tok, sampling: Sampling, eos: list[int]) -> None:

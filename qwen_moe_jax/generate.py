@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -187,7 +188,8 @@ class Generator:
     self.cache_dtype = jnp.dtype(jnp.int8) if kv_cache_dtype == "int8" else model.embed[...].dtype
     self._executables: dict = {}
     self._compile_seconds = 0.0
-    self._kept: tuple[DecodeState, list, list[float]] | None = None  # (state, holds, freed), see `generate`
+    self._clock = itertools.count(1)  # when rows were freed: a count, so every process of a server orders them alike
+    self._kept: tuple[DecodeState, list, list[int]] | None = None  # (state, holds, freed), see `generate`
     self._pool: tuple[KVCache, Pool] | None = None  # the prefix pool's cache [prefix_pool rows] and entries
 
   def load(self, model: QwenMoeForCausalLM) -> None:
@@ -249,7 +251,8 @@ class Generator:
                on_tokens: Callable[[int, Piece], None] | None = None, keep: bool = False,
                stop_when: Callable[[int, list[int], int], int | None] | None = None,
                on_done: Callable[[int, Output], None] | None = None,
-               arrivals: Callable[[], Sequence[Arrival]] | None = None, room: Room | None = None) -> Result:
+               arrivals: Callable[[], Sequence[Arrival]] | None = None, room: Room | None = None,
+               on_return: Callable[[], None] | None = None) -> Result:
     """Generates for every prompt, at most `max_new_tokens` (one for all, or one per prompt) and never past the
     context; `sampling`: one for all, or one per prompt (the rows of one batch may sample differently); `seed`:
     prompt i draws from stream (seed, i), or from its own `Stream` (seed, index) when one per prompt is given;
@@ -274,6 +277,9 @@ class Generator:
     rows as rows free. `room` sizes the call for them (rows, cache slots, new tokens, sampling steps: else the
     given prompts size it). An arrival the call has no room for is not admitted: the call takes no more, ends when
     its rows finish, and returns it and those after it in `Result.left`, for the next call.
+
+    `on_return()` is called at each return to the host, once the new tokens are read and before any other callback
+    (a server spanning several processes makes every process see the same arrivals and stops from there on).
     """
     cfg, n, prompts = self.config, len(prompts), [list(p) for p in prompts]
     wants = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -536,8 +542,8 @@ class Generator:
       else:
         state = empty_state(prompt_keys(0, range(rows)), jnp.asarray(stops), cfg=cfg, rows=rows,
                             cache_len=cache_len, max_new=max_new, dtype=self.cache_dtype, ops=ops)
-        holds, freed = [None] * rows, [0.0] * rows  # per row: the ids it holds (the last one's keys and values
-        # may be missing: it is still to run, or a finished row's last token); when it was freed
+        holds, freed = [None] * rows, [0] * rows  # per row: the ids it holds (the last one's keys and values
+        # may be missing: it is still to run, or a finished row's last token); when it was freed (self._clock)
       drop_ended()
       state = place(state)
       prefilled = None  # when the first rows' first tokens were out, compilation excluded
@@ -546,6 +552,8 @@ class Generator:
           (state.count, state.done, state.tokens, state.logprobs, state.top_ids, state.top_logprobs))
         if prefilled is None:
           prefilled = time.perf_counter() - self._compile_seconds
+        if on_return:
+          on_return()
         for row, i in enumerate(owner):
           if i >= 0 and count[row] > shown[row]:
             fresh = new[row, shown[row]:count[row]].tolist()
@@ -564,7 +572,7 @@ class Generator:
             if on_tokens and fresh:
               on_tokens(i, Piece(fresh, logprobs[i][-len(fresh):], tops[i][-len(fresh):]))
           if i >= 0 and (done[row] or stopped[i]):
-            owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], time.monotonic()
+            owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], next(self._clock)
             if on_done:
               on_done(i, output(i))
         if arrivals and not left:

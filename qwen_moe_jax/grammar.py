@@ -37,10 +37,18 @@ KINDS = ("regex", "json_schema", "choice")  # what structured output is asked wi
 class Grammar:
   """A token automaton: `classes` [V'] int32 each id's class (V' the tokenizer's ids), `table` [S, C] int32 the
   state each class leads to from each state (-1: not allowed; column STOP leads back to the state where it may
-  end), `initial` the first state. Equal grammars are the same object (`Grammars` caches them)."""
+  end), `initial` the first state. Grammars built from the same regex (`pattern`) are equal, so their rows share
+  one slot on the device however often it was built (`Grammars` caches the recent ones); one made without a
+  pattern equals only itself."""
 
-  def __init__(self, classes: np.ndarray, table: np.ndarray, initial: int, source: str):
-    self.classes, self.table, self.initial, self.source = classes, table, initial, source
+  def __init__(self, classes: np.ndarray, table: np.ndarray, initial: int, source: str, pattern: str | None = None):
+    self.classes, self.table, self.initial, self.source, self.pattern = classes, table, initial, source, pattern
+
+  def __eq__(self, other) -> bool:
+    return self is other or (isinstance(other, Grammar) and self.pattern is not None and self.pattern == other.pattern)
+
+  def __hash__(self) -> int:
+    return hash(self.pattern) if self.pattern is not None else object.__hash__(self)
 
   @property
   def cells(self) -> int:
@@ -63,10 +71,11 @@ def grammar_room(grammars: set[Grammar]) -> dict[str, int]:
 
 
 def automaton(transitions: dict[int, dict[int, int]], initial: int, final: Sequence[int], vocab: int,
-              ignore: int, source: str) -> Grammar:
-  """outlines-core's Index as a Grammar: transitions {state: {id: next state}} over ids < vocab (`ignore`: its
-  EOS id, which STOP replaces). Ids alike in every state are found by a random linear hash of their columns (one
-  pass over the transitions), then the table is checked against every transition and allowed count."""
+              ignore: int, source: str, pattern: str | None = None) -> Grammar:
+  """outlines-core's Index (of the regex `pattern`) as a Grammar: transitions {state: {id: next state}} over ids <
+  vocab (`ignore`: its EOS id, which STOP replaces). Ids alike in every state are found by a random linear hash of
+  their columns (one pass over the transitions), then the table is checked against every transition and allowed
+  count."""
   states = sorted(set(transitions) | {t for row in transitions.values() for t in row.values()} | {initial})
   number = {s: k for k, s in enumerate(states)}
   columns, rng = [], np.random.default_rng(0)
@@ -89,7 +98,7 @@ def automaton(transitions: dict[int, dict[int, int]], initial: int, final: Seque
       raise RuntimeError(f"{source}: two ids that act differently hashed alike (state {k})")  # ~2^-64
   finals = [number[s] for s in final if s in number]
   table[finals, STOP] = finals
-  return Grammar(classes, table, number[initial], source)
+  return Grammar(classes, table, number[initial], source, pattern)
 
 
 class Grammars:
@@ -152,6 +161,11 @@ class Grammars:
     pattern = "|".join(f"({literal(o)})" for o in options)
     return self._build(("choice", *options), pattern, f"choice of {len(options)}", where)
 
+  def of_pattern(self, pattern: str, source: str) -> Grammar:
+    """The grammar of a regex another process built (a multi-process server's followers rebuild its first
+    process's: equal to it)."""
+    return self._build(("pattern", pattern), pattern, source, source)
+
   def _build(self, key: tuple, pattern: str, source: str, where: str) -> Grammar:
     with self._lock:
       if key in self._cache:
@@ -165,7 +179,7 @@ class Grammars:
       except ValueError as e:
         raise UserError(f"{where}: cannot build the {source}: {e}") from None
       grammar = automaton(index.get_transitions(), index.get_initial_state(), index.get_final_states(), size, eos,
-                          source)
+                          source, pattern)
       self._cache[key] = grammar
       if len(self._cache) > self.size:
         self._cache.popitem(last=False)

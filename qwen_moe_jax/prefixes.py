@@ -63,13 +63,13 @@ class PrefixIndex:
 class Pool:
   """What the prefix pool's entries hold (`Generator(prefix_pool=N)`: keys and values of finished rows kept past
   the decode rows, for a conversation whose row was taken by another prompt): entry e holds the keys and values of
-  holds[e][:-1] (None: nothing), saved from a row freed at used[e] (time.monotonic)."""
+  holds[e][:-1] (None: nothing), saved from a row freed at used[e] (the Generator's clock)."""
 
   def __init__(self, size: int):
     self.holds: list[list[int] | None] = [None] * size
-    self.used = [0.0] * size
+    self.used = [0] * size
 
-  def target(self, ids: list[int], freed: float, busy: set[int]) -> int:
+  def target(self, ids: list[int], freed: int, busy: set[int]) -> int:
     """The entry to save a row holding `ids` (freed at `freed`) into, none of `busy` (saved to in this
     placement): one whose ids it extends (an earlier turn of its conversation), else an empty one, else the least
     recently used if used before `freed`; -1: none (an entry holds `ids` already, or each holds something used

@@ -11,6 +11,9 @@ until a new request takes it, so a conversation's next turn runs only its new to
 `prompt_tokens_details.cached_tokens` counts the others). Every call has the same shapes (`rows` rows, a cache of
 `slots` slots), so the decode program compiles once; the sampling steps it holds only grow (a request asking for
 one it lacks waits for the running call to drain, and the next call compiles it in).
+
+Over several processes (jax.distributed), process 0 serves HTTP and every other runs the same engine as a
+follower (`follow`), told at each sync point what process 0's engine saw (serving_link.py).
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import jax
+
 from qwen_moe_jax import tool_calls
 from qwen_moe_jax.errors import UserError, json_number
 from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, bucket
 from qwen_moe_jax.grammar import Grammar, Grammars
 from qwen_moe_jax.sampling import MAX_TOP_LOGPROBS, SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
+from qwen_moe_jax.serving_link import Link
 from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
@@ -67,9 +73,42 @@ class Job:
   choice: int
   events: queue.Queue
   text: TextStream | None = None  # streamed requests: the text shown so far
-  cancelled: bool = False  # the client went away: its row ends, or it never starts, at the next return to the host
+  cancelled: bool = False  # the client went away (set by its HTTP thread; the engine sees it at its next sync)
   score: bool = False  # the prompt's scores, and with max_new_tokens 1 its greedy next token, from one forward pass
   meter: Meter | None = dataclasses.field(default_factory=Meter)  # its times, from now (None: not counted)
+  serial: int = -1  # its number, the same on every process (Engine.submit)
+  ended: bool = False  # the engine saw `cancelled` (every process at the same sync): its row ends, or it never starts
+
+  def wire(self) -> dict:
+    """What a follower's engine needs of the job, as JSON (`unwired` reads it)."""
+    s = self.sampling
+    return {"serial": self.serial, "ids": self.ids, "max_new_tokens": self.max_new_tokens,
+            "sampling": {f: getattr(s, f) for f in SETTINGS},
+            "grammar": [s.grammar.pattern, s.grammar.source] if s.grammar else None, "stream": list(self.stream),
+            "stops": self.stops.stops if self.stops else None, "choice": self.choice, "score": self.score}
+
+  @staticmethod
+  def unwired(obj: dict, tok: Tokenizer, grammars: Grammars) -> "Job":
+    """A job from its `wire` form, on a follower: no client reads its events, no metrics count it."""
+    sampling = Sampling(**obj["sampling"] | {"logit_bias": tuple(map(tuple, obj["sampling"]["logit_bias"])),
+                                             "grammar": obj["grammar"] and grammars.of_pattern(*obj["grammar"])})
+    return Job(obj["ids"], obj["max_new_tokens"], sampling, Stream(*obj["stream"]),
+               obj["stops"] and StopStrings(tok, obj["stops"]), obj["choice"], _NOWHERE, score=obj["score"],
+               meter=None, serial=obj["serial"])
+
+
+class _Nowhere:
+  """A follower's jobs' event queue: nobody reads it."""
+
+  def put(self, event: tuple) -> None:
+    pass
+
+
+_NOWHERE = _Nowhere()
+
+
+class Stopped(BaseException):
+  """The server stops: its engine's loop ends there (not an Exception: a call's error handling lets it through)."""
 
 
 CLIENT_CHECK_S = 0.5  # how often a request waiting for its whole reply checks that its client is still there
@@ -78,14 +117,37 @@ GRAMMAR_SLOTS, GRAMMAR_CELLS = 8, 1 << 21  # room a call keeps for grammars once
 
 
 class Engine:
-  """Runs the jobs on one thread, in generate calls of fixed shapes (Room), joining running calls as they come."""
+  """Runs the jobs on one thread, in generate calls of fixed shapes (Room), joining running calls as they come.
 
-  def __init__(self, generator: Generator, rows: int, slots: int, stop_ids: list[int], metrics: Metrics):
-    self.generator, self.stop_ids, self.metrics = generator, stop_ids, metrics
+  What it decides depends only on what it saw at its sync points (`_sync`): the jobs submitted and the clients gone
+  by then. `link` (several processes): process 0's engine sends that to the others', which `follow` on their own
+  thread (and need the tokenizer `tok`, for the jobs' stop strings and grammars)."""
+
+  def __init__(self, generator: Generator, rows: int, slots: int, stop_ids: list[int], metrics: Metrics,
+               link: Link | None = None, tok: Tokenizer | None = None):
+    self.generator, self.stop_ids, self.metrics, self.link, self.tok = generator, stop_ids, metrics, link, tok
     self.room = Room(rows=rows, slots=slots, max_new=slots)
-    self.pending: collections.deque[Job] = collections.deque()
-    self.ready = threading.Condition()
-    threading.Thread(target=self._serve, daemon=True, name="engine").start()
+    self.leads = link is None or link.leads
+    self.pending: collections.deque[Job] = collections.deque()  # jobs seen, not yet taken (the engine's thread's)
+    self.live: dict[int, Job] = {}  # jobs seen, not yet ended, by serial
+    self.inbox: list[Job] = []  # process 0: jobs submitted, not yet seen (under `ready`)
+    self.serials, self.closing, self.ready = itertools.count(), False, threading.Condition()
+    self.grammars = None if self.leads else Grammars(tok)
+    self.thread = threading.Thread(target=self._serve, daemon=True, name="engine") if self.leads else None
+    if self.thread:
+      self.thread.start()
+
+  def follow(self) -> None:
+    """A follower's engine, on this thread, until process 0's stops."""
+    self._serve()
+
+  def close(self) -> None:
+    """Stops the engine at its next sync point; with followers, returns once they are told."""
+    with self.ready:
+      self.closing = True
+      self.ready.notify()
+    if self.link is not None:
+      self.thread.join()
 
   def warm_up(self, sampling: Sampling) -> None:
     """Runs a one-id prompt for two tokens with `sampling` (the server's defaults), so that the first requests find
@@ -99,27 +161,53 @@ class Engine:
   def submit(self, jobs: list[Job]) -> None:
     self.metrics.queued([j.meter for j in jobs])
     with self.ready:
-      self.pending.extend(jobs)
+      for j in jobs:
+        j.serial = next(self.serials)
+      self.inbox.extend(jobs)
       self.ready.notify()
 
+  def _sync(self) -> None:
+    """The engine sees what came: the jobs submitted join `pending`, and the jobs whose clients left end (`ended`:
+    their rows end, or they never start); process 0 tells the followers, which wait for it here."""
+    if self.leads:
+      with self.ready:
+        new, self.inbox, stop = self.inbox, [], self.closing
+      gone = [j for j in self.live.values() if j.cancelled and not j.ended]
+      if self.link:
+        self.link.send({"jobs": [j.wire() for j in new], "gone": [j.serial for j in gone], "stop": stop})
+    else:
+      message = self.link.receive()
+      new = [Job.unwired(obj, self.tok, self.grammars) for obj in message["jobs"]]
+      gone, stop = [self.live[serial] for serial in message["gone"]], message["stop"]
+    if stop:
+      raise Stopped
+    for j in gone:
+      j.ended = True
+    self.live.update((j.serial, j) for j in new)
+    self.pending.extend(new)
+
   def _take(self, unless_scoring: bool = False) -> list[Job]:
-    """The jobs waiting (none, `unless_scoring`, while a scored job waits: a running call then drains, and the
-    scored jobs run next)."""
-    with self.ready:
-      if unless_scoring and any(j.score for j in self.pending):
-        return []
-      jobs = list(self.pending)
-      self.pending.clear()
+    """The jobs seen and waiting (none, `unless_scoring`, while a scored job waits: a running call then drains, and
+    the scored jobs run next)."""
+    if unless_scoring and any(j.score for j in self.pending):
+      return []
+    jobs = list(self.pending)
+    self.pending.clear()
     return jobs
 
   def _serve(self) -> None:
-    while True:
-      with self.ready:
-        self.ready.wait_for(lambda: self.pending)
-      jobs = self._take()
-      for part, run in (([j for j in jobs if j.score], self._score), ([j for j in jobs if not j.score], self._call)):
-        if part:
-          run(part)
+    try:
+      while True:
+        if self.leads:
+          with self.ready:
+            self.ready.wait_for(lambda: self.inbox or self.pending or self.closing)
+        self._sync()
+        jobs = self._take()
+        for part, run in (([j for j in jobs if j.score], self._score), ([j for j in jobs if not j.score], self._call)):
+          if part:
+            run(part)
+    except Stopped:
+      return
 
   def _score(self, jobs: list[Job]) -> None:
     """Scored jobs, in one `prompt_scores` call (prompts that begin alike run their common ids once)."""
@@ -139,11 +227,13 @@ class Engine:
     message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
     print(f"error: {message}", file=sys.stderr)
     for j in jobs:
+      self.live.pop(j.serial, None)
       self.metrics.failed(j.meter)
       j.events.put(("error", j.choice, message))
 
   def _finished(self, j: Job, out: Output) -> None:
-    self.metrics.finished(j.meter, len(j.ids), out.cached, len(out.ids), "abort" if j.cancelled else out.reason)
+    self.live.pop(j.serial, None)
+    self.metrics.finished(j.meter, len(j.ids), out.cached, len(out.ids), "abort" if j.ended else out.reason)
 
   def _call(self, jobs: list[Job]) -> None:
     ops = SamplingOps.of([j.sampling for j in jobs])  # top-k, top_logprobs, logit_bias rounded up: fewer programs
@@ -172,7 +262,7 @@ class Engine:
 
     def stop_when(i: int, ids: list[int], new: int) -> int | None:
       j = job(i)
-      if j.cancelled:
+      if j.ended:
         return len(ids)
       return j.stops.end(ids, new) if j.stops else None
 
@@ -187,12 +277,11 @@ class Engine:
       result = self.generator.generate(
         [j.ids for j in jobs], [j.max_new_tokens for j in jobs], [j.sampling for j in jobs],
         [j.stream for j in jobs], self.stop_ids, on_tokens, stop_when=stop_when, on_done=on_done,
-        keep=True, arrivals=arrivals, room=self.room)
+        keep=True, arrivals=arrivals, room=self.room, on_return=self._sync)
     except Exception as e:  # noqa: BLE001  (out of memory, or a bug): this call's jobs fail, the server goes on
       return self._fail(jobs + offered, e)
     left = offered[len(offered) - len(result.left):]  # not admitted: they start the next call
-    with self.ready:
-      self.pending.extendleft(reversed(left))
+    self.pending.extendleft(reversed(left))
 
 
 class Api:
@@ -655,14 +744,35 @@ def _error(message: str, kind: str = "invalid_request_error", param: str | None 
   return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
+class Server(ThreadingHTTPServer):
+  """The HTTP server over an engine, which `server_close` stops too."""
+  daemon_threads = True
+
+  def __init__(self, address: tuple[str, int], handler: type, engine: Engine):
+    super().__init__(address, handler)
+    self.engine = engine
+
+  def server_close(self) -> None:
+    super().server_close()
+    self.engine.close()
+
+
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
-                stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None) -> ThreadingHTTPServer:
+                stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None) -> Server:
   """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up; with
   `api_key`, requests but /health and /metrics must bear it (`Authorization: Bearer <api_key>`, as OpenAI's clients
-  send their api_key)."""
-  engine = Engine(generator, rows, slots, stop_ids, Metrics(name))
-  engine.warm_up(sampling)
-  api = Api(engine, tok, name, sampling, seed, slots)
-  server = ThreadingHTTPServer((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key}))
-  server.daemon_threads = True
-  return server
+  send their api_key). With several processes, this is process 0's; the others `follow`."""
+  engine = Engine(generator, rows, slots, stop_ids, Metrics(name), Link() if jax.process_count() > 1 else None)
+  try:
+    engine.warm_up(sampling)
+    api = Api(engine, tok, name, sampling, seed, slots)
+    return Server((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key}), engine)
+  except BaseException:
+    engine.close()  # (and the followers with it)
+    raise
+
+
+def follow(generator: Generator, tok: Tokenizer, *, name: str, rows: int, slots: int, stop_ids: list[int]) -> None:
+  """Another process than the first of a multi-process server: runs the engine as process 0's tells it (its
+  `make_server` arguments), until that stops."""
+  Engine(generator, rows, slots, stop_ids, Metrics(name), Link(), tok).follow()

@@ -158,6 +158,16 @@ def test_serving_benchmark_runs():
   assert all(report[m]["latency_s"]["mean"] > 0 for m in ("waves", "join"))
 
 
+def test_serving_link_benchmark_runs():
+  """benchmarks/serving_link.py, small: 2 processes; the follower reads back every message sent (the script
+  asserts it; more than a block's, so process 0 deletes what was read)."""
+  res = subprocess.run([sys.executable, "benchmarks/serving_link.py", "--messages", "200", "--prompt-tokens", "10"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  report = json.loads(res.stdout.splitlines()[-1])
+  assert report["messages"] == 200 and min(report[k] for k in ("send_us", "receive_us", "together_us")) > 0
+
+
 def test_conversations_benchmark_runs():
   """benchmarks/conversations.py, small: the ways give the same outputs (the script asserts it) and run the
   prompt tokens they should: every one; all but the system prompt of every conversation but the first; and with

@@ -18,7 +18,7 @@ import pytest
 from qwen_moe_jax.demo import build_tokenizer, demo_model
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Arrival, Generator, Room
-from qwen_moe_jax.grammar import NEVER, STOP, Grammars, automaton
+from qwen_moe_jax.grammar import NEVER, STOP, Grammars, Registry, automaton
 from qwen_moe_jax.sampling import Sampling, SamplingOps
 from qwen_moe_jax.scoring import prompt_logits
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
@@ -215,3 +215,22 @@ def test_cli_structured_output(tmp_path, demo):
                         (("--prompt", "x", "--regex", "a", "--min-tokens", "2"), "error: --min-tokens cannot hold")):
     res = infer(*args)
     assert res.returncode == 2 and res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_grammars_of_one_regex_are_equal():
+  """A schema's grammar rebuilt after the cache let it go, and one a follower process rebuilds from its regex, equal
+  the first (one slot on the device for all their rows); grammars made without a regex equal only themselves."""
+  grammars = Grammars(demo_tokenizer(), size=1)
+  first = grammars.json_schema(SCHEMA, "schema")
+  grammars.regex(PATTERN, "regex")  # the schema's leaves the cache
+  again, rebuilt = grammars.json_schema(SCHEMA, "schema"), grammars.of_pattern(first.pattern, first.source)
+  assert again is not first and again == first == rebuilt and len({first, again, rebuilt}) == 1
+  for other in (again, rebuilt):  # the same tables, so any process's rows follow the same states
+    assert np.array_equal(other.table, first.table) and np.array_equal(other.classes, first.classes)
+    assert other.initial == first.initial
+  assert again != grammars.regex(PATTERN, "regex")
+  registry = Registry(slots=4, cells=1 << 16, vocab=512, stop_ids=[0])
+  assert registry.reserve(first) and registry.reserve(again) and registry.reserve(rebuilt)
+  assert registry.start(rebuilt) == registry.start(first) and len(registry.placed) == 1
+  hand = [automaton({0: {1: 0}}, 0, [0], vocab=4, ignore=-1, source="hand") for _ in range(2)]
+  assert hand[0] == hand[0] and hand[0] != hand[1]

@@ -3,12 +3,15 @@ the rules table, and two processes forming one 8-device mesh."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import jax
@@ -16,20 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from prometheus_client.parser import text_string_to_metric_families
 
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, decode_attention, kv_cache, layers, sharding
 from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
-from qwen_moe_jax.demo import build_tokenizer
+from qwen_moe_jax.demo import build_tokenizer, write_hf_demo
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Generator
-from qwen_moe_jax.grammar import automaton
+from qwen_moe_jax.generate import Generator, Stream
+from qwen_moe_jax.grammar import Grammars, automaton
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import create_model, embed_lookup
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.scoring import prompt_scores
-from qwen_moe_jax.tokenizer import CHATML_TEMPLATE
+from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -233,13 +237,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(script: str, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def _launched(script: str, args: list[str], outputs: list[tuple]) -> list[subprocess.Popen]:
+  """`script` with `args` as processes 0 and 1 of 2 (4 CPU devices each), process i writing to outputs[i]
+  (stdout, stderr)."""
   port = _free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  procs = [subprocess.Popen([sys.executable, script, *args, "--coordinator", f"localhost:{port}",
-                             "--num-processes", "2", "--process-id", str(i)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  return [subprocess.Popen([sys.executable, script, *args, "--coordinator", f"localhost:{port}",
+                            "--num-processes", "2", "--process-id", str(i)],
+                           cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+          for i, (out, err) in enumerate(outputs)]
+
+
+def _two_processes(script: str, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+  procs = _launched(script, args, [(subprocess.PIPE, subprocess.PIPE)] * 2)
   try:
     outs = [p.communicate(timeout=timeout) for p in procs]
   finally:
@@ -366,6 +376,111 @@ def test_two_processes_reward_function_failing_on_one(tmp_path):
   assert first.returncode == 2 and first.stderr.strip().splitlines()[-1] == (
     "error: the reward functions failed on process 1 (its output has the error)"), first.stderr[-2000:]
   assert second.returncode == 1 and "ConnectionError: judge unreachable" in second.stderr, second.stderr[-2000:]
+
+
+def _post(url: str, body: dict) -> dict:
+  request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(request, timeout=300) as r:
+    return json.loads(r.read()) if not body.get("stream") else r.read().decode()
+
+
+def _aborted(url: str) -> float:
+  """The server's count of jobs ended because their clients left (its /metrics)."""
+  text = urllib.request.urlopen(url + "/metrics").read().decode()
+  return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+             if s.name.endswith("request_success_total") and s.labels["finished_reason"] == "abort")
+
+
+def _serving_url(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> str:
+  """The URL process 0 prints once it serves (each process alive meanwhile)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    line = next((x for x in logs[0].read_text().splitlines() if x.startswith("serving ")), None)
+    if line:
+      return line.split()[3]
+    for p, log in zip(procs, logs):
+      assert p.poll() is None, log.read_text()[-3000:]
+    time.sleep(0.5)
+  raise AssertionError(f"no server after {timeout} s: {logs[0].read_text()[-3000:]}")
+
+
+def test_two_processes_serve_like_one(tmp_path):
+  """`infer.py --serve` over 2 processes x 4 CPU devices (data=2 x expert=4): process 0 answers HTTP and process 1
+  runs the same engine from process 0's messages. Requests at once (more than the 2 rows: they queue and join the
+  running call as rows free), greedy and seeded samples, stop strings, structured output, a streamed chat, a scored
+  prompt give what one process's engine gives; a client leaving mid-reply ends its job on both (the next request
+  is answered as alone); SIGTERM to process 0 ends both, cleanly. `--interactive` over 2 processes is one line."""
+  write_hf_demo(tmp_path / "hf")
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  tok = load_tokenizer(tmp_path / "ckpt")
+  eos = [tok.eos_token_id]
+  reference = Generator(checkpoint.restore(tmp_path / "ckpt", dtype=jnp.float32))
+
+  def expected(ids, n, sampling=Sampling(), stream=Stream(0, 0)) -> str:
+    return tok.decode(reference.generate([ids], n, sampling, seed=[stream], stop_ids=eos).output_ids[0],
+                      skip_special_tokens=True)
+
+  greedy_text = expected(tok.encode("the cat"), 40)
+  stop = greedy_text[12:15]  # a stop string the greedy reply to "the cat" holds
+  chat = [{"role": "user", "content": "yes or no?"}]
+  choices = ["yes", "no", "maybe so"]
+  grammar = Grammars(tok).choice(choices, "choice")
+  want = {
+    "greedy": expected([3, 4, 5], 40),
+    "sampled": expected([7, 8, 9, 10], 30, Sampling(temperature=0.9), Stream(11, 0)),
+    "stop": greedy_text[:greedy_text.find(stop)],
+    "choice": expected(tok.apply_chat_template(chat, add_generation_prompt=True), 20, Sampling(grammar=grammar)),
+    "streamed": expected(tok.apply_chat_template(chat, add_generation_prompt=True), 25),
+    "after": expected([9, 9, 8], 20),
+  }
+  scores = prompt_scores(reference, [[5, 6, 7, 8, 0]])[0]
+
+  logs = [tmp_path / f"process-{i}.log" for i in range(2)]
+  files = [open(log, "w") for log in logs]
+  procs = _launched("infer.py", ["--checkpoint", str(tmp_path / "ckpt"), "--serve", "127.0.0.1:0", "--dtype",
+                                 "float32", "--mesh", "data=2,expert=4", "--batch-size", "2", "--max-model-len", "512",
+                                 "--temperature", "0", "--compile-cache", "off"], [(f, f) for f in files])
+  try:
+    url = _serving_url(procs, logs)
+    requests = {
+      "greedy": ("/v1/completions", {"prompt": [3, 4, 5], "max_tokens": 40}),
+      "sampled": ("/v1/completions", {"prompt": [7, 8, 9, 10], "max_tokens": 30, "temperature": 0.9, "seed": 11}),
+      "stop": ("/v1/completions", {"prompt": "the cat", "max_tokens": 40, "stop": [stop]}),
+      "choice": ("/v1/chat/completions", {"messages": chat, "max_tokens": 20, "guided_choice": choices}),
+      "streamed": ("/v1/chat/completions", {"messages": chat, "max_tokens": 25, "stream": True}),
+      "scored": ("/v1/completions", {"prompt": [5, 6, 7, 8], "max_tokens": 0, "echo": True, "logprobs": 0}),
+    }
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+      replies = dict(zip(requests, pool.map(lambda r: _post(url + r[0], r[1]), requests.values())))
+    texts = {k: r["choices"][0]["text"] for k, r in replies.items() if k in ("greedy", "sampled", "stop")}
+    texts["choice"] = replies["choice"]["choices"][0]["message"]["content"]
+    events = [json.loads(x.removeprefix("data: ")) for x in replies["streamed"].split("\n\n") if x[6:7] == "{"]
+    texts["streamed"] = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert replies["stop"]["choices"][0]["finish_reason"] == "stop" and texts["choice"] in choices
+    np.testing.assert_allclose(replies["scored"]["choices"][0]["logprobs"]["token_logprobs"][1:],
+                               scores.logprobs[1:4], atol=1e-5)
+
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 500}).encode()
+    with socket.create_connection(tuple(url.removeprefix("http://").split(":"))) as client:  # leaves mid-reply
+      client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+      time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while _aborted(url) < 1:
+      assert time.monotonic() < deadline, "the job whose client left did not end"
+      time.sleep(0.2)
+    texts["after"] = _post(url + "/v1/completions", {"prompt": [9, 9, 8], "max_tokens": 20})["choices"][0]["text"]
+    assert texts == want
+    procs[0].terminate()
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+  finally:
+    for p, f in zip(procs, files):
+      p.kill()
+      f.close()
+  for r in _two_processes("infer.py", ["--checkpoint", str(tmp_path / "ckpt"), "--interactive"]):
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+      "error: --interactive needs a single process (--serve serves from several)"), r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("spec", ["fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2", "expert=2,tensor=2,fsdp=2"])
