@@ -25,6 +25,7 @@ import itertools
 import json
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -762,17 +763,29 @@ def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, p
   """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up; with
   `api_key`, requests but /health and /metrics must bear it (`Authorization: Bearer <api_key>`, as OpenAI's clients
   send their api_key). With several processes, this is process 0's; the others `follow`."""
-  engine = Engine(generator, rows, slots, stop_ids, Metrics(name), Link() if jax.process_count() > 1 else None)
+  link = Link() if jax.process_count() > 1 else None
+  engine = Engine(generator, rows, slots, stop_ids, Metrics(name), link)
   try:
     engine.warm_up(sampling)
     api = Api(engine, tok, name, sampling, seed, slots)
-    return Server((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key}), engine)
+    server = Server((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key}), engine)
   except BaseException:
     engine.close()  # (and the followers with it)
     raise
+  if link:
+    def stop_when_asked() -> None:  # by a follower: serve_forever returns, as when this process is stopped
+      print(f"process {link.wait_for_stop_request()} asked to stop the server", file=sys.stderr, flush=True)
+      server.shutdown()
+
+    threading.Thread(target=stop_when_asked, daemon=True, name="stop requests").start()
+  return server
 
 
 def follow(generator: Generator, tok: Tokenizer, *, name: str, rows: int, slots: int, stop_ids: list[int]) -> None:
   """Another process than the first of a multi-process server: runs the engine as process 0's tells it (its
-  `make_server` arguments), until that stops."""
-  Engine(generator, rows, slots, stop_ids, Metrics(name), Link(), tok).follow()
+  `make_server` arguments), until that stops. SIGTERM and SIGINT here ask process 0 to stop the server (this process
+  cannot leave alone: every generate call spans all processes)."""
+  link = Link()
+  for signum in (signal.SIGTERM, signal.SIGINT):  # (SIGTERM's default here is jax's preemption notice: it would
+    signal.signal(signum, lambda *_: link.ask_to_stop())  # go on serving)
+  Engine(generator, rows, slots, stop_ids, Metrics(name), link, tok).follow()

@@ -8,6 +8,9 @@ process takes the same decisions in the same order.
 Messages go through jax.distributed's key-value store (its coordination service, in process 0): message n is JSON
 text under PREFIX/<n // BLOCK>/<n>. Every BLOCK messages a follower records how many it has read
 (PREFIX/read/<process>), and process 0 deletes the blocks that every follower has read.
+
+Only process 0 can stop the server (its engine tells the others at a sync point); another process asked to stop (a
+SIGTERM, as a scheduler sends every process at once) asks process 0 to, under PREFIX/stop.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import jax
 
 PREFIX = "qwen_moe_jax/serve"
 BLOCK = 64
-WAIT_MS = 60_000  # a follower's wait for the next message, renewed while the server is idle
+WAIT_MS = 1_000  # a follower's wait for the next message, renewed while the server is idle (short: the process's
+# signal handlers run between two waits)
 
 
 class Link:
@@ -46,14 +50,24 @@ class Link:
       self.kept = max(self.kept, done)
 
   def receive(self) -> dict:
-    while True:
-      try:
-        text = self.client.blocking_key_value_get(self._key(self.count), WAIT_MS)
-        break
-      except jax.errors.JaxRuntimeError as e:  # (if process 0 is gone, jax's distributed service ends this one)
-        if "DEADLINE_EXCEEDED" not in str(e):
-          raise
+    text = self._wait(self._key(self.count))
     self.count += 1
     if self.count % BLOCK == 0:
       self.client.key_value_set(f"{PREFIX}/read/{jax.process_index()}", str(self.count), allow_overwrite=True)
     return json.loads(text)
+
+  def ask_to_stop(self) -> None:
+    """(A follower) asks process 0 to stop the server."""
+    self.client.key_value_set(f"{PREFIX}/stop", str(jax.process_index()), allow_overwrite=True)
+
+  def wait_for_stop_request(self) -> int:
+    """(Process 0) waits until a follower asks to stop the server; returns its process index."""
+    return int(self._wait(f"{PREFIX}/stop"))
+
+  def _wait(self, key: str) -> str:
+    while True:
+      try:
+        return self.client.blocking_key_value_get(key, WAIT_MS)
+      except jax.errors.JaxRuntimeError as e:  # (if process 0 is gone, jax's distributed service ends this one)
+        if "DEADLINE_EXCEEDED" not in str(e):
+          raise

@@ -714,9 +714,10 @@ def test_cli_serve(served, tmp_path):
       status, reply = post(url, {"prompt": prompt, "max_tokens": 5}, headers=key)
       assert status == 200
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == len(a)  # from the pool
+    proc.terminate()  # SIGTERM stops the server as Ctrl-C does
+    assert proc.wait(timeout=60) == 0
   finally:
-    proc.terminate()
-    proc.wait(timeout=60)
+    proc.kill()
   bad = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "0", "--prompt", "hi"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip() == "error: --serve takes its prompts over HTTP: drop --prompt"

@@ -409,7 +409,8 @@ def test_two_processes_serve_like_one(tmp_path):
   runs the same engine from process 0's messages. Requests at once (more than the 2 rows: they queue and join the
   running call as rows free), greedy and seeded samples, stop strings, structured output, a streamed chat, a scored
   prompt give what one process's engine gives; a client leaving mid-reply ends its job on both (the next request
-  is answered as alone); SIGTERM to process 0 ends both, cleanly. `--interactive` over 2 processes is one line."""
+  is answered as alone); SIGTERM to the follower (a scheduler stopping it) asks process 0 to stop, and both end
+  cleanly. `--interactive` over 2 processes is one line."""
   write_hf_demo(tmp_path / "hf")
   convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
   tok = load_tokenizer(tmp_path / "ckpt")
@@ -471,9 +472,10 @@ def test_two_processes_serve_like_one(tmp_path):
       time.sleep(0.2)
     texts["after"] = _post(url + "/v1/completions", {"prompt": [9, 9, 8], "max_tokens": 20})["choices"][0]["text"]
     assert texts == want
-    procs[0].terminate()
+    procs[1].terminate()
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+    assert "process 1 asked to stop the server" in logs[0].read_text()
   finally:
     for p, f in zip(procs, files):
       p.kill()
