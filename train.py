@@ -130,7 +130,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "--grpo-epsilon-high 4e-4)")
   ap.add_argument("--grpo-loss-type", choices=GRPO_LOSS_TYPES, default=d.grpo_loss_type,
                   help="how the loss averages: over the step's completion tokens (dapo), over each completion's "
-                  "tokens then the completions (grpo), over the completions' --grpo-max-new slots (dr_grpo)")
+                  "tokens then the completions (grpo), over each micro-batch's tokens then the micro-batches "
+                  "(bnpo), over the completions' --grpo-max-new slots (dr_grpo); or weighs the tokens otherwise: "
+                  "cispo (MiniMax-M1: the policy gradient weighed by the ratio cut at --grpo-epsilon-high, "
+                  f"default {training.CISPO_EPSILON_HIGH} for it; averaged as dapo), sapo (the Qwen team's soft "
+                  "gate instead of the clip; averaged as grpo)")
+  ap.add_argument("--grpo-sapo-temperature-pos", type=float, default=d.grpo_sapo_temperature_pos,
+                  help="sapo's gate temperature where the advantage is > 0 (TRL's sapo_temperature_pos)")
+  ap.add_argument("--grpo-sapo-temperature-neg", type=float, default=d.grpo_sapo_temperature_neg,
+                  help="and where it is <= 0 (TRL's sapo_temperature_neg)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -179,7 +187,9 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     grpo_scale_rewards=args.grpo_scale_rewards,
     grpo_mask_truncated=args.grpo_mask_truncated, grpo_generation_steps=args.grpo_generation_steps,
     grpo_iterations=args.grpo_iterations, grpo_epsilon=args.grpo_epsilon, grpo_epsilon_high=args.grpo_epsilon_high,
-    grpo_importance=args.grpo_importance, grpo_loss_type=args.grpo_loss_type).validate()
+    grpo_importance=args.grpo_importance, grpo_loss_type=args.grpo_loss_type,
+    grpo_sapo_temperature_pos=args.grpo_sapo_temperature_pos,
+    grpo_sapo_temperature_neg=args.grpo_sapo_temperature_neg).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:

@@ -83,7 +83,7 @@ def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Ar
 
 
 IMPORTANCE_LEVELS = ("token", "sequence")  # PolicyGradient.importance's (TRL's importance_sampling_level)
-GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # PolicyGradient.loss_type's (TRL's loss_type names)
+GRPO_LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")  # PolicyGradient.loss_type's (TRL's names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,18 +93,29 @@ class PolicyGradient:
   epsilon: float = 0.2  # ratios below 1 - epsilon are clipped where the advantage is negative
   epsilon_high: float = 0.2  # above 1 + epsilon_high where it is positive (DAPO's clip-higher: a larger one)
   importance: str = "token"  # the ratio per token, or per completion ("sequence": GSPO's)
-  loss_type: str = "dapo"  # per_token's mean over the step's tokens (dapo), over each completion then the
-  # completions (grpo), or its sum over the completions' max_new slots (dr_grpo)
+  loss_type: str = "dapo"  # per_token's mean over the step's tokens (dapo, cispo), over each completion then the
+  # completions (grpo, sapo), over each micro-batch's tokens then the micro-batches (bnpo), or its sum over the
+  # completions' max_new slots (dr_grpo); cispo and sapo weigh the tokens their own way (policy_gradient_loss)
+  sapo_temperature_pos: float = 1.0  # SAPO's gate temperature where the advantage is > 0
+  sapo_temperature_neg: float = 1.05  # and where it is <= 0
   max_new: int = 256  # the most tokens a completion has (max_completion_length)
   temperature: float = 1.0  # the completions' sampling temperature: log pi is of the logits divided by it, the
   # distribution they were drawn from (TRL's, and the old and reference log-probabilities' too)
 
+  @property
+  def clips(self) -> bool:
+    """Whether some ratios are clipped (counted in stats' clip_ratio): all but SAPO's soft gate."""
+    return self.loss_type != "sapo"
+
 
 def policy_gradient_count(loss_mask: jax.Array, pg: PolicyGradient) -> jax.Array:
-  """What GRPO's loss averages over in rows loss_mask [..., B, T] (a completion each): their loss tokens (dapo),
-  their completions (grpo) or their completions' max_new slots (dr_grpo)."""
-  if pg.loss_type == "dapo":
+  """What GRPO's loss averages over in rows loss_mask [..., B, T] (a completion each): their loss tokens (dapo,
+  cispo), their completions (grpo, sapo), their completions' max_new slots (dr_grpo) or their micro-batches (bnpo:
+  each [B, T] counts once, its mean over its own loss tokens)."""
+  if pg.loss_type in ("dapo", "cispo"):
     return jnp.sum(loss_mask.astype(F32))
+  if pg.loss_type == "bnpo":
+    return jnp.asarray(math.prod(loss_mask.shape[:-2]), F32)
   return jnp.asarray(math.prod(loss_mask.shape[:-1]) * (pg.max_new if pg.loss_type == "dr_grpo" else 1), F32)
 
 
@@ -113,7 +124,10 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
                          old_logp: jax.Array | None = None, ref_logp: jax.Array | None = None,
                          pg: PolicyGradient = PolicyGradient(), remat: str = "none") -> LossParts:
   """GRPO's loss as TRL's GRPOTrainer computes it: each completion token's -min(w A, clip(w, 1 - epsilon, 1 +
-  epsilon_high) A) + beta KL, averaged as pg.loss_type says (policy_gradient_count). w = pi / pi_old: the token's
+  epsilon_high) A) + beta KL, averaged as pg.loss_type says (policy_gradient_count); CISPO (MiniMax-M1) instead
+  weighs the policy gradient by the ratio cut at epsilon_high and held constant, -sg(min(w, epsilon_high)) A log pi,
+  and SAPO (the Qwen team's) gates the ratio softly, -sigmoid(tau (w - 1)) 4 / tau A, tau its temperature for A > 0
+  or A <= 0 (as TRL's loss types). w = pi / pi_old: the token's
   ratio exp(log pi - log pi_old), or with pg.importance "sequence" (GSPO) its completion's exp(mean over its tokens
   of log pi - log pi_old). pi_old: old_logp [B, T] fp32, the log-probabilities of the policy that sampled them
   (when it has since been updated: several steps per generation); without it, stop_gradient(log pi), so w = 1 and
@@ -131,22 +145,30 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
   if pg.importance == "sequence":  # [B, 1]: each completion's mean log-ratio weighs all its tokens
     log_ratio = jnp.sum(log_ratio * mask, -1, keepdims=True) / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0)
   ratio = jnp.exp(log_ratio)
-  per_token = -jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - pg.epsilon, 1 + pg.epsilon_high) * advantage)
-  stats = {}
-  if old_logp is not None:
+  if pg.loss_type == "cispo":
+    per_token = -jax.lax.stop_gradient(jnp.minimum(ratio, pg.epsilon_high)) * advantage * logp
+    clipped = (ratio > pg.epsilon_high) & (advantage > 0)
+  elif pg.loss_type == "sapo":
+    tau = jnp.where(advantage > 0, pg.sapo_temperature_pos, pg.sapo_temperature_neg)
+    per_token = -jax.nn.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
+  else:
+    per_token = -jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - pg.epsilon, 1 + pg.epsilon_high) * advantage)
     clipped = ((ratio < 1 - pg.epsilon) & (advantage < 0)) | ((ratio > 1 + pg.epsilon_high) & (advantage > 0))
+  stats = {}
+  if old_logp is not None and pg.clips:
     stats["clip_ratio"] = jnp.sum(clipped * mask)
   if ref_logp is not None:
     r = ref_logp - logp
     kl = jnp.exp(r) - r - 1
     per_token = per_token + pg.beta * kl
     stats["kl"] = jnp.sum(kl * mask)
-  if pg.loss_type == "grpo":  # each completion's mean, summed
+  if pg.loss_type in ("grpo", "sapo"):  # each completion's mean, summed
     summed = jnp.sum(jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0))
   else:
     summed = jnp.sum(per_token * mask)
   count = policy_gradient_count(loss_mask, pg)
-  return _with_router_loss(model, out, segment_ids, summed / jnp.maximum(count, 1.0), count, stats)
+  per = jnp.sum(mask) if pg.loss_type == "bnpo" else count  # bnpo: the micro-batch's mean, which counts once
+  return _with_router_loss(model, out, segment_ids, summed / jnp.maximum(per, 1.0), count, stats)
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo", "kto")  # preference_loss's kinds (TRL's loss_type names)

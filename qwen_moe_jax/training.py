@@ -55,9 +55,12 @@ OPTIMIZERS = ("adamw", "adafactor")
 GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_top_k", "grpo_top_p", "grpo_min_p",
                  "grpo_repetition_penalty", "grpo_beta", "grpo_scale_rewards",
                  "grpo_mask_truncated", "grpo_iterations", "grpo_generation_steps", "grpo_epsilon",
-                 "grpo_epsilon_high", "grpo_importance", "grpo_loss_type",
+                 "grpo_epsilon_high", "grpo_importance", "grpo_loss_type", "grpo_sapo_temperature_pos",
+                 "grpo_sapo_temperature_neg",
                  "grpo_reward_weights")  # TrainConfig's, besides the rewards
 GRPO_SCALES = ("group", "batch", "none")  # grpo.advantages' scales
+CISPO_EPSILON_HIGH = 5.0  # the cispo loss's largest ratio unless given (ScaleRL's; TRL's default, --grpo-epsilon, would
+# shrink every token's gradient)
 
 
 def param_group(path: str) -> str:
@@ -115,9 +118,12 @@ class TrainConfig:
   grpo_generation_steps: int = 1  # optimizer steps one generation serves, each on its share of the completions
   grpo_iterations: int = 1  # times each generation is trained on (TRL's num_iterations, the paper's mu)
   grpo_epsilon: float = 0.2  # the ratio's clipping range below 1 (TRL's epsilon)
-  grpo_epsilon_high: float | None = None  # and above 1 (None: grpo_epsilon; DAPO's clip-higher: larger)
+  grpo_epsilon_high: float | None = None  # and above 1 (None: grpo_epsilon; DAPO's clip-higher: larger); cispo:
+  # the largest ratio itself (None: CISPO_EPSILON_HIGH)
   grpo_importance: str = "token"  # the ratio per token or per completion ("sequence": GSPO; losses.PolicyGradient)
-  grpo_loss_type: str = "dapo"  # how the loss averages (losses.GRPO_LOSS_TYPES)
+  grpo_loss_type: str = "dapo"  # how the loss weighs and averages the tokens (losses.GRPO_LOSS_TYPES)
+  grpo_sapo_temperature_pos: float = 1.0  # SAPO's gate temperatures (TRL's defaults)
+  grpo_sapo_temperature_neg: float = 1.05
 
   @property
   def reference(self) -> bool:
@@ -162,9 +168,13 @@ class TrainConfig:
 
   @property
   def policy(self) -> PolicyGradient:
-    return PolicyGradient(self.grpo_beta, self.grpo_epsilon, self.grpo_epsilon if self.grpo_epsilon_high is None
-                          else self.grpo_epsilon_high, self.grpo_importance, self.grpo_loss_type, self.grpo_max_new,
-                          self.grpo_temperature)
+    high = self.grpo_epsilon_high
+    if high is None:
+      high = CISPO_EPSILON_HIGH if self.grpo_loss_type == "cispo" else self.grpo_epsilon
+    return PolicyGradient(self.grpo_beta, self.grpo_epsilon, high, self.grpo_importance, self.grpo_loss_type,
+                          sapo_temperature_pos=self.grpo_sapo_temperature_pos,
+                          sapo_temperature_neg=self.grpo_sapo_temperature_neg, max_new=self.grpo_max_new,
+                          temperature=self.grpo_temperature)
 
   @property
   def floats(self) -> tuple[str, ...]:
@@ -258,6 +268,13 @@ class TrainConfig:
       raise UserError(f"--grpo-importance must be one of {', '.join(IMPORTANCE_LEVELS)}, got '{self.grpo_importance}'")
     if self.grpo_loss_type not in GRPO_LOSS_TYPES:
       raise UserError(f"--grpo-loss-type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{self.grpo_loss_type}'")
+    if self.grpo_loss_type == "cispo" and self.grpo_epsilon_high is not None and not self.grpo_epsilon_high >= 1:
+      raise UserError(f"--grpo-loss-type cispo cuts the ratio itself at --grpo-epsilon-high (ScaleRL's "
+                      f"{CISPO_EPSILON_HIGH}), which must be >= 1 (below, every token's gradient shrinks), got "
+                      f"{self.grpo_epsilon_high}")
+    for name in ("grpo_sapo_temperature_pos", "grpo_sapo_temperature_neg"):
+      if not getattr(self, name) > 0:
+        raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
   def trainable(self, path: str) -> bool:
     if self.lora is not None:
@@ -466,7 +483,7 @@ def _count(tc: TrainConfig, batch) -> jax.Array:
 
 def _stat_names(tc: TrainConfig) -> tuple[str, ...]:
   if tc.grpo:
-    return ("clip_ratio",) * tc.grpo_old_logp + ("kl",) * tc.reference
+    return ("clip_ratio",) * (tc.grpo_old_logp and tc.policy.clips) + ("kl",) * tc.reference
   return preference_stats(tc.dpo_loss) if tc.dpo_beta is not None else ()
 
 

@@ -307,6 +307,10 @@ GRPO_CASES = {  # (beta, old log-probabilities, PolicyGradient's importance, los
   "gspo_on_policy": (0.0, False, "sequence", "grpo", 1.0),
   "dr_grpo": (0.0, True, "token", "dr_grpo", 1.0),
   "tempered": (0.3, True, "token", "dapo", 0.7),
+  "bnpo": (0.0, True, "token", "bnpo", 1.0),
+  "cispo": (0.3, True, "token", "cispo", 1.0),
+  "cispo_on_policy": (0.0, False, "token", "cispo", 1.0),
+  "sapo": (0.3, True, "token", "sapo", 1.0),
 }
 
 
@@ -318,11 +322,14 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   sequence alone: -min(w A, clip(w, 1 - eps, 1 + eps_high) A) + beta (exp(ref - lp) - (ref - lp) - 1) with w =
   exp(lp - old) per token, or per completion exp(mean(lp - old)) (GSPO), old = lp.detach() (one update per
   generation) or given (the policy has moved: some tokens clipped), averaged over every completion token (dapo),
-  per completion (grpo) or over the completions' max_new slots (dr_grpo); lp of the logits divided by the sampling
-  temperature (TRL's); so do its gradients (the policy gradient, the KL penalty's); its stats sum the tokens' KL and
-  clipped ratios."""
+  per completion (grpo) or over the completions' max_new slots (dr_grpo), or over the micro-batch's tokens as one
+  (bnpo); CISPO's -min(w, eps_high).detach() A lp (averaged as dapo) and SAPO's -sigmoid(tau (w - 1)) 4 / tau A,
+  tau 1 or 1.05 as A > 0 or not (averaged as grpo); lp of the logits divided by the sampling temperature (TRL's);
+  so do its gradients (the policy gradient, the KL penalty's); its stats sum the tokens' KL and clipped ratios
+  (none for SAPO's soft gate)."""
   beta, moved, importance, loss_type, temperature = GRPO_CASES[case]
-  pg = PolicyGradient(beta, 0.1, 0.15, importance, loss_type, max_new=12, temperature=temperature)
+  high = 1.15 if loss_type == "cispo" else 0.15  # cispo's is the largest ratio itself
+  pg = PolicyGradient(beta, 0.1, high, importance, loss_type, max_new=12, temperature=temperature)
   hf_model = make_model(seed=9, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(5)
@@ -353,10 +360,20 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
     w = torch.exp(log_ratio.mean() if importance == "sequence" else log_ratio)
     r = torch.tensor(reference[j, at]) - lp
     kls.append(torch.exp(r) - r - 1)
-    terms.append(-torch.min(w * a, torch.clamp(w, 1 - 0.1, 1 + 0.15) * a) + beta * kls[-1])
-    clipped += int(torch.broadcast_to((w < 0.9) & bool(a < 0) | (w > 1.15) & bool(a > 0), lp.shape).sum())
-  loss = {"dapo": torch.cat(terms).sum() / sum(len(c) for c in completions),
-          "grpo": torch.stack([t.mean() for t in terms]).mean(),
+    if loss_type == "cispo":
+      term, cut = -torch.clamp(w, max=1.15).detach() * a * lp, (w > 1.15) & bool(a > 0)
+    elif loss_type == "sapo":
+      tau = 1.0 if a > 0 else 1.05
+      term, cut = -torch.sigmoid(tau * (w - 1)) * 4 / tau * a, torch.zeros(())
+    else:
+      term = -torch.min(w * a, torch.clamp(w, 1 - 0.1, 1 + 0.15) * a)
+      cut = (w < 0.9) & bool(a < 0) | (w > 1.15) & bool(a > 0)
+    terms.append(term + beta * kls[-1])
+    clipped += int(torch.broadcast_to(cut, lp.shape).sum())
+  tokens = sum(len(c) for c in completions)
+  loss = {"dapo": torch.cat(terms).sum() / tokens, "bnpo": torch.cat(terms).sum() / tokens,
+          "cispo": torch.cat(terms).sum() / tokens, "grpo": torch.stack([t.mean() for t in terms]).mean(),
+          "sapo": torch.stack([t.mean() for t in terms]).mean(),
           "dr_grpo": torch.cat(terms).sum() / (len(completions) * 12)}[loss_type]
   loss.backward()
   torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
@@ -371,13 +388,14 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
 
   (total, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5, atol=1e-7)
-  assert float(parts.count) == {"dapo": sum(len(c) for c in completions), "grpo": 6, "dr_grpo": 72}[loss_type]
-  assert set(parts.stats) == {k for k, on in (("kl", beta), ("clip_ratio", moved)) if on}
+  counts = {"dapo": tokens, "cispo": tokens, "grpo": 6, "sapo": 6, "dr_grpo": 72, "bnpo": 1}
+  assert float(parts.count) == counts[loss_type]
+  assert set(parts.stats) == {k for k, on in (("kl", beta), ("clip_ratio", moved and pg.clips)) if on}
   if beta:
     np.testing.assert_allclose(float(parts.stats["kl"]), torch.cat(kls).sum().item(), rtol=1e-5)
-  if moved:
+  if moved and pg.clips:
     assert float(parts.stats["clip_ratio"]) == clipped
-    assert importance == "sequence" or 0 < clipped < sum(len(c) for c in completions) / 2  # some clipped, most not
+    assert importance == "sequence" or 0 < clipped < tokens / 2  # some clipped, most not
   assert_grads_match(model, grads, torch_grads, (
     "embed_tokens", "layers.1.self_attn.q_proj", "layers.1.mlp.gate.", "experts.3.", "lm_head"), least=5)
 

@@ -538,6 +538,11 @@ def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_ru
    "--grpo-generation-steps must be >= 1"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-epsilon", "1"], "--grpo-epsilon must be in "
    "[0, 1)"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-loss-type", "cispo", "--grpo-epsilon-high",
+    "0.28"], "--grpo-loss-type cispo cuts the ratio itself at --grpo-epsilon-high (ScaleRL's 5.0), which must be >= 1 "
+   "(below, every token's gradient shrinks), got 0.28"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-loss-type", "sapo",
+    "--grpo-sapo-temperature-neg", "0"], "--grpo-sapo-temperature-neg must be > 0, got 0.0"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "3"], "(4 rows, a completion each) must be a multiple of "
    "--grpo-group (3)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--dpo-beta", "0.1"], "give --grpo-reward or "
@@ -965,6 +970,33 @@ def test_grpo_step_same_on_a_mesh(step_case, gspo):
   assert ("clip_ratio" in want[0].stats) == gspo
   mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
+
+
+def test_bnpo_averages_the_micro_batches_means(step_case):
+  """--grpo-loss-type bnpo: a step of two micro-batches takes the mean of each one's mean over its own completion
+  tokens (TRL's bnpo, per micro-batch), where dapo weighs them by their tokens (the micro-batches here have 27 and
+  17, so the two differ); the step's stats are still per token."""
+  ckpt, _, tc = step_case
+  rng = np.random.default_rng(7)
+  prompts = [rng.integers(0, 101, n).tolist() for n in rng.integers(2, 7, 8)]
+  completions = [rng.integers(0, 101, n).tolist() for n in (8, 7, 6, 6, 5, 4, 4, 4)]
+  rows = grpo.rows(prompts, completions, grpo.advantages(rng.normal(size=8), group=4), seq_len=16)
+  rows[data.OLD_LOGP] = rng.uniform(-5, -4, rows["tokens"].shape).astype(np.float32)  # some ratios clipped
+  tc = dataclasses.replace(tc, grpo_rewards=("unused.py:f",), grpo_group=4, grpo_max_new=8, grpo_iterations=2)
+  one = sharding.make_mesh({}, jax.devices()[:1])
+
+  def step(loss_type, batch, accum=2):
+    kind = dataclasses.replace(tc, grpo_loss_type=loss_type, grad_accum=accum)
+    return _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, kind, batch)[0]
+
+  batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
+  halves = [step("dapo", {k: v[i:i + 1] for k, v in batch.items()}, accum=1) for i in range(2)]
+  bnpo, dapo = step("bnpo", batch), step("dapo", batch)
+  assert [h.count for h in halves] == [27, 17] and bnpo.count == 2
+  np.testing.assert_allclose(bnpo.value, (halves[0].value + halves[1].value) / 2, rtol=1e-5)
+  np.testing.assert_allclose(dapo.value, (27 * halves[0].value + 17 * halves[1].value) / 44, rtol=1e-5)
+  assert abs(bnpo.value - dapo.value) > 1e-3
+  np.testing.assert_allclose(bnpo.stats["clip_ratio"], dapo.stats["clip_ratio"])
 
 
 def test_grpo_old_logprobs_are_scored_as_the_loss_scores(step_case):
