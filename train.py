@@ -204,7 +204,7 @@ def recordable(tc: training.TrainConfig, data_path: str) -> dict:
 
 
 @cli_main
-def main() -> None:
+def main() -> int | None:
   args = parse_args()
   tc = train_config(args)
   if args.save_every < 1:
@@ -217,12 +217,15 @@ def main() -> None:
   mesh, _, kernels = runtime.setup(args)
   run = RunDir(args.out, keep=args.keep)
   try:
-    train(args, tc, mesh, kernels, run)
+    return train(args, tc, mesh, kernels, run)
   finally:
     run.close()
 
 
-def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -> None:
+def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -> int | None:
+  """Trains to tc.steps; on a SIGTERM, saves after the step under way (on every process alike: the first step all
+  reach after it; a GRPO run's, where a generation starts) and returns 143, as a process ended by SIGTERM."""
+  preemption = runtime.Preemption()
   settings = recordable(tc, args.data)
   start = run.latest_step
   if start is None:
@@ -352,11 +355,16 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
       run.log(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-      if done % args.save_every == 0 or done == tc.steps:
+      stop = done < tc.steps and (not tc.grpo or done % tc.grpo_cycle == 0) and preemption.reached()
+      if done % args.save_every == 0 or done == tc.steps or stop:
         params, item = trainable, checkpoint.ADAPTERS_ITEM  # a LoRA run saves its adapters
         if tc.lora is None:
           params, item = checkpoint.unflatten(checkpoint.flatten(trainable) | checkpoint.flatten(frozen)), PARAMS_ITEM
         run.save(done, checkpoint.unpadded(cfg, params), checkpoint.unpadded(cfg, opt_state), item)
+      if stop:
+        run.wait()
+        print(f"stopped by SIGTERM: step {done} saved; the same command resumes from it", file=sys.stderr)
+        return 143
   run.wait()
   plot = run.plot()
   print(f"trained to step {tc.steps}; run folder {run.folder}" + (f", loss curve {plot}" if plot else ""),

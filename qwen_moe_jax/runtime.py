@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from qwen_moe_jax import sharding
 from qwen_moe_jax.errors import UserError
@@ -68,6 +70,28 @@ def init_distributed(args: argparse.Namespace) -> None:
     raise UserError("multi-host: --coordinator needs --num-processes N and --process-id in [0, N)")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU devices
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+
+
+class Preemption:
+  """Whether a SIGTERM came (a scheduler's notice before it kills the process: a preemption, a job's end), asked at
+  points every process passes alike (`reached`, train.py after a step). On several processes, jax's preemption
+  service (its SIGTERM handler in each) answers True on every process at the same point, the first all of them reach
+  after a notice to any; on one, a SIGTERM handler here. Made on the main thread."""
+
+  def __init__(self):
+    self.points = 0  # points passed
+    self.noticed = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._notice)
+
+  def _notice(self, signum, frame) -> None:
+    self.noticed = True
+
+  def reached(self) -> bool:
+    self.points += 1
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(self.points)
+    return self.noticed
 
 
 def enable_compile_cache(folder: str | None) -> None:

@@ -304,6 +304,35 @@ def test_two_processes_train_like_one(ckpt, tmp_path, lora):
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
 
 
+def test_two_processes_stop_together_on_sigterm(ckpt, tmp_path):
+  """SIGTERM to one of 2 training processes: both save the same step (jax's preemption sync point) and exit 143;
+  the same command on both resumes from it to one process's uninterrupted losses."""
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps({"input_ids": [(i * 7 + j) % 101 for j in range(12)]}) + "\n" for i in range(16)))
+  args = ["--checkpoint", str(ckpt[0]), "--data", str(data), "--steps", "40", "--batch-size", "4", "--seq-len", "32",
+          "--dtype", "float32", "--mesh", "data=2,expert=4", "--save-every", "40", "--out", str(tmp_path / "multi")]
+  logs = [tmp_path / f"process-{i}.log" for i in range(2)]
+  files = [open(log, "w") for log in logs]
+  procs = _launched("train.py", args, [(f, f) for f in files])
+  metrics = tmp_path / "multi" / "metrics.jsonl"
+  try:
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+      time.sleep(0.05)
+    procs[1].terminate()
+    assert [p.wait(timeout=300) for p in procs] == [143, 143], [log.read_text()[-3000:] for log in logs]
+  finally:
+    for p, f in zip(procs, files):
+      p.kill()
+      f.close()
+  step = len(metrics.read_text().splitlines())
+  assert step < 40 and (tmp_path / "multi" / "checkpoints" / str(step)).is_dir()
+  assert all(f"stopped by SIGTERM: step {step} saved" in log.read_text() for log in logs)
+  for a, b in _trained_both_ways(args[:-2], tmp_path):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+
+
 def _chat_checkpoint(tmp_path: Path) -> None:
   """tmp_path/ckpt: a tiny model learnable in a few steps, with a byte-level BPE tokenizer and a ChatML template."""
   tok = build_tokenizer(vocab_size=300)

@@ -130,6 +130,28 @@ def test_resume_after_sigkill_matches_uninterrupted(base, straight, tmp_path):
   assert res.returncode == 2 and "different settings" in res.stderr
 
 
+def test_sigterm_saves_the_step_and_resumes(base, straight, tmp_path):
+  """SIGTERM (a scheduler's notice) mid-run: the step under way ends, is saved (not a multiple of --save-every),
+  and train.py exits 143; the same command resumes from it to the uninterrupted run's losses."""
+  args = ["--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), *TRAIN]
+  stopped = tmp_path / "stopped"
+  proc = train(*args, "--out", str(stopped), wait=False)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None and not (
+      (stopped / "metrics.jsonl").exists() and len(metrics(stopped)) >= 2):
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.stderr.read()
+  proc.terminate()
+  assert proc.wait(timeout=300) == 143
+  step = len(metrics(stopped))
+  assert 2 <= step < 16 and (stopped / "checkpoints" / str(step)).is_dir()
+  assert f"stopped by SIGTERM: step {step} saved" in proc.stderr.read()
+  res = train(*args, "--out", str(stopped))
+  assert res.returncode == 0 and f"from step {step}" in res.stderr, res.stderr
+  for x, y in zip(metrics(straight), metrics(stopped), strict=True):
+    assert (x["step"], x["loss"], x["grad_norm"]) == (y["step"], y["loss"], y["grad_norm"])
+
+
 def test_held_out_loss_is_the_cross_entropy_of_the_trained_model(base, tmp_path):
   """--eval-data: eval_loss at every --eval-every steps and at the end, equal to the mean cross-entropy of the
   held-out loss tokens under the saved model, computed here token by token; a missing file is one error line."""
