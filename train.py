@@ -355,7 +355,8 @@ def train(args, tc: training.TrainConfig, mesh, kernels: Kernels, run: RunDir) -
         record["expert_load"] = np.round(np.asarray(m.expert_load, np.float64), 5).tolist()
       run.log(record)
       bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-      stop = done < tc.steps and (not tc.grpo or done % tc.grpo_cycle == 0) and preemption.reached()
+      noticed = preemption.seen(done)  # (asked at every step, on every process)
+      stop = noticed and done < tc.steps and (not tc.grpo or done % tc.grpo_cycle == 0)
       if done % args.save_every == 0 or done == tc.steps or stop:
         params, item = trainable, checkpoint.ADAPTERS_ITEM  # a LoRA run saves its adapters
         if tc.lora is None:

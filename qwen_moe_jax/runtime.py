@@ -73,13 +73,12 @@ def init_distributed(args: argparse.Namespace) -> None:
 
 
 class Preemption:
-  """Whether a SIGTERM came (a scheduler's notice before it kills the process: a preemption, a job's end), asked at
-  points every process passes alike (`reached`, train.py after a step). On several processes, jax's preemption
-  service (its SIGTERM handler in each) answers True on every process at the same point, the first all of them reach
-  after a notice to any; on one, a SIGTERM handler here. Made on the main thread."""
+  """Whether a SIGTERM came (a scheduler's notice before it kills the process: a preemption, a job's end). On one
+  process, a SIGTERM handler here notes it; on several, jax's preemption service (its SIGTERM handler in each) makes
+  `seen` True on every process from the same step on, the first all of them reach after a notice to any. Made on
+  the main thread."""
 
   def __init__(self):
-    self.points = 0  # points passed
     self.noticed = False
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, self._notice)
@@ -87,10 +86,11 @@ class Preemption:
   def _notice(self, signum, frame) -> None:
     self.noticed = True
 
-  def reached(self) -> bool:
-    self.points += 1
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(self.points)
+  def seen(self, step: int) -> bool:
+    """Asked after every training step `step` by every process (jax wants consecutive ids, and Orbax asks it too
+    when it saves, with the same step)."""
+    if jax.process_count() > 1 and not self.noticed:
+      self.noticed = multihost_utils.reached_preemption_sync_point(step)
     return self.noticed
 
 
