@@ -4,6 +4,7 @@ the rules table, and two processes forming one 8-device mesh."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -248,6 +249,26 @@ def _launched(script: str, args: list[str], outputs: list[tuple]) -> list[subpro
           for i, (out, err) in enumerate(outputs)]
 
 
+@contextlib.contextmanager
+def _logged(script: str, args: list[str], tmp_path: Path):
+  """`script` as processes 0 and 1 of 2, each writing to tmp_path/process-<i>.log: yields (processes, log paths);
+  kills both on the way out."""
+  logs = [tmp_path / f"process-{i}.log" for i in range(2)]
+  files = [open(log, "w") for log in logs]
+  procs = _launched(script, args, [(f, f) for f in files])
+  try:
+    yield procs, logs
+  finally:
+    for p, f in zip(procs, files):
+      p.kill()
+      f.close()
+
+
+def _write_id_lines(path: Path) -> None:
+  """16 training lines of 12 token ids each."""
+  path.write_text("".join(json.dumps({"input_ids": [(i * 7 + j) % 101 for j in range(12)]}) + "\n" for i in range(16)))
+
+
 def _two_processes(script: str, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
   procs = _launched(script, args, [(subprocess.PIPE, subprocess.PIPE)] * 2)
   try:
@@ -296,7 +317,7 @@ def test_two_processes_train_like_one(ckpt, tmp_path, lora):
   """2 processes train (all weights, or LoRA adapters: lora.json written by one, read by both) as one does."""
   folder = ckpt[0]
   data = tmp_path / "data.jsonl"
-  data.write_text("".join(json.dumps({"input_ids": [(i * 7 + j) % 101 for j in range(12)]}) + "\n" for i in range(16)))
+  _write_id_lines(data)
   args = ["--checkpoint", str(folder), "--data", str(data), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
           "--dtype", "float32", "--mesh", "data=2,expert=4", "--save-every", "3", *lora]
   for a, b in _trained_both_ways(args, tmp_path):
@@ -308,24 +329,17 @@ def test_two_processes_stop_together_on_sigterm(ckpt, tmp_path):
   """SIGTERM to one of 2 training processes: both save the same step (jax's preemption sync point) and exit 143;
   the same command on both resumes from it to one process's uninterrupted losses."""
   data = tmp_path / "data.jsonl"
-  data.write_text("".join(json.dumps({"input_ids": [(i * 7 + j) % 101 for j in range(12)]}) + "\n" for i in range(16)))
+  _write_id_lines(data)
   args = ["--checkpoint", str(ckpt[0]), "--data", str(data), "--steps", "40", "--batch-size", "4", "--seq-len", "32",
           "--dtype", "float32", "--mesh", "data=2,expert=4", "--save-every", "40", "--out", str(tmp_path / "multi")]
-  logs = [tmp_path / f"process-{i}.log" for i in range(2)]
-  files = [open(log, "w") for log in logs]
-  procs = _launched("train.py", args, [(f, f) for f in files])
   metrics = tmp_path / "multi" / "metrics.jsonl"
-  try:
+  with _logged("train.py", args, tmp_path) as (procs, logs):
     deadline = time.monotonic() + 600
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
       assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
       time.sleep(0.05)
     procs[1].terminate()
     assert [p.wait(timeout=300) for p in procs] == [143, 143], [log.read_text()[-3000:] for log in logs]
-  finally:
-    for p, f in zip(procs, files):
-      p.kill()
-      f.close()
   step = len(metrics.read_text().splitlines())
   assert step < 40 and (tmp_path / "multi" / "checkpoints" / str(step)).is_dir()
   assert all(f"stopped by SIGTERM: step {step} saved" in log.read_text() for log in logs)
@@ -465,12 +479,10 @@ def test_two_processes_serve_like_one(tmp_path):
   }
   scores = prompt_scores(reference, [[5, 6, 7, 8, 0]])[0]
 
-  logs = [tmp_path / f"process-{i}.log" for i in range(2)]
-  files = [open(log, "w") for log in logs]
-  procs = _launched("infer.py", ["--checkpoint", str(tmp_path / "ckpt"), "--serve", "127.0.0.1:0", "--dtype",
-                                 "float32", "--mesh", "data=2,expert=4", "--batch-size", "2", "--max-model-len", "512",
-                                 "--temperature", "0", "--compile-cache", "off"], [(f, f) for f in files])
-  try:
+  serve = ["--checkpoint", str(tmp_path / "ckpt"), "--serve", "127.0.0.1:0", "--dtype", "float32", "--mesh",
+           "data=2,expert=4", "--batch-size", "2", "--max-model-len", "512", "--temperature", "0", "--compile-cache",
+           "off"]
+  with _logged("infer.py", serve, tmp_path) as (procs, logs):
     url = _serving_url(procs, logs)
     requests = {
       "greedy": ("/v1/completions", {"prompt": [3, 4, 5], "max_tokens": 40}),
@@ -505,10 +517,6 @@ def test_two_processes_serve_like_one(tmp_path):
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
     assert "process 1 asked to stop the server" in logs[0].read_text()
-  finally:
-    for p, f in zip(procs, files):
-      p.kill()
-      f.close()
   for r in _two_processes("infer.py", ["--checkpoint", str(tmp_path / "ckpt"), "--interactive"]):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
       "error: --interactive needs a single process (--serve serves from several)"), r.stderr[-2000:]
