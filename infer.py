@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -51,6 +53,7 @@ from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 DEMO_CHAT = "Tell me about mixture-of-experts language models."
 SERVE_ROWS, SERVE_SLOTS = 16, 4096  # --serve's default --batch-size and largest default --max-model-len
 API_KEY_VARIABLE = "QWEN_MOE_JAX_API_KEY"  # --serve's default --api-key
+SHUTDOWN_TIMEOUT = 20.0  # --serve's default --shutdown-timeout, seconds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,6 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help=f"with --serve: requests (but /health and /metrics) must send 'Authorization: Bearer KEY', as "
                   f"OpenAI's clients send their api_key (default: ${API_KEY_VARIABLE}, which keeps the key out of "
                   f"the process list; unset: no key asked)")
+  ap.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
+                  help="with --serve: on SIGTERM or Ctrl-C, answer new requests (and /health) with 503 and wait up "
+                  "to this long for the requests under way to end (a second signal stops at once; 0: stop at "
+                  f"once; default {SHUTDOWN_TIMEOUT:g}, inside Kubernetes' default 30 s grace period)")
   ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
                   help="auto: the model's --dtype; int8: keys and values quantized per slot and head (half of "
                   "bf16's bytes: twice the rows or context)")
@@ -161,6 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for flag in ("batch_size", "prefill_rows", "num_samples"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+  if not args.shutdown_timeout >= 0:  # (nan too)
+    raise UserError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
   prompts = ("--prompt", "--chat", "--input-ids", "--prompts-file", "--dump-logits", "--prompt-logprobs")
   for mode, why, extra in (("interactive", "reads its messages from stdin", ()),
                            ("serve", "takes its prompts over HTTP", ("--json", "--num-samples", "--interactive"))):
@@ -171,8 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.serve and (args.regex or args.json_schema or args.choice):
     raise UserError("--serve takes structured output per request (response_format, or vLLM's guided_json, "
                     "guided_regex, guided_choice): drop --regex, --json-schema, --choice")
-  if (args.max_model_len is not None or args.served_model_name) and not args.serve:
-    raise UserError("--max-model-len and --served-model-name are --serve's")
+  if (args.max_model_len is not None or args.served_model_name or args.shutdown_timeout != SHUTDOWN_TIMEOUT) and \
+     not args.serve:
+    raise UserError("--max-model-len, --served-model-name and --shutdown-timeout are --serve's")
   if args.max_model_len is not None and args.max_model_len < 2:
     raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
   return args
@@ -339,6 +349,8 @@ def prepare_demo(workdir: Path) -> Path:
 def main() -> None:
   args = parse_args()
   mesh, dtype, kernels = runtime.setup(args)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGTERM ends this process (jax.distributed.initialize made it a
+  # preemption notice, which only training reads); --serve sets its own once serving
   with tempfile.TemporaryDirectory(prefix="qwen-moe-demo-") as tmp:
     folder = prepare_demo(Path(tmp)) if args.demo else hf_io.model_folder(args.checkpoint)
     run(args, folder, mesh, dtype, kernels)
@@ -507,7 +519,7 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   try:
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
                          rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed,
-                         api_key=args.api_key)
+                         api_key=args.api_key, shutdown_timeout=args.shutdown_timeout)
   except OSError as e:
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
   address, bound = server.server_address[:2]
@@ -515,17 +527,21 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   print(f"serving {name} on http://{address}:{bound} (/v1/completions, /v1/chat/completions, /v1/models): "
         f"{generator.batch_size} rows x {slots} slots{processes}; the first requests of other shapes compile",
         file=sys.stderr, flush=True)
-  signal.signal(signal.SIGTERM, _interrupted)  # stopped as by Ctrl-C: the engine (and any follower) ends
+  signals = itertools.count()
+
+  def stop(signum, frame) -> None:  # SIGTERM or Ctrl-C: drain, then stop (the engine and any follower end with it)
+    if next(signals) or not args.shutdown_timeout:  # a second signal: at once
+      raise KeyboardInterrupt
+    threading.Thread(target=server.stop, args=(args.shutdown_timeout,), daemon=True, name="drain").start()
+
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, stop)
   try:
     server.serve_forever()
   except KeyboardInterrupt:
     pass
   finally:
     server.server_close()
-
-
-def _interrupted(signum, frame) -> None:
-  raise KeyboardInterrupt
 
 
 def chat(args, generator: Generator, tok, sampling: Sampling, eos: list[int]) -> None:

@@ -143,12 +143,12 @@ class Engine:
     self._serve()
 
   def close(self) -> None:
-    """Stops the engine at its next sync point; with followers, returns once they are told."""
+    """Stops the engine at its next sync point (with followers: tells them) and returns once it has stopped (so
+    that no device call is under way as the process exits)."""
     with self.ready:
       self.closing = True
       self.ready.notify()
-    if self.link is not None:
-      self.thread.join()
+    self.thread.join()
 
   def warm_up(self, sampling: Sampling) -> None:
     """Runs a one-id prompt for two tokens with `sampling` (the server's defaults), so that the first requests find
@@ -653,8 +653,8 @@ class Handler(BaseHTTPRequestHandler):
   def do_GET(self) -> None:  # noqa: N802
     if self._refused():
       return
-    if self.path == "/health":
-      return self._json(200, {"status": "ok"})
+    if self.path == "/health":  # (503 tells a load balancer to send no more requests here)
+      return self._json(503, {"status": "draining"}) if self.server.draining else self._json(200, {"status": "ok"})
     if self.path == "/metrics":
       return self._send(200, *self.api.engine.metrics.exposition())
     if self.path == "/v1/models":
@@ -669,6 +669,15 @@ class Handler(BaseHTTPRequestHandler):
       return
     if kind is None:
       return self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
+    if not self.server.admit():
+      self.close_connection = True  # (its body unread)
+      return self._json(503, _error("the server is shutting down", "service_unavailable"))
+    try:
+      self._post(kind)
+    finally:
+      self.server.leave()
+
+  def _post(self, kind: str) -> None:
     try:
       body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
       if kind in ("tokenize", "detokenize"):
@@ -746,12 +755,41 @@ def _error(message: str, kind: str = "invalid_request_error", param: str | None 
 
 
 class Server(ThreadingHTTPServer):
-  """The HTTP server over an engine, which `server_close` stops too."""
+  """The HTTP server over an engine, which `server_close` stops too. `stop` lets the requests under way end first
+  (vLLM's --shutdown-timeout)."""
   daemon_threads = True
 
   def __init__(self, address: tuple[str, int], handler: type, engine: Engine):
     super().__init__(address, handler)
     self.engine = engine
+    self.under_way, self.draining, self.quiet = 0, False, threading.Condition()
+
+  def admit(self) -> bool:
+    """Counts a POST request under way until `leave`; False (not counted) once draining."""
+    with self.quiet:
+      if not self.draining:
+        self.under_way += 1
+      return not self.draining
+
+  def leave(self) -> None:
+    with self.quiet:
+      self.under_way -= 1
+      self.quiet.notify_all()
+
+  def stop(self, timeout: float) -> None:
+    """Answers new requests, and /health, with 503 from now on, waits up to `timeout` seconds for the requests under
+    way to end (their replies sent), and ends `serve_forever` (call it from another thread). Once is enough: a
+    second call returns at once."""
+    with self.quiet:
+      if self.draining:
+        return
+      self.draining = True
+      print(f"stopping: new requests get 503; waiting up to {timeout:g} s for the {self.under_way} under way",
+            file=sys.stderr, flush=True)
+      self.quiet.wait_for(lambda: not self.under_way, timeout)
+      if self.under_way:
+        print(f"stopping with {self.under_way} requests still under way", file=sys.stderr, flush=True)
+    self.shutdown()
 
   def server_close(self) -> None:
     super().server_close()
@@ -759,7 +797,8 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
-                stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None) -> Server:
+                stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None,
+                shutdown_timeout: float = 0) -> Server:
   """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up; with
   `api_key`, requests but /health and /metrics must bear it (`Authorization: Bearer <api_key>`, as OpenAI's clients
   send their api_key). With several processes, this is process 0's; the others `follow`."""
@@ -775,7 +814,7 @@ def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, p
   if link:
     def stop_when_asked() -> None:  # by a follower: serve_forever returns, as when this process is stopped
       print(f"process {link.wait_for_stop_request()} asked to stop the server", file=sys.stderr, flush=True)
-      server.shutdown()
+      server.stop(shutdown_timeout)
 
     threading.Thread(target=stop_when_asked, daemon=True, name="stop requests").start()
   return server

@@ -948,6 +948,8 @@ def test_stops_on_eos(tiny):
   (["--attention", "splash"], "needs a TPU"),
   (["--decode-attention", "pallas"], "needs a GPU"),
   (["--expert-backend", "tokamax"], "needs tokamax"),
+  (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0 seconds, got -1.0"),
+  (["--shutdown-timeout", "5"], "--max-model-len, --served-model-name and --shutdown-timeout are --serve's"),
 ])
 def test_cli_bad_values(tiny, flags, message):
   ckpt = tiny[3]

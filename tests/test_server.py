@@ -672,12 +672,87 @@ def test_metrics_of_a_job_aborted_before_it_started():
   assert got["num_requests_running"] == got["num_requests_waiting"] == 0
 
 
+def test_stop_lets_the_requests_under_way_end(served, capfd):
+  """`Server.stop(timeout)` (infer.py's SIGTERM and Ctrl-C): from then on new requests and /health get 503, the
+  requests under way (a whole reply and a stream, held here in a generate call until let go) are answered in full,
+  then serve_forever ends; past the timeout it ends with them still under way, and says so."""
+  _, tok, reference, eos, ckpt = served
+  generator = Generator(checkpoint.restore(ckpt, dtype=jnp.float32), batch_size=2)
+  entered, gate = threading.Event(), threading.Event()
+  generate = generator.generate
+
+  def held(*args, **kwargs):  # the engine's generate calls wait for the gate
+    entered.set()
+    assert gate.wait(60)
+    return generate(*args, **kwargs)
+
+  generator.generate = held
+  want = [tok.decode(expected(reference, tok, eos, ids, 12)[0], skip_special_tokens=True) for ids in ([3, 4], [5, 6])]
+  for timeout in (60, 0.5):
+    gate.set()  # (the warm-up's call)
+    server = make_server(generator, tok, name="demo", host="127.0.0.1", port=0, rows=2, slots=64, stop_ids=eos,
+                         sampling=Sampling(), seed=0)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    entered.clear()
+    gate.clear()
+    replies = [None, None]
+
+    def ask(i: int, send, ids: list[int]) -> None:
+      replies[i] = send(url, {"prompt": ids, "max_tokens": 12})
+
+    clients = [threading.Thread(target=ask, args=a, daemon=True) for a in ((0, post, [3, 4]), (1, stream, [5, 6]))]
+    for c in clients:
+      c.start()
+    assert entered.wait(60)
+    time.sleep(0.2)  # (both requests in)
+    capfd.readouterr()
+    stopping = threading.Thread(target=server.stop, args=(timeout,))
+    stopping.start()
+    if timeout == 0.5:  # the two never end here
+      stopping.join(10)
+      serving.join(10)
+      assert not stopping.is_alive() and not serving.is_alive()
+      assert capfd.readouterr().err.splitlines()[-1] == "stopping with 2 requests still under way"
+    else:
+      deadline = time.monotonic() + 10
+      while not server.draining:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+      time.sleep(1)  # (more than serve_forever's poll interval)
+      assert stopping.is_alive() and serving.is_alive()  # waiting for the two
+      assert post(url, {"prompt": [7], "max_tokens": 2}) == (503, _error_reply("the server is shutting down"))
+      with pytest.raises(urllib.error.HTTPError) as health:
+        urllib.request.urlopen(url + "/health")
+      assert health.value.code == 503 and json.loads(health.value.read()) == {"status": "draining"}
+      gate.set()
+      for c in clients:
+        c.join(60)
+      stopping.join(10)
+      serving.join(10)
+      assert not stopping.is_alive() and not serving.is_alive()
+      assert capfd.readouterr().err.splitlines()[0] == (
+        "stopping: new requests get 503; waiting up to 60 s for the 2 under way")
+      status, reply = replies[0]
+      assert status == 200 and reply["choices"][0]["text"] == want[0]
+      assert replies[1][-1] == "[DONE]"
+      assert "".join(e["choices"][0]["text"] for e in replies[1][:-1] if e["choices"]) == want[1]
+    gate.set()
+    server.server_close()
+
+
+def _error_reply(message: str) -> dict:
+  return {"error": {"message": message, "type": "service_unavailable", "param": None, "code": None}}
+
+
 def test_cli_serve(served, tmp_path):
   """`infer.py --serve 0` listens on a free port (printed on stderr) and answers (its warm-up run not in its
   metrics), here over the HF folder read in place, named by its repo id in a Hugging Face cache: the name it
   serves; prompt flags next to it are one error line. With `--prefix-pool`, a conversation whose row two others
   took since finds its prefix in the pool. With an API key (here from $QWEN_MOE_JAX_API_KEY), a request without it,
-  or with another, is a 401 (OpenAI's client with it is answered); /health and /metrics ask none."""
+  or with another, is a 401 (OpenAI's client with it is answered); /health and /metrics ask none. SIGTERM drains
+  (--shutdown-timeout's default) and exits 0."""
   import openai
 
   _, tok, reference, eos, ckpt = served
@@ -714,8 +789,9 @@ def test_cli_serve(served, tmp_path):
       status, reply = post(url, {"prompt": prompt, "max_tokens": 5}, headers=key)
       assert status == 200
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == len(a)  # from the pool
-    proc.terminate()  # SIGTERM stops the server as Ctrl-C does
+    proc.terminate()  # SIGTERM stops the server as Ctrl-C does: nothing is under way to wait for
     assert proc.wait(timeout=60) == 0
+    assert "stopping: new requests get 503; waiting up to 20 s for the 0 under way\n" in proc.stderr.readlines()
   finally:
     proc.kill()
   bad = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "0", "--prompt", "hi"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import http.client
 import json
 import os
 import socket
@@ -452,8 +453,8 @@ def test_two_processes_serve_like_one(tmp_path):
   runs the same engine from process 0's messages. Requests at once (more than the 2 rows: they queue and join the
   running call as rows free), greedy and seeded samples, stop strings, structured output, a streamed chat, a scored
   prompt give what one process's engine gives; a client leaving mid-reply ends its job on both (the next request
-  is answered as alone); SIGTERM to the follower (a scheduler stopping it) asks process 0 to stop, and both end
-  cleanly. `--interactive` over 2 processes is one line."""
+  is answered as alone); SIGTERM to the follower (a scheduler stopping it) asks process 0 to stop: a stream under
+  way ends in full (--shutdown-timeout), then both end cleanly. `--interactive` over 2 processes is one line."""
   write_hf_demo(tmp_path / "hf")
   convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
   tok = load_tokenizer(tmp_path / "ckpt")
@@ -476,12 +477,13 @@ def test_two_processes_serve_like_one(tmp_path):
     "choice": expected(tok.apply_chat_template(chat, add_generation_prompt=True), 20, Sampling(grammar=grammar)),
     "streamed": expected(tok.apply_chat_template(chat, add_generation_prompt=True), 25),
     "after": expected([9, 9, 8], 20),
+    "drained": expected([2, 3], 300),
   }
   scores = prompt_scores(reference, [[5, 6, 7, 8, 0]])[0]
 
   serve = ["--checkpoint", str(tmp_path / "ckpt"), "--serve", "127.0.0.1:0", "--dtype", "float32", "--mesh",
            "data=2,expert=4", "--batch-size", "2", "--max-model-len", "512", "--temperature", "0", "--compile-cache",
-           "off"]
+           "off", "--shutdown-timeout", "60"]
   with _logged("infer.py", serve, tmp_path) as (procs, logs):
     url = _serving_url(procs, logs)
     requests = {
@@ -512,11 +514,20 @@ def test_two_processes_serve_like_one(tmp_path):
       assert time.monotonic() < deadline, "the job whose client left did not end"
       time.sleep(0.2)
     texts["after"] = _post(url + "/v1/completions", {"prompt": [9, 9, 8], "max_tokens": 20})["choices"][0]["text"]
-    assert texts == want
+    connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=300)
+    connection.request("POST", "/v1/completions", json.dumps({"prompt": [2, 3], "max_tokens": 300, "stream": True}))
+    reply = connection.getresponse()
+    streamed = reply.readline()  # its first event: under way
     procs[1].terminate()
+    streamed += reply.read()
+    events = [json.loads(x[6:]) for x in streamed.decode().split("\n\n") if x[6:7] == "{"]
+    texts["drained"] = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert texts == want
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
-    assert "process 1 asked to stop the server" in logs[0].read_text()
+    lines = logs[0].read_text().splitlines()
+    assert "process 1 asked to stop the server" in lines
+    assert "stopping: new requests get 503; waiting up to 60 s for the 1 under way" in lines
   for r in _two_processes("infer.py", ["--checkpoint", str(tmp_path / "ckpt"), "--interactive"]):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
       "error: --interactive needs a single process (--serve serves from several)"), r.stderr[-2000:]
