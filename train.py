@@ -139,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="sapo's gate temperature where the advantage is > 0 (TRL's sapo_temperature_pos)")
   ap.add_argument("--grpo-sapo-temperature-neg", type=float, default=d.grpo_sapo_temperature_neg,
                   help="and where it is <= 0 (TRL's sapo_temperature_neg)")
+  ap.add_argument("--grpo-top-entropy-quantile", type=float, default=d.grpo_top_entropy_quantile,
+                  help="the share of each micro-batch's completion tokens, those of highest entropy, whose policy "
+                  "term counts (TRL's top_entropy_quantile; 'Beyond the 80/20 Rule' trains on 0.2; default 1: all)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -189,7 +192,8 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     grpo_iterations=args.grpo_iterations, grpo_epsilon=args.grpo_epsilon, grpo_epsilon_high=args.grpo_epsilon_high,
     grpo_importance=args.grpo_importance, grpo_loss_type=args.grpo_loss_type,
     grpo_sapo_temperature_pos=args.grpo_sapo_temperature_pos,
-    grpo_sapo_temperature_neg=args.grpo_sapo_temperature_neg).validate()
+    grpo_sapo_temperature_neg=args.grpo_sapo_temperature_neg,
+    grpo_top_entropy_quantile=args.grpo_top_entropy_quantile).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:

@@ -21,10 +21,11 @@ LOSS_CHUNK = 1024  # tokens per LM-head chunk
 
 
 def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK,
-                 temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                 temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
   """hidden [N, D], lm_head [D, V], targets [N] -> (fp32 NLL of each target [N], its rank [N]: 1 + the ids with a
-  higher logit, 1 for the greedy choice; the greedy choice [N] and its fp32 log-probability [N]), the LM head run
-  `chunk` tokens at a time; under `temperature`, of the fp32 logits divided by it."""
+  higher logit, 1 for the greedy choice; the greedy choice [N] and its fp32 log-probability [N]; the fp32 entropy
+  of the distribution [N], in nats), the LM head run `chunk` tokens at a time; under `temperature`, of the fp32
+  logits divided by it."""
   n = hidden.shape[0]
   chunk = min(chunk, n)
   pad = -n % chunk
@@ -39,8 +40,9 @@ def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chun
     target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]  # [C]
     lse = jax.nn.logsumexp(logits, axis=-1)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    entropy = lse - jnp.sum(jnp.exp(logits - lse[:, None]) * logits, axis=-1)  # -sum p log p
     return (lse - target, 1 + jnp.sum(logits > target[:, None], axis=-1, dtype=jnp.int32), best,
-            jnp.take_along_axis(logits, best[:, None], axis=-1)[:, 0] - lse)
+            jnp.take_along_axis(logits, best[:, None], axis=-1)[:, 0] - lse, entropy)
 
   out = jax.lax.map(score, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk)))
   return tuple(x.reshape(-1)[:n] for x in out)
@@ -48,7 +50,8 @@ def token_scores(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chun
 
 def token_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK,
               temperature: float = 1.0) -> jax.Array:
-  """The NLL of `token_scores` (XLA drops the unused ranks and greedy choices: the compiled program is the same)."""
+  """The NLL of `token_scores` (XLA drops the unused ranks, greedy choices and entropies: the compiled program is the
+  same)."""
   return token_scores(hidden, lm_head, targets, chunk, temperature)[0]
 
 
@@ -99,6 +102,8 @@ class PolicyGradient:
   sapo_temperature_pos: float = 1.0  # SAPO's gate temperature where the advantage is > 0
   sapo_temperature_neg: float = 1.05  # and where it is <= 0
   max_new: int = 256  # the most tokens a completion has (max_completion_length)
+  top_entropy_quantile: float = 1.0  # the share of a micro-batch's loss tokens, those of highest entropy, whose
+  # policy term counts (TRL's, the "80/20" paper's rho; 1: all)
   temperature: float = 1.0  # the completions' sampling temperature: log pi is of the logits divided by it, the
   # distribution they were drawn from (TRL's, and the old and reference log-probabilities' too)
 
@@ -134,12 +139,16 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
   the loss's gradient is the policy gradient -A grad log pi (averaged). KL: the estimate exp(r) - r - 1 of r =
   log ref - log pi (Schulman's k3), ref_logp [B, T] fp32 the reference model's (with pg.beta > 0). `stats` sum over
   the loss tokens their KL ("kl") and with old_logp whether their ratio was clipped ("clip_ratio", as TRL's
-  clip_ratio/region_mean). Arrays [B, T] as causal_lm_loss's, one completion per row (grpo.rows); advantage [B, T]
-  fp32: each target's. log pi is the tempered distribution's (pg.temperature), as the completions were sampled."""
+  clip_ratio/region_mean) and their entropy ("entropy"). With pg.top_entropy_quantile < 1, the policy term counts
+  only at the loss tokens whose entropy is at least that quantile's from the top of the micro-batch's (TRL's
+  top_entropy_quantile); the KL term and the averaging are unchanged. Arrays [B, T] as causal_lm_loss's, one
+  completion per row (grpo.rows); advantage [B, T] fp32: each target's. log pi and the entropy are the tempered
+  distribution's (pg.temperature), as the completions were sampled."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=False)
   b, t, d = out.hidden.shape
-  logp = -token_nll(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1),
-                    temperature=pg.temperature).reshape(b, t)
+  nll, *_, entropy = token_scores(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1),
+                                  temperature=pg.temperature)
+  logp, entropy = -nll.reshape(b, t), jax.lax.stop_gradient(entropy.reshape(b, t))
   mask = loss_mask.astype(F32)
   log_ratio = logp - (jax.lax.stop_gradient(logp) if old_logp is None else old_logp)
   if pg.importance == "sequence":  # [B, 1]: each completion's mean log-ratio weighs all its tokens
@@ -154,7 +163,10 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
   else:
     per_token = -jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - pg.epsilon, 1 + pg.epsilon_high) * advantage)
     clipped = ((ratio < 1 - pg.epsilon) & (advantage < 0)) | ((ratio > 1 + pg.epsilon_high) & (advantage > 0))
-  stats = {}
+  if pg.top_entropy_quantile < 1:
+    threshold = jnp.nanquantile(jnp.where(mask > 0, entropy, jnp.nan), 1 - pg.top_entropy_quantile)  # (torch's
+    per_token = per_token * (entropy >= threshold)  # linear interpolation; no loss tokens: nan, nothing counts)
+  stats = {"entropy": jnp.sum(entropy * mask)}
   if old_logp is not None and pg.clips:
     stats["clip_ratio"] = jnp.sum(clipped * mask)
   if ref_logp is not None:

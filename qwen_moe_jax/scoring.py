@@ -103,7 +103,7 @@ def _scores(model: QwenMoeForCausalLM, hidden: jax.Array, targets: jax.Array) ->
   """hidden [B, T, D], targets [B, T] -> (fp32 log p(target | the tokens up to its position), its rank, the greedy
   choice there, its fp32 log-probability) [B, T]: PromptScores' fields."""
   b, t = targets.shape
-  nll, *rest = token_scores(hidden.reshape(b * t, -1), model.lm_head[...], targets.reshape(-1))
+  nll, *rest = token_scores(hidden.reshape(b * t, -1), model.lm_head[...], targets.reshape(-1))[:4]
   return tuple(sharding.constrain(x.reshape(b, t), (None, None)) for x in (-nll, *rest))  # every process reads them
 
 

@@ -56,7 +56,7 @@ GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_top_k",
                  "grpo_repetition_penalty", "grpo_beta", "grpo_scale_rewards",
                  "grpo_mask_truncated", "grpo_iterations", "grpo_generation_steps", "grpo_epsilon",
                  "grpo_epsilon_high", "grpo_importance", "grpo_loss_type", "grpo_sapo_temperature_pos",
-                 "grpo_sapo_temperature_neg",
+                 "grpo_sapo_temperature_neg", "grpo_top_entropy_quantile",
                  "grpo_reward_weights")  # TrainConfig's, besides the rewards
 GRPO_SCALES = ("group", "batch", "none")  # grpo.advantages' scales
 CISPO_EPSILON_HIGH = 5.0  # the cispo loss's largest ratio unless given (ScaleRL's; TRL's default, --grpo-epsilon, would
@@ -124,6 +124,7 @@ class TrainConfig:
   grpo_loss_type: str = "dapo"  # how the loss weighs and averages the tokens (losses.GRPO_LOSS_TYPES)
   grpo_sapo_temperature_pos: float = 1.0  # SAPO's gate temperatures (TRL's defaults)
   grpo_sapo_temperature_neg: float = 1.05
+  grpo_top_entropy_quantile: float = 1.0  # the share of loss tokens, the highest-entropy, the policy term keeps
 
   @property
   def reference(self) -> bool:
@@ -174,7 +175,7 @@ class TrainConfig:
     return PolicyGradient(self.grpo_beta, self.grpo_epsilon, high, self.grpo_importance, self.grpo_loss_type,
                           sapo_temperature_pos=self.grpo_sapo_temperature_pos,
                           sapo_temperature_neg=self.grpo_sapo_temperature_neg, max_new=self.grpo_max_new,
-                          temperature=self.grpo_temperature)
+                          top_entropy_quantile=self.grpo_top_entropy_quantile, temperature=self.grpo_temperature)
 
   @property
   def floats(self) -> tuple[str, ...]:
@@ -275,6 +276,8 @@ class TrainConfig:
     for name in ("grpo_sapo_temperature_pos", "grpo_sapo_temperature_neg"):
       if not getattr(self, name) > 0:
         raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+    if not 0 <= self.grpo_top_entropy_quantile <= 1:
+      raise UserError(f"--grpo-top-entropy-quantile must be in [0, 1], got {self.grpo_top_entropy_quantile}")
 
   def trainable(self, path: str) -> bool:
     if self.lora is not None:
@@ -483,7 +486,7 @@ def _count(tc: TrainConfig, batch) -> jax.Array:
 
 def _stat_names(tc: TrainConfig) -> tuple[str, ...]:
   if tc.grpo:
-    return ("clip_ratio",) * (tc.grpo_old_logp and tc.policy.clips) + ("kl",) * tc.reference
+    return ("entropy",) + ("clip_ratio",) * (tc.grpo_old_logp and tc.policy.clips) + ("kl",) * tc.reference
   return preference_stats(tc.dpo_loss) if tc.dpo_beta is not None else ()
 
 

@@ -311,7 +311,10 @@ GRPO_CASES = {  # (beta, old log-probabilities, PolicyGradient's importance, los
   "cispo": (0.3, True, "token", "cispo", 1.0),
   "cispo_on_policy": (0.0, False, "token", "cispo", 1.0),
   "sapo": (0.3, True, "token", "sapo", 1.0),
+  "entropy_mask": (0.3, True, "token", "dapo", 0.7),
+  "entropy_mask_grpo": (0.0, True, "token", "grpo", 1.0),
 }
+TOP_ENTROPY = {"entropy_mask": 0.2, "entropy_mask_grpo": 0.5}  # PolicyGradient.top_entropy_quantile (else 1)
 
 
 @pytest.mark.parametrize("case", GRPO_CASES)
@@ -325,11 +328,15 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   per completion (grpo) or over the completions' max_new slots (dr_grpo), or over the micro-batch's tokens as one
   (bnpo); CISPO's -min(w, eps_high).detach() A lp (averaged as dapo) and SAPO's -sigmoid(tau (w - 1)) 4 / tau A,
   tau 1 or 1.05 as A > 0 or not (averaged as grpo); lp of the logits divided by the sampling temperature (TRL's);
-  so do its gradients (the policy gradient, the KL penalty's); its stats sum the tokens' KL and clipped ratios
+  with top_entropy_quantile q, the policy term only at the tokens whose entropy is at least torch.quantile(all
+  the completion tokens' entropies, 1 - q) (TRL's get_high_entropy_mask; the KL term everywhere); so do its
+  gradients (the policy gradient, the KL penalty's); its stats sum the tokens' entropy, KL and clipped ratios
   (none for SAPO's soft gate)."""
   beta, moved, importance, loss_type, temperature = GRPO_CASES[case]
   high = 1.15 if loss_type == "cispo" else 0.15  # cispo's is the largest ratio itself
-  pg = PolicyGradient(beta, 0.1, high, importance, loss_type, max_new=12, temperature=temperature)
+  quantile = TOP_ENTROPY.get(case, 1.0)
+  pg = PolicyGradient(beta, 0.1, high, importance, loss_type, max_new=12, top_entropy_quantile=quantile,
+                      temperature=temperature)
   hf_model = make_model(seed=9, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(5)
@@ -350,11 +357,13 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   old = np.zeros_like(reference)
 
   hf_model.train()
-  terms, kls, clipped = [], [], 0
+  policy, kls, entropies, clipped = [], [], [], 0
   for j, (p, c, a) in enumerate(zip(prompts, completions, advantage)):
     ids, at = torch.tensor([p + c]), slice(len(p) - 1, len(p) + len(c) - 1)
     logits = hf_model(ids).logits[0, :-1].float() / temperature
     lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0][len(p) - 1:]
+    logp_all = torch.log_softmax(logits[len(p) - 1:], -1).detach()
+    entropies.append(-(logp_all.exp() * logp_all).sum(-1))
     old[j, at] = lp.detach().numpy() + rng.normal(0, 0.3, len(c)) * moved
     log_ratio = lp - torch.tensor(old[j, at]) if moved else lp - lp.detach()
     w = torch.exp(log_ratio.mean() if importance == "sequence" else log_ratio)
@@ -368,8 +377,12 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
     else:
       term = -torch.min(w * a, torch.clamp(w, 1 - 0.1, 1 + 0.15) * a)
       cut = (w < 0.9) & bool(a < 0) | (w > 1.15) & bool(a > 0)
-    terms.append(term + beta * kls[-1])
+    policy.append(term)
     clipped += int(torch.broadcast_to(cut, lp.shape).sum())
+  threshold = torch.quantile(torch.cat(entropies), 1 - quantile)
+  kept = [e >= threshold for e in entropies]
+  terms = [term * k + beta * kl for term, k, kl in zip(policy, kept, kls)]
+  assert quantile == 1 or 0 < sum(int(k.sum()) for k in kept) < len(torch.cat(entropies)) * (quantile + 0.1)
   tokens = sum(len(c) for c in completions)
   loss = {"dapo": torch.cat(terms).sum() / tokens, "bnpo": torch.cat(terms).sum() / tokens,
           "cispo": torch.cat(terms).sum() / tokens, "grpo": torch.stack([t.mean() for t in terms]).mean(),
@@ -390,7 +403,8 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   np.testing.assert_allclose(float(total), float(loss.detach()), rtol=1e-5, atol=1e-7)
   counts = {"dapo": tokens, "cispo": tokens, "grpo": 6, "sapo": 6, "dr_grpo": 72, "bnpo": 1}
   assert float(parts.count) == counts[loss_type]
-  assert set(parts.stats) == {k for k, on in (("kl", beta), ("clip_ratio", moved and pg.clips)) if on}
+  assert set(parts.stats) == {"entropy"} | {k for k, on in (("kl", beta), ("clip_ratio", moved and pg.clips)) if on}
+  np.testing.assert_allclose(float(parts.stats["entropy"]), torch.cat(entropies).sum().item(), rtol=1e-5)
   if beta:
     np.testing.assert_allclose(float(parts.stats["kl"]), torch.cat(kls).sum().item(), rtol=1e-5)
   if moved and pg.clips:

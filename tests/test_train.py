@@ -429,11 +429,12 @@ def test_grpo_learns_from_its_rewards(grpo_run):
   m = metrics(grpo_run)
   rewards = [r["reward"] for r in m]
   print("GRPO mean reward by step:", " ".join(f"{x:.2f}" for x in rewards))
+  print("GRPO mean entropy by step:", " ".join(f"{r['entropy']:.2f}" for r in m))
   assert np.mean(rewards[:4]) < 0.7 and np.mean(rewards[-4:]) > 0.9
   for r in m:
     assert r["reward"] == pytest.approx(r["reward_low_ids"] + r["reward_mentions"])
     assert 1 <= r["completion_tokens"] <= 16 and 0 <= r["clipped_ratio"] <= 1 and r["reward_std"] >= 0
-    assert "grpo_loss" in r and np.isfinite(r["grad_norm"])
+    assert "grpo_loss" in r and np.isfinite(r["grad_norm"]) and 0 < r["entropy"] < np.log(320)  # nats, vocab 320
   evals = [(r["step"], r["eval_reward"]) for r in m if "eval_reward" in r]
   print("GRPO held-out reward:", evals)
   assert [s for s, _ in evals] == [8, 16, 24] and all(r["eval_prompts"] == 3 for r in m if "eval_reward" in r)
@@ -565,6 +566,8 @@ def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_ru
    "(below, every token's gradient shrinks), got 0.28"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-loss-type", "sapo",
     "--grpo-sapo-temperature-neg", "0"], "--grpo-sapo-temperature-neg must be > 0, got 0.0"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-top-entropy-quantile", "1.5"],
+   "--grpo-top-entropy-quantile must be in [0, 1], got 1.5"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "3"], "(4 rows, a completion each) must be a multiple of "
    "--grpo-group (3)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--dpo-beta", "0.1"], "give --grpo-reward or "
@@ -975,7 +978,8 @@ def test_dpo_step_same_on_every_mesh(step_case, kind):
 def test_grpo_step_same_on_a_mesh(step_case, gspo):
   """A GRPO step (a completion per row with its advantage, two micro-batches) on a mesh splitting rows, experts
   and heads gives the one-device step; and so does GSPO's, a later step of a generation (old log-probabilities,
-  sequence ratios, clipped, averaged per completion)."""
+  sequence ratios, clipped, averaged per completion), here with an entropy mask (the top 30% of each micro-batch's
+  tokens by entropy)."""
   ckpt, _, tc = step_case
   rng = np.random.default_rng(4)
   prompts = [rng.integers(0, 101, n).tolist() for n in rng.integers(2, 7, 8)]
@@ -984,12 +988,13 @@ def test_grpo_step_same_on_a_mesh(step_case, gspo):
   tc = dataclasses.replace(tc, grpo_rewards=("unused.py:f",), grpo_group=4, grpo_max_new=8)
   if gspo:
     rows[data.OLD_LOGP] = rng.uniform(-5, -4, rows["tokens"].shape).astype(np.float32)
-    tc = dataclasses.replace(tc, grpo_iterations=2, grpo_importance="sequence", grpo_loss_type="grpo")
+    tc = dataclasses.replace(tc, grpo_iterations=2, grpo_importance="sequence", grpo_loss_type="grpo",
+                             grpo_top_entropy_quantile=0.3)
   batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
   one = sharding.make_mesh({}, jax.devices()[:1])
   want = _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, tc, batch)
   assert want[0].count == (8 if gspo else sum(len(c) for c in completions)) and np.isfinite(want[0].loss)
-  assert ("clip_ratio" in want[0].stats) == gspo
+  assert ("clip_ratio" in want[0].stats) == gspo and want[0].stats["entropy"] > 0
   mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
   assert_same_step(_step_outputs(checkpoint.restore(ckpt, mesh, jnp.float32), mesh, tc, batch), want, tc)
 
