@@ -659,7 +659,8 @@ class Handler(BaseHTTPRequestHandler):
       return self._send(200, *self.api.engine.metrics.exposition())
     if self.path == "/v1/models":
       return self._json(200, {"object": "list", "data": [{"id": self.api.name, "object": "model",
-                                                          "owned_by": "qwen-moe-jax", "created": 0}]})
+                                                          "owned_by": "qwen-moe-jax", "created": 0,
+                                                          "max_model_len": self.api.slots}]})  # (vLLM's too)
     self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
 
   def do_POST(self) -> None:  # noqa: N802

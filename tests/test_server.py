@@ -552,8 +552,8 @@ def test_tokenize_and_detokenize(served, tool_server):
 
 def test_models_and_health(served):
   url = served[0]
-  with urllib.request.urlopen(url + "/v1/models") as r:
-    assert [m["id"] for m in json.loads(r.read())["data"]] == ["demo"]
+  with urllib.request.urlopen(url + "/v1/models") as r:  # with vLLM's max_model_len (a request's room)
+    assert [(m["id"], m["max_model_len"]) for m in json.loads(r.read())["data"]] == [("demo", SLOTS)]
   with urllib.request.urlopen(url + "/health") as r:
     assert json.loads(r.read()) == {"status": "ok"}
 
