@@ -142,6 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--grpo-top-entropy-quantile", type=float, default=d.grpo_top_entropy_quantile,
                   help="the share of each micro-batch's completion tokens, those of highest entropy, whose policy "
                   "term counts (TRL's top_entropy_quantile; 'Beyond the 80/20 Rule' trains on 0.2; default 1: all)")
+  ap.add_argument("--grpo-entropy-coef", type=float, default=d.grpo_entropy_coef,
+                  help="an entropy bonus: minus this x the mean entropy of each micro-batch's completion tokens (those "
+                  "the policy term counts at) joins the loss, against the policy collapsing (TRL's entropy_coef; "
+                  "default 0: none)")
   ap.add_argument("--no-pack", action="store_true", help="one document (or pair) per row instead of packing")
   ap.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (and at the end)")
   ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -193,7 +197,7 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
     grpo_importance=args.grpo_importance, grpo_loss_type=args.grpo_loss_type,
     grpo_sapo_temperature_pos=args.grpo_sapo_temperature_pos,
     grpo_sapo_temperature_neg=args.grpo_sapo_temperature_neg,
-    grpo_top_entropy_quantile=args.grpo_top_entropy_quantile).validate()
+    grpo_top_entropy_quantile=args.grpo_top_entropy_quantile, grpo_entropy_coef=args.grpo_entropy_coef).validate()
 
 
 def recordable(tc: training.TrainConfig, data_path: str) -> dict:

@@ -65,13 +65,14 @@ def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Ar
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LossParts:
-  total: jax.Array  # value + router_aux_loss_coef * aux
+  total: jax.Array  # value + router_aux_loss_coef * aux + bonus
   value: jax.Array  # the objective's mean over `count`: next-token NLL per loss token, or a preference loss per pair
   aux: jax.Array  # load-balancing loss (0 without sparse layers)
   count: jax.Array  # number of loss tokens, or of pairs
   expert_load: jax.Array | None  # [L, E] fraction of routed slots per expert and sparse layer
   stats: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # sums over `count` to log as means
   # (preference_stats)
+  bonus: jax.Array = 0.0  # a term averaged per micro-batch as aux is, not over `count`: GRPO's entropy bonus
 
 
 def causal_lm_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: jax.Array, loss_mask: jax.Array,
@@ -104,6 +105,8 @@ class PolicyGradient:
   max_new: int = 256  # the most tokens a completion has (max_completion_length)
   top_entropy_quantile: float = 1.0  # the share of a micro-batch's loss tokens, those of highest entropy, whose
   # policy term counts (TRL's, the "80/20" paper's rho; 1: all)
+  entropy_coef: float = 0.0  # the weight of the entropy bonus: minus the mean entropy of the loss tokens the policy
+  # term counts at, per micro-batch (TRL's entropy_coef)
   temperature: float = 1.0  # the completions' sampling temperature: log pi is of the logits divided by it, the
   # distribution they were drawn from (TRL's, and the old and reference log-probabilities' too)
 
@@ -141,14 +144,17 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
   the loss tokens their KL ("kl") and with old_logp whether their ratio was clipped ("clip_ratio", as TRL's
   clip_ratio/region_mean) and their entropy ("entropy"). With pg.top_entropy_quantile < 1, the policy term counts
   only at the loss tokens whose entropy is at least that quantile's from the top of the micro-batch's (TRL's
-  top_entropy_quantile); the KL term and the averaging are unchanged. Arrays [B, T] as causal_lm_loss's, one
-  completion per row (grpo.rows); advantage [B, T] fp32: each target's. log pi and the entropy are the tempered
-  distribution's (pg.temperature), as the completions were sampled."""
+  top_entropy_quantile); the KL term and the averaging are unchanged. With pg.entropy_coef, `bonus` is -entropy_coef
+  x the mean entropy of the tokens where the policy term counts (TRL's entropy bonus). Arrays [B, T] as
+  causal_lm_loss's, one completion per row (grpo.rows); advantage [B, T] fp32: each target's. log pi and the entropy
+  are the tempered distribution's (pg.temperature), as the completions were sampled."""
   out = model(tokens, positions, segment_ids, remat=remat, packed=False)
   b, t, d = out.hidden.shape
   nll, *_, entropy = token_scores(out.hidden.reshape(b * t, d), model.lm_head[...], targets.reshape(-1),
                                   temperature=pg.temperature)
-  logp, entropy = -nll.reshape(b, t), jax.lax.stop_gradient(entropy.reshape(b, t))
+  logp, entropy = -nll.reshape(b, t), entropy.reshape(b, t)
+  if not pg.entropy_coef:  # (its gradient is the bonus's alone)
+    entropy = jax.lax.stop_gradient(entropy)
   mask = loss_mask.astype(F32)
   log_ratio = logp - (jax.lax.stop_gradient(logp) if old_logp is None else old_logp)
   if pg.importance == "sequence":  # [B, 1]: each completion's mean log-ratio weighs all its tokens
@@ -163,10 +169,13 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
   else:
     per_token = -jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - pg.epsilon, 1 + pg.epsilon_high) * advantage)
     clipped = ((ratio < 1 - pg.epsilon) & (advantage < 0)) | ((ratio > 1 + pg.epsilon_high) & (advantage > 0))
+  learned = mask  # where the policy term counts
   if pg.top_entropy_quantile < 1:
     threshold = jnp.nanquantile(jnp.where(mask > 0, entropy, jnp.nan), 1 - pg.top_entropy_quantile)  # (torch's
-    per_token = per_token * (entropy >= threshold)  # linear interpolation; no loss tokens: nan, nothing counts)
-  stats = {"entropy": jnp.sum(entropy * mask)}
+    learned = mask * (entropy >= threshold)  # linear interpolation; no loss tokens: nan, nothing counts)
+    per_token = per_token * learned
+  bonus = -pg.entropy_coef * jnp.sum(entropy * learned) / jnp.maximum(jnp.sum(learned), 1.0)
+  stats = {"entropy": jnp.sum(jax.lax.stop_gradient(entropy) * mask)}
   if old_logp is not None and pg.clips:
     stats["clip_ratio"] = jnp.sum(clipped * mask)
   if ref_logp is not None:
@@ -180,7 +189,7 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
     summed = jnp.sum(per_token * mask)
   count = policy_gradient_count(loss_mask, pg)
   per = jnp.sum(mask) if pg.loss_type == "bnpo" else count  # bnpo: the micro-batch's mean, which counts once
-  return _with_router_loss(model, out, segment_ids, summed / jnp.maximum(per, 1.0), count, stats)
+  return _with_router_loss(model, out, segment_ids, summed / jnp.maximum(per, 1.0), count, stats, bonus)
 
 
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo", "kto")  # preference_loss's kinds (TRL's loss_type names)
@@ -279,7 +288,7 @@ def _log_odds(lp: jax.Array) -> jax.Array:
 
 
 def _with_router_loss(model: QwenMoeForCausalLM, out, segment_ids: jax.Array, value: jax.Array, count: jax.Array,
-                      stats: dict[str, jax.Array] | None = None) -> LossParts:
+                      stats: dict[str, jax.Array] | None = None, bonus: jax.Array = 0.0) -> LossParts:
   """LossParts of an objective's value, with the load-balancing loss over every non-padding token (transformers
   masks padding the same way) and the experts' load."""
   cfg = model.config
@@ -290,4 +299,5 @@ def _with_router_loss(model: QwenMoeForCausalLM, out, segment_ids: jax.Array, va
     chosen = jax.lax.top_k(out.router_logits.astype(F32), cfg.num_experts_per_tok)[1]  # [L, N, K]
     hits = jnp.einsum("LNKE,N->LE", jax.nn.one_hot(chosen, cfg.num_experts, dtype=F32), real)
     load = hits / jnp.maximum(jnp.sum(hits, axis=-1, keepdims=True), 1.0)
-  return LossParts(value + cfg.router_aux_loss_coef * aux, value, aux, count, load, stats or {})
+  return LossParts(value + cfg.router_aux_loss_coef * aux + bonus, value, aux, count, load, stats or {},
+                   jnp.asarray(bonus, F32))

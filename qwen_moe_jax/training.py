@@ -56,7 +56,7 @@ GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_top_k",
                  "grpo_repetition_penalty", "grpo_beta", "grpo_scale_rewards",
                  "grpo_mask_truncated", "grpo_iterations", "grpo_generation_steps", "grpo_epsilon",
                  "grpo_epsilon_high", "grpo_importance", "grpo_loss_type", "grpo_sapo_temperature_pos",
-                 "grpo_sapo_temperature_neg", "grpo_top_entropy_quantile",
+                 "grpo_sapo_temperature_neg", "grpo_top_entropy_quantile", "grpo_entropy_coef",
                  "grpo_reward_weights")  # TrainConfig's, besides the rewards
 GRPO_SCALES = ("group", "batch", "none")  # grpo.advantages' scales
 CISPO_EPSILON_HIGH = 5.0  # the cispo loss's largest ratio unless given (ScaleRL's; TRL's default, --grpo-epsilon, would
@@ -125,6 +125,7 @@ class TrainConfig:
   grpo_sapo_temperature_pos: float = 1.0  # SAPO's gate temperatures (TRL's defaults)
   grpo_sapo_temperature_neg: float = 1.05
   grpo_top_entropy_quantile: float = 1.0  # the share of loss tokens, the highest-entropy, the policy term keeps
+  grpo_entropy_coef: float = 0.0  # the entropy bonus's weight (losses.PolicyGradient)
 
   @property
   def reference(self) -> bool:
@@ -175,7 +176,8 @@ class TrainConfig:
     return PolicyGradient(self.grpo_beta, self.grpo_epsilon, high, self.grpo_importance, self.grpo_loss_type,
                           sapo_temperature_pos=self.grpo_sapo_temperature_pos,
                           sapo_temperature_neg=self.grpo_sapo_temperature_neg, max_new=self.grpo_max_new,
-                          top_entropy_quantile=self.grpo_top_entropy_quantile, temperature=self.grpo_temperature)
+                          top_entropy_quantile=self.grpo_top_entropy_quantile,
+                          entropy_coef=self.grpo_entropy_coef, temperature=self.grpo_temperature)
 
   @property
   def floats(self) -> tuple[str, ...]:
@@ -278,6 +280,8 @@ class TrainConfig:
         raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
     if not 0 <= self.grpo_top_entropy_quantile <= 1:
       raise UserError(f"--grpo-top-entropy-quantile must be in [0, 1], got {self.grpo_top_entropy_quantile}")
+    if not self.grpo_entropy_coef >= 0:
+      raise UserError(f"--grpo-entropy-coef must be >= 0, got {self.grpo_entropy_coef}")
 
   def trainable(self, path: str) -> bool:
     if self.lora is not None:
@@ -372,8 +376,9 @@ def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig
   def micro_loss(trainable, frozen, micro, total):
     parts = _loss(graphdef, abstract, tc, trainable, frozen, micro, tc.remat)
     # the objective summed over loss tokens (or pairs) / all those of the step (exact over micro-batches); aux
-    # averaged per micro-batch
-    objective = parts.value * parts.count / jnp.maximum(total, 1.0) + aux_coef * parts.aux / tc.grad_accum
+    # and the bonus averaged per micro-batch
+    per_micro = (aux_coef * parts.aux + parts.bonus) / tc.grad_accum
+    objective = parts.value * parts.count / jnp.maximum(total, 1.0) + per_micro
     return objective, parts
 
   def step(trainable, frozen, opt_state, batch):
@@ -383,20 +388,22 @@ def make_train_step(graphdef: nnx.GraphDef, abstract: nnx.State, tc: TrainConfig
       grads, sums = carry
       (_, parts), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, frozen, micro, total)
       load = parts.expert_load if parts.expert_load is not None else jnp.zeros((1, 1), F32)
-      sums = jax.tree.map(jnp.add, sums, (parts.value * parts.count, parts.aux, load,
+      sums = jax.tree.map(jnp.add, sums, (parts.value * parts.count, parts.aux, parts.bonus, load,
                                           jnp.sum((micro["segment_ids"] > 0).astype(F32)), parts.stats))
       return (jax.tree.map(jnp.add, grads, g), sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, trainable)
-    init_sums = (jnp.zeros((), F32), jnp.zeros((), F32), _zero_load(abstract), jnp.zeros((), F32),
+    init_sums = (jnp.zeros((), F32), jnp.zeros((), F32), jnp.zeros((), F32), _zero_load(abstract), jnp.zeros((), F32),
                  {k: jnp.zeros((), F32) for k in _stat_names(tc)})
-    (grads, (summed, aux, load, tokens, stats)), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
-    value, aux, load = summed / jnp.maximum(total, 1.0), aux / tc.grad_accum, load / tc.grad_accum
+    (grads, (summed, aux, bonus, load, tokens, stats)), _ = jax.lax.scan(accumulate, (zeros, init_sums), batch)
+    value, aux, bonus = summed / jnp.maximum(total, 1.0), aux / tc.grad_accum, bonus / tc.grad_accum
+    load = load / tc.grad_accum
     per = jnp.sum(batch["loss_mask"].astype(F32)) if tc.grpo else total  # GRPO's stats: means per loss token
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics = StepMetrics(loss=value + aux_coef * aux, value=value, aux_loss=aux, grad_norm=optax.tree.norm(grads),
-                          tokens=tokens, count=total, skipped=opt_state.total_notfinite, expert_load=load,
+    metrics = StepMetrics(loss=value + aux_coef * aux + bonus, value=value, aux_loss=aux,
+                          grad_norm=optax.tree.norm(grads), tokens=tokens, count=total,
+                          skipped=opt_state.total_notfinite, expert_load=load,
                           stats={k: v / jnp.maximum(per, 1.0) for k, v in stats.items()})
     return trainable, opt_state, metrics
 

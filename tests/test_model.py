@@ -313,8 +313,11 @@ GRPO_CASES = {  # (beta, old log-probabilities, PolicyGradient's importance, los
   "sapo": (0.3, True, "token", "sapo", 1.0),
   "entropy_mask": (0.3, True, "token", "dapo", 0.7),
   "entropy_mask_grpo": (0.0, True, "token", "grpo", 1.0),
+  "entropy_bonus": (0.0, True, "token", "dapo", 0.7),
+  "entropy_bonus_masked": (0.3, True, "token", "grpo", 1.0),
 }
-TOP_ENTROPY = {"entropy_mask": 0.2, "entropy_mask_grpo": 0.5}  # PolicyGradient.top_entropy_quantile (else 1)
+TOP_ENTROPY = {"entropy_mask": 0.2, "entropy_mask_grpo": 0.5, "entropy_bonus_masked": 0.3}  # (else 1)
+ENTROPY_COEF = {"entropy_bonus": 0.05, "entropy_bonus_masked": 0.1}  # PolicyGradient.entropy_coef (else 0)
 
 
 @pytest.mark.parametrize("case", GRPO_CASES)
@@ -329,14 +332,16 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   (bnpo); CISPO's -min(w, eps_high).detach() A lp (averaged as dapo) and SAPO's -sigmoid(tau (w - 1)) 4 / tau A,
   tau 1 or 1.05 as A > 0 or not (averaged as grpo); lp of the logits divided by the sampling temperature (TRL's);
   with top_entropy_quantile q, the policy term only at the tokens whose entropy is at least torch.quantile(all
-  the completion tokens' entropies, 1 - q) (TRL's get_high_entropy_mask; the KL term everywhere); so do its
-  gradients (the policy gradient, the KL penalty's); its stats sum the tokens' entropy, KL and clipped ratios
-  (none for SAPO's soft gate)."""
+  the completion tokens' entropies, 1 - q) (TRL's get_high_entropy_mask; the KL term everywhere); with
+  entropy_coef c, minus c x the mean entropy of those tokens (TRL's entropy bonus); so do its gradients (the policy
+  gradient, the KL penalty's, the entropy's); its stats sum the tokens' entropy, KL and clipped ratios (none for
+  SAPO's soft gate)."""
   beta, moved, importance, loss_type, temperature = GRPO_CASES[case]
   high = 1.15 if loss_type == "cispo" else 0.15  # cispo's is the largest ratio itself
   quantile = TOP_ENTROPY.get(case, 1.0)
+  coef = ENTROPY_COEF.get(case, 0.0)
   pg = PolicyGradient(beta, 0.1, high, importance, loss_type, max_new=12, top_entropy_quantile=quantile,
-                      temperature=temperature)
+                      entropy_coef=coef, temperature=temperature)
   hf_model = make_model(seed=9, num_hidden_layers=2, router_aux_loss_coef=0.0)
   model = convert_and_restore(hf_model, tmp_path)
   rng = np.random.default_rng(5)
@@ -362,7 +367,7 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
     ids, at = torch.tensor([p + c]), slice(len(p) - 1, len(p) + len(c) - 1)
     logits = hf_model(ids).logits[0, :-1].float() / temperature
     lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0][len(p) - 1:]
-    logp_all = torch.log_softmax(logits[len(p) - 1:], -1).detach()
+    logp_all = torch.log_softmax(logits[len(p) - 1:], -1)
     entropies.append(-(logp_all.exp() * logp_all).sum(-1))
     old[j, at] = lp.detach().numpy() + rng.normal(0, 0.3, len(c)) * moved
     log_ratio = lp - torch.tensor(old[j, at]) if moved else lp - lp.detach()
@@ -379,7 +384,7 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
       cut = (w < 0.9) & bool(a < 0) | (w > 1.15) & bool(a > 0)
     policy.append(term)
     clipped += int(torch.broadcast_to(cut, lp.shape).sum())
-  threshold = torch.quantile(torch.cat(entropies), 1 - quantile)
+  threshold = torch.quantile(torch.cat(entropies).detach(), 1 - quantile)
   kept = [e >= threshold for e in entropies]
   terms = [term * k + beta * kl for term, k, kl in zip(policy, kept, kls)]
   assert quantile == 1 or 0 < sum(int(k.sum()) for k in kept) < len(torch.cat(entropies)) * (quantile + 0.1)
@@ -388,6 +393,7 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
           "cispo": torch.cat(terms).sum() / tokens, "grpo": torch.stack([t.mean() for t in terms]).mean(),
           "sapo": torch.stack([t.mean() for t in terms]).mean(),
           "dr_grpo": torch.cat(terms).sum() / (len(completions) * 12)}[loss_type]
+  loss = loss - coef * torch.cat([e[k] for e, k in zip(entropies, kept)]).mean()
   loss.backward()
   torch_grads = {n: p.grad.numpy() for n, p in hf_model.named_parameters() if p.grad is not None}
 
@@ -405,6 +411,7 @@ def test_grpo_loss_and_gradients_match_torch(tmp_path, case):
   assert float(parts.count) == counts[loss_type]
   assert set(parts.stats) == {"entropy"} | {k for k, on in (("kl", beta), ("clip_ratio", moved and pg.clips)) if on}
   np.testing.assert_allclose(float(parts.stats["entropy"]), torch.cat(entropies).sum().item(), rtol=1e-5)
+  assert (float(parts.bonus) < 0) == (coef > 0)
   if beta:
     np.testing.assert_allclose(float(parts.stats["kl"]), torch.cat(kls).sum().item(), rtol=1e-5)
   if moved and pg.clips:

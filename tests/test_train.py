@@ -568,6 +568,8 @@ def test_gspo_with_several_steps_per_generation_learns_and_resumes(base, grpo_ru
     "--grpo-sapo-temperature-neg", "0"], "--grpo-sapo-temperature-neg must be > 0, got 0.0"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-top-entropy-quantile", "1.5"],
    "--grpo-top-entropy-quantile must be in [0, 1], got 1.5"),
+  (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--grpo-entropy-coef", "-0.1"],
+   "--grpo-entropy-coef must be >= 0, got -0.1"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "3"], "(4 rows, a completion each) must be a multiple of "
    "--grpo-group (3)"),
   (["--grpo-reward", "{rewards}:low_ids", "--grpo-group", "4", "--dpo-beta", "0.1"], "give --grpo-reward or "
@@ -1002,7 +1004,8 @@ def test_grpo_step_same_on_a_mesh(step_case, gspo):
 def test_bnpo_averages_the_micro_batches_means(step_case):
   """--grpo-loss-type bnpo: a step of two micro-batches takes the mean of each one's mean over its own completion
   tokens (TRL's bnpo, per micro-batch), where dapo weighs them by their tokens (the micro-batches here have 27 and
-  17, so the two differ); the step's stats are still per token."""
+  17, so the two differ); the step's stats are still per token. The entropy bonus is a mean per micro-batch too
+  (TRL's): minus the coefficient x the mean of the two micro-batches' mean entropies joins the loss."""
   ckpt, _, tc = step_case
   rng = np.random.default_rng(7)
   prompts = [rng.integers(0, 101, n).tolist() for n in rng.integers(2, 7, 8)]
@@ -1012,8 +1015,8 @@ def test_bnpo_averages_the_micro_batches_means(step_case):
   tc = dataclasses.replace(tc, grpo_rewards=("unused.py:f",), grpo_group=4, grpo_max_new=8, grpo_iterations=2)
   one = sharding.make_mesh({}, jax.devices()[:1])
 
-  def step(loss_type, batch, accum=2):
-    kind = dataclasses.replace(tc, grpo_loss_type=loss_type, grad_accum=accum)
+  def step(loss_type, batch, accum=2, entropy_coef=0.0):
+    kind = dataclasses.replace(tc, grpo_loss_type=loss_type, grad_accum=accum, grpo_entropy_coef=entropy_coef)
     return _step_outputs(checkpoint.restore(ckpt, one, jnp.float32), one, kind, batch)[0]
 
   batch = {k: v.reshape(2, 4, 16) for k, v in rows.items()}
@@ -1024,6 +1027,11 @@ def test_bnpo_averages_the_micro_batches_means(step_case):
   np.testing.assert_allclose(dapo.value, (27 * halves[0].value + 17 * halves[1].value) / 44, rtol=1e-5)
   assert abs(bnpo.value - dapo.value) > 1e-3
   np.testing.assert_allclose(bnpo.stats["clip_ratio"], dapo.stats["clip_ratio"])
+  means = [h.stats["entropy"] for h in halves]  # each micro-batch's mean entropy per token
+  print("entropy per micro-batch:", means, "per token:", dapo.stats["entropy"])
+  bonus = step("dapo", batch, entropy_coef=0.5)
+  np.testing.assert_allclose(bonus.value, dapo.value, rtol=1e-6)
+  np.testing.assert_allclose(bonus.loss - dapo.loss, -0.5 * (means[0] + means[1]) / 2, rtol=1e-5)
 
 
 def test_grpo_old_logprobs_are_scored_as_the_loss_scores(step_case):
