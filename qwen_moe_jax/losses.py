@@ -175,7 +175,7 @@ def policy_gradient_loss(model: QwenMoeForCausalLM, tokens: jax.Array, targets: 
     learned = mask * (entropy >= threshold)  # linear interpolation; no loss tokens: nan, nothing counts)
     per_token = per_token * learned
   bonus = -pg.entropy_coef * jnp.sum(entropy * learned) / jnp.maximum(jnp.sum(learned), 1.0)
-  stats = {"entropy": jnp.sum(jax.lax.stop_gradient(entropy) * mask)}
+  stats = {"entropy": jnp.sum(entropy * mask)}
   if old_logp is not None and pg.clips:
     stats["clip_ratio"] = jnp.sum(clipped * mask)
   if ref_logp is not None:
