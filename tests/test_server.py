@@ -688,6 +688,7 @@ def test_stop_lets_the_requests_under_way_end(served, capfd):
 
   generator.generate = held
   want = [tok.decode(expected(reference, tok, eos, ids, 12)[0], skip_special_tokens=True) for ids in ([3, 4], [5, 6])]
+  sockets: list[socket.socket] = []
   for timeout in (60, 0.5):
     gate.set()  # (the warm-up's call)
     server = make_server(generator, tok, name="demo", host="127.0.0.1", port=0, rows=2, slots=64, stop_ids=eos,
@@ -703,6 +704,13 @@ def test_stop_lets_the_requests_under_way_end(served, capfd):
       replies[i] = send(url, {"prompt": ids, "max_tokens": 12})
 
     clients = [threading.Thread(target=ask, args=a, daemon=True) for a in ((0, post, [3, 4]), (1, stream, [5, 6]))]
+    if timeout == 0.5:  # requests that never end: sent from sockets closed at the end (no client left waiting)
+      clients = []
+      for ids, streamed in (([3, 4], False), ([5, 6], True)):
+        body = json.dumps({"prompt": ids, "max_tokens": 12, "stream": streamed}).encode()
+        sockets.append(socket.create_connection(("127.0.0.1", server.server_address[1])))
+        sockets[-1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     for c in clients:
       c.start()
     assert entered.wait(60)
@@ -738,6 +746,8 @@ def test_stop_lets_the_requests_under_way_end(served, capfd):
       assert status == 200 and reply["choices"][0]["text"] == want[0]
       assert replies[1][-1] == "[DONE]"
       assert "".join(e["choices"][0]["text"] for e in replies[1][:-1] if e["choices"]) == want[1]
+    for client in sockets:
+      client.close()
     gate.set()
     server.server_close()
 
