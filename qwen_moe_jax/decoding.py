@@ -1,8 +1,8 @@
 """The device side of generation: the decode state (KV cache, tokens so far, each row's settings) and the jitted
 programs over it, each donating the state so the cache is updated in place: `prefill` (prompts into rows),
 `decode` (a `lax.while_loop` of steps that stays on the device), `prompt_slots` / `prefix_slots` and `fork` (a row
-takes another row's prefix), `exchange` (the prefix pool's saves and loads), `end_row`. generate.py drives them
-from the host.
+takes another row's prefix), `exchange` (the prefix pool's saves and loads), `end_row`, `widened` (room for more
+sampling steps). generate.py drives them from the host.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from qwen_moe_jax.grammar import Tables, loaded, successors
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.sampling import (
+  NO_ID,
   RowSampling,
   Sampling,
   SamplingOps,
@@ -206,6 +207,34 @@ def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: Sampling
       grammar_at=None if nexts is None else jnp.where(live, _taken(nexts, token), s.grammar_at)).laid_out()
 
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state.laid_out()))[1].laid_out()
+
+
+@functools.partial(jax.jit, static_argnames=("ops", "vocab"), donate_argnames=("state",))
+def widened(state: DecodeState, *, ops: SamplingOps, vocab: int) -> DecodeState:
+  """The state with room for the sampling steps `ops` (its own and more: a running call's, for a prompt arriving
+  with more), each row going on as before: what it reads of a step it does not take is neutral (no ids seen or
+  counted, none biased, grammar slot 0), and the likeliest ids it did not ask for are zeros."""
+  rows, width = state.tokens.shape
+
+  def grown(x: jax.Array | None, shape: tuple[int, ...], value, dtype) -> jax.Array:  # None: all `value`
+    if x is None:
+      return jnp.full(shape, value, dtype)
+    return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)], constant_values=value)
+
+  k, top, s, tables = ops.logit_bias, ops.top_logprobs, state.sampling, state.grammars
+  if ops.grammars:
+    tables = Tables.empty(ops.grammars, ops.grammar_cells, vocab) if tables is None else Tables(
+      grown(tables.classes, (ops.grammars, vocab), 0, jnp.int32),
+      grown(tables.cells, (ops.grammar_cells,), -1, jnp.int32))
+  return dataclasses.replace(
+    state, sampling=dataclasses.replace(s, bias_ids=grown(s.bias_ids, (rows, k), NO_ID, jnp.int32),
+                                        biases=grown(s.biases, (rows, k), 0.0, jnp.float32)),
+    seen=grown(state.seen, (rows, vocab), False, bool) if ops.repetition else None,
+    counts=grown(state.counts, (rows, vocab), 0, jnp.int32) if ops.counted else None,
+    top_ids=grown(state.top_ids, (rows, width, top), 0, jnp.int32) if top else None,
+    top_logprobs=grown(state.top_logprobs, (rows, width, top), 0.0, jnp.float32) if top else None,
+    grammars=tables if ops.grammars else None,
+    grammar_at=grown(state.grammar_at, (rows,), 0, jnp.int32) if ops.grammars else None).laid_out()
 
 
 @jax.jit

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import time
+import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -45,17 +46,20 @@ from qwen_moe_jax.decoding import (
   prefix_slots,
   prompt_keys,
   prompt_slots,
+  widened,
 )
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.grammar import Registry
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
 from qwen_moe_jax.prefixes import Pool, PrefixIndex, common_prefix
-from qwen_moe_jax.sampling import RowSampling, Sampling, SamplingOps
+from qwen_moe_jax.sampling import MAX_TOP_LOGPROBS, RowSampling, Sampling, SamplingOps
 
 MIN_BUCKET = 16
 CACHE_STEP = 256  # cache lengths above this are multiples of it (see cache_bucket)
 COPY_SLOTS = 16_384  # most slots per row group copied in one call (Generator.generate's `copy`)
+GRAMMAR_SLOTS, GRAMMAR_CELLS = 8, 1 << 21  # room a call keeps for grammars once one came (see grammar.py): 7
+# schemas, or a generic JSON object (1 << 19 cells) and a few small ones; 8 MB of cells, 8 x V classes
 
 
 def copy_rows(group: int, slots: int) -> int:
@@ -66,6 +70,18 @@ def copy_rows(group: int, slots: int) -> int:
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
   """Next power of two >= n (at least `minimum`)."""
   return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def room_ops(ops: SamplingOps, vocab: int) -> SamplingOps:
+  """The sampling steps a call takes on for prompts that need `ops` and may arrive while it runs (a server's):
+  top-k, top_logprobs and logit_bias rounded up to buckets, and room for several grammars once one comes, so that
+  the programs compiled are few."""
+  return dataclasses.replace(
+    ops, top_k=min(bucket(ops.top_k), vocab) if ops.top_k else 0,
+    top_logprobs=min(bucket(ops.top_logprobs, 1), MAX_TOP_LOGPROBS) if ops.top_logprobs else 0,
+    logit_bias=bucket(ops.logit_bias, 1) if ops.logit_bias else 0,
+    grammars=max(ops.grammars, GRAMMAR_SLOTS) if ops.grammars else 0,
+    grammar_cells=max(ops.grammar_cells, GRAMMAR_CELLS) if ops.grammars else 0)
 
 
 def cache_bucket(n: int) -> int:
@@ -275,8 +291,10 @@ class Generator:
     `arrivals()` (a server's requests) is called at each return to the host (every `chunk` steps at most) for
     prompts that arrived meanwhile (each valid, see `validate`): they take the next prompt indices, in order, and
     rows as rows free. `room` sizes the call for them (rows, cache slots, new tokens, sampling steps: else the
-    given prompts size it). An arrival the call has no room for is not admitted: the call takes no more, ends when
-    its rows finish, and returns it and those after it in `Result.left`, for the next call.
+    given prompts size it); an arrival needing sampling steps it lacks adds them (`room_ops`; the programs with
+    them compile then, once), the running rows going on. An arrival the call has no room for (its cache slots or
+    new tokens, a grammar when its grammar tables are full) is not admitted: the call takes no more, ends when its
+    rows finish, and returns it and those after it in `Result.left`, for the next call.
 
     `on_return()` is called at each return to the host, once the new tokens are read and before any other callback
     (a server spanning several processes makes every process see the same arrivals and stops from there on).
@@ -471,11 +489,22 @@ class Generator:
     left: list[Arrival] = []  # arrivals not admitted (see the docstring)
 
     def admit(new: Sequence[Arrival]) -> None:
-      """Arrivals join the prompts waiting for a row, or, from the first the call has no room for, `left`."""
+      """Arrivals join the prompts waiting for a row, or, from the first the call has no room for, `left`. One
+      needing sampling steps the call's programs lack widens them (`ops`, `room_ops` of its own; the state follows
+      before the next device call), save the grammar tables once the call has some: a grammar finding them full
+      waits for the next call."""
+      nonlocal ops, grammars
       for a in new:
         limit = min(a.max_new_tokens, cfg.context_length - len(a.ids))
-        if (left or len(a.ids) + limit > cache_len or limit > max_new or not ops.covers(SamplingOps.of([a.sampling]))
-            or not grammars.reserve(a.sampling.grammar)):
+        need, fits = SamplingOps.of([a.sampling]), not left and len(a.ids) + limit <= cache_len and limit <= max_new
+        if fits and not ops.covers(need):
+          wide = ops | room_ops(need, cfg.vocab_size)
+          if ops.grammars:  # the registry places grammars in tables of this size
+            wide = dataclasses.replace(wide, grammars=ops.grammars, grammar_cells=ops.grammar_cells)
+          elif wide.grammars:
+            grammars = Registry(wide.grammars, wide.grammar_cells, cfg.vocab_size, stop_ids)
+          ops = wide
+        if not fits or not ops.covers(need) or not grammars.reserve(a.sampling.grammar):
           left.append(a)
           continue
         waiting.insert(0, len(prompts))  # taken last
@@ -576,7 +605,13 @@ class Generator:
             if on_done:
               on_done(i, output(i))
         if arrivals and not left:
+          narrow = ops
           admit(arrivals())
+          if ops != narrow:  # an arrival widened the sampling steps: the state follows
+            with warnings.catch_warnings():  # the cache is reused in place, not the few arrays that grow
+              warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+              program = self._compiled(widened, (state,), model=False, ops=ops, vocab=cfg.vocab_size)
+            state = program(state)
         drop_ended()
         if waiting and -1 in owner:  # continuous batching; read again after: a refilled row may be done at once
           state = place(state)

@@ -9,8 +9,8 @@ its rows free (Generator.generate's `arrivals`, polled every decode chunk), so r
 (continuous batching). Calls keep their KV cache (`keep`): a finished request's row holds its prompt and reply
 until a new request takes it, so a conversation's next turn runs only its new tokens (usage's
 `prompt_tokens_details.cached_tokens` counts the others). Every call has the same shapes (`rows` rows, a cache of
-`slots` slots), so the decode program compiles once; the sampling steps it holds only grow (a request asking for
-one it lacks waits for the running call to drain, and the next call compiles it in).
+`slots` slots), so the decode program compiles once for each set of sampling steps: a call takes those its requests
+need (`room_ops`), and a request needing more widens a running call's as it joins.
 
 Over several processes (jax.distributed), process 0 serves HTTP and every other runs the same engine as a
 follower (`follow`), told at each sync point what process 0's engine saw (serving_link.py).
@@ -37,7 +37,7 @@ import jax
 
 from qwen_moe_jax import tool_calls
 from qwen_moe_jax.errors import UserError, json_number
-from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, bucket
+from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, room_ops
 from qwen_moe_jax.grammar import Grammar, Grammars
 from qwen_moe_jax.sampling import MAX_TOP_LOGPROBS, SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
@@ -113,8 +113,6 @@ class Stopped(BaseException):
 
 
 CLIENT_CHECK_S = 0.5  # how often a request waiting for its whole reply checks that its client is still there
-GRAMMAR_SLOTS, GRAMMAR_CELLS = 8, 1 << 21  # room a call keeps for grammars once one came (see grammar.py): 7
-# schemas, or a generic JSON object (1 << 19 cells) and a few small ones; 8 MB of cells, 8 x V classes
 
 
 class Engine:
@@ -237,14 +235,8 @@ class Engine:
     self.metrics.finished(j.meter, len(j.ids), out.cached, len(out.ids), "abort" if j.ended else out.reason)
 
   def _call(self, jobs: list[Job]) -> None:
-    ops = SamplingOps.of([j.sampling for j in jobs])  # top-k, top_logprobs, logit_bias rounded up: fewer programs
-    k, top, biased = ops.top_k, ops.top_logprobs, ops.logit_bias
-    ops = dataclasses.replace(ops, top_k=min(bucket(k), self.generator.config.vocab_size) if k else 0,
-                              top_logprobs=min(bucket(top, 1), MAX_TOP_LOGPROBS) if top else 0,
-                              logit_bias=bucket(biased, 1) if biased else 0,
-                              grammars=max(ops.grammars, GRAMMAR_SLOTS) if ops.grammars else 0,
-                              grammar_cells=max(ops.grammar_cells, GRAMMAR_CELLS) if ops.grammars else 0)
-    self.room = dataclasses.replace(self.room, ops=self.room.ops | ops)
+    ops = room_ops(SamplingOps.of([j.sampling for j in jobs]), self.generator.config.vocab_size)
+    room = dataclasses.replace(self.room, ops=ops)  # arrivals needing more steps widen it (Generator.generate)
     offered: list[Job] = []  # jobs handed to the call as arrivals: the admitted ones first, in order
 
     def job(i: int) -> Job:  # the call's prompt i
@@ -278,7 +270,7 @@ class Engine:
       result = self.generator.generate(
         [j.ids for j in jobs], [j.max_new_tokens for j in jobs], [j.sampling for j in jobs],
         [j.stream for j in jobs], self.stop_ids, on_tokens, stop_when=stop_when, on_done=on_done,
-        keep=True, arrivals=arrivals, room=self.room, on_return=self._sync)
+        keep=True, arrivals=arrivals, room=room, on_return=self._sync)
     except Exception as e:  # noqa: BLE001  (out of memory, or a bug): this call's jobs fail, the server goes on
       return self._fail(jobs + offered, e)
     left = offered[len(offered) - len(result.left):]  # not admitted: they start the next call

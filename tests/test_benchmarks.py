@@ -148,13 +148,13 @@ def test_continuous_batching_benchmark_runs():
 
 
 def test_serving_benchmark_runs():
-  """benchmarks/serving.py, small: requests arriving over time give the same outputs joining the running batch as
-  in waves (the script asserts it), every request timed."""
+  """benchmarks/serving.py, small: requests arriving over time (every third asking for top logprobs) give the same
+  outputs joining the running batch as in waves (the script asserts it), every request timed."""
   res = subprocess.run([sys.executable, "benchmarks/serving.py", "--requests", "6", "--rows", "2", "--rate", "50",
-                        "--max-new", "24"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--max-new", "24", "--mixed", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr
   report = json.loads(res.stdout.splitlines()[-1])
-  assert report["same_outputs"] and report["generated_tokens"] >= 6 * 4
+  assert report["same_outputs"] and report["generated_tokens"] >= 6 * 4 and report["with_top_logprobs"] == 2
   assert all(report[m]["latency_s"]["mean"] > 0 for m in ("waves", "join"))
 
 

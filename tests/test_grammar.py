@@ -145,8 +145,9 @@ def test_sampled_rows_match_their_grammar(demo):
 
 
 def test_arrivals_bring_their_grammars(demo):
-  """Prompts arriving mid-call bring grammars, loaded into the running state's tables as they are admitted; one
-  that finds no slot left is not admitted (Result.left: the next call's)."""
+  """Prompts arriving mid-call bring grammars, loaded into the running state's tables as they are admitted (tables
+  made for them if the call had none: it widens); one that finds no slot left is not admitted (Result.left: the
+  next call's)."""
   tok, model, grammars, stops = demo
   digits, yes_no = grammars.regex("[0-9]{2}!", "t"), grammars.choice(["yes", "no"], "t")
   arriving = [[Arrival(tok.encode("x"), 20, Sampling(grammar=digits)), Arrival(tok.encode("y"), 20, Sampling(
@@ -157,6 +158,14 @@ def test_arrivals_bring_their_grammars(demo):
   texts = [tok.decode(ids, skip_special_tokens=True) for ids in result.output_ids]
   assert len(texts) == 3 and all(re.fullmatch("[0-9]{2}!", t) for t in texts[1:]), texts
   assert [a.sampling.grammar for a in result.left] == [yes_no]  # slot 0 is no grammar's: one slot, taken
+  arriving = [[Arrival(tok.encode("x"), 20, Sampling(grammar=digits)), Arrival(tok.encode("z"), 20, Sampling(
+    grammar=yes_no))]]
+  widened = Generator(model).generate([tok.encode("w")], 20, Sampling(), stop_ids=stops, room=Room(2, 64, 32),
+                                      arrivals=lambda: arriving.pop() if arriving else [])
+  alone = Generator(model).generate([tok.encode("x"), tok.encode("z")], 20, [Sampling(grammar=digits),
+                                    Sampling(grammar=yes_no)], stop_ids=stops)
+  assert widened.output_ids[1:] == alone.output_ids and widened.left == []
+  assert widened.output_ids[0] == result.output_ids[0]
 
 
 @pytest.mark.parametrize("call,message", [

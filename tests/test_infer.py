@@ -527,9 +527,10 @@ def test_int8_kv_cache_decodes_what_it_holds_and_stays_close(tiny):
 
 def test_prompts_arriving_while_others_decode(tiny):
   """Arrivals (a server's requests) join a running call as its rows free, in the order they came, and get the
-  tokens they get in one batch with every prompt given (their random streams follow their indices); one the call
-  has no room for (sampling steps its programs lack, more slots than its cache) is not admitted, and neither is
-  any after it: they are left for the next call, which the running prompts do not wait for."""
+  tokens they get in one batch with every prompt given (their random streams follow their indices), also when
+  they need sampling steps the call's programs lack (which widen, the running rows going on); one the call has
+  no room for (more slots than its cache) is not admitted, and neither is any after it: they are left for the
+  next call, which the running prompts do not wait for."""
   _, model, gen, _ = tiny
   prompts = PROMPTS + [[8, 8, 2], [1, 2, 3, 4, 5, 6, 7]]
   limits = [30, 5, 20, 12, 9]
@@ -548,10 +549,20 @@ def test_prompts_arriving_while_others_decode(tiny):
   assert got.output_ids == want.output_ids and got.left == []
   for lp, ref in zip(got.output_logprobs, want.output_logprobs, strict=True):
     np.testing.assert_allclose(lp, ref, atol=1e-5)
-  # programs without the top-p and penalty steps: the fourth prompt and the fifth after it are left
-  got = engine.generate(prompts[:2], limits[:2], settings[:2], seed=1, arrivals=polled({1: coming}),
-                        room=dataclasses.replace(room, ops=SamplingOps.of(settings[:2])))
-  assert got.output_ids == want.output_ids[:3] and got.left == coming[1:]
+  # programs without the top-p and penalty steps (nor, below, top logprobs and a logit bias) widen for the fourth
+  for ops in (SamplingOps.of(settings[:2]), SamplingOps()):
+    got = engine.generate(prompts[:2], limits[:2], settings[:2], seed=1, arrivals=polled({1: coming}),
+                          room=dataclasses.replace(room, ops=ops))
+    assert got.output_ids == want.output_ids and got.left == []
+  wide = dataclasses.replace(settings[3], top_logprobs=3, logit_bias=((4, 2.0), (9, -1.0)), repetition_penalty=1.3)
+  alone = engine.generate([prompts[3]], limits[3], wide, seed=[Stream(1, 3)])
+  got = engine.generate(prompts[:2], limits[:2], settings[:2], seed=1, arrivals=polled({2: [Arrival(
+    prompts[3], limits[3], wide, Stream(1, 3))]}), room=dataclasses.replace(room, ops=SamplingOps()))
+  assert got.output_ids == want.output_ids[:2] + alone.output_ids and got.left == []
+  np.testing.assert_allclose(got.output_logprobs[2], alone.output_logprobs[0], atol=1e-5)
+  (top,), (top_alone,) = np.array(got.output_top_logprobs[2:]), np.array(alone.output_top_logprobs)  # [T, 3, 2]
+  assert top.shape == (limits[3], 3, 2) and (top[..., 0] == top_alone[..., 0]).all()
+  np.testing.assert_allclose(top[..., 1], top_alone[..., 1], atol=1e-5)
   too_long = Arrival(list(range(1, 60)), 10)  # 69 slots of a 64-slot cache
   got = engine.generate(prompts[:2], limits[:2], settings[:2], seed=1, arrivals=polled({2: [too_long]}), room=room)
   assert got.output_ids == want.output_ids[:2] and got.left == [too_long]

@@ -135,41 +135,51 @@ def test_chat_streams_what_it_answers_whole(served):
 
 
 def test_requests_join_a_running_batch(served):
-  """A short request sent while a long one decodes is answered before the long one ends (it takes the free row
-  of the running call); one sent after it asking for sampling steps the running programs lack (top-k) waits for
-  the call to drain and runs in the next. Each gets what it gets alone."""
+  """Requests sent while a long one decodes are answered before it ends, taking the free row of the running call
+  in turn: a short greedy one, then one asking for sampling steps the running programs lack (top-k, a presence
+  penalty, a logit bias and top logprobs), then one with a grammar (the programs widen for them as they join).
+  Each gets what it gets alone, and the long one what it gets alone."""
   url, tok, reference, eos, _ = served
   long_ids, short_ids = [7, 8, 9, 10], [20, 21, 22]
   done: dict[str, float] = {}
-  texts: dict[str, str] = {}
+  replies: dict[str, dict] = {}
 
   def send(name: str, body: dict) -> None:
-    texts[name] = post(url, body)[1]["choices"][0]["text"]
+    replies[name] = post(url, body)[1]["choices"][0]
     done[name] = time.perf_counter()
 
-  others = [threading.Thread(target=send, args=("short", {"prompt": short_ids, "max_tokens": 3})),
-            threading.Thread(target=send, args=("top_k", {"prompt": short_ids, "max_tokens": 3, "temperature": 1.0,
-                                                          "top_k": 5, "seed": 2}))]
+  wide = {"temperature": 1.0, "top_k": 5, "presence_penalty": 0.5, "logit_bias": {"30": 3}, "seed": 2}
+  others = [("short", {"prompt": short_ids, "max_tokens": 3}),
+            ("wide", {"prompt": short_ids, "max_tokens": 6, "logprobs": 2, **wide}),
+            ("regex", {"prompt": short_ids, "max_tokens": 8, "guided_regex": "[a-z]{3,6}"})]
+  threads = [threading.Thread(target=send, args=other) for other in others]
   body = {"prompt": long_ids, "max_tokens": SLOTS - 8, "stream": True}
   with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode()),
                               timeout=300) as r:
     events = [r.readline()]  # the long request is decoding
-    for t in others:
+    for t in threads:
       t.start()
       time.sleep(0.1)  # in this order
     events += r.read().split(b"\n")
     done["long"] = time.perf_counter()
-  for t in others:
+  for t in threads:
     t.join()
   chunks = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
-  texts["long"] = "".join(c["choices"][0]["text"] for c in chunks)
   assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # it ran all its tokens
-  assert done["short"] < done["long"] < done["top_k"]
+  assert done["short"] < done["wide"] < done["regex"] < done["long"]
+  sampling = Sampling(1.0, 5, presence_penalty=0.5, logit_bias=((30, 3.0),), top_logprobs=2)
   want = {"long": expected(reference, tok, eos, long_ids, SLOTS - 8),
           "short": expected(reference, tok, eos, short_ids, 3),
-          "top_k": expected(reference, tok, eos, short_ids, 3, Sampling(1.0, 5), Stream(2, 0))}
+          "wide": expected(reference, tok, eos, short_ids, 6, sampling, Stream(2, 0)),
+          "regex": expected(reference, tok, eos, short_ids, 8,
+                            Sampling(grammar=Grammars(tok).regex("[a-z]{3,6}", "t")))}
+  texts = {name: reply["text"] for name, reply in replies.items()}
+  texts["long"] = "".join(c["choices"][0]["text"] for c in chunks)
   for name, (out, _, _) in want.items():
     assert texts[name] == tok.decode(out, skip_special_tokens=True), name
+  assert re.fullmatch("[a-z]{3,6}", texts["regex"])
+  np.testing.assert_allclose(replies["wide"]["logprobs"]["token_logprobs"], want["wide"][1], atol=1e-5)
+  assert all(len(top) == 2 for top in replies["wide"]["logprobs"]["top_logprobs"])
 
 
 def test_a_conversations_next_turn_runs_only_its_new_tokens(served):

@@ -29,7 +29,7 @@ from qwen_moe_jax import model as model_module
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.demo import build_tokenizer, write_hf_demo
 from qwen_moe_jax.errors import UserError
-from qwen_moe_jax.generate import Generator, Stream
+from qwen_moe_jax.generate import Arrival, Generator, Room, Stream
 from qwen_moe_jax.grammar import Grammars, automaton
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import create_model, embed_lookup
@@ -130,6 +130,17 @@ def test_prefix_pool_on_a_mesh(ckpt):
   got = Generator(model, mesh_of("data=2,expert=4"), batch_size=1, share_prefix=16, prefix_pool=2).generate(prompts, 5)
   assert got.cached_tokens == [0, 0, len(first) + 5 - 1]
   assert got.output_ids == [one.generate([p], 5).output_ids[0] for p in prompts]
+
+
+def test_arrivals_widen_the_sampling_steps_on_a_mesh(ckpt):
+  """On a data=2 x expert=4 mesh, prompts arriving while a greedy prompt decodes bring sampling steps its programs
+  lack (penalties, top-k, top-p, min-p): the state widens on the mesh and every prompt gets one device's tokens."""
+  folder, _, (_, ref_tokens, ref_penalized, _, _) = ckpt
+  mesh = mesh_of("data=2,expert=4")
+  arriving = [[Arrival(p, m, s, Stream(5, i)) for i, (p, m, s) in enumerate(zip(SAMPLED, LIMITS, SETTINGS))]]
+  got = Generator(checkpoint.restore(folder, mesh, jnp.float32), mesh, batch_size=2).generate(
+    [PROMPTS[0]], 16, room=Room(rows=2, slots=64, max_new=16), arrivals=lambda: arriving.pop() if arriving else [])
+  assert got.output_ids == ref_tokens[:1] + ref_penalized and got.left == []
 
 
 def test_grammar_rows_on_a_mesh(ckpt):
