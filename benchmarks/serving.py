@@ -7,9 +7,10 @@ generate call runs the requests that had arrived when it began, until its longes
 the next call). With `--mixed K`, every K-th request also asks for its 5 likeliest ids at each token (OpenAI's
 top_logprobs, which eval harnesses send), a sampling step the other requests' programs lack: joining, it widens
 the running call's (a request the call did not admit, as before that was possible, would wait for the next call,
-the script handles that too). Latency is a request's end minus its arrival. Greedy outputs are checked equal. Runs a
-demo-sized random model on whatever device jax finds (the figures are those of the first run after the first
-that compiles nothing, of at most 8 runs; `compile_s` says what it compiled) and prints one JSON object.
+the script handles that too). Latency is a request's end minus its arrival (and the first token's, time to first
+token). Greedy outputs are checked equal. Runs a demo-sized random model on whatever device jax finds (the figures
+are those of the first run after the first that compiles nothing, of at most 8 runs; `compile_s` says what it
+compiled) and prints one JSON object.
 
 python benchmarks/serving.py [--requests 48] [--rows 8] [--rate 24] [--mixed 0] [--dtype float32]
 """
@@ -48,11 +49,14 @@ class Schedule:
     time.sleep(max(0.0, self.at[self.next] - (time.perf_counter() - self.start)))
 
 
-def run(gen: Generator, schedule: Schedule, rows: int, slots: int, join: bool) -> tuple[list, list[float], float]:
-  """Every request's output ids and latency, in request order, and the seconds spent compiling."""
+def run(gen: Generator, schedule: Schedule, rows: int, slots: int,
+        join: bool) -> tuple[list, list[float], list[float], float]:
+  """Every request's output ids, latency and time to its first token, in request order, and the seconds spent
+  compiling."""
   n, s = len(schedule.prompts), schedule
   outputs: list = [None] * n
-  ended, compiling, left = np.zeros(n), 0.0, []  # left: requests a call did not admit, first in the next
+  ended, first, compiling, left = np.zeros(n), np.zeros(n), 0.0, []  # left: requests a call did not admit, first
+  # in the next
   while s.next < n or left:
     if not left:
       s.wait()
@@ -66,11 +70,15 @@ def run(gen: Generator, schedule: Schedule, rows: int, slots: int, join: bool) -
     def on_done(i: int, out: Output) -> None:
       outputs[order[i]], ended[order[i]] = list(out.ids), time.perf_counter() - s.start
 
+    def on_tokens(i: int, _) -> None:
+      first[order[i]] = first[order[i]] or time.perf_counter() - s.start
+
     result = gen.generate([s.prompts[r] for r in order], [s.limits[r] for r in order], [s.settings[r] for r in order],
-                          on_done=on_done, arrivals=arrivals if join else None, room=Room(rows, slots, slots))
+                          on_tokens=on_tokens, on_done=on_done, arrivals=arrivals if join else None,
+                          room=Room(rows, slots, slots))
     left = order[len(order) - len(result.left):]
     compiling += result.compile_seconds
-  return outputs, (ended - schedule.at).tolist(), compiling
+  return outputs, (ended - schedule.at).tolist(), (first - schedule.at).tolist(), compiling
 
 
 def main() -> None:
@@ -96,15 +104,15 @@ def main() -> None:
   for mode in ("waves", "join"):
     for attempt in range(8):  # the first run compiles; the shapes a call meets vary a little with timing
       start = time.perf_counter()
-      outputs[mode], latency, compiling = run(gen, Schedule(prompts, limits, settings, at), args.rows, slots,
+      outputs[mode], latency, ttft, compiling = run(gen, Schedule(prompts, limits, settings, at), args.rows, slots,
                                                   mode == "join")
       seconds = time.perf_counter() - start
       if attempt and not compiling:
         break
     report[mode] = {"seconds": round(seconds, 3), "compile_s": round(compiling, 3), "runs": attempt + 1,
-                    "latency_s": {"mean": round(float(np.mean(latency)), 3),
-                                  "median": round(float(np.median(latency)), 3),
-                                  "p90": round(float(np.percentile(latency, 90)), 3)}}
+                    **{name: {"mean": round(float(np.mean(x)), 3), "median": round(float(np.median(x)), 3),
+                              "p90": round(float(np.percentile(x, 90)), 3)}
+                       for name, x in (("latency_s", latency), ("first_token_s", ttft))}}
   assert outputs["join"] == outputs["waves"], "joining the running batch changed the outputs"
   print(json.dumps({
     "benchmark": "serving", "requests": args.requests, "rows": args.rows, "rate_per_s": args.rate,

@@ -171,11 +171,11 @@ def prefill(graphdef, params, state: DecodeState, tokens, lengths, limits, keys,
     **{name: None if x is None else put(getattr(state, name), x) for name, x in top.items()}).laid_out()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "ops"), donate_argnames=("state",))
-def decode(graphdef, params, state: DecodeState, refill, *, steps, ops: SamplingOps) -> DecodeState:
-  """Up to `steps` more tokens per row, stopping early once every row is done, or, with `refill` [] (prompts
-  wait for a row), once any row finishes. Done rows keep their tokens, count, last token and position (their
-  steps write that token's key and value at its slot, which nothing reads)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "ops"), donate_argnames=("state",))
+def decode(graphdef, params, state: DecodeState, refill, steps, *, ops: SamplingOps) -> DecodeState:
+  """Up to `steps` [] more tokens per row (traced: one program for any count), stopping early once every row is
+  done, or, with `refill` [] (prompts wait for a row), once any row finishes. Done rows keep their tokens, count,
+  last token and position (their steps write that token's key and value at its slot, which nothing reads)."""
   model: QwenMoeForCausalLM = nnx.merge(graphdef, params)
   rows, width = state.tokens.shape
   done_before = state.done

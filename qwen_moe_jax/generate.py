@@ -184,8 +184,10 @@ class Generator:
 
   def __init__(self, model: QwenMoeForCausalLM, mesh: jax.sharding.Mesh | None = None, chunk: int = 16,
                prefill_rows: int | None = None, batch_size: int | None = None, kv_cache_dtype: str = "auto",
-               share_prefix: int = 64, prefix_pool: int = 0):
-    """`chunk`: decode steps per device call (the host streams tokens between calls). `prefill_rows`: prompts
+               share_prefix: int = 64, prefix_pool: int = 0, arrival_chunk: int = 4):
+    """`chunk`: decode steps per device call (the host streams tokens between calls); `arrival_chunk` while a row
+    is free for prompts that may arrive (`generate`'s `arrivals`): an arrival waits at most that many steps for
+    the host to see it, for more returns to the host while the rows are not all busy. `prefill_rows`: prompts
     per prefill call (default: all rows at once); fewer bound the prefill's activations when the batch is large.
     `batch_size`: most rows decoded at once (rounded up like the batch); more prompts wait and are prefilled
     into rows as they finish (default: every prompt gets a row). `kv_cache_dtype`: "auto" (the model's dtype)
@@ -196,7 +198,7 @@ class Generator:
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.mesh = mesh
-    self.chunk = chunk
+    self.chunk, self.arrival_chunk = chunk, min(arrival_chunk, chunk)
     self.prefill_rows = prefill_rows
     self.batch_size = batch_size
     self.share_prefix = share_prefix
@@ -288,13 +290,14 @@ class Generator:
     conversation, a server's calls) keeps the KV cache after the call too, for the next `keep` call of as many
     rows.
 
-    `arrivals()` (a server's requests) is called at each return to the host (every `chunk` steps at most) for
-    prompts that arrived meanwhile (each valid, see `validate`): they take the next prompt indices, in order, and
-    rows as rows free. `room` sizes the call for them (rows, cache slots, new tokens, sampling steps: else the
-    given prompts size it); an arrival needing sampling steps it lacks adds them (`room_ops`; the programs with
-    them compile then, once), the running rows going on. An arrival the call has no room for (its cache slots or
-    new tokens, a grammar when its grammar tables are full) is not admitted: the call takes no more, ends when its
-    rows finish, and returns it and those after it in `Result.left`, for the next call.
+    `arrivals()` (a server's requests) is called at each return to the host (every `chunk` steps at most, every
+    `arrival_chunk` while a row is free) for prompts that arrived meanwhile (each valid, see `validate`): they take
+    the next prompt indices, in order, and rows as rows free. `room` sizes the call for them (rows, cache slots,
+    new tokens, sampling steps: else the given prompts size it); an arrival needing sampling steps it lacks adds
+    them (`room_ops`; the programs with them compile then, once), the running rows going on. An arrival the call
+    has no room for (its cache slots or new tokens, a grammar when its grammar tables are full) is not admitted:
+    the call takes no more, ends when its rows finish, and returns it and those after it in `Result.left`, for the
+    next call.
 
     `on_return()` is called at each return to the host, once the new tokens are read and before any other callback
     (a server spanning several processes makes every process see the same arrivals and stops from there on).
@@ -619,8 +622,8 @@ class Generator:
         if all(i < 0 for i in owner):
           break
         refill = np.bool_(bool(waiting))  # stop at the first finished row, to hand it the next prompt
-        state = self._compiled(decode, (self.params, state, refill), steps=self.chunk, ops=ops)(
-          self.params, state, refill)
+        steps = np.int32(self.arrival_chunk if arrivals and not left and -1 in owner else self.chunk)
+        state = self._compiled(decode, (self.params, state, refill, steps), ops=ops)(self.params, state, refill, steps)
       end = time.perf_counter() - self._compile_seconds
     if keep:
       self._kept = state, holds, freed

@@ -568,6 +568,30 @@ def test_prompts_arriving_while_others_decode(tiny):
   assert got.output_ids == want.output_ids[:2] and got.left == [too_long]
 
 
+def test_a_free_row_shortens_the_decode_calls(tiny):
+  """While a row is free for prompts that may arrive, each decode call runs `arrival_chunk` steps (an arrival waits
+  at most that many for the host to see it), with every row busy `chunk` steps, and without arrivals always
+  `chunk`; the tokens are the same."""
+  _, model, gen, _ = tiny
+  want = gen.generate([PROMPTS[0], PROMPTS[1]], [80, 40]).output_ids
+
+  def pieces(arriving: dict[int, list[Arrival]] | None) -> tuple[list[list[int]], list[list[int]]]:
+    sizes: list[list[int]] = [[], []]
+    polls: list[int] = []
+    arrivals = None if arriving is None else lambda: polls.append(1) or arriving.get(len(polls), [])
+    got = Generator(model, batch_size=2).generate([PROMPTS[0]], 80, on_tokens=lambda i, p: sizes[i].append(len(
+      p.ids)), arrivals=arrivals, room=Room(rows=2, slots=128, max_new=64))
+    return got.output_ids, sizes
+
+  ids, sizes = pieces({3: [Arrival(PROMPTS[1], 40)]})
+  assert ids == want
+  # the first token (prefill), two calls of 4 steps, the arrival's prefill, calls of 16 with both rows busy (the
+  # arrival ends in the third: 1 + 16 + 16 + 7 tokens), then of 4 again
+  assert sizes == [[1, 4, 4, 16, 16, 16, 4, 4, 4, 4, 4, 3], [1, 16, 16, 7]], sizes
+  ids, sizes = pieces(None)
+  assert ids == want[:1] and sizes == [[1, 16, 16, 16, 16, 15], []]
+
+
 def test_sampling_is_seeded_and_respects_top_k(tiny):
   hf_model, model, gen, _ = tiny
   s = Sampling(temperature=1.5, top_k=3)
