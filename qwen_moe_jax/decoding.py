@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qwen_moe_jax import sharding
@@ -60,12 +61,24 @@ class DecodeState:
     return DecodeState(cache=self.cache.laid_out(), **small)
 
 
+SEEDS = 1 << 63  # seeds are in [-SEEDS, 2 x SEEDS): int64's and uint64's
+
+
 def prompt_keys(seed: int | Sequence[int], indices: Sequence[int]) -> jax.Array:
   """Prompt i's key depends only on (seed, i) (one seed, or one per index): it samples the same alone, in a batch,
-  or queued for a free row."""
-  indices = jnp.asarray(indices, jnp.int32)
-  seeds = jnp.broadcast_to(jnp.asarray(seed, jnp.int32), indices.shape)
-  return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, indices)
+  or queued for a free row. A seed past int32's range (up to 64 bits, see SEEDS) folds its high 32 bits into the key
+  of its low 32."""
+  indices = np.asarray(indices, np.int32)
+  seeds = [int(s) for s in np.broadcast_to(np.asarray(seed, dtype=object), indices.shape)]
+  as_int32 = lambda x: (x + (1 << 31)) % (1 << 32) - (1 << 31)  # noqa: E731  x's low 32 bits, signed
+  low, high = np.array([as_int32(s) for s in seeds], np.int32), np.array([as_int32(s >> 32) for s in seeds], np.int32)
+  wide = np.array([as_int32(s) != s for s in seeds])
+
+  def key(low, high, wide, index):
+    base = jax.random.key(low)
+    return jax.random.fold_in(jax.lax.cond(wide, lambda: jax.random.fold_in(base, high), lambda: base), index)
+
+  return jax.vmap(key)(low, high, wide, indices)
 
 
 def _step_keys(keys: jax.Array, count: jax.Array) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Callable
 
@@ -17,7 +18,8 @@ EXIT_USER_ERROR = 2
 def json_number(value, integer: bool, name: str) -> int | float:
   """A value read from JSON as a number (an integer when `integer`: 3.0 is taken, 2.5 is not), else a UserError
   naming it (`name`: the file and key, or the field)."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+      or (integer and value != int(value))):
     raise UserError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
   return int(value) if integer else float(value)
 

@@ -108,7 +108,9 @@ class Grammars:
   def __init__(self, tok, size: int = 64):
     self.tok, self.size = tok, size
     self._cache: collections.OrderedDict[tuple, Grammar] = collections.OrderedDict()
-    self._lock = threading.Lock()  # the server's request threads build them
+    self._lock = threading.Lock()  # over the cache and `_building` (the server's request threads build grammars)
+    self._building: dict[tuple, threading.Lock] = {}  # a lock per grammar being built: a request for it waits
+    # for that build, others do not (a large schema can take outlines-core minutes)
 
   @functools.cached_property
   def _vocabulary(self):
@@ -168,21 +170,28 @@ class Grammars:
 
   def _build(self, key: tuple, pattern: str, source: str, where: str) -> Grammar:
     with self._lock:
-      if key in self._cache:
-        self._cache.move_to_end(key)
-        return self._cache[key]
+      vocabulary, eos, size = self._vocabulary
+      building = self._building.setdefault(key, threading.Lock())
+    with building:  # a request for a grammar being built waits for it, then finds it cached
+      with self._lock:
+        if key in self._cache:
+          self._cache.move_to_end(key)
+          return self._cache[key]
       import outlines_core
 
-      vocabulary, eos, size = self._vocabulary
       try:
         index = outlines_core.Index(pattern, vocabulary)
       except ValueError as e:
+        with self._lock:
+          self._building.pop(key, None)
         raise UserError(f"{where}: cannot build the {source}: {e}") from None
       grammar = automaton(index.get_transitions(), index.get_initial_state(), index.get_final_states(), size, eos,
                           source, pattern)
-      self._cache[key] = grammar
-      if len(self._cache) > self.size:
-        self._cache.popitem(last=False)
+      with self._lock:
+        self._cache[key] = grammar
+        if len(self._cache) > self.size:
+          self._cache.popitem(last=False)
+        self._building.pop(key, None)
       return grammar
 
 

@@ -45,8 +45,8 @@ class Sampling:
 
     if not self.temperature >= 0:
       raise UserError(f"{name('temperature')} must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise UserError(f"{name('top_k')} must be >= 0, got {self.top_k}")
+    if not 0 <= self.top_k < INT32:
+      raise UserError(f"{name('top_k')} must be in [0, 2^31), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise UserError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
     if not self.repetition_penalty > 0:
@@ -56,8 +56,8 @@ class Sampling:
     for field in ("presence_penalty", "frequency_penalty"):
       if not -2 <= getattr(self, field) <= 2:
         raise UserError(f"{name(field)} must be in [-2, 2] (OpenAI's range), got {getattr(self, field)}")
-    if self.min_tokens < 0:
-      raise UserError(f"{name('min_tokens')} must be >= 0, got {self.min_tokens}")
+    if not 0 <= self.min_tokens < INT32:
+      raise UserError(f"{name('min_tokens')} must be in [0, 2^31), got {self.min_tokens}")
     if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
       raise UserError(f"{name('top_logprobs')} must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
     if len(self.logit_bias) > MAX_LOGIT_BIAS:
@@ -72,6 +72,7 @@ class Sampling:
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's
+INT32 = 1 << 31  # the device holds integer settings as int32
 MAX_LOGIT_BIAS = 300  # OpenAI's
 SETTINGS = tuple(f.name for f in dataclasses.fields(Sampling) if f.name != "grammar")  # the flags', file lines'
 # and requests' names
@@ -89,7 +90,7 @@ def given_settings(obj: dict, keys: Sequence[str], where: str) -> dict:
 def logit_bias(value, name: str) -> tuple[tuple[int, float], ...]:
   """OpenAI's logit_bias, a JSON object of token ids (as strings) to biases, as sorted (id, bias) pairs; else a
   UserError naming it."""
-  if not isinstance(value, dict) or not all(isinstance(k, str) and k.isdigit() for k in value):
+  if not isinstance(value, dict) or not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in value):
     raise UserError(f"{name} must be an object of token ids to biases, such as {{\"151643\": -100}}, got {value!r}")
   return tuple(sorted((int(k), json_number(v, False, f'{name}["{k}"]')) for k, v in value.items()))
 

@@ -30,12 +30,14 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jax
 
 from qwen_moe_jax import tool_calls
+from qwen_moe_jax.decoding import SEEDS
 from qwen_moe_jax.errors import UserError, json_number
 from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, room_ops
 from qwen_moe_jax.grammar import Grammar, Grammars
@@ -46,6 +48,7 @@ from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
 
+FLAGS = ("stream", "echo", "ignore_eos", "parallel_tool_calls")  # fields that are true or false (and chat's logprobs)
 ACCEPTED = {"suffix": ("",), "best_of": (1,), "functions": ([],)}  # the values of fields not implemented that we
 # take
 GUIDED = {"guided_regex": "regex", "guided_json": "json_schema", "guided_choice": "choice",  # vLLM's
@@ -53,11 +56,11 @@ GUIDED = {"guided_regex": "regex", "guided_json": "json_schema", "guided_choice"
 
 
 class BadRequest(Exception):
-  """A request the server refuses (HTTP 400), with OpenAI's error fields."""
+  """A request the server refuses (HTTP 400, or `status`), with OpenAI's error fields."""
 
-  def __init__(self, message: str, param: str | None = None):
+  def __init__(self, message: str, param: str | None = None, status: int = 400):
     super().__init__(message)
-    self.param = param
+    self.param, self.status = param, status
 
 
 @dataclasses.dataclass
@@ -112,6 +115,8 @@ class Stopped(BaseException):
   """The server stops: its engine's loop ends there (not an Exception: a call's error handling lets it through)."""
 
 
+READ_TIMEOUT_S = 60  # the longest a client may keep the server waiting on its socket
+MAX_BODY = 64 << 20  # bytes of a request body (a prompt of 100k token ids is about 0.7 MB of JSON)
 CLIENT_CHECK_S = 0.5  # how often a request waiting for its whole reply checks that its client is still there
 
 
@@ -293,6 +298,14 @@ class Api:
     for key, fine in ACCEPTED.items():
       if body.get(key) is not None and body[key] not in fine:
         raise BadRequest(f"{key} is not supported", key)
+    for key in FLAGS + (("logprobs",) if kind == "chat" else ()):
+      if body.get(key) is not None and not isinstance(body[key], bool):
+        raise BadRequest(f"{key} must be true or false, got {body[key]!r:.100}", key)
+    options = body.get("stream_options")
+    usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    if options is not None and not isinstance(usage, bool):
+      raise BadRequest(f'stream_options must be an object such as {{"include_usage": true}}, got {options!r:.100}',
+                       "stream_options")
     prompts = self._prompts(kind, body)
     try:  # the settings by their flags' names (vLLM's too)
       given = given_settings(body, SETTINGS, "request")
@@ -312,6 +325,8 @@ class Api:
     if not 1 <= n <= 128:
       raise BadRequest(f"n must be in [1, 128], got {n}", "n")
     seed = _number(body, "seed", int) if body.get("seed") is not None else None
+    if seed is not None and not -SEEDS <= seed < 2 * SEEDS:  # int64's and uint64's (vLLM takes int64's)
+      raise BadRequest(f"seed must be in [-2^63, 2^64), got {seed}", "seed")
     stops = _stops(self.tok, body.get("stop"))
     if kind == "completions" and body.get("logprobs") is not None:  # its N likeliest ids at each token
       sampling = dataclasses.replace(sampling, top_logprobs=_number(body, "logprobs", int))
@@ -321,12 +336,13 @@ class Api:
       raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
     limit_key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
         else "max_tokens"
+    given_limit = _number(body, limit_key, int) if body.get(limit_key) is not None else None
     echo = body.get("echo") not in (None, False)
     if echo and (kind == "chat" or body.get("stream")):
       raise BadRequest("echo is for /v1/completions, not streamed", "echo")
     score = echo and body.get("logprobs") is not None  # the prompt's log-probabilities: scored, not generated
     least = 0 if score else 1
-    if score and (n > 1 or sampling.temperature > 0 or (body.get(limit_key) or 0) > 1):
+    if score and (n > 1 or sampling.temperature > 0 or (given_limit or 0) > 1):
       raise BadRequest("echo with logprobs scores the prompt (lm-eval's loglikelihood requests): it takes n 1 and "
                        f"{limit_key} 0, or 1 with temperature 0 (the greedy next token)", "echo")
     out = []
@@ -335,7 +351,7 @@ class Api:
       if room < 1:
         raise BadRequest(f"the prompt has {len(ids)} tokens: it leaves no room in the server's "
                          f"--max-model-len of {self.slots}", "prompt")
-      limit = _number(body, limit_key, int) if body.get(limit_key) is not None else (
+      limit = given_limit if given_limit is not None else (
         0 if score else min(16, room) if kind == "completions" else room)  # OpenAI's defaults
       if limit < least or limit > room:
         raise BadRequest(f"{limit_key} must be in [{least}, {room}] (--max-model-len {self.slots} minus the prompt's "
@@ -423,7 +439,7 @@ class Api:
       if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
       tools = self._tools(body)
-      messages = [_template_form(m) for m in messages]
+      messages = [_template_form(m, f"messages[{i}]") for i, m in enumerate(messages)]
       try:
         return [self.tok.apply_chat_template(messages, add_generation_prompt=True,
                                              **({"tools": tools} if tools else {}))]
@@ -563,10 +579,24 @@ class Api:
       yield head | {"choices": [], "usage": _usage(prompts, results)}
 
 
-def _template_form(message):
-  """An OpenAI chat message as chat templates read it: an assistant's tool calls with their arguments as objects
-  (OpenAI sends JSON text) and its content "" when it has none (as vLLM passes them)."""
-  if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
+def _template_form(message, where: str) -> dict:
+  """An OpenAI chat message as chat templates read it: content given as parts, its text parts joined by newlines
+  (as vLLM does); an assistant's tool calls with their arguments as objects (OpenAI sends JSON text) and its
+  content "" when it has none (as vLLM passes them). A message without a role, or with parts that are not text,
+  is refused (BadRequest naming it, `where`)."""
+  if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+    raise BadRequest(f"{where} must be an object with a string role, got {message!r:.200}", "messages")
+  content = message.get("content")
+  if isinstance(content, list):
+    bad = [part for part in content
+           if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))]
+    if bad:
+      raise BadRequest(f'{where}.content: parts must be {{"type": "text", "text": ...}} (the model reads text), got '
+                       f"{bad[0]!r:.100}", "messages")
+    message = message | {"content": "\n".join(part["text"] for part in content)}
+  elif content is not None and not isinstance(content, str):
+    raise BadRequest(f"{where}.content must be a string or a list of text parts, got {content!r:.100}", "messages")
+  if not isinstance(message.get("tool_calls"), list):
     return message
   calls = []
   for call in message["tool_calls"]:
@@ -617,6 +647,8 @@ def _stops(tok: Tokenizer, stop) -> StopStrings | None:
   stops = [stop] if isinstance(stop, str) else stop
   if stops is None or stops == []:
     return None
+  if not isinstance(stops, list):
+    raise BadRequest(f"stop must be a string or a list of strings, got {stop!r}", "stop")
   try:
     return StopStrings(tok, stops, "stop")
   except UserError as e:
@@ -625,12 +657,13 @@ def _stops(tok: Tokenizer, stop) -> StopStrings | None:
 
 class Handler(BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"
+  timeout = READ_TIMEOUT_S  # on the socket: a client silent this long (mid-request, or idle between) is let go
   api: Api  # set by `make_server`
   api_key: str | None = None  # set by `make_server`: what every request but /health and /metrics must bear
 
   def _refused(self) -> bool:
     """Answers 401 to a request without `Authorization: Bearer <api_key>` (when the server has a key)."""
-    if self.api_key is None or self.path in ("/health", "/metrics"):
+    if self.api_key is None or self.route in ("/health", "/metrics"):
       return False
     given = self.headers.get("Authorization", "")
     if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -639,17 +672,22 @@ class Handler(BaseHTTPRequestHandler):
     self._json(401, _error("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"))
     return True
 
+  @property
+  def route(self) -> str:
+    """The request's path without its query string (which no route reads)."""
+    return urllib.parse.urlsplit(self.path).path
+
   def log_message(self, format: str, *args) -> None:  # noqa: A002  (one line per request on stderr)
     sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
   def do_GET(self) -> None:  # noqa: N802
     if self._refused():
       return
-    if self.path == "/health":  # (503 tells a load balancer to send no more requests here)
+    if self.route == "/health":  # (503 tells a load balancer to send no more requests here)
       return self._json(503, {"status": "draining"}) if self.server.draining else self._json(200, {"status": "ok"})
-    if self.path == "/metrics":
+    if self.route == "/metrics":
       return self._send(200, *self.api.engine.metrics.exposition())
-    if self.path == "/v1/models":
+    if self.route == "/v1/models":
       return self._json(200, {"object": "list", "data": [{"id": self.api.name, "object": "model",
                                                           "owned_by": "qwen-moe-jax", "created": 0,
                                                           "max_model_len": self.api.slots}]})  # (vLLM's too)
@@ -657,10 +695,11 @@ class Handler(BaseHTTPRequestHandler):
 
   def do_POST(self) -> None:  # noqa: N802
     kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/tokenize": "tokenize",
-            "/detokenize": "detokenize"}.get(self.path)
+            "/detokenize": "detokenize"}.get(self.route)
     if self._refused():
       return
     if kind is None:
+      self.close_connection = True  # (its body unread)
       return self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
     if not self.server.admit():
       self.close_connection = True  # (its body unread)
@@ -672,15 +711,16 @@ class Handler(BaseHTTPRequestHandler):
 
   def _post(self, kind: str) -> None:
     try:
-      body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+      body = self._body()
       if kind in ("tokenize", "detokenize"):
         return self._json(200, getattr(self.api, kind)(body))
       events: queue.Queue = queue.Queue()
       jobs, prompts = self.api.jobs(kind, body, events)
-    except ValueError as e:  # a bad Content-Length, or JSON
-      return self._json(400, _error(f"the request body is not valid JSON ({getattr(e, 'msg', e)})"))
     except BadRequest as e:
-      return self._json(400, _error(str(e), param=e.param))
+      return self._json(e.status, _error(str(e), param=e.param))
+    except Exception as e:  # noqa: BLE001  (a bug: the client hears of it, the server goes on)
+      print(f"error: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
+      return self._json(500, _error(f"{type(e).__name__}: {e}", "server_error"))
     self.api.engine.submit(jobs)
     if body.get("stream"):
       return self._stream(kind, body, events, jobs, prompts)
@@ -701,6 +741,28 @@ class Handler(BaseHTTPRequestHandler):
         results[event[1]] = event[2:]
     self._json(200, self.api.reply(kind, body, results, prompts))
 
+  def _body(self):
+    """The request's JSON body; BadRequest if its Content-Length is missing or wrong, too large, or the JSON bad
+    (the connection then closes: what follows on it is not a request's start)."""
+    length = self.headers.get("Content-Length", "0")
+    self.close_connection = True
+    if not length.isdigit():
+      raise BadRequest(f"Content-Length must be the body's size in bytes, got {length!r:.40}")
+    if int(length) > MAX_BODY:
+      raise BadRequest(f"the request body of {int(length)} bytes is over the {MAX_BODY}-byte limit", status=413)
+    try:
+      data = self.rfile.read(int(length))
+    except TimeoutError:  # a client that sends less than it said, and waits
+      raise BadRequest(f"the request body did not arrive within {READ_TIMEOUT_S} s", status=408) from None
+    if len(data) < int(length):
+      raise BadRequest(f"the request body ended after {len(data)} of its {length} bytes")
+    try:
+      body = json.loads(data or b"null")
+    except (ValueError, RecursionError) as e:
+      raise BadRequest(f"the request body is not valid JSON ({getattr(e, 'msg', None) or type(e).__name__})") from None
+    self.close_connection = False
+    return body
+
   def _stream(self, kind: str, body: dict, events: queue.Queue, jobs: list[Job], prompts) -> None:
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
@@ -715,7 +777,7 @@ class Handler(BaseHTTPRequestHandler):
       except RuntimeError as e:  # the engine failed this call
         self._event(json.dumps(_error(str(e), "server_error")))
       self._event("[DONE]")
-    except (BrokenPipeError, ConnectionResetError):  # the client went away: free its rows
+    except OSError:  # the client went away (or stopped reading for READ_TIMEOUT_S): free its rows
       for j in jobs:
         j.cancelled = True
 
@@ -736,11 +798,14 @@ class Handler(BaseHTTPRequestHandler):
     self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
 
   def _send(self, status: int, data: bytes, content_type: str) -> None:
-    self.send_response(status)
-    self.send_header("Content-Type", content_type)
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    self.wfile.write(data)
+    try:
+      self.send_response(status)
+      self.send_header("Content-Type", content_type)
+      self.send_header("Content-Length", str(len(data)))
+      self.end_headers()
+      self.wfile.write(data)
+    except OSError:  # the client left before its reply
+      self.close_connection = True
 
 
 def _error(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
@@ -756,6 +821,12 @@ class Server(ThreadingHTTPServer):
     super().__init__(address, handler)
     self.engine = engine
     self.under_way, self.draining, self.quiet = 0, False, threading.Condition()
+
+  def handle_error(self, request, client_address) -> None:
+    """A client resetting or leaving its connection is no server error (not logged); the rest is, as the standard
+    library logs it."""
+    if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
+      super().handle_error(request, client_address)
 
   def admit(self) -> bool:
     """Counts a POST request under way until `leave`; False (not counted) once draining."""

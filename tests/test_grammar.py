@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,33 @@ def test_cli_structured_output(tmp_path, demo):
                         (("--prompt", "x", "--regex", "a", "--min-tokens", "2"), "error: --min-tokens cannot hold")):
     res = infer(*args)
     assert res.returncode == 2 and res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_a_slow_build_holds_only_its_own_grammar(monkeypatch):
+  """While outlines-core builds one grammar (a large schema can take it minutes), other grammars build and cached
+  ones are read; a second request for the one being built waits for that build and gets its grammar."""
+  grammars, started, release = Grammars(demo_tokenizer()), threading.Event(), threading.Event()
+  cached = grammars.regex("[a-c]+", "t")
+  index = outlines_core.Index
+
+  def slow_index(pattern, vocabulary):
+    if pattern == "[x-z]+":
+      started.set()
+      release.wait(30)
+    return index(pattern, vocabulary)
+
+  monkeypatch.setattr(outlines_core, "Index", slow_index)
+  built: list = []
+  waiters = [threading.Thread(target=lambda: built.append(grammars.regex("[x-z]+", "t"))) for _ in range(2)]
+  waiters[0].start()
+  assert started.wait(30)
+  waiters[1].start()
+  assert grammars.regex("[0-9]+", "t").source == "regex '[0-9]+'" and grammars.regex("[a-c]+", "t") is cached
+  assert not built  # both still wait for the slow build
+  release.set()
+  for t in waiters:
+    t.join(30)
+  assert len(built) == 2 and built[0] is built[1]
 
 
 def test_grammars_of_one_regex_are_equal():

@@ -30,7 +30,7 @@ from qwen_moe_jax.generate import Generator, Stream
 from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.prefixes import common_prefix
 from qwen_moe_jax.sampling import Sampling
-from qwen_moe_jax.server import make_server
+from qwen_moe_jax.server import Api, make_server
 from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.tokenizer import load_tokenizer
 
@@ -489,6 +489,23 @@ def reference_model(gen: Generator):
   ("/v1/completions", {"prompt": "hi", "logprobs": 25}, 400, "logprobs must be in [0, 20], got 25", "logprobs"),
   ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be in [1, 128]", "n"),
   ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop strings must be non-empty", "stop"),
+  ("/v1/completions", {"prompt": "hi", "stop": 5}, 400, "stop must be a string or a list of strings, got 5", "stop"),
+  ("/v1/completions", {"prompt": "hi", "seed": 2 ** 64}, 400, "seed must be in [-2^63, 2^64)", "seed"),
+  ("/v1/completions", {"prompt": "hi", "n": float("inf")}, 400, "n must be an integer, got inf", "n"),
+  ("/v1/completions", {"prompt": "hi", "top_k": 2 ** 31, "temperature": 1}, 400, "top_k must be in [0, 2^31)",
+   "top_k"),
+  ("/v1/completions", {"prompt": "hi", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias must be an object of token ids",
+   "logit_bias"),
+  ("/v1/completions", {"prompt": "hi", "stream": "false"}, 400, "stream must be true or false, got 'false'",
+   "stream"),
+  ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": "x"}, 400, "stream_options must be an object",
+   "stream_options"),
+  ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": "x"}, 400,
+   "max_tokens must be an integer, got 'x'", "max_tokens"),
+  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"content": "x"}]}, 400,
+   "messages[1] must be an object with a string role", "messages"),
+  ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+   400, 'messages[0].content: parts must be {"type": "text", "text": ...}', "messages"),
   ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]",
    "presence_penalty"),
   ("/v1/chat/completions", {"messages": []}, 400, "messages must be a non-empty list", "messages"),
@@ -518,6 +535,50 @@ def test_bad_requests(served, path, body, status, message, param):
   got, reply = post(url, body, path)
   assert got == status and message in reply["error"]["message"] and reply["error"]["param"] == param, reply
   assert post(url, b"{not json")[1]["error"]["message"].startswith("the request body is not valid JSON")
+
+
+def raw(url: str, data: bytes, half_close: bool = True) -> bytes:
+  """What the server sends back, to its close, for these bytes (the client's side shut after them)."""
+  with socket.create_connection(tuple(url.removeprefix("http://").split(":")), timeout=30) as s:
+    s.sendall(data)
+    if half_close:
+      s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(65536):
+      got += chunk
+  return got
+
+
+def test_bad_http_is_one_reply(served, monkeypatch):
+  """Bodies the HTTP layer cannot take get one error reply naming why, and the connection closes (what follows on
+  it is not read as a request): a Content-Length that is not a size, one over the limit, a body shorter than it
+  says, JSON nested past the parser's depth, a POST to no route (its body holding a request); a query string is
+  no route's part; an unexpected failure is a 500 naming it, and the server goes on."""
+  url = served[0]
+
+  def request(path: str, body: bytes, length: str | None = None) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
+
+  inner = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+  for data, status, message in (
+      (request("/v1/completions", b"{}", "abc"), 400, "Content-Length must be the body's size in bytes, got 'abc'"),
+      (request("/v1/completions", b"{}", str(1 << 40)), 413, "is over the 67108864-byte limit"),
+      (request("/v1/completions", b'{"prompt": "hi"}', "40"), 400, "the request body ended after 16 of its 40 bytes"),
+      (request("/v1/completions", b"[" * 100_000), 400, "the request body is not valid JSON (RecursionError)"),
+      (request("/nope", inner), 404, "no such path: /nope")):
+    reply = raw(url, data)
+    assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:300]
+    assert message in json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"], reply
+  with urllib.request.urlopen(url + "/v1/models?x=1") as r:
+    assert json.loads(r.read())["data"][0]["id"] == "demo"
+  assert post(url, {"prompt": [3, 4], "max_tokens": 2}, "/v1/completions?x=1")[0] == 200
+  monkeypatch.setattr(Api, "jobs", lambda *a: 1 / 0)
+  status, reply = post(url, {"prompt": "hi"})
+  assert status == 500 and reply["error"] == {"message": "ZeroDivisionError: division by zero",
+                                              "type": "server_error", "param": None, "code": None}
+  monkeypatch.undo()
+  assert post(url, {"prompt": [3, 4], "max_tokens": 2})[0] == 200
 
 
 def test_openai_client(served):
@@ -554,6 +615,9 @@ def test_tokenize_and_detokenize(served, tool_server):
   assert post(tool_url, {"messages": messages, "tools": [TIME]}, "/tokenize")[1]["tokens"] == \
       tool_tok.apply_chat_template(messages, tools=[TIME])
   assert post(url, {"tokens": tok.encode("Hello there")}, "/detokenize")[1] == {"prompt": "Hello there"}
+  parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]  # OpenAI's content parts: joined
+  assert post(url, {"messages": [{"role": "user", "content": parts}]}, "/tokenize")[1]["tokens"] == \
+      tok.apply_chat_template([{"role": "user", "content": "Hello\nthere"}])
   for path, body, param in (("/detokenize", {"tokens": [-1]}, "tokens"), ("/tokenize", {"prompt": ""}, "prompt"),
                             ("/tokenize", {"prompt": ["a", "b"]}, "prompt")):
     status, reply = post(url, body, path)
