@@ -744,8 +744,10 @@ class Handler(BaseHTTPRequestHandler):
   def _body(self):
     """The request's JSON body; BadRequest if its Content-Length is missing or wrong, too large, or the JSON bad
     (the connection then closes: what follows on it is not a request's start)."""
-    length = self.headers.get("Content-Length", "0")
+    length, keep = self.headers.get("Content-Length", "0"), self.close_connection  # (a client's Connection: close)
     self.close_connection = True
+    if self.headers.get("Transfer-Encoding"):
+      raise BadRequest("send the body with a Content-Length (chunked transfer encoding is not supported)", status=411)
     if not length.isdigit():
       raise BadRequest(f"Content-Length must be the body's size in bytes, got {length!r:.40}")
     if int(length) > MAX_BODY:
@@ -760,7 +762,7 @@ class Handler(BaseHTTPRequestHandler):
       body = json.loads(data or b"null")
     except (ValueError, RecursionError) as e:
       raise BadRequest(f"the request body is not valid JSON ({getattr(e, 'msg', None) or type(e).__name__})") from None
-    self.close_connection = False
+    self.close_connection = keep
     return body
 
   def _stream(self, kind: str, body: dict, events: queue.Queue, jobs: list[Job], prompts) -> None:

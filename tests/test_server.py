@@ -4,6 +4,7 @@ bad requests are one 400 line naming the field."""
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import os
@@ -552,8 +553,8 @@ def raw(url: str, data: bytes, half_close: bool = True) -> bytes:
 def test_bad_http_is_one_reply(served, monkeypatch):
   """Bodies the HTTP layer cannot take get one error reply naming why, and the connection closes (what follows on
   it is not read as a request): a Content-Length that is not a size, one over the limit, a body shorter than it
-  says, JSON nested past the parser's depth, a POST to no route (its body holding a request); a query string is
-  no route's part; an unexpected failure is a 500 naming it, and the server goes on."""
+  says, JSON nested past the parser's depth, a POST to no route (its body holding a request), a chunked body; a
+  query string is no route's part; an unexpected failure is a 500 naming it, and the server goes on."""
   url = served[0]
 
   def request(path: str, body: bytes, length: str | None = None) -> bytes:
@@ -566,10 +567,17 @@ def test_bad_http_is_one_reply(served, monkeypatch):
       (request("/v1/completions", b"{}", str(1 << 40)), 413, "is over the 67108864-byte limit"),
       (request("/v1/completions", b'{"prompt": "hi"}', "40"), 400, "the request body ended after 16 of its 40 bytes"),
       (request("/v1/completions", b"[" * 100_000), 400, "the request body is not valid JSON (RecursionError)"),
-      (request("/nope", inner), 404, "no such path: /nope")):
+      (request("/nope", inner), 404, "no such path: /nope"),
+      (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411,
+       "send the body with a Content-Length")):
     reply = raw(url, data)
     assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:300]
     assert message in json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"], reply
+  connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)  # kept alive
+  for _ in range(2):
+    connection.request("POST", "/v1/completions", json.dumps({"prompt": [3, 4], "max_tokens": 2}))
+    assert connection.getresponse().read() and connection.sock is not None
+  connection.close()
   with urllib.request.urlopen(url + "/v1/models?x=1") as r:
     assert json.loads(r.read())["data"][0]["id"] == "demo"
   assert post(url, {"prompt": [3, 4], "max_tokens": 2}, "/v1/completions?x=1")[0] == 200
