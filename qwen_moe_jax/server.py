@@ -681,6 +681,8 @@ class Handler(BaseHTTPRequestHandler):
     sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
   def do_GET(self) -> None:  # noqa: N802
+    if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
+      self.close_connection = True  # (a body no GET reads: what follows it is no request's start)
     if self._refused():
       return
     if self.route == "/health":  # (503 tells a load balancer to send no more requests here)

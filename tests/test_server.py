@@ -553,8 +553,9 @@ def raw(url: str, data: bytes, half_close: bool = True) -> bytes:
 def test_bad_http_is_one_reply(served, monkeypatch):
   """Bodies the HTTP layer cannot take get one error reply naming why, and the connection closes (what follows on
   it is not read as a request): a Content-Length that is not a size, one over the limit, a body shorter than it
-  says, JSON nested past the parser's depth, a POST to no route (its body holding a request), a chunked body; a
-  query string is no route's part; an unexpected failure is a 500 naming it, and the server goes on."""
+  says, JSON nested past the parser's depth, a POST to no route (its body holding a request), a chunked body, a
+  GET with a body (holding a request); a query string is no route's part; an unexpected failure is a 500 naming
+  it, and the server goes on."""
   url = served[0]
 
   def request(path: str, body: bytes, length: str | None = None) -> bytes:
@@ -569,7 +570,9 @@ def test_bad_http_is_one_reply(served, monkeypatch):
       (request("/v1/completions", b"[" * 100_000), 400, "the request body is not valid JSON (RecursionError)"),
       (request("/nope", inner), 404, "no such path: /nope"),
       (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411,
-       "send the body with a Content-Length")):
+       "send the body with a Content-Length"),
+      (f"GET /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: {len(inner)}\r\n\r\n".encode() + inner, 404,
+       "no such path: /v1/nope")):
     reply = raw(url, data)
     assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:300]
     assert message in json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"], reply
