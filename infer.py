@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, hf_io, runtime
-from qwen_moe_jax.decoding import SEEDS
+from qwen_moe_jax.decoding import checked_seed
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, Output, Piece
 from qwen_moe_jax.grammar import Grammars
@@ -169,8 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   for flag in ("batch_size", "prefill_rows", "num_samples"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-  if not -SEEDS <= args.seed < 2 * SEEDS:
-    raise UserError(f"--seed must be in [-2^63, 2^64), got {args.seed}")
+  checked_seed(args.seed, "--seed")
   if not args.shutdown_timeout >= 0:  # (nan too)
     raise UserError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
   prompts = ("--prompt", "--chat", "--input-ids", "--prompts-file", "--dump-logits", "--prompt-logprobs")

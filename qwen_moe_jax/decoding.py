@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_moe_jax import sharding
+from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.grammar import Tables, loaded, successors
 from qwen_moe_jax.kv_cache import KVCache
 from qwen_moe_jax.model import QwenMoeForCausalLM
@@ -62,6 +63,13 @@ class DecodeState:
 
 
 SEEDS = 1 << 63  # seeds are in [-SEEDS, 2 x SEEDS): int64's and uint64's
+
+
+def checked_seed(seed: int, name: str) -> int:
+  """`seed` if `prompt_keys` takes it, else a UserError naming it (`name`: the flag or field)."""
+  if not -SEEDS <= seed < 2 * SEEDS:
+    raise UserError(f"{name} must be in [-2^63, 2^64), got {seed}")
+  return seed
 
 
 def prompt_keys(seed: int | Sequence[int], indices: Sequence[int]) -> jax.Array:

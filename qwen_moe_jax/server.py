@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jax
 
 from qwen_moe_jax import tool_calls
-from qwen_moe_jax.decoding import SEEDS
+from qwen_moe_jax.decoding import checked_seed
 from qwen_moe_jax.errors import UserError, json_number
 from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, room_ops
 from qwen_moe_jax.grammar import Grammar, Grammars
@@ -325,8 +325,10 @@ class Api:
     if not 1 <= n <= 128:
       raise BadRequest(f"n must be in [1, 128], got {n}", "n")
     seed = _number(body, "seed", int) if body.get("seed") is not None else None
-    if seed is not None and not -SEEDS <= seed < 2 * SEEDS:  # int64's and uint64's (vLLM takes int64's)
-      raise BadRequest(f"seed must be in [-2^63, 2^64), got {seed}", "seed")
+    try:  # int64's and uint64's (vLLM takes int64's)
+      seed = None if seed is None else checked_seed(seed, "seed")
+    except UserError as e:
+      raise BadRequest(str(e), "seed") from None
     stops = _stops(self.tok, body.get("stop"))
     if kind == "completions" and body.get("logprobs") is not None:  # its N likeliest ids at each token
       sampling = dataclasses.replace(sampling, top_logprobs=_number(body, "logprobs", int))
