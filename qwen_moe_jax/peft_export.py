@@ -25,7 +25,7 @@ from qwen_moe_jax.lora import SUFFIXES, LoraConfig
 PREFIX = "base_model.model.model.layers"
 ATTENTION = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
              "o_proj": "self_attn.o_proj"}
-EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # in this order: down_proj wraps gate_up
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # down_proj wraps gate_up (module order)
 
 
 def peft_tensors(path: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
@@ -49,14 +49,16 @@ def peft_tensors(path: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarra
   return pair(f"{module}.down_proj", a.T, b.T)
 
 
-def adapter_config(lora: LoraConfig) -> dict:
-  modules = {"attention": [f"self_attn.{m}" for m in ATTENTION],
-             "shared_expert": [f"shared_expert.{m}" for m in ("gate_proj", "up_proj", "down_proj")],
-             "mlp": [f"mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]}
+def adapter_config(lora: LoraConfig, keys) -> dict:
+  """The config of an adapter whose tensors are `keys`. target_modules names only the modules written, by their
+  path in a layer: peft >= 0.22 reads a gate_proj / up_proj target that matches no Linear module (`mlp.gate_proj`
+  in a model without dense MLP layers) as a transformers 4 adapter of the experts, and doubles gate_up_proj's
+  rank."""
+  modules = dict.fromkeys(k.split(".lora_")[0][len(PREFIX) + 1:].split(".", 1)[1] for k in sorted(keys))
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
           "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "fan_in_fan_out": False, "inference_mode": True,
-          "target_modules": [m for t in lora.targets for m in modules.get(t, [])],
-          "target_parameters": EXPERT_PARAMETERS if "experts" in lora.targets else None,
+          "target_modules": [m for m in modules if not m.startswith("mlp.experts")],
+          "target_parameters": EXPERT_PARAMETERS if any(m.startswith("mlp.experts") for m in modules) else None,
           "base_model_name_or_path": None}  # the base in transformers' layout is wherever the user exported it
 
 
@@ -79,7 +81,7 @@ def export_peft(run_dir: str | Path, out_dir: str | Path, dtype: str | None = No
         tensors |= {k: np.ascontiguousarray(v, dtype=np.dtype(dtype) if dtype else v.dtype) for k, v in made.items()}
   with hf_io.staged_output(out_dir, force, protect=(run_dir,)) as staging:
     hf_io.write_shard(staging / "adapter_model.safetensors", tensors)
-    (staging / "adapter_config.json").write_text(json.dumps(adapter_config(loc.lora), indent=2) + "\n")
+    (staging / "adapter_config.json").write_text(json.dumps(adapter_config(loc.lora, tensors), indent=2) + "\n")
   if loc.lora.int8_experts:
     print(f"note: {run_dir} trained its adapters over int8 routed experts; peft applies them to the base's "
           f"float experts, which differ by that rounding (orbax_to_hf.py without --peft merges them into the "

@@ -7,13 +7,16 @@ peft writes adapter_config.json and adapter_model.safetensors (a pickle adapter_
   embeddings       lora_embedding_A [r, V], lora_embedding_B [D, r]: W [V, D] += s (B A)^T
   fused experts    transformers 5's 3D gate_up_proj / down_proj through peft's `target_parameters` (what
                    `orbax_to_hf.py --peft` writes, see peft_export.py): lora_A [E r, in] expert-major rows,
-                   lora_B [out, r E] rank-major columns; W[e] += s B_e A_e. A module's targeted parameters nest,
-                   the last one outermost: the one before it has keys under `base_layer.`, and so on
+                   lora_B [out, r E] rank-major columns; W[e] += s B_e A_e. The targeted parameters of one
+                   experts module nest in the module's parameter order (peft wraps them as it meets them):
+                   with both, gate_up_proj's keys are under `base_layer.` and down_proj's outside
   full weights     `modules_to_save` copies and saved base layers (`<module>.base_layer.weight`): they replace
                    the base checkpoint's tensor
-s = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), r read from each pair's shapes (so rank_pattern
-needs nothing). DoRA, alpha_pattern, trained biases and fan_in_fan_out are refused by name. Shapes are checked
-against the model by the converter, which binds these names like the base checkpoint's.
+s = alpha / r (alpha / sqrt(r) with use_rslora), r read from each pair's shapes (so rank_pattern needs nothing),
+alpha from the first alpha_pattern entry matching the module's key as peft matches it, else lora_alpha (peft >=
+0.22 writes both patterns for gate_up_proj when the targets name gate_proj and up_proj). DoRA, trained biases
+and fan_in_fan_out are refused by name. Shapes are checked against the model by the converter, which binds these
+names like the base checkpoint's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -34,13 +38,14 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PAIRS = {".lora_A.weight": ("linear", 0), ".lora_B.weight": ("linear", 1), ".lora_embedding_A": ("embedding", 0),
          ".lora_embedding_B": ("embedding", 1)}
-EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's fused expert tensors under mlp.experts
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's fused expert tensors, in module order
 
 
 @dataclasses.dataclass
 class Pair:
   kind: str  # "linear", "embedding" or "experts"
   keys: list  # [lora_A key, lora_B key] (None until found)
+  alpha: float  # lora_alpha, or the alpha_pattern entry matching the adapted module or parameter
 
 
 class LoraAdapter:
@@ -51,11 +56,11 @@ class LoraAdapter:
     self.folder = Path(folder)
     config = _read_config(self.folder / CONFIG_FILE)
     self.rslora = bool(config.get("use_rslora"))
-    self.alpha = config["lora_alpha"]
     self.reader = SafetensorsReader(self.folder, single=WEIGHTS_FILE, index=None)
     self.file = self.folder / WEIGHTS_FILE
-    experts = [p.rsplit(".", 1)[-1] for p in config.get("target_parameters") or ()]
-    experts = [p for p in dict.fromkeys(experts) if p in EXPERT_PARAMETERS]  # in targeting order
+    targets = config.get("target_parameters") or ()
+    alpha = lambda key: next((a for p, a in config["alpha_pattern"].items()  # noqa: E731
+                              if re.match(rf"(.*\.)?({p})$", key)), config["lora_alpha"])
     self.pairs: dict[str, Pair] = {}
     self.full: dict[str, str] = {}
     for key in self.reader.names():
@@ -74,12 +79,14 @@ class LoraAdapter:
       target = module + ".weight"
       root = module.removesuffix(".base_layer" * module.count(".base_layer"))
       if kind == "linear" and root.endswith("mlp.experts"):  # a fused expert tensor, by its nesting depth
-        index = len(experts) - 1 - module.count(".base_layer")  # the last targeted one is outermost
+        experts = [p for p in EXPERT_PARAMETERS if any(f".{root}.{p}".endswith(f".{t}") for t in targets)]
+        index = len(experts) - 1 - module.count(".base_layer")  # the last one in module order is outermost
         if index < 0:
           raise UserError(f"{self.file}: tensor '{key}' adapts an expert tensor, but {CONFIG_FILE}'s "
-                          f"target_parameters names {len(experts)} of {', '.join(EXPERT_PARAMETERS)}")
+                          f"target_parameters names {len(experts)} of {root}'s {', '.join(EXPERT_PARAMETERS)}")
         kind, target = "experts", f"{root}.{experts[index]}"
-      pair = self.pairs.setdefault(target, Pair(kind, [None, None]))
+      peft_key = target if kind == "experts" else module  # what peft matches rank and alpha patterns against
+      pair = self.pairs.setdefault(target, Pair(kind, [None, None], alpha(peft_key)))
       if pair.keys[i] is not None:
         raise UserError(f"{self.file}: tensors '{pair.keys[i]}' and '{key}' both adapt '{target}'")
       pair.keys[i] = key
@@ -108,14 +115,14 @@ class LoraAdapter:
       return experts, b[0], a[1]
     return b[0], a[1]
 
-  def scale(self, rank: int) -> float:
-    return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+  def scale(self, name: str, rank: int) -> float:
+    return self.pairs[name].alpha / (math.sqrt(rank) if self.rslora else rank)
 
   def delta(self, name: str) -> np.ndarray:
     """float32 s B A in the HF tensor's layout: [out, in], or [V, D] for an embedding."""
     pair = self.pairs[name]
     a, b = (self.reader.read(k).astype(np.float32) for k in pair.keys)
-    d = self.scale(a.shape[0]) * (b @ a)
+    d = self.scale(name, a.shape[0]) * (b @ a)
     return d.T if pair.kind == "embedding" else d
 
   def expert_deltas(self, name: str, experts: int) -> Iterator[np.ndarray]:
@@ -123,7 +130,7 @@ class LoraAdapter:
     a, b = (self.reader.read(k).astype(np.float32) for k in self.pairs[name].keys)
     r = a.shape[0] // experts
     for e in range(experts):
-      yield self.scale(r) * (b[:, e::experts] @ a[e * r:(e + 1) * r])
+      yield self.scale(name, r) * (b[:, e::experts] @ a[e * r:(e + 1) * r])
 
 
 def _read_config(path: Path) -> dict:
@@ -136,15 +143,23 @@ def _read_config(path: Path) -> dict:
     raise UserError(f"{path}: expected a JSON object") from None
   if config.get("peft_type") != "LORA":
     raise UserError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be merged")
-  refused = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)", "lora_bias": "trained biases",
-             "alpha_pattern": "per-module alphas (alpha_pattern)"}
+  refused = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)", "lora_bias": "trained biases"}
   for field, what in refused.items():
     if config.get(field):
       raise UserError(f"{path}: {field} is set: {what} cannot be merged by this converter; merge in peft "
                       "(merge_and_unload) and convert the merged model")
   if config.get("bias", "none") != "none":
     raise UserError(f"{path}: bias is {config['bias']!r}: trained biases cannot be merged by this converter")
-  alpha = config.get("lora_alpha")
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-    raise UserError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
+  config["alpha_pattern"] = config.get("alpha_pattern") or {}
+  if not isinstance(config["alpha_pattern"], dict):
+    raise UserError(f"{path}: alpha_pattern must be an object (pattern -> alpha), got {config['alpha_pattern']!r}")
+  for field, alpha in [("lora_alpha", config.get("lora_alpha"))] + [
+      (f"alpha_pattern['{p}']", a) for p, a in config["alpha_pattern"].items()]:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+      raise UserError(f"{path}: {field} must be a positive number, got {alpha!r}")
+  for pattern in config["alpha_pattern"]:
+    try:
+      re.compile(rf"(.*\.)?({pattern})$")  # as matched above, the way peft does
+    except re.error as e:
+      raise UserError(f"{path}: alpha_pattern key {pattern!r} is not a regular expression ({e})") from None
   return config

@@ -710,12 +710,18 @@ def test_export_refuses_non_checkpoint(hf, tmp_path, capfd, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- peft adapters
 
-@pytest.mark.parametrize("base,rslora", [("hub", False), ("fused", True)])
-def test_peft_adapter_merges_while_converting(base, rslora, model, hf, tmp_path):
+PATTERNS = {"rank_pattern": {"q_proj": 5, "experts.down_proj": 2}, "alpha_pattern": {"q_proj": 2, "embed_tokens": 1,
+                                                                                    "experts.down_proj": 9}}
+
+
+@pytest.mark.parametrize("base,config", [("hub", {}), ("fused", {"use_rslora": True}), ("hub", PATTERNS)],
+                         ids=["hub", "fused-rslora", "hub-patterns"])
+def test_peft_adapter_merges_while_converting(base, config, model, hf, tmp_path):
   """hf_to_orbax.py --peft: an adapter trained with peft on the base is merged into the weights as they convert,
   giving the logits of peft's model in transformers: Linear modules, embeddings, the fused experts (through
-  target_parameters) into a per-expert or a fused base, a modules_to_save copy; rsLoRA's scale too."""
-  peft_model = peft_adapter(model, tmp_path / "adapter", use_rslora=rslora)
+  target_parameters) into a per-expert or a fused base, a modules_to_save copy; rsLoRA's scale, and per-module
+  ranks and alphas (rank_pattern, alpha_pattern: peft >= 0.22 writes them for gate_up_proj itself) too."""
+  peft_model = peft_adapter(model, tmp_path / "adapter", **config)
   r = cli(HF_TO_ORBAX, hf[base], tmp_path / "ckpt", "--peft", tmp_path / "adapter")
   assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
   ids = [5, 17, 99, 3, 42, 8, 64, 1, 77, 23, 50]
@@ -788,6 +794,9 @@ PEFT_BAD = {  # id -> (change to a good q_proj adapter's tensors, its config's, 
   "peft_not_lora": (None, {"peft_type": "IA3"}, ["peft_type", "IA3"]),
   "peft_dora": (None, {"use_dora": True}, ["use_dora", "DoRA"]),
   "peft_bad_alpha": (None, {"lora_alpha": "high"}, ["lora_alpha", "'high'"]),
+  "peft_bad_alpha_pattern": (None, {"alpha_pattern": {"q_proj": 0}}, ["alpha_pattern['q_proj']", "positive", "0"]),
+  "peft_bad_pattern": (None, {"alpha_pattern": {"q_proj[": 2}}, ["alpha_pattern key 'q_proj['",
+                                                                 "not a regular expression"]),
   "peft_without_b": (lambda t: t.pop(Q + ".lora_B.weight"), {}, [Q + ".lora_A.weight", "no B matrix"]),
   "peft_rank_mismatch": (lambda t: t.update({Q + ".lora_B.weight": torch.ones(48, 3)}), {},
                          ["(48, 3)", "not a LoRA pair"]),
