@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, hf_io, runtime
+from qwen_moe_jax.automaton import MEMORY, SECONDS, build_limits
 from qwen_moe_jax.decoding import checked_seed
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, Output, Piece
@@ -105,6 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "itself); '{\"type\": \"object\"}': any JSON object")
   ap.add_argument("--choice", action="append", default=[],
                   help="structured output: the text is exactly one of these strings (repeatable)")
+  ap.add_argument("--grammar-limits", metavar="SECONDS,GIB", default=f"{SECONDS:g},{MEMORY >> 30}",
+                  help="structured output: building a grammar (outlines-core's automaton of a regex, schema or "
+                  "choice, in a child process; it grows exponentially with a string's maxLength or a regex's "
+                  "repetition counts) stops past this time or memory, and its prompt or request is refused "
+                  "(default %(default)s)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--num-samples", type=int, default=1,
                   help="samples per prompt (sampling only; --json objects then carry \"sample\")")
@@ -170,6 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
   checked_seed(args.seed, "--seed")
+  args.grammar_limits = build_limits(args.grammar_limits, "--grammar-limits")
   if not args.shutdown_timeout >= 0:  # (nan too)
     raise UserError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
   prompts = ("--prompt", "--chat", "--input-ids", "--prompts-file", "--dump-logits", "--prompt-logprobs")
@@ -367,7 +374,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if args.interactive and jax.process_count() > 1:
     raise UserError("--interactive needs a single process (--serve serves from several)")
   gen = generation_config(folder)
-  grammars = Grammars(tok)
+  grammars = Grammars(tok, seconds=args.grammar_limits[0], memory=args.grammar_limits[1])
   sampling = sampling_from(args, gen, folder, grammars)
   requests = [] if live else read_prompts(args, tok, sampling, grammars)
   prompts, limits, stops = ([r.ids for r in requests], [r.max_new_tokens for r in requests],
@@ -392,7 +399,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, tok, gen))
   if args.serve:
-    return serve(args, generator, folder, tok, sampling, stop_ids(cfg, tok, gen))
+    return serve(args, generator, folder, tok, sampling, stop_ids(cfg, tok, gen), grammars)
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
   scores = prompt_scores(generator, prompts) if args.prompt_logprobs else None
@@ -502,8 +509,10 @@ def json_line(prompt: list[int], output: Output, text: str | None, logprobs: boo
   return json.dumps(obj, ensure_ascii=False)
 
 
-def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos: list[int]) -> None:
-  """Answers OpenAI API requests over HTTP until interrupted (qwen_moe_jax/server.py)."""
+def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos: list[int],
+          grammars: Grammars) -> None:
+  """Answers OpenAI API requests over HTTP until interrupted (qwen_moe_jax/server.py), building the requests'
+  grammars with `grammars` (its limits: --grammar-limits)."""
   host, _, port = args.serve.rpartition(":")
   if not port.isdigit():
     raise UserError(f"--serve takes [HOST:]PORT, got {args.serve!r}")
@@ -514,14 +523,14 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
   name = args.served_model_name or (args.checkpoint if named else folder.resolve().name)
   if jax.process_index() > 0:  # process 0 serves HTTP; this one runs the same engine, as process 0's tells it
-    return follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos)
+    return follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos, grammars=grammars)
   pool = f", {generator.prefix_pool} prefix pool rows besides" if generator.prefix_pool else ""
   print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots{pool}", file=sys.stderr,
         flush=True)
   try:
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
                          rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed,
-                         api_key=args.api_key, shutdown_timeout=args.shutdown_timeout)
+                         api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, grammars=grammars)
   except OSError as e:
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
   address, bound = server.server_address[:2]

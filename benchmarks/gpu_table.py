@@ -61,10 +61,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from qwen_moe_jax import checkpoint, data, decode_attention, hf_layout, layers, moe, sharding, training  # noqa: E402
+from qwen_moe_jax.automaton import STOP, Grammar  # noqa: E402
 from qwen_moe_jax.config import PRESETS, QwenMoeConfig  # noqa: E402
 from qwen_moe_jax.demo import demo_config  # noqa: E402
 from qwen_moe_jax.generate import Generator, cache_bucket  # noqa: E402
-from qwen_moe_jax.grammar import STOP, Grammar  # noqa: E402
 from qwen_moe_jax.kernels import Kernels, default_kernels  # noqa: E402
 from qwen_moe_jax.kv_cache import KVCache  # noqa: E402
 from qwen_moe_jax.lora import LoraConfig  # noqa: E402

@@ -3,10 +3,11 @@ ids, which the decode loop follows on the device (no host round trip per token),
 does not allow (vLLM's guided decoding, OpenAI's response_format).
 
 outlines-core builds the token-level automaton (`Index`: its states, and for each the ids allowed and the state
-each leads to). `Grammar` compresses it: ids that act alike in every state (most of a 150k vocabulary does, in a
-JSON schema: ordinary text inside a string) share a class, so the automaton is a [states, classes] table (a
-generic JSON object: 1623 x 225 cells) plus each id's class [V], instead of [states, V]. Class 0 is never allowed
-(special tokens, ids past the tokenizer's), class 1 holds the stop ids, allowed in accepting states only.
+each leads to) in a child process with a time and a memory limit; automaton.py's `Grammar` compresses it: ids that
+act alike in every state (most of a 150k vocabulary does, in a JSON schema: ordinary text inside a string) share a
+class, so the automaton is a [states, classes] table (a generic JSON object: 1623 x 225 cells) plus each id's class
+[V], instead of [states, V]. Class 0 is never allowed (special tokens, ids past the tokenizer's), class 1 holds the
+stop ids, allowed in accepting states only.
 
 On the device (`Tables`), a decode state holds G grammars: each slot's classes of every id [G, V], and the
 grammars' cells flattened into one array [N], where a state's row of cells starts at its *cell* (`base + s * C`)
@@ -21,6 +22,7 @@ import collections
 import dataclasses
 import functools
 import json
+import pickle
 import threading
 from typing import Any, Sequence
 
@@ -28,97 +30,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_moe_jax.automaton import MEMORY, SECONDS, STOP, Grammar, build, pow2
 from qwen_moe_jax.errors import UserError
 
-NEVER, STOP = 0, 1  # the classes every grammar has (see the module's docstring)
 KINDS = ("regex", "json_schema", "choice")  # what structured output is asked with (flags', keys' names)
-
-
-class Grammar:
-  """A token automaton: `classes` [V'] int32 each id's class (V' the tokenizer's ids), `table` [S, C] int32 the
-  state each class leads to from each state (-1: not allowed; column STOP leads back to the state where it may
-  end), `initial` the first state. Grammars built from the same regex (`pattern`) are equal, so their rows share
-  one slot on the device however often it was built (`Grammars` caches the recent ones); one made without a
-  pattern equals only itself."""
-
-  def __init__(self, classes: np.ndarray, table: np.ndarray, initial: int, source: str, pattern: str | None = None):
-    self.classes, self.table, self.initial, self.source, self.pattern = classes, table, initial, source, pattern
-
-  def __eq__(self, other) -> bool:
-    return self is other or (isinstance(other, Grammar) and self.pattern is not None and self.pattern == other.pattern)
-
-  def __hash__(self) -> int:
-    return hash(self.pattern) if self.pattern is not None else object.__hash__(self)
-
-  @property
-  def cells(self) -> int:
-    """Its cells on the device: the table padded to a power of two (see Registry)."""
-    return _pow2(self.table.size)
-
-  def __repr__(self) -> str:
-    return f"Grammar({self.source}, {self.table.shape[0]} states x {self.table.shape[1]} classes)"
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
 
 
 def grammar_room(grammars: set[Grammar]) -> dict[str, int]:
   """SamplingOps' `grammars` and `grammar_cells` that hold these grammars (none: zeros, no tables)."""
   if not grammars:
     return {"grammars": 0, "grammar_cells": 0}
-  return {"grammars": _pow2(len(grammars) + 1), "grammar_cells": _pow2(1 + sum(g.cells for g in grammars))}
-
-
-def automaton(transitions: dict[int, dict[int, int]], initial: int, final: Sequence[int], vocab: int,
-              ignore: int, source: str, pattern: str | None = None) -> Grammar:
-  """outlines-core's Index (of the regex `pattern`) as a Grammar: transitions {state: {id: next state}} over ids <
-  vocab (`ignore`: its EOS id, which STOP replaces). Ids alike in every state are found by a random linear hash of
-  their columns (one pass over the transitions), then the table is checked against every transition and allowed
-  count."""
-  states = sorted(set(transitions) | {t for row in transitions.values() for t in row.values()} | {initial})
-  number = {s: k for k, s in enumerate(states)}
-  columns, rng = [], np.random.default_rng(0)
-  hashes = np.zeros(vocab, np.uint64)
-  for s in states:
-    row = {t: n for t, n in transitions.get(s, {}).items() if t != ignore and 0 <= t < vocab}
-    ids = np.fromiter(row, np.int64, len(row))
-    nexts = np.fromiter((number[n] for n in row.values()), np.int64, len(row))
-    columns.append((ids, nexts))
-    hashes[ids] += rng.integers(1, 2**63, dtype=np.uint64) * (nexts.astype(np.uint64) + np.uint64(1))
-  unique, inverse = np.unique(hashes, return_inverse=True)
-  labels = np.where(unique == 0, NEVER, np.cumsum(unique != 0) + STOP)  # sorted: 0 (never allowed) first
-  classes = labels[inverse].astype(np.int32)
-  table = np.full((len(states), int(labels.max(initial=STOP)) + 1), -1, np.int32)
-  sizes = np.bincount(classes, minlength=table.shape[1])
-  sizes[:STOP + 1] = 0
-  for k, (ids, nexts) in enumerate(columns):
-    table[k, classes[ids]] = nexts
-    if not (np.array_equal(table[k, classes[ids]], nexts) and sizes[table[k] >= 0].sum() == len(ids)):
-      raise RuntimeError(f"{source}: two ids that act differently hashed alike (state {k})")  # ~2^-64
-  finals = [number[s] for s in final if s in number]
-  table[finals, STOP] = finals
-  return Grammar(classes, table, number[initial], source, pattern)
+  return {"grammars": pow2(len(grammars) + 1), "grammar_cells": pow2(1 + sum(g.cells for g in grammars))}
 
 
 class Grammars:
   """Grammars over one tokenizer's ids, built on request (outlines-core) and cached: the most recent `size` by
-  their source, so the requests of one schema share one Grammar (and one slot on the device)."""
+  their source, so the requests of one schema share one Grammar (and one slot on the device). Each build runs in
+  a child process, stopped past `seconds` or `memory` bytes (automaton.build)."""
 
-  def __init__(self, tok, size: int = 64):
-    self.tok, self.size = tok, size
+  def __init__(self, tok, size: int = 64, seconds: float = SECONDS, memory: int = MEMORY):
+    self.tok, self.size, self.seconds, self.memory = tok, size, seconds, memory
     self._cache: collections.OrderedDict[tuple, Grammar] = collections.OrderedDict()
     self._lock = threading.Lock()  # over the cache and `_building` (the server's request threads build grammars)
     self._building: dict[tuple, threading.Lock] = {}  # a lock per grammar being built: a request for it waits
     # for that build, others do not (a large schema can take outlines-core minutes)
 
   @functools.cached_property
-  def _vocabulary(self):
+  def _vocabulary(self) -> tuple[bytes, int, int]:
+    """(outlines_core.Vocabulary pickled for the builds' processes, its EOS id, the tokenizer's ids)."""
     import outlines_core  # imported on first use: structured output is optional at run time
 
-    ids = self.tok.token_bytes()
     eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.vocab_size
-    return outlines_core.Vocabulary(eos, ids), eos, self.tok.vocab_size
+    return pickle.dumps(outlines_core.Vocabulary(eos, self.tok.token_bytes())), eos, self.tok.vocab_size
 
   def pick(self, given: dict, where: str | None, names: dict[str, str] | None = None) -> Grammar | None:
     """The grammar that `given` (a file line or request `where`, else the flags) asks for with one of `names`
@@ -177,16 +120,12 @@ class Grammars:
         if key in self._cache:
           self._cache.move_to_end(key)
           return self._cache[key]
-      import outlines_core
-
       try:
-        index = outlines_core.Index(pattern, vocabulary)
-      except ValueError as e:
+        grammar = build(pattern, vocabulary, size, eos, source, where, seconds=self.seconds, memory=self.memory)
+      except UserError:
         with self._lock:
           self._building.pop(key, None)
-        raise UserError(f"{where}: cannot build the {source}: {e}") from None
-      grammar = automaton(index.get_transitions(), index.get_initial_state(), index.get_final_states(), size, eos,
-                          source, pattern)
+        raise
       with self._lock:
         self._cache[key] = grammar
         if len(self._cache) > self.size:

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen_moe_jax.automaton import Grammar
 from qwen_moe_jax.errors import UserError, json_number
-from qwen_moe_jax.grammar import Grammar, Registry, grammar_room
+from qwen_moe_jax.grammar import Registry, grammar_room
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,10 +37,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jax
 
 from qwen_moe_jax import tool_calls
+from qwen_moe_jax.automaton import Grammar
 from qwen_moe_jax.decoding import checked_seed
 from qwen_moe_jax.errors import UserError, json_number
 from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, room_ops
-from qwen_moe_jax.grammar import Grammar, Grammars
+from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.sampling import MAX_TOP_LOGPROBS, SETTINGS, Sampling, SamplingOps, given_settings
 from qwen_moe_jax.scoring import prompt_scores
 from qwen_moe_jax.serving_link import Link
@@ -128,7 +129,7 @@ class Engine:
   thread (and need the tokenizer `tok`, for the jobs' stop strings and grammars)."""
 
   def __init__(self, generator: Generator, rows: int, slots: int, stop_ids: list[int], metrics: Metrics,
-               link: Link | None = None, tok: Tokenizer | None = None):
+               link: Link | None = None, tok: Tokenizer | None = None, grammars: Grammars | None = None):
     self.generator, self.stop_ids, self.metrics, self.link, self.tok = generator, stop_ids, metrics, link, tok
     self.room = Room(rows=rows, slots=slots, max_new=slots)
     self.leads = link is None or link.leads
@@ -136,7 +137,7 @@ class Engine:
     self.live: dict[int, Job] = {}  # jobs seen, not yet ended, by serial
     self.inbox: list[Job] = []  # process 0: jobs submitted, not yet seen (under `ready`)
     self.serials, self.closing, self.ready = itertools.count(), False, threading.Condition()
-    self.grammars = None if self.leads else Grammars(tok)
+    self.grammars = None if self.leads else grammars or Grammars(tok)
     self.thread = threading.Thread(target=self._serve, daemon=True, name="engine") if self.leads else None
     if self.thread:
       self.thread.start()
@@ -285,9 +286,10 @@ class Engine:
 class Api:
   """Requests (parsed JSON) -> jobs for the engine -> OpenAI's reply objects."""
 
-  def __init__(self, engine: Engine, tok: Tokenizer, name: str, sampling: Sampling, seed: int, slots: int):
+  def __init__(self, engine: Engine, tok: Tokenizer, name: str, sampling: Sampling, seed: int, slots: int,
+               grammars: Grammars | None = None):
     self.engine, self.tok, self.name, self.sampling, self.slots = engine, tok, name, sampling, slots
-    self.grammars = Grammars(tok)
+    self.grammars = grammars or Grammars(tok)
     self.seed, self.counter, self.lock = seed, itertools.count(), threading.Lock()
 
   def jobs(self, kind: str, body: dict, events: queue.Queue) -> tuple[list[Job], list[list[int]]]:
@@ -868,15 +870,16 @@ class Server(ThreadingHTTPServer):
 
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
                 stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None,
-                shutdown_timeout: float = 0) -> Server:
+                shutdown_timeout: float = 0, grammars: Grammars | None = None) -> Server:
   """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up; with
   `api_key`, requests but /health and /metrics must bear it (`Authorization: Bearer <api_key>`, as OpenAI's clients
-  send their api_key). With several processes, this is process 0's; the others `follow`."""
+  send their api_key); `grammars` builds the requests' grammars (default: Grammars(tok), the default limits).
+  With several processes, this is process 0's; the others `follow`."""
   link = Link() if jax.process_count() > 1 else None
   engine = Engine(generator, rows, slots, stop_ids, Metrics(name), link)
   try:
     engine.warm_up(sampling)
-    api = Api(engine, tok, name, sampling, seed, slots)
+    api = Api(engine, tok, name, sampling, seed, slots, grammars)
     server = Server((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key}), engine)
   except BaseException:
     engine.close()  # (and the followers with it)
@@ -890,11 +893,12 @@ def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, p
   return server
 
 
-def follow(generator: Generator, tok: Tokenizer, *, name: str, rows: int, slots: int, stop_ids: list[int]) -> None:
+def follow(generator: Generator, tok: Tokenizer, *, name: str, rows: int, slots: int, stop_ids: list[int],
+           grammars: Grammars | None = None) -> None:
   """Another process than the first of a multi-process server: runs the engine as process 0's tells it (its
   `make_server` arguments), until that stops. SIGTERM and SIGINT here ask process 0 to stop the server (this process
   cannot leave alone: every generate call spans all processes)."""
   link = Link()
   for signum in (signal.SIGTERM, signal.SIGINT):  # (SIGTERM's default here is jax's preemption notice: it would
     signal.signal(signum, lambda *_: link.ask_to_stop())  # go on serving)
-  Engine(generator, rows, slots, stop_ids, Metrics(name), link, tok).follow()
+  Engine(generator, rows, slots, stop_ids, Metrics(name), link, tok, grammars).follow()

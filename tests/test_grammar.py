@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -16,10 +17,12 @@ import numpy as np
 import outlines_core
 import pytest
 
+from qwen_moe_jax import grammar
+from qwen_moe_jax.automaton import NEVER, STOP, automaton
 from qwen_moe_jax.demo import build_tokenizer, demo_model
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Arrival, Generator, Room
-from qwen_moe_jax.grammar import NEVER, STOP, Grammars, Registry, automaton
+from qwen_moe_jax.grammar import Grammars, Registry
 from qwen_moe_jax.sampling import Sampling, SamplingOps
 from qwen_moe_jax.scoring import prompt_logits
 from qwen_moe_jax.tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer
@@ -73,13 +76,13 @@ def test_automaton_is_outlines_index(make):
   it leads to (Qwen2's 151k-id vocabulary: a JSON schema's ids fall in about a hundred classes)."""
   tok = make()
   grammars = Grammars(tok)
-  vocabulary, eos, size = grammars._vocabulary
-  for grammar, pattern in ((grammars.regex(PATTERN, "t"), PATTERN),
-                           (grammars.json_schema(SCHEMA, "t"),
-                            outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA, sort_keys=True)))):
-    index = outlines_core.Index(pattern, vocabulary)
-    assert walk_both(grammar, index, eos, size) == grammar.table.shape[0] == len(index.get_transitions())
-    assert grammar.table.shape[1] < 200 and len(grammar.classes) == size  # [S, C], not [S, V]
+  vocabulary, eos, size = grammars._vocabulary  # (pickled for the builds' processes)
+  for built, pattern in ((grammars.regex(PATTERN, "t"), PATTERN),
+                         (grammars.json_schema(SCHEMA, "t"),
+                          outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA, sort_keys=True)))):
+    index = outlines_core.Index(pattern, pickle.loads(vocabulary))
+    assert walk_both(built, index, eos, size) == built.table.shape[0] == len(index.get_transitions())
+    assert built.table.shape[1] < 200 and len(built.classes) == size  # [S, C], not [S, V]
   assert grammars.regex(PATTERN, "t") is grammars.regex(PATTERN, "other")  # cached: one slot on the device
 
 
@@ -106,7 +109,7 @@ def test_greedy_rows_follow_outlines_guide(demo):
   logits recomputed on the host), and ends with EOS where the grammar may end; an unconstrained row in the same
   batch is what it is alone."""
   tok, model, grammars, stops = demo
-  vocabulary = grammars._vocabulary[0]
+  vocabulary = pickle.loads(grammars._vocabulary[0])
   prompts = [tok.encode("Hello, world!"), tok.encode("The quick brown"), tok.encode("0123")]
   json_pattern = outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA, sort_keys=True))
   settings = [Sampling(grammar=grammars.regex(PATTERN, "t")), Sampling(),
@@ -140,8 +143,8 @@ def test_sampled_rows_match_their_grammar(demo):
   for text in texts[3:5]:
     value = json.loads(text)
     assert value["color"] in ("red", "green") and isinstance(value["ok"], bool) and len(value["tags"]) <= 2
-  guide = outlines_core.Guide(outlines_core.Index(
-    outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA, sort_keys=True)), grammars._vocabulary[0]))
+  guide = outlines_core.Guide(outlines_core.Index(outlines_core.json_schema.build_regex_from_schema(
+    json.dumps(SCHEMA, sort_keys=True)), pickle.loads(grammars._vocabulary[0])))
   assert guide.accepts_tokens(result.output_ids[5])
 
 
@@ -222,7 +225,12 @@ def test_cli_structured_output(tmp_path, demo):
                          "cannot read"),
                         (("--prompt", "x", "--regex", "a", "--choice", "b"), "error: give only one of --regex, "
                          "--json-schema, --choice (got --regex and --choice)"),
-                        (("--prompt", "x", "--regex", "a", "--min-tokens", "2"), "error: --min-tokens cannot hold")):
+                        (("--prompt", "x", "--regex", "a", "--min-tokens", "2"), "error: --min-tokens cannot hold"),
+                        (("--prompt", "x", "--grammar-limits", "1,8", "--json-schema", json.dumps(
+                          {"type": "string", "maxLength": 20})), "error: --json-schema: building the JSON schema "
+                         "took over 1 s"),
+                        (("--prompt", "x", "--grammar-limits", "1", "--regex", "a"), "error: --grammar-limits takes "
+                         "SECONDS,GIB (two positive numbers, such as 60,8), got '1'")):
     res = infer(*args)
     assert res.returncode == 2 and res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
 
@@ -232,15 +240,15 @@ def test_a_slow_build_holds_only_its_own_grammar(monkeypatch):
   ones are read; a second request for the one being built waits for that build and gets its grammar."""
   grammars, started, release = Grammars(demo_tokenizer()), threading.Event(), threading.Event()
   cached = grammars.regex("[a-c]+", "t")
-  index = outlines_core.Index
+  build = grammar.build
 
-  def slow_index(pattern, vocabulary):
+  def slow_build(pattern, *args, **kwargs):
     if pattern == "[x-z]+":
       started.set()
       release.wait(30)
-    return index(pattern, vocabulary)
+    return build(pattern, *args, **kwargs)
 
-  monkeypatch.setattr(outlines_core, "Index", slow_index)
+  monkeypatch.setattr(grammar, "build", slow_build)
   built: list = []
   waiters = [threading.Thread(target=lambda: built.append(grammars.regex("[x-z]+", "t"))) for _ in range(2)]
   waiters[0].start()
@@ -252,6 +260,22 @@ def test_a_slow_build_holds_only_its_own_grammar(monkeypatch):
   for t in waiters:
     t.join(30)
   assert len(built) == 2 and built[0] is built[1]
+
+
+def test_a_build_past_its_limits_is_one_error():
+  """outlines-core's build grows exponentially with a string's length bounds (maxLength 20: over a minute and 7 GB
+  with Qwen2's vocabulary): past its time or memory limit the process building it is stopped and the request gets
+  one line; later builds go on as usual (nothing left cached or locked)."""
+  long = {"type": "string", "minLength": 20, "maxLength": 20}
+  with pytest.raises(UserError, match=r"^x: building the JSON schema took over 1 s \(outlines-core's automaton"):
+    Grammars(qwen_tokenizer(), seconds=1).json_schema(long, "x")
+  grammars = Grammars(qwen_tokenizer(), memory=100 << 20)
+  for _ in range(2):
+    with pytest.raises(UserError, match=r"^y: building the JSON schema needed over 0.0977 GiB of memory \("):
+      grammars.json_schema(long, "y")
+  built, (vocabulary, eos, size) = grammars.json_schema(SCHEMA, "s"), grammars._vocabulary
+  assert walk_both(built, outlines_core.Index(built.pattern, pickle.loads(vocabulary)), eos, size) > 10
+  assert not grammars._building and len(grammars._cache) == 1
 
 
 def test_grammars_of_one_regex_are_equal():

@@ -26,11 +26,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from hf_models import make_model, save
 from qwen_moe_jax import checkpoint, convert, decode_attention, kv_cache, layers, sharding
 from qwen_moe_jax import model as model_module
+from qwen_moe_jax.automaton import automaton
 from qwen_moe_jax.config import QwenMoeConfig
 from qwen_moe_jax.demo import build_tokenizer, write_hf_demo
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Arrival, Generator, Room, Stream
-from qwen_moe_jax.grammar import Grammars, automaton
+from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.model import create_model, embed_lookup
 from qwen_moe_jax.sampling import Sampling
