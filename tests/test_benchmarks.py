@@ -189,8 +189,9 @@ def test_conversations_benchmark_runs():
 
 
 def test_structured_output_benchmark_runs():
-  """benchmarks/structured_output.py, small: each grammar's build over Qwen2's vocabulary is reported with its size,
-  and the constrained rows ran every step (the script asserts both decodes generated all their tokens)."""
+  """benchmarks/structured_output.py, small: each grammar's build over Qwen2's vocabulary is reported with its size
+  and the time to read it back from the store, and the constrained rows ran every step (the script asserts both
+  decodes generated all their tokens)."""
   res = subprocess.run([sys.executable, "benchmarks/structured_output.py", "--rows", "2", "--new", "8"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr
@@ -198,6 +199,7 @@ def test_structured_output_benchmark_runs():
   built = report["build_qwen2_vocabulary"]
   assert [b["what"] for b in built][1:] == ["regex (ISO date)", "JSON schema (5 fields, nested)", "JSON object (any)"]
   assert all(b["states"] > 1 and b["classes"] > 2 and b["device_cells"] >= b["states"] for b in built[1:])
+  assert all(0 < b["stored_seconds"] < b["seconds"] and b["stored_kb"] > 0 for b in built[1:])  # read back, not built
   decode = report["decode_demo_model"]
   assert decode["free"]["decode_tokens_per_s"] > 0 and decode["grammar"]["decode_tokens_per_s"] > 0
 

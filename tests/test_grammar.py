@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -18,7 +19,7 @@ import outlines_core
 import pytest
 
 from qwen_moe_jax import grammar
-from qwen_moe_jax.automaton import NEVER, STOP, automaton
+from qwen_moe_jax.automaton import NEVER, STOP, Store, automaton
 from qwen_moe_jax.demo import build_tokenizer, demo_model
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Arrival, Generator, Room
@@ -76,7 +77,7 @@ def test_automaton_is_outlines_index(make):
   it leads to (Qwen2's 151k-id vocabulary: a JSON schema's ids fall in about a hundred classes)."""
   tok = make()
   grammars = Grammars(tok)
-  vocabulary, eos, size = grammars._vocabulary  # (pickled for the builds' processes)
+  vocabulary, eos, size, _ = grammars._vocabulary  # (pickled for the builds' processes)
   for built, pattern in ((grammars.regex(PATTERN, "t"), PATTERN),
                          (grammars.json_schema(SCHEMA, "t"),
                           outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA, sort_keys=True)))):
@@ -217,9 +218,12 @@ def test_cli_structured_output(tmp_path, demo):
               "--max-new-tokens", "60")
   assert res.returncode == 0, res.stderr
   assert json.loads(json.loads(res.stdout)["text"])["color"] in ("red", "green")
-  res = infer("--prompts-file", str(tmp_path / "prompts.jsonl"), "--choice", "maybe")  # a line's own wins
+  assert len(list((Path(os.environ["XDG_CACHE_HOME"]) / "qwen-moe-jax" / "grammars").glob("*.npz"))) >= 1  # stored
+  res = infer("--prompts-file", str(tmp_path / "prompts.jsonl"), "--choice", "maybe", "--grammar-cache",
+              str(tmp_path / "grammars"))  # a line's own wins
   lines = [json.loads(x) for x in res.stdout.splitlines()]
   assert res.returncode == 0 and re.fullmatch(PATTERN, lines[0]["text"]) and lines[1]["text"] in ("yes", "no")
+  assert len(list((tmp_path / "grammars").glob("*.npz"))) == 3  # the lines' and the flag's
   for args, message in ((("--prompt", "x", "--regex", "("), "error: --regex: cannot build the regex '('"),
                         (("--prompt", "x", "--json-schema", str(tmp_path / "none.json")), "error: --json-schema: "
                          "cannot read"),
@@ -230,7 +234,9 @@ def test_cli_structured_output(tmp_path, demo):
                           {"type": "string", "maxLength": 20})), "error: --json-schema: building the JSON schema "
                          "took over 1 s"),
                         (("--prompt", "x", "--grammar-limits", "1", "--regex", "a"), "error: --grammar-limits takes "
-                         "SECONDS,GIB (two positive numbers, such as 60,8), got '1'")):
+                         "SECONDS,GIB (two positive numbers, such as 60,8), got '1'"),
+                        (("--prompt", "x", "--grammar-cache", str(tmp_path / "schema.json" / "g"), "--regex", "a"),
+                         f"error: --grammar-cache {tmp_path / 'schema.json' / 'g'}: cannot create the folder")):
     res = infer(*args)
     assert res.returncode == 2 and res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
 
@@ -273,9 +279,43 @@ def test_a_build_past_its_limits_is_one_error():
   for _ in range(2):
     with pytest.raises(UserError, match=r"^y: building the JSON schema needed over 0.0977 GiB of memory \("):
       grammars.json_schema(long, "y")
-  built, (vocabulary, eos, size) = grammars.json_schema(SCHEMA, "s"), grammars._vocabulary
+  built, (vocabulary, eos, size, _) = grammars.json_schema(SCHEMA, "s"), grammars._vocabulary
   assert walk_both(built, outlines_core.Index(built.pattern, pickle.loads(vocabulary)), eos, size) > 10
   assert not grammars._building and len(grammars._cache) == 1
+
+
+def test_grammars_are_stored_on_disk(tmp_path, monkeypatch):
+  """With a store, a grammar built once is read back by another Grammars (a later run) without a build, equal to
+  the first; another tokenizer's is built anew; a damaged file is built again; past `entries` files the least
+  recently used go; a folder that cannot be written stores nothing and fails nothing."""
+  store = Store(tmp_path / "grammars", entries=2)
+  first = Grammars(demo_tokenizer(), store=store).json_schema(SCHEMA, "s")
+  [file] = store.folder.iterdir()
+
+  def no_build(*args, **kwargs):
+    raise AssertionError("built")
+
+  monkeypatch.setattr(grammar, "build", no_build)
+  again = Grammars(demo_tokenizer(), store=store).json_schema(SCHEMA, "s")
+  assert again == first and again.initial == first.initial and again.source == "JSON schema"
+  assert np.array_equal(again.table, first.table) and np.array_equal(again.classes, first.classes)
+  with pytest.raises(AssertionError, match="built"):
+    Grammars(qwen_tokenizer(), store=store).json_schema(SCHEMA, "s")  # another vocabulary
+  whole = file.read_bytes()
+  for damage in (lambda: file.write_bytes(whole[:200]),  # cut short; a grammar of other shapes:
+                 lambda: np.savez(file, classes=np.zeros(3, np.int32), table=first.table, initial=0,
+                                  pattern=np.frombuffer(first.pattern.encode(), np.uint8))):
+    damage()
+    with pytest.raises(AssertionError, match="built"):
+      Grammars(demo_tokenizer(), store=store).json_schema(SCHEMA, "s")  # built again
+  monkeypatch.undo()
+  grammars = Grammars(demo_tokenizer(), store=store)
+  assert np.array_equal(grammars.json_schema(SCHEMA, "s").table, first.table)  # (and stored again)
+  grammars.regex("a+", "t")
+  grammars.regex("b+", "t")
+  assert len(list(store.folder.glob("*.npz"))) == 2 and not file.exists()  # the schema's went first
+  (tmp_path / "file").write_text("")
+  assert Grammars(demo_tokenizer(), store=Store(tmp_path / "file" / "grammars")).regex("c+", "t").table.size
 
 
 def test_grammars_of_one_regex_are_equal():
