@@ -48,7 +48,7 @@ from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
-from qwen_moe_jax.server import follow, make_server
+from qwen_moe_jax.server import allowed_origins, follow, make_server
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
@@ -155,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help=f"with --serve: requests (but /health and /metrics) must send 'Authorization: Bearer KEY', as "
                   f"OpenAI's clients send their api_key (default: ${API_KEY_VARIABLE}, which keeps the key out of "
                   f"the process list; unset: no key asked)")
+  ap.add_argument("--allowed-origins", metavar="ORIGIN,...|*",
+                  help="with --serve: web pages from these origins (such as http://localhost:3000; '*': any) may "
+                  "call the server from a browser (CORS; vLLM's JSON list form is read too). Default: none")
   ap.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="SECONDS",
                   help="with --serve: on SIGTERM or Ctrl-C, answer new requests (and /health) with 503 and wait up "
                   "to this long for the requests under way to end (a second signal stops at once; 0: stop at "
@@ -182,6 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   checked_seed(args.seed, "--seed")
   args.grammar_limits = build_limits(args.grammar_limits, "--grammar-limits")
   args.grammar_cache = store_of(args.grammar_cache, "--grammar-cache")
+  args.allowed_origins = allowed_origins(args.allowed_origins)
   if not args.shutdown_timeout >= 0:  # (nan too)
     raise UserError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
   prompts = ("--prompt", "--chat", "--input-ids", "--prompts-file", "--dump-logits", "--prompt-logprobs")
@@ -194,9 +198,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.serve and (args.regex or args.json_schema or args.choice):
     raise UserError("--serve takes structured output per request (response_format, or vLLM's guided_json, "
                     "guided_regex, guided_choice): drop --regex, --json-schema, --choice")
-  if (args.max_model_len is not None or args.served_model_name or args.shutdown_timeout != SHUTDOWN_TIMEOUT) and \
-     not args.serve:
-    raise UserError("--max-model-len, --served-model-name and --shutdown-timeout are --serve's")
+  if (args.max_model_len is not None or args.served_model_name or args.shutdown_timeout != SHUTDOWN_TIMEOUT
+      or args.allowed_origins) and not args.serve:
+    raise UserError("--max-model-len, --served-model-name, --shutdown-timeout and --allowed-origins are --serve's")
   if args.max_model_len is not None and args.max_model_len < 2:
     raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
   return args
@@ -535,7 +539,8 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   try:
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
                          rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed,
-                         api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, grammars=grammars)
+                         api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, grammars=grammars,
+                         origins=args.allowed_origins)
   except OSError as e:
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
   address, bound = server.server_address[:2]

@@ -24,6 +24,7 @@ import hmac
 import itertools
 import json
 import queue
+import re
 import select
 import signal
 import socket
@@ -664,6 +665,44 @@ class Handler(BaseHTTPRequestHandler):
   timeout = READ_TIMEOUT_S  # on the socket: a client silent this long (mid-request, or idle between) is let go
   api: Api  # set by `make_server`
   api_key: str | None = None  # set by `make_server`: what every request but /health and /metrics must bear
+  origins: frozenset[str] = frozenset()  # set by `make_server`: the web pages' origins that may call it ("*": any)
+
+  @property
+  def _origin(self) -> str | None:
+    """The request's Origin when it may read the reply (CORS), else None."""
+    origin = self.headers.get("Origin")
+    return origin if origin and ("*" in self.origins or origin in self.origins) else None
+
+  def end_headers(self) -> None:
+    if self._origin:  # every reply a page from an allowed origin gets says it may read it
+      self.send_header("Access-Control-Allow-Origin", self._origin)
+      self.send_header("Vary", "Origin")
+    super().end_headers()
+
+  def do_OPTIONS(self) -> None:  # noqa: N802
+    """A browser's CORS preflight: what a page from an allowed origin may send (no API key: preflights bear none)."""
+    self.close_connection = self.close_connection or self.headers.get("Content-Length", "0") != "0"
+    if not self.origins:
+      return self._not_allowed()
+    if not self._origin:
+      return self._json(403, _error(f"origin {self.headers.get('Origin')!r} is not allowed (--allowed-origins)",
+                                    "permission_error"))
+    self.send_response(204)
+    self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+    self.send_header("Access-Control-Allow-Headers",
+                     self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"))
+    self.send_header("Access-Control-Max-Age", "600")
+    self.send_header("Content-Length", "0")
+    self.end_headers()
+
+  def _not_allowed(self) -> None:
+    """405 naming the methods the server takes (the request's body, if any, unread: the connection closes)."""
+    self.close_connection = True
+    allowed = "GET, POST, OPTIONS" if self.origins else "GET, POST"
+    self._json(405, _error(f"method {self.command} is not allowed ({allowed})", "method_not_allowed"),
+               {"Allow": allowed})
+
+  do_PUT = do_DELETE = do_PATCH = do_HEAD = do_CONNECT = do_TRACE = _not_allowed
 
   def _refused(self) -> bool:
     """Answers 401 to a request without `Authorization: Bearer <api_key>` (when the server has a key)."""
@@ -802,18 +841,40 @@ class Handler(BaseHTTPRequestHandler):
     self.wfile.write(f"data: {data}\n\n".encode())
     self.wfile.flush()
 
-  def _json(self, status: int, obj: dict) -> None:
-    self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json")
+  def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
+    self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
 
-  def _send(self, status: int, data: bytes, content_type: str) -> None:
+  def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
     try:
       self.send_response(status)
       self.send_header("Content-Type", content_type)
       self.send_header("Content-Length", str(len(data)))
+      for name, value in (headers or {}).items():
+        self.send_header(name, value)
       self.end_headers()
-      self.wfile.write(data)
+      if self.command != "HEAD":  # (a reply to HEAD has no body)
+        self.wfile.write(data)
     except OSError:  # the client left before its reply
       self.close_connection = True
+
+
+def allowed_origins(text: str | None) -> frozenset[str]:
+  """--allowed-origins 'ORIGIN,...' or '*' (or vLLM's JSON list, '["*"]') -> the origins, each '*' or
+  scheme://host[:port]; else a UserError."""
+  if not text:
+    return frozenset()
+  try:
+    given = json.loads(text) if text.lstrip().startswith("[") else text.split(",")
+  except json.JSONDecodeError:
+    given = None
+  if not isinstance(given, list) or not given or not all(isinstance(o, str) for o in given):
+    raise UserError(f"--allowed-origins takes ORIGIN,... or a JSON list of them, got {text!r}")
+  origins = frozenset(o.strip().rstrip("/") for o in given)
+  for o in sorted(origins):
+    if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o):
+      raise UserError(f"--allowed-origins: {o!r} is not an origin (scheme://host[:port], such as "
+                      "http://localhost:3000) or *")
+  return origins
 
 
 def _error(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
@@ -870,17 +931,20 @@ class Server(ThreadingHTTPServer):
 
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
                 stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None,
-                shutdown_timeout: float = 0, grammars: Grammars | None = None) -> Server:
+                shutdown_timeout: float = 0, grammars: Grammars | None = None,
+                origins: frozenset[str] = frozenset()) -> Server:
   """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up; with
   `api_key`, requests but /health and /metrics must bear it (`Authorization: Bearer <api_key>`, as OpenAI's clients
-  send their api_key); `grammars` builds the requests' grammars (default: Grammars(tok), the default limits).
-  With several processes, this is process 0's; the others `follow`."""
+  send their api_key); `grammars` builds the requests' grammars (default: Grammars(tok), the default limits);
+  web pages from `origins` ("*": any) may call it (CORS). With several processes, this is process 0's; the others
+  `follow`."""
   link = Link() if jax.process_count() > 1 else None
   engine = Engine(generator, rows, slots, stop_ids, Metrics(name), link)
   try:
     engine.warm_up(sampling)
     api = Api(engine, tok, name, sampling, seed, slots, grammars)
-    server = Server((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key}), engine)
+    server = Server((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key,
+                                                                  "origins": frozenset(origins)}), engine)
   except BaseException:
     engine.close()  # (and the followers with it)
     raise

@@ -37,12 +37,13 @@ from qwen_moe_jax.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS = 256
+ORIGIN = "http://ui.example"  # the web pages the `served` server lets call it (CORS)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-  """A server over the demo checkpoint (float32, greedy by default, 2 rows of 256 slots) on a free port, and a
-  Generator over the same weights for the expected outputs."""
+  """A server over the demo checkpoint (float32, greedy by default, 2 rows of 256 slots, web pages from ORIGIN
+  allowed) on a free port, and a Generator over the same weights for the expected outputs."""
   tmp = tmp_path_factory.mktemp("served")
   write_hf_demo(tmp / "hf")
   convert.import_hf(tmp / "hf", tmp / "ckpt", progress=False)
@@ -50,7 +51,7 @@ def served(tmp_path_factory):
   eos = [tok.eos_token_id]
   server = make_server(Generator(checkpoint.restore(tmp / "ckpt", dtype=jnp.float32), batch_size=2), tok,
                        name="demo", host="127.0.0.1", port=0, rows=2, slots=SLOTS, stop_ids=eos, sampling=Sampling(),
-                       seed=0)
+                       seed=0, origins=frozenset({ORIGIN}))
   threading.Thread(target=server.serve_forever, daemon=True).start()
   reference = Generator(checkpoint.restore(tmp / "ckpt", dtype=jnp.float32))
   yield f"http://127.0.0.1:{server.server_address[1]}", tok, reference, eos, tmp / "ckpt"
@@ -590,6 +591,45 @@ def test_bad_http_is_one_reply(served, monkeypatch):
                                               "type": "server_error", "param": None, "code": None}
   monkeypatch.undo()
   assert post(url, {"prompt": [3, 4], "max_tokens": 2})[0] == 200
+
+
+def test_browsers_and_other_methods(served):
+  """CORS: a page from an allowed origin gets its preflight answered (no API key asked) and may read the replies;
+  another origin's preflight is a 403 and its replies do not name it. Methods the server does not take are a 405
+  JSON error naming those it takes (a HEAD's without a body), one reply, the body unread."""
+  url = served[0]
+  host, port = url.removeprefix("http://").split(":")
+
+  def exchange(method: str, path: str, headers: dict, body: bytes | None = None):
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request(method, path, body, headers)
+    response = connection.getresponse()
+    reply = (response.status, dict(response.getheaders()), response.read())
+    connection.close()
+    return reply
+
+  preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+  status, headers, body = exchange("OPTIONS", "/v1/chat/completions", {"Origin": ORIGIN, **preflight})
+  assert status == 204 and body == b"" and headers["Access-Control-Allow-Origin"] == ORIGIN
+  assert "POST" in headers["Access-Control-Allow-Methods"]
+  assert headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+  status, headers, body = exchange("OPTIONS", "/v1/chat/completions", {"Origin": "http://evil.example", **preflight})
+  assert status == 403 and "Access-Control-Allow-Origin" not in headers
+  assert "origin 'http://evil.example' is not allowed" in json.loads(body)["error"]["message"]
+  request = json.dumps({"prompt": [3, 4], "max_tokens": 2}).encode()
+  for origin, named in ((ORIGIN, ORIGIN), ("http://evil.example", None)):
+    status, headers, body = exchange("POST", "/v1/completions", {"Origin": origin}, request)
+    assert status == 200 and headers.get("Access-Control-Allow-Origin") == named and json.loads(body)["choices"]
+  reply = raw(url, b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 38\r\n\r\n"
+                   b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+  assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, POST, OPTIONS" in reply
+  assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == {
+    "message": "method PUT is not allowed (GET, POST, OPTIONS)", "type": "method_not_allowed", "param": None,
+    "code": None}
+  status, headers, body = exchange("HEAD", "/v1/models", {})
+  assert status == 405 and body == b"" and headers["Allow"] == "GET, POST, OPTIONS"
+  status, _, body = exchange("DELETE", "/v1/models", {})
+  assert status == 405 and json.loads(body)["error"]["type"] == "method_not_allowed"
 
 
 def test_openai_client(served):
