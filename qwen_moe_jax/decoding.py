@@ -1,8 +1,8 @@
 """The device side of generation: the decode state (KV cache, tokens so far, each row's settings) and the jitted
 programs over it, each donating the state so the cache is updated in place: `prefill` (prompts into rows),
 `decode` (a `lax.while_loop` of steps that stays on the device), `prompt_slots` / `prefix_slots` and `fork` (a row
-takes another row's prefix), `exchange` (the prefix pool's saves and loads), `end_row`, `widened` (room for more
-sampling steps). generate.py drives them from the host.
+takes another row's prefix), `exchange` (the prefix pool's saves and loads), `end_row`, `resized` (room for more
+or fewer sampling steps). generate.py drives them from the host.
 """
 
 from __future__ import annotations
@@ -231,31 +231,33 @@ def decode(graphdef, params, state: DecodeState, refill, steps, *, ops: Sampling
 
 
 @functools.partial(jax.jit, static_argnames=("ops", "vocab"), donate_argnames=("state",))
-def widened(state: DecodeState, *, ops: SamplingOps, vocab: int) -> DecodeState:
-  """The state with room for the sampling steps `ops` (its own and more: a running call's, for a prompt arriving
-  with more), each row going on as before: what it reads of a step it does not take is neutral (no ids seen or
-  counted, none biased, grammar slot 0), and the likeliest ids it did not ask for are zeros."""
+def resized(state: DecodeState, *, ops: SamplingOps, vocab: int) -> DecodeState:
+  """The state with room for exactly the sampling steps `ops`, each row going on as before: a step turned on
+  (a running call's, for a prompt arriving with more) starts neutral for the rows that do not take it (no ids seen
+  or counted, none biased, grammar slot 0; the likeliest ids they did not ask for are zeros); a step turned off
+  (no row takes it any more: the caller's check) drops its arrays; sizes grow, or shrink to what no row uses."""
   rows, width = state.tokens.shape
 
-  def grown(x: jax.Array | None, shape: tuple[int, ...], value, dtype) -> jax.Array:  # None: all `value`
+  def sized(x: jax.Array | None, shape: tuple[int, ...], value, dtype) -> jax.Array:  # None: all `value`
     if x is None:
       return jnp.full(shape, value, dtype)
+    x = x[tuple(slice(0, n) for n in shape)]
     return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)], constant_values=value)
 
   k, top, s, tables = ops.logit_bias, ops.top_logprobs, state.sampling, state.grammars
   if ops.grammars:
     tables = Tables.empty(ops.grammars, ops.grammar_cells, vocab) if tables is None else Tables(
-      grown(tables.classes, (ops.grammars, vocab), 0, jnp.int32),
-      grown(tables.cells, (ops.grammar_cells,), -1, jnp.int32))
+      sized(tables.classes, (ops.grammars, vocab), 0, jnp.int32),
+      sized(tables.cells, (ops.grammar_cells,), -1, jnp.int32))
   return dataclasses.replace(
-    state, sampling=dataclasses.replace(s, bias_ids=grown(s.bias_ids, (rows, k), NO_ID, jnp.int32),
-                                        biases=grown(s.biases, (rows, k), 0.0, jnp.float32)),
-    seen=grown(state.seen, (rows, vocab), False, bool) if ops.repetition else None,
-    counts=grown(state.counts, (rows, vocab), 0, jnp.int32) if ops.counted else None,
-    top_ids=grown(state.top_ids, (rows, width, top), 0, jnp.int32) if top else None,
-    top_logprobs=grown(state.top_logprobs, (rows, width, top), 0.0, jnp.float32) if top else None,
+    state, sampling=dataclasses.replace(s, bias_ids=sized(s.bias_ids, (rows, k), NO_ID, jnp.int32),
+                                        biases=sized(s.biases, (rows, k), 0.0, jnp.float32)),
+    seen=sized(state.seen, (rows, vocab), False, bool) if ops.repetition else None,
+    counts=sized(state.counts, (rows, vocab), 0, jnp.int32) if ops.counted else None,
+    top_ids=sized(state.top_ids, (rows, width, top), 0, jnp.int32) if top else None,
+    top_logprobs=sized(state.top_logprobs, (rows, width, top), 0.0, jnp.float32) if top else None,
     grammars=tables if ops.grammars else None,
-    grammar_at=grown(state.grammar_at, (rows,), 0, jnp.int32) if ops.grammars else None).laid_out()
+    grammar_at=sized(state.grammar_at, (rows,), 0, jnp.int32) if ops.grammars else None).laid_out()
 
 
 @jax.jit

@@ -46,7 +46,7 @@ from qwen_moe_jax.decoding import (
   prefix_slots,
   prompt_keys,
   prompt_slots,
-  widened,
+  resized,
 )
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.grammar import Registry
@@ -82,6 +82,16 @@ def room_ops(ops: SamplingOps, vocab: int) -> SamplingOps:
     logit_bias=bucket(ops.logit_bias, 1) if ops.logit_bias else 0,
     grammars=max(ops.grammars, GRAMMAR_SLOTS) if ops.grammars else 0,
     grammar_cells=max(ops.grammar_cells, GRAMMAR_CELLS) if ops.grammars else 0)
+
+
+def used(ops: SamplingOps, settings: Sequence[Sampling]) -> SamplingOps:
+  """`ops` without the steps none of `settings` (the prompts running or waiting) takes (the others' sizes kept, so
+  that a call's programs are one per set of steps); none: `ops` (the call is ending)."""
+  if not settings:
+    return ops
+  need = SamplingOps.of(settings)
+  return SamplingOps(**{f.name: getattr(ops, f.name) if getattr(need, f.name) else type(getattr(ops, f.name))()
+                        for f in dataclasses.fields(SamplingOps)})
 
 
 def cache_bucket(n: int) -> int:
@@ -294,7 +304,8 @@ class Generator:
     `arrival_chunk` while a row is free) for prompts that arrived meanwhile (each valid, see `validate`): they take
     the next prompt indices, in order, and rows as rows free. `room` sizes the call for them (rows, cache slots,
     new tokens, sampling steps: else the given prompts size it); an arrival needing sampling steps it lacks adds
-    them (`room_ops`; the programs with them compile then, once), the running rows going on. An arrival the call
+    them (`room_ops`; the programs with them compile then, once), the running rows going on, and steps no running
+    or waiting prompt takes any more are dropped at the next return to the host (any call). An arrival the call
     has no room for (its cache slots or new tokens, a grammar when its grammar tables are full) is not admitted:
     the call takes no more, ends when its rows finish, and returns it and those after it in `Result.left`, for the
     next call.
@@ -607,14 +618,17 @@ class Generator:
             owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], next(self._clock)
             if on_done:
               on_done(i, output(i))
+        before = ops
         if arrivals and not left:
-          narrow = ops
-          admit(arrivals())
-          if ops != narrow:  # an arrival widened the sampling steps: the state follows
-            with warnings.catch_warnings():  # the cache is reused in place, not the few arrays that grow
-              warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-              program = self._compiled(widened, (state,), model=False, ops=ops, vocab=cfg.vocab_size)
-            state = program(state)
+          admit(arrivals())  # (an arrival may widen `ops`)
+        ops = used(ops, [settings[i] for i in owner if i >= 0] + [settings[i] for i in waiting])
+        if not ops.grammars and before.grammars:  # the tables went with the last grammar: a later one makes new
+          grammars = Registry(0, 0, cfg.vocab_size, stop_ids)
+        if ops != before:  # the state follows
+          with warnings.catch_warnings():  # the cache is reused in place, not the few arrays that change
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            program = self._compiled(resized, (state,), model=False, ops=ops, vocab=cfg.vocab_size)
+          state = program(state)
         drop_ended()
         if waiting and -1 in owner:  # continuous batching; read again after: a refilled row may be done at once
           state = place(state)

@@ -152,7 +152,7 @@ def test_sampled_rows_match_their_grammar(demo):
 def test_arrivals_bring_their_grammars(demo):
   """Prompts arriving mid-call bring grammars, loaded into the running state's tables as they are admitted (tables
   made for them if the call had none: it widens); one that finds no slot left is not admitted (Result.left: the
-  next call's)."""
+  next call's); tables no row uses any more are dropped, so a later grammar gets new ones."""
   tok, model, grammars, stops = demo
   digits, yes_no = grammars.regex("[0-9]{2}!", "t"), grammars.choice(["yes", "no"], "t")
   arriving = [[Arrival(tok.encode("x"), 20, Sampling(grammar=digits)), Arrival(tok.encode("y"), 20, Sampling(
@@ -171,6 +171,13 @@ def test_arrivals_bring_their_grammars(demo):
                                     Sampling(grammar=yes_no)], stop_ids=stops)
   assert widened.output_ids[1:] == alone.output_ids and widened.left == []
   assert widened.output_ids[0] == result.output_ids[0]
+  # the tables go with the call's last grammar row: a grammar arriving after it ended gets new ones (it would
+  # find the one slot of `room` taken otherwise)
+  arriving, polls = {1: [Arrival(tok.encode("x"), 20, Sampling(grammar=digits))], 12: [Arrival(tok.encode("z"), 20,
+                                                                                         Sampling(grammar=yes_no))]}, []
+  later = Generator(model).generate([tok.encode("w")], 80, Sampling(), stop_ids=stops, room=room,
+                                    arrivals=lambda: polls.append(1) or arriving.get(len(polls), []))
+  assert later.output_ids[1:] == alone.output_ids and later.left == []
 
 
 @pytest.mark.parametrize("call,message", [

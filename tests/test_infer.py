@@ -568,6 +568,44 @@ def test_prompts_arriving_while_others_decode(tiny):
   assert got.output_ids == want.output_ids[:2] and got.left == [too_long]
 
 
+def test_steps_no_prompt_takes_are_dropped(tiny, monkeypatch):
+  """Once the prompts asking for sampling steps (top-k, penalties, a logit bias, top logprobs) end, the decode calls
+  run without them (their arrays leave the state), offline and with arrivals (which bring them back); every
+  prompt's tokens, logprobs and top logprobs equal its run alone."""
+  _, model, _, _ = tiny
+  special = Sampling(1.0, 5, repetition_penalty=1.3, presence_penalty=0.5, logit_bias=((7, 3.0),), top_logprobs=2)
+  calls: list[SamplingOps] = []
+  compiled = Generator._compiled
+
+  def spied(self, fn, args, model=True, **statics):
+    if fn is generate.decode:
+      calls.append(statics["ops"])
+    return compiled(self, fn, args, model, **statics)
+
+  monkeypatch.setattr(Generator, "_compiled", spied)
+  engine, limits = Generator(model, batch_size=2), [6, 50]
+
+  def check(got, settings: list[Sampling]) -> None:
+    for i, (s, m) in enumerate(zip(settings, limits)):
+      alone = Generator(model).generate([PROMPTS[i]], m, s, seed=[Stream(3, i)])
+      assert got.output_ids[i] == alone.output_ids[0]
+      np.testing.assert_allclose(got.output_logprobs[i], alone.output_logprobs[0], atol=1e-5)
+      assert np.array(got.output_top_logprobs[i]).shape == np.array(alone.output_top_logprobs[0]).shape
+      np.testing.assert_allclose(np.array(got.output_top_logprobs[i]), np.array(alone.output_top_logprobs[0]),
+                                 atol=1e-5)
+
+  check(engine.generate(PROMPTS[:2], limits, [special, Sampling()], seed=3), [special, Sampling()])
+  assert calls[0].top_logprobs and calls[-1] == SamplingOps()  # (greedy only: no draws either)
+  calls.clear()
+  polls: list[int] = []
+  got = engine.generate([PROMPTS[1]], limits[1], Sampling(), seed=[Stream(3, 1)], room=Room(2, 64, 64),
+                        arrivals=lambda: polls.append(1) or ([Arrival(PROMPTS[0], limits[0], special, Stream(3, 0))]
+                                                              if len(polls) == 2 else []))
+  assert calls[0] == SamplingOps() and any(c.top_logprobs for c in calls) and calls[-1] == SamplingOps()
+  got.outputs[:] = got.outputs[::-1]  # (the arrival is prompt 1 here)
+  check(got, [special, Sampling()])
+
+
 def test_a_free_row_shortens_the_decode_calls(tiny):
   """While a row is free for prompts that may arrive, each decode call runs `arrival_chunk` steps (an arrival waits
   at most that many for the host to see it), with every row busy `chunk` steps, and without arrivals always
