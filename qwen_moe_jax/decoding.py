@@ -235,7 +235,7 @@ def resized(state: DecodeState, *, ops: SamplingOps, vocab: int) -> DecodeState:
   """The state with room for exactly the sampling steps `ops`, each row going on as before: a step turned on
   (a running call's, for a prompt arriving with more) starts neutral for the rows that do not take it (no ids seen
   or counted, none biased, grammar slot 0; the likeliest ids they did not ask for are zeros); a step turned off
-  (no row takes it any more: the caller's check) drops its arrays; sizes grow, or shrink to what no row uses."""
+  (no row takes it any more: the caller's check) drops its arrays (the logit bias's to width 0)."""
   rows, width = state.tokens.shape
 
   def sized(x: jax.Array | None, shape: tuple[int, ...], value, dtype) -> jax.Array:  # None: all `value`

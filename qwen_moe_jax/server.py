@@ -670,7 +670,7 @@ class Handler(BaseHTTPRequestHandler):
   @property
   def _origin(self) -> str | None:
     """The request's Origin when it may read the reply (CORS), else None."""
-    origin = self.headers.get("Origin")
+    origin = self.headers.get("Origin") if getattr(self, "headers", None) else None  # (none: a bad request line)
     return origin if origin and ("*" in self.origins or origin in self.origins) else None
 
   def end_headers(self) -> None:
@@ -703,6 +703,13 @@ class Handler(BaseHTTPRequestHandler):
                {"Allow": allowed})
 
   do_PUT = do_DELETE = do_PATCH = do_HEAD = do_CONNECT = do_TRACE = _not_allowed
+
+  def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+    """The standard library's replies to requests it cannot parse (a bad request line, headers too long, an unknown
+    method), as JSON errors; the connection closes."""
+    self.close_connection = True
+    message = message or self.responses.get(code, ("error",))[0]
+    self._json(code, _error(message, "invalid_request_error" if code < 500 else "server_error"))
 
   def _refused(self) -> bool:
     """Answers 401 to a request without `Authorization: Bearer <api_key>` (when the server has a key)."""

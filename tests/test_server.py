@@ -596,7 +596,8 @@ def test_bad_http_is_one_reply(served, monkeypatch):
 def test_browsers_and_other_methods(served):
   """CORS: a page from an allowed origin gets its preflight answered (no API key asked) and may read the replies;
   another origin's preflight is a 403 and its replies do not name it. Methods the server does not take are a 405
-  JSON error naming those it takes (a HEAD's without a body), one reply, the body unread."""
+  JSON error naming those it takes (a HEAD's without a body), one reply, the body unread; what the standard
+  library refuses (an unknown method, a request line over 64 KB) is a JSON error too."""
   url = served[0]
   host, port = url.removeprefix("http://").split(":")
 
@@ -630,6 +631,11 @@ def test_browsers_and_other_methods(served):
   assert status == 405 and body == b"" and headers["Allow"] == "GET, POST, OPTIONS"
   status, _, body = exchange("DELETE", "/v1/models", {})
   assert status == 405 and json.loads(body)["error"]["type"] == "method_not_allowed"
+  for data, status, message in ((b"FOO /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 501, "Unsupported method ('FOO')"),
+                                (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414, "Request-URI Too Long")):
+    reply = raw(url, data)  # what the standard library refuses before a handler runs: JSON too
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode()) and json.loads(reply.split(b"\r\n\r\n", 1)[1])[
+      "error"]["message"] == message, reply
 
 
 def test_openai_client(served):
