@@ -531,8 +531,10 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
     raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
   named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
   name = args.served_model_name or (args.checkpoint if named else folder.resolve().name)
-  if jax.process_index() > 0:  # process 0 serves HTTP; this one runs the same engine, as process 0's tells it
-    return follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos, grammars=grammars)
+  if jax.process_index() > 0:  # process 0 serves HTTP; this one runs the same engine, as process 0's tells it,
+    # building the grammars of the requests process 0 took however long they take here
+    unbounded = Grammars(tok, seconds=None, memory=grammars.memory, store=grammars.store)
+    return follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos, grammars=unbounded)
   pool = f", {generator.prefix_pool} prefix pool rows besides" if generator.prefix_pool else ""
   print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots{pool}", file=sys.stderr,
         flush=True)

@@ -164,11 +164,11 @@ def build_limits(text: str, flag: str) -> tuple[float, int]:
   return seconds, int(gib * 2**30)
 
 
-def build(pattern: str, vocabulary: bytes, vocab: int, eos: int, source: str, where: str, *, seconds: float,
+def build(pattern: str, vocabulary: bytes, vocab: int, eos: int, source: str, where: str, *, seconds: float | None,
           memory: int) -> Grammar:
   """The Grammar of `pattern` over a pickled outlines_core.Vocabulary (`vocab` ids, `eos` its EOS id), built in a
-  child process within `seconds` and `memory` bytes; a bad pattern or a limit reached is a UserError naming
-  `where` and `source`."""
+  child process within `seconds` (None: however long it takes) and `memory` bytes; a bad pattern or a limit reached
+  is a UserError naming `where` and `source`."""
   root = str(Path(__file__).resolve().parents[1])  # this package's folder, for a run from a source tree
   env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
   job = pickle.dumps((pattern, vocabulary, vocab, eos, source, memory))

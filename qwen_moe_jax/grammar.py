@@ -51,7 +51,8 @@ class Grammars:
   a child process, stopped past `seconds` or `memory` bytes (automaton.build); with a `store`, what was built
   before (by any process on this machine) is read from disk instead."""
 
-  def __init__(self, tok, size: int = 64, seconds: float = SECONDS, memory: int = MEMORY, store: Store | None = None):
+  def __init__(self, tok, size: int = 64, seconds: float | None = SECONDS, memory: int = MEMORY,
+               store: Store | None = None):
     self.tok, self.size, self.seconds, self.memory, self.store = tok, size, seconds, memory, store
     self._cache: collections.OrderedDict[tuple, Grammar] = collections.OrderedDict()
     self._lock = threading.Lock()  # over the cache and `_building` (the server's request threads build grammars)

@@ -289,6 +289,7 @@ def test_a_build_past_its_limits_is_one_error():
   built, (vocabulary, eos, size, _) = grammars.json_schema(SCHEMA, "s"), grammars._vocabulary
   assert walk_both(built, outlines_core.Index(built.pattern, pickle.loads(vocabulary)), eos, size) > 10
   assert not grammars._building and len(grammars._cache) == 1
+  assert Grammars(demo_tokenizer(), seconds=None).regex(PATTERN, "t").table.size  # (a follower's: no time limit)
 
 
 def test_grammars_are_stored_on_disk(tmp_path, monkeypatch):
