@@ -306,7 +306,8 @@ class Generator:
     new tokens, sampling steps: else the given prompts size it); an arrival needing sampling steps it lacks adds
     them (`room_ops`; the programs with them compile then, once), the running rows going on, and steps no running
     or waiting prompt takes any more are dropped at the next return to the host (any call). An arrival the call
-    has no room for (its cache slots or new tokens, a grammar when its grammar tables are full) is not admitted:
+    has no room for (its cache slots or new tokens, a grammar when the grammars running fill its tables: those no
+    prompt follows any more give theirs up) is not admitted:
     the call takes no more, ends when its rows finish, and returns it and those after it in `Result.left`, for the
     next call.
 
@@ -618,10 +619,11 @@ class Generator:
             owner[row], holds[row], freed[row] = -1, prompts[i] + outputs[i], next(self._clock)
             if on_done:
               on_done(i, output(i))
-        before = ops
+        before, running = ops, lambda: [settings[i] for i in owner if i >= 0] + [settings[i] for i in waiting]
+        grammars.release({s.grammar for s in running()})  # (their slots and cells go to later grammars)
         if arrivals and not left:
           admit(arrivals())  # (an arrival may widen `ops`)
-        ops = used(ops, [settings[i] for i in owner if i >= 0] + [settings[i] for i in waiting])
+        ops = used(ops, running())
         if not ops.grammars and before.grammars:  # the tables went with the last grammar: a later one makes new
           grammars = Registry(0, 0, cfg.vocab_size, stop_ids)
         if ops != before:  # the state follows

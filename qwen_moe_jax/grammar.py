@@ -187,25 +187,43 @@ def loaded(tables: Tables, slot, classes, base, cells) -> Tables:
 
 
 class Registry:
-  """Which grammar each slot of a decode state's Tables holds, filled as prompts are admitted (a call's slots are
-  not freed: a grammar that finds no room waits for the next call)."""
+  """Which grammar each slot of a decode state's Tables holds and where its cells lie, filled as prompts are
+  admitted; `release` frees those of grammars no prompt follows any more, for later ones (a grammar that finds no
+  room waits for the next call). Cells are given first fit from the free ranges, which merge as they free."""
 
   def __init__(self, slots: int, cells: int, vocab: int, stop_ids: Sequence[int]):
     self.slots, self.cells, self.vocab, self.stop_ids = slots, cells, vocab, list(stop_ids)
     self.placed: dict[Grammar, tuple[int, int]] = {}  # grammar -> (slot, base)
     self.waiting: list[Grammar] = []  # reserved, not yet on the device
-    self.used = 1  # cell 0: slot 0's
+    self.free_slots = list(range(slots - 1, 0, -1))  # slot 0: no grammar's (taken from the end: lowest first)
+    self.free_cells = [(1, cells - 1)] if cells > 1 else []  # [(start, count)] in order; cell 0: slot 0's
 
   def reserve(self, grammar: Grammar | None) -> bool:
     """Room for `grammar` (None, or one already reserved: always)."""
     if grammar is None or grammar in self.placed:
       return True
-    if len(self.placed) + 1 >= self.slots or self.used + grammar.cells > self.cells:
+    fit = next((k for k, (_, count) in enumerate(self.free_cells) if count >= grammar.cells), None)
+    if not self.free_slots or fit is None:
       return False
-    self.placed[grammar] = (len(self.placed) + 1, self.used)
-    self.used += grammar.cells
+    base, count = self.free_cells[fit]
+    self.free_cells[fit:fit + 1] = [(base + grammar.cells, count - grammar.cells)] if count > grammar.cells else []
+    self.placed[grammar] = (self.free_slots.pop(), base)
     self.waiting.append(grammar)
     return True
+
+  def release(self, keep: set) -> None:
+    """Frees the slots and cells of the placed grammars not in `keep` (those the running and waiting prompts
+    follow): rows that ended may still point there, but read nothing they use."""
+    for g in [g for g in self.placed if g not in keep]:
+      slot, base = self.placed.pop(g)
+      self.free_slots.append(slot)
+      ranges = sorted(self.free_cells + [(base, g.cells)])
+      self.free_cells = []
+      for start, count in ranges:  # merged with their neighbours
+        if self.free_cells and sum(self.free_cells[-1]) == start:
+          self.free_cells[-1] = (self.free_cells[-1][0], self.free_cells[-1][1] + count)
+        else:
+          self.free_cells.append((start, count))
 
   def start(self, grammar: Grammar | None) -> tuple[int, int]:
     """A row's (slot, cell of its first state) for `grammar` (reserved); (0, 0) for none."""

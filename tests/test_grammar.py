@@ -4,6 +4,7 @@ line naming the flag, line or field."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -178,6 +179,29 @@ def test_arrivals_bring_their_grammars(demo):
   later = Generator(model).generate([tok.encode("w")], 80, Sampling(), stop_ids=stops, room=room,
                                     arrivals=lambda: polls.append(1) or arriving.get(len(polls), []))
   assert later.output_ids[1:] == alone.output_ids and later.left == []
+  # and with a grammar still running, the slot and cells of one no prompt follows go to a later one
+  words = Sampling(grammar=grammars.regex("[a-z ]{200}", "t"))  # (w runs all its 60 tokens)
+  arriving, polls = {1: [Arrival(tok.encode("x"), 20, Sampling(grammar=digits))], 3: [Arrival(tok.encode("z"), 20,
+                                                                                        Sampling(grammar=yes_no))]}, []
+  recycled = Generator(model).generate([tok.encode("w")], 60, words, stop_ids=stops, room=dataclasses.replace(
+    room, ops=SamplingOps(grammars=3, grammar_cells=1 << 12)), arrivals=lambda: polls.append(1) or arriving.get(
+      len(polls), []))
+  assert recycled.left == [] and recycled.output_ids[1:] == alone.output_ids
+  assert recycled.output_ids[0] == Generator(model).generate([tok.encode("w")], 60, words, stop_ids=stops).output_ids[0]
+
+
+def test_registry_gives_up_the_room_of_grammars_no_prompt_follows(demo):
+  """Slots and cells of released grammars go to later ones (first fit); free ranges merge back whole."""
+  grammars = demo[2]
+  a, b, c = grammars.regex("a+", "t"), grammars.regex("b+", "t"), grammars.regex("[ab]", "t")
+  registry = Registry(slots=3, cells=1 + a.cells + b.cells, vocab=512, stop_ids=[0])
+  assert registry.reserve(a) and registry.reserve(b) and not registry.reserve(c)  # two slots
+  (slot_a, base_a), (slot_b, _) = registry.placed[a], registry.placed[b]
+  registry.release({b, None})
+  assert c.cells <= a.cells and registry.reserve(c) and registry.placed[c] == (slot_a, base_a)
+  assert registry.start(b)[0] == slot_b and registry.reserve(b)  # (kept)
+  registry.release(set())
+  assert registry.placed == {} and registry.free_cells == [(1, a.cells + b.cells)] and len(registry.free_slots) == 2
 
 
 @pytest.mark.parametrize("call,message", [
