@@ -48,7 +48,7 @@ from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
-from qwen_moe_jax.server import allowed_origins, follow, make_server
+from qwen_moe_jax.server import allowed_origins, follow, make_server, prepare_json_object
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
@@ -545,6 +545,7 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
                          origins=args.allowed_origins)
   except OSError as e:
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
+  prepare_json_object(grammars)
   address, bound = server.server_address[:2]
   processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
   print(f"serving {name} on http://{address}:{bound} (/v1/completions, /v1/chat/completions, /v1/models): "

@@ -19,6 +19,7 @@ follower (`follow`), told at each sync point what process 0's engine saw (servin
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hmac
 import itertools
@@ -50,6 +51,7 @@ from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import Tokenizer
 
+JSON_OBJECT = {"type": "object"}  # the schema of response_format json_object (any JSON object)
 FLAGS = ("stream", "echo", "ignore_eos", "parallel_tool_calls")  # fields that are true or false (and chat's logprobs)
 ACCEPTED = {"suffix": ("",), "best_of": (1,), "functions": ([],)}  # the values of fields not implemented that we
 # take
@@ -384,7 +386,7 @@ class Api:
       raise BadRequest('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
                        f'"json_schema", "json_schema": {{"schema": ...}}}}, got {fmt!r}', "response_format")
     if form == "json_object":
-      given["response_format"] = {"type": "object"}
+      given["response_format"] = JSON_OBJECT
     elif form == "json_schema":
       schema = fmt.get("json_schema")
       given["response_format"] = schema.get("schema") if isinstance(schema, dict) else None
@@ -863,6 +865,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
     except OSError:  # the client left before its reply
       self.close_connection = True
+
+
+def prepare_json_object(grammars: Grammars) -> None:
+  """Builds response_format json_object's grammar (any JSON object: seconds) on a thread of its own, or reads it
+  from the store, so that its first request does not wait for it; nothing for a tokenizer without structured
+  output."""
+  def prepare() -> None:
+    with contextlib.suppress(UserError):
+      grammars.json_schema(JSON_OBJECT, "response_format json_object")
+
+  if grammars.tok is not None:
+    threading.Thread(target=prepare, daemon=True, name="json_object grammar").start()
 
 
 def allowed_origins(text: str | None) -> frozenset[str]:

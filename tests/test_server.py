@@ -893,7 +893,8 @@ def test_cli_serve(served, tmp_path):
   serves; prompt flags next to it are one error line. With `--prefix-pool`, a conversation whose row two others
   took since finds its prefix in the pool. With an API key (here from $QWEN_MOE_JAX_API_KEY), a request without it,
   or with another, is a 401 (OpenAI's client with it is answered); /health and /metrics ask none. SIGTERM drains
-  (--shutdown-timeout's default) and exits 0."""
+  (--shutdown-timeout's default) and exits 0. response_format json_object's grammar is built (into the store) from
+  the start."""
   import openai
 
   _, tok, reference, eos, ckpt = served
@@ -902,7 +903,7 @@ def test_cli_serve(served, tmp_path):
   key = {"Authorization": "Bearer sesame"}
   proc = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", "Qwen/Demo-MoE", "--serve", "127.0.0.1:0",
                            "--dtype", "float32", "--batch-size", "2", "--max-model-len", "64", "--share-prefix", "16",
-                           "--prefix-pool", "2"], cwd=ROOT, env=env,
+                           "--prefix-pool", "2", "--grammar-cache", str(tmp_path / "grammars")], cwd=ROOT, env=env,
                           stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stderr.readline() == "compiling the decode program for 2 rows x 64 slots, 2 prefix pool rows besides\n"
@@ -930,6 +931,14 @@ def test_cli_serve(served, tmp_path):
       status, reply = post(url, {"prompt": prompt, "max_tokens": 5}, headers=key)
       assert status == 200
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == len(a)  # from the pool
+    for _ in range(600):  # json_object's grammar builds on its own thread from the start, into the store
+      if stored := list((tmp_path / "grammars").glob("*.npz")):
+        break
+      time.sleep(0.1)
+    assert len(stored) == 1  # before any request asked for it
+    status, reply = post(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                               "response_format": {"type": "json_object"}}, "/v1/chat/completions", key)
+    assert status == 200 and list((tmp_path / "grammars").glob("*.npz")) == stored  # the one built, used
     proc.terminate()  # SIGTERM stops the server as Ctrl-C does: nothing is under way to wait for
     assert proc.wait(timeout=60) == 0
     assert "stopping: new requests get 503; waiting up to 20 s for the 0 under way\n" in proc.stderr.readlines()
