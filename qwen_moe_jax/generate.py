@@ -246,6 +246,10 @@ class Generator:
       self._compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
+  def _has_decode(self, ops: SamplingOps) -> bool:
+    """Whether a decode program for these sampling steps was compiled (for any shapes: a server's are one)."""
+    return any(name == "decode" and dict(statics)["ops"] == ops for name, _, statics in self._executables)
+
   def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                settings: Sequence[Sampling] = ()) -> None:
     """Prompts of ids in the vocabulary, each leaving room in the context for a new token; max_new_tokens >= 1;
@@ -304,8 +308,9 @@ class Generator:
     `arrival_chunk` while a row is free) for prompts that arrived meanwhile (each valid, see `validate`): they take
     the next prompt indices, in order, and rows as rows free. `room` sizes the call for them (rows, cache slots,
     new tokens, sampling steps: else the given prompts size it); an arrival needing sampling steps it lacks adds
-    them (`room_ops`; the programs with them compile then, once), the running rows going on, and steps no running
-    or waiting prompt takes any more are dropped at the next return to the host (any call). An arrival the call
+    them (`room_ops`; the programs with them compile then, once), the running rows going on; steps no running or
+    waiting prompt takes any more are dropped at the next return to the host (any call) when a decode program
+    without them was compiled before (a compile would stall the running rows). An arrival the call
     has no room for (its cache slots or new tokens, a grammar when the grammars running fill its tables: those no
     prompt follows any more give theirs up) is not admitted:
     the call takes no more, ends when its rows finish, and returns it and those after it in `Result.left`, for the
@@ -623,7 +628,9 @@ class Generator:
         grammars.release({s.grammar for s in running()})  # (their slots and cells go to later grammars)
         if arrivals and not left:
           admit(arrivals())  # (an arrival may widen `ops`)
-        ops = used(ops, running())
+        narrow = used(ops, running())
+        if narrow != ops and self._has_decode(narrow):  # (never a compile for it: one stalls every running row)
+          ops = narrow
         if not ops.grammars and before.grammars:  # the tables went with the last grammar: a later one makes new
           grammars = Registry(0, 0, cfg.vocab_size, stop_ids)
         if ops != before:  # the state follows

@@ -570,15 +570,16 @@ def test_prompts_arriving_while_others_decode(tiny):
 
 def test_steps_no_prompt_takes_are_dropped(tiny, monkeypatch):
   """Once the prompts asking for sampling steps (top-k, penalties, a logit bias, top logprobs) end, the decode calls
-  run without them (their arrays leave the state), offline and with arrivals (which bring them back); every
-  prompt's tokens, logprobs and top logprobs equal its run alone."""
+  run without them (their arrays leave the state), offline and with arrivals (which bring them back), if a decode
+  program without them was compiled before (never compiling one for it); every prompt's tokens, logprobs and top
+  logprobs equal its run alone."""
   _, model, _, _ = tiny
   special = Sampling(1.0, 5, repetition_penalty=1.3, presence_penalty=0.5, logit_bias=((7, 3.0),), top_logprobs=2)
   calls: list[SamplingOps] = []
   compiled = Generator._compiled
 
   def spied(self, fn, args, model=True, **statics):
-    if fn is generate.decode:
+    if fn is generate.decode and self is engine:
       calls.append(statics["ops"])
     return compiled(self, fn, args, model, **statics)
 
@@ -594,6 +595,10 @@ def test_steps_no_prompt_takes_are_dropped(tiny, monkeypatch):
       np.testing.assert_allclose(np.array(got.output_top_logprobs[i]), np.array(alone.output_top_logprobs[0]),
                                  atol=1e-5)
 
+  check(engine.generate(PROMPTS[:2], limits, [special, Sampling()], seed=3), [special, Sampling()])
+  assert calls[-1] == calls[0] == SamplingOps.of([special])  # no decode program without them yet: none compiled
+  engine.generate([PROMPTS[1]], 4)  # (now there is)
+  calls.clear()
   check(engine.generate(PROMPTS[:2], limits, [special, Sampling()], seed=3), [special, Sampling()])
   assert calls[0].top_logprobs and calls[-1] == SamplingOps()  # (greedy only: no draws either)
   calls.clear()
