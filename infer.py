@@ -46,9 +46,11 @@ from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, Output, Piece
 from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
+from qwen_moe_jax.openai_api import prepare_json_object
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
-from qwen_moe_jax.server import allowed_origins, follow, make_server, prepare_json_object
+from qwen_moe_jax.server import allowed_origins, make_server
+from qwen_moe_jax.serving_engine import follow
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 

@@ -1,6 +1,6 @@
-"""The OpenAI-compatible server (`infer.py --serve`, qwen_moe_jax/server.py) over HTTP: replies equal the
-engine's own generation for the same prompts and settings, streamed or whole; requests join a running batch;
-bad requests are one 400 line naming the field."""
+"""The OpenAI-compatible server (`infer.py --serve`: qwen_moe_jax/server.py, openai_api.py, serving_engine.py)
+over HTTP: replies equal the engine's own generation for the same prompts and settings, streamed or whole;
+requests join a running batch; bad requests are one 400 line naming the field."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ from qwen_moe_jax import checkpoint, convert, scoring, tool_calls
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.generate import Generator, Stream
 from qwen_moe_jax.grammar import Grammars
+from qwen_moe_jax.openai_api import Api
 from qwen_moe_jax.prefixes import common_prefix
 from qwen_moe_jax.sampling import Sampling
-from qwen_moe_jax.server import Api, make_server
+from qwen_moe_jax.server import make_server
 from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.tokenizer import load_tokenizer
 
