@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from qwen_moe_jax.cache_home import cache_home
 from qwen_moe_jax.errors import UserError
 
 NEVER, STOP = 0, 1  # the classes every grammar has (see grammar.py's docstring)
@@ -146,7 +147,7 @@ def store_of(folder: str | None, flag: str) -> Store | None:
   if folder == "off":
     return None
   if folder is None:
-    return Store(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-moe-jax" / "grammars")
+    return Store(cache_home("grammars"))
   try:
     Path(folder).mkdir(parents=True, exist_ok=True)
   except OSError as e:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from qwen_moe_jax import sharding
+from qwen_moe_jax.cache_home import cache_home
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.kernels import (
   ATTENTION_BACKENDS,
@@ -104,7 +105,7 @@ def enable_compile_cache(folder: str | None) -> None:
   """
   if folder == "off":
     return
-  own = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-moe-jax" / "xla"
+  own = cache_home("xla")
   chosen = Path(folder or os.environ.get("JAX_COMPILATION_CACHE_DIR") or own)
   try:
     chosen.mkdir(parents=True, exist_ok=True)
