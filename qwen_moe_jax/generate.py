@@ -84,16 +84,6 @@ def room_ops(ops: SamplingOps, vocab: int) -> SamplingOps:
     grammar_cells=max(ops.grammar_cells, GRAMMAR_CELLS) if ops.grammars else 0)
 
 
-def used(ops: SamplingOps, settings: Sequence[Sampling]) -> SamplingOps:
-  """`ops` without the steps none of `settings` (the prompts running or waiting) takes (the others' sizes kept, so
-  that a call's programs are one per set of steps); none: `ops` (the call is ending)."""
-  if not settings:
-    return ops
-  need = SamplingOps.of(settings)
-  return SamplingOps(**{f.name: getattr(ops, f.name) if getattr(need, f.name) else type(getattr(ops, f.name))()
-                        for f in dataclasses.fields(SamplingOps)})
-
-
 def cache_bucket(n: int) -> int:
   """Cache slots for n positions: a power of two up to CACHE_STEP, then the next multiple of CACHE_STEP.
 
@@ -246,9 +236,20 @@ class Generator:
       self._compile_seconds += time.perf_counter() - start
     return self._executables[key]
 
-  def _has_decode(self, ops: SamplingOps) -> bool:
-    """Whether a decode program for these sampling steps was compiled (for any shapes: a server's are one)."""
-    return any(name == "decode" and dict(statics)["ops"] == ops for name, _, statics in self._executables)
+  def _narrowest_decode(self, ops: SamplingOps, settings: Sequence[Sampling]) -> SamplingOps:
+    """The fewest and smallest sampling steps that a decode program was compiled for (for any shapes: a server's
+    are one), that `ops` covers and that cover what `settings` (the prompts running or waiting) take: steps no
+    prompt takes any more dropped, sizes (top-k's k, the logit bias's width, the top logprobs' count) back to one
+    a smaller ask ran with. The grammar tables keep their size (their cells are in use), or go with the last
+    grammar. `ops` when none narrower was compiled (a compile would stall every running row), or no prompt is
+    left (the call is ending)."""
+    if not settings:
+      return ops
+    need = SamplingOps.of(settings)
+    tables = (ops.grammars, ops.grammar_cells) if need.grammars else (0, 0)
+    fits = [ran for name, _, statics in self._executables if name == "decode" for ran in [dict(statics)["ops"]]
+            if ops.covers(ran) and ran.covers(need) and (ran.grammars, ran.grammar_cells) == tables]
+    return min(fits, key=lambda ran: sum(dataclasses.astuple(ran)), default=ops)
 
   def validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                settings: Sequence[Sampling] = ()) -> None:
@@ -628,9 +629,7 @@ class Generator:
         grammars.release({s.grammar for s in running()})  # (their slots and cells go to later grammars)
         if arrivals and not left:
           admit(arrivals())  # (an arrival may widen `ops`)
-        narrow = used(ops, running())
-        if narrow != ops and self._has_decode(narrow):  # (never a compile for it: one stalls every running row)
-          ops = narrow
+        ops = self._narrowest_decode(ops, running())
         if not ops.grammars and before.grammars:  # the tables went with the last grammar: a later one makes new
           grammars = Registry(0, 0, cfg.vocab_size, stop_ids)
         if ops != before:  # the state follows

@@ -570,9 +570,10 @@ def test_prompts_arriving_while_others_decode(tiny):
 
 def test_steps_no_prompt_takes_are_dropped(tiny, monkeypatch):
   """Once the prompts asking for sampling steps (top-k, penalties, a logit bias, top logprobs) end, the decode calls
-  run without them (their arrays leave the state), offline and with arrivals (which bring them back), if a decode
-  program without them was compiled before (never compiling one for it); every prompt's tokens, logprobs and top
-  logprobs equal its run alone."""
+  run without them (their arrays leave the state), offline and with arrivals (which bring them back), and once the
+  prompts asking for larger sizes (top-k's k, the logit bias's width, the top logprobs' count) end, with the sizes
+  the others ask, if a decode program for those was compiled before (never compiling one for it); every prompt's
+  tokens, logprobs and top logprobs equal its run alone."""
   _, model, _, _ = tiny
   special = Sampling(1.0, 5, repetition_penalty=1.3, presence_penalty=0.5, logit_bias=((7, 3.0),), top_logprobs=2)
   calls: list[SamplingOps] = []
@@ -609,6 +610,11 @@ def test_steps_no_prompt_takes_are_dropped(tiny, monkeypatch):
   assert calls[0] == SamplingOps() and any(c.top_logprobs for c in calls) and calls[-1] == SamplingOps()
   got.outputs[:] = got.outputs[::-1]  # (the arrival is prompt 1 here)
   check(got, [special, Sampling()])
+  wide = Sampling(1.0, 40, repetition_penalty=1.1, presence_penalty=0.2, top_logprobs=5,
+                  logit_bias=((7, 3.0), (9, 1.0), (11, -2.0)))
+  calls.clear()
+  check(engine.generate(PROMPTS[:2], limits, [wide, special], seed=3), [wide, special])
+  assert calls[0] == SamplingOps.of([wide]) and calls[-1] == SamplingOps.of([special])  # (compiled above)
 
 
 def test_a_free_row_shortens_the_decode_calls(tiny):
