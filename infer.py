@@ -116,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--grammar-cache", metavar="DIR|off",
                   help="structured output: grammars built before are read from this folder instead of built again "
                   "(any JSON object: seconds), by any run on this machine (default: ~/.cache/qwen-moe-jax/grammars, "
-                  "its 256 most recently used)")
+                  "its most recently used, up to 1 GiB)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--num-samples", type=int, default=1,
                   help="samples per prompt (sampling only; --json objects then carry \"sample\")")

@@ -95,13 +95,13 @@ class Store:
   """Grammars built before, on disk (`folder`): one .npz each (no pickle), named by a hash of what made it (the
   tokenizer's byte vocabulary, outlines-core's version, the regex: `fingerprint` and the pattern), so a schema builds
   once per machine rather than once per run or server start (any JSON object: 11 s with Qwen2's vocabulary, 2
-  cores). The `entries` least recently used stay; a file that does not read back as the grammar asked for is built
-  again; a folder that cannot be written is skipped."""
+  cores). The most recently used stay, up to `max_bytes` in all (the newest always); a file that does not read back
+  as the grammar asked for is built again; a folder that cannot be written is skipped."""
 
   FORMAT = 1  # the stored arrays' meaning: change it when Grammar's arrays change
 
-  def __init__(self, folder: str | Path, entries: int = 256):
-    self.folder, self.entries = Path(folder), entries
+  def __init__(self, folder: str | Path, max_bytes: int = 1 << 30):
+    self.folder, self.max_bytes = Path(folder), max_bytes
 
   def path(self, fingerprint: str, pattern: str) -> Path:
     key = hashlib.sha256(f"{self.FORMAT}\0{fingerprint}\0{pattern}".encode()).hexdigest()
@@ -123,8 +123,8 @@ class Store:
     return Grammar(classes, table, initial, source, pattern) if fits else None
 
   def put(self, fingerprint: str, grammar: Grammar) -> None:
-    """Stores `grammar` (written whole under a temporary name, then renamed), the least recently used going past
-    `entries`; a folder that cannot be written is no error."""
+    """Stores `grammar` (written whole under a temporary name, then renamed), the least recently used going once
+    the files are over `max_bytes` in all; a folder that cannot be written is no error."""
     path, written = self.path(fingerprint, grammar.pattern), None
     try:
       self.folder.mkdir(parents=True, exist_ok=True)
@@ -133,9 +133,11 @@ class Store:
         np.savez_compressed(f, classes=grammar.classes, table=grammar.table, initial=np.int64(grammar.initial),
                             pattern=np.frombuffer(grammar.pattern.encode(), np.uint8))
       os.replace(written, path)
-      stored = sorted(self.folder.glob("*.npz"), key=lambda p: p.stat().st_mtime)
-      for old in stored[:max(0, len(stored) - self.entries)]:
-        old.unlink(missing_ok=True)
+      total = 0
+      for stored in sorted(self.folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True):
+        total += stored.stat().st_size
+        if total > self.max_bytes and stored != path:
+          stored.unlink(missing_ok=True)
     except OSError:
       if written:
         Path(written).unlink(missing_ok=True)

@@ -318,9 +318,9 @@ def test_a_build_past_its_limits_is_one_error():
 
 def test_grammars_are_stored_on_disk(tmp_path, monkeypatch):
   """With a store, a grammar built once is read back by another Grammars (a later run) without a build, equal to
-  the first; another tokenizer's is built anew; a damaged file is built again; past `entries` files the least
+  the first; another tokenizer's is built anew; a damaged file is built again; past `max_bytes` the least
   recently used go; a folder that cannot be written stores nothing and fails nothing."""
-  store = Store(tmp_path / "grammars", entries=2)
+  store = Store(tmp_path / "grammars")
   first = Grammars(demo_tokenizer(), store=store).json_schema(SCHEMA, "s")
   [file] = store.folder.iterdir()
 
@@ -344,8 +344,11 @@ def test_grammars_are_stored_on_disk(tmp_path, monkeypatch):
   grammars = Grammars(demo_tokenizer(), store=store)
   assert np.array_equal(grammars.json_schema(SCHEMA, "s").table, first.table)  # (and stored again)
   grammars.regex("a+", "t")
+  [regex_file] = set(store.folder.glob("*.npz")) - {file}  # (both kept under the default cap)
+  store.max_bytes = 2 * regex_file.stat().st_size + 64  # room for two regexes' files, not for the schema's too
   grammars.regex("b+", "t")
-  assert len(list(store.folder.glob("*.npz"))) == 2 and not file.exists()  # the schema's went first
+  sizes = [p.stat().st_size for p in store.folder.glob("*.npz")]
+  assert len(sizes) == 2 and sum(sizes) <= store.max_bytes and not file.exists()  # the schema's went first
   (tmp_path / "file").write_text("")
   assert Grammars(demo_tokenizer(), store=Store(tmp_path / "file" / "grammars")).regex("c+", "t").table.size
 
