@@ -1,6 +1,6 @@
-"""An OpenAI-compatible HTTP server over one Generator (`infer.py --serve`): POST /v1/completions and
-/v1/chat/completions (one JSON reply, or server-sent events with "stream": true), vLLM's /tokenize and
-/detokenize, GET /v1/models, /health and /metrics (Prometheus', serving_metrics.py).
+"""An OpenAI-compatible HTTP server over one Generator (`infer.py --serve`): POST /v1/completions,
+/v1/chat/completions and /v1/responses (responses_api.py), each one JSON reply or server-sent events with "stream":
+true; vLLM's /tokenize and /detokenize; GET /v1/models, /health and /metrics (Prometheus', serving_metrics.py).
 
 The HTTP threads (the standard library's ThreadingHTTPServer, a thread per connection) read and check requests,
 turn them into jobs (openai_api.py), submit them to the engine thread (serving_engine.py) and wait for their
@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jax
 
+from qwen_moe_jax import responses_api
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.grammar import Grammars
@@ -124,8 +125,8 @@ class Handler(BaseHTTPRequestHandler):
     self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
 
   def do_POST(self) -> None:  # noqa: N802
-    kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/tokenize": "tokenize",
-            "/detokenize": "detokenize"}.get(self.route)
+    kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses",
+            "/tokenize": "tokenize", "/detokenize": "detokenize"}.get(self.route)
     if self._refused():
       return
     if kind is None:
@@ -140,12 +141,19 @@ class Handler(BaseHTTPRequestHandler):
       self.server.leave()
 
   def _post(self, kind: str) -> None:
+    """A POST to a route that generates: its jobs submitted, then the reply, whole or streamed (a Responses request
+    runs as the chat request it means: responses_api.py)."""
+    form = "chat" if kind == "responses" else kind  # what the request runs as
     try:
       body = self._body()
       if kind in ("tokenize", "detokenize"):
         return self._json(200, getattr(self.api, kind)(body))
+      asked = responses_api.chat_request(body) if kind == "responses" else body
       events: queue.Queue = queue.Queue()
-      jobs, prompts = self.api.jobs(kind, body, events)
+      try:
+        jobs, prompts = self.api.jobs(form, asked, events)
+      except BadRequest as e:
+        raise responses_api.refused(e) if kind == "responses" else e from None
     except BadRequest as e:
       return self._json(e.status, _error(str(e), param=e.param))
     except Exception as e:  # noqa: BLE001  (a bug: the client hears of it, the server goes on)
@@ -153,7 +161,7 @@ class Handler(BaseHTTPRequestHandler):
       return self._json(500, _error(f"{type(e).__name__}: {e}", "server_error"))
     self.api.engine.submit(jobs)
     if body.get("stream"):
-      return self._stream(kind, body, events, jobs, prompts)
+      return self._stream(kind, body, asked, events, jobs, prompts)
     results: list[tuple | None] = [None] * len(jobs)
     while any(r is None for r in results):
       try:
@@ -169,7 +177,8 @@ class Handler(BaseHTTPRequestHandler):
         return self._json(500, _error(event[2], "server_error"))
       if event[0] == "done":
         results[event[1]] = event[2:]
-    self._json(200, self.api.reply(kind, body, results, prompts))
+    reply = self.api.reply(form, asked, results, prompts)
+    self._json(200, responses_api.response(reply, body) if kind == "responses" else reply)
 
   def _body(self):
     """The request's JSON body; BadRequest if its Content-Length is missing or wrong, too large, or the JSON bad
@@ -195,7 +204,8 @@ class Handler(BaseHTTPRequestHandler):
     self.close_connection = keep
     return body
 
-  def _stream(self, kind: str, body: dict, events: queue.Queue, jobs: list[Job], prompts) -> None:
+  def _stream(self, kind: str, body: dict, asked: dict, events: queue.Queue, jobs: list[Job], prompts) -> None:
+    """Server-sent events: chat's or completions' chunks, then [DONE]; or Responses' typed events (each named)."""
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
     self.send_header("Cache-Control", "no-cache")
@@ -203,8 +213,13 @@ class Handler(BaseHTTPRequestHandler):
     self.end_headers()
     self.close_connection = True
     try:
+      chunks = self.api.chunks("chat" if kind == "responses" else kind, asked, events, len(jobs), prompts)
+      if kind == "responses":
+        for event in responses_api.events(chunks, body, self.api.name):
+          self._event(json.dumps(event, ensure_ascii=False), event["type"])
+        return
       try:
-        for chunk in self.api.chunks(kind, body, events, len(jobs), prompts):
+        for chunk in chunks:
           self._event(json.dumps(chunk, ensure_ascii=False))
       except RuntimeError as e:  # the engine failed this call
         self._event(json.dumps(_error(str(e), "server_error")))
@@ -222,8 +237,8 @@ class Handler(BaseHTTPRequestHandler):
     except OSError:  # reset
       return True
 
-  def _event(self, data: str) -> None:
-    self.wfile.write(f"data: {data}\n\n".encode())
+  def _event(self, data: str, name: str | None = None) -> None:
+    self.wfile.write((f"event: {name}\n" if name else "").encode() + f"data: {data}\n\n".encode())
     self.wfile.flush()
 
   def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:

@@ -948,3 +948,108 @@ def test_cli_serve(served, tmp_path):
   bad = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "0", "--prompt", "hi"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip() == "error: --serve takes its prompts over HTTP: drop --prompt"
+
+
+def response_events(url: str, body: dict) -> list[dict]:
+  """The typed events of a streamed /v1/responses request (each block's `event:` name checked against its type)."""
+  with urllib.request.urlopen(urllib.request.Request(url + "/v1/responses", data=json.dumps(
+      dict(body, stream=True)).encode()), timeout=300) as r:
+    blocks = [b.split("\n") for b in r.read().decode().split("\n\n") if b]
+  events = [json.loads(data.removeprefix("data: ")) for _, data in blocks]
+  assert [name.removeprefix("event: ") for name, _ in blocks] == [e["type"] for e in events]
+  assert [e["sequence_number"] for e in events] == list(range(len(events)))
+  return events
+
+
+def test_responses_api(served):
+  """OpenAI's Responses API runs as the chat request it means: instructions and input items (text parts, a
+  developer message) give the chat's text and usage, whole and streamed (deltas join to the whole text, the last
+  event the whole Response, "incomplete" when max_output_tokens cut it), through OpenAI's client too; text.format
+  json_schema follows the schema."""
+  import openai
+
+  url, tok, _, _, _ = served
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Say yes."},
+              {"role": "user", "content": "Hello\nthere"}]
+  status, chat = post(url, {"messages": messages, "max_completion_tokens": 12}, "/v1/chat/completions")
+  assert status == 200, chat
+  body = {"instructions": "Be brief.", "max_output_tokens": 12, "input": [
+    {"role": "developer", "content": "Say yes."},
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"},
+                                                     {"type": "input_text", "text": "there"}]}]}
+  status, reply = post(url, body, "/v1/responses")
+  assert status == 200, reply
+  [message] = reply["output"]
+  assert reply["object"] == "response" and reply["id"].startswith("resp_") and message["type"] == "message"
+  assert message["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+  finish = chat["choices"][0]["finish_reason"]
+  assert reply["status"] == ("incomplete" if finish == "length" else "completed")
+  assert (reply["incomplete_details"] or {}).get("reason") == ("max_output_tokens" if finish == "length" else None)
+  assert reply["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages))
+  assert reply["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+  events = response_events(url, body)
+  assert [e["type"] for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                             "response.content_part.added"]
+  deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+  assert deltas == message["content"][0]["text"]
+  assert [e["type"] for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                              "response.output_item.done", f"response.{reply['status']}"]
+  final = events[-1]["response"]
+  assert final["output"][0]["content"] == message["content"] and final["usage"] == reply["usage"]
+  assert final["id"] == events[0]["response"]["id"]
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+  made = client.responses.create(model="demo", instructions="Be brief.", input=body["input"], max_output_tokens=12)
+  assert made.output_text == message["content"][0]["text"] and made.usage.input_tokens == reply["usage"]["input_tokens"]
+  streamed = list(client.responses.create(model="demo", instructions="Be brief.", input=body["input"],
+                                          max_output_tokens=12, stream=True))
+  assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == made.output_text
+  assert streamed[-1].type == f"response.{made.status}" and streamed[-1].response.output_text == made.output_text
+  schema = {"type": "json_schema", "name": "c", "schema": SCHEMA, "strict": True}
+  status, reply = post(url, {"input": "Color?", "max_output_tokens": 60, "text": {"format": schema}}, "/v1/responses")
+  assert status == 200 and json.loads(reply["output"][0]["content"][0]["text"])["color"] in ("red", "green"), reply
+
+
+def test_responses_api_calls_tools(tool_server):
+  """Responses' function tools: a forced call is a function_call item whose arguments follow the function's
+  parameters, streamed as function_call_arguments deltas that join to them; the call and its output sent back as
+  input items render as chat's tool call and tool message do."""
+  url, tok = tool_server
+  weather = {"type": "function", **WEATHER["function"]}
+  body = {"input": "Weather in Paris?", "tools": [weather], "max_output_tokens": 200, "temperature": 1.0,
+          "seed": 1, "tool_choice": {"type": "function", "name": "get_weather"}}
+  status, reply = post(url, body, "/v1/responses")
+  assert status == 200, reply
+  [call] = reply["output"]
+  assert call["type"] == "function_call" and call["name"] == "get_weather" and call["call_id"].startswith("call_")
+  assert json.loads(call["arguments"])["unit"] in ("C", "F") and reply["status"] == "completed"
+  events = response_events(url, body)
+  joined = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+  assert json.loads(joined) == json.loads(call["arguments"]) and joined == events[-1]["response"]["output"][0][
+    "arguments"] == next(e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done")
+  assert [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"] == ["function_call"]
+  turn = [{"role": "user", "content": "Weather in Paris?"}, {k: call[k] for k in ("type", "call_id", "name",
+                                                                                  "arguments")},
+          {"type": "function_call_output", "call_id": call["call_id"], "output": "Sunny"}]
+  status, reply = post(url, {"input": turn, "tools": [weather], "max_output_tokens": 4}, "/v1/responses")
+  want = [{"role": "user", "content": "Weather in Paris?"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": call["call_id"], "type": "function", "function": {
+            "name": "get_weather", "arguments": json.loads(call["arguments"])}}]},
+          {"role": "tool", "tool_call_id": call["call_id"], "content": "Sunny"}]
+  assert status == 200 and reply["usage"]["input_tokens"] == len(tok.apply_chat_template(want, tools=[WEATHER]))
+
+
+@pytest.mark.parametrize("body,message,param", [
+  ({"previous_response_id": "resp_1"}, "previous_response_id: no response is stored", "previous_response_id"),
+  ({"input": []}, "input must be a non-empty string", "input"),
+  ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content must be",
+   "input"),
+  ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0] must be a message", "input"),
+  ({"tools": [{"type": "web_search"}]}, "tools[0]: only function tools", "tools"),
+  ({"max_output_tokens": 0}, "max_output_tokens must be in [1,", "max_output_tokens"),
+  ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format must be", "text"),
+  ({"instructions": 3}, "instructions must be a string", "instructions"),
+  ("hi", "the request body must be a JSON object", None),
+])
+def test_bad_responses_requests(served, body, message, param):
+  status, reply = post(served[0], ({"input": "hi"} | body) if isinstance(body, dict) else body, "/v1/responses")
+  assert status == 400 and message in reply["error"]["message"] and reply["error"]["param"] == param, reply
