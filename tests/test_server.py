@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hf_models import hub_cache
-from qwen_moe_jax import checkpoint, convert, scoring, tool_calls
+from qwen_moe_jax import checkpoint, convert, responses_api, scoring, tool_calls
 from qwen_moe_jax.demo import write_hf_demo
 from qwen_moe_jax.generate import Generator, Stream
 from qwen_moe_jax.grammar import Grammars
@@ -1053,3 +1053,38 @@ def test_responses_api_calls_tools(tool_server):
 def test_bad_responses_requests(served, body, message, param):
   status, reply = post(served[0], ({"input": "hi"} | body) if isinstance(body, dict) else body, "/v1/responses")
   assert status == 400 and message in reply["error"]["message"] and reply["error"]["param"] == param, reply
+
+
+def test_response_events_from_chat_chunks():
+  """Chat chunks with text, then a tool call whose arguments come in two pieces, become the message item's events
+  (closed when the call begins), the function_call item's, and response.completed with both items; an engine
+  failure mid-stream ends the events with an error event."""
+  usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12, "prompt_tokens_details": {
+    "cached_tokens": 2}}
+
+  def chunk(delta: dict, reason: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+  chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Let me "}), chunk({"content": "check."}),
+            chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "f", "arguments": '{"a": '}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+            chunk({}, "tool_calls"), {"choices": [], "usage": usage}]
+  events = list(responses_api.events(chunks, {"input": "hi"}, "demo"))
+  assert [e["type"].removeprefix("response.") for e in events] == [
+    "created", "in_progress", "output_item.added", "content_part.added", "output_text.delta", "output_text.delta",
+    "output_text.done", "content_part.done", "output_item.done", "output_item.added", "function_call_arguments.delta",
+    "function_call_arguments.delta", "function_call_arguments.done", "output_item.done", "completed"]
+  final = events[-1]["response"]
+  assert final["status"] == "completed" and final["usage"]["input_tokens_details"]["cached_tokens"] == 2
+  [message, call] = final["output"]
+  assert message["content"][0]["text"] == "Let me check." and events[6]["text"] == "Let me check."
+  assert (call["call_id"], call["name"], call["arguments"], call["status"]) == ("call_1", "f", '{"a": 1}', "completed")
+  assert events[9]["item"]["status"] == "in_progress" and events[9]["output_index"] == 1
+
+  def failing():
+    yield chunk({"content": "Hi"})
+    raise RuntimeError("out of memory")
+
+  events = list(responses_api.events(failing(), {"input": "hi"}, "demo"))
+  assert events[-1]["type"] == "error" and events[-1]["message"] == "out of memory"
