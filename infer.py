@@ -550,8 +550,9 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   prepare_json_object(grammars)
   address, bound = server.server_address[:2]
   processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
-  print(f"serving {name} on http://{address}:{bound} (/v1/completions, /v1/chat/completions, /v1/models): "
-        f"{generator.batch_size} rows x {slots} slots{processes}; the first requests of other shapes compile",
+  print(f"serving {name} on http://{address}:{bound} (/v1/completions, /v1/chat/completions, /v1/responses, "
+        f"/v1/models): {generator.batch_size} rows x {slots} slots{processes}; the first requests of other shapes "
+        "compile",
         file=sys.stderr, flush=True)
   signals = itertools.count()
 
