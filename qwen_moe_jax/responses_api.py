@@ -2,13 +2,17 @@
 a request becomes the chat request it means (`chat_request`: instructions and input items as messages, tools,
 text.format as response_format, max_output_tokens), which openai_api.Api checks and runs (the same chat template,
 sampling, tools and structured output), and the chat reply becomes the Response object (`response`), or its
-streamed chunks Responses' typed events (`events`). Nothing is stored: `previous_response_id` is refused, so a
-conversation sends its earlier turns as input items (messages, function_call and function_call_output items).
+streamed chunks Responses' typed events (`events`). A response is stored unless the request says `store: false`
+(`Stored`: the last STORED conversations, in memory), so that a later request's `previous_response_id` continues
+it (its input items and output before the new input; not its instructions, as OpenAI's); or a conversation sends
+its earlier turns as input items (messages, function_call and function_call_output items).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+import threading
 import time
 import uuid
 from typing import Iterable, Iterator
@@ -21,22 +25,58 @@ SAMPLING = tuple(k for k in SETTINGS if k != "top_logprobs")  # settings a reque
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 CHAT_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input"}
 CHAT_PARAMS = CHAT_NAMES | {"response_format": "text"}  # the chat API's fields -> the Responses fields they came from
+STORED = 4096  # the most conversations `Stored` keeps (the least recently used go; a few KB of text each)
 
 
-def chat_request(body) -> dict:
-  """The chat completions request a Responses request means; BadRequest naming its field when it asks for what
-  this server does not do (stored responses, background runs, non-text input, tools other than functions)."""
+class Stored:
+  """The conversations of stored responses, by response id: each its messages (input and output, without
+  instructions), for a later request's previous_response_id."""
+
+  def __init__(self, size: int = STORED):
+    self.size, self.lock = size, threading.Lock()
+    self.conversations: collections.OrderedDict[str, list[dict]] = collections.OrderedDict()
+
+  def get(self, response_id) -> list[dict]:
+    with self.lock:
+      if response_id not in self.conversations:
+        raise BadRequest(f"previous_response_id: no stored response {response_id!r:.100} (responses made with store "
+                         f"false are not kept, nor more than the last {self.size}; a server restart forgets them)",
+                         "previous_response_id", 404)
+      self.conversations.move_to_end(response_id)
+      return self.conversations[response_id]
+
+  def put(self, body: dict, chat: dict, response: dict) -> None:
+    """Keeps `response`'s conversation (the chat request `chat` it ran as, its output) unless `body` said store
+    false."""
+    if body.get("store") is False:
+      return
+    asked = chat["messages"][1:] if body.get("instructions") else chat["messages"]
+    with self.lock:
+      self.conversations[response["id"]] = asked + _messages(response["output"], "output")
+      while len(self.conversations) > self.size:
+        self.conversations.popitem(last=False)
+
+
+def chat_request(body, stored: Stored) -> dict:
+  """The chat completions request a Responses request means (continuing a `stored` conversation when it gives
+  previous_response_id); BadRequest naming its field when it asks for what this server does not do (background
+  runs, conversation objects, non-text input, tools other than functions), or for a response not stored."""
   if not isinstance(body, dict):
     raise BadRequest("the request body must be a JSON object")
-  for key, why in (("previous_response_id", "no response is stored: send the conversation's earlier turns as input "
-                    "items"), ("background", "background responses are not supported"),
-                   ("conversation", "no conversation is stored: send its turns as input items")):
+  for key, why in (("background", "background responses are not supported"),
+                   ("conversation", "conversation objects are not supported: give previous_response_id, or send the "
+                    "turns as input items")):
     if body.get(key) not in (None, False):
       raise BadRequest(f"{key}: {why}", key)
+  for key in ("instructions", "previous_response_id"):
+    if body.get(key) is not None and not isinstance(body[key], str):
+      raise BadRequest(f"{key} must be a string, got {body[key]!r:.100}", key)
+  if body.get("store") is not None and not isinstance(body["store"], bool):
+    raise BadRequest(f"store must be true or false, got {body['store']!r:.100}", "store")
+  earlier = stored.get(body["previous_response_id"]) if body.get("previous_response_id") else []
   instructions = body.get("instructions")
-  if instructions is not None and not isinstance(instructions, str):
-    raise BadRequest(f"instructions must be a string, got {instructions!r:.100}", "instructions")
-  messages = ([{"role": "system", "content": instructions}] if instructions else []) + _messages(body.get("input"))
+  messages = ([{"role": "system", "content": instructions}] if instructions else []) + earlier + _messages(
+    body.get("input"), "input")
   chat = {k: body[k] for k in (*SAMPLING, "seed", "parallel_tool_calls", "stream") if body.get(k) is not None}
   chat["messages"] = messages
   if body.get("stream"):
@@ -70,33 +110,33 @@ def refused(e: BadRequest) -> BadRequest:
   return BadRequest(message, CHAT_PARAMS.get(e.param, e.param), e.status)
 
 
-def _messages(given) -> list[dict]:
-  """Responses' input (a string, or a list of items) as chat messages: a message item (its text parts joined), a
-  function_call item as an assistant's tool call (consecutive ones in one message), a function_call_output item
-  as the tool's message."""
+def _messages(given, where: str) -> list[dict]:
+  """Responses' input (a string, or a list of items; or a response's output items) as chat messages: a message
+  item (its text parts joined), a function_call item as a tool call of the assistant's message before it (or of
+  a message of its own), a function_call_output item as the tool's message."""
   if isinstance(given, str) and given:
     return [{"role": "user", "content": given}]
-  if not isinstance(given, list) or not given:
+  if not isinstance(given, list) or (not given and where == "input"):
     raise BadRequest("input must be a non-empty string or a non-empty list of input items", "input")
   messages: list[dict] = []
   for i, item in enumerate(given):
     kind = item.get("type", "message") if isinstance(item, dict) else None
     if kind == "message" and ROLES.get(item.get("role")):
-      messages.append({"role": ROLES[item["role"]], "content": _text(item.get("content"), f"input[{i}].content")})
+      messages.append({"role": ROLES[item["role"]], "content": _text(item.get("content"), f"{where}[{i}].content")})
     elif kind == "function_call" and all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
       call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"],
                                                                        "arguments": item["arguments"]}}
-      if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
-        messages[-1]["tool_calls"].append(call)
+      if messages and messages[-1]["role"] == "assistant":  # (its text, or its calls before this one)
+        messages[-1].setdefault("tool_calls", []).append(call)
       else:
         messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
     elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
       messages.append({"role": "tool", "tool_call_id": item["call_id"],
-                       "content": _text(item.get("output"), f"input[{i}].output")})
+                       "content": _text(item.get("output"), f"{where}[{i}].output")})
     elif kind == "reasoning":  # (a reasoning model's summary, sent back: Qwen's MoE models have none to read)
       continue
     else:
-      raise BadRequest(f"input[{i}] must be a message (role user, assistant, system or developer), a function_call "
+      raise BadRequest(f"{where}[{i}] must be a message (role user, assistant, system or developer), a function_call "
                        f"(call_id, name, arguments) or a function_call_output (call_id, output), got {item!r:.200}",
                        "input")
   return messages
@@ -238,7 +278,8 @@ def _shell(body: dict, status: str, output: list[dict], usage: dict | None, mode
     "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
     "temperature": body.get("temperature"), "top_p": body.get("top_p"), "tools": body.get("tools") or [],
     "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": body.get("parallel_tool_calls", True),
-    "text": body.get("text") or {"format": {"type": "text"}}, "previous_response_id": None, "store": False,
+    "text": body.get("text") or {"format": {"type": "text"}}, "previous_response_id": body.get("previous_response_id"),
+    "store": body.get("store") is not False,
     "metadata": body.get("metadata") or {},
     "usage": None if usage is None else {
       "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],

@@ -44,6 +44,7 @@ class Handler(BaseHTTPRequestHandler):
   timeout = READ_TIMEOUT_S  # on the socket: a client silent this long (mid-request, or idle between) is let go
   api: Api  # set by `make_server`
   api_key: str | None = None  # set by `make_server`: what every request but /health and /metrics must bear
+  stored: responses_api.Stored  # set by `make_server`: the stored responses' conversations
   origins: frozenset[str] = frozenset()  # set by `make_server`: the web pages' origins that may call it ("*": any)
 
   @property
@@ -148,7 +149,7 @@ class Handler(BaseHTTPRequestHandler):
       body = self._body()
       if kind in ("tokenize", "detokenize"):
         return self._json(200, getattr(self.api, kind)(body))
-      asked = responses_api.chat_request(body) if kind == "responses" else body
+      asked = responses_api.chat_request(body, self.stored) if kind == "responses" else body
       events: queue.Queue = queue.Queue()
       try:
         jobs, prompts = self.api.jobs(form, asked, events)
@@ -178,7 +179,10 @@ class Handler(BaseHTTPRequestHandler):
       if event[0] == "done":
         results[event[1]] = event[2:]
     reply = self.api.reply(form, asked, results, prompts)
-    self._json(200, responses_api.response(reply, body) if kind == "responses" else reply)
+    if kind == "responses":
+      reply = responses_api.response(reply, body)
+      self.stored.put(body, asked, reply)
+    self._json(200, reply)
 
   def _body(self):
     """The request's JSON body; BadRequest if its Content-Length is missing or wrong, too large, or the JSON bad
@@ -216,6 +220,8 @@ class Handler(BaseHTTPRequestHandler):
       chunks = self.api.chunks("chat" if kind == "responses" else kind, asked, events, len(jobs), prompts)
       if kind == "responses":
         for event in responses_api.events(chunks, body, self.api.name):
+          if event["type"] in ("response.completed", "response.incomplete"):  # (stored before the client hears)
+            self.stored.put(body, asked, event["response"])
           self._event(json.dumps(event, ensure_ascii=False), event["type"])
         return
       try:
@@ -344,6 +350,7 @@ def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, p
     engine.warm_up(sampling)
     api = Api(engine, tok, name, sampling, seed, slots, grammars)
     server = Server((host, port), type("BoundHandler", (Handler,), {"api": api, "api_key": api_key,
+                                                                  "stored": responses_api.Stored(),
                                                                   "origins": frozenset(origins)}), engine)
   except BaseException:
     engine.close()  # (and the followers with it)

@@ -1039,7 +1039,8 @@ def test_responses_api_calls_tools(tool_server):
 
 
 @pytest.mark.parametrize("body,message,param", [
-  ({"previous_response_id": "resp_1"}, "previous_response_id: no response is stored", "previous_response_id"),
+  ({"background": True}, "background: background responses are not supported", "background"),
+  ({"store": "yes"}, "store must be true or false", "store"),
   ({"input": []}, "input must be a non-empty string", "input"),
   ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content must be",
    "input"),
@@ -1088,3 +1089,41 @@ def test_response_events_from_chat_chunks():
 
   events = list(responses_api.events(failing(), {"input": "hi"}, "demo"))
   assert events[-1]["type"] == "error" and events[-1]["message"] == "out of memory"
+
+
+def test_responses_continue_stored_conversations(served):
+  """A response's conversation is stored (unless store is false), whole or streamed: a later request's
+  previous_response_id runs it (input and output, not its instructions) before the new input, as the chat request
+  with all those messages does, through OpenAI's client too; an id not stored is a 404 naming the field; past its
+  size the least recently used conversation goes."""
+  import openai
+
+  url, tok, _, _, _ = served
+  status, first = post(url, {"input": "Hello", "instructions": "Be brief.", "max_output_tokens": 6}, "/v1/responses")
+  assert status == 200 and first["store"] is True, first
+  said = first["output"][0]["content"][0]["text"]
+  body = {"input": "More", "previous_response_id": first["id"], "instructions": "Be kind.", "max_output_tokens": 6}
+  status, second = post(url, body, "/v1/responses")
+  messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"},
+              {"role": "assistant", "content": said}, {"role": "user", "content": "More"}]
+  status, chat = post(url, {"messages": messages, "max_completion_tokens": 6}, "/v1/chat/completions")
+  assert second["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages))
+  assert second["output"][0]["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+  assert second["previous_response_id"] == first["id"]
+  third = response_events(url, {"input": "Again", "previous_response_id": second["id"], "max_output_tokens": 6})[-1]
+  messages = messages[1:] + [{"role": "assistant", "content": second["output"][0]["content"][0]["text"]},
+                             {"role": "user", "content": "Again"},
+                             {"role": "assistant", "content": third["response"]["output"][0]["content"][0]["text"]},
+                             {"role": "user", "content": "Last"}]
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+  last = client.responses.create(model="demo", input="Last", previous_response_id=third["response"]["id"],
+                                 max_output_tokens=4, store=False)
+  assert last.usage.input_tokens == len(tok.apply_chat_template(messages)) and last.store is False
+  status, reply = post(url, {"input": "x", "previous_response_id": last.id}, "/v1/responses")
+  assert status == 404 and reply["error"]["param"] == "previous_response_id" and "store" in reply["error"]["message"]
+  stored = responses_api.Stored(size=2)
+  for rid in ("a", "b", "c"):
+    stored.put({}, {"messages": [{"role": "user", "content": rid}]}, {"id": rid, "output": []})
+  assert stored.get("c") == [{"role": "user", "content": "c"}] and stored.get("b")
+  with pytest.raises(responses_api.BadRequest, match="no stored response 'a'"):
+    stored.get("a")
