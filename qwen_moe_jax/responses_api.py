@@ -173,7 +173,7 @@ def response(chat: dict, body: dict) -> dict:
   [choice] = chat["choices"]
   message, output = choice["message"], []
   if message.get("content") or not message.get("tool_calls"):
-    output.append(_message_item(_id("msg"), message.get("content") or "", "completed"))
+    output.append(_message_item(_id("msg"), message.get("content") or "", _status(choice["finish_reason"])))
   for call in message.get("tool_calls") or []:
     output.append(_call_item(_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"],
                              "completed"))
@@ -196,9 +196,11 @@ def events(chunks: Iterable[dict], body: dict, model: str) -> Iterator[dict]:
   def event(kind: str, **fields) -> dict:
     return {"type": kind, "sequence_number": next(counter), **fields}
 
-  def item(at: int, status: str) -> dict:
+  def item(at: int, status: str) -> dict:  # (a message's text that ran out of tokens is "incomplete" once done)
     kind, item_id, *rest = items[at]
-    return _message_item(item_id, rest[0], status) if kind == "message" else _call_item(item_id, *rest, status)
+    if kind == "message":
+      return _message_item(item_id, rest[0], _status(reason) if status == "completed" else status)
+    return _call_item(item_id, *rest, status)
 
   def close_text() -> Iterator[dict]:
     nonlocal text_open

@@ -983,7 +983,7 @@ def test_responses_api(served):
   assert reply["object"] == "response" and reply["id"].startswith("resp_") and message["type"] == "message"
   assert message["content"][0]["text"] == chat["choices"][0]["message"]["content"]
   finish = chat["choices"][0]["finish_reason"]
-  assert reply["status"] == ("incomplete" if finish == "length" else "completed")
+  assert reply["status"] == message["status"] == ("incomplete" if finish == "length" else "completed")
   assert (reply["incomplete_details"] or {}).get("reason") == ("max_output_tokens" if finish == "length" else None)
   assert reply["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages))
   assert reply["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
@@ -996,6 +996,7 @@ def test_responses_api(served):
                                               "response.output_item.done", f"response.{reply['status']}"]
   final = events[-1]["response"]
   assert final["output"][0]["content"] == message["content"] and final["usage"] == reply["usage"]
+  assert events[-2]["item"]["status"] == final["output"][0]["status"] == reply["status"]
   assert final["id"] == events[0]["response"]["id"]
   client = openai.OpenAI(base_url=url + "/v1", api_key="none")
   made = client.responses.create(model="demo", instructions="Be brief.", input=body["input"], max_output_tokens=12)
