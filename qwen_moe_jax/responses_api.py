@@ -3,15 +3,17 @@ a request becomes the chat request it means (`chat_request`: instructions and in
 text.format as response_format, max_output_tokens), which openai_api.Api checks and runs (the same chat template,
 sampling, tools and structured output), and the chat reply becomes the Response object (`response`), or its
 streamed chunks Responses' typed events (`events`). A response is stored unless the request says `store: false`
-(`Stored`: the last STORED conversations, in memory), so that a later request's `previous_response_id` continues
-it (its input items and output before the new input; not its instructions, as OpenAI's); or a conversation sends
-its earlier turns as input items (messages, function_call and function_call_output items).
+(`Stored`: the most recent conversations, up to STORED_CHARS of text, in memory), so that a later request's
+`previous_response_id` continues it (its input items and output before the new input; not its instructions, as
+OpenAI's); or a conversation sends its earlier turns as input items (messages, function_call and
+function_call_output items).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import json
 import threading
 import time
 import uuid
@@ -25,25 +27,26 @@ SAMPLING = tuple(k for k in SETTINGS if k != "top_logprobs")  # settings a reque
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 CHAT_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input"}
 CHAT_PARAMS = CHAT_NAMES | {"response_format": "text"}  # the chat API's fields -> the Responses fields they came from
-STORED = 4096  # the most conversations `Stored` keeps (the least recently used go; a few KB of text each)
+STORED_CHARS = 64 << 20  # the most text `Stored` keeps (its conversations as JSON; the least recently used go)
 
 
 class Stored:
   """The conversations of stored responses, by response id: each its messages (input and output, without
   instructions), for a later request's previous_response_id."""
 
-  def __init__(self, size: int = STORED):
-    self.size, self.lock = size, threading.Lock()
-    self.conversations: collections.OrderedDict[str, list[dict]] = collections.OrderedDict()
+  def __init__(self, max_chars: int = STORED_CHARS):
+    self.max_chars, self.chars, self.lock = max_chars, 0, threading.Lock()
+    self.conversations: collections.OrderedDict[str, tuple[list[dict], int]] = collections.OrderedDict()  # (its
+    # messages, their size in characters)
 
   def get(self, response_id) -> list[dict]:
     with self.lock:
       if response_id not in self.conversations:
         raise BadRequest(f"previous_response_id: no stored response {response_id!r:.100} (responses made with store "
-                         f"false are not kept, nor more than the last {self.size}; a server restart forgets them)",
-                         "previous_response_id", 404)
+                         f"false are not kept, nor older ones past the last {self.max_chars >> 20} MB of "
+                         "conversations; a server restart forgets them)", "previous_response_id", 404)
       self.conversations.move_to_end(response_id)
-      return self.conversations[response_id]
+      return self.conversations[response_id][0]
 
   def put(self, body: dict, chat: dict, response: dict) -> None:
     """Keeps `response`'s conversation (the chat request `chat` it ran as, its output) unless `body` said store
@@ -51,10 +54,12 @@ class Stored:
     if body.get("store") is False:
       return
     asked = chat["messages"][1:] if body.get("instructions") else chat["messages"]
+    messages = asked + _messages(response["output"], "output")
+    size = len(json.dumps(messages, ensure_ascii=False))
     with self.lock:
-      self.conversations[response["id"]] = asked + _messages(response["output"], "output")
-      while len(self.conversations) > self.size:
-        self.conversations.popitem(last=False)
+      self.conversations[response["id"]], self.chars = (messages, size), self.chars + size
+      while self.chars > self.max_chars and len(self.conversations) > 1:  # (the newest stays)
+        self.chars -= self.conversations.popitem(last=False)[1][1]
 
 
 def chat_request(body, stored: Stored) -> dict:

@@ -1096,7 +1096,7 @@ def test_responses_continue_stored_conversations(served):
   """A response's conversation is stored (unless store is false), whole or streamed: a later request's
   previous_response_id runs it (input and output, not its instructions) before the new input, as the chat request
   with all those messages does, through OpenAI's client too; an id not stored is a 404 naming the field; past its
-  size the least recently used conversation goes."""
+  size in characters the least recently used conversation goes."""
   import openai
 
   url, tok, _, _, _ = served
@@ -1122,7 +1122,7 @@ def test_responses_continue_stored_conversations(served):
   assert last.usage.input_tokens == len(tok.apply_chat_template(messages)) and last.store is False
   status, reply = post(url, {"input": "x", "previous_response_id": last.id}, "/v1/responses")
   assert status == 404 and reply["error"]["param"] == "previous_response_id" and "store" in reply["error"]["message"]
-  stored = responses_api.Stored(size=2)
+  stored = responses_api.Stored(max_chars=2 * len(json.dumps([{"role": "user", "content": "a"}])))  # (two of these)
   for rid in ("a", "b", "c"):
     stored.put({}, {"messages": [{"role": "user", "content": rid}]}, {"id": rid, "output": []})
   assert stored.get("c") == [{"role": "user", "content": "c"}] and stored.get("b")
