@@ -192,7 +192,7 @@ def events(chunks: Iterable[dict], body: dict, model: str) -> Iterator[dict]:
   function_call_arguments.delta; then response.completed (or incomplete) with the whole Response; an engine
   failure as an error event. Each event is a new object (a consumer may keep them)."""
   counter = itertools.count()
-  rid = _id("resp")
+  start = _shell(body, "in_progress", [], None, model)  # (its id and created_at, the final Response's too)
   items: list[list] = []  # the output items so far: ["message", id, text] or ["call", id, call_id, name, arguments]
   text_open = False  # the last item is a message whose text still streams
   calls: dict[int, int] = {}  # chat's call index -> its item's place in `items`
@@ -218,8 +218,8 @@ def events(chunks: Iterable[dict], body: dict, model: str) -> Iterator[dict]:
       yield event("response.output_item.done", output_index=at, item=item(at, "completed"))
       text_open = False
 
-  yield event("response.created", response=_shell(body, "in_progress", [], None, model) | {"id": rid})
-  yield event("response.in_progress", response=_shell(body, "in_progress", [], None, model) | {"id": rid})
+  yield event("response.created", response=dict(start))
+  yield event("response.in_progress", response=dict(start))
   try:
     for chunk in chunks:
       if not chunk["choices"]:  # usage: the last chunk
@@ -228,7 +228,7 @@ def events(chunks: Iterable[dict], body: dict, model: str) -> Iterator[dict]:
                       arguments=items[at][4])
           yield event("response.output_item.done", output_index=at, item=item(at, "completed"))
         final = _shell(body, _status(reason), [item(at, "completed") for at in range(len(items))], chunk["usage"],
-                       model) | {"id": rid}
+                       model) | {"id": start["id"], "created_at": start["created_at"]}
         yield event(f"response.{final['status']}", response=final)
         return
       [choice] = chunk["choices"]

@@ -997,7 +997,7 @@ def test_responses_api(served):
   final = events[-1]["response"]
   assert final["output"][0]["content"] == message["content"] and final["usage"] == reply["usage"]
   assert events[-2]["item"]["status"] == final["output"][0]["status"] == reply["status"]
-  assert final["id"] == events[0]["response"]["id"]
+  assert (final["id"], final["created_at"]) == (events[0]["response"]["id"], events[0]["response"]["created_at"])
   client = openai.OpenAI(base_url=url + "/v1", api_key="none")
   made = client.responses.create(model="demo", instructions="Be brief.", input=body["input"], max_output_tokens=12)
   assert made.output_text == message["content"][0]["text"] and made.usage.input_tokens == reply["usage"]["input_tokens"]
