@@ -3,10 +3,10 @@ a request becomes the chat request it means (`chat_request`: instructions and in
 text.format as response_format, max_output_tokens), which openai_api.Api checks and runs (the same chat template,
 sampling, tools and structured output), and the chat reply becomes the Response object (`response`), or its
 streamed chunks Responses' typed events (`events`). A response is stored unless the request says `store: false`
-(`Stored`: the most recent conversations, up to STORED_CHARS of text, in memory), so that a later request's
-`previous_response_id` continues it (its input items and output before the new input; not its instructions, as
-OpenAI's); or a conversation sends its earlier turns as input items (messages, function_call and
-function_call_output items).
+(`Stored`: the most recent, up to STORED_CHARS of text, in memory; GET /v1/responses/{id} reads one, DELETE drops
+it), so that a later request's `previous_response_id` continues it (its input items and output before the new
+input; not its instructions, as OpenAI's); or a conversation sends its earlier turns as input items (messages,
+function_call and function_call_output items).
 """
 
 from __future__ import annotations
@@ -27,39 +27,55 @@ SAMPLING = tuple(k for k in SETTINGS if k != "top_logprobs")  # settings a reque
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 CHAT_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input"}
 CHAT_PARAMS = CHAT_NAMES | {"response_format": "text"}  # the chat API's fields -> the Responses fields they came from
-STORED_CHARS = 64 << 20  # the most text `Stored` keeps (its conversations as JSON; the least recently used go)
+STORED_CHARS = 64 << 20  # the most text `Stored` keeps (responses and conversations as JSON; the least recently used
+# go)
 
 
 class Stored:
-  """The conversations of stored responses, by response id: each its messages (input and output, without
-  instructions), for a later request's previous_response_id."""
+  """Stored responses, by id: each the Response object and its conversation (input and output messages, without
+  instructions), for GET /v1/responses/{id} and a later request's previous_response_id; DELETE drops one."""
 
   def __init__(self, max_chars: int = STORED_CHARS):
     self.max_chars, self.chars, self.lock = max_chars, 0, threading.Lock()
-    self.conversations: collections.OrderedDict[str, tuple[list[dict], int]] = collections.OrderedDict()  # (its
-    # messages, their size in characters)
+    self.kept: collections.OrderedDict[str, tuple[dict, list[dict], int]] = collections.OrderedDict()  # (the
+    # Response, its conversation, their size in characters), least recently used first
 
-  def get(self, response_id) -> list[dict]:
+  def _get(self, response_id, param: str | None) -> tuple[dict, list[dict], int]:
+    if response_id not in self.kept:
+      where = f"{param}: " if param else ""
+      raise BadRequest(f"{where}no stored response {response_id!r:.100} (responses made with store false are not "
+                       f"kept, nor older ones past the last {self.max_chars >> 20} MB of them; a server restart "
+                       "forgets them)", param, 404)
+    self.kept.move_to_end(response_id)
+    return self.kept[response_id]
+
+  def conversation(self, response_id) -> list[dict]:
+    """The messages that continue response `response_id` (previous_response_id); BadRequest 404 if not kept."""
     with self.lock:
-      if response_id not in self.conversations:
-        raise BadRequest(f"previous_response_id: no stored response {response_id!r:.100} (responses made with store "
-                         f"false are not kept, nor older ones past the last {self.max_chars >> 20} MB of "
-                         "conversations; a server restart forgets them)", "previous_response_id", 404)
-      self.conversations.move_to_end(response_id)
-      return self.conversations[response_id][0]
+      return self._get(response_id, "previous_response_id")[1]
+
+  def response(self, response_id: str) -> dict:
+    with self.lock:
+      return self._get(response_id, None)[0]
+
+  def delete(self, response_id: str) -> dict:
+    with self.lock:
+      self.chars -= self._get(response_id, None)[2]
+      del self.kept[response_id]
+    return {"id": response_id, "object": "response", "deleted": True}
 
   def put(self, body: dict, chat: dict, response: dict) -> None:
-    """Keeps `response`'s conversation (the chat request `chat` it ran as, its output) unless `body` said store
-    false."""
+    """Keeps `response` and its conversation (the chat request `chat` it ran as, its output) unless `body` said
+    store false."""
     if body.get("store") is False:
       return
     asked = chat["messages"][1:] if body.get("instructions") else chat["messages"]
     messages = asked + _messages(response["output"], "output")
-    size = len(json.dumps(messages, ensure_ascii=False))
+    size = len(json.dumps([response, messages], ensure_ascii=False))
     with self.lock:
-      self.conversations[response["id"]], self.chars = (messages, size), self.chars + size
-      while self.chars > self.max_chars and len(self.conversations) > 1:  # (the newest stays)
-        self.chars -= self.conversations.popitem(last=False)[1][1]
+      self.kept[response["id"]], self.chars = (response, messages, size), self.chars + size
+      while self.chars > self.max_chars and len(self.kept) > 1:  # (the newest stays)
+        self.chars -= self.kept.popitem(last=False)[1][2]
 
 
 def chat_request(body, stored: Stored) -> dict:
@@ -78,7 +94,7 @@ def chat_request(body, stored: Stored) -> dict:
       raise BadRequest(f"{key} must be a string, got {body[key]!r:.100}", key)
   if body.get("store") is not None and not isinstance(body["store"], bool):
     raise BadRequest(f"store must be true or false, got {body['store']!r:.100}", "store")
-  earlier = stored.get(body["previous_response_id"]) if body.get("previous_response_id") else []
+  earlier = stored.conversation(body["previous_response_id"]) if body.get("previous_response_id") else []
   instructions = body.get("instructions")
   messages = ([{"role": "system", "content": instructions}] if instructions else []) + earlier + _messages(
     body.get("input"), "input")

@@ -68,7 +68,7 @@ class Handler(BaseHTTPRequestHandler):
       return self._json(403, _error(f"origin {self.headers.get('Origin')!r} is not allowed (--allowed-origins)",
                                     "permission_error"))
     self.send_response(204)
-    self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+    self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
     self.send_header("Access-Control-Allow-Headers",
                      self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"))
     self.send_header("Access-Control-Max-Age", "600")
@@ -82,7 +82,7 @@ class Handler(BaseHTTPRequestHandler):
     self._json(405, _error(f"method {self.command} is not allowed ({allowed})", "method_not_allowed"),
                {"Allow": allowed})
 
-  do_PUT = do_DELETE = do_PATCH = do_HEAD = do_CONNECT = do_TRACE = _not_allowed
+  do_PUT = do_PATCH = do_HEAD = do_CONNECT = do_TRACE = _not_allowed
 
   def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
     """The standard library's replies to requests it cannot parse (a bad request line, headers too long, an unknown
@@ -110,11 +110,17 @@ class Handler(BaseHTTPRequestHandler):
   def log_message(self, format: str, *args) -> None:  # noqa: A002  (one line per request on stderr)
     sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
-  def do_GET(self) -> None:  # noqa: N802
+  def _bodiless(self) -> None:
+    """A GET or DELETE reads no body: one sent with it closes the connection (what follows is no request's start)."""
     if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
-      self.close_connection = True  # (a body no GET reads: what follows it is no request's start)
+      self.close_connection = True
+
+  def do_GET(self) -> None:  # noqa: N802
+    self._bodiless()
     if self._refused():
       return
+    if self.route.startswith("/v1/responses/"):
+      return self._stored(self.stored.response)
     if self.route == "/health":  # (503 tells a load balancer to send no more requests here)
       return self._json(503, {"status": "draining"}) if self.server.draining else self._json(200, {"status": "ok"})
     if self.route == "/metrics":
@@ -124,6 +130,21 @@ class Handler(BaseHTTPRequestHandler):
                                                           "owned_by": "qwen-moe-jax", "created": 0,
                                                           "max_model_len": self.api.slots}]})  # (vLLM's too)
     self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
+
+  def do_DELETE(self) -> None:  # noqa: N802
+    """Drops a stored response (DELETE /v1/responses/{id}); any other path: 405."""
+    if not self.route.startswith("/v1/responses/"):
+      return self._not_allowed()
+    self._bodiless()
+    if not self._refused():
+      self._stored(self.stored.delete)
+
+  def _stored(self, act) -> None:
+    """`act` (Stored.response or delete) on the stored response the path names: its reply, or a 404."""
+    try:
+      self._json(200, act(urllib.parse.unquote(self.route.removeprefix("/v1/responses/"))))
+    except BadRequest as e:
+      self._json(e.status, _error(str(e), "not_found_error", e.param))
 
   def do_POST(self) -> None:  # noqa: N802
     kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses",

@@ -950,6 +950,15 @@ def test_cli_serve(served, tmp_path):
   assert bad.returncode == 2 and bad.stderr.strip() == "error: --serve takes its prompts over HTTP: drop --prompt"
 
 
+def call(url: str, method: str, path: str) -> tuple[int, dict]:
+  """A bodiless request's status and JSON reply."""
+  try:
+    with urllib.request.urlopen(urllib.request.Request(url + path, method=method), timeout=60) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
 def response_events(url: str, body: dict) -> list[dict]:
   """The typed events of a streamed /v1/responses request (each block's `event:` name checked against its type)."""
   with urllib.request.urlopen(urllib.request.Request(url + "/v1/responses", data=json.dumps(
@@ -1095,8 +1104,9 @@ def test_response_events_from_chat_chunks():
 def test_responses_continue_stored_conversations(served):
   """A response's conversation is stored (unless store is false), whole or streamed: a later request's
   previous_response_id runs it (input and output, not its instructions) before the new input, as the chat request
-  with all those messages does, through OpenAI's client too; an id not stored is a 404 naming the field; past its
-  size in characters the least recently used conversation goes."""
+  with all those messages does, through OpenAI's client too; GET /v1/responses/{id} reads a stored response as it
+  was sent, DELETE drops it; an id not stored is a 404 (naming previous_response_id where it came from); past its
+  size in characters the least recently used response goes."""
   import openai
 
   url, tok, _, _, _ = served
@@ -1120,11 +1130,24 @@ def test_responses_continue_stored_conversations(served):
   last = client.responses.create(model="demo", input="Last", previous_response_id=third["response"]["id"],
                                  max_output_tokens=4, store=False)
   assert last.usage.input_tokens == len(tok.apply_chat_template(messages)) and last.store is False
+  assert last.usage.input_tokens_details.cached_tokens >= len(tok.apply_chat_template(messages[:5]))  # (a row
+  # kept the third's prompt: its earlier turns do not run again)
   status, reply = post(url, {"input": "x", "previous_response_id": last.id}, "/v1/responses")
   assert status == 404 and reply["error"]["param"] == "previous_response_id" and "store" in reply["error"]["message"]
-  stored = responses_api.Stored(max_chars=2 * len(json.dumps([{"role": "user", "content": "a"}])))  # (two of these)
-  for rid in ("a", "b", "c"):
-    stored.put({}, {"messages": [{"role": "user", "content": rid}]}, {"id": rid, "output": []})
-  assert stored.get("c") == [{"role": "user", "content": "c"}] and stored.get("b")
+  assert call(url, "GET", f"/v1/responses/{first['id']}") == (200, first)
+  assert client.responses.retrieve(third["response"]["id"]).output_text == \
+    third["response"]["output"][0]["content"][0]["text"]
+  assert client.responses.delete(first["id"]) is None  # (OpenAI's client reads no body)
+  for method, path in (("GET", first["id"]), ("DELETE", first["id"]), ("GET", last.id)):
+    status, reply = call(url, method, f"/v1/responses/{path}")
+    assert status == 404 and "no stored response" in reply["error"]["message"], reply
+  status, reply = post(url, {"input": "x", "previous_response_id": first["id"]}, "/v1/responses")
+  assert status == 404 and reply["error"]["param"] == "previous_response_id"
+  assert call(url, "GET", f"/v1/responses/{second['id']}")[0] == 200  # (the others stay)
+  made = [({"id": rid, "output": []}, [{"role": "user", "content": rid}]) for rid in ("a", "b", "c")]
+  stored = responses_api.Stored(max_chars=2 * len(json.dumps(list(made[0]))))  # (room for two of these)
+  for response, messages in made:
+    stored.put({}, {"messages": messages}, response)
+  assert stored.conversation("c") == made[2][1] and stored.response("b") == made[1][0]
   with pytest.raises(responses_api.BadRequest, match="no stored response 'a'"):
-    stored.get("a")
+    stored.conversation("a")
