@@ -44,7 +44,7 @@ class Handler(BaseHTTPRequestHandler):
   timeout = READ_TIMEOUT_S  # on the socket: a client silent this long (mid-request, or idle between) is let go
   api: Api  # set by `make_server`
   api_key: str | None = None  # set by `make_server`: what every request but /health and /metrics must bear
-  stored: responses_api.Stored  # set by `make_server`: the stored responses' conversations
+  stored: responses_api.Stored  # set by `make_server`: the stored responses and their conversations
   origins: frozenset[str] = frozenset()  # set by `make_server`: the web pages' origins that may call it ("*": any)
 
   @property
