@@ -107,12 +107,12 @@ class Api:
     if score and (n > 1 or sampling.temperature > 0 or (given_limit or 0) > 1):
       raise BadRequest("echo with logprobs scores the prompt (lm-eval's loglikelihood requests): it takes n 1 and "
                        f"{limit_key} 0, or 1 with temperature 0 (the greedy next token)", "echo")
-    out = []
+    out, given = [], "messages" if kind == "chat" else "prompt"  # the field the prompts came from
     for p, ids in enumerate(prompts):
       room = self.slots - len(ids)
       if room < 1:
         raise BadRequest(f"the prompt has {len(ids)} tokens: it leaves no room in the server's "
-                         f"--max-model-len of {self.slots}", "prompt")
+                         f"--max-model-len of {self.slots}", given)
       limit = given_limit if given_limit is not None else (
         0 if score else min(16, room) if kind == "completions" else room)  # OpenAI's defaults
       if limit < least or limit > room:
@@ -121,7 +121,7 @@ class Api:
       try:
         self.engine.generator.validate([ids], [max(limit, 1)], [sampling])
       except UserError as e:
-        raise BadRequest(str(e), "logit_bias" if "logit_bias" in str(e) else "prompt") from None
+        raise BadRequest(str(e), "logit_bias" if "logit_bias" in str(e) else given) from None
       held = dataclasses.replace(sampling, min_tokens=limit) if body.get("ignore_eos") else sampling  # vLLM's
       for j in range(n):
         with self.lock:
@@ -194,6 +194,12 @@ class Api:
                                                0 <= t < self.engine.generator.config.vocab_size for t in tokens):
       raise BadRequest("tokens must be a list of token ids in the vocabulary", "tokens")
     return {"prompt": self.tok.decode(tokens)}
+
+  def fits(self, body: dict) -> bool:
+    """Whether chat request `body`'s prompt leaves room in --max-model-len for its max_completion_tokens (or one)."""
+    [ids] = self._prompts("chat", body)
+    limit = body.get("max_completion_tokens")
+    return len(ids) + (1 if limit is None else _number(body, "max_completion_tokens", int)) <= self.slots
 
   def _prompts(self, kind: str, body: dict) -> list[list[int]]:
     if kind == "chat":

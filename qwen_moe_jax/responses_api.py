@@ -6,7 +6,9 @@ streamed chunks Responses' typed events (`events`). A response is stored unless 
 (`Stored`: the most recent, up to STORED_CHARS of text, in memory; GET /v1/responses/{id} reads one, DELETE drops
 it), so that a later request's `previous_response_id` continues it (its input items and output before the new
 input; not its instructions, as OpenAI's); or a conversation sends its earlier turns as input items (messages,
-function_call and function_call_output items).
+function_call and function_call_output items). With `truncation: "auto"` a conversation too long for the server's
+--max-model-len loses its oldest turns (`truncated`); `include: ["message.output_text.logprobs"]` (or
+`top_logprobs`) gives the message's tokens' log-probabilities, as chat's `logprobs` does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import threading
 import time
 import uuid
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from qwen_moe_jax.openai_api import BadRequest
 from qwen_moe_jax.sampling import SETTINGS
@@ -27,6 +29,7 @@ SAMPLING = tuple(k for k in SETTINGS if k != "top_logprobs")  # settings a reque
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 CHAT_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input"}
 CHAT_PARAMS = CHAT_NAMES | {"response_format": "text"}  # the chat API's fields -> the Responses fields they came from
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them
 STORED_CHARS = 64 << 20  # the most text `Stored` keeps (responses and conversations as JSON; the least recently used
 # go)
 
@@ -94,12 +97,21 @@ def chat_request(body, stored: Stored) -> dict:
       raise BadRequest(f"{key} must be a string, got {body[key]!r:.100}", key)
   if body.get("store") is not None and not isinstance(body["store"], bool):
     raise BadRequest(f"store must be true or false, got {body['store']!r:.100}", "store")
+  if body.get("truncation") not in (None, "auto", "disabled"):
+    raise BadRequest(f'truncation must be "auto" or "disabled", got {body["truncation"]!r:.100}', "truncation")
+  include = body.get("include") or []  # (other values than LOGPROBS name output this server never makes: reasoning,
+  if not isinstance(include, list) or not all(isinstance(x, str) for x in include):  # built-in tools' results)
+    raise BadRequest(f"include must be a list of strings, got {include!r:.100}", "include")
   earlier = stored.conversation(body["previous_response_id"]) if body.get("previous_response_id") else []
   instructions = body.get("instructions")
   messages = ([{"role": "system", "content": instructions}] if instructions else []) + earlier + _messages(
     body.get("input"), "input")
   chat = {k: body[k] for k in (*SAMPLING, "seed", "parallel_tool_calls", "stream") if body.get(k) is not None}
   chat["messages"] = messages
+  if LOGPROBS in include or body.get("top_logprobs"):
+    chat["logprobs"] = True
+  if body.get("top_logprobs") is not None:
+    chat["top_logprobs"] = body["top_logprobs"]
   if body.get("stream"):
     chat["stream_options"] = {"include_usage": True}  # (the usage ends the chunks: the final event has it)
   if body.get("max_output_tokens") is not None:
@@ -120,6 +132,29 @@ def chat_request(body, stored: Stored) -> dict:
     chat["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt["schema"]}} \
       if fmt["type"] == "json_schema" else {"type": fmt["type"]}
   return chat
+
+
+def truncated(chat: dict, fits: Callable[[dict], bool]) -> dict:
+  """Chat request `chat` less the fewest of its oldest turns that make it `fits` (truncation "auto"): a leading
+  system message (the instructions) stays, and the last message; tool messages left leading go with their call.
+  Unchanged if it fits, or if even its last message alone does not (the chat API then refuses it)."""
+  messages = chat["messages"]
+  head = int(messages[0]["role"] == "system")
+
+  def dropping(k: int) -> dict:  # `chat` less the k messages after the head (and tool messages that would lead)
+    rest = messages[head + k:]
+    while len(rest) > 1 and rest[0]["role"] == "tool":
+      rest = rest[1:]
+    return chat | {"messages": messages[:head] + rest}
+
+  most = len(messages) - head - 1  # (the last message stays)
+  if fits(chat) or most < 1 or not fits(dropping(most)):
+    return chat
+  low, high = 1, most  # the fewest that fit lie in [low, high]: dropping more leaves fewer tokens
+  while low < high:
+    mid = (low + high) // 2
+    low, high = (low, mid) if fits(dropping(mid)) else (mid + 1, high)
+  return dropping(low)
 
 
 def refused(e: BadRequest) -> BadRequest:
@@ -190,11 +225,12 @@ def _tools(tools) -> list[dict]:
 def response(chat: dict, body: dict) -> dict:
   """The Response object of a chat reply `chat` (one choice) to Responses request `body`: a message item with the
   reply's text (none when it is only tool calls), a function_call item per call; "incomplete" when it ran out of
-  max_output_tokens."""
+  max_output_tokens. With logprobs asked, the message's text part has its tokens' (chat's `logprobs.content`)."""
   [choice] = chat["choices"]
   message, output = choice["message"], []
   if message.get("content") or not message.get("tool_calls"):
-    output.append(_message_item(_id("msg"), message.get("content") or "", _status(choice["finish_reason"])))
+    output.append(_message_item(_id("msg"), message.get("content") or "", _status(choice["finish_reason"]),
+                                (choice.get("logprobs") or {}).get("content") or []))
   for call in message.get("tool_calls") or []:
     output.append(_call_item(_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"],
                              "completed"))
@@ -206,10 +242,13 @@ def events(chunks: Iterable[dict], body: dict, model: str) -> Iterator[dict]:
   in_progress; the message item as its text comes (output_item.added, content_part.added, output_text.delta, ...,
   their done events); each tool call as a function_call item whose arguments stream as
   function_call_arguments.delta; then response.completed (or incomplete) with the whole Response; an engine
-  failure as an error event. Each event is a new object (a consumer may keep them)."""
+  failure as an error event. Each event is a new object (a consumer may keep them). With logprobs asked, each text
+  delta has its chunk's (those of ids whose text came before are the message's too; those while no text streams,
+  after a tool call's start, have no message to go to)."""
   counter = itertools.count()
   start = _shell(body, "in_progress", [], None, model)  # (its id and created_at, the final Response's too)
-  items: list[list] = []  # the output items so far: ["message", id, text] or ["call", id, call_id, name, arguments]
+  items: list[list] = []  # the output items so far: ["message", id, text, logprobs] or ["call", id, call_id, name,
+  # arguments]
   text_open = False  # the last item is a message whose text still streams
   calls: dict[int, int] = {}  # chat's call index -> its item's place in `items`
   reason = None
@@ -220,15 +259,15 @@ def events(chunks: Iterable[dict], body: dict, model: str) -> Iterator[dict]:
   def item(at: int, status: str) -> dict:  # (a message's text that ran out of tokens is "incomplete" once done)
     kind, item_id, *rest = items[at]
     if kind == "message":
-      return _message_item(item_id, rest[0], _status(reason) if status == "completed" else status)
+      return _message_item(item_id, rest[0], _status(reason) if status == "completed" else status, list(rest[1]))
     return _call_item(item_id, *rest, status)
 
   def close_text() -> Iterator[dict]:
     nonlocal text_open
     if text_open:
-      at, (_, item_id, text) = len(items) - 1, items[-1]
+      at, (_, item_id, text, logprobs) = len(items) - 1, items[-1]
       yield event("response.output_text.done", item_id=item_id, output_index=at, content_index=0, text=text,
-                  logprobs=[])
+                  logprobs=list(logprobs))
       yield event("response.content_part.done", item_id=item_id, output_index=at, content_index=0,
                   part=item(at, "completed")["content"][0])
       yield event("response.output_item.done", output_index=at, item=item(at, "completed"))
@@ -249,17 +288,21 @@ def events(chunks: Iterable[dict], body: dict, model: str) -> Iterator[dict]:
         return
       [choice] = chunk["choices"]
       delta, reason = choice["delta"], choice["finish_reason"] or reason
+      logprobs = (choice.get("logprobs") or {}).get("content") or []
       if delta.get("content"):
         at = len(items) - 1 if text_open else len(items)
         if not text_open:
-          items.append(["message", _id("msg"), ""])
+          items.append(["message", _id("msg"), "", []])
           text_open = True
           yield event("response.output_item.added", output_index=at, item=item(at, "in_progress") | {"content": []})
           yield event("response.content_part.added", item_id=items[at][1], output_index=at, content_index=0,
                       part=item(at, "in_progress")["content"][0])
         items[at][2] += delta["content"]
+        items[at][3] += logprobs
         yield event("response.output_text.delta", item_id=items[at][1], output_index=at, content_index=0,
-                    delta=delta["content"], logprobs=[])
+                    delta=delta["content"], logprobs=logprobs)
+      elif text_open:  # (the finish chunk's: ids whose text was held back, or has none)
+        items[-1][3] += logprobs
       for piece in delta.get("tool_calls") or []:
         yield from close_text()
         function = piece.get("function", {})
@@ -282,9 +325,9 @@ def _status(finish_reason: str) -> str:
   return "incomplete" if finish_reason == "length" else "completed"
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict:
+def _message_item(item_id: str, text: str, status: str, logprobs: list[dict]) -> dict:
   return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-          "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+          "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}]}
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
@@ -299,7 +342,8 @@ def _shell(body: dict, status: str, output: list[dict], usage: dict | None, mode
     "output": output, "error": None,
     "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
     "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-    "temperature": body.get("temperature"), "top_p": body.get("top_p"), "tools": body.get("tools") or [],
+    "temperature": body.get("temperature"), "top_p": body.get("top_p"), "top_logprobs": body.get("top_logprobs") or 0,
+    "truncation": body.get("truncation") or "disabled", "tools": body.get("tools") or [],
     "tool_choice": body.get("tool_choice") or "auto", "parallel_tool_calls": body.get("parallel_tool_calls", True),
     "text": body.get("text") or {"format": {"type": "text"}}, "previous_response_id": body.get("previous_response_id"),
     "store": body.get("store") is not False,

@@ -173,6 +173,8 @@ class Handler(BaseHTTPRequestHandler):
       asked = responses_api.chat_request(body, self.stored) if kind == "responses" else body
       events: queue.Queue = queue.Queue()
       try:
+        if kind == "responses" and body.get("truncation") == "auto":
+          asked = responses_api.truncated(asked, self.api.fits)
         jobs, prompts = self.api.jobs(form, asked, events)
       except BadRequest as e:
         raise responses_api.refused(e) if kind == "responses" else e from None

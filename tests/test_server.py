@@ -477,6 +477,8 @@ def reference_model(gen: Generator):
   ("/v1/completions", {"prompt": "hi", "max_tokens": SLOTS}, 400, "max_tokens must be in [1, ", "max_tokens"),
   ("/v1/completions", {"prompt": list(range(SLOTS))}, 400, "leaves no room in the server's --max-model-len",
    "prompt"),
+  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "story " * SLOTS}]}, 400, "leaves no room",
+   "messages"),
   ("/v1/completions", {"prompt": [10 ** 7]}, 400, "outside the vocabulary", "prompt"),
   ("/v1/completions", {"prompt": ""}, 400, "prompt must be a non-empty string", "prompt"),
   ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "n": 2}, 400, "echo with logprobs scores", "echo"),
@@ -1048,8 +1050,84 @@ def test_responses_api_calls_tools(tool_server):
   assert status == 200 and reply["usage"]["input_tokens"] == len(tok.apply_chat_template(want, tools=[WEATHER]))
 
 
+def test_responses_logprobs(served):
+  """include ["message.output_text.logprobs"] with top_logprobs gives the message's tokens' log-probabilities: the
+  chat API's for the same messages; streamed, the text deltas' join to them (and the done events have them all);
+  OpenAI's client reads them."""
+  import openai
+
+  url = served[0]
+  messages = [{"role": "user", "content": "Tell me a story"}]
+  status, chat = post(url, {"messages": messages, "max_completion_tokens": 10, "logprobs": True, "top_logprobs": 2},
+                      "/v1/chat/completions")
+  want = chat["choices"][0]["logprobs"]["content"]
+  assert status == 200 and len(want) == chat["usage"]["completion_tokens"], chat
+  body = {"input": "Tell me a story", "max_output_tokens": 10, "include": [responses_api.LOGPROBS], "top_logprobs": 2}
+  status, reply = post(url, body, "/v1/responses")
+  assert status == 200 and reply["output"][0]["content"][0]["logprobs"] == want and reply["top_logprobs"] == 2, reply
+  events = response_events(url, body)
+  deltas = [e["logprobs"] for e in events if e["type"] == "response.output_text.delta"]
+  assert [x for d in deltas for x in d] == want and len(deltas) > 1
+  assert next(e for e in events if e["type"] == "response.output_text.done")["logprobs"] == want
+  assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == want
+  status, plain = post(url, body | {"include": [], "top_logprobs": None}, "/v1/responses")
+  assert plain["output"][0]["content"][0]["logprobs"] == [] and plain["output"][0]["content"][0]["text"] == \
+    reply["output"][0]["content"][0]["text"]
+  client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+  made = client.responses.create(model="demo", input="Tell me a story", max_output_tokens=10, top_logprobs=2,
+                                 include=[responses_api.LOGPROBS])
+  got = made.output[0].content[0].logprobs
+  assert [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in got] == \
+    [(e["token"], e["logprob"], [t["token"] for t in e["top_logprobs"]]) for e in want]
+
+
+def test_truncated_conversations():
+  """truncation auto drops the fewest oldest messages that make the request fit: never the leading system message
+  nor the last one; tool messages left leading go too; a request that fits, or that even its last message alone
+  does not, is unchanged."""
+  sizes = lambda chat: sum(len(m["content"]) for m in chat["messages"])  # noqa: E731  (a prompt's size: its text's)
+  messages = [{"role": "system", "content": "s" * 2}, {"role": "user", "content": "u" * 10},
+              {"role": "assistant", "content": "a" * 5}, {"role": "tool", "content": "t" * 3},
+              {"role": "tool", "content": "t" * 3}, {"role": "user", "content": "v" * 4},
+              {"role": "assistant", "content": "b" * 6}, {"role": "user", "content": "w" * 7}]
+  chat = {"messages": messages}
+  kept_after = {1: [2, 3, 4, 5, 6, 7], 2: [5, 6, 7], 3: [5, 6, 7], 4: [5, 6, 7], 5: [6, 7], 6: [7]}  # k dropped
+  for limit in range(0, 42):
+    got = responses_api.truncated(chat, lambda c: sizes(c) <= limit)["messages"]
+    fitting = [k for k, kept in kept_after.items() if sizes({"messages": [messages[i] for i in [0, *kept]]}) <= limit]
+    if sizes(chat) <= limit or not fitting:
+      assert got == messages, limit
+    else:
+      assert got == [messages[i] for i in [0, *kept_after[min(fitting)]]], limit
+  no_system = {"messages": messages[1:]}
+  assert responses_api.truncated(no_system, lambda c: sizes(c) <= 20)["messages"] == messages[-3:]
+
+
+def test_responses_truncation_auto(served):
+  """A conversation past --max-model-len is a 400, or with truncation auto runs without its oldest turns: the fewest
+  that make room for max_output_tokens (its instructions kept); the Response says truncation auto."""
+  url, tok, _, _, _ = served
+  turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: " + "story " * 6}
+           for i in range(11)]
+  body = {"instructions": "Be brief.", "input": turns, "max_output_tokens": 8}
+  system = [{"role": "system", "content": "Be brief."}]
+  assert len(tok.apply_chat_template(system + turns, add_generation_prompt=True)) + 8 > SLOTS
+  status, reply = post(url, body, "/v1/responses")
+  assert status == 400 and reply["error"]["param"] == "input", reply
+  status, reply = post(url, body | {"truncation": "auto"}, "/v1/responses")
+  assert status == 200 and reply["truncation"] == "auto", reply
+  kept = next(system + turns[k:] for k in range(len(turns))
+              if len(tok.apply_chat_template(system + turns[k:], add_generation_prompt=True)) + 8 <= SLOTS)
+  assert 3 < len(kept) < len(turns) and reply["usage"]["input_tokens"] == len(tok.apply_chat_template(kept))
+  status, reply = post(url, {"input": "story " * 300, "truncation": "auto"}, "/v1/responses")
+  assert status == 400 and "leaves no room" in reply["error"]["message"], reply
+
+
 @pytest.mark.parametrize("body,message,param", [
   ({"background": True}, "background: background responses are not supported", "background"),
+  ({"truncation": "middle"}, 'truncation must be "auto" or "disabled"', "truncation"),
+  ({"include": "logprobs"}, "include must be a list of strings", "include"),
+  ({"top_logprobs": 50}, "top_logprobs must be in", "top_logprobs"),
   ({"store": "yes"}, "store must be true or false", "store"),
   ({"input": []}, "input must be a non-empty string", "input"),
   ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content must be",
@@ -1092,6 +1170,15 @@ def test_response_events_from_chat_chunks():
   assert message["content"][0]["text"] == "Let me check." and events[6]["text"] == "Let me check."
   assert (call["call_id"], call["name"], call["arguments"], call["status"]) == ("call_1", "f", '{"a": 1}', "completed")
   assert events[9]["item"]["status"] == "in_progress" and events[9]["output_index"] == 1
+
+  lp = [{"token": t, "logprob": -1.0, "bytes": None, "top_logprobs": []} for t in ("Hi", "!", "")]
+  chunks = [chunk({"content": "Hi"}), chunk({"content": "!"}), chunk({}, "stop"), {"choices": [], "usage": usage}]
+  for c, given in zip(chunks, (lp[:1], lp[1:2], lp[2:])):
+    c["choices"][0]["logprobs"] = {"content": given}
+  events = list(responses_api.events(chunks, {"input": "hi"}, "demo"))
+  assert [e["logprobs"] for e in events if e["type"] == "response.output_text.delta"] == [lp[:1], lp[1:2]]
+  assert events[-4]["logprobs"] == lp and events[-1]["response"]["output"][0]["content"][0]["logprobs"] == lp  # (the
+  # finish chunk's, an EOS id's, are the message's too)
 
   def failing():
     yield chunk({"content": "Hi"})
