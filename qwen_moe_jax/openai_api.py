@@ -29,6 +29,7 @@ JSON_OBJECT = {"type": "object"}  # the schema of response_format json_object (a
 FLAGS = ("stream", "echo", "ignore_eos", "parallel_tool_calls")  # fields that are true or false (and chat's logprobs)
 ACCEPTED = {"suffix": ("",), "best_of": (1,), "functions": ([],)}  # the values of fields not implemented that we
 # take
+MAX_SAMPLES = 4096  # a request's prompts x n: each a job the engine queues (its ids, its events) until a row takes it
 GUIDED = {"guided_regex": "regex", "guided_json": "json_schema", "guided_choice": "choice",  # vLLM's
           "response_format": "json_schema"}  # OpenAI's (see Api.grammar)
 
@@ -84,6 +85,9 @@ class Api:
     n = _number(body, "n", int) if body.get("n") is not None else 1
     if not 1 <= n <= 128:
       raise BadRequest(f"n must be in [1, 128], got {n}", "n")
+    if len(prompts) * n > MAX_SAMPLES:
+      raise BadRequest(f"a request asks for at most {MAX_SAMPLES} samples (prompts x n), got {len(prompts)} x {n}: "
+                       "send the prompts in several requests", "n" if n > 1 else "prompt")
     seed = _number(body, "seed", int) if body.get("seed") is not None else None
     try:  # int64's and uint64's (vLLM takes int64's)
       seed = None if seed is None else checked_seed(seed, "seed")

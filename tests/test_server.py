@@ -493,6 +493,8 @@ def reference_model(gen: Generator):
    "logit_bias"),
   ("/v1/completions", {"prompt": "hi", "logprobs": 25}, 400, "logprobs must be in [0, 20], got 25", "logprobs"),
   ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be in [1, 128]", "n"),
+  ("/v1/completions", {"prompt": [[1]] * 33, "n": 128}, 400, "at most 4096 samples (prompts x n), got 33 x 128", "n"),
+  ("/v1/completions", {"prompt": [[1]] * 4097}, 400, "at most 4096 samples", "prompt"),
   ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop strings must be non-empty", "stop"),
   ("/v1/completions", {"prompt": "hi", "stop": 5}, 400, "stop must be a string or a list of strings, got 5", "stop"),
   ("/v1/completions", {"prompt": "hi", "seed": 2 ** 64}, 400, "seed must be in [-2^63, 2^64)", "seed"),
