@@ -9,6 +9,7 @@ a Hugging Face model folder read in place (also named by its repo id once in the
   python infer.py --checkpoint DIR --interactive [--system TEXT]
   python infer.py --checkpoint DIR --prompts-file eval.jsonl --json --prompt-logprobs --max-new-tokens 0
   python infer.py --checkpoint DIR --serve 8000 [--batch-size 32] [--max-model-len 4096]
+  python infer.py --checkpoint DIR --batch-file requests.jsonl --batch-output results.jsonl
 
 Prompts (--prompt raw text, --chat one user turn through the chat template, --input-ids token ids, or
 --prompts-file JSONL with "prompt" / "chat" / "messages" / "input_ids" per line, optionally "max_new_tokens",
@@ -19,7 +20,8 @@ the checkpoint's generation_config.json, else greedy.
 --interactive chats turn by turn: each line read from stdin is a user message, answered with the whole
 conversation so far as the prompt (/reset starts over, /exit or end of input quits). --serve answers OpenAI's
 /v1/completions and /v1/chat/completions over HTTP (see qwen_moe_jax/server.py), requests joining the running
-batch as rows free.
+batch as rows free; --batch-file runs a file in the form of OpenAI's Batch API (qwen_moe_jax/openai_batch.py) through
+the same engine, its results in that form too.
 """
 
 from __future__ import annotations
@@ -39,18 +41,20 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from qwen_moe_jax import checkpoint, hf_io, runtime
+from qwen_moe_jax import checkpoint, hf_io, openai_batch, runtime
 from qwen_moe_jax.automaton import MEMORY, SECONDS, build_limits, store_of
 from qwen_moe_jax.decoding import checked_seed
 from qwen_moe_jax.errors import UserError, cli_main
 from qwen_moe_jax.generate import Generator, Output, Piece
 from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.kernels import Kernels
-from qwen_moe_jax.openai_api import prepare_json_object
+from qwen_moe_jax.openai_api import Api, prepare_json_object
 from qwen_moe_jax.sampling import SETTINGS, Sampling, given_settings
 from qwen_moe_jax.scoring import PromptScores, prompt_logits, prompt_scores
 from qwen_moe_jax.server import allowed_origins, make_server
-from qwen_moe_jax.serving_engine import follow
+from qwen_moe_jax.serving_engine import Engine, follow
+from qwen_moe_jax.serving_link import Link
+from qwen_moe_jax.serving_metrics import Metrics
 from qwen_moe_jax.stop_strings import StopStrings, TextStream, text_of
 from qwen_moe_jax.tokenizer import load_tokenizer, stop_ids
 
@@ -148,11 +152,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--serve", metavar="[HOST:]PORT",
                   help="serve OpenAI's /v1/completions and /v1/chat/completions on this port (host default "
                   "127.0.0.1; port 0: any free one), --batch-size rows (default 16) at once")
+  ap.add_argument("--batch-file", metavar="IN.jsonl",
+                  help="run OpenAI Batch API requests: one {custom_id, method: POST, url: /v1/chat/completions, "
+                  "/v1/completions or /v1/responses, body} per line, as --serve would answer them (--batch-size rows, "
+                  "default 16, at once), their replies written to --batch-output")
+  ap.add_argument("--batch-output", metavar="OUT.jsonl",
+                  help="with --batch-file: the results file, one {id, custom_id, response: {status_code, request_id, "
+                  "body}, error} per request in the input's order (written as OUT.jsonl.partial until every request "
+                  "has its line; must not exist)")
   ap.add_argument("--max-model-len", type=int,
-                  help="with --serve: cache slots per row, a request's prompt and new tokens (default: the model's "
-                  "context, at most 4096)")
-  ap.add_argument("--served-model-name", help="with --serve: the model's name in replies (default: the folder's, or "
-                  "the repo id --checkpoint gave)")
+                  help="with --serve or --batch-file: cache slots per row, a request's prompt and new tokens (default: "
+                  "the model's context, at most 4096)")
+  ap.add_argument("--served-model-name", help="with --serve or --batch-file: the model's name in replies (default: the "
+                  "folder's, or the repo id --checkpoint gave)")
   ap.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE) or None,
                   help=f"with --serve: requests (but /health and /metrics) must send 'Authorization: Bearer KEY', as "
                   f"OpenAI's clients send their api_key (default: ${API_KEY_VARIABLE}, which keeps the key out of "
@@ -192,17 +204,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     raise UserError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
   prompts = ("--prompt", "--chat", "--input-ids", "--prompts-file", "--dump-logits", "--prompt-logprobs")
   for mode, why, extra in (("interactive", "reads its messages from stdin", ()),
-                           ("serve", "takes its prompts over HTTP", ("--json", "--num-samples", "--interactive"))):
+                           ("serve", "takes its prompts over HTTP", ("--json", "--num-samples", "--interactive")),
+                           ("batch_file", "takes its prompts from the batch file", ("--json", "--num-samples",
+                                                                                   "--interactive", "--serve"))):
     values = {f: getattr(args, f[2:].replace("-", "_")) for f in prompts + extra}
     given = [f for f, v in values.items() if (v > 1 if f == "--num-samples" else v)]
     if getattr(args, mode) and given:
-      raise UserError(f"--{mode} {why}: drop {', '.join(given)}")
-  if args.serve and (args.regex or args.json_schema or args.choice):
-    raise UserError("--serve takes structured output per request (response_format, or vLLM's guided_json, "
+      raise UserError(f"--{mode.replace('_', '-')} {why}: drop {', '.join(given)}")
+  api = "--serve" if args.serve else "--batch-file" if args.batch_file else None  # OpenAI's API's requests
+  if api and (args.regex or args.json_schema or args.choice):
+    raise UserError(f"{api} takes structured output per request (response_format, or vLLM's guided_json, "
                     "guided_regex, guided_choice): drop --regex, --json-schema, --choice")
-  if (args.max_model_len is not None or args.served_model_name or args.shutdown_timeout != SHUTDOWN_TIMEOUT
-      or args.allowed_origins) and not args.serve:
-    raise UserError("--max-model-len, --served-model-name, --shutdown-timeout and --allowed-origins are --serve's")
+  if (args.max_model_len is not None or args.served_model_name) and not api:
+    raise UserError("--max-model-len and --served-model-name are --serve's and --batch-file's")
+  if (args.shutdown_timeout != SHUTDOWN_TIMEOUT or args.allowed_origins) and not args.serve:
+    raise UserError("--shutdown-timeout and --allowed-origins are --serve's")
+  if bool(args.batch_file) != bool(args.batch_output):
+    raise UserError("--batch-file and --batch-output go together (the requests, and where their results go)")
+
   if args.max_model_len is not None and args.max_model_len < 2:
     raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
   return args
@@ -379,7 +398,8 @@ def main() -> None:
 def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   cfg = checkpoint.load_config(folder)
   tok = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
-  live = "--serve" if args.serve else "--interactive" if args.interactive else None
+  live = "--serve" if args.serve else "--batch-file" if args.batch_file else "--interactive" if args.interactive \
+    else None
   if live and tok is None:
     raise UserError(f"{live} needs tokenizer.json in the checkpoint folder")
   if args.interactive and jax.process_count() > 1:
@@ -387,6 +407,9 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   gen = generation_config(folder)
   grammars = Grammars(tok, seconds=args.grammar_limits[0], memory=args.grammar_limits[1], store=args.grammar_cache)
   sampling = sampling_from(args, gen, folder, grammars)
+  batch = []  # the batch file's requests, read and checked (with where their results go) before the model loads
+  if args.batch_file and jax.process_index() == 0:
+    batch = openai_batch.read(Path(args.batch_file), Path(args.batch_output))
   requests = [] if live else read_prompts(args, tok, sampling, grammars)
   prompts, limits, stops = ([r.ids for r in requests], [r.max_new_tokens for r in requests],
                             [r.stops for r in requests])
@@ -404,13 +427,15 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   model = checkpoint.restore(checkpoint.locate(folder, args.peft and hf_io.model_folder(args.peft)), mesh, dtype,
                              kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows,
-                        batch_size=args.batch_size or (SERVE_ROWS if args.serve else None),
+                        batch_size=args.batch_size or (SERVE_ROWS if args.serve or args.batch_file else None),
                         kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix,
                         prefix_pool=args.prefix_pool)
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, tok, gen))
   if args.serve:
     return serve(args, generator, folder, tok, sampling, stop_ids(cfg, tok, gen), grammars)
+  if args.batch_file:
+    return run_batch(args, batch, generator, folder, tok, sampling, stop_ids(cfg, tok, gen), grammars)
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
   scores = prompt_scores(generator, prompts) if args.prompt_logprobs else None
@@ -527,16 +552,9 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
   host, _, port = args.serve.rpartition(":")
   if not port.isdigit():
     raise UserError(f"--serve takes [HOST:]PORT, got {args.serve!r}")
-  context = generator.config.context_length
-  slots = args.max_model_len or min(context, SERVE_SLOTS)
-  if slots > context:
-    raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
-  named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
-  name = args.served_model_name or (args.checkpoint if named else folder.resolve().name)
-  if jax.process_index() > 0:  # process 0 serves HTTP; this one runs the same engine, as process 0's tells it,
-    # building the grammars of the requests process 0 took however long they take here
-    unbounded = Grammars(tok, seconds=None, memory=grammars.memory, store=grammars.store)
-    return follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos, grammars=unbounded)
+  slots, name = engine_shape(args, generator, folder)
+  if jax.process_index() > 0:  # process 0 serves HTTP; this one runs the same engine, as process 0's tells it
+    return follow_first(generator, tok, name, slots, eos, grammars)
   pool = f", {generator.prefix_pool} prefix pool rows besides" if generator.prefix_pool else ""
   print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots{pool}", file=sys.stderr,
         flush=True)
@@ -569,6 +587,42 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
     pass
   finally:
     server.server_close()
+
+
+def engine_shape(args, generator: Generator, folder: Path) -> tuple[int, str]:
+  """(--max-model-len: slots per row, --served-model-name: the model's name in replies) of --serve or --batch-file."""
+  context = generator.config.context_length
+  slots = args.max_model_len or min(context, SERVE_SLOTS)
+  if slots > context:
+    raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
+  named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
+  return slots, args.served_model_name or (args.checkpoint if named else folder.resolve().name)
+
+
+def follow_first(generator: Generator, tok, name: str, slots: int, eos: list[int], grammars: Grammars) -> None:
+  """A process past the first under --serve or --batch-file: runs the same engine as process 0's tells it, building
+  the grammars of the requests process 0 took however long they take here."""
+  unbounded = Grammars(tok, seconds=None, memory=grammars.memory, store=grammars.store)
+  follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos, grammars=unbounded)
+
+
+def run_batch(args, requests: list[openai_batch.Request], generator: Generator, folder: Path, tok,
+              sampling: Sampling, eos: list[int], grammars: Grammars) -> None:
+  """Runs an OpenAI Batch API file's requests through the engine (openai_batch.py), --batch-size rows at once."""
+  slots, name = engine_shape(args, generator, folder)
+  if jax.process_index() > 0:
+    return follow_first(generator, tok, name, slots, eos, grammars)
+  output = Path(args.batch_output)
+  engine = Engine(generator, generator.batch_size, slots, eos, Metrics(name),
+                  Link() if jax.process_count() > 1 else None)
+  try:
+    api = Api(engine, tok, name, sampling, args.seed, slots, grammars)
+    counts = openai_batch.run(api, requests, output, window=4 * generator.batch_size)
+  finally:
+    engine.close()  # (and the other processes' with it)
+  refused = ", ".join(f"{n} with status {code}" for code, n in sorted(counts.items()) if code != 200)
+  print(f"{len(requests)} requests: {counts[200]} answered{', ' + refused if refused else ''}; results in {output}",
+        file=sys.stderr)
 
 
 def chat(args, generator: Generator, tok, sampling: Sampling, eos: list[int]) -> None:

@@ -42,6 +42,11 @@ class BadRequest(Exception):
     self.param, self.status = param, status
 
 
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+  """OpenAI's error reply."""
+  return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 class Api:
   """Requests (parsed JSON) -> jobs for the engine -> OpenAI's reply objects."""
 

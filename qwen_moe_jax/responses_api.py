@@ -16,13 +16,15 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import queue
 import threading
 import time
 import uuid
 from typing import Callable, Iterable, Iterator
 
-from qwen_moe_jax.openai_api import BadRequest
+from qwen_moe_jax.openai_api import Api, BadRequest
 from qwen_moe_jax.sampling import SETTINGS
+from qwen_moe_jax.serving_engine import Job
 
 TEXT_PARTS = ("input_text", "output_text", "text")  # content parts the model reads
 SAMPLING = tuple(k for k in SETTINGS if k != "top_logprobs")  # settings a request may give (by vLLM's names too)
@@ -79,6 +81,28 @@ class Stored:
       self.kept[response["id"]], self.chars = (response, messages, size), self.chars + size
       while self.chars > self.max_chars and len(self.kept) > 1:  # (the newest stays)
         self.chars -= self.kept.popitem(last=False)[1][2]
+
+
+def jobs(api: Api, kind: str, body, events: queue.Queue, stored: Stored) -> tuple[dict, list[Job], list[list[int]]]:
+  """A request to route `kind` (completions, chat or responses) as (the request it runs as, its jobs, its prompts:
+  Api.jobs): a Responses request runs as the chat request it means (`chat_request`, `truncated` under truncation
+  auto); BadRequest naming the request's own fields."""
+  if kind != "responses":
+    return body, *api.jobs(kind, body, events)
+  asked = chat_request(body, stored)
+  try:
+    if body.get("truncation") == "auto":
+      asked = truncated(asked, api.fits)
+    return asked, *api.jobs("chat", asked, events)
+  except BadRequest as e:
+    raise refused(e) from None
+
+
+def reply(api: Api, kind: str, body: dict, asked: dict, results: list[tuple], prompts: list[list[int]]) -> dict:
+  """The whole reply to a request of `kind` that `jobs` made (Api.reply; a Responses request's as its Response)."""
+  if kind != "responses":
+    return api.reply(kind, asked, results, prompts)
+  return response(api.reply("chat", asked, results, prompts), body)
 
 
 def chat_request(body, stored: Stored) -> dict:

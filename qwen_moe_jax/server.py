@@ -27,7 +27,7 @@ from qwen_moe_jax import responses_api
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator
 from qwen_moe_jax.grammar import Grammars
-from qwen_moe_jax.openai_api import Api, BadRequest
+from qwen_moe_jax.openai_api import Api, BadRequest, error_body
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.serving_engine import Engine, Job
 from qwen_moe_jax.serving_link import Link
@@ -65,7 +65,7 @@ class Handler(BaseHTTPRequestHandler):
     if not self.origins:
       return self._not_allowed()
     if not self._origin:
-      return self._json(403, _error(f"origin {self.headers.get('Origin')!r} is not allowed (--allowed-origins)",
+      return self._json(403, error_body(f"origin {self.headers.get('Origin')!r} is not allowed (--allowed-origins)",
                                     "permission_error"))
     self.send_response(204)
     self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
@@ -79,7 +79,7 @@ class Handler(BaseHTTPRequestHandler):
     """405 naming the methods the server takes (the request's body, if any, unread: the connection closes)."""
     self.close_connection = True
     allowed = "GET, POST, OPTIONS" if self.origins else "GET, POST"
-    self._json(405, _error(f"method {self.command} is not allowed ({allowed})", "method_not_allowed"),
+    self._json(405, error_body(f"method {self.command} is not allowed ({allowed})", "method_not_allowed"),
                {"Allow": allowed})
 
   do_PUT = do_PATCH = do_HEAD = do_CONNECT = do_TRACE = _not_allowed
@@ -89,7 +89,7 @@ class Handler(BaseHTTPRequestHandler):
     method), as JSON errors; the connection closes."""
     self.close_connection = True
     message = message or self.responses.get(code, ("error",))[0]
-    self._json(code, _error(message, "invalid_request_error" if code < 500 else "server_error"))
+    self._json(code, error_body(message, "invalid_request_error" if code < 500 else "server_error"))
 
   def _refused(self) -> bool:
     """Answers 401 to a request without `Authorization: Bearer <api_key>` (when the server has a key)."""
@@ -99,7 +99,7 @@ class Handler(BaseHTTPRequestHandler):
     if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
       return False
     self.close_connection = True  # (its body unread)
-    self._json(401, _error("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"))
+    self._json(401, error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"))
     return True
 
   @property
@@ -129,7 +129,7 @@ class Handler(BaseHTTPRequestHandler):
       return self._json(200, {"object": "list", "data": [{"id": self.api.name, "object": "model",
                                                           "owned_by": "qwen-moe-jax", "created": 0,
                                                           "max_model_len": self.api.slots}]})  # (vLLM's too)
-    self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
+    self._json(404, error_body(f"no such path: {self.path}", "not_found_error"))
 
   def do_DELETE(self) -> None:  # noqa: N802
     """Drops a stored response (DELETE /v1/responses/{id}); any other path: 405."""
@@ -144,7 +144,7 @@ class Handler(BaseHTTPRequestHandler):
     try:
       self._json(200, act(urllib.parse.unquote(self.route.removeprefix("/v1/responses/"))))
     except BadRequest as e:
-      self._json(e.status, _error(str(e), "not_found_error", e.param))
+      self._json(e.status, error_body(str(e), "not_found_error", e.param))
 
   def do_POST(self) -> None:  # noqa: N802
     kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses",
@@ -153,10 +153,10 @@ class Handler(BaseHTTPRequestHandler):
       return
     if kind is None:
       self.close_connection = True  # (its body unread)
-      return self._json(404, _error(f"no such path: {self.path}", "not_found_error"))
+      return self._json(404, error_body(f"no such path: {self.path}", "not_found_error"))
     if not self.server.admit():
       self.close_connection = True  # (its body unread)
-      return self._json(503, _error("the server is shutting down", "service_unavailable"))
+      return self._json(503, error_body("the server is shutting down", "service_unavailable"))
     try:
       self._post(kind)
     finally:
@@ -165,24 +165,17 @@ class Handler(BaseHTTPRequestHandler):
   def _post(self, kind: str) -> None:
     """A POST to a route that generates: its jobs submitted, then the reply, whole or streamed (a Responses request
     runs as the chat request it means: responses_api.py)."""
-    form = "chat" if kind == "responses" else kind  # what the request runs as
     try:
       body = self._body()
       if kind in ("tokenize", "detokenize"):
         return self._json(200, getattr(self.api, kind)(body))
-      asked = responses_api.chat_request(body, self.stored) if kind == "responses" else body
       events: queue.Queue = queue.Queue()
-      try:
-        if kind == "responses" and body.get("truncation") == "auto":
-          asked = responses_api.truncated(asked, self.api.fits)
-        jobs, prompts = self.api.jobs(form, asked, events)
-      except BadRequest as e:
-        raise responses_api.refused(e) if kind == "responses" else e from None
+      asked, jobs, prompts = responses_api.jobs(self.api, kind, body, events, self.stored)
     except BadRequest as e:
-      return self._json(e.status, _error(str(e), param=e.param))
+      return self._json(e.status, error_body(str(e), param=e.param))
     except Exception as e:  # noqa: BLE001  (a bug: the client hears of it, the server goes on)
       print(f"error: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
-      return self._json(500, _error(f"{type(e).__name__}: {e}", "server_error"))
+      return self._json(500, error_body(f"{type(e).__name__}: {e}", "server_error"))
     self.api.engine.submit(jobs)
     if body.get("stream"):
       return self._stream(kind, body, asked, events, jobs, prompts)
@@ -198,12 +191,11 @@ class Handler(BaseHTTPRequestHandler):
           return
         continue
       if event[0] == "error":
-        return self._json(500, _error(event[2], "server_error"))
+        return self._json(500, error_body(event[2], "server_error"))
       if event[0] == "done":
         results[event[1]] = event[2:]
-    reply = self.api.reply(form, asked, results, prompts)
+    reply = responses_api.reply(self.api, kind, body, asked, results, prompts)
     if kind == "responses":
-      reply = responses_api.response(reply, body)
       self.stored.put(body, asked, reply)
     self._json(200, reply)
 
@@ -251,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):
         for chunk in chunks:
           self._event(json.dumps(chunk, ensure_ascii=False))
       except RuntimeError as e:  # the engine failed this call
-        self._event(json.dumps(_error(str(e), "server_error")))
+        self._event(json.dumps(error_body(str(e), "server_error")))
       self._event("[DONE]")
     except OSError:  # the client went away (or stopped reading for READ_TIMEOUT_S): free its rows
       for j in jobs:
@@ -306,10 +298,6 @@ def allowed_origins(text: str | None) -> frozenset[str]:
   return origins
 
 
-def _error(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-  return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
 class Server(ThreadingHTTPServer):
   """The HTTP server over an engine, which `server_close` stops too. `stop` lets the requests under way end first
   (vLLM's --shutdown-timeout)."""
@@ -320,11 +308,11 @@ class Server(ThreadingHTTPServer):
     self.engine = engine
     self.under_way, self.draining, self.quiet = 0, False, threading.Condition()
 
-  def handle_error(self, request, client_address) -> None:
+  def handleerror_body(self, request, client_address) -> None:
     """A client resetting or leaving its connection is no server error (not logged); the rest is, as the standard
     library logs it."""
     if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
-      super().handle_error(request, client_address)
+      super().handleerror_body(request, client_address)
 
   def admit(self) -> bool:
     """Counts a POST request under way until `leave`; False (not counted) once draining."""

@@ -25,14 +25,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hf_models import hub_cache
-from qwen_moe_jax import checkpoint, convert, responses_api, scoring, tool_calls
+from qwen_moe_jax import checkpoint, convert, openai_batch, responses_api, scoring, tool_calls
 from qwen_moe_jax.demo import write_hf_demo
+from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Generator, Stream
 from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.openai_api import Api
 from qwen_moe_jax.prefixes import common_prefix
 from qwen_moe_jax.sampling import Sampling
 from qwen_moe_jax.server import make_server
+from qwen_moe_jax.serving_engine import Engine
 from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.tokenizer import load_tokenizer
 
@@ -1240,3 +1242,108 @@ def test_responses_continue_stored_conversations(served):
   assert stored.conversation("c") == made[2][1] and stored.response("b") == made[1][0]
   with pytest.raises(responses_api.BadRequest, match="no stored response 'a'"):
     stored.conversation("a")
+
+
+BATCH = [("a", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}),
+         ("b", "/v1/completions", {"prompt": "Once upon", "max_tokens": 5, "n": 2, "temperature": 1.0, "seed": 3}),
+         ("c", "/v1/responses", {"input": "Hello", "instructions": "Be brief.", "max_output_tokens": 6}),
+         ("d", "/v1/completions", {"prompt": "x", "max_tokens": 10 ** 6}),
+         ("e", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream": True}),
+         ("f", "/v1/responses", {"input": "x", "previous_response_id": "resp_1"})]
+
+
+def batch_file(path: Path, requests=BATCH) -> Path:
+  path.write_text("".join(json.dumps({"custom_id": c, "method": "POST", "url": u, "body": b}) + "\n\n"
+                          for c, u, b in requests))
+  return path
+
+
+def same_reply(got: dict, want: dict) -> None:
+  """Two replies to one request alike but for their ids and times."""
+  drop = lambda d: {k: v for k, v in d.items() if k not in ("id", "created", "created_at")}  # noqa: E731
+  if "output" in want:  # (a Response's items have ids too)
+    got, want = dict(got, output=[drop(i) for i in got["output"]]), dict(want, output=[drop(i) for i in want["output"]])
+  assert drop(got) == drop(want)
+
+
+def test_openai_batch_file(served, tmp_path):
+  """An OpenAI Batch API file runs through the server's Api: each line's reply is the server's to its body (chat,
+  completions with n and a seed, a Responses request), refusals are its 400 bodies (stream, a previous_response_id
+  not stored: 404), in the file's order with their custom_ids, here one request ahead at a time; an engine failure
+  is a 500 line. The file is written whole at the end (no .partial left)."""
+  url, tok, _, eos, ckpt = served
+  engine = Engine(Generator(checkpoint.restore(ckpt, dtype=jnp.float32), batch_size=2), 2, SLOTS, eos,
+                  Metrics("demo"))
+  api = Api(engine, tok, "demo", Sampling(), 0, SLOTS)
+  try:
+    requests = openai_batch.read(batch_file(tmp_path / "in.jsonl"), tmp_path / "out.jsonl")
+    assert [(r.line, r.custom_id, r.kind) for r in requests] == [
+      (1, "a", "chat"), (3, "b", "completions"), (5, "c", "responses"), (7, "d", "completions"), (9, "e", "chat"),
+      (11, "f", "responses")]
+    counts = openai_batch.run(api, requests, tmp_path / "out.jsonl", window=1, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == list("abcdef") and counts == {200: 3, 400: 2, 404: 1}
+    assert len({x["id"] for x in lines}) == 6 and all(x["id"].startswith("batch_req_") for x in lines)
+    for (_, path, body), line in zip(BATCH, lines):
+      if body.get("stream"):
+        assert line["response"]["status_code"] == 400 and line["response"]["body"]["error"]["param"] == "stream"
+        continue
+      status, reply = post(url, body, path)
+      assert (line["response"]["status_code"], line["error"]) == (status, None)
+      same_reply(line["response"]["body"], reply)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+    def fail(*args, **kwargs):
+      raise RuntimeError("out of device memory")
+
+    engine.generator.generate = fail
+    openai_batch.run(api, requests[:1], tmp_path / "failed.jsonl", window=4, progress=False)
+    [line] = [json.loads(x) for x in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert line["response"]["status_code"] == 500 and "out of device memory" in line["response"]["body"]["error"][
+      "message"]
+  finally:
+    engine.close()
+
+
+@pytest.mark.parametrize("text,message", [
+  ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n{"custom_id"', ":2: not a JSON object"),
+  ('["a"]', ":1: not a JSON object"),
+  ('{"method": "POST", "url": "/v1/completions", "body": {}}', ":1: custom_id must be a non-empty string"),
+  ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n' * 2,
+   ":2: custom_id 'a' is an earlier line's too"),
+  ('{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}', ":1: method must be POST, got 'GET'"),
+  ('{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}', ":1: url must be one of"),
+  ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": "hi"}', ":1: body must be a JSON object"),
+  ("\n\n", ": no requests in the batch file"),
+  (b"\xff", ": cannot read the batch file"),
+])
+def test_bad_batch_files(tmp_path, text, message):
+  path = tmp_path / "in.jsonl"
+  (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+  with pytest.raises(UserError) as e:
+    openai_batch.read(path, tmp_path / "out.jsonl")
+  assert str(e.value).startswith(str(path) + message), e.value
+
+
+def test_cli_batch_file(served, tmp_path):
+  """`infer.py --batch-file IN --batch-output OUT` answers each line as the server does and says what it wrote; an
+  output file that exists, or prompt flags next to it, are one error line, the file untouched."""
+  url, _, _, _, ckpt = served
+  given = batch_file(tmp_path / "in.jsonl", BATCH[:4])
+  out = tmp_path / "out.jsonl"
+  r = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--batch-file", str(given),
+                      "--batch-output", str(out), "--dtype", "float32", "--batch-size", "2", "--max-model-len",
+                      str(SLOTS), "--served-model-name", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr
+  assert r.stderr.splitlines()[-1] == f"4 requests: 3 answered, 1 with status 400; results in {out}"
+  lines = [json.loads(x) for x in out.read_text().splitlines()]
+  for (_, path, body), line in zip(BATCH[:4], lines):
+    same_reply(line["response"]["body"], post(url, body, path)[1])
+  for extra, error in ((["--batch-output", str(out)], f"--batch-output {out}: already exists (give a new file, or "
+                                                      "remove it)"),
+                       (["--batch-output", str(tmp_path / "o"), "--prompt", "hi"],
+                        "--batch-file takes its prompts from the batch file: drop --prompt")):
+    bad = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--batch-file", str(given), *extra],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {error}", bad.stderr
+  assert [json.loads(x) for x in out.read_text().splitlines()] == lines

@@ -545,6 +545,30 @@ def test_two_processes_serve_like_one(tmp_path):
       "error: --interactive needs a single process (--serve serves from several)"), r.stderr[-2000:]
 
 
+def test_two_processes_run_a_batch_file(tmp_path):
+  """`infer.py --batch-file` over 2 processes x 4 CPU devices: process 0 reads the file and writes the results,
+  process 1 runs the same engine; the replies are one process's engine's, and both end cleanly."""
+  write_hf_demo(tmp_path / "hf")
+  convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+  tok = load_tokenizer(tmp_path / "ckpt")
+  reference = Generator(checkpoint.restore(tmp_path / "ckpt", dtype=jnp.float32))
+  bodies = [{"prompt": [3, 4, 5], "max_tokens": 30}, {"prompt": [7, 8], "max_tokens": 20, "temperature": 0.9,
+                                                       "seed": 11}, {"prompt": [9], "max_tokens": 25}]
+  want = [tok.decode(reference.generate([b["prompt"]], b["max_tokens"], Sampling(b.get("temperature", 0.0)),
+                                        seed=[Stream(b.get("seed", 0), 0)], stop_ids=[tok.eos_token_id]).output_ids[0],
+                     skip_special_tokens=True) for b in bodies]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"custom_id": str(i), "method": "POST", "url":
+                                                         "/v1/completions", "body": b}) + "\n"
+                                             for i, b in enumerate(bodies)))
+  runs = _two_processes("infer.py", ["--checkpoint", str(tmp_path / "ckpt"), "--batch-file",
+                                     str(tmp_path / "in.jsonl"), "--batch-output", str(tmp_path / "out.jsonl"),
+                                     "--dtype", "float32", "--mesh", "data=2,expert=4", "--batch-size", "2",
+                                     "--max-model-len", "128", "--temperature", "0", "--compile-cache", "off"])
+  assert [r.returncode for r in runs] == [0, 0], [r.stderr[-3000:] for r in runs]
+  lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert [x["response"]["body"]["choices"][0]["text"] for x in lines] == want
+
+
 @pytest.mark.parametrize("spec", ["fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2", "expert=2,tensor=2,fsdp=2"])
 @pytest.mark.parametrize("rows", [4, 1])
 def test_embedding_lookup_and_its_gradient_on_split_tables(spec, rows):
