@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import queue
+import sys
 import uuid
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def run(api: Api, requests: list[Request], output: Path, window: int, progress: 
 
 
 def _start(api: Api, request: Request, stored: responses_api.Stored) -> tuple:
-  """Submits `request`'s jobs: (events, the request it runs as, jobs, prompts), or its refusal (status, error)."""
+  """Submits `request`'s jobs: (events, the request it runs as, jobs, prompts), or its refusal (status, error): a
+  BadRequest's, or an unexpected failure's 500."""
   events: queue.Queue = queue.Queue()
   try:
     if request.body.get("stream"):
@@ -119,6 +121,9 @@ def _start(api: Api, request: Request, stored: responses_api.Stored) -> tuple:
     asked, jobs, prompts = responses_api.jobs(api, request.kind, request.body, events, stored)
   except BadRequest as e:
     return e.status, error_body(str(e), param=e.param)
+  except Exception as e:  # noqa: BLE001  (a bug: this request's line says so, as the server's 500; the batch goes on)
+    print(f"error: {request.custom_id}: {type(e).__name__}: {e}", file=sys.stderr)
+    return 500, error_body(f"{type(e).__name__}: {e}", "server_error")
   api.engine.submit(jobs)
   return events, asked, jobs, prompts
 
