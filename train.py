@@ -52,7 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
   ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
   ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="default: 10%% of steps, at most 100")
-  ap.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
+  ap.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine, linear, wsd)")
+  ap.add_argument("--lr-schedule", default=d.lr_schedule, choices=training.SCHEDULES,
+                  help="after the warmup: cosine or linear decay to lr x --min-lr-ratio at the last step, constant "
+                  "lr, or wsd (warmup-stable-decay): lr, then linear decay to lr x --min-lr-ratio over the last "
+                  "--decay-steps")
+  ap.add_argument("--decay-steps", type=int, default=d.decay_steps, help="wsd's decay (default: 20%% of steps)")
   ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
   ap.add_argument("--clip-norm", type=float, default=d.clip_norm, help="global gradient-norm clip")
   ap.add_argument("--optimizer", default=d.optimizer, choices=training.OPTIMIZERS)
@@ -180,7 +185,8 @@ def train_config(args: argparse.Namespace) -> training.TrainConfig:
                     "can leave out: add --lora-rank (or drop --expert-dtype)")
   return training.TrainConfig(
     steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
-    warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+    warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, lr_schedule=args.lr_schedule,
+    decay_steps=args.decay_steps, weight_decay=args.weight_decay,
     clip_norm=args.clip_norm, optimizer=args.optimizer, moments_dtype=args.moments_dtype,
     compute_dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
     train_only=frozenset(train_only) if train_only else None, freeze=frozenset(freeze) if freeze else None,

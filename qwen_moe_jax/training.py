@@ -52,6 +52,7 @@ PARAM_GROUPS: dict[str, Callable[[str], bool]] = {
   "mlp": lambda p: p.endswith((".mlp.wi", ".mlp.wo")),  # dense-MLP layers
 }
 OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")  # the learning rate after the warmup (`schedule`)
 GRPO_SETTINGS = ("grpo_group", "grpo_max_new", "grpo_temperature", "grpo_top_k", "grpo_top_p", "grpo_min_p",
                  "grpo_repetition_penalty", "grpo_beta", "grpo_scale_rewards",
                  "grpo_mask_truncated", "grpo_iterations", "grpo_generation_steps", "grpo_epsilon",
@@ -86,6 +87,8 @@ class TrainConfig:
   lr: float = 1e-5
   warmup_steps: int = -1  # -1: 10% of steps (at most 100)
   min_lr_ratio: float = 0.1
+  lr_schedule: str = "cosine"  # after the warmup (SCHEDULES, `schedule`)
+  decay_steps: int = -1  # wsd's decay at the end; -1: 20% of steps
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   optimizer: str = "adamw"
@@ -199,6 +202,10 @@ class TrainConfig:
   def warmup(self) -> int:
     return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.steps // 10)
 
+  @property
+  def decay(self) -> int:
+    return self.decay_steps if self.decay_steps >= 0 else max(1, self.steps // 5)
+
   def validate(self) -> "TrainConfig":
     for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1)):  # a row of 1: no target
       if getattr(self, name) < least:
@@ -209,6 +216,13 @@ class TrainConfig:
       raise UserError("give --train-only or --freeze, not both")
     if self.optimizer not in OPTIMIZERS:
       raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'")
+    if self.lr_schedule not in SCHEDULES:
+      raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got '{self.lr_schedule}'")
+    if self.decay_steps != -1 and self.lr_schedule != "wsd":
+      raise UserError("--decay-steps is the wsd schedule's decay: give --lr-schedule wsd too")
+    if self.lr_schedule == "wsd" and not 1 <= self.decay <= self.steps - self.warmup:
+      raise UserError(f"--decay-steps must be in [1, {self.steps - self.warmup}] (the steps after the "
+                      f"{self.warmup} of warmup), got {self.decay}")
     if self.dpo_beta is not None and not self.dpo_beta > 0:
       raise UserError(f"--dpo-beta must be > 0, got {self.dpo_beta}")
     if self.dpo_beta is None and (self.dpo_loss != "sigmoid" or self.dpo_label_smoothing):
@@ -293,9 +307,21 @@ class TrainConfig:
 
 
 def schedule(tc: TrainConfig) -> optax.Schedule:
-  """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
-  return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1),
-                                            tc.lr * tc.min_lr_ratio)
+  """Linear warmup from 0 to lr, then (lr_schedule) cosine or linear decay to lr * min_lr_ratio at the last step,
+  or lr to the end ("constant"), or "wsd" (warmup-stable-decay, MiniCPM's): lr, then linear decay to lr *
+  min_lr_ratio over the last `decay` steps (a run's stable-phase checkpoints can be continued or cooled down)."""
+  low, rest = tc.lr * tc.min_lr_ratio, max(tc.steps - tc.warmup, 1)
+  if tc.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1), low)
+  if tc.lr_schedule == "linear":
+    decay = optax.linear_schedule(tc.lr, low, rest)
+  elif tc.lr_schedule == "constant":
+    decay = optax.constant_schedule(tc.lr)
+  else:  # wsd
+    decay = optax.join_schedules([optax.constant_schedule(tc.lr), optax.linear_schedule(tc.lr, low, tc.decay)],
+                                 [rest - tc.decay])
+  return optax.join_schedules([optax.linear_schedule(0.0, tc.lr, tc.warmup), decay], [tc.warmup]) if tc.warmup \
+    else decay
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:

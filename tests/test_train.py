@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -831,6 +833,8 @@ def test_lora_over_int8_experts(base, lora_run, tmp_path, capsys):
    "KTO's losses: give --dpo-beta and --dpo-loss kto too"),
   (["--dpo-beta", "0.1", "--dpo-loss", "kto", "--kto-undesirable-weight", "0"], "--kto-desirable-weight and "
    "--kto-undesirable-weight must be > 0, got (1.0, 0.0)"),
+  (["--lr-schedule", "wsd", "--decay-steps", "15"], "--decay-steps must be in [1, 14] (the steps after the 2 of "
+   "warmup), got 15"),
 ])
 def test_bad_lora_and_dpo_flags(base, tmp_path, flags, message):
   res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(tmp_path / "r"),
@@ -1180,3 +1184,29 @@ def test_lean_optimizers_step(step_case):
     m, after = _step_outputs(model, one, lean, batch)
     assert np.isfinite(m.loss) and int(m.skipped) == 0
     assert not np.allclose(after["layers.0.mlp.experts_wi"].astype(np.float32), before["layers.0.mlp.experts_wi"])
+
+
+def test_learning_rate_schedules():
+  """Each --lr-schedule warms up linearly from 0 to lr, then: cosine (optax's warmup_cosine_decay) or linear decay
+  to lr x min_lr_ratio at the last step, lr to the end, or wsd: lr until the last `decay` steps, then linear decay
+  to lr x min_lr_ratio; a schedule's own flags elsewhere, or a decay past the steps after the warmup, are one line."""
+  def made(**kw) -> training.TrainConfig:
+    return training.TrainConfig(**{"steps": 50, "lr": 2.0, "warmup_steps": 10, "min_lr_ratio": 0.1, **kw}).validate()
+
+  lr = {kind: [float(training.schedule(made(lr_schedule=kind, **({"decay_steps": 8} if kind == "wsd" else {})))(t))
+               for t in range(51)] for kind in training.SCHEDULES}
+  for kind, values in lr.items():
+    np.testing.assert_allclose(values[:11], np.linspace(0, 2, 11), rtol=1e-6, err_msg=kind)
+  cosine = optax.warmup_cosine_decay_schedule(0.0, 2.0, 10, 50, 0.2)
+  np.testing.assert_allclose(lr["cosine"], [float(cosine(t)) for t in range(51)], rtol=1e-6)
+  np.testing.assert_allclose(lr["linear"][10:], np.linspace(2, 0.2, 41), rtol=1e-6)
+  np.testing.assert_allclose(lr["constant"][10:], 2.0)
+  np.testing.assert_allclose(lr["wsd"][10:43], 2.0)
+  np.testing.assert_allclose(lr["wsd"][42:], np.linspace(2, 0.2, 9), rtol=1e-6)
+  assert made(lr_schedule="wsd").decay == 10  # (20% of steps)
+  np.testing.assert_allclose(float(training.schedule(made(lr_schedule="linear", warmup_steps=0))(0)), 2.0)
+  for kw, message in (({"decay_steps": 5}, "--decay-steps is the wsd schedule's decay"),
+                      ({"lr_schedule": "wsd", "decay_steps": 0}, "--decay-steps must be in [1, 40]"),
+                      ({"lr_schedule": "step"}, "--lr-schedule must be one of cosine, linear, constant, wsd")):
+    with pytest.raises(UserError, match=re.escape(message)):
+      made(**kw)
