@@ -6,7 +6,8 @@ checks, chat template, tools, structured output, and the engine: requests join t
 and OUT gets a line per request, in IN's order, as OpenAI's batch output file has it: {"id", "custom_id",
 "response": {"status_code", "request_id", "body"}, "error": null}, the body the reply, or the error of a request
 refused (400) or failed (500). Every line is checked before any runs (the first bad one: one error naming FILE:LINE).
-OUT is written as OUT.partial, a line as each request ends, and renamed OUT once every request has its line.
+OUT is written as OUT.partial, a line as each request ends, and renamed OUT once every request has its line; a run
+that finds OUT.partial (an earlier run of the same file, stopped) keeps its lines and runs the requests after them.
 """
 
 from __future__ import annotations
@@ -81,13 +82,15 @@ def read(path: Path, output: Path) -> list[Request]:
 
 def run(api: Api, requests: list[Request], output: Path, window: int, progress: bool = True) -> collections.Counter:
   """Runs `requests`, up to `window` samples (prompts x n) submitted ahead of the first unfinished one (at least
-  that one's), writing each one's output line, in order, to OUT.partial, renamed `output` at the end; returns how
-  many lines had each status code."""
+  that one's), writing each one's output line, in order, to OUT.partial (after the lines `resumed` keeps of an
+  earlier run's), renamed `output` at the end; returns how many lines had each status code."""
   partial = output.with_name(output.name + ".partial")
+  done = resumed(partial, requests)
   stored = responses_api.Stored()  # (nothing is stored: a batch's previous_response_id finds no response, a 404)
   under_way: collections.deque = collections.deque()  # (request, its refusal or (events, asked, jobs, prompts))
-  ahead, upcoming, counts = 0, iter(requests), collections.Counter()
-  with partial.open("w", encoding="utf-8") as out, tqdm(total=len(requests), unit="request",
+  ahead, upcoming = 0, iter(requests[len(done):])
+  counts = collections.Counter(line["response"]["status_code"] for line in done)
+  with partial.open("a", encoding="utf-8") as out, tqdm(total=len(requests), initial=len(done), unit="request",
                                                         disable=not progress) as bar:
     while True:
       while not under_way or ahead < window:
@@ -109,6 +112,31 @@ def run(api: Api, requests: list[Request], output: Path, window: int, progress: 
       bar.update()
   os.replace(partial, output)
   return counts
+
+
+def resumed(partial: Path, requests: list[Request]) -> list[dict]:
+  """The output lines an earlier, stopped run of `requests` left in `partial` (none if it is absent), which is cut
+  to them: a last line cut short is dropped. UserError if they are not the first requests' lines."""
+  if not partial.exists():
+    return []
+  lines, size = [], 0  # the whole lines, and their bytes
+  with partial.open("rb") as f:
+    for raw in f:
+      try:
+        line = json.loads(raw) if raw.endswith(b"\n") else None
+      except ValueError:
+        line = None
+      if not isinstance(line, dict) or "status_code" not in (line.get("response") or {}):
+        break
+      lines.append(line)
+      size += len(raw)
+  if [line.get("custom_id") for line in lines] != [r.custom_id for r in requests[:len(lines)]]:
+    raise UserError(f"{partial}: its lines are not the results of the batch file's first {len(lines)} requests "
+                    "(another file's run?): remove it to start over")
+  with partial.open("r+b") as f:
+    f.truncate(size)
+  print(f"resuming: {partial} holds the results of {len(lines)} of the {len(requests)} requests", file=sys.stderr)
+  return lines
 
 
 def _start(api: Api, request: Request, stored: responses_api.Stored) -> tuple:
