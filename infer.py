@@ -158,8 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "default 16, at once), their replies written to --batch-output")
   ap.add_argument("--batch-output", metavar="OUT.jsonl",
                   help="with --batch-file: the results file, one {id, custom_id, response: {status_code, request_id, "
-                  "body}, error} per request in the input's order (written as OUT.jsonl.partial until every request "
-                  "has its line, and resumed from there if stopped; must not exist)")
+                  "body}, error} per request in the input's order (written as OUT.jsonl.<digest>.partial until every "
+                  "request has its line, and resumed from there if stopped; must not exist)")
   ap.add_argument("--max-model-len", type=int,
                   help="with --serve or --batch-file: cache slots per row, a request's prompt and new tokens (default: "
                   "the model's context, at most 4096)")

@@ -6,14 +6,16 @@ checks, chat template, tools, structured output, and the engine: requests join t
 and OUT gets a line per request, in IN's order, as OpenAI's batch output file has it: {"id", "custom_id",
 "response": {"status_code", "request_id", "body"}, "error": null}, the body the reply, or the error of a request
 refused (400) or failed (500). Every line is checked before any runs (the first bad one: one error naming FILE:LINE).
-OUT is written as OUT.partial, a line as each request ends, and renamed OUT once every request has its line; a run
-that finds OUT.partial (an earlier run of the same file, stopped) keeps its lines and runs the requests after them.
+OUT is written as OUT.<requests' digest>.partial (`partial`), a line as each request ends, and renamed OUT once
+every request has its line; a run that finds it (an earlier run of the same requests, stopped) keeps its lines and
+runs the requests after them.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import queue
@@ -82,9 +84,9 @@ def read(path: Path, output: Path) -> list[Request]:
 
 def run(api: Api, requests: list[Request], output: Path, window: int, progress: bool = True) -> collections.Counter:
   """Runs `requests`, up to `window` samples (prompts x n) submitted ahead of the first unfinished one (at least
-  that one's), writing each one's output line, in order, to OUT.partial (after the lines `resumed` keeps of an
-  earlier run's), renamed `output` at the end; returns how many lines had each status code."""
-  partial = output.with_name(output.name + ".partial")
+  that one's), writing each one's output line, in order, to their `partial` file (after the lines `resumed` keeps of
+  an earlier run's), renamed `output` at the end; returns how many lines had each status code."""
+  partial = partial_file(output, requests)
   done = resumed(partial, requests)
   stored = responses_api.Stored()  # (nothing is stored: a batch's previous_response_id finds no response, a 404)
   under_way: collections.deque = collections.deque()  # (request, its refusal or (events, asked, jobs, prompts))
@@ -114,6 +116,13 @@ def run(api: Api, requests: list[Request], output: Path, window: int, progress: 
   return counts
 
 
+def partial_file(output: Path, requests: list[Request]) -> Path:
+  """Where a run of `requests` writes their lines until all are there: OUT.<the requests' digest>.partial (so that
+  a later run of other requests, even with the same custom_ids, does not take it for its own)."""
+  digest = hashlib.sha256(json.dumps([(r.custom_id, r.kind, r.body) for r in requests], sort_keys=True).encode())
+  return output.with_name(f"{output.name}.{digest.hexdigest()[:16]}.partial")
+
+
 def resumed(partial: Path, requests: list[Request]) -> list[dict]:
   """The output lines an earlier, stopped run of `requests` left in `partial` (none if it is absent), which is cut
   to them: a last line cut short is dropped. UserError if they are not the first requests' lines."""
@@ -131,8 +140,8 @@ def resumed(partial: Path, requests: list[Request]) -> list[dict]:
       lines.append(line)
       size += len(raw)
   if [line.get("custom_id") for line in lines] != [r.custom_id for r in requests[:len(lines)]]:
-    raise UserError(f"{partial}: its lines are not the results of the batch file's first {len(lines)} requests "
-                    "(another file's run?): remove it to start over")
+    raise UserError(f"{partial}: its lines are not the results of the batch file's first {len(lines)} requests: "
+                    "remove it to start over")
   with partial.open("r+b") as f:
     f.truncate(size)
   print(f"resuming: {partial} holds the results of {len(lines)} of the {len(requests)} requests", file=sys.stderr)

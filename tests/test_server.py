@@ -4,6 +4,7 @@ requests join a running batch; bad requests are one 400 line naming the field.""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import importlib.util
 import json
@@ -1271,7 +1272,8 @@ def test_openai_batch_file(served, tmp_path):
   completions with n and a seed, a Responses request), refusals are its 400 bodies (stream, a previous_response_id
   not stored: 404), in the file's order with their custom_ids, here one request ahead at a time; an engine failure,
   or a failure handling a request, is a 500 line. The file is written whole at the end (no .partial left); a run
-  finding a stopped run's .partial keeps its whole lines and runs the rest; one of another file's is an error."""
+  finding a stopped run's .partial keeps its whole lines and runs the rest; one holding other lines is an error; other
+  requests (the same custom_ids) have another .partial."""
   url, tok, _, eos, ckpt = served
   engine = Engine(Generator(checkpoint.restore(ckpt, dtype=jnp.float32), batch_size=2), 2, SLOTS, eos,
                   Metrics("demo"))
@@ -1295,15 +1297,19 @@ def test_openai_batch_file(served, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
     text = (tmp_path / "out.jsonl").read_text()  # a stopped run's: 2 lines, and a third cut short
     kept = text.splitlines(keepends=True)
-    (tmp_path / "again.jsonl.partial").write_text(kept[0] + kept[1] + kept[2][:40])
+    openai_batch.partial_file(tmp_path / "again.jsonl", requests).write_text(kept[0] + kept[1] + kept[2][:40])
     assert openai_batch.run(api, requests, tmp_path / "again.jsonl", window=2, progress=False) == counts
     again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
     assert again[:2] == lines[:2] and again[2]["id"] != lines[2]["id"]  # (kept; run again)
     for got, want in zip(again[2:], lines[2:], strict=True):
       same_reply(got["response"]["body"], want["response"]["body"])
-    (tmp_path / "other.jsonl.partial").write_text(text.replace('"custom_id": "a"', '"custom_id": "z"'))
+    openai_batch.partial_file(tmp_path / "other.jsonl", requests).write_text(text.replace('"custom_id": "a"',
+                                                                                          '"custom_id": "z"'))
     with pytest.raises(UserError, match="its lines are not the results of the batch file's first 6 requests"):
       openai_batch.run(api, requests, tmp_path / "other.jsonl", window=2, progress=False)
+    other = [dataclasses.replace(r, body=r.body | {"max_tokens": 3}) for r in requests[:1]]
+    assert openai_batch.partial_file(tmp_path / "other.jsonl", other) != \
+      openai_batch.partial_file(tmp_path / "other.jsonl", requests[:1])
 
     def fail(*args, **kwargs):
       raise RuntimeError("out of device memory")
