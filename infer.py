@@ -163,6 +163,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--max-model-len", type=int,
                   help="with --serve or --batch-file: cache slots per row, a request's prompt and new tokens (default: "
                   "the model's context, at most 4096)")
+  ap.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=RUN_DIR",
+                  help="with --serve or --batch-file: serve these LoRA run folders (train.py --lora-rank) over the "
+                  "checkpoint, each under its NAME: a request whose model is NAME runs with its adapters, one naming "
+                  "the checkpoint (or none) without (vLLM's flag)")
   ap.add_argument("--served-model-name", help="with --serve or --batch-file: the model's name in replies (default: the "
                   "folder's, or the repo id --checkpoint gave)")
   ap.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE) or None,
@@ -215,8 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   if api and (args.regex or args.json_schema or args.choice):
     raise UserError(f"{api} takes structured output per request (response_format, or vLLM's guided_json, "
                     "guided_regex, guided_choice): drop --regex, --json-schema, --choice")
-  if (args.max_model_len is not None or args.served_model_name) and not api:
-    raise UserError("--max-model-len and --served-model-name are --serve's and --batch-file's")
+  if (args.max_model_len is not None or args.served_model_name or args.lora_modules) and not api:
+    raise UserError("--max-model-len, --served-model-name and --lora-modules are --serve's and --batch-file's")
+  args.lora_modules = lora_modules(args.lora_modules)
   if (args.shutdown_timeout != SHUTDOWN_TIMEOUT or args.allowed_origins) and not args.serve:
     raise UserError("--shutdown-timeout and --allowed-origins are --serve's")
   if bool(args.batch_file) != bool(args.batch_output):
@@ -225,6 +230,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.max_model_len is not None and args.max_model_len < 2:
     raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
   return args
+
+
+def lora_modules(specs: list[str]) -> dict[str, str]:
+  """--lora-modules NAME=RUN_DIR ... as {name: folder}."""
+  modules: dict[str, str] = {}
+  for spec in specs:
+    name, _, folder = spec.partition("=")
+    if not name or not folder or name in modules:
+      raise UserError(f"--lora-modules takes NAME=RUN_DIR, each NAME once, got {spec!r}")
+    modules[name] = folder
+  return modules
 
 
 @dataclasses.dataclass
@@ -424,8 +440,12 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
     if jax.process_index() == 0:
       print(f"note: {folder} trained its LoRA adapters over int8 experts: run so, the adapters unmerged "
             f"(--expert-dtype auto merges them into float experts)", file=sys.stderr)
-  model = checkpoint.restore(checkpoint.locate(folder, args.peft and hf_io.model_folder(args.peft)), mesh, dtype,
-                             kernels, cfg)
+  source = checkpoint.locate(folder, args.peft and hf_io.model_folder(args.peft))
+  adapters = {}  # --lora-modules' adapters, by name (serving_engine.py)
+  if args.lora_modules:
+    model, adapters = checkpoint.restore_with_adapters(source, args.lora_modules, mesh, dtype, kernels, cfg)
+  else:
+    model = checkpoint.restore(source, mesh, dtype, kernels, cfg)
   generator = Generator(model, mesh, prefill_rows=args.prefill_rows,
                         batch_size=args.batch_size or (SERVE_ROWS if args.serve or args.batch_file else None),
                         kv_cache_dtype=args.kv_cache_dtype, share_prefix=args.share_prefix,
@@ -433,9 +453,9 @@ def run(args, folder: Path, mesh, dtype, kernels: Kernels) -> None:
   if args.interactive:
     return chat(args, generator, tok, sampling, stop_ids(cfg, tok, gen))
   if args.serve:
-    return serve(args, generator, folder, tok, sampling, stop_ids(cfg, tok, gen), grammars)
+    return serve(args, generator, folder, tok, sampling, stop_ids(cfg, tok, gen), grammars, adapters)
   if args.batch_file:
-    return run_batch(args, batch, generator, folder, tok, sampling, stop_ids(cfg, tok, gen), grammars)
+    return run_batch(args, batch, generator, folder, tok, sampling, stop_ids(cfg, tok, gen), grammars, adapters)
 
   lead = jax.process_index() == 0  # with several processes, the first one reports
   scores = prompt_scores(generator, prompts) if args.prompt_logprobs else None
@@ -546,15 +566,15 @@ def json_line(prompt: list[int], output: Output, text: str | None, logprobs: boo
 
 
 def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos: list[int],
-          grammars: Grammars) -> None:
+          grammars: Grammars, adapters: dict[str, dict]) -> None:
   """Answers OpenAI API requests over HTTP until interrupted (qwen_moe_jax/server.py), building the requests'
-  grammars with `grammars` (its limits: --grammar-limits)."""
+  grammars with `grammars` (its limits: --grammar-limits), serving `adapters` (--lora-modules) besides the model."""
   host, _, port = args.serve.rpartition(":")
   if not port.isdigit():
     raise UserError(f"--serve takes [HOST:]PORT, got {args.serve!r}")
   slots, name = engine_shape(args, generator, folder)
   if jax.process_index() > 0:  # process 0 serves HTTP; this one runs the same engine, as process 0's tells it
-    return follow_first(generator, tok, name, slots, eos, grammars)
+    return follow_first(generator, tok, name, slots, eos, grammars, adapters)
   pool = f", {generator.prefix_pool} prefix pool rows besides" if generator.prefix_pool else ""
   print(f"compiling the decode program for {generator.batch_size} rows x {slots} slots{pool}", file=sys.stderr,
         flush=True)
@@ -562,7 +582,7 @@ def serve(args, generator: Generator, folder: Path, tok, sampling: Sampling, eos
     server = make_server(generator, tok, name=name, host=host or "127.0.0.1", port=int(port),
                          rows=generator.batch_size, slots=slots, stop_ids=eos, sampling=sampling, seed=args.seed,
                          api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, grammars=grammars,
-                         origins=args.allowed_origins)
+                         origins=args.allowed_origins, adapters=adapters)
   except OSError as e:
     raise UserError(f"--serve {args.serve}: cannot listen ({e.strerror or e})") from None
   prepare_json_object(grammars)
@@ -596,25 +616,32 @@ def engine_shape(args, generator: Generator, folder: Path) -> tuple[int, str]:
   if slots > context:
     raise UserError(f"--max-model-len {slots} is past the model's context of {context} positions")
   named = args.checkpoint and Path(args.checkpoint) != folder  # a repo id in the Hugging Face cache: its name
-  return slots, args.served_model_name or (args.checkpoint if named else folder.resolve().name)
+  name = args.served_model_name or (args.checkpoint if named else folder.resolve().name)
+  if name in args.lora_modules:
+    raise UserError(f"--lora-modules {name}=...: that is the served model's name (give the adapter another, or "
+                    "--served-model-name)")
+  return slots, name
 
 
-def follow_first(generator: Generator, tok, name: str, slots: int, eos: list[int], grammars: Grammars) -> None:
+def follow_first(generator: Generator, tok, name: str, slots: int, eos: list[int], grammars: Grammars,
+                 adapters: dict[str, dict]) -> None:
   """A process past the first under --serve or --batch-file: runs the same engine as process 0's tells it, building
   the grammars of the requests process 0 took however long they take here."""
   unbounded = Grammars(tok, seconds=None, memory=grammars.memory, store=grammars.store)
-  follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos, grammars=unbounded)
+  follow(generator, tok, name=name, rows=generator.batch_size, slots=slots, stop_ids=eos, grammars=unbounded,
+         adapters=adapters)
 
 
 def run_batch(args, requests: list[openai_batch.Request], generator: Generator, folder: Path, tok,
-              sampling: Sampling, eos: list[int], grammars: Grammars) -> None:
-  """Runs an OpenAI Batch API file's requests through the engine (openai_batch.py), --batch-size rows at once."""
+              sampling: Sampling, eos: list[int], grammars: Grammars, adapters: dict[str, dict]) -> None:
+  """Runs an OpenAI Batch API file's requests through the engine (openai_batch.py), --batch-size rows at once,
+  serving `adapters` (--lora-modules) besides the model."""
   slots, name = engine_shape(args, generator, folder)
   if jax.process_index() > 0:
-    return follow_first(generator, tok, name, slots, eos, grammars)
+    return follow_first(generator, tok, name, slots, eos, grammars, adapters)
   output = Path(args.batch_output)
   engine = Engine(generator, generator.batch_size, slots, eos, Metrics(name),
-                  Link() if jax.process_count() > 1 else None)
+                  Link() if jax.process_count() > 1 else None, adapters=adapters)
   try:
     api = Api(engine, tok, name, sampling, args.seed, slots, grammars)
     counts = openai_batch.run(api, requests, output, window=4 * generator.batch_size)

@@ -256,6 +256,56 @@ def restore(source: str | Path | Location, mesh: jax.sharding.Mesh | None = None
   return nnx.merge(graphdef, nnx.State(unflatten_state(abstract, values)))
 
 
+def restore_with_adapters(source: str | Path, runs: dict[str, str | Path], mesh: jax.sharding.Mesh | None = None,
+                          dtype: jnp.dtype = jnp.bfloat16, kernels: Kernels = Kernels(),
+                          cfg: QwenMoeConfig | None = None) -> tuple[QwenMoeForCausalLM, dict[str, dict[str, Any]]]:
+  """The model of `source` with LoRA adapter leaves, all zero (so it is the base model exactly), where any of the
+  LoRA run folders `runs` (name -> folder) has adapters, at their largest rank; and each run's values for those
+  leaves (its adapters, rank padded with zeros, B times its scale; zeros where it has none), for `replaced` to put
+  in. UserError naming a folder that is not a LoRA run or whose adapters do not fit the model."""
+  cfg = cfg or load_config(source)
+  mesh = mesh or sharding.make_mesh({}, jax.devices()[:1])
+  locs = {}
+  for name, folder in runs.items():
+    if not (Path(folder) / LORA_FILE).is_file():
+      raise UserError(f"--lora-modules {name}={folder}: not a LoRA run folder (train.py --lora-rank writes one, with "
+                      f"{LORA_FILE})")
+    locs[name] = checked(folder, cfg)[0]
+  rank = max(loc.lora.rank for loc in locs.values())
+  targets = tuple(t for t in lora_lib.TARGETS if any(t in loc.lora.targets for loc in locs.values()))
+  union = lora_lib.LoraConfig(rank, float(rank), targets)  # (its scale is 1: each run's B carries its own)
+  base = restore(source, mesh, dtype, kernels, cfg)
+  if any(lora_lib.is_adapter(k) for k in flatten(nnx.state(base))):
+    raise UserError(f"{source}: a LoRA run over int8 experts, read unmerged: serve it as one of --lora-modules over "
+                    "its base instead")
+  graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels, union)
+  wanted = {k: w for k, w in wanted_params(abstract, mesh, dtype).items() if lora_lib.is_adapter(k)}
+  zeros = {k: jax.device_put(jnp.zeros(w.shape, w.dtype), w.sharding) for k, w in wanted.items()}
+  model = nnx.merge(graphdef, unflatten_state(abstract, flatten(nnx.state(base)) | zeros))
+  values = {}
+  for name, loc in locs.items():
+    own = load_sharded(loc.adapters, wanted_adapters(cfg, loc.lora, mesh, jnp.float32, kernels), cfg.num_experts)
+    values[name] = {k: jax.device_put(_padded_adapter(k, own[k], w, loc.lora), w.sharding) if k in own else zeros[k]
+                    for k, w in wanted.items()}
+  return model, values
+
+
+def _padded_adapter(key: str, x: jax.Array, want: jax.ShapeDtypeStruct, lora: lora_lib.LoraConfig) -> jax.Array:
+  """A run's adapter leaf at the served rank: A [..., r] and B [(E,) r, ...] padded with zeros along r, B times the
+  run's scale."""
+  b = key.endswith(lora_lib.SUFFIXES[1])
+  axis = (1 if ".mlp.experts_" in key else 0) if b else x.ndim - 1
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, want.shape[axis] - x.shape[axis])
+  return (jnp.pad(x, pad) * (lora.scale if b else 1.0)).astype(want.dtype)
+
+
+def replaced(state: nnx.State, values: dict[str, Any]) -> nnx.State:
+  """`state` with the leaves `values` names (flat keys) replaced."""
+  return nnx.from_flat_state([(p, v.replace(values[path_str(p)]) if path_str(p) in values else v)
+                              for p, v in nnx.to_flat_state(state)])
+
+
 def trained_expert_dtype(folder: str | Path) -> str:
   """"int8" for a LoRA run trained over int8 experts (read that way it is the model trained), else "auto"."""
   lora = locate(folder).lora

@@ -53,6 +53,7 @@ class Api:
   def __init__(self, engine: Engine, tok: Tokenizer, name: str, sampling: Sampling, seed: int, slots: int,
                grammars: Grammars | None = None):
     self.engine, self.tok, self.name, self.sampling, self.slots = engine, tok, name, sampling, slots
+    self.adapters = tuple(engine.adapters)  # the served LoRA adapters' names (a request's model picks one)
     self.grammars = grammars or Grammars(tok)
     self.seed, self.counter, self.lock = seed, itertools.count(), threading.Lock()
 
@@ -72,6 +73,7 @@ class Api:
     if options is not None and not isinstance(usage, bool):
       raise BadRequest(f'stream_options must be an object such as {{"include_usage": true}}, got {options!r:.100}',
                        "stream_options")
+    adapter = self.adapter(body)
     prompts = self._prompts(kind, body)
     try:  # the settings by their flags' names (vLLM's too)
       given = given_settings(body, SETTINGS, "request")
@@ -136,7 +138,7 @@ class Api:
         with self.lock:
           stream = Stream(seed, j) if seed is not None else Stream(self.seed, next(self.counter))
         out.append(Job(ids, limit, held, stream, stops, p * n + j, events,
-                       TextStream(self.tok, stops) if body.get("stream") else None, score=score))
+                       TextStream(self.tok, stops) if body.get("stream") else None, score=score, adapter=adapter))
     return out, prompts
 
   def grammar(self, kind: str, body: dict) -> Grammar | None:
@@ -204,6 +206,17 @@ class Api:
       raise BadRequest("tokens must be a list of token ids in the vocabulary", "tokens")
     return {"prompt": self.tok.decode(tokens)}
 
+  def adapter(self, body: dict) -> str | None:
+    """The served LoRA adapter a request's `model` names, or None: the base model (its name, or no model; any name
+    when no adapter is served, as OpenAI's clients send one); BadRequest 404 for another name."""
+    model = body.get("model")
+    if not self.adapters or model is None or model == self.name:
+      return None
+    if model not in self.adapters:
+      raise BadRequest(f"model {model!r:.100} is not served (the base model {self.name!r}, or one of its LoRA "
+                       f"adapters: {', '.join(map(repr, self.adapters))})", "model", 404)
+    return model
+
   def fits(self, body: dict) -> bool:
     """Whether chat request `body`'s prompt leaves room in --max-model-len for its max_completion_tokens (or one)."""
     [ids] = self._prompts("chat", body)
@@ -256,7 +269,7 @@ class Api:
           "tokens": [piece(t) for t in prompt + ids], "token_logprobs": scores.logprobs[:len(prompt)] + out.logprobs,
           "top_logprobs": _top(scores, prompt + ids, piece)} if scores else logprobs}
       choices.append({"index": k, "finish_reason": reason, **choice})
-    return self._head(kind, chunk=False) | {"choices": choices, "usage": _usage(prompts, results)}
+    return self._head(kind, body, chunk=False) | {"choices": choices, "usage": _usage(prompts, results)}
 
   def _piece(self, token: int) -> str:
     return self.tok.decode([token], skip_special_tokens=True)
@@ -271,10 +284,10 @@ class Api:
     return {"tokens": [self._piece(t) for t in new.ids], "token_logprobs": new.logprobs,
             "top_logprobs": [{self._piece(a): alp for a, alp in top} for top in new.top] or None}
 
-  def _head(self, kind: str, chunk: bool) -> dict:
+  def _head(self, kind: str, body: dict, chunk: bool) -> dict:
     obj = ("chat.completion.chunk" if chunk else "chat.completion") if kind == "chat" else "text_completion"
     return {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
-            "created": int(time.time()), "model": self.name}
+            "created": int(time.time()), "model": self.adapter(body) or self.name}
 
   def chunks(self, kind: str, body: dict, events: queue.Queue, total: int, prompts: list[list[int]]):
     """The streamed reply: a chunk per piece of text of each choice, its finish reason, [usage], then [DONE].
@@ -284,7 +297,7 @@ class Api:
     id, type and name once its name is out, then its arguments' text in pieces as they come (`tool_calls.begun`),
     the rest (and calls not of the usual form, whole) when the reply ends. A reply whose calls turn out not to be
     calls (a block that is no JSON object) ends with its text from the first block on as content."""
-    head = self._head(kind, chunk=True)
+    head = self._head(kind, body, chunk=True)
     results: list[tuple | None] = [None] * total
     wants, tools = _wants_logprobs(kind, body), kind == "chat" and self._tools(body)
     unsent = [Piece([], [], []) for _ in range(total)]  # per choice: ids whose log-probabilities are not out yet

@@ -130,7 +130,7 @@ def chat_request(body, stored: Stored) -> dict:
   instructions = body.get("instructions")
   messages = ([{"role": "system", "content": instructions}] if instructions else []) + earlier + _messages(
     body.get("input"), "input")
-  chat = {k: body[k] for k in (*SAMPLING, "seed", "parallel_tool_calls", "stream") if body.get(k) is not None}
+  chat = {k: body[k] for k in (*SAMPLING, "model", "seed", "parallel_tool_calls", "stream") if body.get(k) is not None}
   chat["messages"] = messages
   if LOGPROBS in include or body.get("top_logprobs"):
     chat["logprobs"] = True

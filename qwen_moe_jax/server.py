@@ -126,9 +126,10 @@ class Handler(BaseHTTPRequestHandler):
     if self.route == "/metrics":
       return self._send(200, *self.api.engine.metrics.exposition())
     if self.route == "/v1/models":
-      return self._json(200, {"object": "list", "data": [{"id": self.api.name, "object": "model",
-                                                          "owned_by": "qwen-moe-jax", "created": 0,
-                                                          "max_model_len": self.api.slots}]})  # (vLLM's too)
+      return self._json(200, {"object": "list", "data": [  # (max_model_len, root and parent: vLLM's too)
+        {"id": name, "object": "model", "owned_by": "qwen-moe-jax", "created": 0, "max_model_len": self.api.slots,
+         "root": name, "parent": None if name == self.api.name else self.api.name}
+        for name in (self.api.name, *self.api.adapters)]})
     self._json(404, error_body(f"no such path: {self.path}", "not_found_error"))
 
   def do_DELETE(self) -> None:  # noqa: N802
@@ -234,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
     try:
       chunks = self.api.chunks("chat" if kind == "responses" else kind, asked, events, len(jobs), prompts)
       if kind == "responses":
-        for event in responses_api.events(chunks, body, self.api.name):
+        for event in responses_api.events(chunks, body, self.api.adapter(body) or self.api.name):
           if event["type"] in ("response.completed", "response.incomplete"):  # (stored before the client hears)
             self.stored.put(body, asked, event["response"])
           self._event(json.dumps(event, ensure_ascii=False), event["type"])
@@ -349,14 +350,14 @@ class Server(ThreadingHTTPServer):
 def make_server(generator: Generator, tok: Tokenizer, *, name: str, host: str, port: int, rows: int, slots: int,
                 stop_ids: list[int], sampling: Sampling, seed: int, api_key: str | None = None,
                 shutdown_timeout: float = 0, grammars: Grammars | None = None,
-                origins: frozenset[str] = frozenset()) -> Server:
+                origins: frozenset[str] = frozenset(), adapters: dict[str, dict] | None = None) -> Server:
   """The HTTP server (not yet serving: call serve_forever), its engine thread started and warmed up; with
   `api_key`, requests but /health and /metrics must bear it (`Authorization: Bearer <api_key>`, as OpenAI's clients
   send their api_key); `grammars` builds the requests' grammars (default: Grammars(tok), the default limits);
-  web pages from `origins` ("*": any) may call it (CORS). With several processes, this is process 0's; the others
-  `follow`."""
+  web pages from `origins` ("*": any) may call it (CORS); `adapters`: served LoRA adapters (serving_engine.py), by
+  name, which a request's model picks. With several processes, this is process 0's; the others `follow`."""
   link = Link() if jax.process_count() > 1 else None
-  engine = Engine(generator, rows, slots, stop_ids, Metrics(name), link)
+  engine = Engine(generator, rows, slots, stop_ids, Metrics(name), link, adapters=adapters)
   try:
     engine.warm_up(sampling)
     api = Api(engine, tok, name, sampling, seed, slots, grammars)

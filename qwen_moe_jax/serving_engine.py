@@ -7,6 +7,12 @@ request takes it, so a conversation's next turn runs only its new tokens. Every 
 rows, a cache of `slots` slots), so the decode program compiles once for each set of sampling steps: a call takes
 those its requests need (`room_ops`), and a request needing more widens a running call's as it joins.
 
+Served LoRA adapters (`adapters`: infer.py --lora-modules): a job names one (its request's model) or none (the
+base model); a call runs one, whose values the engine puts into the model's adapter leaves before it (all zero:
+the base model), so the compiled programs serve every adapter. A call takes the waiting jobs of the adapter the
+oldest one asks for, and admits arrivals of that adapter only while no job of another waits (then it drains, and
+the next call serves those). Switching drops the kept cache (its rows were computed under the other weights).
+
 Over several processes (jax.distributed), process 0's engine tells every other's (`follow`) at each sync point what
 it saw (serving_link.py).
 """
@@ -21,6 +27,9 @@ import signal
 import sys
 import threading
 
+from flax import nnx
+
+from qwen_moe_jax import checkpoint
 from qwen_moe_jax.errors import UserError
 from qwen_moe_jax.generate import Arrival, Generator, Output, Piece, Room, Stream, room_ops
 from qwen_moe_jax.grammar import Grammars
@@ -51,6 +60,7 @@ class Job:
   meter: Meter | None = dataclasses.field(default_factory=Meter)  # its times, from now (None: not counted)
   serial: int = -1  # its number, the same on every process (Engine.submit)
   ended: bool = False  # the engine saw `cancelled` (every process at the same sync): its row ends, or it never starts
+  adapter: str | None = None  # the served LoRA adapter it runs with (None: the base model)
 
   def wire(self) -> dict:
     """What a follower's engine needs of the job, as JSON (`unwired` reads it)."""
@@ -58,7 +68,8 @@ class Job:
     return {"serial": self.serial, "ids": self.ids, "max_new_tokens": self.max_new_tokens,
             "sampling": {f: getattr(s, f) for f in SETTINGS},
             "grammar": [s.grammar.pattern, s.grammar.source] if s.grammar else None, "stream": list(self.stream),
-            "stops": self.stops.stops if self.stops else None, "choice": self.choice, "score": self.score}
+            "stops": self.stops.stops if self.stops else None, "choice": self.choice, "score": self.score,
+            "adapter": self.adapter}
 
   @staticmethod
   def unwired(obj: dict, tok: Tokenizer, grammars: Grammars) -> "Job":
@@ -67,7 +78,7 @@ class Job:
                                              "grammar": obj["grammar"] and grammars.of_pattern(*obj["grammar"])})
     return Job(obj["ids"], obj["max_new_tokens"], sampling, Stream(*obj["stream"]),
                obj["stops"] and StopStrings(tok, obj["stops"]), obj["choice"], _NOWHERE, score=obj["score"],
-               meter=None, serial=obj["serial"])
+               meter=None, serial=obj["serial"], adapter=obj["adapter"])
 
 
 class _Nowhere:
@@ -92,8 +103,13 @@ class Engine:
   thread (and need the tokenizer `tok`, for the jobs' stop strings and grammars)."""
 
   def __init__(self, generator: Generator, rows: int, slots: int, stop_ids: list[int], metrics: Metrics,
-               link: Link | None = None, tok: Tokenizer | None = None, grammars: Grammars | None = None):
+               link: Link | None = None, tok: Tokenizer | None = None, grammars: Grammars | None = None,
+               adapters: dict[str, dict] | None = None):
     self.generator, self.stop_ids, self.metrics, self.link, self.tok = generator, stop_ids, metrics, link, tok
+    self.adapters = adapters or {}  # name -> the values of the model's adapter leaves (restore_with_adapters)
+    self.adapter: str | None = None  # the one the model holds (None: the base model, its adapter leaves zero)
+    leaves = next(iter(self.adapters.values()), {})
+    self.zeros = {k: x for k, x in checkpoint.flatten(generator.params).items() if k in leaves}  # (as restored)
     self.room = Room(rows=rows, slots=slots, max_new=slots)
     self.leads = link is None or link.leads
     self.pending: collections.deque[Job] = collections.deque()  # jobs seen, not yet taken (the engine's thread's)
@@ -154,14 +170,23 @@ class Engine:
     self.live.update((j.serial, j) for j in new)
     self.pending.extend(new)
 
-  def _take(self, unless_scoring: bool = False) -> list[Job]:
-    """The jobs seen and waiting (none, `unless_scoring`, while a scored job waits: a running call then drains, and
-    the scored jobs run next)."""
-    if unless_scoring and any(j.score for j in self.pending):
+  def _take(self, running: bool = False) -> list[Job]:
+    """The jobs seen and waiting of the adapter the oldest asks for; for a `running` call (of the model's adapter),
+    none while a scored job or a job of another adapter waits (the call then drains, and those run next)."""
+    if not self.pending or running and any(j.score or j.adapter != self.adapter for j in self.pending):
       return []
-    jobs = list(self.pending)
-    self.pending.clear()
+    adapter = self.pending[0].adapter
+    jobs = [j for j in self.pending if j.adapter == adapter]
+    self.pending = collections.deque(j for j in self.pending if j.adapter != adapter)
     return jobs
+
+  def _use(self, adapter: str | None) -> None:
+    """Puts `adapter`'s values (None: zeros) into the model's adapter leaves, unless it holds them."""
+    if adapter != self.adapter:
+      gen = self.generator
+      values = self.adapters[adapter] if adapter is not None else self.zeros
+      gen.load(nnx.merge(gen.graphdef, checkpoint.replaced(gen.params, values)))
+      self.adapter = adapter
 
   def _serve(self) -> None:
     try:
@@ -171,6 +196,8 @@ class Engine:
             self.ready.wait_for(lambda: self.inbox or self.pending or self.closing)
         self._sync()
         jobs = self._take()
+        if jobs:
+          self._use(jobs[0].adapter)
         for part, run in (([j for j in jobs if j.score], self._score), ([j for j in jobs if not j.score], self._call)):
           if part:
             run(part)
@@ -212,7 +239,7 @@ class Engine:
       return jobs[i] if i < len(jobs) else offered[i - len(jobs)]
 
     def arrivals() -> list[Arrival]:
-      new = self._take(unless_scoring=True)
+      new = self._take(running=True)
       offered.extend(new)
       return [Arrival(j.ids, j.max_new_tokens, j.sampling, j.stream) for j in new]
 
@@ -247,11 +274,11 @@ class Engine:
 
 
 def follow(generator: Generator, tok: Tokenizer, *, name: str, rows: int, slots: int, stop_ids: list[int],
-           grammars: Grammars | None = None) -> None:
+           grammars: Grammars | None = None, adapters: dict[str, dict] | None = None) -> None:
   """Another process than the first of a multi-process server: runs the engine as process 0's tells it (its
   `make_server` arguments), until that stops. SIGTERM and SIGINT here ask process 0 to stop the server (this process
   cannot leave alone: every generate call spans all processes)."""
   link = Link()
   for signum in (signal.SIGTERM, signal.SIGINT):  # (SIGTERM's default here is jax's preemption notice: it would
     signal.signal(signum, lambda *_: link.ask_to_stop())  # go on serving)
-  Engine(generator, rows, slots, stop_ids, Metrics(name), link, tok, grammars).follow()
+  Engine(generator, rows, slots, stop_ids, Metrics(name), link, tok, grammars, adapters).follow()

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1210,3 +1211,79 @@ def test_learning_rate_schedules():
                       ({"lr_schedule": "step"}, "--lr-schedule must be one of cosine, linear, constant, wsd")):
     with pytest.raises(UserError, match=re.escape(message)):
       made(**kw)
+
+
+def test_serving_lora_adapters(base, lora_run, tmp_path):
+  """LoRA runs served over their base (--lora-modules; here one of rank 4 on every target group and one of rank 2 on
+  attention and experts): requests naming one as their model get what its merged weights give (log-probabilities
+  within 1e-4, the same text), others (the base's name, or none) the base's, sent at once in any order, the same
+  prompt under each (a kept row of one adapter's is not another's); replies name their model; /v1/models lists the
+  adapters; another name is a 404. The CLI serves a batch file so; a folder that is no LoRA run is one line."""
+  import concurrent.futures
+  import urllib.request
+
+  from qwen_moe_jax.openai_api import BadRequest
+  from qwen_moe_jax.sampling import Sampling
+  from qwen_moe_jax.server import make_server
+
+  second = tmp_path / "lora2"
+  res = train("--checkpoint", str(base / "ckpt"), "--data", str(base / "data.jsonl"), "--out", str(second),
+              "--steps", "3", "--batch-size", "4", "--seq-len", "128", "--lr", "5e-2", "--save-every", "3",
+              "--dtype", "float32", "--lora-rank", "2", "--lora-targets", "attention,experts")
+  assert res.returncode == 0, res.stderr
+  tok = load_tokenizer(base / "ckpt")
+  eos = [tok.eos_token_id]
+  prompt = tok.encode("add 3 and 4")
+  want = {}
+  for name, folder in (("a", lora_run), ("b", second), ("base", base / "ckpt")):
+    out = Generator(checkpoint.restore(folder, dtype=jnp.float32)).generate([prompt], 8, Sampling(), stop_ids=eos)
+    want[name] = (tok.decode(out.output_ids[0], skip_special_tokens=True), out.output_logprobs[0])
+  assert len({text for text, _ in want.values()}) == 3  # (three models that answer differently)
+  model, adapters = checkpoint.restore_with_adapters(base / "ckpt", {"a": lora_run, "b": second}, dtype=jnp.float32)
+  server = make_server(Generator(model, batch_size=2), tok, name="base", host="127.0.0.1", port=0, rows=2, slots=128,
+                       stop_ids=eos, sampling=Sampling(), seed=0, adapters=adapters)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}"
+
+  def complete(model: str | None) -> tuple[int, dict]:
+    body = {"prompt": prompt, "max_tokens": 8, "logprobs": 0} | ({"model": model} if model else {})
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode())
+    try:
+      with urllib.request.urlopen(request, timeout=300) as r:
+        return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+      return e.code, json.loads(e.read())
+
+  try:
+    asked = ["a", None, "b", "a", "base", "b", "a"]
+    with concurrent.futures.ThreadPoolExecutor(len(asked)) as pool:
+      replies = list(pool.map(complete, asked))
+    for model, (status, reply) in zip(asked, replies):
+      text, logprobs = want[model or "base"]
+      assert status == 200 and reply["model"] == (model or "base") and reply["choices"][0]["text"] == text, reply
+      np.testing.assert_allclose(reply["choices"][0]["logprobs"]["token_logprobs"], logprobs, atol=1e-4)
+    status, reply = complete("c")
+    assert status == 404 and reply["error"]["param"] == "model" and "'a', 'b'" in reply["error"]["message"], reply
+    with urllib.request.urlopen(url + "/v1/models") as r:
+      listed = json.loads(r.read())["data"]
+    assert [(m["id"], m["parent"]) for m in listed] == [("base", None), ("a", "base"), ("b", "base")]
+  finally:
+    server.shutdown()
+    server.server_close()
+  with pytest.raises(BadRequest):  # (the check a request's model gets)
+    server.RequestHandlerClass.api.adapter({"model": "c"})
+  given = tmp_path / "in.jsonl"
+  given.write_text(json.dumps({"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {
+    "prompt": prompt, "max_tokens": 8, "model": "b"}}) + "\n")
+  cli = [sys.executable, "infer.py", "--checkpoint", str(base / "ckpt"), "--batch-file", str(given), "--dtype",
+         "float32", "--batch-size", "2", "--max-model-len", "128"]
+  run = subprocess.run([*cli, "--batch-output", str(tmp_path / "out.jsonl"), "--lora-modules", f"a={lora_run}",
+                        f"b={second}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr
+  [line] = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert line["response"]["body"]["choices"][0]["text"] == want["b"][0]
+  bad = subprocess.run([*cli, "--batch-output", str(tmp_path / "o.jsonl"), "--lora-modules", f"a={base / 'ckpt'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and bad.stderr.strip() == (
+    f"error: --lora-modules a={base / 'ckpt'}: not a LoRA run folder (train.py --lora-rank writes one, with "
+    "lora.json)"), bad.stderr
