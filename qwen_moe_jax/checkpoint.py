@@ -276,8 +276,8 @@ def restore_with_adapters(source: str | Path, runs: dict[str, str | Path], mesh:
   union = lora_lib.LoraConfig(rank, float(rank), targets)  # (its scale is 1: each run's B carries its own)
   base = restore(source, mesh, dtype, kernels, cfg)
   if any(lora_lib.is_adapter(k) for k in flatten(nnx.state(base))):
-    raise UserError(f"{source}: a LoRA run over int8 experts, read unmerged: serve it as one of --lora-modules over "
-                    "its base instead")
+    raise UserError("the checkpoint is a LoRA run over int8 experts, read unmerged: serve it as one of "
+                    "--lora-modules over its base instead")
   graphdef, abstract = abstract_model(cfg, dtype, sharding.expert_shards(mesh), kernels, union)
   wanted = {k: w for k, w in wanted_params(abstract, mesh, dtype).items() if lora_lib.is_adapter(k)}
   zeros = {k: jax.device_put(jnp.zeros(w.shape, w.dtype), w.sharding) for k, w in wanted.items()}

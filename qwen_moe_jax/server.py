@@ -309,11 +309,11 @@ class Server(ThreadingHTTPServer):
     self.engine = engine
     self.under_way, self.draining, self.quiet = 0, False, threading.Condition()
 
-  def handleerror_body(self, request, client_address) -> None:
+  def handle_error(self, request, client_address) -> None:
     """A client resetting or leaving its connection is no server error (not logged); the rest is, as the standard
     library logs it."""
     if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
-      super().handleerror_body(request, client_address)
+      super().handle_error(request, client_address)
 
   def admit(self) -> bool:
     """Counts a POST request under way until `leave`; False (not counted) once draining."""

@@ -34,7 +34,7 @@ from qwen_moe_jax.grammar import Grammars
 from qwen_moe_jax.openai_api import Api
 from qwen_moe_jax.prefixes import common_prefix
 from qwen_moe_jax.sampling import Sampling
-from qwen_moe_jax.server import make_server
+from qwen_moe_jax.server import Server, make_server
 from qwen_moe_jax.serving_engine import Engine
 from qwen_moe_jax.serving_metrics import Meter, Metrics
 from qwen_moe_jax.tokenizer import load_tokenizer
@@ -955,6 +955,19 @@ def test_cli_serve(served, tmp_path):
   bad = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(ckpt), "--serve", "0", "--prompt", "hi"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip() == "error: --serve takes its prompts over HTTP: drop --prompt"
+
+
+def test_server_logs_only_real_errors(capsys):
+  """A client resetting or leaving its connection is no error to log; another failure in a handler is logged as the
+  standard library logs it."""
+  server = object.__new__(Server)  # (handle_error reads nothing of it)
+  for error, logged in ((ConnectionResetError(), False), (BrokenPipeError(), False), (ValueError("a bug"), True)):
+    try:
+      raise error
+    except Exception:  # noqa: BLE001
+      server.handle_error(None, ("127.0.0.1", 1))
+    err = capsys.readouterr().err
+    assert ("ValueError: a bug" in err if logged else err == ""), (error, err)
 
 
 def call(url: str, method: str, path: str) -> tuple[int, dict]:
