@@ -1034,8 +1034,9 @@ def test_stops_on_eos(tiny):
   (["--decode-attention", "pallas"], "needs a GPU"),
   (["--expert-backend", "tokamax"], "needs tokamax"),
   (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0 seconds, got -1.0"),
-  (["--shutdown-timeout", "5"], "--max-model-len, --served-model-name, --shutdown-timeout and --allowed-origins are "
-   "--serve's"),
+  (["--shutdown-timeout", "5"], "--shutdown-timeout and --allowed-origins are --serve's"),
+  (["--max-model-len", "64"], "--max-model-len, --served-model-name and --lora-modules are --serve's and "
+   "--batch-file's"),
   (["--allowed-origins", "*"], "--allowed-origins are --serve's"),
   (["--allowed-origins", "localhost:3000"], "--allowed-origins: 'localhost:3000' is not an origin (scheme://host[:port]"),
   (["--allowed-origins", "[3000]"], "--allowed-origins takes ORIGIN,... or a JSON list of them, got '[3000]'"),

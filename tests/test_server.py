@@ -1380,3 +1380,7 @@ def test_cli_batch_file(served, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {error}", bad.stderr
   assert [json.loads(x) for x in out.read_text().splitlines()] == lines
+  import infer as cli
+
+  with pytest.raises(UserError, match="--batch-file and --batch-output go together"):
+    cli.parse_args(["--demo", "--batch-file", str(given)])

@@ -1287,3 +1287,8 @@ def test_serving_lora_adapters(base, lora_run, tmp_path):
   assert bad.returncode == 2 and bad.stderr.strip() == (
     f"error: --lora-modules a={base / 'ckpt'}: not a LoRA run folder (train.py --lora-rank writes one, with "
     "lora.json)"), bad.stderr
+  import infer as cli
+
+  for specs in (["a"], ["=x"], ["a=x", "a=y"]):
+    with pytest.raises(UserError, match="--lora-modules takes NAME=RUN_DIR, each NAME once"):
+      cli.lora_modules(specs)
